@@ -1,0 +1,16 @@
+import os
+import random
+
+# The triton backend runs its kernels under the interpreter on CPU; triton reads this variable when
+# a kernel is defined, so it must be set before anything imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    random.seed(0)
+    yield

@@ -1,0 +1,14 @@
+"""vit_fast: fused kernels for Vision Transformers in PyTorch, drop-in for timm.
+
+    import timm, vit_fast
+    model = timm.create_model("vit_base_patch16_224", block_fn=vit_fast.Block)
+    model = vit_fast.convert(timm.create_model("vit_base_patch16_224"))   # existing models
+"""
+from .convert import convert
+from .dispatch import use_backend
+from .functional import fused_qkv_attention, gelu_mlp, patch_embed, residual_layer_norm
+from .modules import Attention, Block, LayerScale, Mlp, PatchEmbed
+
+__all__ = ["Attention", "Block", "Mlp", "LayerScale", "PatchEmbed", "convert",
+           "fused_qkv_attention", "residual_layer_norm", "gelu_mlp", "patch_embed", "use_backend"]
+__version__ = "0.1.0"

@@ -1,0 +1,95 @@
+"""Ahead-of-time compilation of Triton kernels for sm_80/sm_90, on a machine with no GPU.
+
+A kernel module in ``vit_fast.kernels`` lists what it ships as ``aot_specs() -> list[AotSpec]``;
+``compile_spec`` builds one for one architecture and reads registers, spills, shared memory and
+tensor-core use off the cubin. Tests and ``python -m vit_fast.bench compile-check`` use this.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+# Dynamic shared memory a block may use, in bytes (CUDA programming guide, compute capabilities).
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+@dataclasses.dataclass
+class AotSpec:
+    """One kernel × config to compile: what the JIT would see at a real launch.
+
+    signature: argument name -> "*fp16" / "*bf16" / "*fp32" / "i32" / "fp32" / "constexpr".
+    constants: values of the constexpr arguments.
+    divisible: names of the pointer/integer arguments that are multiples of 16 at launch (the JIT
+      marks them with tt.divisibility; without it the build is not the one that runs).
+    """
+    name: str
+    kernel: object
+    signature: dict
+    constants: dict
+    divisible: tuple = ()
+    num_warps: int = 4
+    num_stages: int = 2
+    uses_dot: bool = False
+
+
+@dataclasses.dataclass
+class AotResult:
+    name: str
+    arch: int
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    tensor_core_ops: str  # "HGMMA" (wgmma, sm_90), "HMMA" (mma.sync) or "" in the SASS
+    uses_dot: bool
+
+    @property
+    def ok(self) -> bool:
+        return (self.spill_bytes == 0 and self.shared_bytes <= SHARED_LIMIT[self.arch]
+                and (bool(self.tensor_core_ops) or not self.uses_dot))
+
+
+def nvidia_backend_missing_reason():
+    """None when triton can compile for NVIDIA here, else why not (for pytest.skip)."""
+    try:
+        import triton  # noqa: F401
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the install
+        return f"triton's NVIDIA backend is not importable: {exc}"
+    if not _cuobjdump().exists():
+        return "triton's bundled cuobjdump is missing, so resource usage cannot be read"
+    return None
+
+
+def _cuobjdump() -> Path:
+    import triton
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def compile_spec(spec: AotSpec, arch: int) -> AotResult:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.tools.disasm import get_sass
+
+    names = list(spec.signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in spec.divisible}
+    src = ASTSource(spec.kernel, dict(spec.signature), dict(spec.constants), attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    cubin = compiled.asm["cubin"]
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([str(_cuobjdump()), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    # LOCAL is per-thread local memory: with STACK:0 it is spill space.
+    local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    sass = get_sass(cubin)
+    spills = local + (1 if re.search(r"\bSTL\b", sass) else 0)
+    tc = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "")
+    return AotResult(spec.name, arch, regs, spills, compiled.metadata.shared, tc, spec.uses_dot)

@@ -1,0 +1,137 @@
+"""Swap vit_fast modules into an existing model, in place, weights kept.
+
+The new modules take over the old ones' submodules (the same nn.Linear / nn.LayerNorm / Conv2d
+objects), so parameters, their device, dtype, requires_grad, optimizer references and train/eval
+mode are all kept, and state_dict keys do not change.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from . import modules
+
+__all__ = ["convert", "ConversionSummary"]
+
+
+@dataclass
+class ConversionSummary:
+    swapped: list = field(default_factory=list)   # qualified names of replaced modules
+    left: list = field(default_factory=list)      # (qualified name, why it was left as it is)
+
+    def __str__(self):
+        lines = [f"vit_fast.convert: swapped {len(self.swapped)} module(s), left {len(self.left)}"]
+        lines += [f"  swapped {name}" for name in self.swapped]
+        lines += [f"  left    {name}: {why}" for name, why in self.left]
+        return "\n".join(lines)
+
+
+def _timm_classes():
+    from timm.layers import Attention, LayerScale, Mlp, PatchEmbed
+    from timm.models.vision_transformer import Block
+    return Block, Attention, Mlp, LayerScale, PatchEmbed
+
+
+def _adopt(cls, old, replace=None, **attrs):
+    """A new ``cls`` module built around ``old``'s submodules and parameters, in their order.
+
+    No parameter is created or copied: the same objects move over, so state_dict keys and the
+    order of parameters() (which optimizers and checkpoints rely on) stay as they were.
+    ``replace`` maps a submodule name to the module that takes its place.
+    """
+    replace = replace or {}
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for name, param in old._parameters.items():
+        new.register_parameter(name, param)
+    for name, buf in old._buffers.items():
+        new.register_buffer(name, buf, persistent=name not in old._non_persistent_buffers_set)
+    for name, module in old._modules.items():
+        setattr(new, name, replace.get(name, module))
+    # Plain attributes (num_heads, scale, patch_size, a ``gate`` of None...) come along too.
+    plain = {k: v for k, v in vars(old).items() if not k.startswith("_") and k != "training"}
+    for key, value in {**plain, **attrs}.items():
+        setattr(new, key, value)
+    new.train(old.training)
+    return new
+
+
+def _convert_attention(old):
+    TimmAttention = _timm_classes()[1]
+    if isinstance(old, modules.Attention) or type(old) is not TimmAttention:
+        return old
+    return _adopt(modules.Attention, old)
+
+
+def _convert_mlp(old):
+    TimmMlp = _timm_classes()[2]
+    if type(old) is not TimmMlp:
+        return old
+    return _adopt(modules.Mlp, old)
+
+
+def _convert_layer_scale(old):
+    TimmLayerScale = _timm_classes()[3]
+    if type(old) is not TimmLayerScale:
+        return old
+    return _adopt(modules.LayerScale, old)
+
+
+def _convert_block(old):
+    return _adopt(modules.Block, old, {
+        "attn": _convert_attention(old.attn), "mlp": _convert_mlp(old.mlp),
+        "ls1": _convert_layer_scale(old.ls1), "ls2": _convert_layer_scale(old.ls2)})
+
+
+def _convert_patch_embed(old):
+    return _adopt(modules.PatchEmbed, old)
+
+
+def convert(model: nn.Module, *, blocks: bool = True, patch_embed: bool = True) -> nn.Module:
+    """Swap timm's Blocks (and PatchEmbed) in ``model`` for vit_fast's, in place.
+
+    Works on timm's VisionTransformer and its relatives that use its Block (deit, dinov2 with
+    LayerScale, register-token and CLIP models...). Returns ``model``; what was swapped and what
+    was left, with the reason, is in ``model.vit_fast_summary`` (a ConversionSummary).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
+    TimmBlock, _, _, _, TimmPatchEmbed = _timm_classes()
+    summary = ConversionSummary()
+    replacements = []
+    for name, module in model.named_modules():
+        if isinstance(module, (modules.Block, modules.PatchEmbed)):
+            continue
+        if type(module) is TimmBlock:
+            if not blocks:
+                summary.left.append((name, "blocks=False"))
+                continue
+            new = _convert_block(module)
+            ok, why = new.fusable()
+            if ok:
+                replacements.append((name, new))
+            else:
+                summary.left.append((name, why))
+        elif isinstance(module, TimmBlock):
+            summary.left.append((name, f"{type(module).__name__} subclasses timm's Block with its "
+                                       "own forward; not swapped"))
+        elif type(module) is TimmPatchEmbed:
+            if patch_embed:
+                replacements.append((name, _convert_patch_embed(module)))
+            else:
+                summary.left.append((name, "patch_embed=False"))
+        elif isinstance(module, TimmPatchEmbed):
+            summary.left.append((name, f"{type(module).__name__} subclasses timm's PatchEmbed; "
+                                       "not swapped"))
+    for name, new in replacements:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if not attr:
+            raise ValueError("convert: pass the model that contains the Block, not a Block itself")
+        setattr(parent, attr, new)
+        summary.swapped.append(name)
+    if not summary.swapped and not summary.left:
+        summary.left.append(("", f"{type(model).__name__} has no timm Block or PatchEmbed to swap"))
+    model.vit_fast_summary = summary
+    return model

@@ -1,0 +1,238 @@
+"""The four public ops. Each checks its inputs, asks dispatch for a backend, and runs it.
+
+Contracts: DESIGN.md ("Public op contracts"). Bad input raises ValueError/TypeError naming the
+argument before any backend runs, so every backend sees the same valid inputs.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from . import dispatch, reference
+
+__all__ = ["fused_qkv_attention", "residual_layer_norm", "gelu_mlp", "patch_embed"]
+
+_APPROXIMATE = ("none", "tanh")
+
+
+# --- input checks, shared by the four ops ------------------------------------------------------
+
+def _check_tensor(op, name, t, *, optional=False, floating=True, min_dim=None, dim=None):
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{op}: {name} must be a tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor (float32, float16 or "
+                        f"bfloat16), got {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{op}: {name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if min_dim is not None and t.dim() < min_dim:
+        raise ValueError(f"{op}: {name} must have at least {min_dim} dims, got shape {tuple(t.shape)}")
+
+
+def _check_shape(op, name, t, shape):
+    if t is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _check_same_device(op, ref_name, ref, **others):
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; "
+                             "all tensors must be on one device")
+
+
+def _check_sample_scale(op, sample_scale, x):
+    if sample_scale is None:
+        return
+    if x.dim() < 2:
+        raise ValueError(f"{op}: sample_scale needs x with a batch dim first, got x {tuple(x.shape)}")
+    _check_shape(op, "sample_scale", sample_scale, (x.shape[0],))
+
+
+def _pair(op, name, v):
+    if isinstance(v, numbers.Integral):
+        v = (int(v), int(v))
+    if (not isinstance(v, (tuple, list)) or len(v) != 2
+            or not all(isinstance(p, numbers.Integral) and p > 0 for p in v)):
+        raise ValueError(f"{op}: {name} must be a positive int or a pair of them, got {v!r}")
+    return int(v[0]), int(v[1])
+
+
+# --- ops --------------------------------------------------------------------------------------
+
+def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0):
+    """softmax(q kᵀ·scale) v per head from timm's packed qkv.
+
+    qkv: [B, N, 3·H·D], last dim laid out (3, H, D) like timm's ``qkv`` Linear output.
+    Returns [B, N, H·D] (heads concatenated, ready for the proj Linear). scale defaults to D**-0.5.
+    dropout_p is applied to the attention probabilities whenever it is > 0 (like
+    F.scaled_dot_product_attention); modules pass it only in training.
+    """
+    op = "fused_qkv_attention"
+    _check_tensor(op, "qkv", qkv, dim=3)
+    if not isinstance(num_heads, numbers.Integral) or isinstance(num_heads, bool) or num_heads <= 0:
+        raise ValueError(f"{op}: num_heads must be a positive int, got {num_heads!r}")
+    if qkv.shape[-1] % (3 * num_heads) != 0 or qkv.shape[-1] == 0:
+        raise ValueError(f"{op}: qkv's last dim ({qkv.shape[-1]}) must be 3*num_heads*head_dim "
+                         f"(divisible by 3*num_heads = {3 * num_heads})")
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    if head_dim > dispatch.MAX_HEAD_DIM:
+        raise ValueError(f"{op}: head_dim {head_dim} (qkv last dim / (3*num_heads)) is above the "
+                         f"supported maximum {dispatch.MAX_HEAD_DIM}")
+    if scale is not None and not isinstance(scale, numbers.Real):
+        raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
+    if not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    scale = float(head_dim ** -0.5 if scale is None else scale)
+    choice = dispatch.choose(op, [qkv], head_dim=head_dim, dropout_p=dropout_p)
+    if choice.backend == "triton":
+        from .ops import attention
+        return attention.fused_qkv_attention(qkv, int(num_heads), scale)
+    return reference.fused_qkv_attention(qkv, int(num_heads), scale=scale, dropout_p=dropout_p)
+
+
+def residual_layer_norm(x, weight, bias, eps, *, residual=None, layer_scale=None, sample_scale=None):
+    """(y, s): s = x, or residual + x·layer_scale·sample_scale[b]; y = LayerNorm(s)·weight + bias.
+
+    x, residual: [..., C]; weight, bias, layer_scale: [C] (each may be None); sample_scale: [B]
+    (drop-path keep mask already divided by the keep probability), B = x.shape[0].
+    Statistics are fp32 whatever the input dtype.
+    """
+    op = "residual_layer_norm"
+    _check_tensor(op, "x", x, min_dim=1)
+    C = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias), ("layer_scale", layer_scale)):
+        _check_tensor(op, name, t, optional=True, dim=1)
+        _check_shape(op, name, t, (C,))
+    _check_tensor(op, "residual", residual, optional=True)
+    _check_shape(op, "residual", residual, x.shape)
+    _check_tensor(op, "sample_scale", sample_scale, optional=True)
+    _check_sample_scale(op, sample_scale, x)
+    if (layer_scale is not None or sample_scale is not None) and residual is None:
+        raise ValueError(f"{op}: layer_scale and sample_scale scale the branch added to residual; "
+                         "pass residual too")
+    if not isinstance(eps, numbers.Real) or eps < 0:
+        raise ValueError(f"{op}: eps must be a non-negative float, got {eps!r}")
+    _check_same_device(op, "x", x, weight=weight, bias=bias, residual=residual,
+                       layer_scale=layer_scale, sample_scale=sample_scale)
+    tensors = [x, weight, bias, residual, layer_scale, sample_scale]
+    choice = dispatch.choose(op, tensors, dim=C)
+    if choice.backend == "triton":
+        from .ops import layer_norm
+        return layer_norm.residual_layer_norm(x, weight, bias, float(eps), residual, layer_scale,
+                                              sample_scale)
+    return reference.residual_layer_norm(x, weight, bias, float(eps), residual=residual,
+                                         layer_scale=layer_scale, sample_scale=sample_scale)
+
+
+def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, approximate="none", residual=None,
+             layer_scale=None, sample_scale=None):
+    """fc2(gelu(fc1(x))), then residual + that·layer_scale·sample_scale[b] when residual is given.
+
+    x: [..., C]; fc1_weight [H, C], fc1_bias [H], fc2_weight [C_out, H], fc2_bias [C_out] (nn.Linear
+    layout; biases may be None); residual [..., C_out]; layer_scale [C_out]; sample_scale [B].
+    approximate: "none" (erf, nn.GELU's default) or "tanh".
+    """
+    op = "gelu_mlp"
+    _check_tensor(op, "x", x, min_dim=1)
+    _check_tensor(op, "fc1_weight", fc1_weight, dim=2)
+    _check_tensor(op, "fc2_weight", fc2_weight, dim=2)
+    C, (H, C1), (Co, H2) = x.shape[-1], fc1_weight.shape, fc2_weight.shape
+    if C1 != C:
+        raise ValueError(f"{op}: fc1_weight must be [hidden, {C}] to match x [..., {C}], "
+                         f"got {tuple(fc1_weight.shape)}")
+    if H2 != H:
+        raise ValueError(f"{op}: fc2_weight must be [out, {H}] to match fc1_weight "
+                         f"{tuple(fc1_weight.shape)}, got {tuple(fc2_weight.shape)}")
+    for name, t, n in (("fc1_bias", fc1_bias, H), ("fc2_bias", fc2_bias, Co),
+                       ("layer_scale", layer_scale, Co)):
+        _check_tensor(op, name, t, optional=True, dim=1)
+        _check_shape(op, name, t, (n,))
+    if approximate not in _APPROXIMATE:
+        raise ValueError(f"{op}: approximate must be one of {_APPROXIMATE}, got {approximate!r}")
+    _check_tensor(op, "residual", residual, optional=True)
+    _check_shape(op, "residual", residual, tuple(x.shape[:-1]) + (Co,))
+    _check_tensor(op, "sample_scale", sample_scale, optional=True)
+    _check_sample_scale(op, sample_scale, x)
+    if (layer_scale is not None or sample_scale is not None) and residual is None:
+        raise ValueError(f"{op}: layer_scale and sample_scale scale the branch added to residual; "
+                         "pass residual too")
+    _check_same_device(op, "x", x, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight,
+                       fc2_bias=fc2_bias, residual=residual, layer_scale=layer_scale,
+                       sample_scale=sample_scale)
+    tensors = [x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale, sample_scale]
+    choice = dispatch.choose(op, tensors)
+    if choice.backend == "triton":
+        from .ops import gelu_mlp as mlp
+        return mlp.gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
+                            layer_scale, sample_scale)
+    return reference.gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate=approximate,
+                              residual=residual, layer_scale=layer_scale, sample_scale=sample_scale)
+
+
+def patch_embed(images, weight, bias, *, patch_size, pos_embed=None, mean=None, std=None):
+    """Non-overlapping patch projection (timm's PatchEmbed conv + flatten), [B, Np, D].
+
+    images: float [B, C, H, W] (any strides), or uint8 [B, H, W, C] as decoded, normalized as
+    (images/255 - mean)/std per channel (mean and std required then). weight: [D, C, ph, pw]
+    (Conv2d layout), bias: [D] or None, pos_embed: [1, Np, D] or None. H and W must be multiples of
+    the patch (pad first for dynamic sizes, as PatchEmbed(dynamic_img_pad=True) does).
+    """
+    op = "patch_embed"
+    _check_tensor(op, "images", images, floating=False, dim=4)
+    _check_tensor(op, "weight", weight, dim=4)
+    ph, pw = _pair(op, "patch_size", patch_size)
+    D, C = weight.shape[:2]
+    if tuple(weight.shape[2:]) != (ph, pw):
+        raise ValueError(f"{op}: weight's kernel {tuple(weight.shape[2:])} must equal patch_size "
+                         f"{(ph, pw)}")
+    if images.dtype == torch.uint8:
+        if mean is None or std is None:
+            raise ValueError(f"{op}: uint8 images need mean and std (per channel) to normalize "
+                             "(images/255 - mean)/std")
+        if images.shape[-1] != C:
+            raise ValueError(f"{op}: uint8 images must be NHWC [B, H, W, {C}] (weight has {C} input "
+                             f"channels), got {tuple(images.shape)}")
+        mean = _channel_vector(op, "mean", mean, C, images.device)
+        std = _channel_vector(op, "std", std, C, images.device)
+        if bool((std == 0).any()):
+            raise ValueError(f"{op}: std must be non-zero, got {std.tolist()}")
+        H, W = images.shape[1:3]
+    else:
+        if not images.is_floating_point():
+            raise TypeError(f"{op}: images must be floating-point NCHW or uint8 NHWC, "
+                            f"got {images.dtype}")
+        if mean is not None or std is not None:
+            raise ValueError(f"{op}: mean/std normalize uint8 images only; float images are taken "
+                             "as already normalized")
+        if images.shape[1] != C:
+            hint = " (this looks NHWC; float images must be NCHW)" if images.shape[-1] == C else ""
+            raise ValueError(f"{op}: images must be [B, {C}, H, W] to match weight's {C} input "
+                             f"channels, got {tuple(images.shape)}{hint}")
+        H, W = images.shape[2:]
+    if H % ph or W % pw:
+        raise ValueError(f"{op}: image size {H}x{W} is not divisible by patch size {ph}x{pw}")
+    num_patches = (H // ph) * (W // pw)
+    _check_tensor(op, "bias", bias, optional=True, dim=1)
+    _check_shape(op, "bias", bias, (D,))
+    _check_tensor(op, "pos_embed", pos_embed, optional=True)
+    _check_shape(op, "pos_embed", pos_embed, (1, num_patches, D))
+    _check_same_device(op, "images", images, weight=weight, bias=bias, pos_embed=pos_embed)
+    choice = dispatch.choose(op, [images, weight, bias, pos_embed])
+    if choice.backend == "extension":
+        from .ops import patch_embed as pe
+        return pe.patch_embed(images, weight, bias, (ph, pw), pos_embed, mean, std)
+    return reference.patch_embed(images, weight, bias, patch_size=(ph, pw), pos_embed=pos_embed,
+                                 mean=mean, std=std)
+
+
+def _channel_vector(op, name, v, C, device):
+    t = torch.as_tensor(v, dtype=torch.float32, device=device).flatten()
+    if t.numel() != C:
+        raise ValueError(f"{op}: {name} must have one value per channel ({C}), got {t.numel()}")
+    return t

@@ -1,0 +1,107 @@
+"""Eager PyTorch reference of every vit_fast op.
+
+This is the ground truth for tests and benchmarks, and the path taken on CPU and for options the
+kernels do not support. Each function follows the contract in DESIGN.md exactly and is written
+with plain PyTorch ops so autograd differentiates it.
+
+``upcast=True`` computes in float64 and casts the results back to the input dtype, which is what
+the tolerance rule needs as "ref64" (FlashAttention's tests use the same trick).
+Inputs are assumed valid: ``vit_fast.functional`` checks them before any backend runs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["fused_qkv_attention", "residual_layer_norm", "gelu_mlp", "patch_embed"]
+
+
+def _up(t, upcast):
+    return t.double() if (upcast and t is not None and t.is_floating_point()) else t
+
+
+def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0, upcast=False):
+    """softmax(q kᵀ·scale) v per head, from timm's packed qkv [B, N, 3·H·D] -> [B, N, H·D].
+
+    The attention matrix is materialized here on purpose: this is the reference, and dropout on the
+    probabilities (timm's attn_drop) needs it.
+    """
+    dtype = qkv.dtype
+    qkv = _up(qkv, upcast)
+    B, N, three_c = qkv.shape
+    head_dim = three_c // (3 * num_heads)
+    scale = head_dim ** -0.5 if scale is None else scale
+    q, k, v = qkv.reshape(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = (q * scale) @ k.transpose(-2, -1)
+    attn = attn.softmax(dim=-1)
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, p=dropout_p)
+    out = (attn @ v).transpose(1, 2).reshape(B, N, num_heads * head_dim)
+    return out.to(dtype)
+
+
+def residual_layer_norm(x, weight, bias, eps, *, residual=None, layer_scale=None,
+                        sample_scale=None, upcast=False):
+    """(y, s): s = x, or residual + x·layer_scale·sample_scale[b]; y = LayerNorm(s)·weight + bias.
+
+    Statistics are computed in at least float32, as nn.LayerNorm does for half inputs.
+    """
+    dtype = x.dtype
+    x, weight, bias = _up(x, upcast), _up(weight, upcast), _up(bias, upcast)
+    residual, layer_scale, sample_scale = (_up(t, upcast) for t in (residual, layer_scale, sample_scale))
+    if residual is None:
+        s = x
+    else:
+        branch = x
+        if layer_scale is not None:
+            branch = branch * layer_scale
+        if sample_scale is not None:
+            branch = branch * sample_scale.reshape((-1,) + (1,) * (x.dim() - 1))
+        s = residual + branch
+    stat_dtype = torch.promote_types(s.dtype, torch.float32)
+    y = F.layer_norm(s.to(stat_dtype), s.shape[-1:], None, None, eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y.to(dtype), s.to(dtype)
+
+
+def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, approximate="none", residual=None,
+             layer_scale=None, sample_scale=None, upcast=False):
+    """fc2(gelu(fc1(x))), then residual + that·layer_scale·sample_scale[b] when residual is given."""
+    dtype = x.dtype
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias = (
+        _up(t, upcast) for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias))
+    residual, layer_scale, sample_scale = (_up(t, upcast) for t in (residual, layer_scale, sample_scale))
+    out = F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias), approximate=approximate),
+                   fc2_weight, fc2_bias)
+    if residual is not None:
+        if layer_scale is not None:
+            out = out * layer_scale
+        if sample_scale is not None:
+            out = out * sample_scale.reshape((-1,) + (1,) * (out.dim() - 1))
+        out = residual + out
+    return out.to(dtype)
+
+
+def patch_embed(images, weight, bias, *, patch_size, pos_embed=None, mean=None, std=None,
+                upcast=False):
+    """Non-overlapping patch projection, [B, C, H, W] (or uint8 [B, H, W, C]) -> [B, Np, D].
+
+    uint8 images are normalized as (images/255 - mean)/std per channel first, in weight's dtype.
+    """
+    ph, pw = patch_size
+    if images.dtype == torch.uint8:
+        # Decoded images arrive NHWC; normalize in fp32 before any cast, like torchvision's
+        # ToTensor + Normalize would.
+        imgs = images.permute(0, 3, 1, 2).float().div(255.0)
+        m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).reshape(1, -1, 1, 1)
+        sd = torch.as_tensor(std, dtype=torch.float32, device=images.device).reshape(1, -1, 1, 1)
+        images = ((imgs - m) / sd).to(weight.dtype)
+    dtype = images.dtype
+    images, weight, bias, pos_embed = (_up(t, upcast) for t in (images, weight, bias, pos_embed))
+    out = F.conv2d(images, weight, bias, stride=(ph, pw)).flatten(2).transpose(1, 2)
+    if pos_embed is not None:
+        out = out + pos_embed
+    return out.to(dtype)
