@@ -1,0 +1,112 @@
+"""vit_fast.convert and block_fn= against the real timm 1.0.31 models (fp32, CPU)."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import vit_fast
+
+CASES = {
+    "vit_tiny": ("vit_tiny_patch16_224", dict(), (224, 224)),
+    "vit_small_ls_qknorm_reg_avg_dynamic": (
+        "vit_small_patch16_224",
+        dict(init_values=1e-5, qk_norm=True, reg_tokens=4, class_token=False, global_pool="avg",
+             dynamic_img_size=True), (160, 224)),
+}
+
+
+def _rel_err(ours, ref):
+    return ((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_converted_model_matches_timm(case):
+    name, kw, (h, w) = CASES[case]
+    torch.manual_seed(0)
+    original = timm.create_model(name, pretrained=False, drop_path_rate=0.0, **kw).train()
+    converted = vit_fast.convert(copy.deepcopy(original))
+    summary = converted.vit_fast_summary
+    assert len([n for n in summary.swapped if n.startswith("blocks.")]) == len(original.blocks)
+    assert "patch_embed" in summary.swapped and not summary.left
+    assert all(isinstance(b, vit_fast.Block) for b in converted.blocks)
+    assert converted.training
+    x = torch.randn(2, 3, h, w)
+    a, b = original(x), converted(x)
+    assert (a - b).abs().max().item() <= 1e-5
+    a.sum().backward()
+    b.sum().backward()
+    params_o, params_c = dict(original.named_parameters()), dict(converted.named_parameters())
+    assert list(params_o) == list(params_c)
+    for key, p in params_o.items():
+        assert _rel_err(params_c[key].grad, p.grad) <= 1e-5, key
+
+
+def test_convert_keeps_weights_device_dtype_mode_and_objects():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval().double()
+    qkv_weight = model.blocks[0].attn.qkv.weight
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    vit_fast.convert(model)
+    assert model.blocks[0].attn.qkv.weight is qkv_weight       # same Parameter: optimizers keep it
+    assert not model.training and not model.blocks[3].training
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert list(model.state_dict()) == list(state)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("deit_tiny_patch16_224", {}),
+    ("vit_small_patch14_dinov2", dict(img_size=70)),
+    ("vit_base_patch16_clip_224", dict(depth=2)),
+    ("vit_small_patch16_224", dict(reg_tokens=4, depth=2)),
+])
+def test_convert_model_families(name, kw):
+    torch.manual_seed(0)
+    original = timm.create_model(name, pretrained=False, **kw).eval()
+    converted = vit_fast.convert(copy.deepcopy(original))
+    assert converted.vit_fast_summary.swapped and not converted.vit_fast_summary.left
+    size = original.patch_embed.img_size
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        assert (original(x) - converted(x)).abs().max().item() <= 1e-4
+
+
+def test_block_fn_builds_and_loads_timm_checkpoints_both_ways():
+    timm_model = timm.create_model("vit_tiny_patch16_224", pretrained=False, init_values=1e-5)
+    ours = timm.create_model("vit_tiny_patch16_224", pretrained=False, init_values=1e-5,
+                             block_fn=vit_fast.Block)
+    assert all(isinstance(b, vit_fast.Block) for b in ours.blocks)
+    result = ours.load_state_dict(timm_model.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    back = timm.create_model("vit_tiny_patch16_224", pretrained=False, init_values=1e-5)
+    result = back.load_state_dict(ours.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert (ours.eval()(x) - timm_model.eval()(x)).abs().max().item() <= 1e-5
+
+
+def test_convert_options_and_nothing_to_convert():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2)
+    vit_fast.convert(model, blocks=False)
+    assert model.vit_fast_summary.swapped == ["patch_embed"]
+    assert ("blocks.0", "blocks=False") in model.vit_fast_summary.left
+    plain = nn.Sequential(nn.Linear(4, 4))
+    before = copy.deepcopy(plain.state_dict())
+    assert vit_fast.convert(plain) is plain
+    assert not plain.vit_fast_summary.swapped
+    assert "no timm Block" in str(plain.vit_fast_summary)
+    assert all(torch.equal(v, before[k]) for k, v in plain.state_dict().items())
+    with pytest.raises(TypeError, match="model"):
+        vit_fast.convert("vit_tiny")
+
+
+def test_convert_leaves_blocks_it_cannot_fuse_with_reason():
+    from timm.layers import GluMlp
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, mlp_layer=GluMlp,
+                              act_layer=nn.SiLU)
+    vit_fast.convert(model)
+    left = dict(model.vit_fast_summary.left)
+    assert "GluMlp" in left["blocks.0"]
