@@ -30,6 +30,7 @@ def test_converted_model_matches_timm(case):
     summary = converted.vit_fast_summary
     assert len([n for n in summary.swapped if n.startswith("blocks.")]) == len(original.blocks)
     assert "patch_embed" in summary.swapped and not summary.left
+    assert isinstance(converted.norm if case == "vit_tiny" else converted.fc_norm, vit_fast.modules.LayerNorm)
     assert all(isinstance(b, vit_fast.Block) for b in converted.blocks)
     assert converted.training
     x = torch.randn(2, 3, h, w)

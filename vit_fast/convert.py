@@ -27,6 +27,11 @@ class ConversionSummary:
         return "\n".join(lines)
 
 
+def _is_plain_layer_norm(module):
+    from timm.layers import LayerNorm as TimmLayerNorm
+    return type(module) in (nn.LayerNorm, TimmLayerNorm) and len(module.normalized_shape) == 1
+
+
 def _timm_classes():
     from timm.layers import Attention, LayerScale, Mlp, PatchEmbed
     from timm.models.vision_transformer import Block
@@ -84,6 +89,10 @@ def _convert_block(old):
         "ls1": _convert_layer_scale(old.ls1), "ls2": _convert_layer_scale(old.ls2)})
 
 
+def _convert_layer_norm(old):
+    return _adopt(modules.LayerNorm, old)
+
+
 def _convert_patch_embed(old):
     return _adopt(modules.PatchEmbed, old)
 
@@ -100,6 +109,11 @@ def convert(model: nn.Module, *, blocks: bool = True, patch_embed: bool = True) 
     TimmBlock, _, _, _, TimmPatchEmbed = _timm_classes()
     summary = ConversionSummary()
     replacements = []
+    if blocks:
+        # The model's own norms (timm: norm_pre, norm, fc_norm) run as the fused LayerNorm op too.
+        for name, module in model.named_children():
+            if _is_plain_layer_norm(module):
+                replacements.append((name, _convert_layer_norm(module)))
     for name, module in model.named_modules():
         if isinstance(module, (modules.Block, modules.PatchEmbed)):
             continue
