@@ -1,0 +1,100 @@
+"""Triton backend of ``gelu_mlp``: custom ops vit_fast::gelu_mlp (forward) and
+vit_fast::gelu_mlp_backward, with fake and autograd registrations.
+
+Saved for backward: x, both weights, fc2's bias (for d layer_scale), the fc1 pre-activation and
+the scales. The GELU output is not saved: backward recomputes it from the pre-activation.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from vit_fast.kernels.gelu_mlp import gelu_mlp_bwd, gelu_mlp_fwd
+
+
+@torch.library.custom_op("vit_fast::gelu_mlp", mutates_args=())
+def gelu_mlp_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
+                fc2_bias: Optional[Tensor], approximate: str, residual: Optional[Tensor],
+                layer_scale: Optional[Tensor], sample_scale: Optional[Tensor],
+                save_pre: bool) -> tuple[Tensor, Tensor]:
+    """(out, pre): pre is the fc1 pre-activation [M, H] when save_pre, else empty."""
+    return gelu_mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
+                        layer_scale, sample_scale, save_pre)
+
+
+@gelu_mlp_op.register_fake
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, layer_scale,
+      sample_scale, save_pre):
+    out = x.new_empty((*x.shape[:-1], fc2_weight.shape[0]))
+    pre = x.new_empty((x.numel() // x.shape[-1], fc1_weight.shape[0]) if save_pre else (0,))
+    return out, pre
+
+
+@torch.library.custom_op("vit_fast::gelu_mlp_backward", mutates_args=())
+def gelu_mlp_backward_op(grad: Tensor, x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor,
+                         fc2_bias: Optional[Tensor], pre: Tensor, layer_scale: Optional[Tensor],
+                         sample_scale: Optional[Tensor], approximate: str, has_residual: bool,
+                         needs_fc1_bias: bool, needs_fc2_bias: bool, needs_layer_scale: bool,
+                         needs_sample_scale: bool) -> list[Tensor]:
+    """[dx, dW1, db1, dW2, db2, dlayer_scale, dsample_scale]; an empty tensor where not needed."""
+    grads = gelu_mlp_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale,
+                         approximate, has_residual, needs_fc1_bias, needs_fc2_bias,
+                         needs_layer_scale, needs_sample_scale)
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@gelu_mlp_backward_op.register_fake
+def _(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale, approximate,
+      has_residual, needs_fc1_bias, needs_fc2_bias, needs_layer_scale, needs_sample_scale):
+    def maybe(need, like):
+        return torch.empty_like(like) if (need and like is not None) else x.new_empty(0)
+    needs_layer_scale = needs_layer_scale and has_residual
+    needs_sample_scale = needs_sample_scale and has_residual
+    return [torch.empty_like(x), torch.empty_like(fc1_weight),
+            x.new_empty((fc1_weight.shape[0],) if needs_fc1_bias else (0,)),
+            torch.empty_like(fc2_weight), maybe(needs_fc2_bias, fc2_bias),
+            maybe(needs_layer_scale, layer_scale), maybe(needs_sample_scale, sample_scale)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, layer_scale, \
+        sample_scale, save_pre = inputs
+    ctx.approximate = approximate
+    ctx.has_residual = residual is not None
+    ctx.has_fc1_bias = fc1_bias is not None
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, fc1_weight, fc2_weight, fc2_bias, output[1], layer_scale, sample_scale)
+
+
+def _backward(ctx, grad_out, _grad_pre):
+    x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale = ctx.saved_tensors
+    if pre.numel() == 0 and x.numel() != 0:
+        raise RuntimeError("vit_fast::gelu_mlp: backward needs the pre-activation, but the forward "
+                           "ran with save_pre=False (call vit_fast.ops.gelu_mlp.gelu_mlp instead)")
+    need = ctx.needs_input_grad
+    flags = (True, True, need[2] and ctx.has_fc1_bias, True, need[4] and fc2_bias is not None,
+             need[7] and layer_scale is not None, need[8] and sample_scale is not None)
+    grads = gelu_mlp_backward_op(grad_out.contiguous(), x, fc1_weight, fc2_weight, fc2_bias, pre,
+                                 layer_scale, sample_scale, ctx.approximate, ctx.has_residual,
+                                 *flags[2:3], *flags[4:])
+    d_x, d_w1, d_b1, d_w2, d_b2, d_ls, d_ss = (g if f else None for g, f in zip(grads, flags))
+    d_res = grad_out if ctx.has_residual else None
+    return d_x, d_w1, d_b1, d_w2, d_b2, None, d_res, d_ls, d_ss, None
+
+
+gelu_mlp_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, layer_scale,
+             sample_scale) -> Tensor:
+    """fc2(gelu(fc1(x))) (+ residual, LayerScale, drop-path); inputs already validated by
+    vit_fast.functional. layer_scale and sample_scale only apply when residual is given."""
+    if residual is None:
+        layer_scale = sample_scale = None
+    tensors = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale, sample_scale)
+    save_pre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    out, _ = gelu_mlp_op(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
+                         layer_scale, sample_scale, save_pre)
+    return out
