@@ -1,0 +1,409 @@
+"""Fused residual + LayerScale + drop-path + LayerNorm: Triton kernels and their launchers.
+
+Math (one row r of C features, b = r // rows_per_sample the sample the row belongs to):
+    s[r]  = x[r]                                   without a residual
+    s[r]  = residual[r] + x[r]·layer_scale·ss[b]   with one (layer_scale, ss each optional)
+    y[r]  = (s[r] - mean[r])·rstd[r]·weight + bias,  rstd = 1/sqrt(var + eps), fp32 statistics
+Backward, with x̂ = (s - mean)·rstd and g = dy·weight:
+    ds_total = rstd·(g - mean(g·x̂)·x̂ - mean(g)) + ds
+    dresidual = ds_total,  dx = ds_total·layer_scale·ss[b]  (dx = ds_total without a residual)
+    dweight = Σ_r dy·x̂,  dbias = Σ_r dy,  dlayer_scale = Σ_r ds_total·x·ss[b]
+The column sums are reduced in two deterministic stages: each backward program keeps fp32
+partials for its rows in registers and writes one row of a [K, P, C] buffer; then one reduction
+kernel sums the P partial rows per column in a fixed order. No atomics anywhere.
+
+Launchers: ``residual_layer_norm_fwd``, ``residual_layer_norm_bwd``; ``aot_specs`` lists every
+shipped config. Only torch and triton are imported here; autograd lives in vit_fast/ops.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_C = 8192
+
+
+@triton.jit
+def residual_layer_norm_fwd_kernel(
+    X, RES, LS, SS, W, B,  # x, residual [M, C] (row-strided); ls, w, b [C]; ss [M // rows_per_sample]
+    Y, S, MEAN, RSTD,              # y, s [M, C] contiguous; mean, rstd [M] fp32
+    M, C, stride_x, stride_res, rows_per_sample, eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_LAYER_SCALE: tl.constexpr, HAS_SAMPLE_SCALE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program normalizes BLOCK_M whole rows (BLOCK_C >= C); writes y, s (with a residual),
+    mean and rstd. Columns of X and RES are contiguous; the last dim of every tensor is C."""
+    # Map the program id to the BLOCK_M rows of X it normalizes; the whole row sits in registers.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_C)
+    row_ok = rows < M
+    col_ok = cols < C
+    mask = row_ok[:, None] & col_ok[None, :]
+    # int64 offsets: M·C passes 2^31 for large batches at C = 8192.
+    r64 = rows.to(tl.int64)[:, None]
+    x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        branch = x
+        if HAS_LAYER_SCALE:
+            ls = tl.load(LS + cols, mask=col_ok, other=0.0).to(tl.float32)
+            branch = branch * ls[None, :]
+        if HAS_SAMPLE_SCALE:
+            ss = tl.load(SS + rows // rows_per_sample, mask=row_ok, other=0.0).to(tl.float32)
+            branch = branch * ss[:, None]
+        res = tl.load(RES + r64 * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        # Round s to its storage dtype before the statistics, so y is exactly LayerNorm of the s
+        # we return and the backward, which re-reads the stored s, recomputes the same x̂.
+        s_io = (res + branch).to(S.dtype.element_ty)
+        tl.store(S + r64 * C + cols[None, :], s_io, mask=mask)
+        s = s_io.to(tl.float32)
+    else:
+        s = x
+    # Shift each row by its first element before summing: a constant row then centres to exact
+    # zeros (y == bias, never NaN for eps > 0), and the shifted sums lose less precision.
+    s0 = tl.sum(tl.where(cols[None, :] == 0, s, 0.0), axis=1)
+    d = tl.where(mask, s - s0[:, None], 0.0)
+    mean_d = tl.sum(d, axis=1) / C
+    centred = tl.where(mask, d - mean_d[:, None], 0.0)
+    var = tl.sum(centred * centred, axis=1) / C
+    rstd = 1.0 / tl.sqrt(var + eps)
+    y = centred * rstd[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + r64 * C + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, s0 + mean_d, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def residual_layer_norm_bwd_kernel(
+    DY, DS, S, X, MEAN, RSTD, W, LS, SS,   # dy, ds, s, x [M, C] (row-strided); mean, rstd [M] fp32;
+                                           # w, ls [C]; ss [B]
+    DX, DRES, DW_PART, DB_PART, DLS_PART,  # dx, dres [M, C] contiguous; *_PART [P, C] fp32, row p
+                                           # written by program p only
+    M, C, stride_dy, stride_ds, stride_s, stride_x, rows_per_program, rows_per_sample,
+    HAS_DS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_LAYER_SCALE: tl.constexpr,
+    HAS_SAMPLE_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Program p walks rows [p·rows_per_program, (p+1)·rows_per_program) in BLOCK_M-row tiles:
+    writes dx (and dresidual) per row, and one fp32 partial row of dweight / dbias / dlayer_scale
+    at row p of its *_PART buffer. x̂ is recomputed from the stored s and fp32 mean/rstd."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    row_begin = pid * rows_per_program
+    row_end = tl.minimum(row_begin + rows_per_program, M)
+    # 2-D partials: summing over rows once at the end instead of every tile keeps the row loop
+    # free of cross-warp reductions.
+    dw_acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    dls_acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for r0 in range(row_begin, row_end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(S + r64 * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
+        # weight and layer_scale are re-read per tile (L1/L2 hits) rather than held across the
+        # loop: at C = 8192 holding them costs the registers that keep the kernel from spilling.
+        g = dy
+        if HAS_WEIGHT:
+            g = dy * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        c1 = tl.sum(xhat * g, axis=1) / C
+        c2 = tl.sum(g, axis=1) / C
+        dsum = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DS:
+            dsum += tl.load(DS + r64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            tl.store(DRES + r64 * C + cols[None, :], dsum.to(DRES.dtype.element_ty), mask=mask)
+            dbranch = dsum
+            if HAS_SAMPLE_SCALE:
+                ss = tl.load(SS + rows // rows_per_sample, mask=row_ok, other=0.0).to(tl.float32)
+                dbranch = dbranch * ss[:, None]
+            if HAS_LAYER_SCALE:
+                x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                dls_acc += dbranch * x
+                ls = tl.load(LS + cols, mask=col_ok, other=0.0).to(tl.float32)
+                dbranch = dbranch * ls[None, :]
+            tl.store(DX + r64 * C + cols[None, :], dbranch.to(DX.dtype.element_ty), mask=mask)
+        else:
+            tl.store(DX + r64 * C + cols[None, :], dsum.to(DX.dtype.element_ty), mask=mask)
+        if HAS_WEIGHT:
+            dw_acc += dy * xhat
+        if HAS_BIAS:
+            db_acc += dy
+    if HAS_WEIGHT:
+        tl.store(DW_PART + pid * C + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+    if HAS_BIAS:
+        tl.store(DB_PART + pid * C + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+    if HAS_RESIDUAL and HAS_LAYER_SCALE:
+        tl.store(DLS_PART + pid * C + cols, tl.sum(dls_acc, axis=0), mask=col_ok)
+
+
+@triton.jit
+def layer_norm_param_grad_reduce_kernel(
+    PART,              # [K, P, C] fp32 partial sums, contiguous
+    OUT0, OUT1, OUT2,  # [C] each, in its parameter's dtype: gradient k goes to OUTk (K <= 3)
+    P, C,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """OUTk[c] = Σ_p PART[k, p, c], summed in the same order on every run (deterministic).
+    Grid: (cdiv(C, BLOCK_N), K). Separate outputs rather than one [K, C] tensor: the gradients
+    are handed to autograd as distinct tensors, each in its own parameter's dtype."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.program_id(1)
+    col_ok = cols < C
+    base = PART + k.to(tl.int64) * P * C
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        parts = p0 + tl.arange(0, BLOCK_P)
+        mask = (parts < P)[:, None] & col_ok[None, :]
+        acc += tl.load(base + parts[:, None] * C + cols[None, :], mask=mask, other=0.0)
+    total = tl.sum(acc, axis=0)
+    tl.store(OUT0 + cols, total.to(OUT0.dtype.element_ty), mask=col_ok & (k == 0))
+    tl.store(OUT1 + cols, total.to(OUT1.dtype.element_ty), mask=col_ok & (k == 1))
+    tl.store(OUT2 + cols, total.to(OUT2.dtype.element_ty), mask=col_ok & (k == 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs. One table for the GPU (every row is in aot_specs), one rule for the interpreter.
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_MIN_BLOCK_C = 64  # narrower rows share the 64-column kernel (masked): fewer configs to ship
+
+
+def _block_c(C: int) -> int:
+    return max(_MIN_BLOCK_C, triton.next_power_of_2(C))
+
+
+def _num_warps(block_c: int) -> int:
+    # Enough threads that a full row stays at <= 16 fp32 values per thread per tensor.
+    return 4 if block_c <= 1024 else (8 if block_c <= 4096 else 16)
+
+
+def _bwd_num_warps(block_c: int) -> int:
+    # The backward holds about twice the forward's live values per element; at 4096 columns,
+    # 8 warps needed ~170 registers a thread (sm_90 AOT), 16 warps halve that.
+    return 4 if block_c <= 1024 else (8 if block_c <= 2048 else 16)
+
+
+def _fwd_block_m(block_c: int, M: int) -> int:
+    if _interpreting():
+        # Few, large program instances: the interpreter's cost is per instance and per op.
+        return max(1, min(16384 // block_c, triton.next_power_of_2(max(M, 1)), 128))
+    return max(1, 2048 // block_c)
+
+
+def _bwd_block_m(block_c: int, M: int) -> int:
+    if _interpreting():
+        return max(1, min(8192 // block_c, triton.next_power_of_2(max(M, 1)), 64))
+    # Three [BLOCK_M, BLOCK_C] fp32 accumulators live across the row loop: keep tiles smaller.
+    return max(1, 1024 // block_c)
+
+
+def _bwd_programs(M: int, block_m: int, device: torch.device) -> int:
+    tiles = triton.cdiv(M, block_m)
+    if _interpreting():
+        # Several programs per call so the two-stage reduction is exercised, each walking
+        # two tiles or more so the in-register accumulation is too.
+        return max(1, min(triton.cdiv(tiles, 2), 8))
+    # A few programs per SM hide memory latency; more would only grow the partial buffer.
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(tiles, 4 * sms))
+
+
+# Second stage: 32 columns (128 B rows) by 64 partial rows per step.
+_REDUCE_BLOCK_N = 32
+_REDUCE_BLOCK_P = 64
+
+
+def _reduce_block_p(P: int) -> int:
+    if _interpreting():
+        return min(_REDUCE_BLOCK_P, triton.next_power_of_2(max(P, 1)))
+    return _REDUCE_BLOCK_P
+
+
+def _rows(t: torch.Tensor, C: int) -> torch.Tensor:
+    """[..., C] -> [M, C] with unit column stride (rows may keep any stride, even 0)."""
+    t = t.reshape(-1, C)
+    return t if t.stride(-1) == 1 or C == 1 else t.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers.
+
+def residual_layer_norm_fwd(x, weight, bias, eps, residual=None, layer_scale=None, sample_scale=None):
+    """Forward launcher. x, residual: [..., C]; weight, bias, layer_scale: [C] or None;
+    sample_scale: [x.shape[0]] or None (layer_scale and sample_scale apply only with a residual).
+
+    Returns (y, s, mean, rstd): y [..., C] and s (None without a residual: s is x) in x's dtype,
+    mean and rstd fp32 [M] with M = x.numel() // C.
+    """
+    C = x.shape[-1]
+    if C > MAX_C:
+        raise ValueError(f"residual_layer_norm kernel: C={C} > {MAX_C}")
+    x2 = _rows(x, C)
+    M = x2.shape[0]
+    has_res = residual is not None
+    y = torch.empty((M, C), device=x.device, dtype=x.dtype)
+    s = torch.empty((M, C), device=x.device, dtype=x.dtype) if has_res else None
+    mean = torch.empty((M,), device=x.device, dtype=torch.float32)
+    rstd = torch.empty((M,), device=x.device, dtype=torch.float32)
+    if M > 0:
+        res2 = _rows(residual, C) if has_res else x2
+        dummy = x2
+        block_c = _block_c(C)
+        block_m = _fwd_block_m(block_c, M)
+        rows_per_sample = M // x.shape[0] if (sample_scale is not None and x.dim() > 1) else 1
+        residual_layer_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+            x2, res2,
+            layer_scale if layer_scale is not None else dummy,
+            sample_scale if sample_scale is not None else dummy,
+            weight if weight is not None else dummy,
+            bias if bias is not None else dummy,
+            y, s if has_res else y, mean, rstd,
+            M, C, x2.stride(0), res2.stride(0), max(rows_per_sample, 1), float(eps),
+            HAS_RESIDUAL=has_res, HAS_LAYER_SCALE=has_res and layer_scale is not None,
+            HAS_SAMPLE_SCALE=has_res and sample_scale is not None,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=_num_warps(block_c),
+        )
+    y = y.reshape(x.shape)
+    return y, (s.reshape(x.shape) if has_res else None), mean, rstd
+
+
+def residual_layer_norm_bwd(dy, ds, s, mean, rstd, weight, *, has_residual, need_bias_grad,
+                            x=None, layer_scale=None, sample_scale=None, residual_dtype=None,
+                            bias_dtype=None):
+    """Backward launcher. dy, ds (or None): gradients of y and s, [..., C]; s: the forward's s
+    (x itself without a residual); mean, rstd: fp32 [M]; weight, layer_scale: [C] or None;
+    x: [..., C], needed only with layer_scale; sample_scale: [B] or None.
+
+    Returns (dx, dresidual, dweight, dbias, dlayer_scale), None where there is nothing to compute.
+    dx has s's dtype, dresidual residual_dtype; the parameter gradients their parameter's dtype.
+    """
+    C = s.shape[-1]
+    dy2, s2 = _rows(dy, C), _rows(s, C)
+    M = s2.shape[0]
+    device = s.device
+    has_ls = has_residual and layer_scale is not None
+    has_ss = has_residual and sample_scale is not None
+    ds2 = _rows(ds, C) if (ds is not None and has_residual) else None
+    x2 = _rows(x, C) if has_ls else s2
+    dx = torch.empty((M, C), device=device, dtype=s.dtype)
+    dres = torch.empty((M, C), device=device, dtype=residual_dtype or s.dtype) if has_residual else None
+
+    # Which parameter gradients, in the order their partial rows are stacked.
+    wanted = []
+    if weight is not None:
+        wanted.append(weight.dtype)
+    if need_bias_grad:
+        wanted.append(bias_dtype or s.dtype)
+    if has_ls:
+        wanted.append(layer_scale.dtype)
+    K = len(wanted)
+    block_c = _block_c(C)
+    block_m = _bwd_block_m(block_c, M)
+    P = _bwd_programs(M, block_m, device) if M > 0 else 1
+    rows_per_program = triton.cdiv(triton.cdiv(M, P), block_m) * block_m if M > 0 else block_m
+    P = max(1, triton.cdiv(M, rows_per_program))
+    part = torch.empty((max(K, 1), P, C), device=device, dtype=torch.float32)
+    if M > 0:
+        k_of = iter(range(K))
+        dw_part = part[next(k_of)] if weight is not None else part[0]
+        db_part = part[next(k_of)] if need_bias_grad else part[0]
+        dls_part = part[next(k_of)] if has_ls else part[0]
+        rows_per_sample = M // s.shape[0] if (has_ss and s.dim() > 1) else 1
+        residual_layer_norm_bwd_kernel[(P,)](
+            dy2, ds2 if ds2 is not None else dy2, s2, x2, mean, rstd,
+            weight if weight is not None else mean,
+            layer_scale if has_ls else mean,
+            sample_scale if has_ss else mean,
+            dx, dres if dres is not None else dx, dw_part, db_part, dls_part,
+            M, C, dy2.stride(0), ds2.stride(0) if ds2 is not None else 0, s2.stride(0), x2.stride(0),
+            rows_per_program, max(rows_per_sample, 1),
+            HAS_DS=ds2 is not None, HAS_RESIDUAL=has_residual, HAS_LAYER_SCALE=has_ls,
+            HAS_SAMPLE_SCALE=has_ss, HAS_WEIGHT=weight is not None, HAS_BIAS=need_bias_grad,
+            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=_bwd_num_warps(block_c),
+        )
+    else:
+        part.zero_()
+    grads = [torch.empty((C,), device=device, dtype=dt) for dt in wanted]
+    if K:
+        outs = grads + [grads[0]] * (3 - K)
+        block_p = _reduce_block_p(P)
+        block_n = block_c if _interpreting() else _REDUCE_BLOCK_N
+        layer_norm_param_grad_reduce_kernel[(triton.cdiv(C, block_n), K)](
+            part, *outs, P, C, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
+    it = iter(grads)
+    dw = next(it) if weight is not None else None
+    db = next(it) if need_bias_grad else None
+    dls = next(it) if has_ls else None
+    return dx.reshape(s.shape), (dres.reshape(s.shape) if has_residual else None), dw, db, dls
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time specs: every GPU config the launchers above can pick, all flags on (the largest
+# register footprint), for each I/O dtype.
+
+def aot_specs():
+    from vit_fast.aot import AotSpec
+
+    # Under TRITON_INTERPRET=1 the kernels (and tl.sum) are interpreter objects that
+    # triton.compile cannot take: compile these specs in a process where it is unset.
+    specs = []
+    for dt in ("fp16", "bf16", "fp32"):
+        for block_c in [_MIN_BLOCK_C << i for i in range(8)]:  # 64 .. 8192
+            nw = _num_warps(block_c)
+            fwd_sig = {"X": f"*{dt}", "RES": f"*{dt}", "LS": f"*{dt}", "SS": f"*{dt}", "W": f"*{dt}",
+                       "B": f"*{dt}", "Y": f"*{dt}", "S": f"*{dt}", "MEAN": "*fp32", "RSTD": "*fp32",
+                       "M": "i32", "C": "i32", "stride_x": "i32", "stride_res": "i32",
+                       "rows_per_sample": "i32", "eps": "fp32"}
+            flags = dict(HAS_RESIDUAL=True, HAS_LAYER_SCALE=True, HAS_SAMPLE_SCALE=True,
+                         HAS_WEIGHT=True, HAS_BIAS=True)
+            fwd_const = dict(flags, BLOCK_M=max(1, 2048 // block_c), BLOCK_C=block_c)
+            fwd_sig.update({k: "constexpr" for k in fwd_const})
+            specs.append(AotSpec(
+                f"residual_layer_norm_fwd_{dt}_C{block_c}_M{fwd_const['BLOCK_M']}_w{nw}",
+                residual_layer_norm_fwd_kernel, fwd_sig, fwd_const,
+                divisible=("X", "RES", "LS", "SS", "W", "B", "Y", "S", "MEAN", "RSTD", "C",
+                           "stride_x", "stride_res"),
+                num_warps=nw, num_stages=2))
+            bwd_sig = {"DY": f"*{dt}", "DS": f"*{dt}", "S": f"*{dt}", "X": f"*{dt}", "MEAN": "*fp32",
+                       "RSTD": "*fp32", "W": f"*{dt}", "LS": f"*{dt}", "SS": f"*{dt}", "DX": f"*{dt}",
+                       "DRES": f"*{dt}", "DW_PART": "*fp32", "DB_PART": "*fp32", "DLS_PART": "*fp32",
+                       "M": "i32", "C": "i32", "stride_dy": "i32", "stride_ds": "i32",
+                       "stride_s": "i32", "stride_x": "i32", "rows_per_program": "i32",
+                       "rows_per_sample": "i32"}
+            nw = _bwd_num_warps(block_c)
+            bwd_const = dict(flags, HAS_DS=True, BLOCK_M=max(1, 1024 // block_c), BLOCK_C=block_c)
+            bwd_sig.update({k: "constexpr" for k in bwd_const})
+            specs.append(AotSpec(
+                f"residual_layer_norm_bwd_{dt}_C{block_c}_M{bwd_const['BLOCK_M']}_w{nw}",
+                residual_layer_norm_bwd_kernel, bwd_sig, bwd_const,
+                divisible=("DY", "DS", "S", "X", "MEAN", "RSTD", "W", "LS", "SS", "DX", "DRES",
+                           "DW_PART", "DB_PART", "DLS_PART", "C", "stride_dy", "stride_ds",
+                           "stride_s", "stride_x"),
+                num_warps=nw, num_stages=2))
+        red_sig = {"PART": "*fp32", "OUT0": f"*{dt}", "OUT1": f"*{dt}", "OUT2": f"*{dt}",
+                   "P": "i32", "C": "i32",
+                   "BLOCK_P": "constexpr", "BLOCK_N": "constexpr"}
+        specs.append(AotSpec(
+            f"layer_norm_param_grad_reduce_{dt}_P{_REDUCE_BLOCK_P}_N{_REDUCE_BLOCK_N}",
+            layer_norm_param_grad_reduce_kernel, red_sig,
+            {"BLOCK_P": _REDUCE_BLOCK_P, "BLOCK_N": _REDUCE_BLOCK_N},
+            divisible=("PART", "OUT0", "OUT1", "OUT2", "C"), num_warps=4, num_stages=2))
+    return specs

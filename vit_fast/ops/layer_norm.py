@@ -1,0 +1,104 @@
+"""Triton backend of ``residual_layer_norm``: custom ops vit_fast::residual_layer_norm (forward) and
+vit_fast::residual_layer_norm_backward, with fake and autograd registrations.
+
+The forward op returns (y, s, mean, rstd). Without a residual, s is x itself, and a custom op may
+not return an alias of its input, so the op returns an empty placeholder there and the public
+entry hands back x: autograd then adds the gradient that flows into s to dx by itself.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from vit_fast.kernels.layer_norm import residual_layer_norm_bwd, residual_layer_norm_fwd
+
+
+@torch.library.custom_op("vit_fast::residual_layer_norm", mutates_args=())
+def _fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+            residual: Optional[Tensor], layer_scale: Optional[Tensor],
+            sample_scale: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, s, mean, rstd = residual_layer_norm_fwd(x, weight, bias, eps, residual, layer_scale,
+                                               sample_scale)
+    return y, (s if s is not None else x.new_empty(0)), mean, rstd
+
+
+@_fwd_op.register_fake
+def _(x, weight, bias, eps, residual, layer_scale, sample_scale):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    s = torch.empty_like(y) if residual is not None else x.new_empty(0)
+    stats = x.new_empty((rows,), dtype=torch.float32)
+    return y, s, stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("vit_fast::residual_layer_norm_backward", mutates_args=())
+def _bwd_op(dy: Tensor, ds: Optional[Tensor], s: Tensor, x: Optional[Tensor], mean: Tensor,
+            rstd: Tensor, weight: Optional[Tensor], layer_scale: Optional[Tensor],
+            sample_scale: Optional[Tensor], residual_dtype: Optional[torch.dtype],
+            bias_dtype: Optional[torch.dtype]) -> list[Tensor]:
+    """[dx, dresidual, dweight, dbias, dlayer_scale]; an absent gradient is an empty tensor.
+
+    residual_dtype / bias_dtype: None when there is no residual / no bias gradient to compute.
+    """
+    grads = residual_layer_norm_bwd(
+        dy, ds, s, mean, rstd, weight, has_residual=residual_dtype is not None,
+        need_bias_grad=bias_dtype is not None, x=x, layer_scale=layer_scale,
+        sample_scale=sample_scale, residual_dtype=residual_dtype, bias_dtype=bias_dtype)
+    return [g if g is not None else s.new_empty(0) for g in grads]
+
+
+@_bwd_op.register_fake
+def _(dy, ds, s, x, mean, rstd, weight, layer_scale, sample_scale, residual_dtype, bias_dtype):
+    C = s.shape[-1]
+    none = s.new_empty(0)
+    has_res = residual_dtype is not None
+    return [s.new_empty(s.shape),
+            s.new_empty(s.shape, dtype=residual_dtype) if has_res else none,
+            weight.new_empty((C,)) if weight is not None else none,
+            s.new_empty((C,), dtype=bias_dtype) if bias_dtype is not None else none,
+            layer_scale.new_empty((C,)) if (has_res and layer_scale is not None) else none]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps, residual, layer_scale, sample_scale = inputs
+    y, s, mean, rstd = output
+    has_res = residual is not None
+    # Only what the backward cannot rebuild cheaply: s (x itself without a residual), the fp32
+    # statistics, and x when dlayer_scale needs it.
+    ctx.save_for_backward(s if has_res else x, x if (has_res and layer_scale is not None) else None,
+                          mean, rstd, weight, layer_scale if has_res else None,
+                          sample_scale if has_res else None)
+    ctx.residual_dtype = residual.dtype if has_res else None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.mark_non_differentiable(mean, rstd)
+    # A gradient into s that nobody produced stays None instead of a materialized [M, C] zero.
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dy, ds, _dmean, _drstd):
+    s, x, mean, rstd, weight, layer_scale, sample_scale = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(s)
+    if ds is not None and ds.numel() == 0:
+        ds = None
+    need = ctx.needs_input_grad
+    dx, dres, dw, db, dls = _bwd_op(
+        dy, ds, s, x, mean, rstd, weight, layer_scale, sample_scale, ctx.residual_dtype,
+        ctx.bias_dtype if need[2] else None)
+    return (dx, dw if need[1] else None, db if need[2] else None, None,
+            dres if need[4] else None,
+            dls if (layer_scale is not None and need[5]) else None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def residual_layer_norm(x, weight, bias, eps, residual, layer_scale, sample_scale):
+    """(y, s) as in vit_fast.functional.residual_layer_norm; inputs already validated there."""
+    if residual is None:
+        # s = x: the branch factors have nothing to scale.
+        layer_scale = sample_scale = None
+    y, s, _, _ = _fwd_op(x, weight, bias, float(eps), residual, layer_scale, sample_scale)
+    return y, (s if residual is not None else x)
