@@ -1,0 +1,309 @@
+"""HBM-traffic and FLOP model of every kernel (and of eager PyTorch's op sequence), in ONE place.
+
+Everything here is a *model*, not a measurement:
+- bytes: every tensor a kernel touches crosses HBM once (compulsory traffic). Tile re-reads (K/V
+  per query block, GEMM operands per output tile) are assumed to hit L2: a ViT head's K/V (N·D·2
+  bytes, ~25 KB at N=197) and one GEMM operand panel fit easily. tests/test_roofline.py checks the
+  vit_fast kernel formulas byte-exactly against the unique addresses the Triton interpreter loads
+  and stores (masked-off elements excluded).
+- FLOPs: 2·M·N·K per GEMM, 4·B·H·N²·D for attention forward (QKᵀ and PV), 14·B·H·N²·D for the
+  FlashAttention-2 backward (S and dP recomputed in both passes); elementwise work is counted with
+  small per-element constants that never decide the roofline.
+- time: max(bytes / bandwidth, FLOPs / peak) per kernel, summed over kernels (no overlap between
+  kernels, no launch latency).
+
+Shapes: M = B·N rows of C features, H heads of D = C/H, hidden = mlp_ratio·C.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+# Peak HBM bandwidth (bytes/s) and dense bf16 tensor-core throughput (FLOP/s) from the datasheets.
+HARDWARE = {
+    "H100 SXM": (3.35e12, 989e12),
+    "A100": (2.0e12, 312e12),
+}
+F32 = 4  # bytes of the fp32 statistics (mean, rstd, lse, delta) and partial sums
+
+VIT_CONFIGS = {  # name -> (embed dim C, heads H, depth, patch)
+    "vit_small_patch16_224": (384, 6, 12, 16),
+    "vit_base_patch16_224": (768, 12, 12, 16),
+    "vit_large_patch16_224": (1024, 16, 24, 16),
+    "vit_base_patch16_384": (768, 12, 12, 16),
+}
+
+
+def tokens(model: str) -> int:
+    """N = patches + class token, from the image size in timm's model name."""
+    img = int(model.rsplit("_", 1)[-1])
+    patch = VIT_CONFIGS[model][3]
+    return (img // patch) ** 2 + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One kernel launch (or one eager op): bytes read/written from HBM and FLOPs (model)."""
+    name: str
+    read: int
+    write: int
+    flops: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return self.read + self.write
+
+    def time_s(self, hw: str) -> float:
+        bw, peak = HARDWARE[hw]
+        return max(self.bytes / bw, self.flops / peak)
+
+
+def total(ops) -> Op:
+    ops = list(ops)
+    return Op("total", sum(o.read for o in ops), sum(o.write for o in ops), sum(o.flops for o in ops))
+
+
+def time_s(ops, hw: str) -> float:
+    return sum(o.time_s(hw) for o in ops)
+
+
+# ------------------------------------------------------------------------------------------------
+# vit_fast kernels (kernels/*.py). Arguments in elements; e = bytes per element of the I/O dtype.
+
+def attention_fwd(B, N, H, D, e) -> Op:
+    """attention_fwd_kernel: reads q, k, v from packed qkv; writes out and the fp32 lse."""
+    return Op("attention_fwd", B * N * 3 * H * D * e, B * N * H * D * e + B * H * N * F32,
+              4 * B * H * N * N * D)
+
+
+def attention_bwd(B, N, H, D, e) -> list:
+    """attention_bwd_delta / _dkdv / _dq: Δ = rowsum(dO∘O), then dk, dv per key block and dq per
+    query block, each pass reading all of q, k, v and dO (and lse, Δ)."""
+    qkv, row, stats = B * N * 3 * H * D * e, B * N * H * D * e, B * H * N * F32
+    return [
+        Op("attention_bwd_delta", 2 * row, stats, 2 * B * N * H * D),
+        Op("attention_bwd_dkdv", qkv + row + 2 * stats, 2 * row, 8 * B * H * N * N * D),
+        Op("attention_bwd_dq", qkv + row + 2 * stats, row, 6 * B * H * N * N * D),
+    ]
+
+
+def layer_norm_fwd(M, C, e, *, residual=False, layer_scale=False, samples=0, weight=True,
+                   bias=True) -> Op:
+    """residual_layer_norm_fwd_kernel: reads x (+ residual, layer_scale, sample_scale[samples]) and
+    weight/bias; writes y (+ s with a residual) and fp32 mean/rstd."""
+    read = M * C * e * (2 if residual else 1) + C * e * (int(weight) + int(bias))
+    if residual:
+        read += C * e * int(layer_scale) + samples * e
+    write = M * C * e * (2 if residual else 1) + 2 * M * F32
+    return Op("layer_norm_fwd", read, write, 10 * M * C)
+
+
+def layer_norm_bwd(M, C, e, programs, *, residual=False, has_ds=False, layer_scale=False,
+                   samples=0, weight=True, bias=True) -> list:
+    """residual_layer_norm_bwd_kernel (dx, dresidual, one fp32 partial row of each parameter
+    gradient per program) and layer_norm_param_grad_reduce_kernel over the partials."""
+    ls = residual and layer_scale
+    ds = residual and has_ds
+    read = M * C * e * (2 + int(ds) + int(ls)) + 2 * M * F32 + C * e * (int(weight) + int(ls))
+    if residual:
+        read += samples * e
+    write = M * C * e * (2 if residual else 1)
+    k = int(weight) + int(bias) + int(ls)
+    ops = [Op("layer_norm_bwd", read, write + k * programs * C * F32, 16 * M * C)]
+    if k:
+        ops.append(Op("layer_norm_grad_reduce", k * programs * C * F32, k * C * e, k * programs * C))
+    return ops
+
+
+def matmul(M, N, K, e, *, out_e=None, name="matmul", bias=False, read_pre=False, store_pre=False,
+           store_act=False, residual=False, layer_scale=False, samples=0, rowdot_tiles=0,
+           epilogue_flops=0) -> Op:
+    """matmul_kernel: C[M, N] = epilogue(A[M, K] @ B[K, N]); the optional epilogue tensors as
+    flagged (pre-activation read or stored, activation stored, residual, LayerScale, per-sample
+    scale, fp32 row-dot partials [rowdot_tiles, M])."""
+    out_e = e if out_e is None else out_e
+    read = (M * K + K * N) * e + N * e * (int(bias) + int(layer_scale)) + samples * e
+    read += M * N * e * (int(read_pre) + int(residual))
+    write = M * N * out_e + M * N * e * (int(store_pre) + int(store_act)) + rowdot_tiles * M * F32
+    return Op(name, read, write, 2 * M * N * K + epilogue_flops * M * N)
+
+
+def colsum(M, N, e, chunks, *, samples=0, name="colsum") -> Op:
+    """colsum_kernel: fp32 column sums of X[M, N] (· sample_scale) in `chunks` partial rows."""
+    return Op(name, M * N * e + samples * e, chunks * N * F32, M * N)
+
+
+def gelu_mlp_fwd(M, C, Hd, e, *, train, residual=True, layer_scale=False, samples=0) -> list:
+    """fc1 GEMM + bias + GELU epilogue (+ stored pre-activation when training), then fc2 GEMM +
+    bias (+ LayerScale, drop-path, residual) epilogue. The activation makes one HBM round trip."""
+    return [
+        matmul(M, Hd, C, e, name="mlp_fc1_gelu", bias=True, store_pre=train, epilogue_flops=20),
+        matmul(M, C, Hd, e, name="mlp_fc2_residual", bias=True, residual=residual,
+               layer_scale=residual and layer_scale, samples=samples if residual else 0,
+               epilogue_flops=3),
+    ]
+
+
+def gelu_mlp_bwd(M, C, Hd, e, *, layer_scale=False, samples=0, colsum_chunks=None,
+                 rowdot_tiles=None, fc2_bias=True) -> list:
+    """The launches of kernels/gelu_mlp.gelu_mlp_bwd: dGELU GEMM (stores act·ss for dW2), dW2 GEMM,
+    column sums for db2/dls, dx GEMM, dW1 GEMM, db1 column sum; plus the weight-sized torch op that
+    folds LayerScale into fc2's weight."""
+    chunks_g = colsum_chunks(M) if colsum_chunks else _colsum_chunks(M)
+    tiles = rowdot_tiles if rowdot_tiles is not None else math.ceil(Hd / 128)
+    ops = []
+    if layer_scale:
+        ops.append(Op("torch_fold_layer_scale", C * Hd * e + C * e, C * Hd * e, C * Hd))
+    ops += [
+        matmul(M, Hd, C, e, name="mlp_dgelu", read_pre=True, store_act=True, samples=samples,
+               rowdot_tiles=tiles if samples else 0, epilogue_flops=25),
+        matmul(C, Hd, M, e, out_e=F32 if layer_scale else e, name="mlp_dW2"),
+    ]
+    if fc2_bias or layer_scale:
+        ops.append(colsum(M, C, e, chunks_g, samples=samples, name="mlp_db2_colsum"))
+    ops += [
+        matmul(M, C, Hd, e, name="mlp_dx"),
+        matmul(Hd, C, M, e, name="mlp_dW1"),
+        colsum(M, Hd, e, chunks_g, name="mlp_db1_colsum"),
+    ]
+    return ops
+
+
+def _colsum_chunks(M, block_m=32):
+    """kernels/matmul.colsum's chunking on CUDA (at most ~64 chunks of whole BLOCK_M tiles)."""
+    rows_per_chunk = block_m * max(1, math.ceil(math.ceil(M / block_m) / 64))
+    return math.ceil(M / rows_per_chunk)
+
+
+def _ln_programs(M, C, sms=132):
+    """kernels/layer_norm's backward program count on CUDA: min(tiles, 4·SMs) (H100 SXM: 132)."""
+    block_c = max(16, 1 << (C - 1).bit_length())
+    block_m = max(1, 1024 // block_c)
+    return max(1, min(math.ceil(M / block_m), 4 * sms))
+
+
+# ------------------------------------------------------------------------------------------------
+# Eager PyTorch ops (what timm's Block launches on CUDA), same conventions.
+
+def eager_linear(M, N, K, e, name, bias=True) -> Op:
+    """cuBLAS GEMM with the bias in its epilogue (addmm)."""
+    return matmul(M, N, K, e, name=name, bias=bias)
+
+
+def eager_linear_bwd(M, N, K, e, name, bias=True) -> list:
+    """dX = dY @ W, dW = dYᵀ @ X, db = Σ dY, for Y[M, N] = X[M, K] Wᵀ."""
+    ops = [matmul(M, K, N, e, name=name + "_dX"), matmul(N, K, M, e, name=name + "_dW")]
+    if bias:
+        ops.append(Op(name + "_db", M * N * e, N * e, M * N))
+    return ops
+
+
+def elementwise(name, numel, e, n_in, n_out=1, *, extra_read=0, flops_per=1) -> Op:
+    return Op(name, n_in * numel * e + extra_read, n_out * numel * e, flops_per * numel)
+
+
+def eager_layer_norm_fwd(M, C, e, name) -> Op:
+    return Op(name, M * C * e + 2 * C * e, M * C * e + 2 * M * F32, 10 * M * C)
+
+
+def eager_layer_norm_bwd(M, C, e, name) -> list:
+    # native_layer_norm_backward: dx in one kernel, dweight/dbias in a second pass over dy and x.
+    return [Op(name + "_dx", 2 * M * C * e + 2 * M * F32 + C * e, M * C * e, 16 * M * C),
+            Op(name + "_dwdb", 2 * M * C * e + 2 * M * F32, 2 * C * e, 4 * M * C)]
+
+
+def flash_sdpa_fwd(B, N, H, D, e) -> Op:
+    op = attention_fwd(B, N, H, D, e)
+    return dataclasses.replace(op, name="sdpa_flash_fwd")
+
+
+def flash_sdpa_bwd(B, N, H, D, e) -> list:
+    """FlashAttention-2 backward as PyTorch runs it: Δ preprocessing, one pass writing dk, dv and
+    an fp32 dq accumulator, dq conversion; dq/dk/dv are separate [B, H, N, D] tensors."""
+    row, stats = B * N * H * D * e, B * H * N * F32
+    return [Op("sdpa_flash_bwd_delta", 2 * row, stats, 2 * B * N * H * D),
+            Op("sdpa_flash_bwd", 4 * row + 2 * stats, 2 * row + 2 * B * N * H * D * F32,
+               10 * B * H * N * N * D),
+            Op("sdpa_flash_bwd_dq_convert", B * N * H * D * F32, row, B * N * H * D)]
+
+
+# ------------------------------------------------------------------------------------------------
+# One ViT block, forward and forward+backward, both ways.
+
+def block_ops(impl, B, N, C, H, e, *, backward, layer_scale=False, mlp_ratio=4.0):
+    """The op sequence of one pre-norm ViT block (LN1, qkv, attention, proj, residual, LN2, MLP,
+    residual) for impl 'vit_fast' or 'eager'. backward=True: training forward then backward."""
+    M, D, Hd = B * N, C // H, int(C * mlp_ratio)
+    ls = layer_scale
+    MC = M * C
+    if impl == "vit_fast":
+        fwd = [layer_norm_fwd(M, C, e), eager_linear(M, 3 * C, C, e, "qkv_linear"),
+               attention_fwd(B, N, H, D, e), eager_linear(M, C, C, e, "proj_linear"),
+               dataclasses.replace(layer_norm_fwd(M, C, e, residual=True, layer_scale=ls),
+                                   name="residual_layer_norm_fwd"),
+               *gelu_mlp_fwd(M, C, Hd, e, train=backward, layer_scale=ls)]
+        if not backward:
+            return fwd
+        P = _ln_programs(M, C)
+        bwd = [*gelu_mlp_bwd(M, C, Hd, e, layer_scale=ls),
+               *layer_norm_bwd(M, C, e, P, residual=True, has_ds=True, layer_scale=ls),
+               *eager_linear_bwd(M, C, C, e, "proj_linear"),
+               *attention_bwd(B, N, H, D, e),
+               *eager_linear_bwd(M, 3 * C, C, e, "qkv_linear"),
+               *layer_norm_bwd(M, C, e, P),
+               elementwise("add_grad_x", MC, e, 2)]
+        return fwd + bwd
+    if impl != "eager":
+        raise ValueError(f"impl must be 'vit_fast' or 'eager', got {impl!r}")
+    fwd = [eager_layer_norm_fwd(M, C, e, "layer_norm1"), eager_linear(M, 3 * C, C, e, "qkv_linear"),
+           flash_sdpa_fwd(B, N, H, D, e),
+           elementwise("transpose_copy", MC, e, 1), eager_linear(M, C, C, e, "proj_linear")]
+    fwd += [elementwise("mul_ls1", MC, e, 1, extra_read=C * e)] if ls else []
+    fwd += [elementwise("add_residual1", MC, e, 2), eager_layer_norm_fwd(M, C, e, "layer_norm2"),
+            eager_linear(M, Hd, C, e, "fc1_linear"), elementwise("gelu", M * Hd, e, 1, flops_per=20),
+            eager_linear(M, C, Hd, e, "fc2_linear")]
+    fwd += [elementwise("mul_ls2", MC, e, 1, extra_read=C * e)] if ls else []
+    fwd += [elementwise("add_residual2", MC, e, 2)]
+    if not backward:
+        return fwd
+    bwd = []
+    if ls:
+        bwd += _eager_mul_bwd("ls2", MC, C, e)
+    bwd += [*eager_linear_bwd(M, C, Hd, e, "fc2_linear"),
+            elementwise("gelu_bwd", M * Hd, e, 2, flops_per=25),
+            *eager_linear_bwd(M, Hd, C, e, "fc1_linear"),
+            *eager_layer_norm_bwd(M, C, e, "layer_norm2"),
+            elementwise("add_grad_x1", MC, e, 2)]
+    if ls:
+        bwd += _eager_mul_bwd("ls1", MC, C, e)
+    bwd += [*eager_linear_bwd(M, C, C, e, "proj_linear"),
+            elementwise("transpose_copy_bwd", MC, e, 1),
+            *flash_sdpa_bwd(B, N, H, D, e),
+            elementwise("stack_dqkv", 3 * MC, e, 1),
+            *eager_linear_bwd(M, 3 * C, C, e, "qkv_linear"),
+            *eager_layer_norm_bwd(M, C, e, "layer_norm1"),
+            elementwise("add_grad_x", MC, e, 2)]
+    return fwd + bwd
+
+
+def _eager_mul_bwd(name, MC, C, e):
+    """Backward of branch·gamma: d branch = g·gamma, d gamma = Σ g·branch (mul, then a reduction)."""
+    return [elementwise(f"mul_{name}_bwd_input", MC, e, 1, extra_read=C * e),
+            elementwise(f"mul_{name}_bwd_gamma", MC, e, 2),
+            Op(f"sum_{name}_bwd_gamma", MC * e, C * e, MC)]
+
+
+def residual_layer_norm_ops(impl, M, C, e, *, layer_scale, backward=True):
+    """Only the residual (+LayerScale) + LayerNorm segment between attention and MLP."""
+    if impl == "vit_fast":
+        ops = [layer_norm_fwd(M, C, e, residual=True, layer_scale=layer_scale)]
+        if backward:
+            ops += layer_norm_bwd(M, C, e, _ln_programs(M, C), residual=True, has_ds=True,
+                                  layer_scale=layer_scale)
+        return ops
+    ops = [elementwise("mul_ls1", M * C, e, 1, extra_read=C * e)] if layer_scale else []
+    ops += [elementwise("add_residual1", M * C, e, 2), eager_layer_norm_fwd(M, C, e, "layer_norm2")]
+    if backward:
+        ops += [*eager_layer_norm_bwd(M, C, e, "layer_norm2"), elementwise("add_grad_x1", M * C, e, 2)]
+        ops += _eager_mul_bwd("ls1", M * C, C, e) if layer_scale else []
+    return ops
