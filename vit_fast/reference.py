@@ -23,8 +23,9 @@ def _up(t, upcast):
 def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0, upcast=False):
     """softmax(q kᵀ·scale) v per head, from timm's packed qkv [B, N, 3·H·D] -> [B, N, H·D].
 
-    The attention matrix is materialized here on purpose: this is the reference, and dropout on the
-    probabilities (timm's attn_drop) needs it.
+    Without dropout this is F.scaled_dot_product_attention, what timm's Attention runs, so the CPU
+    path keeps its speed and memory. With dropout the probabilities are materialized and dropped
+    as timm's non-fused path does (SDPA's CPU dropout draws its mask differently).
     """
     dtype = qkv.dtype
     qkv = _up(qkv, upcast)
@@ -32,12 +33,12 @@ def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0, upcast=Fal
     head_dim = three_c // (3 * num_heads)
     scale = head_dim ** -0.5 if scale is None else scale
     q, k, v = qkv.reshape(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    attn = (q * scale) @ k.transpose(-2, -1)
-    attn = attn.softmax(dim=-1)
     if dropout_p > 0.0:
-        attn = F.dropout(attn, p=dropout_p)
-    out = (attn @ v).transpose(1, 2).reshape(B, N, num_heads * head_dim)
-    return out.to(dtype)
+        attn = F.dropout(((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1), p=dropout_p)
+        out = attn @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return out.transpose(1, 2).reshape(B, N, num_heads * head_dim).to(dtype)
 
 
 def residual_layer_norm(x, weight, bias, eps, *, residual=None, layer_scale=None,
