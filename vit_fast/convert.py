@@ -145,6 +145,10 @@ def convert(model: nn.Module, *, blocks: bool = True, patch_embed: bool = True) 
             raise ValueError("convert: pass the model that contains the Block, not a Block itself")
         setattr(parent, attr, new)
         summary.swapped.append(name)
+    if blocks:
+        from .convert_vit_pytorch import convert_vit_pytorch, is_vit_pytorch_model
+        if is_vit_pytorch_model(model):  # lucidrains' vit-pytorch ViT / SimpleViT
+            convert_vit_pytorch(model, summary)
     if not summary.swapped and not summary.left:
         summary.left.append(("", f"{type(model).__name__} has no timm Block or PatchEmbed to swap"))
     model.vit_fast_summary = summary

@@ -18,7 +18,6 @@ Policy, per call (xformers style: each kernel lists what it does not support):
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import threading
 from dataclasses import dataclass, field
@@ -72,13 +71,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_MISSING = []  # the one cached answer of triton_missing_reason
+
+
+# Cached by hand, not with lru_cache: torch.compile warns when it traces through lru_cache, and
+# assume_constant_result makes it take the answer as a constant instead of tracing the import.
+@torch.compiler.assume_constant_result
 def triton_missing_reason():
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the install
-        return f"triton is not importable ({exc})"
-    return None
+    if not _TRITON_MISSING:
+        try:
+            import triton  # noqa: F401
+            _TRITON_MISSING.append(None)
+        except Exception as exc:  # pragma: no cover - depends on the install
+            _TRITON_MISSING.append(f"triton is not importable ({exc})")
+    return _TRITON_MISSING[0]
 
 
 def extension_missing_reason(device_type: str):

@@ -5,6 +5,7 @@ argument before any backend runs, so every backend sees the same valid inputs.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import torch
@@ -63,6 +64,43 @@ def _pair(op, name, v):
     return int(v[0]), int(v[1])
 
 
+# --- autocast ---------------------------------------------------------------------------------
+# Custom ops get no autocast rule of their own, so each op applies here what autocast does to the
+# eager modules it replaces: GEMM-like ops (attention, MLP, patch conv) compute in the autocast
+# dtype; LayerNorm runs in float32 (autocast's layer_norm policy on CUDA), which also keeps an fp32
+# residual stream fp32. Like autocast, float64 tensors are never cast. The reference backend runs
+# with autocast still on, as eager code would; a kernel backend runs with it off, so nothing inside
+# a launcher or the extension is cast behind the op's back.
+
+def _autocast_dtype(device):
+    """torch.autocast's dtype when autocast is enabled for ``device``'s type, else None."""
+    kind = device.type
+    # cpu/cuda skip the availability query: torch.compile would leave it in the graph as a node.
+    if kind not in ("cpu", "cuda") and not torch.amp.is_autocast_available(kind):
+        return None
+    if not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
+def _cast(dtype, *tensors):
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)
+
+
+def _kernel_context(amp, device):
+    return torch.autocast(device.type, enabled=False) if amp is not None else contextlib.nullcontext()
+
+
+def _add_branch(residual, branch, layer_scale, sample_scale):
+    """residual + branch·layer_scale·sample_scale[b] in eager type promotion (autocast's result)."""
+    if layer_scale is not None:
+        branch = branch * layer_scale
+    if sample_scale is not None:
+        branch = branch * sample_scale.reshape((-1,) + (1,) * (branch.dim() - 1))
+    return residual + branch
+
+
 # --- ops --------------------------------------------------------------------------------------
 
 def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0):
@@ -89,10 +127,14 @@ def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0):
     if not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
     scale = float(head_dim ** -0.5 if scale is None else scale)
+    amp = _autocast_dtype(qkv.device)
+    if amp is not None:
+        (qkv,) = _cast(amp, qkv)
     choice = dispatch.choose(op, [qkv], head_dim=head_dim, dropout_p=dropout_p)
     if choice.backend == "triton":
         from .ops import attention
-        return attention.fused_qkv_attention(qkv, int(num_heads), scale)
+        with _kernel_context(amp, qkv.device):
+            return attention.fused_qkv_attention(qkv, int(num_heads), scale)
     return reference.fused_qkv_attention(qkv, int(num_heads), scale=scale, dropout_p=dropout_p)
 
 
@@ -120,12 +162,17 @@ def residual_layer_norm(x, weight, bias, eps, *, residual=None, layer_scale=None
         raise ValueError(f"{op}: eps must be a non-negative float, got {eps!r}")
     _check_same_device(op, "x", x, weight=weight, bias=bias, residual=residual,
                        layer_scale=layer_scale, sample_scale=sample_scale)
+    amp = _autocast_dtype(x.device)
+    if amp is not None:
+        x, weight, bias, residual, layer_scale, sample_scale = _cast(
+            torch.float32, x, weight, bias, residual, layer_scale, sample_scale)
     tensors = [x, weight, bias, residual, layer_scale, sample_scale]
     choice = dispatch.choose(op, tensors, dim=C)
     if choice.backend == "triton":
         from .ops import layer_norm
-        return layer_norm.residual_layer_norm(x, weight, bias, float(eps), residual, layer_scale,
-                                              sample_scale)
+        with _kernel_context(amp, x.device):
+            return layer_norm.residual_layer_norm(x, weight, bias, float(eps), residual,
+                                                  layer_scale, sample_scale)
     return reference.residual_layer_norm(x, weight, bias, float(eps), residual=residual,
                                          layer_scale=layer_scale, sample_scale=sample_scale)
 
@@ -165,12 +212,24 @@ def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, approximate="none
     _check_same_device(op, "x", x, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight,
                        fc2_bias=fc2_bias, residual=residual, layer_scale=layer_scale,
                        sample_scale=sample_scale)
+    amp = _autocast_dtype(x.device)
+    if amp is not None:
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias = _cast(
+            amp, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+        if residual is not None and any(t is not None and t.dtype != amp
+                                        for t in (residual, layer_scale, sample_scale)):
+            # Eager adds the low-precision branch to a wider residual stream in that wider dtype;
+            # the kernels take one dtype, so the add runs unfused to keep the stream's precision.
+            branch = gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                              approximate=approximate)
+            return _add_branch(residual, branch, layer_scale, sample_scale)
     tensors = [x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale, sample_scale]
     choice = dispatch.choose(op, tensors)
     if choice.backend == "triton":
         from .ops import gelu_mlp as mlp
-        return mlp.gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
-                            layer_scale, sample_scale)
+        with _kernel_context(amp, x.device):
+            return mlp.gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate,
+                                residual, layer_scale, sample_scale)
     return reference.gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate=approximate,
                               residual=residual, layer_scale=layer_scale, sample_scale=sample_scale)
 
@@ -223,10 +282,18 @@ def patch_embed(images, weight, bias, *, patch_size, pos_embed=None, mean=None, 
     _check_tensor(op, "pos_embed", pos_embed, optional=True)
     _check_shape(op, "pos_embed", pos_embed, (1, num_patches, D))
     _check_same_device(op, "images", images, weight=weight, bias=bias, pos_embed=pos_embed)
+    amp = _autocast_dtype(images.device)
+    if amp is not None:
+        images, weight, bias = _cast(amp, images, weight, bias)
+        if pos_embed is not None and pos_embed.dtype != amp:
+            # conv(low precision) + a wider pos_embed is wider in eager: add it unfused.
+            out = patch_embed(images, weight, bias, patch_size=(ph, pw), mean=mean, std=std)
+            return out + pos_embed
     choice = dispatch.choose(op, [images, weight, bias, pos_embed])
     if choice.backend == "extension":
         from .ops import patch_embed as pe
-        return pe.patch_embed(images, weight, bias, (ph, pw), pos_embed, mean, std)
+        with _kernel_context(amp, images.device):
+            return pe.patch_embed(images, weight, bias, (ph, pw), pos_embed, mean, std)
     return reference.patch_embed(images, weight, bias, patch_size=(ph, pw), pos_embed=pos_embed,
                                  mean=mean, std=std)
 

@@ -1,0 +1,145 @@
+"""vit_fast.convert on lucidrains' vit-pytorch ViT and SimpleViT (a test dependency, pinned in
+requirements-dev.txt), and convert on a model with nothing to convert."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import vit_fast
+from vit_fast import functional
+
+vit_pytorch = pytest.importorskip("vit_pytorch", reason="vit-pytorch is not installed "
+                                  "(pip install -r requirements-dev.txt)")
+from vit_pytorch import SimpleViT, ViT  # noqa: E402
+from vit_pytorch.recorder import Recorder  # noqa: E402
+
+COMMON = dict(image_size=(24, 32), patch_size=8, num_classes=7, dim=40, depth=2, mlp_dim=72)
+MODELS = {
+    # heads·dim_head (60) != dim (40): to_qkv is not square; attention/ff/emb dropout all present.
+    "vit_cls_dropout": lambda: ViT(heads=3, dim_head=20, dropout=0.1, emb_dropout=0.1, **COMMON),
+    # heads == 1 and dim_head == dim: vit-pytorch drops to_out (nn.Identity); mean pooling.
+    "vit_mean_no_proj": lambda: ViT(heads=1, dim_head=40, pool="mean", **COMMON),
+    "simple_vit": lambda: SimpleViT(heads=4, dim_head=10, **COMMON),
+}
+
+
+def _build(name):
+    torch.manual_seed(0)
+    return MODELS[name]()
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts of fused functional op calls (converted modules look the ops up at call time)."""
+    calls = {}
+    for op in ("fused_qkv_attention", "residual_layer_norm", "gelu_mlp"):
+        real = getattr(functional, op)
+
+        def counted(*args, _real=real, _op=op, **kwargs):
+            calls[_op] = calls.get(_op, 0) + 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(functional, op, counted)
+    return calls
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_logits_identical_and_fused(name, op_calls):
+    model = _build(name).eval()
+    x = torch.randn(3, 3, 24, 32)
+    with torch.no_grad():
+        want = model(x)
+    keys = list(model.state_dict())
+    params = [id(p) for p in model.parameters()]
+    converted = vit_fast.convert(model)
+    assert converted is model
+    assert model.vit_fast_summary.swapped == ["transformer"], str(model.vit_fast_summary)
+    assert list(model.state_dict()) == keys, "state_dict keys changed"
+    assert [id(p) for p in model.parameters()] == params, "parameters were copied, not adopted"
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    depth = COMMON["depth"]
+    # Per layer: one attention, one MLP (residual in its epilogue), the attention's LayerNorm and
+    # one fused "residual add + ff LayerNorm"; then the final norm.
+    assert op_calls == {"fused_qkv_attention": depth, "gelu_mlp": depth,
+                        "residual_layer_norm": 2 * depth + 1}, op_calls
+
+
+def test_layer_norm_eps_is_kept():
+    model = vit_fast.convert(_build("simple_vit").eval())
+    for layer in model.transformer.layers:
+        assert layer[0].norm.eps == 1e-5 and layer[1].net[0].eps == 1e-5
+    assert model.transformer.norm.eps == 1e-5
+    # A different eps must change the output: the converted model really reads it.
+    x = torch.randn(2, 3, 24, 32) * 1e-3
+    with torch.no_grad():
+        before = model(x)
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.eps = 1e-1
+        after = model(x)
+    assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("name", ["vit_mean_no_proj", "simple_vit"])
+def test_gradients_match(name):
+    model = _build(name).train()  # no dropout in these: training is deterministic
+    converted = vit_fast.convert(copy.deepcopy(model))
+    x = torch.randn(2, 3, 24, 32)
+    for m in (model, converted):
+        m(x).square().sum().backward()
+    for (n, p), q in zip(model.named_parameters(), converted.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+def test_dropout_is_kept_in_training():
+    model = vit_fast.convert(_build("vit_cls_dropout")).train()
+    x = torch.randn(2, 3, 24, 32)
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(2)
+    b = model(x)
+    assert not torch.allclose(a, b), "dropout had no effect in training mode"
+    model.eval()
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+    ff = model.transformer.layers[0][1]
+    assert ff.fused_approximate() == "none"  # eval: the fused MLP
+    model.train()
+    assert ff.fused_approximate() is None    # training with dropout: the eager Sequential
+
+
+def test_attention_maps_match_vit_pytorch_recorder():
+    model = _build("vit_cls_dropout").eval()
+    x = torch.randn(2, 3, 24, 32)
+    _, want = Recorder(copy.deepcopy(model))(x)         # [B, depth, H, N, N]
+    converted = vit_fast.convert(model)
+    with vit_fast.record_attention(converted) as maps:
+        converted(x)
+    assert maps.names == ["transformer.layers.0.0", "transformer.layers.1.0"]
+    torch.testing.assert_close(maps.stack(), want, rtol=1e-5, atol=1e-6)
+    assert all(layer[0].fused_attn for layer in converted.transformer.layers)
+
+
+def test_unsupported_vit_pytorch_transformer_is_left_with_reason():
+    model = _build("simple_vit")
+    model.transformer.layers[1][1].net[2] = nn.ReLU()
+    vit_fast.convert(model)
+    assert model.vit_fast_summary.swapped == []
+    (name, why), = model.vit_fast_summary.left
+    assert name == "transformer" and "GELU" in why
+
+
+def test_convert_with_nothing_to_convert_returns_model_unchanged():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
+    model(torch.randn(1, 3, 8, 8))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    children = list(model.children())
+    out = vit_fast.convert(model)
+    assert out is model and list(model.children()) == children
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    summary = model.vit_fast_summary
+    assert summary.swapped == []
+    assert len(summary.left) == 1 and "no timm Block or PatchEmbed" in summary.left[0][1]
+    assert "swapped 0 module(s)" in str(summary)
