@@ -94,7 +94,7 @@ def test_convert_options_and_nothing_to_convert():
     vit_fast.convert(model, blocks=False)
     assert model.vit_fast_summary.swapped == ["patch_embed"]
     assert ("blocks.0", "blocks=False") in model.vit_fast_summary.left
-    plain = nn.Sequential(nn.Linear(4, 4))
+    plain = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
     before = copy.deepcopy(plain.state_dict())
     assert vit_fast.convert(plain) is plain
     assert not plain.vit_fast_summary.swapped

@@ -109,11 +109,6 @@ def convert(model: nn.Module, *, blocks: bool = True, patch_embed: bool = True) 
     TimmBlock, _, _, _, TimmPatchEmbed = _timm_classes()
     summary = ConversionSummary()
     replacements = []
-    if blocks:
-        # The model's own norms (timm: norm_pre, norm, fc_norm) run as the fused LayerNorm op too.
-        for name, module in model.named_children():
-            if _is_plain_layer_norm(module):
-                replacements.append((name, _convert_layer_norm(module)))
     for name, module in model.named_modules():
         if isinstance(module, (modules.Block, modules.PatchEmbed)):
             continue
@@ -138,6 +133,11 @@ def convert(model: nn.Module, *, blocks: bool = True, patch_embed: bool = True) 
         elif isinstance(module, TimmPatchEmbed):
             summary.left.append((name, f"{type(module).__name__} subclasses timm's PatchEmbed; "
                                        "not swapped"))
+    if any(isinstance(new, modules.Block) for _, new in replacements):
+        # A ViT's own norms (timm: norm_pre, norm, fc_norm) run as the fused LayerNorm op too;
+        # only in a model whose Blocks were swapped, never in an arbitrary network.
+        replacements += [(name, _convert_layer_norm(m)) for name, m in model.named_children()
+                         if _is_plain_layer_norm(m)]
     for name, new in replacements:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
