@@ -1,0 +1,421 @@
+"""Fused multi-head attention over timm's packed qkv, forward and backward (FlashAttention-2).
+
+Math, per batch b and head h, with q, k, v the [N, D] slices of qkv and s = scale:
+    P = softmax(q kᵀ·s)          (row-wise)      out = P v          lse_i = log Σ_j exp(s·q_i·k_j)
+    Δ_i = Σ_d dO_id·out_id       dP = dO vᵀ      dS = P ∘ (dP − Δ)
+    dq = s·dS k                  dk = s·dSᵀ q    dv = Pᵀ dO
+P is never stored: the forward streams K/V tiles past a query tile with an online softmax
+(running max m and sum l, in base 2 so that exp2 can be used: s·log2(e) is folded into the
+logits), and the backward rebuilds P tile by tile from the saved lse.
+
+Layouts (row-major, last dim stride 1; B and N dims may have any stride):
+    qkv  [B, N, 3·H·D]   last dim ordered (3, H, D) like timm's qkv Linear output
+    out  [B, N, H·D]     last dim ordered (H, D): heads concatenated, ready for the proj Linear
+    lse  [B, H, N]       fp32, natural-log logsumexp of each row of q kᵀ·s (contiguous)
+    dout [B, N, H·D]     same layout as out
+    dqkv [B, N, 3·H·D]   same layout as qkv (contiguous)
+Head dims that are not powers of two are padded with masked loads to BLOCK_D = next power of
+two (at least 16, what tl.dot needs). All accumulation is fp32. The backward has no atomics:
+dk/dv are owned by one program per key block and dq by one program per query block, so two runs
+are bitwise equal.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# Globals a jit function reads must be constexpr.
+_LN2 = tl.constexpr(0.6931471805599453)
+_LOG2E = tl.constexpr(LOG2E)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _load_rows(base, row0, n_rows, stride_row, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """[BLOCK_R, BLOCK_D] tile of rows row0.. of a head slice; rows >= n_rows and the head-dim
+    padding read as 0, which keeps padded logits finite and padded dot terms zero."""
+    rows = row0 + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM)
+    return tl.load(base + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(base, row0, n_rows, stride_row, tile, HEAD_DIM: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = row0 + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM)
+    tl.store(base + rows[:, None] * stride_row + cols[None, :], tile, mask=mask)
+
+
+@triton.jit
+def _operand(x, DOT_FP32: tl.constexpr):
+    # The interpreter computes bf16 tl.dot wrongly (triton#11584); there the operands go to fp32
+    # after being rounded to the I/O dtype, so the numbers match what the GPU's dot sees.
+    if DOT_FP32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def attention_fwd_kernel(
+    QKV,    # [B, N, 3*H*D] input dtype
+    O,      # [B, N, H*D] input dtype
+    LSE,    # [B, H, N] fp32, contiguous
+    N, H,
+    stride_qkv_b, stride_qkv_n, stride_o_b, stride_o_n,
+    qk_scale,  # scale * log2(e)
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program = one BLOCK_M tile of queries of one (b, h); K/V of that head stream past it."""
+    # A 1-D grid, query blocks of one head adjacent so that they share K/V in L2, and no 65535
+    # limit on B·H as a second grid axis would have.
+    num_m = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m
+    start_m = (pid % num_m) * BLOCK_M
+    b = bh // H
+    h = bh % H
+    q_base = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
+    k_base = q_base + H * HEAD_DIM
+    v_base = q_base + 2 * H * HEAD_DIM
+    dtype = QKV.dtype.element_ty
+
+    q = _operand(_load_rows(q_base, start_m, N, stride_qkv_n, HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(0, N, BLOCK_N):
+        k = _operand(_load_rows(k_base, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
+        v = _operand(_load_rows(v_base, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        # Keys past N must get zero probability; the first block always holds a real key, so
+        # m_new is finite and exp2(-inf - m_new) = 0 starts the recurrence cleanly.
+        s = tl.where((start_n + offs_n)[None, :] < N, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(_operand(p.to(dtype), DOT_FP32), v,
+                                            input_precision=DOT_PRECISION)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    o_base = O + b.to(tl.int64) * stride_o_b + h * HEAD_DIM
+    _store_rows(o_base, start_m, N, stride_o_n, acc.to(O.dtype.element_ty), HEAD_DIM, BLOCK_M, BLOCK_D)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    tl.store(LSE + bh.to(tl.int64) * N + rows, (m_i + tl.math.log2(l_i)) * _LN2, mask=rows < N)
+
+
+@triton.jit
+def attention_bwd_delta_kernel(
+    O,      # [B, N, H*D]
+    DO,     # [B, N, H*D]
+    DELTA,  # [B, H, N] fp32, contiguous
+    N, H,
+    stride_o_b, stride_o_n, stride_do_b, stride_do_n,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Δ_i = Σ_d dO_id·out_id in fp32: the row term of dS, computed once instead of per key block."""
+    num_m = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m
+    start_m = (pid % num_m) * BLOCK_M
+    b = bh // H
+    h = bh % H
+    o = _load_rows(O + b.to(tl.int64) * stride_o_b + h * HEAD_DIM, start_m, N, stride_o_n,
+                   HEAD_DIM, BLOCK_M, BLOCK_D).to(tl.float32)
+    do = _load_rows(DO + b.to(tl.int64) * stride_do_b + h * HEAD_DIM, start_m, N, stride_do_n,
+                    HEAD_DIM, BLOCK_M, BLOCK_D).to(tl.float32)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    tl.store(DELTA + bh.to(tl.int64) * N + rows, tl.sum(o * do, 1), mask=rows < N)
+
+
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    QKV,    # [B, N, 3*H*D]
+    DO,     # [B, N, H*D]
+    LSE,    # [B, H, N] fp32, contiguous
+    DELTA,  # [B, H, N] fp32, contiguous
+    DQKV,   # [B, N, 3*H*D]; this kernel writes the k and v thirds
+    N, H,
+    stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n,
+    sm_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program = one BLOCK_N tile of keys of one (b, h): dk, dv accumulate over all queries.
+
+    Works on the transposed tiles (keys × queries) so that both products take their K-side
+    operand as loaded and need no transpose of an accumulator.
+    """
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    bh = pid // num_n
+    start_n = (pid % num_n) * BLOCK_N
+    b = bh // H
+    h = bh % H
+    q_base = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
+    do_base = DO + b.to(tl.int64) * stride_do_b + h * HEAD_DIM
+    row_base = bh.to(tl.int64) * N
+    dtype = QKV.dtype.element_ty
+
+    k = _operand(_load_rows(q_base + H * HEAD_DIM, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
+    v = _operand(_load_rows(q_base + 2 * H * HEAD_DIM, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    offs_m = tl.arange(0, BLOCK_M)
+    for start_m in range(0, N, BLOCK_M):
+        q = _operand(_load_rows(q_base, start_m, N, stride_qkv_n, HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
+        do = _operand(_load_rows(do_base, start_m, N, stride_do_n, HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
+        rows = start_m + offs_m
+        lse2 = tl.load(LSE + row_base + rows, mask=rows < N, other=0.0) * _LOG2E
+        delta = tl.load(DELTA + row_base + rows, mask=rows < N, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        # Padded query rows need no mask: their q, dO, lse and Δ load as 0, so p = 1 there and
+        # every term they add to dv (p·dO) and dk (p·(dP − Δ)·q) is exactly 0.
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        dv += tl.dot(_operand(p_t.to(dtype), DOT_FP32), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(_operand(ds_t.to(dtype), DOT_FP32), q, input_precision=DOT_PRECISION)
+    out_dtype = DQKV.dtype.element_ty
+    dk_base = DQKV + b.to(tl.int64) * stride_dqkv_b + (H + h) * HEAD_DIM
+    _store_rows(dk_base, start_n, N, stride_dqkv_n, (dk * sm_scale).to(out_dtype), HEAD_DIM, BLOCK_N, BLOCK_D)
+    _store_rows(dk_base + H * HEAD_DIM, start_n, N, stride_dqkv_n, dv.to(out_dtype), HEAD_DIM, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def attention_bwd_dq_kernel(
+    QKV,    # [B, N, 3*H*D]
+    DO,     # [B, N, H*D]
+    LSE,    # [B, H, N] fp32, contiguous
+    DELTA,  # [B, H, N] fp32, contiguous
+    DQKV,   # [B, N, 3*H*D]; this kernel writes the q third
+    N, H,
+    stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n,
+    sm_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program = one BLOCK_M tile of queries of one (b, h): dq accumulates over all keys."""
+    num_m = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m
+    start_m = (pid % num_m) * BLOCK_M
+    b = bh // H
+    h = bh % H
+    q_base = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
+    k_base = q_base + H * HEAD_DIM
+    v_base = q_base + 2 * H * HEAD_DIM
+    dtype = QKV.dtype.element_ty
+
+    q = _operand(_load_rows(q_base, start_m, N, stride_qkv_n, HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
+    do = _operand(_load_rows(DO + b.to(tl.int64) * stride_do_b + h * HEAD_DIM, start_m, N, stride_do_n,
+                             HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    lse2 = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0) * _LOG2E
+    delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(0, N, BLOCK_N):
+        k = _operand(_load_rows(k_base, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
+        v = _operand(_load_rows(v_base, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        # Padded keys are zero vectors, so their ds·k terms vanish, except that exp2(0 - lse)
+        # overflows when every logit of the row is below about -88 and inf·0 is NaN: mask them.
+        p = tl.where((start_n + offs_n)[None, :] < N, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(_operand(ds.to(dtype), DOT_FP32), k, input_precision=DOT_PRECISION)
+    dq_base = DQKV + b.to(tl.int64) * stride_dqkv_b + h * HEAD_DIM
+    _store_rows(dq_base, start_m, N, stride_dqkv_n, (dq * sm_scale).to(DQKV.dtype.element_ty),
+                HEAD_DIM, BLOCK_M, BLOCK_D)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs. On CUDA a table keyed on (head-dim bucket, short sequence), every entry of which is
+# compiled ahead of time for sm_80/sm_90 with 0 spills (aot_specs); a table rather than
+# @triton.autotune so that what runs is exactly what was checked. fp16 and bf16 share entries
+# (same bytes per element, same mma shapes); fp32 has none (see _check_shipped). Values:
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M tiles queries, BLOCK_N keys.
+# ---------------------------------------------------------------------------------------------
+_SHORT_N = 64  # sequences this short would leave most of a 128-row tile empty
+
+_CUDA_CONFIGS = {
+    # (kernel, BLOCK_D bucket, short): (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    ("fwd", 64, False): (128, 64, 4, 3),
+    ("fwd", 128, False): (128, 64, 8, 3),
+    ("fwd", 256, False): (64, 32, 8, 2),
+    ("fwd", 64, True): (64, 64, 4, 2),
+    ("fwd", 128, True): (64, 64, 4, 2),
+    ("fwd", 256, True): (64, 32, 8, 2),
+    ("dkdv", 64, False): (32, 128, 8, 3),
+    ("dkdv", 128, False): (32, 64, 4, 2),
+    ("dkdv", 256, False): (32, 32, 8, 2),
+    ("dkdv", 64, True): (32, 64, 4, 2),
+    ("dkdv", 128, True): (32, 64, 4, 2),
+    ("dkdv", 256, True): (32, 32, 8, 2),
+    ("dq", 64, False): (128, 32, 4, 3),
+    ("dq", 128, False): (64, 32, 4, 2),
+    ("dq", 256, False): (32, 32, 8, 2),
+    ("dq", 64, True): (64, 32, 4, 2),
+    ("dq", 128, True): (64, 32, 4, 2),
+    ("dq", 256, True): (32, 32, 8, 2),
+}
+_DELTA_BLOCK_M = 64
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _config(kernel: str, n: int, head_dim: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one launch."""
+    if _interpreting():
+        # Interpreter cost is mostly per tile op, so few large tiles win; but a product of more
+        # than 2^18 multiply-adds makes numpy's OpenBLAS go multi-threaded, which on a busy CPU
+        # is up to 10x slower than one thread (measured), so tiles stop below that.
+        t = min(128, max(16, triton.next_power_of_2(n)))
+        while t * t * _block_d(head_dim) > 2 ** 18 and t > 16:
+            t //= 2
+        return t, t, 4, 1
+    bucket = max(64, _block_d(head_dim))
+    return _CUDA_CONFIGS[(kernel, bucket, n <= _SHORT_N)]
+
+
+def _dot_args(dtype: torch.dtype):
+    """DOT_FP32 / DOT_PRECISION: the interpreter gets fp32 operands (its bf16 dot is wrong) and
+    IEEE products; fp32 I/O stays IEEE too (tf32 would lose to torch's fp32 matmul under the
+    tolerance rule)."""
+    interp = _interpreting()
+    return {"DOT_FP32": interp,
+            "DOT_PRECISION": "ieee" if (interp or dtype == torch.float32) else "tf32"}
+
+
+def _check_shipped(qkv: torch.Tensor):
+    # IEEE-fp32 dots spilled at every tile shape tried (32x32 to 128x64, sm_80 and sm_90) and
+    # tf32 would fail the accuracy rule, so no fp32 build ships; the dispatcher sends fp32 CUDA
+    # calls to the reference. fp32 runs under the interpreter, where nothing spills.
+    if qkv.is_cuda and qkv.dtype == torch.float32 and not _interpreting():
+        raise NotImplementedError("vit_fast attention kernels ship fp16/bf16 builds for CUDA only; "
+                                  "fp32 on CUDA goes to the reference backend")
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, config=None):
+    """out [B, N, H·D] (qkv's dtype) and lse [B, H, N] fp32 from packed qkv [B, N, 3·H·D].
+
+    config: (BLOCK_M, BLOCK_N, num_warps, num_stages) to override the table (tests use it to
+    exercise tile shapes the default would not).
+    """
+    _check_shipped(qkv)
+    qkv = _last_dim_contiguous(qkv)
+    B, N, three_c = qkv.shape
+    head_dim = three_c // (3 * num_heads)
+    out = torch.empty(B, N, num_heads * head_dim, device=qkv.device, dtype=qkv.dtype)
+    lse = torch.empty(B, num_heads, N, device=qkv.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    block_m, block_n, warps, stages = config or _config("fwd", N, head_dim, qkv.dtype)
+    grid = (triton.cdiv(N, block_m) * B * num_heads,)
+    attention_fwd_kernel[grid](
+        qkv, out, lse, N, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+        float(scale) * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=warps, num_stages=stages, **_dot_args(qkv.dtype))
+    return out, lse
+
+
+def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                  num_heads: int, scale: float, *, config=None):
+    """dqkv [B, N, 3·H·D] (qkv's dtype, contiguous) from dout [B, N, H·D] and the forward's
+    qkv, out and lse. config: (dkdv config, dq config) override, as in attention_fwd."""
+    _check_shipped(qkv)
+    qkv, out, dout = _last_dim_contiguous(qkv), _last_dim_contiguous(out), _last_dim_contiguous(dout)
+    lse = lse.contiguous()
+    B, N, three_c = qkv.shape
+    head_dim = three_c // (3 * num_heads)
+    dqkv = torch.empty(B, N, three_c, device=qkv.device, dtype=qkv.dtype)
+    if dqkv.numel() == 0:
+        return dqkv
+    block_d = _block_d(head_dim)
+    delta = torch.empty_like(lse)
+    dm = min(_DELTA_BLOCK_M, max(16, triton.next_power_of_2(N))) if _interpreting() else _DELTA_BLOCK_M
+    attention_bwd_delta_kernel[(triton.cdiv(N, dm) * B * num_heads,)](
+        out, dout, delta, N, num_heads, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=dm)
+    cfg_kv, cfg_q = config or (_config("dkdv", N, head_dim, qkv.dtype), _config("dq", N, head_dim, qkv.dtype))
+    args = (qkv, dout, lse, delta, dqkv, N, num_heads, qkv.stride(0), qkv.stride(1),
+            dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
+            float(scale), float(scale) * LOG2E)
+    dot = _dot_args(qkv.dtype)
+    block_m, block_n, warps, stages = cfg_kv
+    attention_bwd_dkdv_kernel[(triton.cdiv(N, block_n) * B * num_heads,)](
+        *args, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=warps, num_stages=stages, **dot)
+    block_m, block_n, warps, stages = cfg_q
+    attention_bwd_dq_kernel[(triton.cdiv(N, block_m) * B * num_heads,)](
+        *args, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=warps, num_stages=stages, **dot)
+    return dqkv
+
+
+# Head dims compiled ahead of time per bucket: the powers of two, and the padded ones real ViTs use
+# (ViT-H/14: 80; 96 as in several hybrids), since masking the head dim changes the build.
+_AOT_HEAD_DIMS = {64: (64,), 128: (128, 80), 256: (256,)}
+_TORCH_TO_SIG = {torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def aot_specs():
+    """Every shipped CUDA config (the table above) × fp16/bf16, as vit_fast.aot.AotSpec."""
+    from vit_fast.aot import AotSpec
+
+    specs = []
+    # Short- and long-sequence entries that share a config are one build.
+    shipped = sorted({(kernel, bucket, cfg) for (kernel, bucket, _), cfg in _CUDA_CONFIGS.items()})
+    for dtype, ptr in _TORCH_TO_SIG.items():
+        for kernel, bucket, (bm, bn, warps, stages) in shipped:
+            for head_dim in _AOT_HEAD_DIMS[bucket]:
+                consts = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_M": bm,
+                          "BLOCK_N": bn, "DOT_FP32": False, "DOT_PRECISION": "tf32"}
+                if kernel == "fwd":
+                    fn, sig = attention_fwd_kernel, {
+                        "QKV": ptr, "O": ptr, "LSE": "*fp32", "N": "i32", "H": "i32",
+                        "stride_qkv_b": "i32", "stride_qkv_n": "i32", "stride_o_b": "i32",
+                        "stride_o_n": "i32", "qk_scale": "fp32"}
+                    div = ("QKV", "O", "LSE", "stride_qkv_b", "stride_qkv_n", "stride_o_b", "stride_o_n")
+                else:
+                    fn = attention_bwd_dkdv_kernel if kernel == "dkdv" else attention_bwd_dq_kernel
+                    sig = {"QKV": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQKV": ptr,
+                           "N": "i32", "H": "i32", "stride_qkv_b": "i32", "stride_qkv_n": "i32",
+                           "stride_do_b": "i32", "stride_do_n": "i32", "stride_dqkv_b": "i32",
+                           "stride_dqkv_n": "i32", "sm_scale": "fp32", "qk_scale": "fp32"}
+                    div = ("QKV", "DO", "LSE", "DELTA", "DQKV", "stride_qkv_b", "stride_qkv_n",
+                           "stride_do_b", "stride_do_n", "stride_dqkv_b", "stride_dqkv_n")
+                sig.update({k: "constexpr" for k in consts})
+                name = (f"attention_{kernel}[{str(dtype).split('.')[-1]},D={head_dim},"
+                        f"BM={bm},BN={bn},w={warps},s={stages}]")
+                specs.append(AotSpec(name, fn, sig, consts, div, warps, stages, uses_dot=True))
+        for head_dim in (64, 128, 80, 256):
+            consts = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_M": _DELTA_BLOCK_M}
+            sig = {"O": ptr, "DO": ptr, "DELTA": "*fp32", "N": "i32", "H": "i32", "stride_o_b": "i32",
+                   "stride_o_n": "i32", "stride_do_b": "i32", "stride_do_n": "i32"}
+            sig.update({k: "constexpr" for k in consts})
+            specs.append(AotSpec(f"attention_bwd_delta[{str(dtype).split('.')[-1]},D={head_dim}]",
+                                 attention_bwd_delta_kernel, sig, consts,
+                                 ("O", "DO", "DELTA", "stride_o_b", "stride_o_n", "stride_do_b",
+                                  "stride_do_n"), 4, 1, uses_dot=False))
+    return specs

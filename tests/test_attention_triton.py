@@ -1,0 +1,194 @@
+"""Triton fused QKV attention (forward and backward) under the interpreter, against the float64
+reference with DESIGN.md's tolerance rule."""
+import pytest
+import torch
+
+from tolerance import assert_close_by_rule
+from vit_fast import reference
+from vit_fast.kernels import attention as kernels
+from vit_fast.ops.attention import fused_qkv_attention
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+# A covering set (every N, head dim and dtype appears; not the product), B=1, H=2.
+# (N, head_dim, dtype, scale or None for D**-0.5)
+CASES = [
+    (1, 64, F32, None),
+    (2, 32, F16, None),
+    (17, 40, BF16, None),
+    (17, 8, F32, 0.3),       # head dim far below the 16-wide padded tile
+    (64, 96, F16, None),
+    (64, 256, BF16, None),
+    (197, 64, BF16, None),
+    (197, 80, F16, 0.05),
+    (257, 128, F32, None),
+    (257, 40, F16, None),
+    (577, 64, F16, None),
+    (257, 80, BF16, None),
+]
+
+
+def _ours(qkv, num_heads, scale, grad):
+    qkv = qkv.detach().clone().requires_grad_()
+    out = fused_qkv_attention(qkv, num_heads, scale)
+    out.backward(grad)
+    return out.detach(), qkv.grad
+
+
+def _ref(qkv, num_heads, scale, grad, dtype):
+    qkv = qkv.detach().to(dtype).requires_grad_()
+    out = reference.fused_qkv_attention(qkv, num_heads, scale=scale)
+    out.backward(grad.to(dtype))
+    return out.detach(), qkv.grad
+
+
+def _check(qkv, num_heads, scale, grad=None):
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    scale = head_dim ** -0.5 if scale is None else scale
+    if grad is None:
+        grad = torch.randn(*qkv.shape[:2], num_heads * head_dim, dtype=qkv.dtype)
+    out, dqkv = _ours(qkv, num_heads, scale, grad)
+    out_same, dqkv_same = _ref(qkv, num_heads, scale, grad, qkv.dtype)
+    out64, dqkv64 = _ref(qkv, num_heads, scale, grad, torch.float64)
+    assert out.dtype == qkv.dtype and dqkv.dtype == qkv.dtype
+    assert_close_by_rule(out, out_same, out64, "out")
+    assert_close_by_rule(dqkv, dqkv_same, dqkv64, "dqkv")
+    return out, dqkv
+
+
+@pytest.mark.parametrize("n,head_dim,dtype,scale", CASES,
+                         ids=[f"N{n}-D{d}-{str(t)[6:]}-s{s}" for n, d, t, s in CASES])
+def test_matches_reference(n, head_dim, dtype, scale):
+    qkv = torch.randn(1, n, 3 * 2 * head_dim, dtype=dtype)
+    _check(qkv, 2, scale)
+
+
+def test_strided_qkv_slice_of_bigger_tensor():
+    # B and N strides that are not those of a packed [B, N, 3C] tensor, and B > 1.
+    B, N, H, D = 2, 33, 3, 40
+    big = torch.randn(B, N + 5, 3 * H * D + 24, dtype=F16)
+    qkv = big[:, 3:N + 3, 8:8 + 3 * H * D]
+    assert not qkv.is_contiguous() and qkv.stride(-1) == 1
+    _check(qkv, H, None)
+
+
+def test_last_dim_not_unit_stride():
+    B, N, H, D = 2, 20, 2, 32
+    qkv = torch.randn(B, N, 3 * H * D, 2, dtype=BF16)[..., 0]
+    assert qkv.stride(-1) == 2
+    _check(qkv, H, None)
+
+
+@pytest.mark.parametrize("fwd_tiles,kv_tiles,q_tiles", [
+    ((16, 32), (16, 32), (32, 16)),
+    ((32, 16), (32, 16), (16, 32)),
+])
+def test_launcher_tile_shapes(fwd_tiles, kv_tiles, q_tiles):
+    # BLOCK_M != BLOCK_N with several partial blocks: the loop bounds and masks of each kernel.
+    B, N, H, D = 1, 50, 2, 40
+    scale = D ** -0.5
+    qkv = torch.randn(B, N, 3 * H * D, dtype=F16)
+    grad = torch.randn(B, N, H * D, dtype=F16)
+    out, lse = kernels.attention_fwd(qkv, H, scale, config=(*fwd_tiles, 4, 1))
+    dqkv = kernels.attention_bwd(grad, qkv, out, lse, H, scale,
+                                 config=((*kv_tiles, 4, 1), (*q_tiles, 4, 1)))
+    out_same, dqkv_same = _ref(qkv, H, scale, grad, F16)
+    out64, dqkv64 = _ref(qkv, H, scale, grad, torch.float64)
+    assert_close_by_rule(out, out_same, out64, "out")
+    assert_close_by_rule(dqkv, dqkv_same, dqkv64, "dqkv")
+    # lse is the natural-log logsumexp of each row of the scaled logits.
+    q, k, _ = qkv.double().reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+    lse64 = torch.logsumexp(q @ k.transpose(-1, -2) * scale, dim=-1)
+    assert lse.dtype == F32 and lse.shape == (B, H, N)
+    torch.testing.assert_close(lse.double(), lse64, atol=2e-3, rtol=0)
+
+
+def test_backward_is_deterministic():
+    qkv = torch.randn(2, 197, 3 * 2 * 64, dtype=BF16)
+    grad = torch.randn(2, 197, 2 * 64, dtype=BF16)
+    _, first = _ours(qkv, 2, 0.125, grad)
+    _, second = _ours(qkv, 2, 0.125, grad)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_nan_in_one_query_row_stays_in_that_row():
+    B, N, H, D = 1, 37, 2, 32
+    qkv = torch.randn(B, N, 3 * H * D, dtype=F16)
+    row, head = 5, 1
+    qkv[0, row, head * D + 3] = float("nan")  # q of one token in one head
+    out, dqkv = _check(qkv, H, None)  # NaN positions must match the float64 reference
+    nan_rows = torch.isnan(out).any(-1)[0]
+    assert nan_rows.tolist() == [i == row for i in range(N)]
+    assert torch.isnan(out[0, row, head * D:(head + 1) * D]).all()
+    assert not torch.isnan(out[0, row, :head * D]).any()  # the other head of that token is clean
+    # dq: only that row of that head; dk, dv of that head: every key saw the NaN probability row.
+    dq = dqkv[0, :, :H * D]
+    assert torch.isnan(dq).nonzero()[:, 0].unique().tolist() == [row]
+    assert not torch.isnan(dqkv[0, :, H * D:].reshape(N, 2, H, D)[:, :, 1 - head]).any()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_nan_in_one_key_row_spreads_over_that_head_only():
+    # As in the reference: every query attends to the NaN key, so the whole head is NaN.
+    B, N, H, D = 1, 37, 2, 32
+    qkv = torch.randn(B, N, 3 * H * D, dtype=BF16)
+    qkv[0, 20, H * D + D + 7] = float("nan")  # k of token 20 in head 1
+    out, _ = _check(qkv, H, None)
+    assert torch.isnan(out[0, :, D:]).all() and not torch.isnan(out[0, :, :D]).any()
+
+
+# The dk/dv kernel's padded key rows (never stored) do overflow here; numpy says so.
+@pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
+def test_very_negative_logits():
+    # Every logit about -300: exp(-lse) overflows fp32, so padded key slots must stay masked in
+    # the backward too (a zero key times an infinite probability is NaN).
+    B, N, H, D = 1, 17, 2, 16
+    c = torch.randn(H, D)
+    c = 4.0 * c / c.norm(dim=-1, keepdim=True)  # q ≈ c and k ≈ -c for every token: q·k ≈ -16
+    noise = 0.05 * torch.randn(2, B, N, H, D)
+    qkv = torch.stack([c + noise[0], -c + noise[1], torch.randn(B, N, H, D)], 2)
+    qkv = qkv.reshape(B, N, 3 * H * D)
+    _check(qkv, H, 20.0)
+
+
+def test_opcheck():
+    qkv = torch.randn(1, 17, 3 * 2 * 16, dtype=F32, requires_grad=True)
+    torch.library.opcheck(torch.ops.vit_fast.fused_qkv_attention_fwd.default, (qkv, 2, 0.25))
+    out, lse = torch.ops.vit_fast.fused_qkv_attention_fwd(qkv.detach(), 2, 0.25)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.vit_fast.fused_qkv_attention_bwd.default,
+                          (dout, qkv.detach(), out, lse, 2, 0.25))
+
+
+def test_saves_only_qkv_out_lse():
+    B, N, H, D = 2, 19, 2, 16
+    qkv = torch.randn(B, N, 3 * H * D, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fused_qkv_attention(qkv, H, 0.25)
+    storages = {t.untyped_storage().data_ptr(): t for t in saved}
+    assert len(storages) == 3, [tuple(t.shape) for t in saved]
+    assert qkv.untyped_storage().data_ptr() in storages
+    assert out.untyped_storage().data_ptr() in storages
+    (lse,) = [t for p, t in storages.items() if p not in (qkv.data_ptr(), out.data_ptr())]
+    assert lse.shape == (B, H, N) and lse.dtype == F32
+    out.sum().backward()  # what was saved suffices
+    assert qkv.grad.shape == qkv.shape
+
+
+def test_cuda_config_table_is_what_aot_compiles(monkeypatch):
+    # On CUDA every (N, head_dim) must find a table entry, and that entry must be one of the
+    # builds the AOT test checks (same kernel, tiles, warps, stages and head-dim bucket).
+    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+    fn_names = {"fwd": "attention_fwd_kernel", "dkdv": "attention_bwd_dkdv_kernel",
+                "dq": "attention_bwd_dq_kernel"}
+    compiled = {(s.kernel.fn.__name__, s.constants["BLOCK_M"], s.constants["BLOCK_N"], s.num_warps,
+                 s.num_stages, max(64, s.constants["BLOCK_D"]))
+                for s in kernels.aot_specs() if "BLOCK_N" in s.constants}
+    for head_dim in range(1, 257):
+        for n in (1, 64, 65, 577):
+            for kernel, fn in fn_names.items():
+                cfg = kernels._config(kernel, n, head_dim, F16)
+                bucket = max(64, kernels._block_d(head_dim))
+                assert (fn, *cfg, bucket) in compiled, (kernel, n, head_dim, cfg)
