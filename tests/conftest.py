@@ -4,6 +4,9 @@ import random
 # The triton backend runs its kernels under the interpreter on CPU; triton reads this variable when
 # a kernel is defined, so it must be set before anything imports triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The interpreter runs tile products through numpy; OpenBLAS going multi-threaded on them made
+# interpreter tests up to 10x slower on a busy 2-core machine.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

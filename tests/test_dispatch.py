@@ -66,3 +66,17 @@ def test_policy_is_per_thread():
         t.start()
         t.join()
     assert seen == [dispatch.current_policy()]
+
+
+def test_fp32_attention_on_cuda_goes_to_reference():
+    qkv = torch.empty(1, 4, 48, device="meta")
+
+    class FakeCuda:  # only .device.type, .dtype and is_floating_point() are read
+        device = torch.device("cuda")
+        dtype = torch.float32
+
+        def is_floating_point(self):
+            return True
+    reasons = dispatch.not_supported_reasons("fused_qkv_attention", [FakeCuda()], head_dim=8)
+    assert any("float32 attention on CUDA" in r for r in reasons)
+    assert not dispatch.not_supported_reasons("fused_qkv_attention", [qkv.half()], head_dim=8)

@@ -144,6 +144,10 @@ def not_supported_reasons(op: str, tensors, **options) -> list:
             reasons.append("attention dropout (dropout_p > 0) is not implemented in the kernel")
         if options.get("head_dim", 0) > MAX_HEAD_DIM:
             reasons.append(f"head_dim {options['head_dim']} > {MAX_HEAD_DIM}")
+        if torch.float32 in dtypes and any(t.device.type == "cuda" for t in floats):
+            # IEEE fp32 dots spill at every tile shape on sm_80/sm_90 and tf32 misses the
+            # tolerance rule: no fp32 attention build is shipped (fp32 runs in the interpreter).
+            reasons.append("float32 attention on CUDA: no spill-free fp32 build is shipped")
     elif op == "residual_layer_norm":
         if options.get("dim", 0) > MAX_LAYER_NORM_DIM:
             reasons.append(f"normalized dim {options['dim']} > {MAX_LAYER_NORM_DIM}")
