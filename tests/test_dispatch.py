@@ -43,8 +43,10 @@ def test_unsupported_options_route_to_reference_with_reasons():
     assert any("dropout" in r for r in reasons)
     reasons = dispatch.not_supported_reasons("residual_layer_norm", [qkv.double()], dim=9000)
     assert any("float64" in r for r in reasons) and any("9000" in r for r in reasons)
-    mixed = dispatch.not_supported_reasons("gelu_mlp", [qkv, qkv.half()])
-    assert any("mixed" in r for r in mixed)
+    for op in ("gelu_mlp", "patch_embed"):
+        mixed = dispatch.not_supported_reasons(op, [qkv, qkv.half()])
+        assert any("mixed" in r for r in mixed), op
+    assert not dispatch.not_supported_reasons("patch_embed", [qkv.to(torch.uint8), qkv.half()])
     # Forced triton + an unsupported option: the reference answers, never a wrong result.
     with vit_fast.use_backend("triton"):
         choice = dispatch.choose("fused_qkv_attention", [qkv], head_dim=8, dropout_p=0.1)

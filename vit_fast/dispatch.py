@@ -134,11 +134,10 @@ def not_supported_reasons(op: str, tensors, **options) -> list:
     present = [t for t in tensors if t is not None]
     floats = [t for t in present if t.is_floating_point()]
     dtypes = {t.dtype for t in floats}
-    if backend == "triton":
-        if any(d not in KERNEL_DTYPES for d in dtypes):
-            reasons.append(f"dtype {sorted(map(str, dtypes))}: kernels take float32/float16/bfloat16")
-        if len(dtypes) > 1:
-            reasons.append(f"mixed dtypes {sorted(map(str, dtypes))}: kernels take one dtype")
+    if any(d not in KERNEL_DTYPES for d in dtypes):
+        reasons.append(f"dtype {sorted(map(str, dtypes))}: kernels take float32/float16/bfloat16")
+    if len(dtypes) > 1:
+        reasons.append(f"mixed dtypes {sorted(map(str, dtypes))}: kernels take one dtype")
     if op == "fused_qkv_attention":
         if options.get("dropout_p", 0.0) > 0.0:
             reasons.append("attention dropout (dropout_p > 0) is not implemented in the kernel")
@@ -151,9 +150,6 @@ def not_supported_reasons(op: str, tensors, **options) -> list:
     elif op == "residual_layer_norm":
         if options.get("dim", 0) > MAX_LAYER_NORM_DIM:
             reasons.append(f"normalized dim {options['dim']} > {MAX_LAYER_NORM_DIM}")
-    elif op == "patch_embed":
-        if any(t.dtype == torch.float64 for t in floats):
-            reasons.append("float64: the extension takes float32/float16/bfloat16")
     return reasons
 
 
