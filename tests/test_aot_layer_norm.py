@@ -1,30 +1,17 @@
 """Every shipped residual_layer_norm config (kernels/layer_norm.aot_specs) compiles for sm_80 and
 sm_90 with 0 spills and shared memory within the arch limit, C up to 8192.
 
-Tests run with TRITON_INTERPRET=1, under which @triton.jit (tl.sum included) yields interpreter
-objects that triton.compile cannot take, so the compiles run in child processes with the
-variable removed: one per architecture, side by side.
+Builds run in worker processes (vit_fast.aot.compile_module), since the tests interpret triton.
 """
-import json
-import os
-import subprocess
-import sys
+import dataclasses
 
 import pytest
 
-from vit_fast.aot import nvidia_backend_missing_reason
+from vit_fast.aot import compile_module, nvidia_backend_missing_reason
 from vit_fast.kernels.layer_norm import MAX_C, aot_specs
 
 ARCHS = (80, 90)
 SPEC_NAMES = [spec.name for spec in aot_specs()]
-
-_CHILD = """
-import dataclasses, json, sys
-from vit_fast.aot import compile_spec
-from vit_fast.kernels.layer_norm import aot_specs
-arch = int(sys.argv[1])
-print(json.dumps([dataclasses.asdict(compile_spec(s, arch)) for s in aot_specs()]))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +19,10 @@ def results():
     reason = nvidia_backend_missing_reason()
     if reason:
         pytest.skip(reason)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = {arch: subprocess.Popen([sys.executable, "-c", _CHILD, str(arch)], env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for arch in ARCHS}
-    out = {}
-    for arch, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"sm_{arch} AOT child failed:\n{stderr[-4000:]}"
-        out.update({(r["name"], arch): r for r in json.loads(stdout.strip().splitlines()[-1])})
-    return out
+    out = compile_module("layer_norm", ARCHS)
+    failed = {k: r for k, r in out.items() if isinstance(r, str)}
+    assert not failed, failed
+    return {k: dataclasses.asdict(r) for k, r in out.items()}
 
 
 def test_specs_cover_every_block_size_and_dtype():

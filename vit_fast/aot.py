@@ -93,3 +93,41 @@ def compile_spec(spec: AotSpec, arch: int) -> AotResult:
     spills = local + (1 if re.search(r"\bSTL\b", sass) else 0)
     tc = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "")
     return AotResult(spec.name, arch, regs, spills, compiled.metadata.shared, tc, spec.uses_dot)
+
+
+def _compile_job(job):
+    module, index, arch = job
+    import importlib
+    spec = importlib.import_module(f"vit_fast.kernels.{module}").aot_specs()[index]
+    try:
+        return (spec.name, arch), compile_spec(spec, arch)
+    except Exception as exc:  # one failed build is a result to report, not a crash
+        return (spec.name, arch), f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def compile_module(module: str, archs=(80, 90), workers: int = 2) -> dict:
+    """{(spec name, arch): AotResult, or the error text} for every ``aot_specs()`` entry of
+    ``vit_fast.kernels.<module>``, built in fresh worker processes.
+
+    Workers, not this process: with TRITON_INTERPRET=1 set before triton was imported (as the
+    tests do), triton.language's own jit helpers are interpreter objects for the life of the
+    process and triton.compile cannot use them. The builds are independent and single-threaded.
+    """
+    import concurrent.futures
+    import importlib
+    import multiprocessing
+    import os
+
+    count = len(importlib.import_module(f"vit_fast.kernels.{module}").aot_specs())
+    jobs = [(module, i, arch) for i in range(count) for arch in archs]
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"  # what the spawned workers inherit
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            return dict(pool.map(_compile_job, jobs))
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
