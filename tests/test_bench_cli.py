@@ -56,8 +56,9 @@ def test_memory_subcommand_counts_fake_cuda(capsys):
 
 
 def test_memory_fake_cuda_counts_kernel_saves():
-    """On fake CUDA the triton path saves x, LN1 out, qkv, o, s, LN2 out, the fc1 pre-activation
-    (= 12 B·N·C units) plus fp32 statistics; timm eager with flash SDPA saves 16 units."""
+    """On fake CUDA the triton path saves x, qkv, o, s and the fc1 pre-activation (= 10 B·N·C
+    units; the LayerNorm outputs are rebuilt in the backward) plus fp32 statistics; timm eager
+    with flash SDPA saves 16 units."""
     import torch
 
     from vit_fast.bench import memory
@@ -67,8 +68,8 @@ def test_memory_fake_cuda_counts_kernel_saves():
     by = {r["impl"]: r for r in rows}
     assert not notes
     assert by["timm eager"]["units"] == pytest.approx(16.0, abs=0.1)
-    assert by["vit_fast"]["units"] == pytest.approx(12.0, abs=0.1)
-    assert by["vit_fast"]["ratio"] < 0.8
+    assert by["vit_fast"]["units"] == pytest.approx(10.0, abs=0.1)
+    assert by["vit_fast"]["ratio"] <= 0.65
 
 
 def test_roofline_subcommand(capsys):

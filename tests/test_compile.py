@@ -128,7 +128,7 @@ def test_triton_backend_compiled_block_matches_eager():
     want = _step(fn, model, x)
     _assert_same(got, want)
     graph = "\n".join(g.code for g in backend.graphs)
-    for op in ("fused_qkv_attention", "residual_layer_norm", "gelu_mlp"):
+    for op in ("fused_qkv_attention", "layer_norm_linear", "residual_layer_norm_mlp"):
         assert f"vit_fast.{op}" in graph, f"the compiled graph does not call the {op} kernel op"
     # ... and the kernels agree with the float64 reference by DESIGN.md's rule.
     model64 = copy.deepcopy(model).double()

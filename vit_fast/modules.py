@@ -18,7 +18,7 @@ from timm.layers import DropPath
 from timm.layers import PatchEmbed as _TimmPatchEmbed
 from timm.layers import use_fused_attn
 
-from . import functional
+from . import dispatch, functional
 
 __all__ = ["LayerNorm", "LayerScale", "Attention", "Mlp", "Block", "PatchEmbed"]
 
@@ -273,6 +273,8 @@ class Block(nn.Module):
             x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask,
                                                        is_causal=is_causal)))
             return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        if self._rebuilds_ln_outputs(x):
+            return self._forward_rebuilding_ln_outputs(x, attn_mask, is_causal)
         n1, n2 = self.norm1, self.norm2
         h1 = functional.residual_layer_norm(x, n1.weight, n1.bias, n1.eps)[0]
         p = self.attn(h1, attn_mask=attn_mask, is_causal=is_causal)
@@ -281,6 +283,41 @@ class Block(nn.Module):
             sample_scale=_drop_path_scale(self.drop_path1, x))
         return self.mlp(h2, residual=x1, layer_scale=_layer_scale_gamma(self.ls2),
                         sample_scale=_drop_path_scale(self.drop_path2, x))
+
+    def _rebuilds_ln_outputs(self, x):
+        """Whether the fused forward can run as two ops that save no LayerNorm output (DESIGN.md,
+        training memory): only when the kernels run (dispatch picks triton for the block's
+        tensors, no autocast) and nothing would notice the attention/MLP modules being bypassed
+        (their own forward, no hooks, a plain qkv Linear, no gate)."""
+        a, mlp = self.attn, self.mlp
+        if (type(a).forward is not Attention.forward or a.gate is not None
+                or type(a.qkv).forward is not nn.Linear.forward
+                or type(mlp).forward is not Mlp.forward or mlp.fused_approximate() is None
+                or any(m._forward_hooks or m._forward_pre_hooks for m in (a, a.qkv, mlp))
+                or x.dim() < 2 or x.shape[-1] != self.norm1.normalized_shape[0]
+                or functional._autocast_dtype(x.device) is not None):
+            return False
+        n1, n2 = self.norm1, self.norm2
+        ln = [x, n1.weight, n1.bias, n2.weight, n2.bias, a.qkv.weight, a.qkv.bias,
+              _layer_scale_gamma(self.ls1), _layer_scale_gamma(self.ls2)]
+        mm = [x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]
+        return (dispatch.choose("residual_layer_norm", ln, dim=x.shape[-1]).backend == "triton"
+                and dispatch.choose("gelu_mlp", mm).backend == "triton")
+
+    def _forward_rebuilding_ln_outputs(self, x, attn_mask, is_causal):
+        """The fused forward with LN1 -> qkv and LN2 -> MLP each one op (same kernels, same math,
+        same drop-path draws in the same order) whose backward rebuilds the LayerNorm output."""
+        from .ops.layer_norm_linear import layer_norm_linear
+        from .ops.residual_layer_norm_mlp import residual_layer_norm_mlp
+        a, mlp, n1, n2 = self.attn, self.mlp, self.norm1, self.norm2
+        qkv = layer_norm_linear(x, n1.weight, n1.bias, n1.eps, a.qkv.weight, a.qkv.bias)
+        p = a.proj_drop(a.proj(a.norm(a.attend(qkv, attn_mask, is_causal))))
+        ss1 = _drop_path_scale(self.drop_path1, x)
+        ss2 = _drop_path_scale(self.drop_path2, x)
+        return residual_layer_norm_mlp(
+            p, x, _layer_scale_gamma(self.ls1), ss1, n2.weight, n2.bias, n2.eps, mlp.fc1.weight,
+            mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.fused_approximate(),
+            _layer_scale_gamma(self.ls2), ss2)
 
 
 def _own_layer(layer, kind):

@@ -1,0 +1,110 @@
+"""The second half of a pre-norm Block as one op, saving no LayerNorm output: custom op
+vit_fast::residual_layer_norm_mlp, with fake and autograd registrations. Internal to vit_fast.Block.
+
+    s   = residual + x·ls1·ss1[b]                       (the residual stream after attention)
+    h   = LayerNorm(s)·ln_weight + ln_bias               (fp32 statistics)
+    out = s + fc2(gelu(fc1(h)))·ls2·ss2[b]
+
+x is the attention branch, residual the Block's input; ls1/ls2 LayerScale [C], ss1/ss2 drop-path
+[B] (each optional). The forward is the two existing launchers back to back
+(residual_layer_norm_fwd, gelu_mlp_fwd); h lives only between them. Saved for backward: s, the
+fp32 mean/rstd, the fc1 pre-activation, and x only when ls1 needs its gradient (as
+vit_fast::residual_layer_norm does).
+The backward rebuilds h from s with the forward's LayerNorm kernel (bit-identical), runs the MLP
+backward (whose last GEMM, dW1 = d_preᵀ·h, is what needs h), drops h, then the LayerNorm backward
+with the residual's gradient (= dOut) added. All kernel calls in the backward go through the
+registered vit_fast::residual_layer_norm / gelu_mlp_backward ops so torch.compile can trace them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from vit_fast.kernels.gelu_mlp import gelu_mlp_fwd
+from vit_fast.kernels.layer_norm import residual_layer_norm_fwd
+
+from . import gelu_mlp as _mlp  # noqa: F401  registers vit_fast::gelu_mlp_backward
+from . import layer_norm as _ln  # noqa: F401  registers vit_fast::residual_layer_norm(_backward)
+
+
+@torch.library.custom_op("vit_fast::residual_layer_norm_mlp", mutates_args=())
+def residual_layer_norm_mlp_op(
+        x: Tensor, residual: Tensor, layer_scale1: Optional[Tensor],
+        sample_scale1: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+        eps: float, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
+        fc2_bias: Optional[Tensor], approximate: str, layer_scale2: Optional[Tensor],
+        sample_scale2: Optional[Tensor], save_pre: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out [..., C], s [..., C], mean [M], rstd [M], pre [M, H] or empty when not save_pre)."""
+    h, s, mean, rstd = residual_layer_norm_fwd(x, ln_weight, ln_bias, eps, residual, layer_scale1,
+                                               sample_scale1)
+    out, pre = gelu_mlp_fwd(h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, s,
+                            layer_scale2, sample_scale2, save_pre)
+    return out, s, mean, rstd, pre
+
+
+@residual_layer_norm_mlp_op.register_fake
+def _(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps, fc1_weight, fc1_bias,
+      fc2_weight, fc2_bias, approximate, layer_scale2, sample_scale2, save_pre):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    s = torch.empty_like(x, memory_format=torch.contiguous_format)
+    stats = x.new_empty((rows,), dtype=torch.float32)
+    pre = x.new_empty((rows, fc1_weight.shape[0]) if save_pre else (0,))
+    return torch.empty_like(s), s, stats, torch.empty_like(stats), pre
+
+
+def _setup_context(ctx, inputs, output):
+    (x, residual, ls1, ss1, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+     approximate, ls2, ss2, _save_pre) = inputs
+    _, s, mean, rstd, pre = output
+    ctx.save_for_backward(s, x if ls1 is not None else None, mean, rstd, pre, ln_weight, ln_bias,
+                          fc1_weight, fc2_weight, fc2_bias, ls1, ss1, ls2, ss2)
+    ctx.eps, ctx.approximate = eps, approximate
+    ctx.has_fc1_bias = fc1_bias is not None
+    ctx.residual_dtype = residual.dtype
+    ctx.mark_non_differentiable(s, mean, rstd, pre)
+
+
+def _backward(ctx, dout, _ds, _dmean, _drstd, _dpre):
+    (s, x, mean, rstd, pre, ln_weight, ln_bias, fc1_weight, fc2_weight, fc2_bias, ls1, ss1, ls2,
+     ss2) = ctx.saved_tensors
+    if pre.numel() == 0 and s.numel() != 0:
+        raise RuntimeError("vit_fast::residual_layer_norm_mlp: backward needs the fc1 "
+                           "pre-activation, but the forward ran with save_pre=False")
+    need = ctx.needs_input_grad
+    g = dout.contiguous()
+    h = torch.ops.vit_fast.residual_layer_norm(s, ln_weight, ln_bias, ctx.eps, None, None, None)[0]
+    mlp_flags = (need[8] and ctx.has_fc1_bias, need[10] and fc2_bias is not None,
+                 need[12] and ls2 is not None, need[13] and ss2 is not None)
+    dh, dw1, db1, dw2, db2, dls2, dss2 = torch.ops.vit_fast.gelu_mlp_backward(
+        g, h, fc1_weight, fc2_weight, fc2_bias, pre, ls2, ss2, ctx.approximate, True, *mlp_flags)
+    del h
+    # s feeds both the LayerNorm and the output's residual add: the latter's gradient is dout.
+    dx, dres, dlnw, dlnb, dls1 = torch.ops.vit_fast.residual_layer_norm_backward(
+        dh, g, s, x, mean, rstd, ln_weight, ls1, ss1, ctx.residual_dtype,
+        ln_bias.dtype if (ln_bias is not None and need[5]) else None)
+
+    def keep(grad, wanted):
+        return grad if wanted else None
+    return (dx, dres, keep(dls1, ls1 is not None and need[2]), None,
+            keep(dlnw, ln_weight is not None and need[4]),
+            keep(dlnb, ln_bias is not None and need[5]), None,
+            dw1, keep(db1, mlp_flags[0]), dw2, keep(db2, mlp_flags[1]), None,
+            keep(dls2, mlp_flags[2]), keep(dss2, mlp_flags[3]), None)
+
+
+residual_layer_norm_mlp_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def residual_layer_norm_mlp(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps,
+                            fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, layer_scale2,
+                            sample_scale2) -> Tensor:
+    """The Block's output from the attention branch x and the Block's input residual."""
+    tensors = (x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, fc1_weight, fc1_bias,
+               fc2_weight, fc2_bias, layer_scale2, sample_scale2)
+    save_pre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return residual_layer_norm_mlp_op(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias,
+                                      float(eps), fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                      approximate, layer_scale2, sample_scale2, save_pre)[0]
