@@ -159,15 +159,9 @@ void scatter_cpu_kernel(const scalar_t* cols, const PatchGeometry& g, scalar_t* 
 void gather_patches_cpu(const at::Tensor& images_nchw, const PatchGeometry& g,
                         const c10::optional<at::Tensor>& mean, const c10::optional<at::Tensor>& std,
                         at::Tensor& cols) {
-  at::Tensor mean_c, std_c;  // own the contiguous copies for as long as the raw pointers are used
-  const float* m = nullptr;
-  const float* s = nullptr;
-  if (mean.has_value()) {
-    mean_c = mean->contiguous();
-    std_c = std->contiguous();
-    m = mean_c.const_data_ptr<float>();
-    s = std_c.const_data_ptr<float>();
-  }
+  const Normalization norm(mean, std);
+  const float* m = norm.mean;
+  const float* s = norm.std;
   VIT_FAST_DISPATCH_FLOAT_TYPES(cols.scalar_type(), "patch_gather_cpu", [&] {
     using out_t = scalar_t;
     if (images_nchw.scalar_type() == at::kByte) {

@@ -37,6 +37,22 @@ PatchGeometry check_patch_embed_args(const at::Tensor& images, const at::Tensor&
                                      const c10::optional<at::Tensor>& mean,
                                      const c10::optional<at::Tensor>& std);
 
+// Per-channel mean/std of the uint8 path as raw float pointers (null for float images). Holds the
+// contiguous copies for as long as the pointers are used.
+struct Normalization {
+  at::Tensor mean_c, std_c;
+  const float* mean = nullptr;
+  const float* std = nullptr;
+  Normalization(const c10::optional<at::Tensor>& mean_in, const c10::optional<at::Tensor>& std_in) {
+    if (mean_in.has_value()) {
+      mean_c = mean_in->contiguous();
+      std_c = std_in->contiguous();
+      mean = mean_c.const_data_ptr<float>();
+      std = std_c.const_data_ptr<float>();
+    }
+  }
+};
+
 // images viewed as logical [B, C, H, W] whatever its memory layout (uint8 NHWC is permuted).
 at::Tensor logical_nchw(const at::Tensor& images);
 

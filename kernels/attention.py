@@ -65,6 +65,19 @@ def _operand(x, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _tile_of_head(N, H, BLOCK: tl.constexpr):
+    """Program id -> (b, h, b·H + h, first row of this program's BLOCK-row tile).
+
+    A 1-D grid with the tiles of one head adjacent, so programs that share that head's K/V (or
+    Q/dO) run together and hit L2, and no 65535 limit on B·H as a second grid axis would have.
+    """
+    num_tiles = tl.cdiv(N, BLOCK)
+    pid = tl.program_id(0)
+    bh = pid // num_tiles
+    return bh // H, bh % H, bh, (pid % num_tiles) * BLOCK
+
+
+@triton.jit
 def attention_fwd_kernel(
     QKV,    # [B, N, 3*H*D] input dtype
     O,      # [B, N, H*D] input dtype
@@ -76,14 +89,7 @@ def attention_fwd_kernel(
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program = one BLOCK_M tile of queries of one (b, h); K/V of that head stream past it."""
-    # A 1-D grid, query blocks of one head adjacent so that they share K/V in L2, and no 65535
-    # limit on B·H as a second grid axis would have.
-    num_m = tl.cdiv(N, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m
-    start_m = (pid % num_m) * BLOCK_M
-    b = bh // H
-    h = bh % H
+    b, h, bh, start_m = _tile_of_head(N, H, BLOCK_M)
     q_base = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
     k_base = q_base + H * HEAD_DIM
     v_base = q_base + 2 * H * HEAD_DIM
@@ -125,12 +131,7 @@ def attention_bwd_delta_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Δ_i = Σ_d dO_id·out_id in fp32: the row term of dS, computed once instead of per key block."""
-    num_m = tl.cdiv(N, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m
-    start_m = (pid % num_m) * BLOCK_M
-    b = bh // H
-    h = bh % H
+    b, h, bh, start_m = _tile_of_head(N, H, BLOCK_M)
     o = _load_rows(O + b.to(tl.int64) * stride_o_b + h * HEAD_DIM, start_m, N, stride_o_n,
                    HEAD_DIM, BLOCK_M, BLOCK_D).to(tl.float32)
     do = _load_rows(DO + b.to(tl.int64) * stride_do_b + h * HEAD_DIM, start_m, N, stride_do_n,
@@ -157,12 +158,7 @@ def attention_bwd_dkdv_kernel(
     Works on the transposed tiles (keys × queries) so that both products take their K-side
     operand as loaded and need no transpose of an accumulator.
     """
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid = tl.program_id(0)
-    bh = pid // num_n
-    start_n = (pid % num_n) * BLOCK_N
-    b = bh // H
-    h = bh % H
+    b, h, bh, start_n = _tile_of_head(N, H, BLOCK_N)
     q_base = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
     do_base = DO + b.to(tl.int64) * stride_do_b + h * HEAD_DIM
     row_base = bh.to(tl.int64) * N
@@ -207,12 +203,7 @@ def attention_bwd_dq_kernel(
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program = one BLOCK_M tile of queries of one (b, h): dq accumulates over all keys."""
-    num_m = tl.cdiv(N, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m
-    start_m = (pid % num_m) * BLOCK_M
-    b = bh // H
-    h = bh % H
+    b, h, bh, start_m = _tile_of_head(N, H, BLOCK_M)
     q_base = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
     k_base = q_base + H * HEAD_DIM
     v_base = q_base + 2 * H * HEAD_DIM

@@ -92,15 +92,6 @@ def _kernel_context(amp, device):
     return torch.autocast(device.type, enabled=False) if amp is not None else contextlib.nullcontext()
 
 
-def _add_branch(residual, branch, layer_scale, sample_scale):
-    """residual + branch·layer_scale·sample_scale[b] in eager type promotion (autocast's result)."""
-    if layer_scale is not None:
-        branch = branch * layer_scale
-    if sample_scale is not None:
-        branch = branch * sample_scale.reshape((-1,) + (1,) * (branch.dim() - 1))
-    return residual + branch
-
-
 # --- ops --------------------------------------------------------------------------------------
 
 def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0):
@@ -222,7 +213,7 @@ def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, approximate="none
             # the kernels take one dtype, so the add runs unfused to keep the stream's precision.
             branch = gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                               approximate=approximate)
-            return _add_branch(residual, branch, layer_scale, sample_scale)
+            return reference.add_branch(residual, branch, layer_scale, sample_scale)
     tensors = [x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale, sample_scale]
     choice = dispatch.choose(op, tensors)
     if choice.backend == "triton":

@@ -18,7 +18,7 @@ from timm.layers import DropPath
 from timm.layers import PatchEmbed as _TimmPatchEmbed
 from timm.layers import use_fused_attn
 
-from . import dispatch, functional
+from . import dispatch, functional, reference
 
 __all__ = ["LayerNorm", "LayerScale", "Attention", "Mlp", "Block", "PatchEmbed"]
 
@@ -184,15 +184,9 @@ class Mlp(nn.Module):
                                        self.fc2.bias, approximate=approximate, residual=residual,
                                        layer_scale=layer_scale, sample_scale=sample_scale)
         out = self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
-        return out if residual is None else _add_branch(residual, out, layer_scale, sample_scale)
-
-
-def _add_branch(residual, branch, layer_scale, sample_scale):
-    if layer_scale is not None:
-        branch = branch * layer_scale
-    if sample_scale is not None:
-        branch = branch * sample_scale.reshape((-1,) + (1,) * (branch.dim() - 1))
-    return residual + branch
+        if residual is None:
+            return out
+        return reference.add_branch(residual, out, layer_scale, sample_scale)
 
 
 def _drop_path_scale(drop_path, x):

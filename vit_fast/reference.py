@@ -13,11 +13,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fused_qkv_attention", "residual_layer_norm", "gelu_mlp", "patch_embed"]
+__all__ = ["fused_qkv_attention", "residual_layer_norm", "gelu_mlp", "patch_embed", "add_branch"]
 
 
 def _up(t, upcast):
     return t.double() if (upcast and t is not None and t.is_floating_point()) else t
+
+
+def add_branch(residual, branch, layer_scale=None, sample_scale=None):
+    """residual + branch·layer_scale·sample_scale[b]: a residual block's add with LayerScale and
+    drop-path (sample_scale = per-sample keep mask / keep probability, b = first dim)."""
+    if layer_scale is not None:
+        branch = branch * layer_scale
+    if sample_scale is not None:
+        branch = branch * sample_scale.reshape((-1,) + (1,) * (branch.dim() - 1))
+    return residual + branch
 
 
 def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0, upcast=False):
@@ -50,15 +60,7 @@ def residual_layer_norm(x, weight, bias, eps, *, residual=None, layer_scale=None
     dtype = x.dtype
     x, weight, bias = _up(x, upcast), _up(weight, upcast), _up(bias, upcast)
     residual, layer_scale, sample_scale = (_up(t, upcast) for t in (residual, layer_scale, sample_scale))
-    if residual is None:
-        s = x
-    else:
-        branch = x
-        if layer_scale is not None:
-            branch = branch * layer_scale
-        if sample_scale is not None:
-            branch = branch * sample_scale.reshape((-1,) + (1,) * (x.dim() - 1))
-        s = residual + branch
+    s = x if residual is None else add_branch(residual, x, layer_scale, sample_scale)
     stat_dtype = torch.promote_types(s.dtype, torch.float32)
     y = F.layer_norm(s.to(stat_dtype), s.shape[-1:], None, None, eps)
     if weight is not None:
@@ -78,11 +80,7 @@ def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, approximate="none
     out = F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias), approximate=approximate),
                    fc2_weight, fc2_bias)
     if residual is not None:
-        if layer_scale is not None:
-            out = out * layer_scale
-        if sample_scale is not None:
-            out = out * sample_scale.reshape((-1,) + (1,) * (out.dim() - 1))
-        out = residual + out
+        out = add_branch(residual, out, layer_scale, sample_scale)
     return out.to(dtype)
 
 

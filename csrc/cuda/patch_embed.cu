@@ -148,15 +148,9 @@ void gather_patches_cuda(const at::Tensor& images_nchw, const PatchGeometry& g,
                          at::Tensor& cols) {
   check_int32(g);
   const c10::cuda::CUDAGuard guard(images_nchw.device());
-  at::Tensor mean_c, std_c;
-  const float* m = nullptr;
-  const float* s = nullptr;
-  if (mean.has_value()) {
-    mean_c = mean->contiguous();
-    std_c = std->contiguous();
-    m = mean_c.const_data_ptr<float>();
-    s = std_c.const_data_ptr<float>();
-  }
+  const Normalization norm(mean, std);
+  const float* m = norm.mean;
+  const float* s = norm.std;
   VIT_FAST_DISPATCH_FLOAT_TYPES(cols.scalar_type(), "patch_gather_cuda", [&] {
     if (images_nchw.scalar_type() == at::kByte) {
       launch_gather<uint8_t, scalar_t>(images_nchw, g, m, s, cols);
