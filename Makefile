@@ -16,7 +16,6 @@ $(VPY):
 
 # Re-runs only when the requirements, setup.py or the extension sources change.
 $(STAMP): $(VPY) $(SOURCES)
-	$(VPY) -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 	$(VPY) -m pip install -q -r requirements-dev.txt 2>&1 | grep -v "is ignored" || true
 	$(VPY) -c "import torch, timm, pytest" 
 	$(VPY) -m pip install -q --no-build-isolation -e . 2>&1 | grep -v "is ignored" || true

@@ -245,10 +245,15 @@ def block_ops(impl, B, N, C, H, e, *, backward, layer_scale=False, mlp_ratio=4.0
         if not backward:
             return fwd
         P = _ln_programs(M, C)
-        bwd = [*gelu_mlp_bwd(M, C, Hd, e, layer_scale=ls),
+        # The Block's backward rebuilds each LayerNorm output (from s, resp. x, and the saved
+        # statistics) right before the weight-gradient GEMM that needs it, instead of saving it
+        # (vit_fast/ops/residual_layer_norm_mlp.py, layer_norm_linear.py).
+        bwd = [dataclasses.replace(layer_norm_fwd(M, C, e), name="layer_norm2_rebuild"),
+               *gelu_mlp_bwd(M, C, Hd, e, layer_scale=ls),
                *layer_norm_bwd(M, C, e, P, residual=True, has_ds=True, layer_scale=ls),
                *eager_linear_bwd(M, C, C, e, "proj_linear"),
                *attention_bwd(B, N, H, D, e),
+               dataclasses.replace(layer_norm_fwd(M, C, e), name="layer_norm1_rebuild"),
                *eager_linear_bwd(M, 3 * C, C, e, "qkv_linear"),
                *layer_norm_bwd(M, C, e, P),
                elementwise("add_grad_x", MC, e, 2)]
