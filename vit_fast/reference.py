@@ -61,12 +61,16 @@ def residual_layer_norm(x, weight, bias, eps, *, residual=None, layer_scale=None
     x, weight, bias = _up(x, upcast), _up(weight, upcast), _up(bias, upcast)
     residual, layer_scale, sample_scale = (_up(t, upcast) for t in (residual, layer_scale, sample_scale))
     s = x if residual is None else add_branch(residual, x, layer_scale, sample_scale)
-    stat_dtype = torch.promote_types(s.dtype, torch.float32)
-    y = F.layer_norm(s.to(stat_dtype), s.shape[-1:], None, None, eps)
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
+    if all(t is None or t.dtype == s.dtype for t in (weight, bias)):
+        # nn.LayerNorm's own call: fp32 statistics inside for half inputs, one fused op.
+        y = F.layer_norm(s, s.shape[-1:], weight, bias, eps)
+    else:  # mixed dtypes: normalize in the wider float, then the affine in promoted types
+        stat_dtype = torch.promote_types(s.dtype, torch.float32)
+        y = F.layer_norm(s.to(stat_dtype), s.shape[-1:], None, None, eps)
+        if weight is not None:
+            y = y * weight
+        if bias is not None:
+            y = y + bias
     return y.to(dtype), s.to(dtype)
 
 
