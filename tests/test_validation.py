@@ -27,6 +27,12 @@ def test_attention_bad_input(over, exc, word):
         _attn(**over)
 
 
+@pytest.mark.parametrize("exc", [TypeError, ValueError])
+def test_wrong_dtype_is_both_type_and_value_error(exc):
+    with pytest.raises(exc, match="qkv must be a floating-point tensor"):
+        vit_fast.fused_qkv_attention(torch.randint(0, 3, (2, 5, 96)), 4)
+
+
 @pytest.mark.parametrize("over,exc,word", [
     (dict(weight=torch.randn(5)), ValueError, "weight"),
     (dict(bias=torch.randn(8, 1)), ValueError, "bias"),

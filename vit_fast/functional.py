@@ -19,6 +19,11 @@ _APPROXIMATE = ("none", "tanh")
 
 # --- input checks, shared by the four ops ------------------------------------------------------
 
+class DtypeError(TypeError, ValueError):
+    """A tensor of the wrong dtype. Both a TypeError and a ValueError (as numpy's AxisError is
+    both a ValueError and an IndexError), so either ``except`` a caller already has catches it."""
+
+
 def _check_tensor(op, name, t, *, optional=False, floating=True, min_dim=None, dim=None):
     if t is None:
         if optional:
@@ -27,7 +32,7 @@ def _check_tensor(op, name, t, *, optional=False, floating=True, min_dim=None, d
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if floating and not t.is_floating_point():
-        raise TypeError(f"{op}: {name} must be a floating-point tensor (float32, float16 or "
+        raise DtypeError(f"{op}: {name} must be a floating-point tensor (float32, float16 or "
                         f"bfloat16), got {t.dtype}")
     if dim is not None and t.dim() != dim:
         raise ValueError(f"{op}: {name} must be {dim}-D, got shape {tuple(t.shape)}")
@@ -255,7 +260,7 @@ def patch_embed(images, weight, bias, *, patch_size, pos_embed=None, mean=None, 
         H, W = images.shape[1:3]
     else:
         if not images.is_floating_point():
-            raise TypeError(f"{op}: images must be floating-point NCHW or uint8 NHWC, "
+            raise DtypeError(f"{op}: images must be floating-point NCHW or uint8 NHWC, "
                             f"got {images.dtype}")
         if mean is not None or std is not None:
             raise ValueError(f"{op}: mean/std normalize uint8 images only; float images are taken "
