@@ -4,6 +4,13 @@ Math, per batch b and head h, with q, k, v the [N, D] slices of qkv and s = scal
     P = softmax(q kᵀ·s)          (row-wise)      out = P v          lse_i = log Σ_j exp(s·q_i·k_j)
     Δ_i = Σ_d dO_id·out_id       dP = dO vᵀ      dS = P ∘ (dP − Δ)
     dq = s·dS k                  dk = s·dSᵀ q    dv = Pᵀ dO
+With dropout (HAS_DROPOUT, probability p) the product with V uses Z = P ∘ M/(1 − p), M the 0/1
+keep mask, so out = Z v, dv = Zᵀ dO and dP = M/(1 − p) ∘ (dO vᵀ); Δ_i = Σ_d dO_id·out_id still
+equals Σ_j dP_ij·P_ij, so dS = P ∘ (dP − Δ) keeps its form, and lse stays that of the undropped
+P. M is never stored: entry (b, h, i, j) is kept when the first word of Philox4x32-10, keyed by
+the 64-bit per-call seed with counter (i, j, b·H + h, 0), read as u ∈ [0, 1), is ≥ p. The bits
+depend on nothing else (not the tile shapes), so the backward regenerates the forward's mask.
+
 P is never stored: the forward streams K/V tiles past a query tile with an online softmax
 (running max m and sum l, in base 2 so that exp2 can be used: s·log2(e) is folded into the
 logits), and the backward rebuilds P tile by tile from the saved lse.
@@ -14,6 +21,7 @@ Layouts (row-major, last dim stride 1; B and N dims may have any stride):
     lse  [B, H, N]       fp32, natural-log logsumexp of each row of q kᵀ·s (contiguous)
     dout [B, N, H·D]     same layout as out
     dqkv [B, N, 3·H·D]   same layout as qkv (contiguous)
+    seed [1]             int64, on qkv's device: the Philox key of one call's dropout mask
 Head dims that are not powers of two are padded with masked loads to BLOCK_D = next power of
 two (at least 16, what tl.dot needs). All accumulation is fp32. The backward has no atomics:
 dk/dv are owned by one program per key block and dq by one program per query block, so two runs
@@ -65,6 +73,20 @@ def _operand(x, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _dropout_keep(seed, q_idx, k_idx, bh, dropout_p):
+    """Keep mask (True = kept) of the entries (query q_idx, key k_idx) of head bh; q_idx and
+    k_idx broadcast against each other ([M, 1] and [1, N], or transposed for the dk/dv tiles).
+
+    Each entry is its own Philox counter (i, j, b·H + h, 0), all 32-bit: no N² index to overflow
+    and the same bits whatever tile holds the entry. The top 24 bits make u exactly.
+    """
+    zero = (q_idx * 0 + k_idx * 0).to(tl.uint32)
+    bits, _, _, _ = tl.philox(seed, q_idx.to(tl.uint32) + zero, k_idx.to(tl.uint32) + zero,
+                              zero + bh.to(tl.uint32), zero)
+    return (bits >> 8).to(tl.float32) * (1.0 / 16777216.0) >= dropout_p
+
+
+@triton.jit
 def _tile_of_head(N, H, BLOCK: tl.constexpr):
     """Program id -> (b, h, b·H + h, first row of this program's BLOCK-row tile).
 
@@ -82,11 +104,13 @@ def attention_fwd_kernel(
     QKV,    # [B, N, 3*H*D] input dtype
     O,      # [B, N, H*D] input dtype
     LSE,    # [B, H, N] fp32, contiguous
+    SEED,   # [1] int64 dropout key; None without dropout
     N, H,
     stride_qkv_b, stride_qkv_n, stride_o_b, stride_o_n,
     qk_scale,  # scale * log2(e)
+    dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program = one BLOCK_M tile of queries of one (b, h); K/V of that head stream past it."""
     b, h, bh, start_m = _tile_of_head(N, H, BLOCK_M)
@@ -100,6 +124,9 @@ def attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     for start_n in range(0, N, BLOCK_N):
         k = _operand(_load_rows(k_base, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
         v = _operand(_load_rows(v_base, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
@@ -111,13 +138,20 @@ def attention_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            # The normalizer above takes every key; only the product with V is dropped, and its
+            # 1/(1 - p) is applied once to the finished row rather than per entry.
+            p = tl.where(_dropout_keep(seed, rows[:, None], (start_n + offs_n)[None, :], bh, dropout_p),
+                         p, 0.0)
         acc = acc * alpha[:, None] + tl.dot(_operand(p.to(dtype), DOT_FP32), v,
                                             input_precision=DOT_PRECISION)
         m_i = m_new
-    acc = acc / l_i[:, None]
+    if HAS_DROPOUT:
+        acc = acc * ((1.0 / (1.0 - dropout_p)) / l_i)[:, None]
+    else:
+        acc = acc / l_i[:, None]
     o_base = O + b.to(tl.int64) * stride_o_b + h * HEAD_DIM
     _store_rows(o_base, start_m, N, stride_o_n, acc.to(O.dtype.element_ty), HEAD_DIM, BLOCK_M, BLOCK_D)
-    rows = start_m + tl.arange(0, BLOCK_M)
     tl.store(LSE + bh.to(tl.int64) * N + rows, (m_i + tl.math.log2(l_i)) * _LN2, mask=rows < N)
 
 
@@ -147,11 +181,12 @@ def attention_bwd_dkdv_kernel(
     LSE,    # [B, H, N] fp32, contiguous
     DELTA,  # [B, H, N] fp32, contiguous
     DQKV,   # [B, N, 3*H*D]; this kernel writes the k and v thirds
+    SEED,   # [1] int64, the forward's dropout key; None without dropout
     N, H,
     stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n,
-    sm_scale, qk_scale,
+    sm_scale, qk_scale, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program = one BLOCK_N tile of keys of one (b, h): dk, dv accumulate over all queries.
 
@@ -169,6 +204,10 @@ def attention_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     offs_m = tl.arange(0, BLOCK_M)
+    keys = start_n + tl.arange(0, BLOCK_N)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+        keep_scale = 1.0 / (1.0 - dropout_p)
     for start_m in range(0, N, BLOCK_M):
         q = _operand(_load_rows(q_base, start_m, N, stride_qkv_n, HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
         do = _operand(_load_rows(do_base, start_m, N, stride_do_n, HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
@@ -179,13 +218,23 @@ def attention_bwd_dkdv_kernel(
         # Padded query rows need no mask: their q, dO, lse and Δ load as 0, so p = 1 there and
         # every term they add to dv (p·dO) and dk (p·(dP − Δ)·q) is exactly 0.
         p_t = tl.math.exp2(s_t - lse2[None, :])
-        dv += tl.dot(_operand(p_t.to(dtype), DOT_FP32), do, input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            # dv takes the dropped Z without its 1/(1 - p), applied once at the store.
+            keep_t = _dropout_keep(seed, rows[None, :], keys[:, None], bh, dropout_p)
+            z_t = tl.where(keep_t, p_t, 0.0)
+        else:
+            z_t = p_t
+        dv += tl.dot(_operand(z_t.to(dtype), DOT_FP32), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(_operand(ds_t.to(dtype), DOT_FP32), q, input_precision=DOT_PRECISION)
     out_dtype = DQKV.dtype.element_ty
     dk_base = DQKV + b.to(tl.int64) * stride_dqkv_b + (H + h) * HEAD_DIM
     _store_rows(dk_base, start_n, N, stride_dqkv_n, (dk * sm_scale).to(out_dtype), HEAD_DIM, BLOCK_N, BLOCK_D)
+    if HAS_DROPOUT:
+        dv = dv * keep_scale
     _store_rows(dk_base + H * HEAD_DIM, start_n, N, stride_dqkv_n, dv.to(out_dtype), HEAD_DIM, BLOCK_N, BLOCK_D)
 
 
@@ -196,11 +245,12 @@ def attention_bwd_dq_kernel(
     LSE,    # [B, H, N] fp32, contiguous
     DELTA,  # [B, H, N] fp32, contiguous
     DQKV,   # [B, N, 3*H*D]; this kernel writes the q third
+    SEED,   # [1] int64, the forward's dropout key; None without dropout
     N, H,
     stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n,
-    sm_scale, qk_scale,
+    sm_scale, qk_scale, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program = one BLOCK_M tile of queries of one (b, h): dq accumulates over all keys."""
     b, h, bh, start_m = _tile_of_head(N, H, BLOCK_M)
@@ -218,6 +268,9 @@ def attention_bwd_dq_kernel(
     delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+        keep_scale = 1.0 / (1.0 - dropout_p)
     for start_n in range(0, N, BLOCK_N):
         k = _operand(_load_rows(k_base, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
         v = _operand(_load_rows(v_base, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
@@ -226,6 +279,9 @@ def attention_bwd_dq_kernel(
         # overflows when every logit of the row is below about -88 and inf·0 is NaN: mask them.
         p = tl.where((start_n + offs_n)[None, :] < N, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rows[:, None], (start_n + offs_n)[None, :], bh, dropout_p)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(_operand(ds.to(dtype), DOT_FP32), k, input_precision=DOT_PRECISION)
     dq_base = DQKV + b.to(tl.int64) * stride_dqkv_b + h * HEAD_DIM
@@ -263,6 +319,14 @@ _CUDA_CONFIGS = {
     ("dq", 128, True): (64, 32, 4, 2),
     ("dq", 256, True): (32, 32, 8, 2),
 }
+# Dropout builds (HAS_DROPOUT=True) whose entry above spilled: the Philox rounds over each
+# score tile add register pressure, so these spread the tile over 8 warps (0 spills, sm_80/90).
+_CUDA_DROPOUT_CONFIGS = {
+    ("fwd", 64, False): (128, 64, 8, 3),
+    ("dkdv", 128, False): (32, 64, 8, 2),
+    ("dkdv", 128, True): (32, 64, 8, 2),
+    ("dq", 64, False): (128, 32, 8, 3),
+}
 _DELTA_BLOCK_M = 64
 
 
@@ -270,7 +334,7 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _config(kernel: str, n: int, head_dim: int, dtype: torch.dtype):
+def _config(kernel: str, n: int, head_dim: int, dtype: torch.dtype, dropout: bool = False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one launch."""
     if _interpreting():
         # Interpreter cost is mostly per tile op, so few large tiles win; but a product of more
@@ -280,8 +344,10 @@ def _config(kernel: str, n: int, head_dim: int, dtype: torch.dtype):
         while t * t * _block_d(head_dim) > 2 ** 18 and t > 16:
             t //= 2
         return t, t, 4, 1
-    bucket = max(64, _block_d(head_dim))
-    return _CUDA_CONFIGS[(kernel, bucket, n <= _SHORT_N)]
+    key = (kernel, max(64, _block_d(head_dim)), n <= _SHORT_N)
+    if dropout and key in _CUDA_DROPOUT_CONFIGS:
+        return _CUDA_DROPOUT_CONFIGS[key]
+    return _CUDA_CONFIGS[key]
 
 
 def _dot_args(dtype: torch.dtype):
@@ -306,13 +372,29 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, config=None):
+def _dropout_args(qkv: torch.Tensor, dropout_p: float, seed):
+    """(SEED, dropout_p, HAS_DROPOUT) kernel arguments; seed: int64 [1] on qkv's device."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if dropout_p == 0.0:
+        return None, 0.0, False
+    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != qkv.device:
+        raise ValueError("dropout needs seed: a 1-element int64 tensor on qkv's device")
+    return seed, float(dropout_p), True
+
+
+def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, dropout_p: float = 0.0,
+                  seed=None, config=None):
     """out [B, N, H·D] (qkv's dtype) and lse [B, H, N] fp32 from packed qkv [B, N, 3·H·D].
+
+    dropout_p > 0 drops attention probabilities with the mask that seed (int64 [1], qkv's
+    device) determines; the backward, given the same seed, regenerates it. lse is undropped.
 
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages) to override the table (tests use it to
     exercise tile shapes the default would not).
     """
     _check_shipped(qkv)
+    seed, dropout_p, has_dropout = _dropout_args(qkv, dropout_p, seed)
     qkv = _last_dim_contiguous(qkv)
     B, N, three_c = qkv.shape
     head_dim = three_c // (3 * num_heads)
@@ -320,21 +402,23 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, config=Non
     lse = torch.empty(B, num_heads, N, device=qkv.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    block_m, block_n, warps, stages = config or _config("fwd", N, head_dim, qkv.dtype)
+    block_m, block_n, warps, stages = config or _config("fwd", N, head_dim, qkv.dtype, has_dropout)
     grid = (triton.cdiv(N, block_m) * B * num_heads,)
     attention_fwd_kernel[grid](
-        qkv, out, lse, N, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
-        float(scale) * LOG2E,
+        qkv, out, lse, seed, N, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0),
+        out.stride(1), float(scale) * LOG2E, dropout_p,
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=warps, num_stages=stages, **_dot_args(qkv.dtype))
+        HAS_DROPOUT=has_dropout, num_warps=warps, num_stages=stages, **_dot_args(qkv.dtype))
     return out, lse
 
 
 def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                  num_heads: int, scale: float, *, config=None):
+                  num_heads: int, scale: float, *, dropout_p: float = 0.0, seed=None, config=None):
     """dqkv [B, N, 3·H·D] (qkv's dtype, contiguous) from dout [B, N, H·D] and the forward's
-    qkv, out and lse. config: (dkdv config, dq config) override, as in attention_fwd."""
+    qkv, out, lse, dropout_p and seed. config: (dkdv config, dq config) override, as in
+    attention_fwd."""
     _check_shipped(qkv)
+    seed, dropout_p, has_dropout = _dropout_args(qkv, dropout_p, seed)
     qkv, out, dout = _last_dim_contiguous(qkv), _last_dim_contiguous(out), _last_dim_contiguous(dout)
     lse = lse.contiguous()
     B, N, three_c = qkv.shape
@@ -348,11 +432,12 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     attention_bwd_delta_kernel[(triton.cdiv(N, dm) * B * num_heads,)](
         out, dout, delta, N, num_heads, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=dm)
-    cfg_kv, cfg_q = config or (_config("dkdv", N, head_dim, qkv.dtype), _config("dq", N, head_dim, qkv.dtype))
-    args = (qkv, dout, lse, delta, dqkv, N, num_heads, qkv.stride(0), qkv.stride(1),
+    cfg_kv, cfg_q = config or (_config("dkdv", N, head_dim, qkv.dtype, has_dropout),
+                               _config("dq", N, head_dim, qkv.dtype, has_dropout))
+    args = (qkv, dout, lse, delta, dqkv, seed, N, num_heads, qkv.stride(0), qkv.stride(1),
             dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
-            float(scale), float(scale) * LOG2E)
-    dot = _dot_args(qkv.dtype)
+            float(scale), float(scale) * LOG2E, dropout_p)
+    dot = dict(_dot_args(qkv.dtype), HAS_DROPOUT=has_dropout)
     block_m, block_n, warps, stages = cfg_kv
     attention_bwd_dkdv_kernel[(triton.cdiv(N, block_n) * B * num_heads,)](
         *args, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -371,35 +456,47 @@ _TORCH_TO_SIG = {torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
 def aot_specs():
-    """Every shipped CUDA config (the table above) × fp16/bf16, as vit_fast.aot.AotSpec."""
+    """Every shipped CUDA config (the tables above) × fp16/bf16 × with/without dropout, as
+    vit_fast.aot.AotSpec."""
     from vit_fast.aot import AotSpec
 
     specs = []
     # Short- and long-sequence entries that share a config are one build.
-    shipped = sorted({(kernel, bucket, cfg) for (kernel, bucket, _), cfg in _CUDA_CONFIGS.items()})
+    shipped = sorted({(kernel, bucket, dropout,
+                       _CUDA_DROPOUT_CONFIGS.get(key, cfg) if dropout else cfg)
+                      for key, cfg in _CUDA_CONFIGS.items() for kernel, bucket, _ in [key]
+                      for dropout in (False, True)})
     for dtype, ptr in _TORCH_TO_SIG.items():
-        for kernel, bucket, (bm, bn, warps, stages) in shipped:
+        for kernel, bucket, dropout, (bm, bn, warps, stages) in shipped:
             for head_dim in _AOT_HEAD_DIMS[bucket]:
                 consts = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_M": bm,
-                          "BLOCK_N": bn, "DOT_FP32": False, "DOT_PRECISION": "tf32"}
+                          "BLOCK_N": bn, "HAS_DROPOUT": dropout, "DOT_FP32": False,
+                          "DOT_PRECISION": "tf32"}
                 if kernel == "fwd":
                     fn, sig = attention_fwd_kernel, {
-                        "QKV": ptr, "O": ptr, "LSE": "*fp32", "N": "i32", "H": "i32",
+                        "QKV": ptr, "O": ptr, "LSE": "*fp32", "SEED": "*i64", "N": "i32", "H": "i32",
                         "stride_qkv_b": "i32", "stride_qkv_n": "i32", "stride_o_b": "i32",
-                        "stride_o_n": "i32", "qk_scale": "fp32"}
-                    div = ("QKV", "O", "LSE", "stride_qkv_b", "stride_qkv_n", "stride_o_b", "stride_o_n")
+                        "stride_o_n": "i32", "qk_scale": "fp32", "dropout_p": "fp32"}
+                    div = ["QKV", "O", "LSE", "stride_qkv_b", "stride_qkv_n", "stride_o_b", "stride_o_n"]
                 else:
                     fn = attention_bwd_dkdv_kernel if kernel == "dkdv" else attention_bwd_dq_kernel
                     sig = {"QKV": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQKV": ptr,
-                           "N": "i32", "H": "i32", "stride_qkv_b": "i32", "stride_qkv_n": "i32",
-                           "stride_do_b": "i32", "stride_do_n": "i32", "stride_dqkv_b": "i32",
-                           "stride_dqkv_n": "i32", "sm_scale": "fp32", "qk_scale": "fp32"}
-                    div = ("QKV", "DO", "LSE", "DELTA", "DQKV", "stride_qkv_b", "stride_qkv_n",
-                           "stride_do_b", "stride_do_n", "stride_dqkv_b", "stride_dqkv_n")
+                           "SEED": "*i64", "N": "i32", "H": "i32", "stride_qkv_b": "i32",
+                           "stride_qkv_n": "i32", "stride_do_b": "i32", "stride_do_n": "i32",
+                           "stride_dqkv_b": "i32", "stride_dqkv_n": "i32", "sm_scale": "fp32",
+                           "qk_scale": "fp32", "dropout_p": "fp32"}
+                    div = ["QKV", "DO", "LSE", "DELTA", "DQKV", "stride_qkv_b", "stride_qkv_n",
+                           "stride_do_b", "stride_do_n", "stride_dqkv_b", "stride_dqkv_n"]
+                if dropout:
+                    div.append("SEED")  # a fresh allocation, so 16-byte aligned as the JIT sees it
+                else:
+                    sig["SEED"] = "constexpr"  # launched with None
+                    consts["SEED"] = None
                 sig.update({k: "constexpr" for k in consts})
+                sig = {name: sig[name] for name in fn.arg_names}  # argument order, for the attrs
                 name = (f"attention_{kernel}[{str(dtype).split('.')[-1]},D={head_dim},"
-                        f"BM={bm},BN={bn},w={warps},s={stages}]")
-                specs.append(AotSpec(name, fn, sig, consts, div, warps, stages, uses_dot=True))
+                        f"BM={bm},BN={bn},w={warps},s={stages}{',dropout' if dropout else ''}]")
+                specs.append(AotSpec(name, fn, sig, consts, tuple(div), warps, stages, uses_dot=True))
         for head_dim in (64, 128, 80, 256):
             consts = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_M": _DELTA_BLOCK_M}
             sig = {"O": ptr, "DO": ptr, "DELTA": "*fp32", "N": "i32", "H": "i32", "stride_o_b": "i32",

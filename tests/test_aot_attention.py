@@ -20,12 +20,24 @@ def compiled():
 
 def test_specs_cover_the_shipped_dtypes_head_dims_and_kernels():
     shipped = {(s.kernel.fn.__name__, s.signature["QKV" if "QKV" in s.signature else "O"],
-                s.constants["HEAD_DIM"]) for s in SPECS}
+                s.constants["HEAD_DIM"], s.constants.get("HAS_DROPOUT", False)) for s in SPECS}
     for kernel in ("attention_fwd_kernel", "attention_bwd_delta_kernel",
                    "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"):
         for ptr in ("*fp16", "*bf16"):
             for head_dim in (64, 128):
-                assert (kernel, ptr, head_dim) in shipped, (kernel, ptr, head_dim)
+                assert (kernel, ptr, head_dim, False) in shipped, (kernel, ptr, head_dim)
+                if kernel != "attention_bwd_delta_kernel":  # Δ is the same with dropout
+                    assert (kernel, ptr, head_dim, True) in shipped, (kernel, ptr, head_dim, "dropout")
+
+
+def test_dropout_builds_take_the_seed_pointer():
+    # The dropout variant must be compiled as launched: SEED an int64 pointer, not the None
+    # constexpr of the plain build.
+    for s in SPECS:
+        if s.constants.get("HAS_DROPOUT"):
+            assert s.signature["SEED"] == "*i64" and "SEED" not in s.constants, s.name
+        elif "HAS_DROPOUT" in s.constants:
+            assert s.constants["SEED"] is None, s.name
 
 
 @pytest.mark.parametrize("arch", ARCHS)

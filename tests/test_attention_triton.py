@@ -184,11 +184,147 @@ def test_cuda_config_table_is_what_aot_compiles(monkeypatch):
     fn_names = {"fwd": "attention_fwd_kernel", "dkdv": "attention_bwd_dkdv_kernel",
                 "dq": "attention_bwd_dq_kernel"}
     compiled = {(s.kernel.fn.__name__, s.constants["BLOCK_M"], s.constants["BLOCK_N"], s.num_warps,
-                 s.num_stages, max(64, s.constants["BLOCK_D"]))
+                 s.num_stages, max(64, s.constants["BLOCK_D"]), s.constants["HAS_DROPOUT"])
                 for s in kernels.aot_specs() if "BLOCK_N" in s.constants}
     for head_dim in range(1, 257):
         for n in (1, 64, 65, 577):
             for kernel, fn in fn_names.items():
-                cfg = kernels._config(kernel, n, head_dim, F16)
-                bucket = max(64, kernels._block_d(head_dim))
-                assert (fn, *cfg, bucket) in compiled, (kernel, n, head_dim, cfg)
+                for dropout in (False, True):
+                    cfg = kernels._config(kernel, n, head_dim, F16, dropout)
+                    bucket = max(64, kernels._block_d(head_dim))
+                    assert (fn, *cfg, bucket, dropout) in compiled, (kernel, n, head_dim, cfg, dropout)
+
+
+# --- attention dropout ------------------------------------------------------------------------
+
+def _seed(value):
+    return torch.tensor([value], dtype=torch.int64)
+
+
+def _probe_mask(B, H, N, dropout_p, seed, config=None):
+    """The kernel's keep mask [B, H, N, N] for this seed, read off the forward itself: with q = k = 0
+    every probability is 1/N, and with v_j = e_j (head dim N) row i of the output is the dropped
+    probability row, 1/(N·(1 - p)) where kept and 0 where dropped. The mask depends only on
+    (seed, b, h, i, j), not on qkv or the head dim, so it is the mask of any same-shaped call."""
+    probe = torch.zeros(B, N, 3, H, N, dtype=F32)
+    probe[:, :, 2] = torch.eye(N)[None, :, None, :]
+    out, _ = kernels.attention_fwd(probe.reshape(B, N, 3 * H * N), H, 1.0, dropout_p=dropout_p,
+                                   seed=seed, config=config)
+    z = out.reshape(B, N, H, N).permute(0, 2, 1, 3)
+    kept = z != 0
+    torch.testing.assert_close(z[kept], torch.full_like(z[kept], 1 / (N * (1 - dropout_p))))
+    return kept
+
+
+def _masked_reference(qkv, num_heads, scale, grad, dtype, keep, dropout_p):
+    """The reference (out, dqkv) in dtype, dropping with the kernel's mask: its F.dropout is
+    swapped for that mask, so the math checked is still the reference's own."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(reference.F, "dropout", lambda attn, p: attn * keep.to(attn.dtype) / (1 - p))
+        qkv = qkv.detach().to(dtype).requires_grad_()
+        out = reference.fused_qkv_attention(qkv, num_heads, scale=scale, dropout_p=dropout_p)
+        out.backward(grad.to(dtype))
+    return out.detach(), qkv.grad
+
+
+# (B, N, H, head_dim, dtype, dropout_p, fwd config, (dkdv config, dq config)); None = launcher's.
+DROPOUT_CASES = [
+    (2, 50, 2, 40, F16, 0.5, None, None),
+    (1, 17, 2, 64, BF16, 0.25, None, None),
+    (1, 37, 2, 16, F32, 0.9, (16, 32, 4, 1), ((16, 32, 4, 1), (32, 16, 4, 1))),
+]
+
+
+@pytest.mark.parametrize("B,N,H,D,dtype,dropout_p,fwd_cfg,bwd_cfg", DROPOUT_CASES,
+                         ids=[f"B{c[0]}-N{c[1]}-D{c[3]}-{str(c[4])[6:]}-p{c[5]}" for c in DROPOUT_CASES])
+def test_dropout_matches_reference_with_the_kernels_mask(B, N, H, D, dtype, dropout_p,
+                                                         fwd_cfg, bwd_cfg):
+    scale = D ** -0.5
+    seed = _seed(0x5EED_1234_ABCD_0042)
+    keep = _probe_mask(B, H, N, dropout_p, seed)
+    qkv = torch.randn(B, N, 3 * H * D, dtype=dtype)
+    grad = torch.randn(B, N, H * D, dtype=dtype)
+    out, lse = kernels.attention_fwd(qkv, H, scale, dropout_p=dropout_p, seed=seed, config=fwd_cfg)
+    dqkv = kernels.attention_bwd(grad, qkv, out, lse, H, scale, dropout_p=dropout_p, seed=seed,
+                                 config=bwd_cfg)
+    out_same, dqkv_same = _masked_reference(qkv, H, scale, grad, dtype, keep, dropout_p)
+    out64, dqkv64 = _masked_reference(qkv, H, scale, grad, torch.float64, keep, dropout_p)
+    assert_close_by_rule(out, out_same, out64, "out")
+    assert_close_by_rule(dqkv, dqkv_same, dqkv64, "dqkv")
+    # The saved lse is that of the undropped softmax.
+    assert torch.equal(lse, kernels.attention_fwd(qkv, H, scale, config=fwd_cfg)[1])
+
+
+def test_dropout_mask_statistics_and_independence():
+    B, H, N, p = 2, 2, 50, 0.3
+    keep = _probe_mask(B, H, N, p, _seed(7))
+    # 10,000 Bernoulli(0.3) draws: 6 standard deviations is 0.028.
+    assert abs((~keep).float().mean().item() - p) < 0.028
+    # Each (b, h) has its own stream, and the mask does not depend on the tiling.
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+    assert torch.equal(keep, _probe_mask(B, H, N, p, _seed(7), config=(16, 32, 4, 1)))
+    # Both 32-bit halves of the seed are used; a row and its column are not swapped.
+    assert not torch.equal(keep, _probe_mask(B, H, N, p, _seed(7 + 2 ** 40)))
+    assert not torch.equal(keep, keep.transpose(-1, -2))
+
+
+def test_dropout_seeds_and_torch_manual_seed():
+    import vit_fast
+    qkv = torch.randn(1, 33, 3 * 2 * 32, dtype=F16)
+    first, _ = kernels.attention_fwd(qkv, 2, 0.2, dropout_p=0.4, seed=_seed(1))
+    again, _ = kernels.attention_fwd(qkv, 2, 0.2, dropout_p=0.4, seed=_seed(1))
+    other, _ = kernels.attention_fwd(qkv, 2, 0.2, dropout_p=0.4, seed=_seed(2))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    # The public op draws its seed from torch's generator: manual_seed reproduces a run.
+    with vit_fast.use_backend("triton"):
+        torch.manual_seed(3)
+        a = vit_fast.fused_qkv_attention(qkv, 2, dropout_p=0.4)
+        b = vit_fast.fused_qkv_attention(qkv, 2, dropout_p=0.4)
+        torch.manual_seed(3)
+        c = vit_fast.fused_qkv_attention(qkv, 2, dropout_p=0.4)
+        undropped = vit_fast.fused_qkv_attention(qkv, 2)
+    assert torch.equal(a, c) and not torch.equal(a, b)
+    assert torch.equal(undropped, kernels.attention_fwd(qkv, 2, 32 ** -0.5)[0])
+
+
+def test_dropout_zero_is_the_undropped_kernel():
+    qkv = torch.randn(1, 20, 3 * 2 * 16, dtype=BF16)
+    grad = torch.randn(1, 20, 2 * 16, dtype=BF16)
+    out, lse = kernels.attention_fwd(qkv, 2, 0.25)
+    out0, lse0 = kernels.attention_fwd(qkv, 2, 0.25, dropout_p=0.0, seed=_seed(9))
+    assert torch.equal(out, out0) and torch.equal(lse, lse0)
+    assert torch.equal(kernels.attention_bwd(grad, qkv, out, lse, 2, 0.25),
+                       kernels.attention_bwd(grad, qkv, out, lse, 2, 0.25, dropout_p=0.0, seed=_seed(9)))
+    with pytest.raises(ValueError, match="seed"):
+        kernels.attention_fwd(qkv, 2, 0.25, dropout_p=0.1)
+
+
+def test_dropout_backward_is_deterministic():
+    qkv = torch.randn(2, 70, 3 * 2 * 32, dtype=BF16, requires_grad=True)
+    seed = _seed(11)
+    out, _ = torch.ops.vit_fast.fused_qkv_attention_fwd(qkv, 2, 0.2, 0.5, seed)
+    grad = torch.randn_like(out)
+    (first,) = torch.autograd.grad(out, qkv, grad, retain_graph=True)
+    (second,) = torch.autograd.grad(out, qkv, grad)
+    assert torch.equal(first, second)
+
+
+def test_opcheck_with_dropout():
+    qkv = torch.randn(1, 17, 3 * 2 * 16, dtype=F32, requires_grad=True)
+    args = (qkv, 2, 0.25, 0.5, _seed(5))
+    torch.library.opcheck(torch.ops.vit_fast.fused_qkv_attention_fwd.default, args)
+    out, lse = torch.ops.vit_fast.fused_qkv_attention_fwd(qkv.detach(), *args[1:])
+    torch.library.opcheck(torch.ops.vit_fast.fused_qkv_attention_bwd.default,
+                          (torch.randn_like(out), qkv.detach(), out, lse, 2, 0.25, 0.5, _seed(5)))
+
+
+def test_dropout_saves_only_qkv_out_lse_and_the_seed():
+    B, N, H, D = 1, 19, 2, 16
+    qkv = torch.randn(B, N, 3 * H * D, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fused_qkv_attention(qkv, H, 0.25, dropout_p=0.2)
+    sizes = sorted(t.numel() for t in {t.untyped_storage().data_ptr(): t for t in saved}.values())
+    assert sizes == [1, B * H * N, B * N * H * D, B * N * 3 * H * D], sizes
+    out.sum().backward()
+    assert qkv.grad.shape == qkv.shape

@@ -39,8 +39,10 @@ def test_forced_triton_on_cpu_without_interpreter_raises(monkeypatch):
 
 def test_unsupported_options_route_to_reference_with_reasons():
     qkv = torch.randn(1, 4, 48)
-    reasons = dispatch.not_supported_reasons("fused_qkv_attention", [qkv], head_dim=8, dropout_p=0.1)
-    assert any("dropout" in r for r in reasons)
+    reasons = dispatch.not_supported_reasons("fused_qkv_attention", [qkv], head_dim=512, dropout_p=0.1)
+    assert any("head_dim 512" in r for r in reasons)
+    # Attention dropout runs in the kernel (Philox mask regenerated in the backward).
+    assert not dispatch.not_supported_reasons("fused_qkv_attention", [qkv], head_dim=8, dropout_p=0.1)
     reasons = dispatch.not_supported_reasons("residual_layer_norm", [qkv.double()], dim=9000)
     assert any("float64" in r for r in reasons) and any("9000" in r for r in reasons)
     for op in ("gelu_mlp", "patch_embed"):
@@ -49,7 +51,7 @@ def test_unsupported_options_route_to_reference_with_reasons():
     assert not dispatch.not_supported_reasons("patch_embed", [qkv.to(torch.uint8), qkv.half()])
     # Forced triton + an unsupported option: the reference answers, never a wrong result.
     with vit_fast.use_backend("triton"):
-        choice = dispatch.choose("fused_qkv_attention", [qkv], head_dim=8, dropout_p=0.1)
+        choice = dispatch.choose("fused_qkv_attention", [qkv], head_dim=512)
     assert choice.backend == "reference" and choice.reasons
 
 

@@ -11,9 +11,10 @@ Policy, per call (xformers style: each kernel lists what it does not support):
 - ``auto``: the kernel when :func:`not_supported_reasons` is empty, else the reference. Triton
   kernels only on CUDA tensors here (the interpreter is for tests, not for work); the extension
   on CPU too, where its OpenMP gather + one GEMM beats Conv2d.
-- ``triton``: the kernel when supported. An option the kernel does not cover (dropout, a dtype,
-  a size) falls back to the reference: never a wrong answer. A device the kernel cannot run on at
-  all (CPU without the Triton interpreter) raises, because the user asked for kernels explicitly.
+- ``triton``: the kernel when supported. An option the kernel does not cover (a dtype, a head
+  dim, a size) falls back to the reference: never a wrong answer. A device the kernel cannot run
+  on at all (CPU without the Triton interpreter) raises, because the user asked for kernels
+  explicitly.
 """
 from __future__ import annotations
 
@@ -139,8 +140,6 @@ def not_supported_reasons(op: str, tensors, **options) -> list:
     if len(dtypes) > 1:
         reasons.append(f"mixed dtypes {sorted(map(str, dtypes))}: kernels take one dtype")
     if op == "fused_qkv_attention":
-        if options.get("dropout_p", 0.0) > 0.0:
-            reasons.append("attention dropout (dropout_p > 0) is not implemented in the kernel")
         if options.get("head_dim", 0) > MAX_HEAD_DIM:
             reasons.append(f"head_dim {options['head_dim']} > {MAX_HEAD_DIM}")
         if torch.float32 in dtypes and any(t.device.type == "cuda" for t in floats):

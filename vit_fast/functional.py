@@ -130,7 +130,7 @@ def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0):
     if choice.backend == "triton":
         from .ops import attention
         with _kernel_context(amp, qkv.device):
-            return attention.fused_qkv_attention(qkv, int(num_heads), scale)
+            return attention.fused_qkv_attention(qkv, int(num_heads), scale, float(dropout_p))
     return reference.fused_qkv_attention(qkv, int(num_heads), scale=scale, dropout_p=dropout_p)
 
 
