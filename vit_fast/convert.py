@@ -38,7 +38,7 @@ def _timm_classes():
     return Block, Attention, Mlp, LayerScale, PatchEmbed
 
 
-def _adopt(cls, old, replace=None, **attrs):
+def _adopt(cls, old, replace=None):
     """A new ``cls`` module built around ``old``'s submodules and parameters, in their order.
 
     No parameter is created or copied: the same objects move over, so state_dict keys and the
@@ -56,7 +56,7 @@ def _adopt(cls, old, replace=None, **attrs):
         setattr(new, name, replace.get(name, module))
     # Plain attributes (num_heads, scale, patch_size, a ``gate`` of None...) come along too.
     plain = {k: v for k, v in vars(old).items() if not k.startswith("_") and k != "training"}
-    for key, value in {**plain, **attrs}.items():
+    for key, value in plain.items():
         setattr(new, key, value)
     new.train(old.training)
     return new
