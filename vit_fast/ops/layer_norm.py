@@ -7,6 +7,7 @@ entry hands back x: autograd then adds the gradient that flows into s to dx by i
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -67,7 +68,9 @@ def _setup_context(ctx, inputs, output):
     has_res = residual is not None
     # Only what the backward cannot rebuild cheaply: s (x itself without a residual), the fp32
     # statistics, and x when dlayer_scale needs it.
-    ctx.save_for_backward(s if has_res else x, x if (has_res and layer_scale is not None) else None,
+    need_x = has_res and (layer_scale is not None
+                          or (sample_scale is not None and sample_scale.requires_grad))
+    ctx.save_for_backward(s if has_res else x, x if need_x else None,
                           mean, rstd, weight, layer_scale if has_res else None,
                           sample_scale if has_res else None)
     ctx.residual_dtype = residual.dtype if has_res else None
@@ -85,11 +88,24 @@ def _backward(ctx, dy, ds, _dmean, _drstd):
         ds = None
     need = ctx.needs_input_grad
     dx, dres, dw, db, dls = _bwd_op(
-        dy, ds, s, x, mean, rstd, weight, layer_scale, sample_scale, ctx.residual_dtype,
-        ctx.bias_dtype if need[2] else None)
+        dy, ds, s, x if layer_scale is not None else None, mean, rstd, weight, layer_scale,
+        sample_scale, ctx.residual_dtype, ctx.bias_dtype if need[2] else None)
+    dss = None
+    if need[6] and sample_scale is not None and ctx.residual_dtype is not None:
+        dss = sample_scale_grad(dres, x, layer_scale, sample_scale)
     return (dx, dw if need[1] else None, db if need[2] else None, None,
             dres if need[4] else None,
-            dls if (layer_scale is not None and need[5]) else None, None)
+            dls if (layer_scale is not None and need[5]) else None, dss)
+
+
+def sample_scale_grad(ds, x, layer_scale, sample_scale):
+    """d sample_scale[b] = Σ over sample b's rows and channels of ds·x·layer_scale, in fp32.
+
+    ds is the gradient of s = residual + x·layer_scale·sample_scale[b]; sample_scale is usually a
+    drop-path mask without a gradient, so this runs only when one is asked for."""
+    branch = x.float() if layer_scale is None else x.float() * layer_scale.float()
+    per_sample = (ds.float() * branch).reshape(sample_scale.shape[0], math.prod(x.shape[1:]))
+    return per_sample.sum(1).to(sample_scale.dtype)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)

@@ -59,6 +59,10 @@ def patch_embed(images, weight, bias, patch_size, pos_embed, mean, std) -> torch
         raise RuntimeError(f"vit_fast: {_IMPORT_ERROR}")
     ph, pw = patch_size
     channels = weight.shape[1]
+    if channels == 0:  # no pixels to gather: the output is the bias (+ pos_embed), as conv2d gives
+        from vit_fast import reference
+        return reference.patch_embed(images, weight, bias, patch_size=(ph, pw), pos_embed=pos_embed,
+                                     mean=mean, std=std)
     mean = _as_channel_vector(mean, channels, images.device)
     std = _as_channel_vector(std, channels, images.device)
     return torch.ops.vit_fast.patch_embed_fwd(images, weight, bias, [ph, pw], pos_embed, mean, std)

@@ -59,7 +59,8 @@ def _setup_context(ctx, inputs, output):
     (x, residual, ls1, ss1, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
      approximate, ls2, ss2, _save_pre) = inputs
     _, s, mean, rstd, pre = output
-    ctx.save_for_backward(s, x if ls1 is not None else None, mean, rstd, pre, ln_weight, ln_bias,
+    need_x = ls1 is not None or (ss1 is not None and ss1.requires_grad)
+    ctx.save_for_backward(s, x if need_x else None, mean, rstd, pre, ln_weight, ln_bias,
                           fc1_weight, fc2_weight, fc2_bias, ls1, ss1, ls2, ss2)
     ctx.eps, ctx.approximate = eps, approximate
     ctx.has_fc1_bias = fc1_bias is not None
@@ -70,7 +71,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _ds, _dmean, _drstd, _dpre):
     (s, x, mean, rstd, pre, ln_weight, ln_bias, fc1_weight, fc2_weight, fc2_bias, ls1, ss1, ls2,
      ss2) = ctx.saved_tensors
-    if pre.numel() == 0 and s.numel() != 0:
+    if pre.dim() != 2:  # the forward's placeholder for "not saved" is 1-D
         raise RuntimeError("vit_fast::residual_layer_norm_mlp: backward needs the fc1 "
                            "pre-activation, but the forward ran with save_pre=False")
     need = ctx.needs_input_grad
@@ -83,12 +84,13 @@ def _backward(ctx, dout, _ds, _dmean, _drstd, _dpre):
     del h
     # s feeds both the LayerNorm and the output's residual add: the latter's gradient is dout.
     dx, dres, dlnw, dlnb, dls1 = torch.ops.vit_fast.residual_layer_norm_backward(
-        dh, g, s, x, mean, rstd, ln_weight, ls1, ss1, ctx.residual_dtype,
-        ln_bias.dtype if (ln_bias is not None and need[5]) else None)
+        dh, g, s, x if ls1 is not None else None, mean, rstd, ln_weight, ls1, ss1,
+        ctx.residual_dtype, ln_bias.dtype if (ln_bias is not None and need[5]) else None)
+    dss1 = _ln.sample_scale_grad(dres, x, ls1, ss1) if (need[3] and ss1 is not None) else None
 
     def keep(grad, wanted):
         return grad if wanted else None
-    return (dx, dres, keep(dls1, ls1 is not None and need[2]), None,
+    return (dx, dres, keep(dls1, ls1 is not None and need[2]), dss1,
             keep(dlnw, ln_weight is not None and need[4]),
             keep(dlnb, ln_bias is not None and need[5]), None,
             dw1, keep(db1, mlp_flags[0]), dw2, keep(db2, mlp_flags[1]), None,
