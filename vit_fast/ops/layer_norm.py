@@ -13,13 +13,29 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vit_fast.kernels.layer_norm import residual_layer_norm_bwd, residual_layer_norm_fwd
+from vit_fast.kernels.layer_norm import MAX_C, residual_layer_norm_bwd, residual_layer_norm_fwd
+
+from . import checks
+
+
+def check_fwd_args(x, weight, bias, eps, residual=None, layer_scale=None, sample_scale=None,
+                   op="residual_layer_norm"):
+    """What the forward kernel needs: one dtype and device, [C] vectors, residual like x."""
+    checks.tensor(op, "x", x, dim=1)
+    C = x.shape[-1]
+    checks.value(op, C <= MAX_C, f"x's last dim {C} is above the kernel's maximum {MAX_C}")
+    for name, t in (("weight", weight), ("bias", bias), ("layer_scale", layer_scale)):
+        checks.tensor(op, name, t, like=x, shape=(C,), optional=True)
+    checks.tensor(op, "residual", residual, like=x, shape=x.shape, optional=True)
+    checks.sample_scale(op, sample_scale, x)
+    checks.eps(op, eps)
 
 
 @torch.library.custom_op("vit_fast::residual_layer_norm", mutates_args=())
 def _fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
             residual: Optional[Tensor], layer_scale: Optional[Tensor],
             sample_scale: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_fwd_args(x, weight, bias, eps, residual, layer_scale, sample_scale)
     y, s, mean, rstd = residual_layer_norm_fwd(x, weight, bias, eps, residual, layer_scale,
                                                sample_scale)
     return y, (s if s is not None else x.new_empty(0)), mean, rstd
@@ -27,7 +43,8 @@ def _fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: fl
 
 @_fwd_op.register_fake
 def _(x, weight, bias, eps, residual, layer_scale, sample_scale):
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    check_fwd_args(x, weight, bias, eps, residual, layer_scale, sample_scale)
+    rows = checks.rows(x)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     s = torch.empty_like(y) if residual is not None else x.new_empty(0)
     stats = x.new_empty((rows,), dtype=torch.float32)
@@ -43,6 +60,8 @@ def _bwd_op(dy: Tensor, ds: Optional[Tensor], s: Tensor, x: Optional[Tensor], me
 
     residual_dtype / bias_dtype: None when there is no residual / no bias gradient to compute.
     """
+    _check_bwd_args(dy, ds, s, x, mean, rstd, weight, layer_scale, sample_scale, residual_dtype,
+                    bias_dtype)
     grads = residual_layer_norm_bwd(
         dy, ds, s, mean, rstd, weight, has_residual=residual_dtype is not None,
         need_bias_grad=bias_dtype is not None, x=x, layer_scale=layer_scale,
@@ -50,8 +69,30 @@ def _bwd_op(dy: Tensor, ds: Optional[Tensor], s: Tensor, x: Optional[Tensor], me
     return [g if g is not None else s.new_empty(0) for g in grads]
 
 
+def _check_bwd_args(dy, ds, s, x, mean, rstd, weight, layer_scale, sample_scale, residual_dtype,
+                    bias_dtype):
+    op = "residual_layer_norm_backward"
+    checks.tensor(op, "s", s, dim=1)
+    C, M = s.shape[-1], checks.rows(s)
+    checks.value(op, C <= MAX_C, f"s's last dim {C} is above the kernel's maximum {MAX_C}")
+    checks.tensor(op, "dy", dy, like=s, shape=s.shape)
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        checks.tensor(op, name, t, like=s, shape=(M,), dtype=torch.float32)
+    checks.tensor(op, "weight", weight, like=s, shape=(C,), optional=True)
+    for name, dt in (("residual_dtype", residual_dtype), ("bias_dtype", bias_dtype)):
+        checks.value(op, dt is None or dt in checks.KERNEL_DTYPES,
+                     f"{name} must be None, float32, float16 or bfloat16, got {dt}")
+    if residual_dtype is not None:  # the residual branch's inputs are read only with a residual
+        checks.tensor(op, "ds", ds, like=s, shape=s.shape, optional=True)
+        checks.tensor(op, "layer_scale", layer_scale, like=s, shape=(C,), optional=True)
+        checks.tensor(op, "x", x, like=s, shape=s.shape, optional=layer_scale is None)
+        checks.sample_scale(op, sample_scale, s)
+
+
 @_bwd_op.register_fake
 def _(dy, ds, s, x, mean, rstd, weight, layer_scale, sample_scale, residual_dtype, bias_dtype):
+    _check_bwd_args(dy, ds, s, x, mean, rstd, weight, layer_scale, sample_scale, residual_dtype,
+                    bias_dtype)
     C = s.shape[-1]
     none = s.new_empty(0)
     has_res = residual_dtype is not None

@@ -25,8 +25,19 @@ from torch import Tensor
 from vit_fast.kernels.gelu_mlp import gelu_mlp_fwd
 from vit_fast.kernels.layer_norm import residual_layer_norm_fwd
 
-from . import gelu_mlp as _mlp  # noqa: F401  registers vit_fast::gelu_mlp_backward
-from . import layer_norm as _ln  # noqa: F401  registers vit_fast::residual_layer_norm(_backward)
+from . import checks
+from . import gelu_mlp as _mlp  # registers vit_fast::gelu_mlp_backward
+from . import layer_norm as _ln  # registers vit_fast::residual_layer_norm(_backward)
+
+
+def _check_args(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps, fc1_weight,
+                fc1_bias, fc2_weight, fc2_bias, approximate, layer_scale2, sample_scale2):
+    op = "residual_layer_norm_mlp"
+    _ln.check_fwd_args(x, ln_weight, ln_bias, eps, residual, layer_scale1, sample_scale1, op=op)
+    checks.tensor(op, "residual", residual, like=x, shape=x.shape)
+    # the MLP reads LN's output (x's shape) and adds its branch to s (x's shape too)
+    _mlp.check_fwd_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
+                        layer_scale2, sample_scale2, op=op)
 
 
 @torch.library.custom_op("vit_fast::residual_layer_norm_mlp", mutates_args=())
@@ -38,6 +49,8 @@ def residual_layer_norm_mlp_op(
         sample_scale2: Optional[Tensor], save_pre: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out [..., C], s [..., C], mean [M], rstd [M], pre [M, H] or empty when not save_pre)."""
+    _check_args(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps, fc1_weight,
+                fc1_bias, fc2_weight, fc2_bias, approximate, layer_scale2, sample_scale2)
     h, s, mean, rstd = residual_layer_norm_fwd(x, ln_weight, ln_bias, eps, residual, layer_scale1,
                                                sample_scale1)
     out, pre = gelu_mlp_fwd(h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, s,
@@ -48,7 +61,9 @@ def residual_layer_norm_mlp_op(
 @residual_layer_norm_mlp_op.register_fake
 def _(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps, fc1_weight, fc1_bias,
       fc2_weight, fc2_bias, approximate, layer_scale2, sample_scale2, save_pre):
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    _check_args(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps, fc1_weight,
+                fc1_bias, fc2_weight, fc2_bias, approximate, layer_scale2, sample_scale2)
+    rows = checks.rows(x)
     s = torch.empty_like(x, memory_format=torch.contiguous_format)
     stats = x.new_empty((rows,), dtype=torch.float32)
     pre = x.new_empty((rows, fc1_weight.shape[0]) if save_pre else (0,))
