@@ -42,11 +42,15 @@ def test_second_order_gradients_match_reference():
     _assert_grads_close(got, want)
 
 
+def _uint8_leaves(B, D):
+    """uint8 NHWC images and learnable weight, mean and std."""
+    return (torch.randint(0, 256, (B, 8, 8, 3), dtype=torch.uint8),
+            torch.randn(D, 3, 4, 4, requires_grad=True), torch.tensor(MEAN, requires_grad=True),
+            torch.tensor(STD, requires_grad=True))
+
+
 def test_learnable_mean_std_get_gradients():
-    images = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
-    weight = torch.randn(5, 3, 4, 4, requires_grad=True)
-    mean = torch.tensor(MEAN, requires_grad=True)
-    std = torch.tensor(STD, requires_grad=True)
+    images, weight, mean, std = _uint8_leaves(2, 5)
 
     def grads():
         out = vit_fast.patch_embed(images, weight, None, patch_size=4, mean=mean, std=std)
@@ -57,10 +61,7 @@ def test_learnable_mean_std_get_gradients():
 
 
 def test_uint8_second_order_through_mean_std():
-    images = torch.randint(0, 256, (1, 8, 8, 3), dtype=torch.uint8)
-    weight = torch.randn(4, 3, 4, 4, requires_grad=True)
-    mean = torch.tensor(MEAN, requires_grad=True)
-    std = torch.tensor(STD, requires_grad=True)
+    images, weight, mean, std = _uint8_leaves(1, 4)
 
     def second_order():
         out = vit_fast.patch_embed(images, weight, None, patch_size=4, mean=mean, std=std)
