@@ -157,3 +157,22 @@ def test_opcheck_backward_ops():
     torch.library.opcheck(ops.gelu_mlp_backward.default, mlp_bwd)
     torch.library.opcheck(ops.layer_norm_linear.default,
                           (r(4, 8, requires_grad=True), r(8), r(8), 1e-6, r(12, 8), r(12)))
+
+
+def test_checks_trace_with_dynamic_shapes():
+    """The checks compile into the graph (guards / runtime asserts on symbolic sizes): no graph
+    break, and the compiled function still gives the eager results at two batch sizes."""
+    torch._dynamo.reset()
+
+    def fn(x, w, b, w1, w2):
+        y, _, _, _ = ops.residual_layer_norm(x, w, b, 1e-6, None, None, None)
+        return ops.gelu_mlp(y, w1, None, w2, None, "tanh", x, None, None, False)[0]
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    w, b, w1, w2 = r(8), r(8), r(16, 8), r(8, 16)
+    for rows in (3, 5):
+        x = r(2, rows, 8)
+        torch.testing.assert_close(compiled(x, w, b, w1, w2), fn(x, w, b, w1, w2))
+    # a bad shape is caught while tracing (dynamo wraps the op's ValueError in its own error)
+    with pytest.raises(Exception, match=r"ValueError\('vit_fast::gelu_mlp: fc1_weight"):
+        compiled(r(2, 4, 8), w, b, r(16, 7), w2)
+    torch._dynamo.reset()
