@@ -84,6 +84,25 @@ def test_gelu_mlp_strided_vectors(view):
     _assert_all_close(_grads(ours, leaves), _grads(want, leaves), "grads")
 
 
+@pytest.mark.parametrize("view", ["slice", "expand"])
+def test_patch_embed_strided_vectors(view):
+    """The C++ extension (auto on CPU) with a strided bias and uint8 mean/std."""
+    images = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    weight = torch.randn(5, 3, 4, 4, requires_grad=True)
+    bias_base, bias = _strided_vector(5, view)
+    _, mean = _strided_vector(3, view)
+    _, std = _strided_vector(3, view, positive=True)
+    leaves = [weight, bias_base]
+
+    def run(backend):
+        with vit_fast.use_backend(backend):
+            return vit_fast.patch_embed(images, weight, bias, patch_size=4, mean=mean.detach(),
+                                        std=std.detach())
+    ours, want = run("auto"), run("reference")
+    _assert_all_close((ours,), (want,), "out")
+    _assert_all_close(_grads(ours, leaves), _grads(want, leaves), "grads")
+
+
 # --- empty batches and empty feature dims ---------------------------------------------------------
 
 def _leaves(*tensors):
