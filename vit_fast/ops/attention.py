@@ -15,9 +15,9 @@ from torch import Tensor
 
 from vit_fast.kernels.attention import attention_bwd, attention_fwd
 
-from . import checks
+from vit_fast.dispatch import MAX_HEAD_DIM  # the largest head dim the kernels are built for
 
-MAX_HEAD_DIM = 256  # the largest head dim the kernels are built for
+from . import checks
 
 
 def check_fwd_args(qkv, num_heads, scale, dropout_p, seed, op="fused_qkv_attention_fwd"):
