@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from . import dispatch, functional, reference
+from .transformers_autograd import qkv_linear, quick_gelu_mlp
 
 __all__ = ["is_transformers_model", "convert_transformers", "fallback_reason"]
 
@@ -92,13 +93,15 @@ def _gelu_form(act):
     if kind in (A.GELUTanh, A.NewGELUActivation, A.FastGELUActivation):  # tanh-form GELU
         return "tanh", ""
     if kind is A.QuickGELUActivation:
-        return None, ("quick_gelu (x·sigmoid(1.702x)) is not one of gelu_mlp's epilogues "
-                      "(erf, tanh); the MLP runs eagerly, attention and norms stay fused")
+        return "quick", ("quick_gelu (x·sigmoid(1.702x)) is not one of gelu_mlp's epilogues "
+                         "(erf, tanh): the MLP runs as PyTorch ops, not a fused kernel (saving "
+                         "only its input and pre-activation); attention and norms stay fused")
     return None, f"activation {kind.__name__} has no gelu_mlp epilogue; the MLP runs eagerly"
 
 
 def _mlp_form(mlp):
-    """(approximate or None, why the MLP runs eagerly)."""
+    """(form, why the MLP is not one gelu_mlp): form is gelu_mlp's approximate ('none',
+    'tanh'), 'quick' (quick_gelu_mlp) or None (the layer's own MLP module)."""
     if not (isinstance(getattr(mlp, "fc1", None), nn.Linear)
             and isinstance(getattr(mlp, "fc2", None), nn.Linear) and hasattr(mlp, "activation_fn")
             and type(mlp).__name__.endswith("MLP")):
@@ -215,19 +218,27 @@ def fallback_reason(layer, hidden_states, attention_mask, kwargs):
 
 # --- the fused forward ----------------------------------------------------------------------
 
-def _qkv_weights(attn):
-    """q/k/v Linears as one [3·H·D, C] weight (and bias), laid out (3, H, D) like timm's qkv.
+def _qkv(attn, h1):
+    """q/k/v Linears applied as one GEMM: [B, N, 3·H·D], laid out (3, H, D) like timm's qkv.
 
-    A copy per forward: 3·C² elements, cheap next to the GEMM; autograd's cat backward hands each
-    Parameter its slice of the gradient.
+    Their weights are concatenated per forward (3·C² elements, cheap next to the GEMM);
+    qkv_linear saves the Parameters instead of that copy. Under autocast, or with mixed dtypes,
+    F.linear on the copy (autocast casts it), whose backward also reaches the three Parameters.
     """
     lins = (attn.q_proj, attn.k_proj, attn.v_proj)
-    weight = torch.cat([m.weight for m in lins])
-    if all(m.bias is None for m in lins):
-        return weight, None
-    bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
-                      for m in lins])
-    return weight, bias
+    bias = None
+    if any(m.bias is not None for m in lins):
+        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+                          for m in lins])
+    if _plain_autograd(h1, *(m.weight for m in lins)):
+        return qkv_linear(h1, *(m.weight for m in lins), bias)
+    return nn.functional.linear(h1, torch.cat([m.weight for m in lins]), bias)
+
+
+def _plain_autograd(x, *tensors):
+    """Whether transformers_autograd's Functions apply: one dtype, autocast off."""
+    return (functional._autocast_dtype(x.device) is None
+            and all(t is None or t.dtype == x.dtype for t in tensors))
 
 
 def _drop_path_scale(dp, x):
@@ -251,7 +262,7 @@ def _fused_forward(layer, x):
     dp = getattr(layer, layout.drop_path) if layout.drop_path else None
 
     h1 = functional.residual_layer_norm(x, n1.weight, n1.bias, n1.eps)[0]
-    qkv = nn.functional.linear(h1, *_qkv_weights(attn))
+    qkv = _qkv(attn, h1)
     o = functional.fused_qkv_attention(qkv, heads, scale=scale,
                                        dropout_p=float(dropout) if attn.training else 0.0)
     p = nn.functional.linear(o, proj.weight, proj.bias)
@@ -259,9 +270,13 @@ def _fused_forward(layer, x):
                                             layer_scale=ls1, sample_scale=_drop_path_scale(dp, x))
     ss2 = _drop_path_scale(dp, x)  # drawn second, as transformers draws it after the MLP
     approximate = layer._vit_fast_mlp_form
-    if approximate is None:  # an activation without a fused epilogue: the layer's own MLP
+    if approximate is None:  # no fc1 -> activation -> fc2 this code knows: the layer's own MLP
         return reference.add_branch(x1, layer.mlp(h2), ls2, ss2)
     fc1, fc2 = layer.mlp.fc1, layer.mlp.fc2
+    if approximate == "quick":  # CLIP's quick_gelu: PyTorch ops, activation recomputed
+        tensors = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        mlp = quick_gelu_mlp(h2, *tensors) if _plain_autograd(h2, *tensors) else layer.mlp(h2)
+        return reference.add_branch(x1, mlp, ls2, ss2)
     return functional.gelu_mlp(h2, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
                                approximate=approximate, residual=x1, layer_scale=ls2,
                                sample_scale=ss2)
