@@ -367,3 +367,14 @@ def test_dinov2_swiglu_runs_its_own_mlp(op_calls):
     assert op_calls["fused_qkv_attention"] == 2 and "gelu_mlp" not in op_calls
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     _assert_grads_close(got_grads, want_grads)
+
+
+def test_transformers_4_layers_are_left(monkeypatch):
+    """4.x layers return tuples (CLIP's keeps the same submodule names): refused by version."""
+    model = _build("clip")
+    monkeypatch.setattr(ct, "_transformers_version", lambda: "4.57.1")
+    vit_fast.convert(model)
+    summary = model.vit_fast_summary
+    assert summary.swapped == [] and len(summary.left) == 2
+    assert all("transformers >= 5" in why for _, why in summary.left)
+    assert not any(isinstance(m, ct._FusedLayerMixin) for m in model.modules())

@@ -287,7 +287,7 @@ class _FusedLayerMixin:
 
     def forward(self, hidden_states, *args, **kwargs):
         attention_mask = args[0] if args else kwargs.get("attention_mask")
-        if fallback_reason(self, hidden_states, attention_mask, kwargs):
+        if len(args) > 1 or fallback_reason(self, hidden_states, attention_mask, kwargs):
             return super().forward(hidden_states, *args, **kwargs)
         # transformers >= 5 layers return the hidden states tensor itself.
         return _fused_forward(self, hidden_states)
@@ -318,13 +318,24 @@ def __getattr__(name):  # PEP 562: unpickling a converted model builds its fused
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _transformers_version():
+    import transformers
+    return transformers.__version__
+
+
 def convert_transformers(model: nn.Module, summary) -> None:
     """Convert every supported transformers encoder layer in ``model``; note it in ``summary``."""
+    version = _transformers_version()
+    too_old = int(version.split(".")[0]) < 5
     for name, module in model.named_modules():
         layout = _layout_of(module)
         if isinstance(module, _FusedLayerMixin) or layout is None:
             continue
-        why = _why_not(module, layout)
+        # 4.x layers return tuples and take other arguments (CLIP's causal_attention_mask...),
+        # some with the same submodule names: refuse them by version, not by layout alone.
+        why = (f"transformers {version}: vit_fast converts the layers of "
+               "transformers >= 5 (tensor outputs, q_proj/k_proj/v_proj)") if too_old \
+            else _why_not(module, layout)
         if why:
             summary.left.append((name, why))
             continue
