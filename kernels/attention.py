@@ -27,20 +27,17 @@ two (at least 16, what tl.dot needs). All accumulation is fp32. The backward has
 dk/dv are owned by one program per key block and dq by one program per query block, so two runs
 are bitwise equal.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._device import interpreting as _interpreting
+from ._device import on_tensor_device
 
 LOG2E = 1.4426950408889634
 # Globals a jit function reads must be constexpr.
 _LN2 = tl.constexpr(0.6931471805599453)
 _LOG2E = tl.constexpr(LOG2E)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -383,6 +380,7 @@ def _dropout_args(qkv: torch.Tensor, dropout_p: float, seed):
     return seed, float(dropout_p), True
 
 
+@on_tensor_device
 def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, dropout_p: float = 0.0,
                   seed=None, config=None):
     """out [B, N, H·D] (qkv's dtype) and lse [B, H, N] fp32 from packed qkv [B, N, 3·H·D].
@@ -412,6 +410,7 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, dropout_p:
     return out, lse
 
 
+@on_tensor_device
 def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                   num_heads: int, scale: float, *, dropout_p: float = 0.0, seed=None, config=None):
     """dqkv [B, N, 3·H·D] (qkv's dtype, contiguous) from dout [B, N, H·D] and the forward's

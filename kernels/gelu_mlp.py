@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ._device import on_tensor_device
 from .matmul import COLSUM_BLOCK, CONFIGS, colsum, colsum_kernel, config_name, matmul, matmul_kernel
 
 _DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -26,6 +27,7 @@ def _rows_per_sample(x):
     return 1 if x.dim() < 2 else x[0].numel() // max(1, x.shape[-1])
 
 
+@on_tensor_device
 def gelu_mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
                  layer_scale, sample_scale, save_pre):
     """x [..., C], fc1_weight [H, C], fc2_weight [C_out, H] (nn.Linear layout), biases [H]/[C_out]
@@ -47,6 +49,7 @@ def gelu_mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, res
     return out.reshape(*x.shape[:-1], c_out), (pre if save_pre else x.new_empty(0))
 
 
+@on_tensor_device
 def gelu_mlp_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale,
                  approximate, has_residual, needs_fc1_bias, needs_fc2_bias, needs_layer_scale,
                  needs_sample_scale):

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_tensor_device
+
 MAX_C = 8192
 
 
@@ -245,6 +247,7 @@ def _rows(t: torch.Tensor, C: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Launchers.
 
+@on_tensor_device
 def residual_layer_norm_fwd(x, weight, bias, eps, residual=None, layer_scale=None, sample_scale=None):
     """Forward launcher. x, residual: [..., C]; weight, bias, layer_scale: [C] or None;
     sample_scale: [x.shape[0]] or None (layer_scale and sample_scale apply only with a residual).
@@ -285,6 +288,7 @@ def residual_layer_norm_fwd(x, weight, bias, eps, residual=None, layer_scale=Non
     return y, (s.reshape(x.shape) if has_res else None), mean, rstd
 
 
+@on_tensor_device
 def residual_layer_norm_bwd(dy, ds, s, mean, rstd, weight, *, has_residual, need_bias_grad,
                             x=None, layer_scale=None, sample_scale=None, residual_dtype=None,
                             bias_dtype=None):
