@@ -40,7 +40,12 @@ KERNEL_DTYPES = support.KERNEL_DTYPES
 MAX_HEAD_DIM = support.MAX_HEAD_DIM
 MAX_LAYER_NORM_DIM = support.MAX_LAYER_NORM_DIM
 
-_local = threading.local()
+class _PolicyStack(threading.local):
+    def __init__(self):
+        self.stack = []  # innermost use_backend() last
+
+
+_local = _PolicyStack()
 
 
 def _check_policy(name):
@@ -51,7 +56,7 @@ def _check_policy(name):
 
 def current_policy() -> str:
     """The policy in force: the innermost use_backend(), else VIT_FAST_BACKEND, else 'auto'."""
-    stack = getattr(_local, "stack", None)
+    stack = _local.stack
     if stack:
         return stack[-1]
     env = os.environ.get("VIT_FAST_BACKEND", "auto").strip().lower() or "auto"
@@ -64,11 +69,9 @@ def current_policy() -> str:
 def use_backend(name: str):
     """Run the enclosed calls with backend policy ``name`` ('auto', 'reference' or 'triton')."""
     _check_policy(name)
-    # Plain attribute access: Dynamo before torch 2.6 cannot trace setdefault on a threading.local.
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = []
-        _local.stack = stack
+    # Each thread's stack exists from its first access (_PolicyStack.__init__): older Dynamo
+    # (torch 2.11's) cannot trace setdefault on a threading.local's __dict__.
+    stack = _local.stack
     stack.append(name)
     try:
         yield
