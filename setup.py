@@ -33,6 +33,11 @@ CPP_SOURCES = ["csrc/patch_embed.cpp"]
 CUDA_SOURCES = ["csrc/cuda/patch_embed.cu"]
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
+# torch finds CUDA_HOME from `which nvcc` when unset; a /usr/local/bin/nvcc wrapper then gives
+# /usr/local, where libcudart is not. Prefer the toolkit's own folder (read by cpp_extension at import).
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
 
 def _give_up(message):
     """A fallback is about to be taken: an error under VIT_FAST_REQUIRE_EXT=1, else a warning."""
