@@ -7,7 +7,7 @@ copy of the tracked source tree with vit_fast._C built in place against that tor
 
     TRITON_INTERPRET=1 python -m pytest tests -q      and      python -m vit_fast.bench compile-check --summary
 
-Stacks (COMPAT_STACKS picks some by name, comma separated):
+Stacks (COMPAT_STACKS picks some by name, comma separated; default torch-2.11,pinned):
 - torch-2.11: torch 2.11 + triton 3.6, the oldest torch vit_fast declares (pyproject.toml) and the
   stack of this project's GPU machines. numpy < 2.4: triton 3.6's interpreter breaks on 2.4.
 - pinned: requirements-dev.txt's torch 2.14.1 + triton 3.8.0, what CI runs (the baseline row).
@@ -32,11 +32,16 @@ TEST_REQUIREMENTS = ["timm>=1.0", "pytest", "ninja", "setuptools", "wheel", "ein
                      "vit-pytorch", "pytest-benchmark"]
 
 STACKS = {
-    "torch-2.11": {"torch": ["torch==2.11.*", "torchvision==0.26.*"], "triton": "triton==3.6.*",
-                   "extra": ["numpy<2.4"]},
-    "pinned": {"torch": ["torch==2.14.1", "torchvision==0.29.1"], "triton": "triton==3.8.0",
-               "extra": ["numpy"]},
+    "torch-2.11": {"torch": ["torch==2.11.*", "torchvision==0.26.*"], "index": CPU_INDEX,
+                   "triton": "triton==3.6.*", "extra": ["numpy<2.4"]},
+    "pinned": {"torch": ["torch==2.14.1", "torchvision==0.29.1"], "index": CPU_INDEX,
+               "triton": "triton==3.8.0", "extra": ["numpy"]},
+    # Not a default: triton 3.6 with the torch 2.13 CPU wheel, where only that one is at hand
+    # (a machine without download.pytorch.org but with a local wheel folder).
+    "torch-2.13-triton-3.6": {"torch": ["torch==2.13.0", "torchvision==0.28.0"], "index": None,
+                              "triton": "triton==3.6.0", "extra": ["numpy<2.4"]},
 }
+DEFAULT_STACKS = "torch-2.11,pinned"
 
 
 def _run(cmd, log, cwd=None, env=None, check=True):
@@ -78,7 +83,8 @@ def run_stack(name, spec):
     if not python.exists():
         _run([sys.executable, "-m", "venv", str(env_dir / "venv")], log)
     pip = [str(python), "-m", "pip", "install", "-q"]
-    _run(pip + ["--index-url", CPU_INDEX] + spec["torch"], log)
+    index = ["--index-url", spec["index"]] if spec["index"] else []
+    _run(pip + index + spec["torch"], log)
     _run(pip + [spec["triton"]] + spec["extra"] + TEST_REQUIREMENTS, log)
     src = env_dir / "src"
     _tracked_tree(src)
@@ -120,7 +126,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep-going", action="store_true", help="run every stack even after a failure")
     args = parser.parse_args(argv)
-    names = [n for n in os.environ.get("COMPAT_STACKS", ",".join(STACKS)).split(",") if n]
+    names = [n for n in os.environ.get("COMPAT_STACKS", DEFAULT_STACKS).split(",") if n]
     unknown = set(names) - set(STACKS)
     if unknown:
         raise SystemExit(f"COMPAT_STACKS: unknown stack(s) {sorted(unknown)}; known: {sorted(STACKS)}")
