@@ -110,6 +110,7 @@ def gpu(monkeypatch):
         return SimpleNamespace(**state["props"])
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(support, "_TRITON_DEVICE", {})
     monkeypatch.setattr(support, "_EXTENSION_DEVICE", {})
@@ -187,3 +188,12 @@ def test_use_backend_traces_in_a_full_graph():
     x, w, b = torch.randn(2, 8), torch.randn(8), torch.randn(8)
     compiled = torch.compile(f, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x, w, b), f(x, w, b))
+
+
+def test_fake_cuda_without_a_gpu_is_not_gated(monkeypatch):
+    """FakeTensorMode CUDA tensors (the memory model) on a machine without a GPU: no device to
+    query and nothing launches, so the gate stays out of the way."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert support.triton_device_reason(0) is None and support.extension_device_reason(0) is None
+    assert dispatch.choose("gelu_mlp", [FakeCudaTensor(index=0)]).backend == "triton"

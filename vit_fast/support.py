@@ -117,6 +117,8 @@ def triton_reason_for(capability, name="this GPU", shared_optin=None):
 @torch.compiler.assume_constant_result
 def triton_device_reason(index: int):
     """Why the Triton kernels cannot run on cuda:``index``; None when they can. Cached."""
+    if not torch.cuda.is_available():  # fake CUDA tensors (FakeTensorMode) on a machine without one
+        return None
     if index not in _TRITON_DEVICE:
         props = torch.cuda.get_device_properties(index)
         _TRITON_DEVICE[index] = triton_reason_for(
@@ -155,6 +157,8 @@ def extension_reason_for(capability, info, name="this GPU"):
 @torch.compiler.assume_constant_result
 def extension_device_reason(index: int):
     """Why vit_fast._C's CUDA kernels cannot run on cuda:``index``; None when they can. Cached."""
+    if not torch.cuda.is_available():  # fake CUDA tensors: nothing launches
+        return None
     if index not in _EXTENSION_DEVICE:
         props = torch.cuda.get_device_properties(index)
         _EXTENSION_DEVICE[index] = extension_reason_for(
