@@ -449,8 +449,8 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
 
 
 # Head dims compiled ahead of time per bucket: the powers of two, and the padded ones real ViTs use
-# (ViT-H/14: 80; 96 as in several hybrids), since masking the head dim changes the build.
-_AOT_HEAD_DIMS = {64: (64,), 128: (128, 80), 256: (256,)}
+# (32, 48; ViT-H/14: 80; 96, 112), since HEAD_DIM and BLOCK_D are constexprs: each is a build.
+_AOT_HEAD_DIMS = {64: (64, 32, 48), 128: (128, 80, 96, 112), 256: (256,)}
 _TORCH_TO_SIG = {torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
@@ -496,7 +496,7 @@ def aot_specs():
                 name = (f"attention_{kernel}[{str(dtype).split('.')[-1]},D={head_dim},"
                         f"BM={bm},BN={bn},w={warps},s={stages}{',dropout' if dropout else ''}]")
                 specs.append(AotSpec(name, fn, sig, consts, tuple(div), warps, stages, uses_dot=True))
-        for head_dim in (64, 128, 80, 256):
+        for head_dim in sorted(d for dims in _AOT_HEAD_DIMS.values() for d in dims):
             consts = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_M": _DELTA_BLOCK_M}
             sig = {"O": ptr, "DO": ptr, "DELTA": "*fp32", "N": "i32", "H": "i32", "stride_o_b": "i32",
                    "stride_o_n": "i32", "stride_do_b": "i32", "stride_do_n": "i32"}
@@ -504,5 +504,5 @@ def aot_specs():
             specs.append(AotSpec(f"attention_bwd_delta[{str(dtype).split('.')[-1]},D={head_dim}]",
                                  attention_bwd_delta_kernel, sig, consts,
                                  ("O", "DO", "DELTA", "stride_o_b", "stride_o_n", "stride_do_b",
-                                  "stride_do_n"), 4, 1, uses_dot=False))
+                                  "stride_do_n"), 4, None, uses_dot=False))  # launch defaults
     return specs

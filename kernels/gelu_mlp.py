@@ -113,13 +113,13 @@ _KINDS = {
 }
 
 
-def _gemm_spec(kind, dtype, config_name, approximate="none", precision=None):
+def _gemm_spec(kind, dtype, config_name, approximate="none", precision=None, out=None):
     from vit_fast.aot import AotSpec
     flags, unit = _KINDS[kind]
     BM, BN, BK, GM, warps, stages = CONFIGS[config_name]
     ptr = "*" + {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[dtype]
-    # dW of an fp32-accumulated LayerScale path stays fp32; other outputs are in the input dtype.
-    out_ptr = "*fp32" if kind == "dw" else ptr
+    # Outputs are in the input dtype, except the dW2 GEMM of the LayerScale path (out="fp32").
+    out_ptr = "*" + (out or dtype)
     sig = {"A": ptr, "B": ptr, "C": out_ptr, "BIAS": ptr, "PRE": ptr, "ACT": ptr, "RES": ptr,
            "LSCALE": ptr, "SSCALE": ptr, "ROWDOT": "*fp32",
            "M": "i32", "N": "i32", "K": "i32", "rows_per_sample": "i32"}
@@ -147,7 +147,7 @@ def _gemm_spec(kind, dtype, config_name, approximate="none", precision=None):
     if kind not in ("dx", "dw"):
         divisible += ("K",)
     tag = f"{kind}/{dtype}/{config_name}" + ("/tanh" if approximate == "tanh" else "") + (
-        f"/{precision}" if precision else "")
+        f"/{precision}" if precision else "") + (f"/out={out}" if out and out != dtype else "")
     uses_tc = not (dtype == "fp32" and meta["INPUT_PRECISION"] == "ieee")
     return AotSpec(f"matmul_kernel[{tag}]", matmul_kernel, sig, constants, divisible,
                    num_warps=warps, num_stages=stages, uses_dot=uses_tc)
@@ -163,8 +163,10 @@ def aot_specs():
             epilogue = "dgelu" if kind == "dgelu" else "none"
             # config_name with 0 SMs gives the large config, with a huge count the small one
             for sms in (0, 1 << 30):
-                specs.append(_gemm_spec(kind, dtype, config_name(1 << 20, 1 << 20, _DT[dtype],
-                                                                  epilogue, sms, "tf32")))
+                name = config_name(1 << 20, 1 << 20, _DT[dtype], epilogue, sms, "tf32")
+                specs.append(_gemm_spec(kind, dtype, name))
+                if kind == "dw" and dtype != "fp32":  # dW2 with LayerScale: fp32 output
+                    specs.append(_gemm_spec(kind, dtype, name, out="fp32"))
         for kind in ("fc1_fwd", "dgelu"):  # the tanh form changes only the epilogue
             large = config_name(1 << 20, 1 << 20, _DT[dtype],
                                 "dgelu" if kind == "dgelu" else "none", 0, "tf32")
@@ -182,5 +184,5 @@ def aot_specs():
                              dict(stride_xn=1, HAS_SAMPLE_SCALE=True, BLOCK_M=COLSUM_BLOCK[0],
                                   BLOCK_N=COLSUM_BLOCK[1]),
                              ("X", "SSCALE", "OUT", "N", "rows_per_chunk", "stride_xm"),
-                             num_warps=4, num_stages=2))
+                             num_warps=4))  # no num_stages: triton's default, as launched
     return specs
