@@ -36,10 +36,6 @@ STACKS = {
                    "triton": "triton==3.6.*", "extra": ["numpy<2.4"]},
     "pinned": {"torch": ["torch==2.14.1", "torchvision==0.29.1"], "index": CPU_INDEX,
                "triton": "triton==3.8.0", "extra": ["numpy"]},
-    # Not a default: triton 3.6 with the torch 2.13 CPU wheel, where only that one is at hand
-    # (a machine without download.pytorch.org but with a local wheel folder).
-    "torch-2.13-triton-3.6": {"torch": ["torch==2.13.0", "torchvision==0.28.0"], "index": None,
-                              "triton": "triton==3.6.0", "extra": ["numpy<2.4"]},
 }
 DEFAULT_STACKS = "torch-2.11,pinned"
 
