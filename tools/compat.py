@@ -94,7 +94,8 @@ def run_stack(name, spec, pytest_args=(), compile_check=True):
     t0 = time.time()
     code = _run([str(python), "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", *pytest_args],
                 log, cwd=src, env=dict(env, TRITON_INTERPRET="1"), check=False)
-    summary = [line for line in log.read_text().splitlines() if re.search(r"\d+ (passed|failed|errors?)\b", line)]
+    summary = [line for line in log.read_text().splitlines()
+               if re.search(r"\d+ (passed|failed|errors?)\b", line)]
     row["tests"] = (summary[-1].strip("= ") if summary else f"exit {code}")
     row["tests s"] = round(time.time() - t0)
     row["tests ok"] = code == 0
