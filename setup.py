@@ -1,17 +1,23 @@
-"""vit_fast: fused Triton kernels and a C++/CUDA patch-embed extension for Vision Transformers.
+"""Build of vit_fast's C++/CUDA extension vit_fast._C. Metadata, dependencies and the version
+source (vit_fast.__version__) are in pyproject.toml.
 
-`kernels/` ships as `vit_fast.kernels` (package_dir): a top-level `kernels` module would shadow the
-PyPI package of that name, which transformers imports.
+vit_fast._C (csrc/) is built as a CUDAExtension when nvcc and a CUDA build of torch with the same
+CUDA major version are found, as a CppExtension otherwise. GPU code: SASS for each architecture
+of TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX") and PTX for those marked +PTX, so GPUs newer than
+the list JIT-compile the PTX instead of failing with "no kernel image". What was built is
+recorded in vit_fast/_C_build.json (vit_fast.support gates the extension by it).
 
-The extension vit_fast._C (csrc/) is built as a CUDAExtension for sm_80 and sm_90 when nvcc and a
-CUDA build of torch are found, as a CppExtension otherwise. A failed extension build never fails the
-install: the CUDA build falls back to the CPU-only one, and if that fails too the package installs
-without _C and runs the reference path (vit_fast.ops.patch_embed says why). The compiler output,
-including `ptxas -v`'s register/spill lines, is kept in build/vit_fast_C.log (csrc/check_ptxas.py
-reads it).
+A failed extension build does not fail the install -- the CUDA build falls back to the CPU-only
+one, and if that fails too the package installs without _C and runs the reference path -- unless
+VIT_FAST_REQUIRE_EXT=1 (CI sets it), which makes any of those fallbacks an error. The compiler
+output, including `ptxas -v`'s register/spill lines, is kept in build/vit_fast_C.log
+(csrc/check_ptxas.py reads it). Parallel jobs: MAX_JOBS as the builder sets it (torch's default:
+all cores); ninja is used when it is on PATH.
 """
 import glob
+import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -22,16 +28,52 @@ from setuptools.command.develop import develop as _develop
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_LOG = os.path.join(ROOT, "build", "vit_fast_C.log")
 BUILD_TEMP = os.path.join(ROOT, "build", "vit_fast_C")  # kept between installs: ninja rebuilds only what changed
+BUILD_INFO = "_C_build.json"  # written next to the built library
 CPP_SOURCES = ["csrc/patch_embed.cpp"]
 CUDA_SOURCES = ["csrc/cuda/patch_embed.cu"]
-CUDA_ARCHS = ("80", "90")
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
-# pip --no-build-isolation with an un-activated venv leaves the venv's ninja off PATH, and torch
-# then falls back to a slow serial build.
-os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+# torch finds CUDA_HOME from `which nvcc` when unset; a /usr/local/bin/nvcc wrapper then gives
+# /usr/local, where libcudart is not. Prefer the toolkit's own folder (read by cpp_extension at import).
 if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
-    os.environ["CUDA_HOME"] = "/usr/local/cuda"  # read by torch.utils.cpp_extension at import
-os.environ.setdefault("MAX_JOBS", "2")
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
+def _give_up(message):
+    """A fallback is about to be taken: an error under VIT_FAST_REQUIRE_EXT=1, else a warning."""
+    if os.environ.get("VIT_FAST_REQUIRE_EXT", "0") == "1":
+        raise RuntimeError(f"{message} (VIT_FAST_REQUIRE_EXT=1: the extension is required)")
+    warnings.warn(message)
+
+
+def cuda_arch_flags(arch_list=None):
+    """(nvcc -gencode flags, {"sass": [..], "ptx": [..]}) for TORCH_CUDA_ARCH_LIST syntax:
+    "8.0;9.0+PTX", also space/comma separated; "9.0a" keeps the arch-specific suffix."""
+    arch_list = arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
+    flags, info = [], {"sass": [], "ptx": []}
+    for entry in filter(None, re.split(r"[;,\s]+", arch_list.strip())):
+        m = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", entry)
+        if not m:
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST: cannot read {entry!r} in {arch_list!r} "
+                             "(expected entries like 8.0, 8.6, 9.0+PTX)")
+        num = f"{m.group(1)}{m.group(2)}"
+        arch = num + m.group(3)
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        info["sass"].append(int(num))
+        if m.group(4):
+            flags += ["-gencode", f"arch=compute_{arch},code=compute_{arch}"]
+            info["ptx"].append(int(num))
+    return flags, info
+
+
+def _nvcc_version(cuda_home):
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def _nvidia_wheel_includes():
@@ -50,16 +92,28 @@ def _extension():
         import torch
         from torch.utils import cpp_extension
     except ImportError as exc:  # building an sdist or metadata without torch
-        warnings.warn(f"vit_fast: torch not importable ({exc}); installing without the C++ extension")
+        _give_up(f"vit_fast: torch not importable ({exc}); installing without the C++ extension")
         return [], {}
 
     cxx = ["-O3", "-fopenmp"]
-    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and os.path.exists(
-        os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+    cuda_home = cpp_extension.CUDA_HOME
+    with_cuda = torch.version.cuda is not None and cuda_home is not None and os.path.exists(
+        os.path.join(cuda_home, "bin", "nvcc"))
     if with_cuda:
-        nvcc = ["-O3", "-Xptxas", "-v", "--expt-relaxed-constexpr"]
-        for arch in CUDA_ARCHS:  # explicit -gencode also stops torch from adding its own arch list
-            nvcc += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        # torch refuses to build across CUDA major versions, but only inside build_extensions,
+        # past the fallback below: decide here instead.
+        nvcc_version = _nvcc_version(cuda_home)
+        torch_major = int(torch.version.cuda.split(".")[0])
+        if nvcc_version is None or nvcc_version[0] != torch_major:
+            _give_up(f"vit_fast: nvcc at {cuda_home} is CUDA {nvcc_version} but torch was built with "
+                     f"CUDA {torch.version.cuda}; building vit_fast._C CPU-only")
+            with_cuda = False
+    build_info = {"cuda": None, "sass": [], "ptx": [], "torch": torch.__version__}
+    if with_cuda:
+        gencode, archs = cuda_arch_flags()
+        build_info.update(archs, cuda=torch.version.cuda)
+        # explicit -gencode also stops torch from adding its own arch list
+        nvcc = ["-O3", "-Xptxas", "-v", "--expt-relaxed-constexpr"] + gencode
         ext = cpp_extension.CUDAExtension(
             "vit_fast._C", CPP_SOURCES + CUDA_SOURCES, include_dirs=_nvidia_wheel_includes(),
             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
@@ -76,22 +130,39 @@ def _extension():
             os.makedirs(os.path.dirname(BUILD_LOG), exist_ok=True)
             try:
                 self._build_logged(ext)
+                self._write_build_info(ext, build_info)
                 return
             except Exception as exc:  # noqa: BLE001 - any compiler/linker failure
                 failure = exc
             if any(s.endswith(".cu") for s in ext.sources):
-                warnings.warn(f"vit_fast: CUDA build of vit_fast._C failed ({failure}); retrying CPU-only. "
-                              f"Log: {BUILD_LOG}")
+                _give_up(f"vit_fast: CUDA build of vit_fast._C failed ({failure}); retrying CPU-only. "
+                         f"Log: {BUILD_LOG}")
                 ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
                 try:
                     self._build_logged(ext, append=True)  # keep the CUDA error in the log
+                    self._write_build_info(ext, dict(build_info, cuda=None, sass=[], ptx=[]))
                     return
                 except Exception as exc:  # noqa: BLE001
                     failure = exc
-            warnings.warn(f"vit_fast: building vit_fast._C failed ({failure}); installing without it, the "
-                          f"reference path will be used. Log: {BUILD_LOG}")
+            _give_up(f"vit_fast: building vit_fast._C failed ({failure}); installing without it, the "
+                     f"reference path will be used. Log: {BUILD_LOG}")
             # Later steps (copy in place, editable wheel outputs) must not look for the missing library.
             self.extensions.remove(ext)
+
+        def _write_build_info(self, ext, info):
+            """_C_build.json next to the library; with --inplace / editable installs (inplace is
+            off while building, on afterwards) next to its copy in the source tree too."""
+            targets = {os.path.dirname(self.get_ext_fullpath(ext.name))}
+            if getattr(self, "editable_mode", False) or self._inplace_requested:
+                targets.add(os.path.join(ROOT, "vit_fast"))
+            for folder in targets:
+                os.makedirs(folder, exist_ok=True)
+                with open(os.path.join(folder, BUILD_INFO), "w") as f:
+                    json.dump(info, f, indent=1)
+
+        def run(self):
+            self._inplace_requested = bool(self.inplace)
+            super().run()
 
         def _build_logged(self, ext, append=False):
             # ninja prints each compile's output (ptxas -v included) to fd 1 of this process: route
@@ -143,16 +214,7 @@ class Develop(_develop):
         subprocess.check_call(cmd)
 
 
-ext_modules, cmdclass = _extension()
-
-setup(
-    name="vit_fast",
-    version="0.1.0",
-    description="Fused kernels for Vision Transformers in PyTorch, drop-in for timm",
-    python_requires=">=3.10",
-    packages=["vit_fast", "vit_fast.ops", "vit_fast.bench", "vit_fast.kernels"],
-    package_dir={"vit_fast": "vit_fast", "vit_fast.kernels": "kernels"},
-    install_requires=["torch>=2.4", "timm>=1.0"],
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+if __name__ == "__main__":  # how pip's build backend and `python setup.py` run it; tests import it
+    ext_modules, cmdclass = _extension()
+    # Everything else (name, version, dependencies, packages) is in pyproject.toml.
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -27,20 +27,17 @@ two (at least 16, what tl.dot needs). All accumulation is fp32. The backward has
 dk/dv are owned by one program per key block and dq by one program per query block, so two runs
 are bitwise equal.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._device import interpreting as _interpreting
+from ._device import on_tensor_device
 
 LOG2E = 1.4426950408889634
 # Globals a jit function reads must be constexpr.
 _LN2 = tl.constexpr(0.6931471805599453)
 _LOG2E = tl.constexpr(LOG2E)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -383,6 +380,7 @@ def _dropout_args(qkv: torch.Tensor, dropout_p: float, seed):
     return seed, float(dropout_p), True
 
 
+@on_tensor_device
 def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, dropout_p: float = 0.0,
                   seed=None, config=None):
     """out [B, N, H·D] (qkv's dtype) and lse [B, H, N] fp32 from packed qkv [B, N, 3·H·D].
@@ -412,6 +410,7 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, dropout_p:
     return out, lse
 
 
+@on_tensor_device
 def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                   num_heads: int, scale: float, *, dropout_p: float = 0.0, seed=None, config=None):
     """dqkv [B, N, 3·H·D] (qkv's dtype, contiguous) from dout [B, N, H·D] and the forward's
@@ -450,8 +449,8 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
 
 
 # Head dims compiled ahead of time per bucket: the powers of two, and the padded ones real ViTs use
-# (ViT-H/14: 80; 96 as in several hybrids), since masking the head dim changes the build.
-_AOT_HEAD_DIMS = {64: (64,), 128: (128, 80), 256: (256,)}
+# (32, 48; ViT-H/14: 80; 96, 112), since HEAD_DIM and BLOCK_D are constexprs: each is a build.
+_AOT_HEAD_DIMS = {64: (64, 32, 48), 128: (128, 80, 96, 112), 256: (256,)}
 _TORCH_TO_SIG = {torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
@@ -497,7 +496,7 @@ def aot_specs():
                 name = (f"attention_{kernel}[{str(dtype).split('.')[-1]},D={head_dim},"
                         f"BM={bm},BN={bn},w={warps},s={stages}{',dropout' if dropout else ''}]")
                 specs.append(AotSpec(name, fn, sig, consts, tuple(div), warps, stages, uses_dot=True))
-        for head_dim in (64, 128, 80, 256):
+        for head_dim in sorted(d for dims in _AOT_HEAD_DIMS.values() for d in dims):
             consts = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_M": _DELTA_BLOCK_M}
             sig = {"O": ptr, "DO": ptr, "DELTA": "*fp32", "N": "i32", "H": "i32", "stride_o_b": "i32",
                    "stride_o_n": "i32", "stride_do_b": "i32", "stride_do_n": "i32"}
@@ -505,5 +504,5 @@ def aot_specs():
             specs.append(AotSpec(f"attention_bwd_delta[{str(dtype).split('.')[-1]},D={head_dim}]",
                                  attention_bwd_delta_kernel, sig, consts,
                                  ("O", "DO", "DELTA", "stride_o_b", "stride_o_n", "stride_do_b",
-                                  "stride_do_n"), 4, 1, uses_dot=False))
+                                  "stride_do_n"), 4, None, uses_dot=False))  # launch defaults
     return specs

@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from ._device import on_tensor_device
 from .matmul import COLSUM_BLOCK, CONFIGS, colsum, colsum_kernel, config_name, matmul, matmul_kernel
 
 _DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -34,6 +35,7 @@ def _rows(t, C):
     return t.reshape(math.prod(t.shape[:-1]), C)
 
 
+@on_tensor_device
 def gelu_mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
                  layer_scale, sample_scale, save_pre):
     """x [..., C], fc1_weight [H, C], fc2_weight [C_out, H] (nn.Linear layout), biases [H]/[C_out]
@@ -55,6 +57,7 @@ def gelu_mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, res
     return out.reshape(*x.shape[:-1], c_out), (pre if save_pre else x.new_empty(0))
 
 
+@on_tensor_device
 def gelu_mlp_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale,
                  approximate, has_residual, needs_fc1_bias, needs_fc2_bias, needs_layer_scale,
                  needs_sample_scale):
@@ -118,13 +121,13 @@ _KINDS = {
 }
 
 
-def _gemm_spec(kind, dtype, config_name, approximate="none", precision=None):
+def _gemm_spec(kind, dtype, config_name, approximate="none", precision=None, out=None):
     from vit_fast.aot import AotSpec
     flags, unit = _KINDS[kind]
     BM, BN, BK, GM, warps, stages = CONFIGS[config_name]
     ptr = "*" + {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[dtype]
-    # dW of an fp32-accumulated LayerScale path stays fp32; other outputs are in the input dtype.
-    out_ptr = "*fp32" if kind == "dw" else ptr
+    # Outputs are in the input dtype, except the dW2 GEMM of the LayerScale path (out="fp32").
+    out_ptr = "*" + (out or dtype)
     sig = {"A": ptr, "B": ptr, "C": out_ptr, "BIAS": ptr, "PRE": ptr, "ACT": ptr, "RES": ptr,
            "LSCALE": ptr, "SSCALE": ptr, "ROWDOT": "*fp32",
            "M": "i32", "N": "i32", "K": "i32", "rows_per_sample": "i32"}
@@ -152,7 +155,7 @@ def _gemm_spec(kind, dtype, config_name, approximate="none", precision=None):
     if kind not in ("dx", "dw"):
         divisible += ("K",)
     tag = f"{kind}/{dtype}/{config_name}" + ("/tanh" if approximate == "tanh" else "") + (
-        f"/{precision}" if precision else "")
+        f"/{precision}" if precision else "") + (f"/out={out}" if out and out != dtype else "")
     uses_tc = not (dtype == "fp32" and meta["INPUT_PRECISION"] == "ieee")
     return AotSpec(f"matmul_kernel[{tag}]", matmul_kernel, sig, constants, divisible,
                    num_warps=warps, num_stages=stages, uses_dot=uses_tc)
@@ -168,8 +171,10 @@ def aot_specs():
             epilogue = "dgelu" if kind == "dgelu" else "none"
             # config_name with 0 SMs gives the large config, with a huge count the small one
             for sms in (0, 1 << 30):
-                specs.append(_gemm_spec(kind, dtype, config_name(1 << 20, 1 << 20, _DT[dtype],
-                                                                  epilogue, sms, "tf32")))
+                name = config_name(1 << 20, 1 << 20, _DT[dtype], epilogue, sms, "tf32")
+                specs.append(_gemm_spec(kind, dtype, name))
+                if kind == "dw" and dtype != "fp32":  # dW2 with LayerScale: fp32 output
+                    specs.append(_gemm_spec(kind, dtype, name, out="fp32"))
         for kind in ("fc1_fwd", "dgelu"):  # the tanh form changes only the epilogue
             large = config_name(1 << 20, 1 << 20, _DT[dtype],
                                 "dgelu" if kind == "dgelu" else "none", 0, "tf32")
@@ -187,5 +192,5 @@ def aot_specs():
                              dict(stride_xn=1, HAS_SAMPLE_SCALE=True, BLOCK_M=COLSUM_BLOCK[0],
                                   BLOCK_N=COLSUM_BLOCK[1]),
                              ("X", "SSCALE", "OUT", "N", "rows_per_chunk", "stride_xm"),
-                             num_warps=4, num_stages=2))
+                             num_warps=4))  # no num_stages: triton's default, as launched
     return specs

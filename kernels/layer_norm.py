@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_tensor_device
+
 MAX_C = 8192
 
 
@@ -253,6 +255,7 @@ def _vector(t):
 # ---------------------------------------------------------------------------------------------
 # Launchers.
 
+@on_tensor_device
 def residual_layer_norm_fwd(x, weight, bias, eps, residual=None, layer_scale=None, sample_scale=None):
     """Forward launcher. x, residual: [..., C]; weight, bias, layer_scale: [C] or None;
     sample_scale: [x.shape[0]] or None (layer_scale and sample_scale apply only with a residual).
@@ -297,6 +300,7 @@ def residual_layer_norm_fwd(x, weight, bias, eps, residual=None, layer_scale=Non
     return y, (s.reshape(x.shape) if has_res else None), mean, rstd
 
 
+@on_tensor_device
 def residual_layer_norm_bwd(dy, ds, s, mean, rstd, weight, *, has_residual, need_bias_grad,
                             x=None, layer_scale=None, sample_scale=None, residual_dtype=None,
                             bias_dtype=None):
@@ -395,7 +399,7 @@ def aot_specs():
                 residual_layer_norm_fwd_kernel, fwd_sig, fwd_const,
                 divisible=("X", "RES", "LS", "SS", "W", "B", "Y", "S", "MEAN", "RSTD", "C",
                            "stride_x", "stride_res"),
-                num_warps=nw, num_stages=2))
+                num_warps=nw))  # no num_stages: triton's default, as launched
             bwd_sig = {"DY": f"*{dt}", "DS": f"*{dt}", "S": f"*{dt}", "X": f"*{dt}", "MEAN": "*fp32",
                        "RSTD": "*fp32", "W": f"*{dt}", "LS": f"*{dt}", "SS": f"*{dt}", "DX": f"*{dt}",
                        "DRES": f"*{dt}", "DW_PART": "*fp32", "DB_PART": "*fp32", "DLS_PART": "*fp32",
@@ -411,7 +415,7 @@ def aot_specs():
                 divisible=("DY", "DS", "S", "X", "MEAN", "RSTD", "W", "LS", "SS", "DX", "DRES",
                            "DW_PART", "DB_PART", "DLS_PART", "C", "stride_dy", "stride_ds",
                            "stride_s", "stride_x"),
-                num_warps=nw, num_stages=2))
+                num_warps=nw))  # no num_stages: as launched
         red_sig = {"PART": "*fp32", "OUT0": f"*{dt}", "OUT1": f"*{dt}", "OUT2": f"*{dt}",
                    "P": "i32", "C": "i32",
                    "BLOCK_P": "constexpr", "BLOCK_N": "constexpr"}
@@ -419,5 +423,5 @@ def aot_specs():
             f"layer_norm_param_grad_reduce_{dt}_P{_REDUCE_BLOCK_P}_N{_REDUCE_BLOCK_N}",
             layer_norm_param_grad_reduce_kernel, red_sig,
             {"BLOCK_P": _REDUCE_BLOCK_P, "BLOCK_N": _REDUCE_BLOCK_N},
-            divisible=("PART", "OUT0", "OUT1", "OUT2", "C"), num_warps=4, num_stages=2))
+            divisible=("PART", "OUT0", "OUT1", "OUT2", "C"), num_warps=4))
     return specs

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_tensor_device
+
 EPILOGUE = {"none": 0, "gelu": 1, "dgelu": 2}
 
 
@@ -215,6 +217,7 @@ def input_precision(dtype) -> str:
     return "ieee"
 
 
+@on_tensor_device
 def matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", pre=None,
            store_pre=False, store_act=False, row_dot=False, residual=None, layer_scale=None,
            sample_scale=None, rows_per_sample=1):
@@ -273,6 +276,7 @@ def matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", p
     return c, aux, rowdot
 
 
+@on_tensor_device
 def colsum(x, sample_scale=None, rows_per_sample=1):
     """Σ_m x[m, :]·ss[m // rows_per_sample] in fp32 [N], deterministic (fixed chunks, fixed order)."""
     M, N = x.shape

@@ -13,4 +13,4 @@ from .record import record_attention
 __all__ = ["Attention", "Block", "Mlp", "LayerScale", "PatchEmbed", "convert",
            "fused_qkv_attention", "residual_layer_norm", "gelu_mlp", "patch_embed", "use_backend",
            "record_attention"]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version source: pyproject.toml reads it

@@ -31,7 +31,8 @@ class AotSpec:
     constants: dict
     divisible: tuple = ()
     num_warps: int = 4
-    num_stages: int = 2
+    # None: triton's default, what a launch that passes no num_stages compiles with
+    num_stages: int | None = None
     uses_dot: bool = False
 
 
@@ -78,8 +79,10 @@ def compile_spec(spec: AotSpec, arch: int) -> AotResult:
     names = list(spec.signature)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in spec.divisible}
     src = ASTSource(spec.kernel, dict(spec.signature), dict(spec.constants), attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    options = {"num_warps": spec.num_warps}
+    if spec.num_stages is not None:
+        options["num_stages"] = spec.num_stages
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     cubin = compiled.asm["cubin"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)

@@ -13,30 +13,39 @@ Policy, per call (xformers style: each kernel lists what it does not support):
   on CPU too, where its OpenMP gather + one GEMM beats Conv2d.
 - ``triton``: the kernel when supported. An option the kernel does not cover (a dtype, a head
   dim, a size) falls back to the reference: never a wrong answer. A device the kernel cannot run
-  on at all (CPU without the Triton interpreter) raises, because the user asked for kernels
-  explicitly.
+  on at all (CPU without the Triton interpreter, a GPU the builds were not made for: ROCm,
+  below sm_80 for Triton, an architecture vit_fast._C was not compiled for) raises, because the
+  user asked for kernels explicitly.
+
+The rules themselves live in vit_fast/support.py, one entry per kernel. A kernel that fails to
+compile or launch on the device falls back to the reference (:func:`run`), once per key.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-POLICIES = ("auto", "reference", "triton")
-KERNEL_BACKEND = {
-    "fused_qkv_attention": "triton",
-    "residual_layer_norm": "triton",
-    "gelu_mlp": "triton",
-    "patch_embed": "extension",
-}
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 256
-MAX_LAYER_NORM_DIM = 8192
+from . import support
+from .kernels._device import LAUNCH_FAILURES, interpreting, is_build_failure
+from .support import KERNELS
 
-_local = threading.local()
+POLICIES = ("auto", "reference", "triton")
+KERNEL_BACKEND = {op: k.backend for op, k in KERNELS.items()}
+KERNEL_DTYPES = support.KERNEL_DTYPES
+MAX_HEAD_DIM = support.MAX_HEAD_DIM
+MAX_LAYER_NORM_DIM = support.MAX_LAYER_NORM_DIM
+
+class _PolicyStack(threading.local):
+    def __init__(self):
+        self.stack = []  # innermost use_backend() last
+
+
+_local = _PolicyStack()
 
 
 def _check_policy(name):
@@ -47,7 +56,7 @@ def _check_policy(name):
 
 def current_policy() -> str:
     """The policy in force: the innermost use_backend(), else VIT_FAST_BACKEND, else 'auto'."""
-    stack = getattr(_local, "stack", None)
+    stack = _local.stack
     if stack:
         return stack[-1]
     env = os.environ.get("VIT_FAST_BACKEND", "auto").strip().lower() or "auto"
@@ -60,16 +69,14 @@ def current_policy() -> str:
 def use_backend(name: str):
     """Run the enclosed calls with backend policy ``name`` ('auto', 'reference' or 'triton')."""
     _check_policy(name)
-    stack = _local.__dict__.setdefault("stack", [])
+    # Each thread's stack exists from its first access (_PolicyStack.__init__): older Dynamo
+    # (torch 2.11's) cannot trace setdefault on a threading.local's __dict__.
+    stack = _local.stack
     stack.append(name)
     try:
         yield
     finally:
         stack.pop()
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 _TRITON_MISSING = []  # the one cached answer of triton_missing_reason
@@ -104,52 +111,99 @@ def extension_missing_reason(device_type: str):
 class Choice:
     backend: str
     reasons: list = field(default_factory=list)  # why the kernel backend was not chosen
+    key: tuple = ()  # what a failed launch is remembered by: op, device, dtypes, options
+
+
+def _device_of(tensors):
+    devices = {t.device for t in tensors if t is not None}
+    return devices.pop() if len(devices) == 1 else torch.device("cpu")
 
 
 def device_reasons(backend, tensors, policy="auto"):
-    """Reasons the kernel backend cannot run on these tensors' device under ``policy``."""
-    devices = {t.device.type for t in tensors if t is not None}
-    device = devices.pop() if len(devices) == 1 else "cpu"
+    """Reasons the kernel backend cannot run on these tensors' device under ``policy``: the
+    backend missing, CPU without the interpreter, a GPU the builds were not made for."""
+    device = _device_of(tensors)
+    kind = device.type
     if backend == "extension":
-        reason = extension_missing_reason(device)
+        reason = extension_missing_reason(kind)
+        if reason is None and kind == "cuda":
+            reason = support.extension_device_reason(device.index or 0)
         return [reason] if reason else []
     reasons = []
     missing = triton_missing_reason()
     if missing:
         reasons.append(missing)
-    if device == "cpu" and policy == "auto":
+    if kind == "cpu" and policy == "auto":
         reasons.append("CPU tensors: the Triton kernels run on CUDA (the interpreter is used only "
                        "when the 'triton' backend is forced)")
-    elif device == "cpu" and not interpreting():
+    elif kind == "cpu" and not interpreting():
         reasons.append("CPU tensors: the Triton kernels need CUDA, or TRITON_INTERPRET=1 set "
                        "before triton is imported to run them under the interpreter")
-    elif device not in ("cpu", "cuda"):
-        reasons.append(f"tensors on {device}: the Triton kernels run on CUDA only")
+    elif kind == "cuda" and not interpreting():
+        gate = support.triton_device_reason(device.index or 0)
+        if gate:
+            reasons.append(gate)
+    elif kind not in ("cpu", "cuda"):
+        reasons.append(f"tensors on {kind}: the Triton kernels run on CUDA only")
     return reasons
 
 
 def not_supported_reasons(op: str, tensors, **options) -> list:
-    """Why the kernel of ``op`` cannot take this call (inputs, dtypes, options); [] if it can."""
-    backend = KERNEL_BACKEND[op]
-    reasons = []
-    present = [t for t in tensors if t is not None]
-    floats = [t for t in present if t.is_floating_point()]
-    dtypes = {t.dtype for t in floats}
-    if any(d not in KERNEL_DTYPES for d in dtypes):
-        reasons.append(f"dtype {sorted(map(str, dtypes))}: kernels take float32/float16/bfloat16")
-    if len(dtypes) > 1:
-        reasons.append(f"mixed dtypes {sorted(map(str, dtypes))}: kernels take one dtype")
-    if op == "fused_qkv_attention":
-        if options.get("head_dim", 0) > MAX_HEAD_DIM:
-            reasons.append(f"head_dim {options['head_dim']} > {MAX_HEAD_DIM}")
-        if torch.float32 in dtypes and any(t.device.type == "cuda" for t in floats):
-            # IEEE fp32 dots spill at every tile shape on sm_80/sm_90 and tf32 misses the
-            # tolerance rule: no fp32 attention build is shipped (fp32 runs in the interpreter).
-            reasons.append("float32 attention on CUDA: no spill-free fp32 build is shipped")
-    elif op == "residual_layer_norm":
-        if options.get("dim", 0) > MAX_LAYER_NORM_DIM:
-            reasons.append(f"normalized dim {options['dim']} > {MAX_LAYER_NORM_DIM}")
-    return reasons
+    """Why the kernel of ``op`` cannot take this call (inputs, dtypes, options); [] if it can.
+    The rules live with each kernel's entry in vit_fast.support.KERNELS."""
+    return KERNELS[op].not_supported_reasons(tensors, **options)
+
+
+# --- failed launches --------------------------------------------------------------------------
+# A kernel that compiles or launches badly on this GPU (OutOfResources, a CompilationError, "no
+# kernel image") is not a wrong answer waiting to happen: run() answers that call with the
+# reference, warns once, and remembers the key, so choose() sends later calls there directly.
+# A failed backward launch cannot be redone here (autograd holds the kernel's saved tensors):
+# the launcher guard (kernels/_device.py) records it and the step raises; choose() then sends
+# later calls of the op on that device to the reference, so the retried step runs.
+
+_FAILED = {}  # Choice.key -> reason
+
+
+def _failure_key(op, tensors, options):
+    device = _device_of(tensors)
+    dtypes = tuple(sorted({str(t.dtype) for t in tensors if t is not None}))
+    return (op, str(device), dtypes, tuple(sorted(options.items())))
+
+
+def failure_reason(op, key):
+    """Why earlier launches of ``op`` with ``key`` (or any launch of its kernels on that device)
+    failed, or None."""
+    if key in _FAILED:
+        return _FAILED[key]
+    device = key[1] if len(key) > 1 else None
+    for stem in KERNELS[op].launchers:
+        if (stem, device) in LAUNCH_FAILURES:
+            return f"an earlier {stem} launch failed on {device}: {LAUNCH_FAILURES[(stem, device)]}"
+    return None
+
+
+def run(op: str, choice: Choice, kernel, reference):
+    """``kernel()`` when ``choice`` picked a kernel backend, else ``reference()``. A build failure
+    of the kernel (see kernels/_device.is_build_failure) answers with ``reference()`` instead,
+    with one warning; anything else (a bug, a broken CUDA context) propagates. In a compiled
+    graph the kernel runs as is: the failure then surfaces from the compiled step."""
+    if choice.backend == "reference":
+        return reference()
+    if torch.compiler.is_compiling():
+        return kernel()
+    try:
+        return kernel()
+    except Exception as exc:  # noqa: BLE001 - filtered just below
+        if not is_build_failure(exc):
+            raise
+        reason = f"{type(exc).__name__}: {exc}"
+    if choice.key not in _FAILED:
+        _FAILED[choice.key] = reason
+        warnings.warn(f"vit_fast.{op}: the {choice.backend} kernel failed on this device "
+                      f"({reason}); this and later calls like it use the reference backend",
+                      RuntimeWarning, stacklevel=3)
+    return reference()
 
 
 def choose(op: str, tensors, **options) -> Choice:
@@ -167,4 +221,10 @@ def choose(op: str, tensors, **options) -> Choice:
     reasons = not_supported_reasons(op, tensors, **options)
     if reasons:
         return Choice("reference", reasons)
-    return Choice(backend, [])
+    if torch.compiler.is_compiling():
+        return Choice(backend, [])
+    key = _failure_key(op, tensors, options)
+    failed = failure_reason(op, key)
+    if failed:
+        return Choice("reference", [failed], key)
+    return Choice(backend, [], key)

@@ -151,11 +151,13 @@ def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0):
     if amp is not None:
         (qkv,) = _cast(amp, qkv)
     choice = dispatch.choose(op, [qkv], head_dim=head_dim, dropout_p=dropout_p)
-    if choice.backend == "triton":
+
+    def kernel():
         from .ops import attention
         with _kernel_context(amp, qkv.device):
             return attention.fused_qkv_attention(qkv, int(num_heads), scale, float(dropout_p))
-    return reference.fused_qkv_attention(qkv, int(num_heads), scale=scale, dropout_p=dropout_p)
+    return dispatch.run(op, choice, kernel, lambda: reference.fused_qkv_attention(
+        qkv, int(num_heads), scale=scale, dropout_p=dropout_p))
 
 
 def residual_layer_norm(x, weight, bias, eps, *, residual=None, layer_scale=None, sample_scale=None):
@@ -188,13 +190,15 @@ def residual_layer_norm(x, weight, bias, eps, *, residual=None, layer_scale=None
             torch.float32, x, weight, bias, residual, layer_scale, sample_scale)
     tensors = [x, weight, bias, residual, layer_scale, sample_scale]
     choice = dispatch.choose(op, tensors, dim=C)
-    if choice.backend == "triton":
+
+    def kernel():
         from .ops import layer_norm
         with _kernel_context(amp, x.device):
             return layer_norm.residual_layer_norm(x, weight, bias, float(eps), residual,
                                                   layer_scale, sample_scale)
-    return reference.residual_layer_norm(x, weight, bias, float(eps), residual=residual,
-                                         layer_scale=layer_scale, sample_scale=sample_scale)
+    return dispatch.run(op, choice, kernel, lambda: reference.residual_layer_norm(
+        x, weight, bias, float(eps), residual=residual, layer_scale=layer_scale,
+        sample_scale=sample_scale))
 
 
 def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, approximate="none", residual=None,
@@ -248,13 +252,15 @@ def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, approximate="none
             return reference.add_branch(residual, branch, layer_scale, sample_scale)
     tensors = [x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale, sample_scale]
     choice = dispatch.choose(op, tensors)
-    if choice.backend == "triton":
+
+    def kernel():
         from .ops import gelu_mlp as mlp
         with _kernel_context(amp, x.device):
             return mlp.gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate,
                                 residual, layer_scale, sample_scale)
-    return reference.gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate=approximate,
-                              residual=residual, layer_scale=layer_scale, sample_scale=sample_scale)
+    return dispatch.run(op, choice, kernel, lambda: reference.gelu_mlp(
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate=approximate, residual=residual,
+        layer_scale=layer_scale, sample_scale=sample_scale))
 
 
 def patch_embed(images, weight, bias, *, patch_size, pos_embed=None, mean=None, std=None):
@@ -316,12 +322,13 @@ def patch_embed(images, weight, bias, *, patch_size, pos_embed=None, mean=None, 
             out = patch_embed(images, weight, bias, patch_size=(ph, pw), mean=mean, std=std)
             return out + pos_embed
     choice = dispatch.choose(op, [images, weight, bias, pos_embed])
-    if choice.backend == "extension":
+
+    def kernel():
         from .ops import patch_embed as pe
         with _kernel_context(amp, images.device):
             return pe.patch_embed(images, weight, bias, (ph, pw), pos_embed, mean, std)
-    return reference.patch_embed(images, weight, bias, patch_size=(ph, pw), pos_embed=pos_embed,
-                                 mean=mean, std=std)
+    return dispatch.run(op, choice, kernel, lambda: reference.patch_embed(
+        images, weight, bias, patch_size=(ph, pw), pos_embed=pos_embed, mean=mean, std=std))
 
 
 def _check_nonzero_std(op, given, std):

@@ -1,0 +1,91 @@
+"""What every launcher shares about the device it runs on. Imports only torch (not triton), so
+vit_fast.dispatch can read it without importing triton.
+
+- :func:`interpreting`: whether Triton runs its kernels under the CPU interpreter.
+- :func:`on_tensor_device`: a launcher decorator. Triton launches on the *current* CUDA device and
+  stream, not on the tensors' device: with tensors on cuda:1 and cuda:0 current a launch fails or
+  reads another GPU's memory. The decorator enters the device guard of the launcher's first
+  tensor argument, as every torch op does for itself. A launch that fails because the device
+  cannot run the build (:func:`is_build_failure`) is recorded in LAUNCH_FAILURES and raised as
+  :class:`KernelLaunchError`: vit_fast.dispatch answers a failed forward with the reference and
+  sends later calls of that op on that device there (a failed backward raises once).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+
+# (launcher module stem, device str) -> why its launch failed. Read by vit_fast.dispatch.
+LAUNCH_FAILURES: dict = {}
+
+# Messages of errors that say "this build cannot run on this GPU" (a missing SASS/PTX, a driver too
+# old for the PTX, too many registers or too much shared memory). Errors that leave the CUDA
+# context broken (illegal address, ...) are not among them: a fallback could not recover those.
+_BUILD_FAILURE_MESSAGES = ("no kernel image is available", "invalid device function",
+                           "unsupported toolchain", "unsupported ptx version", "ptx jit",
+                           "too many resources requested", "out of resources")
+
+# triton's own exception classes for the same (matched by name: this file does not import triton).
+_TRITON_BUILD_ERRORS = ("OutOfResources", "CompilationError", "PTXASError")
+
+
+def interpreting() -> bool:
+    """True when TRITON_INTERPRET=1: Triton runs the kernels on CPU tensors through numpy."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class KernelLaunchError(RuntimeError):
+    """A launcher's kernel cannot be compiled or launched on this device (the cause is chained)."""
+
+
+def is_build_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` means the compiled kernel cannot run on this GPU (compile error, resources,
+    missing image), as opposed to a bug or a broken CUDA context."""
+    if isinstance(exc, KernelLaunchError):
+        return True
+    if any(c.__module__.startswith("triton") and c.__name__ in _TRITON_BUILD_ERRORS
+           for c in type(exc).__mro__):
+        return True
+    if isinstance(exc, RuntimeError):
+        text = str(exc).lower()
+        return any(m in text for m in _BUILD_FAILURE_MESSAGES)
+    return False
+
+
+def _first_device(args, kwargs):
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return None
+
+
+def on_tensor_device(launcher):
+    """Run ``launcher`` under the device guard of its first tensor argument's CUDA device (no
+    guard on CPU: the interpreter), and turn a build failure of its launch into a recorded
+    :class:`KernelLaunchError`."""
+    stem = launcher.__module__.rsplit(".", 1)[-1]
+
+    @functools.wraps(launcher)
+    def guarded(*args, **kwargs):
+        device = _first_device(args, kwargs)
+        on_cuda = device is not None and device.type == "cuda"
+        # index -1 (a device without an index) leaves the current device as it is
+        guard = torch.cuda.device(-1 if device.index is None else device.index) if on_cuda \
+            else contextlib.nullcontext()
+        try:
+            with guard:
+                return launcher(*args, **kwargs)
+        except Exception as exc:
+            if not is_build_failure(exc) or isinstance(exc, KernelLaunchError):
+                raise
+            where = str(device)
+            LAUNCH_FAILURES.setdefault((stem, where), f"{type(exc).__name__}: {exc}")
+            raise KernelLaunchError(
+                f"vit_fast: {launcher.__name__} cannot run on {where} ({type(exc).__name__}: "
+                f"{exc}); later calls of its op on {where} use the reference backend") from exc
+
+    guarded.on_tensor_device = True
+    return guarded
