@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-POLICIES = ("auto", "reference", "triton")
+POLICIES = ("auto", "reference", "triton", "cublas")  # cublas: see vit_fast/tuning.py
 KERNEL_BACKEND = {
     "fused_qkv_attention": "triton",
     "residual_layer_norm": "triton",
@@ -160,8 +160,8 @@ def choose(op: str, tensors, **options) -> Choice:
     backend = KERNEL_BACKEND[op]
     device = device_reasons(backend, tensors, policy)
     if device:
-        if policy == "triton":
-            raise RuntimeError(f"vit_fast.{op}: backend 'triton' was requested but cannot run: "
+        if policy in ("triton", "cublas"):  # cublas = Triton kernels, GEMMs on cuBLAS
+            raise RuntimeError(f"vit_fast.{op}: backend {policy!r} was requested but cannot run: "
                                + "; ".join(device))
         return Choice("reference", device)
     reasons = not_supported_reasons(op, tensors, **options)
