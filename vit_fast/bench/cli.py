@@ -195,7 +195,7 @@ def roofline_main(argv):
     rows = []
     for pass_name, bwd in (("forward", False), ("fwd+bwd", True)):
         ops = {impl: rl.block_ops(impl, B, N, C, H, e, backward=bwd, layer_scale=args.layer_scale)
-               for impl in ("eager", "vit_fast")}
+               for impl in rl.IMPLS}
         for impl, seq in ops.items():
             t = rl.total(seq)
             rows.append({"pass": pass_name, "impl": impl, "kernels": len(seq), "bytes": t.bytes,
@@ -209,6 +209,7 @@ def roofline_main(argv):
         ("GFLOP (model)", lambda r: f"{r['flops'] / 1e9:.1f}")]
         + [(f"{hw} µs (model)", (lambda hw: lambda r: f"{r[hw] * 1e6:.1f}")(hw)) for hw in hws],
         title=f"Model: {head}" + (", LayerScale" if args.layer_scale else "")))
+    print(rl.efficiency_note())
     seg = []
     for ls in (False, True):
         for impl in ("eager", "vit_fast"):
@@ -228,7 +229,7 @@ def roofline_main(argv):
         title=f"Model: residual (+LayerScale) + LayerNorm segment, fused kernel vs eager "
               f"mul/add/LayerNorm ({head})"))
     if args.per_kernel:
-        for impl in ("eager", "vit_fast"):
+        for impl in rl.IMPLS:
             seq = rl.block_ops(impl, B, N, C, H, e, backward=True, layer_scale=args.layer_scale)
             print()
             print(fmt_table(seq, [
