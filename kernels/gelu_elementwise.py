@@ -199,13 +199,11 @@ def gelu_mlp_cublas_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_sc
                         needs_layer_scale, needs_sample_scale):
     """Same arguments and results as kernels.gelu_mlp.gelu_mlp_bwd (dx, dW1, db1, dW2, db2, dls,
     dss; the optional ones not asked for are None)."""
-    C, c_out, dtype = x.shape[-1], fc2_weight.shape[0], x.dtype
-    x2, g = x.reshape(-1, C), grad.reshape(-1, c_out)
-    ls = layer_scale if has_residual else None
-    ss = sample_scale if has_residual else None
-    rps = _rows_per_sample(x)
-    needs_layer_scale = needs_layer_scale and ls is not None
-    needs_sample_scale = needs_sample_scale and ss is not None
+    ls, ss = (layer_scale, sample_scale) if has_residual else (None, None)
+    rps, dtype = _rows_per_sample(x), x.dtype
+    x2, g = x.reshape(-1, x.shape[-1]), grad.reshape(-1, fc2_weight.shape[0])
+    needs_layer_scale, needs_sample_scale = (needs_layer_scale and ls is not None,
+                                             needs_sample_scale and ss is not None)
     w2s = fc2_weight if ls is None else (fc2_weight.float() * ls.float()[:, None]).to(dtype)
     d_pre = torch.mm(g, w2s)
     act_s, rowdot = gelu_backward(d_pre, pre, approximate, ss, rps, row_dot=needs_sample_scale)

@@ -118,6 +118,13 @@ def test_layer_norm_traffic_matches_model(residual, layer_scale, sample_scale):
     _check(launches, ops, ["residual_layer_norm_bwd_kernel", "layer_norm_param_grad_reduce_kernel"])
 
 
+def _mlp_tensors(B, N, C, Hd, layer_scale, sample_scale):
+    """fp32 x, residual, fc1/fc2 weights and biases, LayerScale and drop-path scale (or None)."""
+    return (torch.randn(B, N, C), torch.randn(B, N, C), torch.randn(Hd, C), torch.randn(Hd),
+            torch.randn(C, Hd), torch.randn(C), torch.randn(C) if layer_scale else None,
+            torch.rand(B) if sample_scale else None)
+
+
 def _interp_chunks(rows):
     """kernels/matmul.colsum's chunking under the interpreter (256-row blocks)."""
     per = 256 * max(1, math.ceil(math.ceil(rows / 256) / 64))
@@ -128,12 +135,8 @@ def _interp_chunks(rows):
 def test_gelu_mlp_traffic_matches_model(layer_scale, sample_scale):
     mlp = _kernels_or_skip("gelu_mlp")
     mm = _kernels_or_skip("matmul")
-    B, N, C, Hd, dtype = 2, 9, 24, 40, torch.float32
-    M, e = B * N, E[dtype]
-    x, res = torch.randn(B, N, C), torch.randn(B, N, C)
-    w1, b1, w2, b2 = torch.randn(Hd, C), torch.randn(Hd), torch.randn(C, Hd), torch.randn(C)
-    ls = torch.randn(C) if layer_scale else None
-    ss = torch.rand(B) if sample_scale else None
+    B, N, C, Hd, M, e = 2, 9, 24, 40, 18, E[torch.float32]
+    x, res, w1, b1, w2, b2, ls, ss = _mlp_tensors(B, N, C, Hd, layer_scale, sample_scale)
     samples = B if sample_scale else 0
     with count_traffic() as launches:
         out, pre = mlp.gelu_mlp_fwd(x, w1, b1, w2, b2, "none", res, ls, ss, True)
@@ -173,12 +176,8 @@ def test_gelu_mlp_cublas_elementwise_traffic_matches_model(layer_scale, sample_s
     """The Triton launches of the cuBLAS-GEMM MLP (GELU pass, residual epilogue, dGELU pass,
     column sums) against their formulas; the cuBLAS GEMMs and torch ops are not Triton launches."""
     cub = _kernels_or_skip("gelu_elementwise")
-    B, N, C, Hd, dtype = 2, 9, 24, 40, torch.float32
-    M, e = B * N, E[dtype]
-    x, res = torch.randn(B, N, C), torch.randn(B, N, C)
-    w1, b1, w2, b2 = torch.randn(Hd, C), torch.randn(Hd), torch.randn(C, Hd), torch.randn(C)
-    ls = torch.randn(C) if layer_scale else None
-    ss = torch.rand(B) if sample_scale else None
+    B, N, C, Hd, M, e = 2, 9, 24, 40, 18, E[torch.float32]
+    x, res, w1, b1, w2, b2, ls, ss = _mlp_tensors(B, N, C, Hd, layer_scale, sample_scale)
     samples = B if sample_scale else 0
 
     def triton_only(ops):
