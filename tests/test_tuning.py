@@ -155,3 +155,26 @@ def test_main_prints_the_cache(tmp_path, capsys):
     assert tuning.main(["--path", str(path)]) == 0
     out = capsys.readouterr().out
     assert "1 entries" in out and "some_op: x (cache; x 1.500 ms)" in out and "key1" in out
+
+
+def test_compiled_graph_holds_the_tuned_op_and_selection_runs_inside_it(monkeypatch):
+    """torch.compile(fullgraph=True) sees one opaque vit_fast::gelu_mlp_tuned op (forward) and
+    its backward op; the choice is made when the compiled graph runs, not while tracing."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+    monkeypatch.setenv("VIT_FAST_TUNE", "1")
+    torch._dynamo.reset()
+    backend = AotEagerAndRecordGraphs()
+    args = _mlp_inputs()
+    timer = FakeTimer({"triton": 1.0, "cublas": 2.0})
+    with tuning.use_tuner(tuning.Tuner(None, timer, measure_anywhere=True)):
+        out = torch.compile(_call_tuned, backend=backend, fullgraph=True)(args)
+        out.sum().backward()
+        chosen = {r["op"]: r["choice"] for r in tuning.records()}
+    graphs = "\n".join(str(g.graph) for g in backend.fw_graphs + backend.bw_graphs)
+    assert "vit_fast.gelu_mlp_tuned.default" in graphs
+    assert "vit_fast.gelu_mlp_tuned_backward.default" in graphs
+    assert "triton" not in graphs and "cublas" not in graphs  # no choice baked into the graph
+    assert chosen == {"gelu_mlp_fwd": "triton", "gelu_mlp_bwd": "triton"}
+    ref = reference.gelu_mlp(*[a.detach() for a in args[:5]], residual=args[5].detach(),
+                             layer_scale=args[6].detach())
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-4, atol=1e-4)

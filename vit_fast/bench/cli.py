@@ -57,7 +57,7 @@ def throughput_parser():
                    help="infer: eval forward; train: forward + backward + SGD step")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"],
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cublas"],
                    help="vit_fast backend policy for the vit_fast rows")
     p.add_argument("--compile", action="store_true", help="also torch.compile each model")
     p.add_argument("--json", help="write the rows as JSON here")
@@ -89,6 +89,9 @@ def throughput_main(argv):
         (mem_head, lambda r: _mib(r["memory_bytes"]))],
         title=f"{kind} measured: {args.mode}, {args.dtype}, device={args.device}, backend={args.backend}, "
               f"median of {args.iters} after {args.warmup} warm-up; errors vs fp32 timm"))
+    from vit_fast import tuning
+    if tuning.records():  # what selection by measurement chose (CUDA, backend auto)
+        print(tuning.format_records())
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
