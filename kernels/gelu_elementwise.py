@@ -136,7 +136,8 @@ def gelu_forward(pre, act, approximate):
 
 def gelu_backward(d_act, pre, approximate, sample_scale=None, rows_per_sample=1, *,
                   store_act=True, row_dot=False):
-    """In place d_act <- d_pre; returns (act_s or None, rowdot fp32 [M] or None). See gelu_bwd_kernel."""
+    """In place d_act <- d_pre; returns (act_s or None, rowdot fp32 [M] or None).
+    See gelu_bwd_kernel."""
     M, N = pre.shape
     act_s = torch.empty_like(pre) if store_act else None
     rowdot = torch.zeros(M, device=pre.device, dtype=torch.float32) if row_dot else None
@@ -242,7 +243,8 @@ def aot_specs():
             tag = f"{dtype}" + ("/tanh" if tanh else "")
             specs.append(AotSpec(
                 f"gelu_fwd_kernel[{tag}]", gelu_fwd_kernel,
-                {"PRE": p, "ACT": p, "numel": "i32", "APPROX_TANH": "constexpr", "BLOCK": "constexpr"},
+                {"PRE": p, "ACT": p, "numel": "i32", "APPROX_TANH": "constexpr",
+                 "BLOCK": "constexpr"},
                 {"APPROX_TANH": tanh, "BLOCK": FWD_BLOCK}, ("PRE", "ACT", "numel")))
             specs.append(AotSpec(
                 f"gelu_bwd_kernel[{tag}]", gelu_bwd_kernel,

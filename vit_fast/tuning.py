@@ -88,11 +88,17 @@ def versions() -> str:
     return _VERSIONS[0]
 
 
+_DEVICE_NAMES = {}  # every call builds its key: keep the driver queries out of the hot path
+
+
 def device_name(device) -> str:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
-    return device.type
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICE_NAMES:
+        major, minor = torch.cuda.get_device_capability(index)
+        _DEVICE_NAMES[index] = f"{torch.cuda.get_device_name(index)} sm_{major}{minor}"
+    return _DEVICE_NAMES[index]
 
 
 def make_key(op, tensors: dict, **options) -> str:
