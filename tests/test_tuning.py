@@ -178,3 +178,29 @@ def test_compiled_graph_holds_the_tuned_op_and_selection_runs_inside_it(monkeypa
     ref = reference.gelu_mlp(*[a.detach() for a in args[:5]], residual=args[5].detach(),
                              layer_scale=args[6].detach())
     torch.testing.assert_close(out.detach(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_block_op_selects_inside_under_auto(monkeypatch):
+    """The Block's residual->LayerNorm->MLP op under 'auto' runs the tuned launchers: forward and
+    backward chosen by measurement, same result as the Triton policy. (On CPU 'auto' routes the
+    Block to the reference, so the policy the op sees is set to 'auto' by hand here.)"""
+    import vit_fast
+    monkeypatch.setenv("VIT_FAST_TUNE", "1")
+    torch.manual_seed(0)
+    blk = vit_fast.Block(32, 2, init_values=0.5).train()
+    x = torch.randn(2, 5, 32, requires_grad=True)
+
+    def step():
+        with vit_fast.use_backend("triton"):  # the Block takes its fused path on CPU
+            out = blk(x)
+        return (out, *torch.autograd.grad(out, [x, blk.mlp.fc2.weight], torch.ones_like(out)))
+    want = step()
+    orig = tuning.mlp_launchers
+    monkeypatch.setattr(tuning, "mlp_launchers", lambda policy=None: orig("auto"))
+    timer = FakeTimer({"triton": 3.0, "cublas": 1.0})
+    with tuning.use_tuner(tuning.Tuner(None, timer, measure_anywhere=True)):
+        got = step()
+        chosen = {r["op"]: r["choice"] for r in tuning.records()}
+    assert chosen == {"gelu_mlp_fwd": "cublas", "gelu_mlp_bwd": "cublas"}
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
