@@ -34,11 +34,12 @@ from . import support
 from .kernels._device import LAUNCH_FAILURES, interpreting, is_build_failure
 from .support import KERNELS
 
-POLICIES = ("auto", "reference", "triton")
+POLICIES = ("auto", "reference", "triton", "cublas")  # cublas: see vit_fast/tuning.py
 KERNEL_BACKEND = {op: k.backend for op, k in KERNELS.items()}
 KERNEL_DTYPES = support.KERNEL_DTYPES
 MAX_HEAD_DIM = support.MAX_HEAD_DIM
 MAX_LAYER_NORM_DIM = support.MAX_LAYER_NORM_DIM
+
 
 class _PolicyStack(threading.local):
     def __init__(self):
@@ -214,8 +215,8 @@ def choose(op: str, tensors, **options) -> Choice:
     backend = KERNEL_BACKEND[op]
     device = device_reasons(backend, tensors, policy)
     if device:
-        if policy == "triton":
-            raise RuntimeError(f"vit_fast.{op}: backend 'triton' was requested but cannot run: "
+        if policy in ("triton", "cublas"):  # cublas = Triton kernels, GEMMs on cuBLAS
+            raise RuntimeError(f"vit_fast.{op}: backend {policy!r} was requested but cannot run: "
                                + "; ".join(device))
         return Choice("reference", device)
     reasons = not_supported_reasons(op, tensors, **options)

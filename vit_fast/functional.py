@@ -252,12 +252,11 @@ def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, approximate="none
             return reference.add_branch(residual, branch, layer_scale, sample_scale)
     tensors = [x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale, sample_scale]
     choice = dispatch.choose(op, tensors)
-
     def kernel():
-        from .ops import gelu_mlp as mlp
+        from . import tuning  # triton, cublas, or chosen by measurement (auto)
         with _kernel_context(amp, x.device):
-            return mlp.gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate,
-                                residual, layer_scale, sample_scale)
+            return tuning.gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate,
+                                   residual, layer_scale, sample_scale)
     return dispatch.run(op, choice, kernel, lambda: reference.gelu_mlp(
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate=approximate, residual=residual,
         layer_scale=layer_scale, sample_scale=sample_scale))

@@ -57,7 +57,7 @@ def throughput_parser():
                    help="infer: eval forward; train: forward + backward + SGD step")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"],
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cublas"],
                    help="vit_fast backend policy for the vit_fast rows")
     p.add_argument("--compile", action="store_true", help="also torch.compile each model")
     p.add_argument("--json", help="write the rows as JSON here")
@@ -89,6 +89,9 @@ def throughput_main(argv):
         (mem_head, lambda r: _mib(r["memory_bytes"]))],
         title=f"{kind} measured: {args.mode}, {args.dtype}, device={args.device}, backend={args.backend}, "
               f"median of {args.iters} after {args.warmup} warm-up; errors vs fp32 timm"))
+    from vit_fast import tuning
+    if tuning.records():  # what selection by measurement chose (CUDA, backend auto)
+        print(tuning.format_records())
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
@@ -195,7 +198,7 @@ def roofline_main(argv):
     rows = []
     for pass_name, bwd in (("forward", False), ("fwd+bwd", True)):
         ops = {impl: rl.block_ops(impl, B, N, C, H, e, backward=bwd, layer_scale=args.layer_scale)
-               for impl in ("eager", "vit_fast")}
+               for impl in rl.IMPLS}
         for impl, seq in ops.items():
             t = rl.total(seq)
             rows.append({"pass": pass_name, "impl": impl, "kernels": len(seq), "bytes": t.bytes,
@@ -209,6 +212,7 @@ def roofline_main(argv):
         ("GFLOP (model)", lambda r: f"{r['flops'] / 1e9:.1f}")]
         + [(f"{hw} µs (model)", (lambda hw: lambda r: f"{r[hw] * 1e6:.1f}")(hw)) for hw in hws],
         title=f"Model: {head}" + (", LayerScale" if args.layer_scale else "")))
+    print(rl.efficiency_note())
     seg = []
     for ls in (False, True):
         for impl in ("eager", "vit_fast"):
@@ -228,7 +232,7 @@ def roofline_main(argv):
         title=f"Model: residual (+LayerScale) + LayerNorm segment, fused kernel vs eager "
               f"mul/add/LayerNorm ({head})"))
     if args.per_kernel:
-        for impl in ("eager", "vit_fast"):
+        for impl in rl.IMPLS:
             seq = rl.block_ops(impl, B, N, C, H, e, backward=True, layer_scale=args.layer_scale)
             print()
             print(fmt_table(seq, [

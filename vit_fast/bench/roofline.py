@@ -9,8 +9,10 @@ Everything here is a *model*, not a measurement:
 - FLOPs: 2·M·N·K per GEMM, 4·B·H·N²·D for attention forward (QKᵀ and PV), 14·B·H·N²·D for the
   FlashAttention-2 backward (S and dP recomputed in both passes); elementwise work is counted with
   small per-element constants that never decide the roofline.
-- time: max(bytes / bandwidth, FLOPs / peak) per kernel, summed over kernels (no overlap between
-  kernels, no launch latency).
+- time: max(bytes / (bandwidth·η_mem), FLOPs / (peak·η_class)) per kernel, summed over kernels (no
+  overlap between kernels, no launch latency). η are the achievable fractions of EFFICIENCY, per
+  kernel class (cuBLAS GEMM, Triton GEMM, FA2/FA3-class attention, elementwise), taken from public
+  figures named there; ``achievable=False`` gives the datasheet-peak roofline.
 
 Shapes: M = B·N rows of C features, H heads of D = C/H, hidden = mlp_ratio·C.
 """
@@ -25,6 +27,38 @@ HARDWARE = {
     "A100": (2.0e12, 312e12),
 }
 F32 = 4  # bytes of the fp32 statistics (mean, rstd, lse, delta) and partial sums
+
+# Achievable fraction of the datasheet peaks per kernel class (model inputs, to be replaced by GPU
+# measurements; sources below, read for their reported figures, nothing copied):
+# - memory: streaming kernels sustain ~90% of HBM peak (STREAM-type copy/triad results on
+#   A100/H100 are ~0.9 of the datasheet figure); applied to every kernel's bytes.
+# - attention (FA2-class: ours and PyTorch's flash SDPA, no TMA/warp specialization):
+#   FlashAttention-2 (Dao 2023, arXiv:2307.08691) reports 50-73% of peak FLOP/s on A100;
+#   FlashAttention-3 (Shah et al. 2024, arXiv:2407.08608) reports FA2 at 35% on H100.
+# - attention_fa3: FlashAttention-3 reports 740 TFLOP/s fp16 on H100 SXM, 75% of peak (shown
+#   for comparison; neither path here runs FA3).
+# - cublas_gemm: 0.75-0.8 of dense peak for bf16 GEMMs of ViT sizes. The FA2 paper calls its
+#   50-73% "close to the efficiency of GEMM operations"; NVIDIA's post "New cuBLAS 12.0 Features
+#   and Matrix Multiplication Performance on NVIDIA Hopper GPUs" charts H100 GEMM throughput (the
+#   figure to check this against; not re-read here). An assumption until the GPU kit measures it.
+# - triton_gemm: this repo's non-persistent, pointer-load GEMM relative to cuBLAS: issue 17's
+#   review estimates 0.55-0.8x on H100 (0.7 used); Triton's matmul tutorial reports parity with
+#   cuBLAS on A100 for an autotuned kernel (0.9 used, the configs here are fixed).
+EFFICIENCY = {
+    "H100 SXM": {"memory": 0.90, "cublas_gemm": 0.75, "triton_gemm": 0.75 * 0.7,
+                 "attention": 0.35, "attention_fa3": 0.75, "elementwise": 1.0},
+    "A100": {"memory": 0.90, "cublas_gemm": 0.80, "triton_gemm": 0.80 * 0.9,
+             "attention": 0.60, "attention_fa3": 0.60, "elementwise": 1.0},
+}
+KINDS = ("elementwise", "cublas_gemm", "triton_gemm", "attention", "attention_fa3")
+IMPLS = ("eager", "torch.compile", "vit_fast", "vit_fast cublas")
+
+
+def efficiency_note() -> str:
+    """One line per GPU: the achievable fractions the times use (model inputs)."""
+    return "\n".join(f"achievable fractions (model inputs), {hw}: "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in EFFICIENCY[hw].items() if k != "elementwise")
+                     for hw in HARDWARE)
 
 VIT_CONFIGS = {  # name -> (embed dim C, heads H, depth, patch)
     "vit_small_patch16_224": (384, 6, 12, 16),
@@ -43,18 +77,23 @@ def tokens(model: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Op:
-    """One kernel launch (or one eager op): bytes read/written from HBM and FLOPs (model)."""
+    """One kernel launch (or one eager op): bytes read/written from HBM and FLOPs (model), and
+    its kernel class (a key of EFFICIENCY's rows), which sets the achievable FLOP/s."""
     name: str
     read: int
     write: int
     flops: int = 0
+    kind: str = "elementwise"
 
     @property
     def bytes(self) -> int:
         return self.read + self.write
 
-    def time_s(self, hw: str) -> float:
+    def time_s(self, hw: str, achievable: bool = True) -> float:
         bw, peak = HARDWARE[hw]
+        if achievable:
+            eff = EFFICIENCY[hw]
+            bw, peak = bw * eff["memory"], peak * eff[self.kind]
         return max(self.bytes / bw, self.flops / peak)
 
 
@@ -63,8 +102,8 @@ def total(ops) -> Op:
     return Op("total", sum(o.read for o in ops), sum(o.write for o in ops), sum(o.flops for o in ops))
 
 
-def time_s(ops, hw: str) -> float:
-    return sum(o.time_s(hw) for o in ops)
+def time_s(ops, hw: str, achievable: bool = True) -> float:
+    return sum(o.time_s(hw, achievable) for o in ops)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -73,7 +112,7 @@ def time_s(ops, hw: str) -> float:
 def attention_fwd(B, N, H, D, e) -> Op:
     """attention_fwd_kernel: reads q, k, v from packed qkv; writes out and the fp32 lse."""
     return Op("attention_fwd", B * N * 3 * H * D * e, B * N * H * D * e + B * H * N * F32,
-              4 * B * H * N * N * D)
+              4 * B * H * N * N * D, "attention")
 
 
 def attention_bwd(B, N, H, D, e) -> list:
@@ -82,8 +121,8 @@ def attention_bwd(B, N, H, D, e) -> list:
     qkv, row, stats = B * N * 3 * H * D * e, B * N * H * D * e, B * H * N * F32
     return [
         Op("attention_bwd_delta", 2 * row, stats, 2 * B * N * H * D),
-        Op("attention_bwd_dkdv", qkv + row + 2 * stats, 2 * row, 8 * B * H * N * N * D),
-        Op("attention_bwd_dq", qkv + row + 2 * stats, row, 6 * B * H * N * N * D),
+        Op("attention_bwd_dkdv", qkv + row + 2 * stats, 2 * row, 8 * B * H * N * N * D, "attention"),
+        Op("attention_bwd_dq", qkv + row + 2 * stats, row, 6 * B * H * N * N * D, "attention"),
     ]
 
 
@@ -117,7 +156,7 @@ def layer_norm_bwd(M, C, e, programs, *, residual=False, has_ds=False, layer_sca
 
 def matmul(M, N, K, e, *, out_e=None, name="matmul", bias=False, read_pre=False, store_pre=False,
            store_act=False, residual=False, layer_scale=False, samples=0, rowdot_tiles=0,
-           epilogue_flops=0) -> Op:
+           epilogue_flops=0, kind="triton_gemm") -> Op:
     """matmul_kernel: C[M, N] = epilogue(A[M, K] @ B[K, N]); the optional epilogue tensors as
     flagged (pre-activation read or stored, activation stored, residual, LayerScale, per-sample
     scale, fp32 row-dot partials [rowdot_tiles, M])."""
@@ -125,7 +164,7 @@ def matmul(M, N, K, e, *, out_e=None, name="matmul", bias=False, read_pre=False,
     read = (M * K + K * N) * e + N * e * (int(bias) + int(layer_scale)) + samples * e
     read += M * N * e * (int(read_pre) + int(residual))
     write = M * N * out_e + M * N * e * (int(store_pre) + int(store_act)) + rowdot_tiles * M * F32
-    return Op(name, read, write, 2 * M * N * K + epilogue_flops * M * N)
+    return Op(name, read, write, 2 * M * N * K + epilogue_flops * M * N, kind)
 
 
 def colsum(M, N, e, chunks, *, samples=0, name="colsum") -> Op:
@@ -175,6 +214,43 @@ def _colsum_chunks(M, block_m=32):
     return math.ceil(M / rows_per_chunk)
 
 
+def gelu_mlp_cublas_fwd(M, C, Hd, e, *, train, residual=True, layer_scale=False,
+                        samples=0) -> list:
+    """kernels/gelu_elementwise.gelu_mlp_cublas_fwd: fc1 addmm (bias in cuBLAS's epilogue), GELU
+    pass (pre -> act, in place without training), fc2 GEMM, then the residual epilogue pass (or
+    fc2 as addmm without a residual). Each epilogue costs one extra round trip of its output."""
+    ops = [eager_linear(M, Hd, C, e, "mlp_fc1_addmm"),
+           Op("gelu_fwd_kernel", M * Hd * e, M * Hd * e, 20 * M * Hd)]
+    if not residual:
+        return ops + [eager_linear(M, C, Hd, e, "mlp_fc2_addmm")]
+    return ops + [eager_linear(M, C, Hd, e, "mlp_fc2_mm", bias=False),
+                  Op("residual_epilogue_kernel",
+                     2 * M * C * e + C * e * (1 + int(layer_scale)) + samples * e, M * C * e,
+                     3 * M * C)]
+
+
+def gelu_mlp_cublas_bwd(M, C, Hd, e, *, layer_scale=False, samples=0, colsum_chunks=None,
+                        fc2_bias=True) -> list:
+    """kernels/gelu_elementwise.gelu_mlp_cublas_bwd: d_act GEMM, dGELU pass (d_pre in place,
+    act·ss stored, fp32 row dots for d sample_scale), E = gᵀ·act_s in fp32, column sums, dx and
+    dW1 GEMMs; plus the weight-sized torch ops (LayerScale fold)."""
+    chunks_g = colsum_chunks(M) if colsum_chunks else _colsum_chunks(M)
+    ops = []
+    if layer_scale:
+        ops.append(Op("torch_fold_layer_scale", C * Hd * e + C * e, C * Hd * e, C * Hd))
+    ops += [
+        eager_linear(M, Hd, C, e, "mlp_dact_mm", bias=False),
+        Op("gelu_bwd_kernel", 2 * M * Hd * e + samples * e,
+           2 * M * Hd * e + (M * F32 if samples else 0), 25 * M * Hd),
+        matmul(C, Hd, M, e, out_e=F32, name="mlp_dW2_mm", kind="cublas_gemm"),
+    ]
+    if fc2_bias or layer_scale:
+        ops.append(colsum(M, C, e, chunks_g, samples=samples, name="mlp_db2_colsum"))
+    return ops + [eager_linear(M, C, Hd, e, "mlp_dx_mm", bias=False),
+                  eager_linear(Hd, C, M, e, "mlp_dW1_mm", bias=False),
+                  colsum(M, Hd, e, chunks_g, name="mlp_db1_colsum")]
+
+
 def _ln_programs(M, C, sms=132):
     """kernels/layer_norm's backward program count on CUDA: min(tiles, 4·SMs) (H100 SXM: 132)."""
     block_c = max(16, 1 << (C - 1).bit_length())
@@ -187,12 +263,13 @@ def _ln_programs(M, C, sms=132):
 
 def eager_linear(M, N, K, e, name, bias=True) -> Op:
     """cuBLAS GEMM with the bias in its epilogue (addmm)."""
-    return matmul(M, N, K, e, name=name, bias=bias)
+    return matmul(M, N, K, e, name=name, bias=bias, kind="cublas_gemm")
 
 
 def eager_linear_bwd(M, N, K, e, name, bias=True) -> list:
     """dX = dY @ W, dW = dYᵀ @ X, db = Σ dY, for Y[M, N] = X[M, K] Wᵀ."""
-    ops = [matmul(M, K, N, e, name=name + "_dX"), matmul(N, K, M, e, name=name + "_dW")]
+    ops = [matmul(M, K, N, e, name=name + "_dX", kind="cublas_gemm"),
+           matmul(N, K, M, e, name=name + "_dW", kind="cublas_gemm")]
     if bias:
         ops.append(Op(name + "_db", M * N * e, N * e, M * N))
     return ops
@@ -223,7 +300,7 @@ def flash_sdpa_bwd(B, N, H, D, e) -> list:
     row, stats = B * N * H * D * e, B * H * N * F32
     return [Op("sdpa_flash_bwd_delta", 2 * row, stats, 2 * B * N * H * D),
             Op("sdpa_flash_bwd", 4 * row + 2 * stats, 2 * row + 2 * B * N * H * D * F32,
-               10 * B * H * N * N * D),
+               10 * B * H * N * N * D, "attention"),
             Op("sdpa_flash_bwd_dq_convert", B * N * H * D * F32, row, B * N * H * D)]
 
 
@@ -232,16 +309,23 @@ def flash_sdpa_bwd(B, N, H, D, e) -> list:
 
 def block_ops(impl, B, N, C, H, e, *, backward, layer_scale=False, mlp_ratio=4.0):
     """The op sequence of one pre-norm ViT block (LN1, qkv, attention, proj, residual, LN2, MLP,
-    residual) for impl 'vit_fast' or 'eager'. backward=True: training forward then backward."""
+    residual) for an impl of IMPLS. backward=True: training forward then backward.
+    'vit_fast cublas' is vit_fast with the MLP's GEMMs on cuBLAS (VIT_FAST_BACKEND=cublas)."""
     M, D, Hd = B * N, C // H, int(C * mlp_ratio)
     ls = layer_scale
     MC = M * C
-    if impl == "vit_fast":
+    if impl == "torch.compile":
+        return compiled_block_ops(B, N, C, H, e, backward=backward, layer_scale=ls,
+                                  mlp_ratio=mlp_ratio)
+    if impl in ("vit_fast", "vit_fast cublas"):
+        cublas = impl == "vit_fast cublas"
+        mlp_fwd = gelu_mlp_cublas_fwd if cublas else gelu_mlp_fwd
+        mlp_bwd = gelu_mlp_cublas_bwd if cublas else gelu_mlp_bwd
         fwd = [layer_norm_fwd(M, C, e), eager_linear(M, 3 * C, C, e, "qkv_linear"),
                attention_fwd(B, N, H, D, e), eager_linear(M, C, C, e, "proj_linear"),
                dataclasses.replace(layer_norm_fwd(M, C, e, residual=True, layer_scale=ls),
                                    name="residual_layer_norm_fwd"),
-               *gelu_mlp_fwd(M, C, Hd, e, train=backward, layer_scale=ls)]
+               *mlp_fwd(M, C, Hd, e, train=backward, layer_scale=ls)]
         if not backward:
             return fwd
         P = _ln_programs(M, C)
@@ -249,7 +333,7 @@ def block_ops(impl, B, N, C, H, e, *, backward, layer_scale=False, mlp_ratio=4.0
         # statistics) right before the weight-gradient GEMM that needs it, instead of saving it
         # (vit_fast/ops/residual_layer_norm_mlp.py, layer_norm_linear.py).
         bwd = [dataclasses.replace(layer_norm_fwd(M, C, e), name="layer_norm2_rebuild"),
-               *gelu_mlp_bwd(M, C, Hd, e, layer_scale=ls),
+               *mlp_bwd(M, C, Hd, e, layer_scale=ls),
                *layer_norm_bwd(M, C, e, P, residual=True, has_ds=True, layer_scale=ls),
                *eager_linear_bwd(M, C, C, e, "proj_linear"),
                *attention_bwd(B, N, H, D, e),
@@ -259,7 +343,7 @@ def block_ops(impl, B, N, C, H, e, *, backward, layer_scale=False, mlp_ratio=4.0
                elementwise("add_grad_x", MC, e, 2)]
         return fwd + bwd
     if impl != "eager":
-        raise ValueError(f"impl must be 'vit_fast' or 'eager', got {impl!r}")
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     fwd = [eager_layer_norm_fwd(M, C, e, "layer_norm1"), eager_linear(M, 3 * C, C, e, "qkv_linear"),
            flash_sdpa_fwd(B, N, H, D, e),
            elementwise("transpose_copy", MC, e, 1), eager_linear(M, C, C, e, "proj_linear")]
@@ -288,6 +372,43 @@ def block_ops(impl, B, N, C, H, e, *, backward, layer_scale=False, mlp_ratio=4.0
             *eager_linear_bwd(M, 3 * C, C, e, "qkv_linear"),
             *eager_layer_norm_bwd(M, C, e, "layer_norm1"),
             elementwise("add_grad_x", MC, e, 2)]
+    return fwd + bwd
+
+
+def compiled_block_ops(B, N, C, H, e, *, backward, layer_scale=False, mlp_ratio=4.0):
+    """timm's Block under torch.compile (Inductor's default mode): GEMMs stay cuBLAS calls and
+    attention the flash SDPA kernel; each chain of pointwise ops and row reductions between them
+    becomes one generated kernel (mul_ls + residual add + LayerNorm; mul_ls + residual add; the
+    gradient adds folded into the LayerNorm backward). GELU stays its own pass: Inductor does not
+    fuse into cuBLAS epilogues without max-autotune's Triton GEMM templates."""
+    M, D, Hd = B * N, C // H, int(C * mlp_ratio)
+    MC, ls = M * C, int(layer_scale)
+    fwd = [eager_layer_norm_fwd(M, C, e, "layer_norm1"), eager_linear(M, 3 * C, C, e, "qkv_linear"),
+           flash_sdpa_fwd(B, N, H, D, e), elementwise("transpose_copy", MC, e, 1),
+           eager_linear(M, C, C, e, "proj_linear"),
+           Op("fused_ls1_residual_layer_norm2", 2 * MC * e + (2 + ls) * C * e,
+              2 * MC * e + 2 * M * F32, 12 * MC),
+           eager_linear(M, Hd, C, e, "fc1_linear"), elementwise("gelu", M * Hd, e, 1, flops_per=20),
+           eager_linear(M, C, Hd, e, "fc2_linear"),
+           Op("fused_ls2_residual", 2 * MC * e + ls * C * e, MC * e, 2 * MC)]
+    if not backward:
+        return fwd
+
+    def ln_bwd(name, grad_inputs):
+        """LayerNorm backward with the residual stream's gradient add fused into its dx kernel."""
+        dx, dwdb = eager_layer_norm_bwd(M, C, e, name)
+        return [dataclasses.replace(dx, read=dx.read + (grad_inputs - 1) * MC * e), dwdb]
+
+    def ls_bwd(name):  # d branch = g·gamma and d gamma = Σ g·branch, one kernel
+        return [Op(f"fused_{name}_bwd", 2 * MC * e + C * e, MC * e + C * F32, 2 * MC)] if ls else []
+
+    bwd = [*ls_bwd("ls2"), *eager_linear_bwd(M, C, Hd, e, "fc2_linear"),
+           elementwise("gelu_bwd", M * Hd, e, 2, flops_per=25),
+           *eager_linear_bwd(M, Hd, C, e, "fc1_linear"), *ln_bwd("layer_norm2", 2),
+           *ls_bwd("ls1"), *eager_linear_bwd(M, C, C, e, "proj_linear"),
+           elementwise("transpose_copy_bwd", MC, e, 1), *flash_sdpa_bwd(B, N, H, D, e),
+           elementwise("stack_dqkv", 3 * MC, e, 1), *eager_linear_bwd(M, 3 * C, C, e, "qkv_linear"),
+           *ln_bwd("layer_norm1", 2)]
     return fwd + bwd
 
 

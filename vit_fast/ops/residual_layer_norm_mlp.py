@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vit_fast.kernels.gelu_mlp import gelu_mlp_fwd
+from vit_fast import tuning  # the MLP's launchers: triton, cublas or tuned
 from vit_fast.kernels.layer_norm import residual_layer_norm_fwd
 
 from . import checks
@@ -53,6 +53,7 @@ def residual_layer_norm_mlp_op(
                 fc1_bias, fc2_weight, fc2_bias, approximate, layer_scale2, sample_scale2)
     h, s, mean, rstd = residual_layer_norm_fwd(x, ln_weight, ln_bias, eps, residual, layer_scale1,
                                                sample_scale1)
+    gelu_mlp_fwd = tuning.mlp_launchers()[0]
     out, pre = gelu_mlp_fwd(h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, s,
                             layer_scale2, sample_scale2, save_pre)
     return out, s, mean, rstd, pre
@@ -78,6 +79,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(s, x if need_x else None, mean, rstd, pre, ln_weight, ln_bias,
                           fc1_weight, fc2_weight, fc2_bias, ls1, ss1, ls2, ss2)
     ctx.eps, ctx.approximate = eps, approximate
+    ctx.mlp_backward = tuning.mlp_launchers()[1]  # the same policy's backward op
     ctx.has_fc1_bias = fc1_bias is not None
     ctx.residual_dtype = residual.dtype
     ctx.mark_non_differentiable(s, mean, rstd, pre)
@@ -94,7 +96,7 @@ def _backward(ctx, dout, _ds, _dmean, _drstd, _dpre):
     h = torch.ops.vit_fast.residual_layer_norm(s, ln_weight, ln_bias, ctx.eps, None, None, None)[0]
     mlp_flags = (need[8] and ctx.has_fc1_bias, need[10] and fc2_bias is not None,
                  need[12] and ls2 is not None, need[13] and ss2 is not None)
-    dh, dw1, db1, dw2, db2, dls2, dss2 = torch.ops.vit_fast.gelu_mlp_backward(
+    dh, dw1, db1, dw2, db2, dls2, dss2 = ctx.mlp_backward(
         g, h, fc1_weight, fc2_weight, fc2_bias, pre, ls2, ss2, ctx.approximate, True, *mlp_flags)
     del h
     # s feeds both the LayerNorm and the output's residual add: the latter's gradient is dout.

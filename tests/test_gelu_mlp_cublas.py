@@ -1,0 +1,177 @@
+"""The cuBLAS-GEMM GELU MLP (vit_fast.ops.gelu_mlp_cublas, kernels/gelu_elementwise.py) and the
+tuned op under the interpreter: tolerance rule against the float64 reference for every candidate,
+the same tensors saved for backward as the Triton op (counted), determinism, opcheck, the
+`cublas` backend policy (op and Block), and AOT builds of the new elementwise kernels."""
+import pytest
+import torch
+
+import vit_fast
+from test_gelu_mlp_triton import NAMES, _grad_for, make_inputs
+from tolerance import assert_close_by_rule
+from vit_fast import reference, tuning
+from vit_fast.aot import compile_module, nvidia_backend_missing_reason
+from vit_fast.ops import gelu_mlp as triton_op
+from vit_fast.ops import gelu_mlp_cublas as cublas_op
+
+IMPLS = {"triton": triton_op.gelu_mlp, "cublas": cublas_op.gelu_mlp,
+         "tuned": cublas_op.gelu_mlp_tuned}
+
+
+def run(impl, t, approximate, grad):
+    args = [t[n] for n in NAMES]
+    if impl == "reference" or impl == "reference64":
+        if impl == "reference64":
+            args = [a.detach().double().requires_grad_() if a is not None else None for a in args]
+        out = reference.gelu_mlp(*args[:5], approximate=approximate, residual=args[5],
+                                 layer_scale=args[6], sample_scale=args[7])
+    else:
+        out = IMPLS[impl](*args[:5], approximate, *args[5:])
+    given = [i for i, a in enumerate(args) if a is not None]
+    grads = torch.autograd.grad(out, [args[i] for i in given], grad.to(out.dtype))
+    return out, {NAMES[i]: g for i, g in zip(given, grads)}
+
+
+CASES = [
+    # lead,   C,   H,   dtype,          approx, options
+    ((1, 1),  64,  256, torch.float32,  "none", dict()),
+    ((3, 11), 64,  256, torch.float16,  "tanh", dict(bias=False, residual=True, sample_scale=True)),
+    ((3, 11), 200, 800, torch.bfloat16, "tanh", dict(residual=True, layer_scale=True, sample_scale=True)),
+    ((33,),   64,  256, torch.float16,  "none", dict(c_out=96, noncontig=True)),
+    ((4, 5),  40,  160, torch.float32,  "none", dict(residual=True, layer_scale=True, sample_scale=True)),
+]
+
+
+@pytest.mark.parametrize("impl", ["cublas", "tuned"])
+@pytest.mark.parametrize("lead,C,H,dtype,approximate,opts", CASES,
+                         ids=[f"M{torch.Size(c[0]).numel()}-{c[1]}x{c[2]}-{str(c[3])[6:]}-{c[4]}"
+                              for c in CASES])
+def test_candidate_matches_float64_reference(impl, lead, C, H, dtype, approximate, opts):
+    t = make_inputs(lead, C, H, dtype, **opts)
+    g = _grad_for(t)
+    out, grads = run(impl, t, approximate, g)
+    same, same_grads = run("reference", t, approximate, g)
+    ref64, ref_grads = run("reference64", t, approximate, g)
+    assert out.dtype == dtype
+    assert_close_by_rule(out, same, ref64, "out")
+    assert set(grads) == set(ref_grads)
+    for name in grads:
+        assert grads[name].dtype == t[name].dtype, name
+        assert_close_by_rule(grads[name], same_grads[name], ref_grads[name].to(t[name].dtype), name)
+
+
+def saved_for_backward(impl, t):
+    """(count, unique bytes, sorted (shape, dtype)) of what autograd saves, parameters included."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
+        IMPLS[impl](*[t[n] for n in NAMES[:5]], "none", *[t[n] for n in NAMES[5:]])
+    storages = {s.untyped_storage().data_ptr(): s.untyped_storage().nbytes() for s in saved}
+    return len(saved), sum(storages.values()), sorted((tuple(s.shape), str(s.dtype)) for s in saved)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(residual=True, layer_scale=True, sample_scale=True)])
+def test_every_candidate_saves_the_same_tensors(opts):
+    t = make_inputs((2, 9), 64, 256, torch.bfloat16, **opts)
+    counted = {impl: saved_for_backward(impl, t) for impl in IMPLS}
+    assert counted["cublas"] == counted["triton"] == counted["tuned"], counted
+    n, nbytes, _ = counted["triton"]
+    # x, W1, W2, b2 and the pre-activation [18, 256]; ls and ss with the residual options
+    assert n == (7 if opts else 5) and nbytes > 18 * 256 * 2
+
+
+def test_backward_is_deterministic():
+    t = make_inputs((3, 11), 64, 256, torch.bfloat16, residual=True, layer_scale=True,
+                    sample_scale=True)
+    g = _grad_for(t)
+    _, first = run("cublas", t, "tanh", g)
+    _, second = run("cublas", t, "tanh", g)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_triton_forward_feeds_cublas_backward():
+    """The saved contract is shared: the tuned op may pick the forward and backward separately."""
+    t = make_inputs((2, 5), 64, 256, torch.float32, residual=True, layer_scale=True,
+                    sample_scale=True)
+    args = [t[n].detach() for n in NAMES]
+    _, pre = triton_op.gelu_mlp_op(*args[:5], "none", *args[5:], True)
+    g = _grad_for(t).reshape(2, 5, 64)
+    flags = (True, True, True, True, True)
+    tri = triton_op.gelu_mlp_backward_op(g, args[0], args[1], args[3], args[4], pre, args[6],
+                                         args[7], "none", *flags)
+    cub = cublas_op.gelu_mlp_cublas_backward_op(g, args[0], args[1], args[3], args[4], pre,
+                                                args[6], args[7], "none", *flags)
+    for a, b in zip(tri, cub):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("op", [cublas_op.gelu_mlp_cublas_op, cublas_op.gelu_mlp_tuned.op])
+def test_opcheck(op):
+    t = make_inputs((2, 3), 64, 256, torch.float32, residual=True, layer_scale=True,
+                    sample_scale=True)
+    args = tuple(t[n] for n in NAMES[:5]) + ("tanh",) + tuple(t[n] for n in NAMES[5:]) + (True,)
+    torch.library.opcheck(op, args)
+
+
+def test_cublas_policy_runs_the_cublas_launchers(monkeypatch):
+    from vit_fast.kernels import gelu_elementwise
+    calls = []
+    for name in ("gelu_mlp_cublas_fwd", "gelu_mlp_cublas_bwd"):
+        orig = getattr(gelu_elementwise, name)
+        monkeypatch.setattr(gelu_elementwise, name,
+                            lambda *a, _o=orig, _n=name: calls.append(_n) or _o(*a))
+    t = make_inputs((2, 3), 64, 256, torch.float32, residual=True)
+    with vit_fast.use_backend("cublas"):
+        out = vit_fast.gelu_mlp(*[t[n] for n in NAMES[:5]], residual=t["residual"])
+    out.sum().backward()
+    assert calls == ["gelu_mlp_cublas_fwd", "gelu_mlp_cublas_bwd"]
+
+
+def test_cublas_policy_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(2, 8)
+    with vit_fast.use_backend("cublas"), pytest.raises(RuntimeError, match="'cublas'"):
+        vit_fast.gelu_mlp(x, torch.randn(16, 8), None, torch.randn(8, 16), None)
+
+
+def test_block_with_cublas_policy_matches_triton_policy():
+    """The Block's residual->LayerNorm->MLP op runs the cuBLAS launchers under 'cublas'."""
+    torch.manual_seed(0)
+    blk = vit_fast.Block(32, 2, init_values=0.5).train()
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    outs = {}
+    for policy in ("triton", "cublas"):
+        with vit_fast.use_backend(policy):
+            out = blk(x)
+        grads = torch.autograd.grad(out, [x, blk.mlp.fc1.weight, blk.ls2.gamma], torch.ones_like(out))
+        outs[policy] = (out, *grads)
+    assert tuning.mlp_launchers("cublas")[0].__name__ == "gelu_mlp_cublas_fwd"
+    for a, b in zip(outs["triton"], outs["cublas"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_block_memory_ratio_holds_with_cublas_policy(monkeypatch):
+    """`bench memory`'s fake-CUDA count, with the cublas policy in place of triton: same bytes."""
+    if not torch.backends.cuda.is_built():
+        pytest.skip("fake CUDA tensors need a CUDA build of torch (this one is CPU-only)")
+    from vit_fast import dispatch
+    from vit_fast.bench import memory
+    rows = {}
+    for policy in ("triton", "cublas"):
+        monkeypatch.setattr(vit_fast, "use_backend", lambda _name, _p=policy: dispatch.use_backend(_p))
+        got, notes = memory.measure("test_vit", 2, torch.bfloat16, "fake-cuda", ("block",))
+        rows[policy] = {r["impl"]: r for r in got}
+    assert rows["cublas"]["vit_fast"]["bytes"] == rows["triton"]["vit_fast"]["bytes"]
+    assert rows["cublas"]["vit_fast"]["ratio"] <= 0.65
+
+
+AOT_REASON = nvidia_backend_missing_reason()
+
+
+@pytest.mark.skipif(AOT_REASON is not None, reason=AOT_REASON or "")
+def test_elementwise_kernels_compile_without_spills():
+    from vit_fast.kernels.gelu_elementwise import aot_specs
+    assert {s.name.split("[")[0] for s in aot_specs()} == {
+        "gelu_fwd_kernel", "gelu_bwd_kernel", "residual_epilogue_kernel"}
+    bad = [f"{name} sm_{arch}: {r}" for (name, arch), r in compile_module("gelu_elementwise").items()
+           if isinstance(r, str) or not r.ok or r.spill_bytes]
+    assert not bad, "\n".join(bad)
