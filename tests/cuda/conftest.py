@@ -1,0 +1,48 @@
+"""The `cuda` tests: the compiled Triton kernels and the CUDA extension on a real GPU.
+
+They check what the interpreter tests cannot: the kernels as compiled for the device (bf16 dots
+on the tensor cores, the shipped tile configs at ViT sizes), against vit_fast.reference with
+tests/tolerance.py's rule. Run them with
+
+    TRITON_INTERPRET=0 python -m pytest -m cuda tests/cuda -q -p no:cacheprovider
+
+(`python -m vit_fast.bench gpu-check` does). tests/conftest.py sets TRITON_INTERPRET=1 when it is
+unset, and triton decides at kernel definition whether it interprets, so a run without the
+explicit 0 would check the interpreter again: those runs skip, saying so.
+
+VIT_FAST_CUDA_TESTS_DEVICE=cpu runs the same tests on CPU under the interpreter, to check the
+tests themselves (slow: select a few with -k).
+"""
+import os
+
+import pytest
+import torch
+
+DEVICE = os.environ.get("VIT_FAST_CUDA_TESTS_DEVICE", "cuda")
+
+
+def skip_reason():
+    """Why the cuda tests cannot run here, or None."""
+    if DEVICE == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "VIT_FAST_CUDA_TESTS_DEVICE=cpu needs TRITON_INTERPRET=1"
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False): these tests check the compiled kernels on a GPU"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return ("TRITON_INTERPRET=1 would run the kernels under the interpreter; run "
+                "`TRITON_INTERPRET=0 python -m pytest -m cuda tests/cuda`")
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda():
+    why = skip_reason()
+    if why:
+        pytest.skip(why)
+    yield
+
+
+@pytest.fixture
+def device():
+    return torch.device(DEVICE)
