@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check")
-    proc = subprocess.run([sys.executable, "-m", "vit_fast.bench", "gpu-check", "--dry-run", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "vit_fast.bench", "gpu-check", "--dry-run", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     return proc, out
 
 
@@ -58,8 +58,8 @@ def test_dry_run_times_every_op_and_both_model_modes(dry_run):
     ops = json.loads((out / "ops.json").read_text())
     assert not ops["skipped"], ops["skipped"]
     assert {(r["op"], r["mode"]) for r in ops["rows"]} == {
-        (op, mode) for op in ("fused_qkv_attention", "residual_layer_norm", "gelu_mlp", "patch_embed", "Block")
-        for mode in ("forward", "fwd+bwd")}
+        (op, mode) for mode in ("forward", "fwd+bwd")
+        for op in ("fused_qkv_attention", "residual_layer_norm", "gelu_mlp", "patch_embed", "Block")}
     attn = next(r for r in ops["rows"] if r["op"] == "fused_qkv_attention")
     assert {x["baseline"] for x in attn["ratios"]} == {"SDPA", "eager softmax"}
     for r in ops["rows"]:
@@ -100,17 +100,18 @@ def test_a_command_past_its_budget_is_stopped(tmp_path):
 
 
 def test_parse_junit_counts_failures_and_skip_reasons(tmp_path):
+    block, model = 'classname="tests.cuda.test_cuda_block"', 'classname="tests.cuda.test_cuda_model"'
     (tmp_path / "j.xml").write_text(
-        '<testsuites><testsuite name="pytest" tests="4">'
-        '<testcase classname="tests.cuda.test_cuda_block" name="test_a"/>'
-        '<testcase classname="tests.cuda.test_cuda_block" name="test_b"><failure message="dx: max err 1 &gt; bound"/></testcase>'
-        '<testcase classname="tests.cuda.test_cuda_model" name="test_c"><skipped message="no CUDA device"/></testcase>'
-        '<testcase classname="tests.cuda.test_cuda_model" name="test_d"><error message="boom"/></testcase>'
-        '</testsuite></testsuites>')
+        f'<testsuites><testsuite name="pytest" tests="4"><testcase {block} name="test_a"/>'
+        f'<testcase {block} name="test_b"><failure message="dx: max err 1 &gt; bound"/></testcase>'
+        f'<testcase {model} name="test_c"><skipped message="no CUDA device"/></testcase>'
+        f'<testcase {model} name="test_d"><error message="boom"/></testcase>'
+        '<testcase time="0.000" /></testsuite></testsuites>')  # the entry a SIGINT run leaves
     r = gpu_check_setup.parse_junit(tmp_path / "j.xml")
     assert r["counts"] == {"passed": 1, "failed": 1, "skipped": 1, "error": 1}
     assert r["per_file"]["test_cuda_block"] == {"passed": 1, "failed": 1}
-    assert r["failures"][0] == {"test": "test_cuda_block::test_b", "kind": "failed", "message": "dx: max err 1 > bound"}
+    assert r["failures"][0] == {"test": "test_cuda_block::test_b", "kind": "failed",
+                                "message": "dx: max err 1 > bound"}
     assert r["skip_reasons"] == {"no CUDA device": 1}
 
 

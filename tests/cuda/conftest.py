@@ -28,7 +28,8 @@ def skip_reason():
             return "VIT_FAST_CUDA_TESTS_DEVICE=cpu needs TRITON_INTERPRET=1"
         return None
     if not torch.cuda.is_available():
-        return "no CUDA device (torch.cuda.is_available() is False): these tests check the compiled kernels on a GPU"
+        return ("no CUDA device (torch.cuda.is_available() is False): these tests check the "
+                "compiled kernels on a GPU")
     if os.environ.get("TRITON_INTERPRET") == "1":
         return ("TRITON_INTERPRET=1 would run the kernels under the interpreter; run "
                 "`TRITON_INTERPRET=0 python -m pytest -m cuda tests/cuda`")

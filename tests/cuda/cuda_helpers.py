@@ -22,11 +22,20 @@ def dtype_id(dtype):
     return str(dtype).replace("torch.", "")
 
 
+# (ViT, N, dtype, with the Block's residual + LayerScale + drop-path epilogue) for the LayerNorm and
+# MLP ops: every width × token count × dtype in the Block's form, the plain op at N = 197.
+RESIDUAL_CASES = [(s, n, d, full) for s in VIT for n in TOKENS for d in DTYPES for full in (False, True)
+                  if full or n == 197]
+RESIDUAL_IDS = [f"{s}-N{n}-{dtype_id(d)}-{'residual' if f else 'plain'}"
+                for s, n, d, f in RESIDUAL_CASES]
+
+
 def assert_kernel_chosen(op, tensors, **options):
     """The triton policy really picks the kernel for these tensors (not a silent fallback)."""
     with vit_fast.use_backend("triton"):
         choice = dispatch.choose(op, tensors, **options)
-    assert choice.backend == dispatch.KERNEL_BACKEND[op], f"{op} went to {choice.backend}: {choice.reasons}"
+    assert choice.backend == dispatch.KERNEL_BACKEND[op], (
+        f"{op} went to {choice.backend}: {choice.reasons}")
 
 
 def run(fn, inputs, grad_names, backend, out_grads=None, *, upcast=False, autocast=None):

@@ -4,8 +4,8 @@ import torch
 
 import vit_fast
 
-from cuda_helpers import (BF16, DTYPES, F32, TOKENS, VIT, assert_backward_deterministic,
-                          assert_kernel_chosen, check, dtype_id)
+from cuda_helpers import (BF16, DTYPES, F32, RESIDUAL_CASES, RESIDUAL_IDS, VIT,
+                          assert_backward_deterministic, assert_kernel_chosen, check, dtype_id)
 
 pytestmark = pytest.mark.cuda
 B = 2
@@ -35,13 +35,7 @@ def _mlp(approximate="none"):
     return fn
 
 
-CASES = [(s, n, d, full) for s in VIT for n in TOKENS for d in DTYPES for full in (False, True)
-         if full or n == 197]
-
-
-@pytest.mark.parametrize("shape,n,dtype,full", CASES,
-                         ids=[f"{s}-N{n}-{dtype_id(d)}-{'residual' if f else 'plain'}"
-                              for s, n, d, f in CASES])
+@pytest.mark.parametrize("shape,n,dtype,full", RESIDUAL_CASES, ids=RESIDUAL_IDS)
 def test_forward_backward(device, shape, n, dtype, full):
     t = _inputs(device, n, VIT[shape][0], dtype, full)
     assert_kernel_chosen("gelu_mlp", list(t.values()))

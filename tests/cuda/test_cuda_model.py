@@ -12,7 +12,8 @@ from tolerance import assert_close_by_rule
 
 pytestmark = pytest.mark.cuda
 MODELS = {"S": "vit_small_patch16_224", "B": "vit_base_patch16_224", "L": "vit_large_patch16_224"}
-CHECKED = ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight", "head.weight")
+CHECKED = ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight",
+           "head.weight")
 
 
 def _run(model, images, labels, backend, autocast=None):

@@ -12,7 +12,8 @@ and DIR/summary.md again as soon as it ends (a run cut off still leaves its data
 5. models       ViT-S/B/L AMP bf16 training step and inference vs timm eager and torch.compile
 6. report       plot.png (matplotlib, if installed); the profiler trace comes from step 5
 
-A step that runs past its budget is stopped (pytest by SIGINT, so its report is still written);
+Budgets are ceilings: time an earlier step leaves unused goes to the later ones. A step that
+runs past its budget is stopped (pytest by SIGINT, so its report is still written);
 a step that cannot start in what is left of the total budget is skipped; both are listed in
 summary.md under "Not done". Steps 4 and 5 run in their own interpreter (started after the
 install, so they import what it built) with their budget as a timeout.
@@ -45,10 +46,12 @@ def parser():
     p = argparse.ArgumentParser(prog="python -m vit_fast.bench gpu-check",
                                 description="GPU acceptance kit: environment, install, cuda tests, "
                                 "per-op and whole-model timings; results in --out.")
-    p.add_argument("--out", required=True, help="directory for summary.md, results.json, plot, trace, logs")
+    p.add_argument("--out", required=True,
+                   help="directory for summary.md, results.json, plot, trace, logs")
     p.add_argument("--quick", action="store_true", help="the 3-minute version (fewer shapes and rounds)")
     p.add_argument("--dry-run", action="store_true",
-                   help="on CPU at tiny sizes under the Triton interpreter, no pip install: checks the kit")
+                   help="on CPU at tiny sizes under the Triton interpreter, no pip install: "
+                   "checks the kit")
     p.add_argument("--budget", type=float, help="total seconds (default 480, --quick 180)")
     p.add_argument("--skip", action="append", default=[], choices=list(STEPS),
                    help="leave out a step (repeatable); it is listed as not done")
@@ -59,9 +62,9 @@ def parser():
 
 def no_gpu_message():
     import torch
-    return (f"gpu-check: no CUDA GPU found (torch.cuda.is_available() is False; torch {torch.__version__}, "
-            f"built for CUDA {torch.version.cuda}). Run it on a GPU machine, or pass --dry-run to "
-            "check the kit on CPU.")
+    return (f"gpu-check: no CUDA GPU found (torch.cuda.is_available() is False; torch "
+            f"{torch.__version__}, built for CUDA {torch.version.cuda}). Run it on a GPU machine, "
+            "or pass --dry-run to check the kit on CPU.")
 
 
 def main(argv):
@@ -106,17 +109,22 @@ class Kit:
             v["status"].startswith("done") for v in s.values())
 
     def run(self):
+        """Steps in order. A step may use its own budget plus what earlier steps left unused
+        (budgets are ceilings, and the timing steps gain most from the spare time), never more
+        than is left of the total less the report's share."""
         end = self.t0 + self.total
+        spare = 0.0  # sum of earlier budgets minus the time those steps took
         for name, budgets in STEPS.items():
+            budget = budgets[self.args.quick]
             left = end - time.time()
             if name in self.args.skip:
                 self._record(name, "not run (--skip)", 0, 0)
                 continue
             reserve = 0 if name == "report" else STEPS["report"][self.args.quick]
-            allowed = min(budgets[self.args.quick], left - reserve)
+            allowed = min(budget + max(spare, 0.0), left - reserve)
             if name != "report" and allowed < MIN_START_S:
                 self._record(name, f"skipped: {left:.0f} s left of the {self.total:.0f} s budget "
-                                   f"(the step gets up to {budgets[self.args.quick]} s)", 0, 0)
+                                   f"(the step gets up to {budget} s)", 0, 0)
                 continue
             print(f"gpu-check: {name} (up to {allowed:.0f} s)", flush=True)
             t = time.time()
@@ -124,11 +132,12 @@ class Kit:
                 status, data = getattr(self, "_" + name)(max(allowed, 1.0))
             except Exception as exc:  # a broken step is reported; the next steps still run
                 status, data = f"failed: {type(exc).__name__}: {exc}", {}
+            spare += budget - (time.time() - t)
             self._record(name, status, time.time() - t, allowed, data)
 
     def _record(self, name, status, seconds, budget, data=None):
-        self.res["steps"][name] = {"status": status, "seconds": round(seconds, 1), "budget_s": round(budget),
-                                   "data": data or {}}
+        self.res["steps"][name] = {"status": status, "seconds": round(seconds, 1),
+                                   "budget_s": round(budget), "data": data or {}}
         if data:
             (self.out / f"{name}.json").write_text(json.dumps(data, indent=1, default=str))
         self.res["artifacts"] = self._artifacts()
@@ -138,10 +147,12 @@ class Kit:
 
     def _artifacts(self):
         names = {"summary.md": "this summary", "results.json": "everything, machine-readable",
-                 "pytest-junit.xml": "the cuda tests' junit report", "plot.png": "per-op speedups, model img/s",
+                 "pytest-junit.xml": "the cuda tests' junit report",
+                 "plot.png": "per-op speedups, model img/s",
                  "trace_train_step.json": "torch.profiler Chrome trace of one vit_fast training step",
                  "profile_top10.txt": "the trace's top-10 ops", "logs": "pip/build/pytest/step output"}
-        have = {k: v for k, v in names.items() if (self.out / k).exists() or k in ("summary.md", "results.json")}
+        have = {k: v for k, v in names.items()
+                if (self.out / k).exists() or k in ("summary.md", "results.json")}
         have.update({k: v for k, v in self.res.get("artifacts", {}).items() if k not in names})
         return have
 
@@ -152,7 +163,8 @@ class Kit:
         return "done", data
 
     def _install(self, budget):
-        data = setup.install(self.out, self.res["steps"]["environment"]["data"], self.args.dry_run, budget)
+        env = self.res["steps"]["environment"]["data"]
+        data = setup.install(self.out, env, self.args.dry_run, budget)
         return ("done" if data["ok"] else "done, with problems (see Install)"), data
 
     def _tests(self, budget):
@@ -164,8 +176,8 @@ class Kit:
         return (f"done, {bad} failed" if bad else "done"), data
 
     def _child_step(self, name, budget):
-        cmd = [sys.executable, "-m", "vit_fast.bench", "gpu-check", "--step", name, "--out", str(self.out),
-               "--deadline", str(time.time() + budget - 10)]
+        cmd = [sys.executable, "-m", "vit_fast.bench", "gpu-check", "--step", name,
+               "--out", str(self.out), "--deadline", str(time.time() + budget - 10)]
         cmd += ["--quick"] * self.args.quick + ["--dry-run"] * self.args.dry_run
         env = dict(os.environ, TRITON_INTERPRET="1" if self.args.dry_run else "0")
         rc, sec = setup.run_logged(cmd, self.out / "logs" / f"{name}.log", budget, env)

@@ -22,9 +22,11 @@ OP_SHAPES = {"ViT-S": (384, 6, 197, 64), "ViT-B": (768, 12, 197, 64), "ViT-L": (
              "ViT-B@384": (768, 12, 577, 32)}
 QUICK_OP_SHAPES = ("ViT-B",)
 TINY_OP_SHAPE = {"tiny": (32, 2, 17, 1)}
-MODELS = [("vit_small_patch16_224", 128), ("vit_base_patch16_224", 64), ("vit_large_patch16_224", 32)]
+# ViT-B first: the budget may stop the step, and B is the one most results are compared on.
+MODELS = [("vit_base_patch16_224", 64), ("vit_small_patch16_224", 128), ("vit_large_patch16_224", 32)]
 TINY_MODEL = dict(img_size=32, depth=1, embed_dim=32, num_heads=2)  # dry run: 1 block, 5 tokens
 COMPILE_ESTIMATE_S = 75  # torch.compile of a ViT training step, first call (inductor)
+CASE_ESTIMATE_S = 10  # one model and mode, eager and vit_fast: build, accuracy, memory, timed rounds
 
 
 class Recorder:
@@ -95,15 +97,17 @@ def _op_cases(C, H, N, batch, dtype, device):
                         "w2": rnd(C, 4 * C, scale=(4 * C) ** -0.5), "b2": rnd(C),
                         "residual": rnd(batch, N, C)},
            {"vit_fast": ("triton", mlp), "eager": ("reference", mlp)}, [("vit_fast", "eager")])
-    pe = lambda images, weight, bias: vit_fast.patch_embed(images, weight, bias, patch_size=patch)  # noqa: E731
-    yield ("patch_embed", {"images": rnd(batch, 3, img, img), "weight": rnd(C, 3, patch, patch, scale=0.05),
-                           "bias": rnd(C)},
+    pe = lambda images, weight, bias: vit_fast.patch_embed(  # noqa: E731
+        images, weight, bias, patch_size=patch)
+    yield ("patch_embed", {"images": rnd(batch, 3, img, img), "bias": rnd(C),
+                           "weight": rnd(C, 3, patch, patch, scale=0.05)},
            {"vit_fast": ("triton", pe), "eager": ("reference", pe)}, [("vit_fast", "eager")])
     torch.manual_seed(0)
     timm_block = torch.nn.Sequential(tvit.Block(C, H, qkv_bias=True)).to(device=device, dtype=dtype)
     fast_block = vit_fast.convert(copy.deepcopy(timm_block))
     yield ("Block", {"input": rnd(batch, N, C)},  # nn.Sequential.forward(input)
-           {"vit_fast": ("triton", fast_block), "timm": ("reference", timm_block)}, [("vit_fast", "timm")])
+           {"vit_fast": ("triton", fast_block), "timm": ("reference", timm_block)},
+           [("vit_fast", "timm")])
 
 
 def _op_callable(backend, fn, inputs, backward):
@@ -133,7 +137,8 @@ def _op_callable(backend, fn, inputs, backward):
 def run_ops(out_dir, device, quick, dry_run, deadline):
     device = torch.device(device)
     dtype = torch.float32 if dry_run else torch.bfloat16
-    shapes = TINY_OP_SHAPE if dry_run else {k: OP_SHAPES[k] for k in (QUICK_OP_SHAPES if quick else OP_SHAPES)}
+    names = QUICK_OP_SHAPES if quick else OP_SHAPES
+    shapes = TINY_OP_SHAPE if dry_run else {k: OP_SHAPES[k] for k in names}
     settings = _settings(device, quick, dry_run)
     rec = Recorder(out_dir / "ops.json", device=str(device), dtype=str(dtype).replace("torch.", ""),
                    **settings)
@@ -145,7 +150,8 @@ def run_ops(out_dir, device, quick, dry_run, deadline):
                     rec.add("skipped", f"{where}: past the step's budget")
                     continue
                 try:
-                    fns = {p: _op_callable(b, f, inputs, mode == "fwd+bwd") for p, (b, f) in providers.items()}
+                    fns = {p: _op_callable(b, f, inputs, mode == "fwd+bwd")
+                           for p, (b, f) in providers.items()}
                     outs = {p: f() for p, f in fns.items()} if mode == "forward" else {}
                     stats, ratios = _timed_row(fns, device, settings, pairs)
                 except Exception as exc:  # one broken case must not hide the others
@@ -156,7 +162,8 @@ def run_ops(out_dir, device, quick, dry_run, deadline):
                     o = o[0] if isinstance(o, tuple) else o
                     base = outs[pairs[0][1]]
                     base = base[0] if isinstance(base, tuple) else base
-                    diff[p] = ((o.float() - base.float()).norm() / base.float().norm().clamp_min(1e-30)).item()
+                    diff[p] = ((o.float() - base.float()).norm()
+                               / base.float().norm().clamp_min(1e-30)).item()
                 rec.add("rows", {"op": op, "shape": shape, "mode": mode, "batch": batch, "N": N, "C": C,
                                  "heads": H, "providers": stats, "ratios": ratios,
                                  "rel_diff_vs_baseline": diff})
@@ -200,76 +207,91 @@ def _errors(out, ref_logits):
             "top1_agree": (out.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()}
 
 
-def run_models(out_dir, device, quick, dry_run, deadline):
+def _model_case(name, batch, mode, kw, device, settings, compile_backend, trace_path):
+    """One (model, mode): the providers built from one fp32 timm model, accuracy vs it, peak step
+    memory, interleaved timing; the first training case also writes the profiler trace."""
     import timm
 
     import vit_fast
 
     from .profile import profile_step
     from .throughput import make_step
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised on the device: ViT-L's CPU init alone takes seconds
+        ref = timm.create_model(name, pretrained=False, **kw).eval()
+    img = ref.patch_embed.img_size
+    g = torch.Generator().manual_seed(batch)
+    images = torch.randn(batch, 3, img[0], img[1], generator=g).to(device)
+    labels = torch.randint(0, ref.num_classes, (batch,), generator=g).to(device)
+    with torch.no_grad():
+        ref_logits = ref(images).float()
+    providers = {"timm eager": copy.deepcopy(ref), "vit_fast": vit_fast.convert(copy.deepcopy(ref))}
+    if compile_backend:
+        providers["timm compile"] = torch.compile(copy.deepcopy(ref), backend=compile_backend)
+    with vit_fast.use_backend("triton"):
+        steps = {p: _amp(make_step(m, mode, images, labels), device) for p, m in providers.items()}
+        # Accuracy of the eval forward vs fp32 timm; a compiled model only through its own infer
+        # step (an extra eval graph would cost a second compile).
+        acc = ({p: _errors(s(), ref_logits) for p, s in steps.items()} if mode == "infer" else
+               {p: _accuracy(m, images, ref_logits, device) for p, m in providers.items()
+                if p != "timm compile"})
+        mem = {p: _peak_step_bytes(s, device) for p, s in steps.items()}
+        pairs = [("vit_fast", "timm eager")]
+        if compile_backend:
+            pairs += [("vit_fast", "timm compile"), ("timm compile", "timm eager")]
+        stats, ratios = _timed_row(steps, device, settings, pairs)
+        table = None
+        if trace_path is not None and mode == "train":
+            table = profile_step(steps["vit_fast"], device, trace_path, iters=1)
+    row = {"model": name, "mode": mode, "batch": batch, "ratios": ratios,
+           "providers": {p: {**stats[p], "img_per_s": batch / stats[p]["median_s"],
+                             "peak_step_bytes": mem[p], **acc.get(p, {})} for p in stats}}
+    return row, table
+
+
+def run_models(out_dir, device, quick, dry_run, deadline):
     device = torch.device(device)
     settings = _settings(device, quick, dry_run)
     if not dry_run:
         settings["rounds"] = 5 if quick else 10
     models = [("vit_small_patch16_224", 1)] if dry_run else MODELS
+    kw = TINY_MODEL if dry_run else {}
     rec = Recorder(out_dir / "models.json", device=str(device), precision="AMP bf16 (fp32 weights)",
                    **settings)
-    compile_backend = "eager" if dry_run else "inductor"
     if dry_run:
         rec.add("notes", "dry run: a 1-block ViT at 32 px, width 32; torch.compile with backend='eager' "
                          "(tracing only: no inductor build on CPU)")
-    profiled = False
-    for name, batch in models:
-        kw = TINY_MODEL if dry_run else {}
-        for mode in ("train", "infer"):
-            where = f"{name} {mode}"
-            left = deadline - time.time()
-            if left < 15:
-                rec.add("skipped", f"{where}: past the step's budget")
-                continue
-            torch.manual_seed(0)
-            ref = timm.create_model(name, pretrained=False, **kw).to(device).eval()
-            img = ref.patch_embed.img_size
-            g = torch.Generator().manual_seed(batch)
-            images = torch.randn(batch, 3, img[0], img[1], generator=g).to(device)
-            labels = torch.randint(0, ref.num_classes, (batch,), generator=g).to(device)
-            with torch.no_grad():
-                ref_logits = ref(images).float()
-            providers = {"timm eager": copy.deepcopy(ref), "vit_fast": vit_fast.convert(copy.deepcopy(ref))}
-            use_compile = (quick and name == models[0][0]) or not quick
-            if use_compile and (dry_run or left > COMPILE_ESTIMATE_S + 30):
-                providers["timm compile"] = torch.compile(copy.deepcopy(ref), backend=compile_backend)
-            else:
-                rec.add("skipped", f"{where}: timm compile not timed ("
-                        + ("--quick compiles the first model only" if not use_compile else
-                           f"{left:.0f} s left, a compile takes ~{COMPILE_ESTIMATE_S} s") + ")")
-            try:
-                with vit_fast.use_backend("triton"):
-                    steps = {p: _amp(make_step(m, mode, images, labels), device) for p, m in providers.items()}
-                    # Accuracy of the eval forward vs fp32 timm; a compiled model only in its own
-                    # infer step (an extra eval graph would cost a second compile).
-                    acc = ({p: _errors(s(), ref_logits) for p, s in steps.items()} if mode == "infer" else
-                           {p: _accuracy(m, images, ref_logits, device) for p, m in providers.items()
-                            if p != "timm compile"})
-                    mem = {p: _peak_step_bytes(s, device) for p, s in steps.items()}
-                    pairs = [("vit_fast", "timm eager")] + (
-                        [("vit_fast", "timm compile"), ("timm compile", "timm eager")]
-                        if "timm compile" in providers else [])
-                    stats, ratios = _timed_row(steps, device, settings, pairs)
-                    if mode == "train" and not profiled:
-                        table = profile_step(steps["vit_fast"], device, out_dir / "trace_train_step.json", iters=1)
-                        (out_dir / "profile_top10.txt").write_text(
-                            f"torch.profiler, one AMP bf16 training step of vit_fast {name}, batch {batch}\n{table}\n")
-                        rec.add("notes", f"trace_train_step.json: one vit_fast training step ({name}, batch {batch})")
-                        profiled = True
-            except Exception as exc:
-                rec.add("skipped", f"{where}: failed ({type(exc).__name__}: {str(exc)[:300]})")
-                continue
-            rec.add("rows", {"model": name, "mode": mode, "batch": batch,
-                             "providers": {p: {**stats[p], "img_per_s": batch / stats[p]["median_s"],
-                                               "peak_step_bytes": mem[p], **acc.get(p, {})} for p in stats},
-                             "ratios": ratios})
-            del providers, steps
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    traced = False
+    cases = [(name, batch, mode) for name, batch in models for mode in ("train", "infer")]
+    for i, (name, batch, mode) in enumerate(cases):
+        where, left = f"{name} {mode}", deadline - time.time()
+        if left < 15:
+            rec.add("skipped", f"{where}: past the step's budget")
+            continue
+        # Compile only when the eager/vit_fast rows of the cases after this one still fit.
+        after = len(cases) - i - 1
+        backend = "eager" if dry_run else "inductor"
+        if quick and name != models[0][0]:
+            backend = None
+            rec.add("skipped", f"{where}: timm compile not timed (--quick compiles the first "
+                               "model only)")
+        elif not dry_run and left < COMPILE_ESTIMATE_S + CASE_ESTIMATE_S * (after + 1):
+            backend = None
+            rec.add("skipped", f"{where}: timm compile not timed ({left:.0f} s left: a compile "
+                               f"takes ~{COMPILE_ESTIMATE_S} s and the {after} cases after this "
+                               f"~{CASE_ESTIMATE_S} s each)")
+        trace = None if traced or mode != "train" else out_dir / "trace_train_step.json"
+        try:
+            row, table = _model_case(name, batch, mode, kw, device, settings, backend, trace)
+        except Exception as exc:  # one broken case must not hide the others
+            rec.add("skipped", f"{where}: failed ({type(exc).__name__}: {str(exc)[:300]})")
+            continue
+        if table is not None:
+            what = f"one AMP bf16 training step of vit_fast {name}, batch {batch}"
+            (out_dir / "profile_top10.txt").write_text(f"torch.profiler, {what}\n{table}\n")
+            rec.add("notes", f"trace_train_step.json: {what}")
+            traced = True
+        rec.add("rows", row)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rec.data

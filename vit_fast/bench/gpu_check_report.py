@@ -19,7 +19,8 @@ def _header(res):
     if kit["dry_run"]:
         lines += ["**DRY RUN on CPU**: kernels under the Triton interpreter at tiny sizes. No number "
                   "here is a GPU measurement; the run checks the kit itself.", ""]
-    lines += [f"Started {kit['started']} UTC; `{kit['command']}` ({mode} budget {kit['budget_s']} s).", ""]
+    lines += [f"Started {kit['started']} UTC; `{kit['command']}` ({mode} budget "
+              f"{kit['budget_s']} s).", ""]
     if env:
         dev = (f"{env.get('device')}, {env.get('sm_count')} SMs, capability {env.get('capability')}, "
                f"{env.get('gpu_memory_gib')} GiB, driver {env.get('driver')}" if env.get("capability")
@@ -55,7 +56,8 @@ def _tests(d):
     lines = ["## Tests: `" + d.get("command", "") + "`", ""]
     counts = d.get("counts")
     if not counts:
-        return lines + ["No junit report (see logs/pytest.log):", "", "```", d.get("tail", ""), "```", ""]
+        return lines + ["No junit report (see logs/pytest.log):", "", "```", d.get("tail", ""),
+                        "```", ""]
     lines.append(", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
                  + f" in {d.get('seconds')} s" + (f"; {d['note']}" if d.get("note") else ""))
     lines.append("")
@@ -81,7 +83,8 @@ def _ops(d):
                          "mode": r["mode"], "provider": p, "time": timing.fmt_time(s),
                          "speedup": "; ".join(vs) or "baseline"})
     if rows:
-        lines += [fmt_table(rows, [(k, k) for k in ("op", "shape", "mode", "provider", "time", "speedup")]), ""]
+        keys = ("op", "shape", "mode", "provider", "time", "speedup")
+        lines += [fmt_table(rows, [(k, k) for k in keys]), ""]
     return lines + [f"- skipped: {s}" for s in d.get("skipped", [])] + [""]
 
 
@@ -117,7 +120,8 @@ def summary_markdown(res):
         if steps.get(name, {}).get("data"):
             lines += render(steps[name]["data"])
     skipped = [f"{n}: {s['status']}" for n, s in steps.items() if not s["status"].startswith("done")]
-    lines += ["## Not done", ""] + ([f"- {s}" for s in skipped] or ["- every step ran to the end"]) + [""]
+    lines += ["## Not done", ""] + ([f"- {s}" for s in skipped] or ["- every step ran to the end"])
+    lines.append("")
     arts = res.get("artifacts", {})
     lines += ["## Files", ""] + [f"- {k}: {v}" for k, v in arts.items()]
     lines.append(f"\nWritten {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC.")
@@ -147,7 +151,8 @@ def plot(res, path):
     ax1.set_yticks(range(len(values)), labels, fontsize=6)
     ax1.axvline(1.0, color="k", lw=0.8)
     ax1.set(xlabel="speedup of vit_fast (baseline time / vit_fast time)", title="per-op")
-    names = [f"{r['model'].replace('_patch16_224', '')} {r['mode']} {p}" for r in models for p in r["providers"]]
+    names = [f"{r['model'].replace('_patch16_224', '')} {r['mode']} {p}"
+             for r in models for p in r["providers"]]
     ips = [s["img_per_s"] for r in models for s in r["providers"].values()]
     ax2.barh(range(len(ips)), ips)
     ax2.set_yticks(range(len(ips)), names, fontsize=6)

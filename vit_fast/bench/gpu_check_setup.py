@@ -16,9 +16,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PINNED_WHEEL_HINT = ("on a networked machine: `pip download timm=={pin} --no-deps -d wheels/`; carry "
-                     "wheels/ with the repository; on the GPU machine: `pip install --no-deps "
-                     "wheels/timm-{pin}-py3-none-any.whl`")
+PINNED_WHEEL_HINT = ("bring the pinned wheel: on a networked machine `pip download timm=={pin} --no-deps "
+                     "-d wheels/` (also huggingface_hub, safetensors, pyyaml if the GPU machine lacks "
+                     "them), carry wheels/ with the repository, then on the GPU machine `python3 -m pip "
+                     "install --no-deps wheels/timm-{pin}-py3-none-any.whl`")
 
 
 def version_of(package):
@@ -98,7 +99,8 @@ def _nvcc():
 def supported_timm():
     """(setup.py's minimum timm, requirements-dev.txt's pin), read from those files."""
     setup = (ROOT / "setup.py").read_text() if (ROOT / "setup.py").exists() else ""
-    reqs = (ROOT / "requirements-dev.txt").read_text() if (ROOT / "requirements-dev.txt").exists() else ""
+    reqs_path = ROOT / "requirements-dev.txt"
+    reqs = reqs_path.read_text() if reqs_path.exists() else ""
     low = re.search(r"[\"']timm>=([\d.]+)", setup)
     pin = re.search(r"^timm==([\d.]+)", reqs, re.M)
     return (low.group(1) if low else None), (pin.group(1) if pin else None)
@@ -170,7 +172,8 @@ def _probe(out_dir, name, env):
     for line in (out_dir / "logs" / f"{name}.log").read_text(errors="replace").splitlines():
         if line.startswith("PROBE"):
             return json.loads(line[5:])
-    return {"error": f"import of vit_fast failed (rc={rc}): " + log_tail(out_dir / "logs" / f"{name}.log", 5)}
+    tail = log_tail(out_dir / "logs" / f"{name}.log", 5)
+    return {"error": f"import of vit_fast failed (rc={rc}): {tail}"}
 
 
 def _archs_in(so_path):
@@ -180,7 +183,8 @@ def _archs_in(so_path):
     if not so_path or not os.path.exists(exe):
         return None
     try:
-        out = subprocess.run([exe, "--list-elf", so_path], capture_output=True, text=True, timeout=60).stdout
+        out = subprocess.run([exe, "--list-elf", so_path], capture_output=True, text=True,
+                             timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return sorted(set(re.findall(r"sm_(\d+a?)", out)))
@@ -271,7 +275,8 @@ def run_tests(out_dir, dry_run, quick, timeout_s):
            "rc": rc, "seconds": round(sec, 1), "timed_out": rc is None, "quick_filter": quick}
     res.update(parse_junit(junit))
     if rc is None:
-        res["note"] = f"stopped at the {timeout_s:.0f} s budget (SIGINT): the counts are the tests run by then"
+        res["note"] = (f"stopped at the {timeout_s:.0f} s budget (SIGINT): the counts are the "
+                       "tests run by then")
     res["tail"] = log_tail(out_dir / "logs" / "pytest.log", 25)
     return res
 
@@ -284,6 +289,8 @@ def parse_junit(path):
     per_file = collections.defaultdict(collections.Counter)
     failures, skips = [], collections.Counter()
     for case in root.iter("testcase"):
+        if case.get("name") is None:  # the empty entry an interrupted (SIGINT) run leaves
+            continue
         file = case.get("classname", "?").split(".")[-1]
         outcome = "passed"
         for child in case:
