@@ -155,3 +155,27 @@ def test_time_interleaved_rotates_the_order_of_providers():
     samples = timing.time_interleaved(fns, "cpu", rounds=3, warmup=0)
     assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert all(len(v) == 3 for v in samples.values())
+
+
+def test_install_falls_back_to_an_in_place_build_and_checks_the_arch(tmp_path, monkeypatch):
+    """The non-dry install path with pip and the build faked: pip refusing leads to
+    `setup.py build_ext --inplace`, the build gets TORCH_CUDA_ARCH_LIST from the capability, and an
+    extension without the GPU's arch is a problem, not a pass."""
+    calls = []
+
+    def fake_run(cmd, log_path, timeout_s, env=None, cwd=None):
+        calls.append((list(map(str, cmd)), env))
+        return (1 if "pip" in cmd else 0), 0.5
+    monkeypatch.setattr(gpu_check_setup, "run_logged", fake_run)
+    monkeypatch.setattr(gpu_check_setup, "_probe", lambda out, name, env: {
+        "vit_fast": "x", "kernels": "ok", "extension": True, "extension_cuda": True,
+        "extension_file": None})
+    monkeypatch.setattr(gpu_check_setup, "_archs_in", lambda so: ["80", "90"])
+    env = {"torch": "2.11", "timm": "1.0.31", "timm_ok": True, "timm_status": "ok", "capability": "10.0"}
+    res = gpu_check_setup.install(tmp_path, env, dry_run=False, timeout_s=100)
+    assert calls[0][0][1:4] == ["-m", "pip", "install"] and "--no-build-isolation" in calls[0][0]
+    assert calls[0][1]["TORCH_CUDA_ARCH_LIST"] == "10.0"
+    assert calls[1][0][1:] == ["setup.py", "build_ext", "--inplace"]
+    assert "pip install: rc=1" in res["actions"][0] and "build_ext --inplace" in res["actions"][1]
+    assert res["arch_ok"] is False and not res["ok"]
+    assert any("not sm_100" in p for p in res["problems"])

@@ -89,7 +89,9 @@ def test_attention_dropout_trains_and_is_reproducible(device, dtype):
     assert all(torch.isfinite(g).all() for g in a[2].values())
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+# fp16/bf16: in fp32 the attention is torch's SDPA by design (dispatch), whose memory-efficient
+# backward is not deterministic; the fp32 LayerNorm and MLP kernels are checked in their own files.
+@pytest.mark.parametrize("dtype", (F16, BF16), ids=dtype_id)
 def test_backward_bitwise_deterministic_over_10_runs(device, dtype):
     block = _block(device, "B", dtype, init_values=0.1)
     x = torch.randn(B, 577, VIT["B"][0], device=device).to(dtype)

@@ -47,7 +47,8 @@ def _install(d):
                  f"{probe.get('kernels')}; vit_fast._C loaded: {probe.get('extension')}, with CUDA "
                  f"kernels: {probe.get('extension_cuda')}")
     if d.get("arch_wanted"):
-        lines.append(f"- extension archs: built {d.get('archs_built')}, this GPU {d['arch_wanted']}")
+        lines.append(f"- extension archs: {d.get('archs_built')} ({d.get('archs_how')}); this GPU: "
+                     f"{d['arch_wanted']}")
     lines += [f"- **problem**: {p}" for p in d.get("problems", [])] or ["- no problem found"]
     return lines + [""]
 

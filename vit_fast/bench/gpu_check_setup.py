@@ -233,6 +233,11 @@ def install(out_dir, env_info, dry_run, timeout_s):
         probe = _probe(out_dir, "import_probe2", env)
     res["probe"] = probe
     res["archs_built"] = _archs_in(probe.get("extension_file"))
+    res["archs_how"] = "cuobjdump --list-elf of the built library"
+    if res["archs_built"] is None:  # no cuobjdump: what setup.py asks nvcc for
+        m = re.search(r"^CUDA_ARCHS\s*=\s*\(([^)]*)\)", (ROOT / "setup.py").read_text(), re.M)
+        res["archs_built"] = re.findall(r"\d+a?", m.group(1)) if m else None
+        res["archs_how"] = "setup.py's CUDA_ARCHS (no cuobjdump to read the library)"
     wanted = res.get("arch_wanted", "").replace("sm_", "")
     if res["archs_built"] is not None and wanted:
         res["arch_ok"] = wanted in res["archs_built"]
