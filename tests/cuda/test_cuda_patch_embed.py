@@ -4,7 +4,8 @@ import torch
 
 import vit_fast
 
-from cuda_helpers import BF16, DTYPES, F32, VIT, assert_kernel_chosen, check, dtype_id
+from cuda_helpers import (BF16, DTYPES, F32, VIT, assert_backward_deterministic, assert_kernel_chosen,
+                          check, dtype_id)
 
 pytestmark = pytest.mark.cuda
 B = 2
@@ -59,3 +60,11 @@ def test_autocast(device, dtype):
     outs, grads = check(lambda images, weight, bias: _embed(patch)(images, weight, bias, None),
                         t, ["images", "weight", "bias"], autocast=dtype)
     assert outs[0].dtype == dtype and grads["weight"].dtype == F32
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_backward_bitwise_deterministic_over_10_runs(device, dtype):
+    img, patch = 384, 16
+    t = {"images": torch.randn(B, 3, img, img, device=device).to(dtype),
+         **_params(device, img, patch, VIT["B"][0], dtype)}
+    assert_backward_deterministic(_embed(patch), t, ["images", "weight", "bias", "pos_embed"])

@@ -225,7 +225,7 @@ def install(out_dir, env_info, dry_run, timeout_s):
                                   f"{'timed out' if rc2 is None else f'rc={rc2}'} in {sec2:.0f} s "
                                   "(log: logs/build_ext.log)")
     probe = _probe(out_dir, "import_probe", env)
-    if probe.get("kernels", "ok") != "ok" and not (ROOT / "vit_fast" / "kernels").exists():
+    if not dry_run and probe.get("kernels", "ok") != "ok" and not (ROOT / "vit_fast" / "kernels").exists():
         # A source tree without the editable finder (pip failed): link kernels/ where the package
         # expects it, as the development tree does.
         (ROOT / "vit_fast" / "kernels").symlink_to(Path("..") / "kernels")
@@ -266,18 +266,30 @@ def install(out_dir, env_info, dry_run, timeout_s):
 QUICK_DESELECT = "not N257 and not N577 and not N1025 and not p14 and not 384px"
 
 
+def _xdist_workers(dry_run):
+    """pytest-xdist processes for the GPU run (the lent machines have it and 16 cores), or 0."""
+    import importlib.util
+    if dry_run or importlib.util.find_spec("xdist") is None:
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
 def run_tests(out_dir, dry_run, quick, timeout_s):
     junit = out_dir / "pytest-junit.xml"
     cmd = [sys.executable, "-m", "pytest", "tests/cuda", "-m", "cuda", "-q", "-p", "no:cacheprovider",
            "-rfE", "--durations=10", f"--junitxml={junit}"]
     if quick or dry_run:  # a dry run only shows that they skip, and why: a subset is enough
         cmd += ["-k", QUICK_DESELECT]
+    workers = _xdist_workers(dry_run)
+    if workers:  # most of the step is Triton compiling kernels: one CPU core per process
+        cmd += ["-n", str(workers)]
     # The cuda tests check the compiled kernels; in a dry run there is no GPU: they skip, and the
     # interpreter flag keeps tests/conftest.py's default.
     env = dict(os.environ, TRITON_INTERPRET="1" if dry_run else "0")
     rc, sec = run_logged(cmd, out_dir / "logs" / "pytest.log", timeout_s, env)
     res = {"command": ("TRITON_INTERPRET=%s " % env["TRITON_INTERPRET"]) + " ".join(map(str, cmd[1:])),
-           "rc": rc, "seconds": round(sec, 1), "timed_out": rc is None, "quick_filter": quick}
+           "rc": rc, "seconds": round(sec, 1), "timed_out": rc is None, "quick_filter": quick,
+           "xdist_workers": workers}
     res.update(parse_junit(junit))
     if rc is None:
         res["note"] = (f"stopped at the {timeout_s:.0f} s budget (SIGINT): the counts are the "
