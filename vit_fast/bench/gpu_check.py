@@ -180,8 +180,9 @@ class Kit:
                "--out", str(self.out), "--deadline", str(time.time() + budget - 10)]
         cmd += ["--quick"] * self.args.quick + ["--dry-run"] * self.args.dry_run
         env = dict(os.environ, TRITON_INTERPRET="1" if self.args.dry_run else "0")
-        rc, sec = setup.run_logged(cmd, self.out / "logs" / f"{name}.log", budget, env)
         path = self.out / f"{name}.json"
+        path.unlink(missing_ok=True)  # an earlier run's rows must not pass for this run's
+        rc, sec = setup.run_logged(cmd, self.out / "logs" / f"{name}.log", budget, env)
         data = json.loads(path.read_text()) if path.exists() else {}
         if rc is None:
             return f"stopped at its {budget:.0f} s budget (rows so far kept)", data
