@@ -37,7 +37,7 @@ def run_logged(cmd, log_path, timeout_s, env=None, cwd=ROOT):
     """Runs ``cmd``, its stdout+stderr into ``log_path``; (returncode or None on timeout, seconds).
 
     On timeout it first sends SIGINT (pytest then still writes its junit report and summary),
-    then kills after 20 s."""
+    then kills after 10 s."""
     import time
     log_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -51,7 +51,7 @@ def run_logged(cmd, log_path, timeout_s, env=None, cwd=ROOT):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGINT)
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
