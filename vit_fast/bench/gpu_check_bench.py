@@ -291,6 +291,8 @@ def run_models(out_dir, device, quick, dry_run, deadline):
             (out_dir / "profile_top10.txt").write_text(f"torch.profiler, {what}\n{table}\n")
             rec.add("notes", f"trace_train_step.json: {what}")
             traced = True
+        if dry_run:
+            row["model"] = f"{name} (dry run: 1 block, 32 px)"
         rec.add("rows", row)
         if device.type == "cuda":
             torch.cuda.empty_cache()
