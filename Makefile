@@ -43,3 +43,12 @@ compat:
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info vit_fast/*.so vit_fast/_C_build.json
+
+# The GPU acceptance kit (README "On a GPU"). Runs with the machine's own $(PYTHON), torch and timm,
+# no .venv: gpu-check installs vit_fast itself (pip -e, the extension built for the GPU's arch).
+# make gpu-check [GPU_OUT=dir] [GPU_CHECK_ARGS=--quick]
+GPU_OUT ?= benchmarks/results/$(shell date -u +%Y-%m-%d)-$(shell nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | sed 's/^NVIDIA //; s/[^A-Za-z0-9]\{1,\}/-/g; s/-$$//' | grep . || echo no-gpu)
+.PHONY: gpu-check
+gpu-check:
+	@$(PYTHON) -c "import timm" 2>/dev/null || { echo "gpu-check: $(PYTHON) cannot import timm (vit_fast needs it). On a networked machine: pip download $$(grep '^timm==' requirements-dev.txt) --no-deps -d wheels/ ; carry wheels/ here; then $(PYTHON) -m pip install --no-deps wheels/timm-*.whl"; exit 2; }
+	$(PYTHON) -m vit_fast.bench gpu-check --out $(GPU_OUT) $(GPU_CHECK_ARGS)

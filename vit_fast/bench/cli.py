@@ -5,6 +5,7 @@
     python -m vit_fast.bench memory               bytes saved for backward, block and model
     python -m vit_fast.bench roofline             HBM bytes / FLOPs / roofline time (model)
     python -m vit_fast.bench compile-check        AOT sm_80/sm_90 registers, spills, shared, MMA
+    python -m vit_fast.bench gpu-check --out DIR  GPU acceptance kit (gpu_check.py; --dry-run on CPU)
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import os
 import subprocess
 import sys
 
-SUBCOMMANDS = ("memory", "roofline", "compile-check", "results")
+SUBCOMMANDS = ("memory", "roofline", "compile-check", "results", "gpu-check")
 
 
 def fmt_table(rows, columns, title=None):
@@ -320,6 +321,9 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         cmd, rest = argv[0], argv[1:]
+        if cmd == "gpu-check":
+            from .gpu_check import main as gpu_check_main
+            return gpu_check_main(rest)
         return {"memory": memory_main, "roofline": roofline_main,
                 "compile-check": compile_check_main, "results": results_main}[cmd](rest)
     return throughput_main(argv)

@@ -1,0 +1,166 @@
+"""gpu-check step 6: summary.md (rewritten after every step, so a run cut short still has one) and
+the PNG plot. Tables come from cli.fmt_table; times are medians of interleaved rounds (timing.py)."""
+from __future__ import annotations
+
+import time
+
+from . import timing
+from .cli import fmt_table
+
+
+def _mib(n):
+    return "-" if n is None else f"{n / 2**20:,.0f} MiB"
+
+
+def _header(res):
+    kit, env = res["kit"], res["steps"].get("environment", {}).get("data", {})
+    lines = [f"# vit_fast GPU check: {env.get('device', '?')}", ""]
+    mode = "quick" if kit["quick"] else "default"
+    if kit["dry_run"]:
+        lines += ["**DRY RUN on CPU**: kernels under the Triton interpreter at tiny sizes. No number "
+                  "here is a GPU measurement; the run checks the kit itself.", ""]
+    lines += [f"Started {kit['started']} UTC; `{kit['command']}` ({mode} budget "
+              f"{kit['budget_s']} s).", ""]
+    if env:
+        dev = (f"{env.get('device')}, {env.get('sm_count')} SMs, capability {env.get('capability')}, "
+               f"{env.get('gpu_memory_gib')} GiB, driver {env.get('driver')}" if env.get("capability")
+               else env.get("device"))
+        lines += [f"- device: {dev}",
+                  f"- versions: python {env.get('python')}, torch {env.get('torch')} (CUDA "
+                  f"{env.get('torch_cuda')}), triton {env.get('triton')}, timm {env.get('timm')}, numpy "
+                  f"{env.get('numpy')}, nvcc {env.get('nvcc')}, vit_fast commit {env.get('git_commit')}",
+                  f"- timm: {env.get('timm_status')}", ""]
+    return lines
+
+
+def _steps(res):
+    rows = [{"step": n, **s} for n, s in res["steps"].items()]
+    return [fmt_table(rows, [("step", "step"), ("status", "status"),
+                             ("seconds", lambda r: f"{r.get('seconds', 0):.0f}"),
+                             ("budget s", lambda r: f"{r.get('budget_s', 0):.0f}")]), ""]
+
+
+def _install(d):
+    lines = ["## Install", ""] + [f"- {a}" for a in d.get("actions", [])]
+    probe = d.get("probe", {})
+    lines.append(f"- vit_fast imported from {probe.get('vit_fast')}; vit_fast.kernels: "
+                 f"{probe.get('kernels')}; vit_fast._C loaded: {probe.get('extension')}, with CUDA "
+                 f"kernels: {probe.get('extension_cuda')}")
+    if d.get("arch_wanted"):
+        lines.append(f"- extension archs: {d.get('archs_built')} ({d.get('archs_how')}); this GPU: "
+                     f"{d['arch_wanted']}")
+    lines += [f"- **problem**: {p}" for p in d.get("problems", [])] or ["- no problem found"]
+    return lines + [""]
+
+
+def _tests(d):
+    lines = ["## Tests: `" + d.get("command", "") + "`", ""]
+    counts = d.get("counts")
+    if not counts:
+        return lines + ["No junit report (see logs/pytest.log):", "", "```", d.get("tail", ""),
+                        "```", ""]
+    lines.append(", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+                 + f" in {d.get('seconds')} s" + (f"; {d['note']}" if d.get("note") else ""))
+    lines.append("")
+    rows = [{"file": f, **c} for f, c in d.get("per_file", {}).items()]
+    cols = [("file", "file")] + [(k, (lambda k: lambda r: r.get(k, 0))(k))
+                                 for k in ("passed", "failed", "error", "skipped")]
+    lines += [fmt_table(rows, cols), ""]
+    for reason, n in d.get("skip_reasons", {}).items():
+        lines.append(f"- skipped ({n}): {reason}")
+    for f in d.get("failures", [])[:40]:
+        lines.append(f"- **{f['kind']}** `{f['test']}`: {f['message']}")
+    return lines + [""]
+
+
+def _ops(d):
+    lines = [f"## Per-op timings ({d.get('dtype')}, {d.get('device')}): median of {d.get('rounds')} "
+             "interleaved rounds, ± half the IQR; speedup = baseline time / provider time", ""]
+    rows = []
+    for r in d.get("rows", []):
+        for p, s in r["providers"].items():
+            vs = [f"{timing.fmt_ratio(x)} vs {x['baseline']}" for x in r["ratios"] if x["provider"] == p]
+            rows.append({"op": r["op"], "shape": f"{r['shape']} B={r['batch']} N={r['N']}",
+                         "mode": r["mode"], "provider": p, "time": timing.fmt_time(s),
+                         "speedup": "; ".join(vs) or "baseline"})
+    if rows:
+        keys = ("op", "shape", "mode", "provider", "time", "speedup")
+        lines += [fmt_table(rows, [(k, k) for k in keys]), ""]
+    return lines + [f"- skipped: {s}" for s in d.get("skipped", [])] + [""]
+
+
+def _models(d):
+    lines = [f"## Whole models ({d.get('precision')}, {d.get('device')}): median of {d.get('rounds')} "
+             "interleaved rounds; accuracy of the eval forward vs fp32 timm eager", ""]
+    rows = []
+    for r in d.get("rows", []):
+        ratio = {(x["provider"], x["baseline"]): x for x in r["ratios"]}
+        for p, s in r["providers"].items():
+            def vs(base, p=p):
+                return timing.fmt_ratio(ratio[(p, base)]) if (p, base) in ratio else "-"
+            rows.append({"model": r["model"], "mode": r["mode"], "batch": r["batch"], "provider": p,
+                         "img/s": f"{s['img_per_s']:,.1f}", "step": timing.fmt_time(s),
+                         "vs timm eager": vs("timm eager"), "vs timm compile": vs("timm compile"),
+                         "peak step mem": _mib(s.get("peak_step_bytes")),
+                         "max abs err": f"{s['max_abs_err']:.2e}" if "max_abs_err" in s else "-",
+                         "top-1 agree": f"{100 * s['top1_agree']:.0f}%" if "top1_agree" in s else "-"})
+    if rows:
+        keys = ("model", "mode", "batch", "provider", "img/s", "step", "vs timm eager", "vs timm compile",
+                "peak step mem", "max abs err", "top-1 agree")
+        lines += [fmt_table(rows, [(k, k) for k in keys]),
+                  "", "peak step mem: CUDA memory a step allocates above what is resident before it "
+                  "(all providers' weights)", ""]
+    return (lines + [f"- note: {s}" for s in d.get("notes", [])]
+            + [f"- skipped: {s}" for s in d.get("skipped", [])] + [""])
+
+
+def summary_markdown(res):
+    lines = _header(res) + ["## Steps", ""] + _steps(res)
+    steps = res["steps"]
+    for name, render in (("install", _install), ("tests", _tests), ("ops", _ops), ("models", _models)):
+        if steps.get(name, {}).get("data"):
+            lines += render(steps[name]["data"])
+    skipped = [f"{n}: {s['status']}" for n, s in steps.items() if not s["status"].startswith("done")]
+    lines += ["## Not done", ""] + ([f"- {s}" for s in skipped] or ["- every step ran to the end"])
+    lines.append("")
+    arts = res.get("artifacts", {})
+    lines += ["## Files", ""] + [f"- {k}: {v}" for k, v in arts.items()]
+    lines.append(f"\nWritten {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res, path):
+    """plot.png: per-op speedups of vit_fast and model img/s. Returns None, or why there is no plot."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        return f"no plot: matplotlib is not installed ({exc})"
+    ops = res["steps"].get("ops", {}).get("data", {}).get("rows", [])
+    models = res["steps"].get("models", {}).get("data", {}).get("rows", [])
+    if not ops and not models:
+        return "no plot: no timing rows"
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    labels, values = [], []
+    for r in ops:
+        for x in r["ratios"]:
+            if x["provider"] == "vit_fast":
+                labels.append(f"{r['op']} {r['shape']} {r['mode']} vs {x['baseline']}")
+                values.append(x["speedup"])
+    ax1.barh(range(len(values)), values)
+    ax1.set_yticks(range(len(values)), labels, fontsize=6)
+    ax1.axvline(1.0, color="k", lw=0.8)
+    ax1.set(xlabel="speedup of vit_fast (baseline time / vit_fast time)", title="per-op")
+    names = [f"{r['model'].replace('_patch16_224', '')} {r['mode']} {p}"
+             for r in models for p in r["providers"]]
+    ips = [s["img_per_s"] for r in models for s in r["providers"].values()]
+    ax2.barh(range(len(ips)), ips)
+    ax2.set_yticks(range(len(ips)), names, fontsize=6)
+    ax2.set(xlabel="img/s", title="whole model")
+    device = res["steps"].get("environment", {}).get("data", {}).get("device", "?")
+    fig.suptitle(f"vit_fast gpu-check: {device}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
