@@ -166,7 +166,6 @@ def aot_specs():
     from vit_fast.aot import AotSpec
     specs = []
     for dtype in ("bf16", "fp16", "fp32"):
-        short = "32" if dtype == "fp32" else "16"
         for kind in _KINDS:
             epilogue = "dgelu" if kind == "dgelu" else "none"
             # config_name with 0 SMs gives the large config, with a huge count the small one

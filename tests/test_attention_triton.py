@@ -1,5 +1,5 @@
 """Triton fused QKV attention (forward and backward) under the interpreter, against the float64
-reference with DESIGN.md's tolerance rule."""
+reference with docs/design.md's tolerance rule."""
 import pytest
 import torch
 

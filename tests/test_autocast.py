@@ -7,20 +7,18 @@ fp32 residual or pos_embed added to a low-precision branch is added in fp32.
 import copy
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
 import vit_fast
+from tiny_models import tiny_vit
 from tolerance import assert_close_by_rule
 
 CUDA = torch.cuda.is_available()
 
 
 def _vit(**kw):
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                             embed_dim=48, depth=2, num_heads=3, num_classes=10, **kw)
+    return tiny_vit(img_size=32, embed_dim=48, num_heads=3, num_classes=10, **kw)
 
 
 def _logits_and_grads(model, x, amp_dtype):
@@ -150,7 +148,7 @@ def _triton_available():
 def test_triton_kernels_under_cpu_autocast(op, amp, monkeypatch):
     """The kernels (interpreter) get the autocast dtype and agree with eager autocast.
 
-    fp16 is held to DESIGN.md's rule. bf16 is not: the Triton interpreter rounds fp32 -> bf16 stores
+    fp16 is held to docs/design.md's rule. bf16 is not: the Triton interpreter rounds fp32 -> bf16 stores
     toward zero (numpy has no bf16; a GPU rounds to nearest even), which alone doubles the
     rounding error of every bf16 store, so bf16 gets 2 bf16 ulps of the output's scale instead.
     """
@@ -211,10 +209,7 @@ def test_compiled_triton_block_under_autocast():
         pytest.skip(f"the triton ops are not available: {missing}")
     from torch._dynamo.testing import AotEagerAndRecordGraphs
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8,
-                              embed_dim=24, depth=1, num_heads=2, num_classes=5, init_values=0.1,
-                              block_fn=vit_fast.Block)
+    model = tiny_vit(depth=1, init_values=0.1, block_fn=vit_fast.Block)
 
     def fn(x):
         with vit_fast.use_backend("triton"), torch.autocast("cpu", dtype=torch.float16):

@@ -1,4 +1,4 @@
-"""vit_fast.Block's kernel path saves no LayerNorm output (DESIGN.md, training memory).
+"""vit_fast.Block's kernel path saves no LayerNorm output (docs/design.md, training memory).
 
 With the triton backend (kernels under the Triton interpreter here) the Block runs LN1 -> qkv as
 vit_fast::layer_norm_linear and LN2 -> MLP as vit_fast::residual_layer_norm_mlp, whose backwards

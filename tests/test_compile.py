@@ -8,19 +8,17 @@ import copy
 import os
 
 import pytest
-import timm
 import torch
 from torch._dynamo.testing import AotEagerAndRecordGraphs
 
 import vit_fast
 from vit_fast import dispatch
+from tiny_models import tiny_vit
 from tolerance import assert_close_by_rule
 
 
 def _vit(depth=2, **kw):
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8,
-                             embed_dim=24, depth=depth, num_heads=2, num_classes=5, **kw)
+    return tiny_vit(depth=depth, **kw)
 
 
 def _step(fn, model, x, seed=1):
@@ -130,7 +128,7 @@ def test_triton_backend_compiled_block_matches_eager():
     graph = "\n".join(g.code for g in backend.graphs)
     for op in ("fused_qkv_attention", "layer_norm_linear", "residual_layer_norm_mlp"):
         assert f"vit_fast.{op}" in graph, f"the compiled graph does not call the {op} kernel op"
-    # ... and the kernels agree with the float64 reference by DESIGN.md's rule.
+    # ... and the kernels agree with the float64 reference by docs/design.md's rule.
     model64 = copy.deepcopy(model).double()
     with vit_fast.use_backend("reference"):
         ref64 = _step(model64, model64, x.double())

@@ -2,12 +2,12 @@
 import socket
 
 import pytest
-import timm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import vit_fast
+from tiny_models import tiny_vit
 
 
 def _free_port():
@@ -25,9 +25,7 @@ def test_ddp_and_fsdp2_match_single_process():
 
 
 def _model(**kw):
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8,
-                             embed_dim=24, depth=3, num_heads=2, num_classes=5, **kw)
+    return tiny_vit(depth=3, **kw)
 
 
 def _grads(model, x, seed):

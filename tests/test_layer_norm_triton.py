@@ -1,12 +1,12 @@
 """Triton residual_layer_norm (kernels/layer_norm.py through vit_fast/ops/layer_norm.py), run under
-the interpreter on CPU, against the float64 reference with DESIGN.md's tolerance rule: y, s and
+the interpreter on CPU, against the float64 reference with docs/design.md's tolerance rule: y, s and
 every gradient; backward determinism; constant rows; opcheck."""
 import itertools
 
 import pytest
 import torch
 
-from tests.tolerance import DTYPES, assert_close_by_rule
+from tolerance import DTYPES, assert_close_by_rule
 from vit_fast import reference
 from vit_fast.ops import layer_norm as ln_op
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.tolerance import assert_close_by_rule
+from tolerance import assert_close_by_rule
 from vit_fast import reference
 from vit_fast.ops import patch_embed as pe
 

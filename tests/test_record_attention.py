@@ -1,16 +1,14 @@
 """vit_fast.record_attention: post-softmax attention maps of chosen blocks, fused path restored."""
 import pytest
-import timm
 import torch
 import torch.nn as nn
 
 import vit_fast
+from tiny_models import tiny_vit
 
 
 def _vit(**kw):
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=24, patch_size=8,
-                             embed_dim=24, depth=3, num_heads=2, num_classes=5, **kw).eval()
+    return tiny_vit(img_size=24, depth=3, **kw).eval()
 
 
 MODELS = {"converted": lambda: vit_fast.convert(_vit(init_values=0.1)),

@@ -328,7 +328,7 @@ def test_autograd_functions_gradcheck():
 @pytest.mark.parametrize("family", ["vit", "clip"])
 def test_autocast_matches_eager_autocast(family):
     """Under CPU autocast (bf16) the converted layers take the plain F.linear / MLP-module path;
-    DESIGN.md's tolerance rule against the original under the same autocast."""
+    docs/design.md's tolerance rule against the original under the same autocast."""
     from tolerance import assert_close_by_rule
     original = _build(family).eval()
     model = vit_fast.convert(copy.deepcopy(original))

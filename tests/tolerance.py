@@ -1,4 +1,4 @@
-"""DESIGN.md's tolerance rule, in the one place tests take it from.
+"""docs/design.md's tolerance rule, in the one place tests take it from.
 
 |ours - ref64| <= 2·|torch_same_dtype - ref64| + floor, where ref64 is the reference in float64 and
 torch_same_dtype the reference run in the test dtype (FlashAttention's rule). The floor keeps the

@@ -1,6 +1,6 @@
 """The four public ops. Each checks its inputs, asks dispatch for a backend, and runs it.
 
-Contracts: DESIGN.md ("Public op contracts"). Bad input raises ValueError/TypeError naming the
+Contracts: docs/design.md ("Public op contracts"). Bad input raises ValueError/TypeError naming the
 argument before any backend runs, so every backend sees the same valid inputs.
 """
 from __future__ import annotations

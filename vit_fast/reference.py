@@ -1,7 +1,7 @@
 """Eager PyTorch reference of every vit_fast op.
 
 This is the ground truth for tests and benchmarks, and the path taken on CPU and for options the
-kernels do not support. Each function follows the contract in DESIGN.md exactly and is written
+kernels do not support. Each function follows the contract in docs/design.md exactly and is written
 with plain PyTorch ops so autograd differentiates it.
 
 ``upcast=True`` computes in float64 and casts the results back to the input dtype, which is what

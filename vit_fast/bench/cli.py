@@ -143,8 +143,6 @@ def plot(rows, path, kind):
 # --- memory --------------------------------------------------------------------------------------
 
 def memory_main(argv):
-    import torch
-
     from . import memory
     from .throughput import DTYPES
     p = argparse.ArgumentParser(prog="python -m vit_fast.bench memory",

@@ -13,7 +13,6 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
 
 from . import timing
 

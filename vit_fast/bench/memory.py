@@ -111,7 +111,7 @@ def measure(model_name="vit_base_patch16_224", batch=64, dtype=torch.bfloat16, m
             what=("block", "model")):
     """Rows of {scope, impl, bytes, tensors, units, ratio, method} for the block and whole model.
 
-    units: bytes / (B·N·C·element size), DESIGN.md's unit of one activation.
+    units: bytes / (B·N·C·element size), docs/design.md's unit of one activation.
     """
     import timm
 

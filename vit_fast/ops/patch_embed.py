@@ -55,7 +55,7 @@ def _as_channel_vector(v, channels, device):
 
 
 def patch_embed(images, weight, bias, patch_size, pos_embed, mean, std) -> torch.Tensor:
-    """[B, C, H, W] float (or uint8 [B, H, W, C] with mean/std) -> [B, Np, D]; see DESIGN.md.
+    """[B, C, H, W] float (or uint8 [B, H, W, C] with mean/std) -> [B, Np, D]; see docs/design.md.
 
     Inputs are assumed validated by vit_fast.functional; the C++ op checks shapes again.
     """
