@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._device import on_tensor_device
 from .matmul import _gelu_cdf, colsum, interpreting
 
 # Elements per program: 16 per thread at 4 warps keeps these memory-bound kernels under ~100
@@ -126,6 +127,7 @@ def _blocks():
     return INTERPRET_BLOCKS if interpreting() else (FWD_BLOCK, BWD_BLOCK, EPILOGUE_BLOCK)
 
 
+@on_tensor_device
 def gelu_forward(pre, act, approximate):
     """act <- gelu(pre); both contiguous, same shape and dtype (act may be pre itself)."""
     n = pre.numel()
@@ -136,6 +138,7 @@ def gelu_forward(pre, act, approximate):
     return act
 
 
+@on_tensor_device
 def gelu_backward(d_act, pre, approximate, sample_scale=None, rows_per_sample=1, *,
                   store_act=True, row_dot=False):
     """In place d_act <- d_pre; returns (act_s or None, rowdot fp32 [M] or None).
@@ -154,6 +157,7 @@ def gelu_backward(d_act, pre, approximate, sample_scale=None, rows_per_sample=1,
     return act_s, rowdot
 
 
+@on_tensor_device
 def residual_epilogue(y, bias, layer_scale, sample_scale, residual, rows_per_sample=1):
     """In place y <- residual + (y + bias)·layer_scale·sample_scale[b]; y [M, N] contiguous."""
     M, N = y.shape
