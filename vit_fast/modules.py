@@ -31,6 +31,11 @@ from .fusion import FusedModule, forward_is
 __all__ = ["LayerNorm", "LayerScale", "Attention", "Mlp", "Block", "PatchEmbed"]
 
 
+class InputSizeError(ValueError, AssertionError):
+    """An image size PatchEmbed does not take: a ValueError, and an AssertionError like timm's
+    ``_assert`` raises, so either ``except`` a caller already has catches it."""
+
+
 def _tracing(x) -> bool:
     """True while torch.fx traces through us: no data-dependent decisions, plain math."""
     return isinstance(x, torch.fx.Proxy)
@@ -279,20 +284,42 @@ class PatchEmbed(_TimmPatchEmbed, FusedModule):
     def why_not_fused(self):
         return self.fusion_reasons()
 
-    def _check_and_pad(self, x):
-        """timm's input-size rules (as ValueError), then the dynamic bottom/right padding."""
-        H, W = x.shape[-2], x.shape[-1]
-        ph, pw = self.patch_size[0], self.patch_size[1]
+    def _size_error(self, H, W):
+        """timm's input-size rules: the message of the one broken, or ''."""
+        if self.img_size is None:
+            return ""
+        if self.strict_img_size and (H, W) != tuple(self.img_size):
+            return (f"PatchEmbed: input size {H}x{W} does not match the model's img_size "
+                    f"{self.img_size[0]}x{self.img_size[1]} (strict_img_size)")
+        ph, pw = self.patch_size
+        if not self.strict_img_size and not self.dynamic_img_pad and (H % ph or W % pw):
+            return (f"PatchEmbed: input size {H}x{W} is not divisible by the patch size {ph}x{pw} "
+                    "(set dynamic_img_pad=True to pad)")
+        return ""
+
+    def _assert_size(self, H: int, W: int):
+        """The same rules as torch._assert, which TorchScript compiles and torch.fx records."""
         if self.img_size is not None:
             if self.strict_img_size:
-                if H != self.img_size[0] or W != self.img_size[1]:
-                    raise ValueError(f"PatchEmbed: input size {H}x{W} does not match the model's "
-                                     f"img_size {self.img_size[0]}x{self.img_size[1]} "
-                                     "(strict_img_size)")
-            elif not self.dynamic_img_pad and (H % ph != 0 or W % pw != 0):
-                raise ValueError(f"PatchEmbed: input size {H}x{W} is not divisible by the patch "
-                                 f"size {ph}x{pw}")
+                torch._assert(H == self.img_size[0], "PatchEmbed: input height != img_size")
+                torch._assert(W == self.img_size[1], "PatchEmbed: input width != img_size")
+            elif not self.dynamic_img_pad:
+                torch._assert(H % self.patch_size[0] == 0, "PatchEmbed: height % patch != 0")
+                torch._assert(W % self.patch_size[1] == 0, "PatchEmbed: width % patch != 0")
+
+    def _check_and_pad(self, x):
+        """Check the input size (ValueError in eager), then the dynamic bottom/right padding."""
+        H, W = x.shape[-2], x.shape[-1]
+        if torch.jit.is_scripting():
+            self._assert_size(H, W)
+        elif _tracing(x):
+            self._assert_size(H, W)
+        else:
+            msg = self._size_error(H, W)
+            if msg:
+                raise InputSizeError(msg)
         if self.dynamic_img_pad:
+            ph, pw = self.patch_size[0], self.patch_size[1]
             x = F.pad(x, (0, (pw - W % pw) % pw, 0, (ph - H % ph) % ph))
         return x
 
