@@ -131,8 +131,7 @@ class Block(FusedModule):
         qkv = self.attn.qkv
         if not forward_is(qkv, nn.Linear.forward):
             reasons.append(f"attn.qkv is {type(qkv).__name__} with its own forward (an adapter?)")
-        reasons += [f"mlp.{r}" for r in self.mlp._structure_reasons()
-                    if f"mlp.{r}" not in self._class_reasons()]
+        reasons += [f"mlp.{r}" for r in self.mlp._structure_reasons()]  # its kinds passed above
         for name in ("drop_path1", "drop_path2"):
             m = getattr(self, name)
             if not forward_is(m, *_DROP_PATH_FORWARDS):
