@@ -20,7 +20,9 @@ from torch.nn.utils import parametrize, prune
 import vit_fast
 from vit_fast.convert import why_not_fused
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::FutureWarning", "ignore::DeprecationWarning",
+    "ignore:Full backward hook is firing when gradients are computed with respect to module outputs")
 
 
 def _vit(**kw):

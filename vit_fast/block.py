@@ -93,17 +93,9 @@ class Block(FusedModule):
 
     # --- the fusion decision (vit_fast/fusion.py caches it per configuration) --------------------
 
-    def _bypassed(self):
-        get = self._modules.get
-        attn, mlp = get("attn"), get("mlp")
-        out = [("norm1", get("norm1")), ("attn", attn), ("ls1", get("ls1")),
-               ("drop_path1", get("drop_path1")), ("norm2", get("norm2")), ("mlp", mlp),
-               ("ls2", get("ls2")), ("drop_path2", get("drop_path2"))]
-        if attn is not None:  # qkv is read, not called; a gate would need LN1's output
-            out += [("attn.qkv", attn._modules.get("qkv")), ("attn.gate", attn._modules.get("gate"))]
-        if isinstance(mlp, Mlp):
-            out += [(f"mlp.{n}", m) for n, m in mlp._bypassed()]
-        return out
+    # qkv is read, not called; a gate would need LN1's output, which the fused path never has.
+    bypassed_paths = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2",
+                      "attn.qkv", "attn.gate") + tuple(f"mlp.{p}" for p in Mlp.bypassed_paths)
 
     def _class_reasons(self):
         """Reasons in the kinds of layers (convert leaves such a Block as it is)."""

@@ -55,12 +55,34 @@ def forward_is(m, *forwards) -> bool:
     return any(type(m).forward is f for f in forwards)
 
 
+_SPLIT_PATHS = {}  # class -> its bypassed_paths split at the dots
+
+
+def _split_paths(cls):
+    paths = _SPLIT_PATHS.get(cls)
+    if paths is None:
+        paths = _SPLIT_PATHS[cls] = tuple(tuple(p.split(".")) for p in cls.bypassed_paths)
+    return paths
+
+
 class FusedModule(nn.Module):
     """Mixin for modules with a fused path that skips calling some submodules."""
 
+    # Dotted names of the submodules the fused path reads but does not call.
+    bypassed_paths: tuple = ()
+
+    def _bypassed_modules(self):
+        found = []
+        for path in _split_paths(type(self)):
+            m = self
+            for name in path:
+                m = m._modules.get(name) if m is not None else None
+            found.append(m)
+        return found
+
     def _bypassed(self):
         """(name, submodule or None) that the fused path does not call."""
-        return ()
+        return list(zip(self.bypassed_paths, self._bypassed_modules()))
 
     def _structure_reasons(self):
         """Reasons, from the modules' classes and settings, that the fused path cannot run."""
@@ -76,8 +98,9 @@ class FusedModule(nn.Module):
         return reasons
 
     def _fusion_key(self):
-        return (tuple((m, type(m), m is not None and _attached(m)) for _, m in self._bypassed()),
-                _global_hooks())
+        mods = self._bypassed_modules()
+        return (tuple(mods), tuple(map(type, mods)),
+                tuple([m is not None and _attached(m) for m in mods]), _global_hooks())
 
     def fusion_reasons(self):
         """Why the fused path cannot run, from this module's configuration; [] when it can."""

@@ -132,8 +132,7 @@ class Attention(FusedModule):
         self.proj = nn.Linear(self.attn_dim, dim_out, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _bypassed(self):
-        return (("q_norm", self.q_norm), ("k_norm", self.k_norm))
+    bypassed_paths = ("q_norm", "k_norm")
 
     def _structure_reasons(self):
         return [f"{name} is {type(m).__name__} (qk_norm): the fused attention has no q/k norm"
@@ -209,8 +208,7 @@ class Mlp(FusedModule):
         self.fc2 = linear(hidden_features, out_features, bias[1])
         self.drop2 = nn.Dropout(drop_probs[1])
 
-    def _bypassed(self):
-        return tuple((n, self._modules.get(n)) for n in ("fc1", "act", "drop1", "norm", "fc2", "drop2"))
+    bypassed_paths = ("fc1", "act", "drop1", "norm", "fc2", "drop2")
 
     def _class_reasons(self):
         """Reasons in the layers' kinds (these never change for a given model)."""
@@ -267,8 +265,7 @@ class PatchEmbed(_TimmPatchEmbed, FusedModule):
     math. A border that is not a whole patch is cropped, as timm's strided conv drops it.
     """
 
-    def _bypassed(self):
-        return (("proj", self.proj),)
+    bypassed_paths = ("proj",)
 
     def _structure_reasons(self):
         p, patch = self.proj, tuple(self.patch_size)
