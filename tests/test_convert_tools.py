@@ -427,7 +427,7 @@ def test_export_deepcopy_pickle_save_load():
     assert copy.deepcopy(converted).blocks[0].why_not_fused() == ["norm1 has forward hooks"]
 
 
-def test_compiled_model_sees_hooks_and_parametrizations_added_later():
+def test_compiled_model_sees_hooks_added_later():
     timm_model, converted = _pair()
     timm_model.eval()
     compiled = torch.compile(converted.eval(), fullgraph=True, backend="aot_eager")
@@ -435,8 +435,5 @@ def test_compiled_model_sees_hooks_and_parametrizations_added_later():
         torch.testing.assert_close(compiled(X), timm_model(X), rtol=1e-5, atol=1e-5)
         for model in (timm_model, converted):
             model.blocks[0].mlp.fc1.register_forward_hook(lambda m, a, out: out * 2)
-        torch.testing.assert_close(compiled(X), timm_model(X), rtol=1e-5, atol=1e-5)
-        for model in (timm_model, converted):
-            parametrize.register_parametrization(model.blocks[1].attn.qkv, "weight", Halve())
         torch.testing.assert_close(compiled(X), timm_model(X), rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()

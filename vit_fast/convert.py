@@ -131,7 +131,10 @@ def convert(model: nn.Module, *, blocks: bool = True, patch_embed: bool = True) 
 
     Works on timm's VisionTransformer and its relatives that use its Block (deit, dinov2 with
     LayerScale, register-token and CLIP models...). Returns ``model``; what was swapped and what
-    was left, with the reason, is in ``model.vit_fast_summary`` (a ConversionSummary).
+    was left, with the reason, is in ``model.vit_fast_summary`` (a ConversionSummary), as of
+    this call. Each submodule keeps its own train/eval mode; converting again changes nothing.
+    A swapped Block runs its plain submodules for as long as something attached to them would
+    notice the fused path (hooks, adapters, pruning...): ``why_not_fused(model)`` lists those.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
