@@ -49,6 +49,7 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(num_channels, eps=eps, elementwise_affine=affine, **kwargs)
 
     def forward(self, x):
+        # Two ifs, not one `or`: TorchScript drops the rest only after a bare is_scripting() test.
         if torch.jit.is_scripting():
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         if _tracing(x):
