@@ -193,3 +193,10 @@ def test_block_why_not_fused_reasons():
     b.mlp.act = nn.SiLU()
     assert b.why_not_fused() == ["mlp.act is SiLU: the fused MLP computes GELU"]
     assert b.fusable() == (False, "mlp.act is SiLU: the fused MLP computes GELU")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_block_wrong_input_width_raises_value_error(backend):
+    b = vit_fast.Block(32, 2)
+    with vit_fast.use_backend(backend), pytest.raises(ValueError, match="shape"):
+        b(torch.randn(1, 3, 24))

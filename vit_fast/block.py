@@ -162,6 +162,8 @@ class Block(FusedModule):
         """Whether this call runs the Block ops as kernels, whose backward rebuilds the LayerNorm
         outputs instead of saving them (DESIGN.md, training memory)."""
         a, mlp, n1, n2 = self.attn, self.mlp, self.norm1, self.norm2
+        if x.dim() != 3 or x.shape[-1] != n1.normalized_shape[0]:
+            return False  # the functional ops raise the ValueError that names the mismatch
         ln = [x, n1.weight, n1.bias, n2.weight, n2.bias, a.qkv.weight, a.qkv.bias,
               _layer_scale_gamma(self.ls1), _layer_scale_gamma(self.ls2)]
         mm = [x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]
