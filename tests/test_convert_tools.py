@@ -437,3 +437,21 @@ def test_compiled_model_sees_hooks_added_later():
             model.blocks[0].mlp.fc1.register_forward_hook(lambda m, a, out: out * 2)
         torch.testing.assert_close(compiled(X), timm_model(X), rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_fused_path_runs_unless_something_is_attached(monkeypatch):
+    from vit_fast import fused_block_ops
+    calls = []
+    real = fused_block_ops.residual_layer_norm_mlp
+    monkeypatch.setattr(fused_block_ops, "residual_layer_norm_mlp",
+                        lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    _, converted = _pair()
+    with torch.no_grad():
+        converted.train()(X)
+        assert len(calls) == 2  # both Blocks fused, in training too (drop-path, LayerScale)
+        handle = converted.blocks[1].ls2.register_forward_pre_hook(lambda m, a: None)
+        converted(X)
+        assert len(calls) == 3  # blocks.1 ran its submodules
+        handle.remove()
+        converted(X)
+        assert len(calls) == 5
