@@ -60,9 +60,9 @@ def _timm_classes():
 
 
 def _other_timm_block(module):
-    """A timm transformer block class other than Block (parallel, res-post, ...)."""
+    """A block of timm's vision_transformer other than Block (parallel, res-post, ...)."""
     kind = type(module)
-    return kind.__module__.startswith("timm.") and kind.__name__.endswith("Block")
+    return kind.__module__ == "timm.models.vision_transformer" and kind.__name__.endswith("Block")
 
 
 def _adopt(cls, old, replace=None):
