@@ -15,6 +15,8 @@ Everything is deterministic: no atomics; sums are per-tile then reduced in a fix
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .matmul import COLSUM_BLOCK, CONFIGS, colsum, colsum_kernel, config_name, matmul, matmul_kernel
@@ -23,7 +25,13 @@ _DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _rows_per_sample(x):
-    return 1 if x.dim() < 2 else x[0].numel() // max(1, x.shape[-1])
+    # From the shape alone: x[0] does not exist for an empty batch, and C may be 0.
+    return 1 if x.dim() < 2 else max(1, math.prod(x.shape[1:-1]))
+
+
+def _rows(t, C):
+    """[..., C] -> [M, C]; M spelled out since reshape(-1, 0) is ambiguous for C = 0."""
+    return t.reshape(math.prod(t.shape[:-1]), C)
 
 
 def gelu_mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
@@ -35,12 +43,12 @@ def gelu_mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, res
     """
     C = x.shape[-1]
     c_out = fc2_weight.shape[0]
-    x2 = x.reshape(-1, C)
+    x2 = _rows(x, C)
     if residual is None:  # the contract scales only the residual branch
         layer_scale = sample_scale = None
     act, pre, _ = matmul(x2, fc1_weight.t(), x.dtype, bias=fc1_bias, epilogue="gelu",
                          approximate=approximate, store_pre=save_pre)
-    res2 = residual.reshape(-1, c_out) if residual is not None else None
+    res2 = _rows(residual, c_out) if residual is not None else None
     out, _, _ = matmul(act, fc2_weight.t(), x.dtype, bias=fc2_bias, residual=res2,
                        layer_scale=layer_scale, sample_scale=sample_scale,
                        rows_per_sample=_rows_per_sample(x))
@@ -57,8 +65,8 @@ def gelu_mlp_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sa
     C = x.shape[-1]
     c_out = fc2_weight.shape[0]
     dtype = x.dtype
-    x2 = x.reshape(-1, C)
-    g = grad.reshape(-1, c_out)
+    x2 = _rows(x, C)
+    g = _rows(grad, c_out)
     ls = layer_scale if has_residual else None
     ss = sample_scale if has_residual else None
     rps = _rows_per_sample(x)
@@ -89,7 +97,7 @@ def gelu_mlp_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sa
         if fc2_bias is not None:
             lsb = fc2_bias.float() * (ls.float() if ls is not None else 1.0)
             per_row = per_row + g.float() @ lsb
-        d_ss = per_row.reshape(-1, rps).sum(1).to(ss.dtype)
+        d_ss = per_row.reshape(x.shape[0], math.prod(x.shape[1:-1])).sum(1).to(ss.dtype)
     d_x, _, _ = matmul(d_pre, fc1_weight, dtype)
     d_w1, _, _ = matmul(d_pre.t(), x2, dtype)
     d_b1 = colsum(d_pre).to(dtype) if needs_fc1_bias else None

@@ -17,6 +17,7 @@ shipped config. Only torch and triton are imported here; autograd lives in vit_f
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -237,9 +238,16 @@ def _reduce_block_p(P: int) -> int:
 
 
 def _rows(t: torch.Tensor, C: int) -> torch.Tensor:
-    """[..., C] -> [M, C] with unit column stride (rows may keep any stride, even 0)."""
-    t = t.reshape(-1, C)
-    return t if t.stride(-1) == 1 or C == 1 else t.contiguous()
+    """[..., C] -> [M, C] with unit column stride (rows may keep any stride, even 0).
+    M is spelled out: reshape(-1, 0) is ambiguous for the empty feature dim C = 0."""
+    t = t.reshape(math.prod(t.shape[:-1]), C)
+    return t if t.stride(-1) == 1 or C <= 1 else t.contiguous()
+
+
+def _vector(t):
+    """A [C] or [B] parameter with unit stride: the kernels index it as PTR + i, so a [::2] slice
+    or a zero-stride ``expand`` would be read wrongly (or past its end). A copy costs C elements."""
+    return t if t is None or t.stride(0) == 1 or t.numel() <= 1 else t.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,11 +266,15 @@ def residual_layer_norm_fwd(x, weight, bias, eps, residual=None, layer_scale=Non
     x2 = _rows(x, C)
     M = x2.shape[0]
     has_res = residual is not None
+    weight, bias, layer_scale, sample_scale = map(_vector, (weight, bias, layer_scale, sample_scale))
     y = torch.empty((M, C), device=x.device, dtype=x.dtype)
     s = torch.empty((M, C), device=x.device, dtype=x.dtype) if has_res else None
     mean = torch.empty((M,), device=x.device, dtype=torch.float32)
     rstd = torch.empty((M,), device=x.device, dtype=torch.float32)
-    if M > 0:
+    if C == 0:  # rows without features: nothing to normalize, statistics defined as 0
+        mean.zero_()
+        rstd.zero_()
+    elif M > 0:
         res2 = _rows(residual, C) if has_res else x2
         dummy = x2
         block_c = _block_c(C)
@@ -298,6 +310,8 @@ def residual_layer_norm_bwd(dy, ds, s, mean, rstd, weight, *, has_residual, need
     C = s.shape[-1]
     dy2, s2 = _rows(dy, C), _rows(s, C)
     M = s2.shape[0]
+    weight, layer_scale, sample_scale = map(_vector, (weight, layer_scale, sample_scale))
+    mean, rstd = mean.contiguous(), rstd.contiguous()
     device = s.device
     has_ls = has_residual and layer_scale is not None
     has_ss = has_residual and sample_scale is not None
@@ -321,7 +335,7 @@ def residual_layer_norm_bwd(dy, ds, s, mean, rstd, weight, *, has_residual, need
     rows_per_program = triton.cdiv(triton.cdiv(M, P), block_m) * block_m if M > 0 else block_m
     P = max(1, triton.cdiv(M, rows_per_program))
     part = torch.empty((max(K, 1), P, C), device=device, dtype=torch.float32)
-    if M > 0:
+    if M > 0 and C > 0:
         k_of = iter(range(K))
         dw_part = part[next(k_of)] if weight is not None else part[0]
         db_part = part[next(k_of)] if need_bias_grad else part[0]
@@ -342,7 +356,7 @@ def residual_layer_norm_bwd(dy, ds, s, mean, rstd, weight, *, has_residual, need
     else:
         part.zero_()
     grads = [torch.empty((C,), device=device, dtype=dt) for dt in wanted]
-    if K:
+    if K and C > 0:
         outs = grads + [grads[0]] * (3 - K)
         block_p = _reduce_block_p(P)
         block_n = block_c if _interpreting() else _REDUCE_BLOCK_N

@@ -76,7 +76,10 @@ def matmul_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    a_ptrs = A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    # int64 row offsets: row · row-stride passes 2^31 once M·max(K, N) does (ViT-B's hidden 3072
+    # at ~700k rows). Column offsets stay 32-bit: a tile spans at most BLOCK columns.
+    rows64 = offs_m.to(tl.int64)
+    a_ptrs = A + rows64[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -97,7 +100,7 @@ def matmul_kernel(
         ss = tl.load(SSCALE + offs_m // rows_per_sample, mask=mask_m, other=0.0).to(tl.float32)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    aux_offs = offs_m[:, None] * stride_pm + offs_n[None, :]
+    aux_offs = rows64[:, None] * stride_pm + offs_n[None, :]
 
     if EPILOGUE == 1:
         if STORE_PRE:
@@ -119,7 +122,7 @@ def matmul_kernel(
             out = out * ss[:, None]
             act = act * ss[:, None]
         if ROW_DOT:
-            tl.store(ROWDOT + pid_n * M + offs_m, row_dot, mask=mask_m)
+            tl.store(ROWDOT + pid_n.to(tl.int64) * M + offs_m, row_dot, mask=mask_m)
         if STORE_ACT:
             tl.store(ACT + aux_offs, act.to(ACT.dtype.element_ty), mask=mask)
     else:
@@ -129,10 +132,10 @@ def matmul_kernel(
                 out = out * tl.load(LSCALE + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             if HAS_SAMPLE_SCALE:
                 out = out * ss[:, None]
-            res_ptrs = RES + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn
+            res_ptrs = RES + rows64[:, None] * stride_rm + offs_n[None, :] * stride_rn
             out = out + tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
 
-    c_ptrs = C + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_ptrs = C + rows64[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=mask)
 
 
@@ -154,12 +157,12 @@ def colsum_kernel(X, SSCALE, OUT, M, N, rows_per_chunk, rows_per_sample, stride_
     for m0 in range(chunk * rows_per_chunk, row_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < row_end
-        x = tl.load(X + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn,
+        x = tl.load(X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_n[None, :] * stride_xn,
                     mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         if HAS_SAMPLE_SCALE:
             x = x * tl.load(SSCALE + offs_m // rows_per_sample, mask=mask_m, other=0.0).to(tl.float32)[:, None]
         acc += x
-    tl.store(OUT + chunk * N + offs_n, tl.sum(acc, axis=0), mask=mask_n)
+    tl.store(OUT + chunk.to(tl.int64) * N + offs_n, tl.sum(acc, axis=0), mask=mask_n)
 
 
 def interpreting() -> bool:
@@ -224,6 +227,13 @@ def matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", p
     M, K = a.shape
     N = b.shape[1]
     dev = a.device
+    # The epilogue indexes these as PTR + n (or + row // rows_per_sample): unit stride needed, and
+    # a zero-stride ``expand`` would otherwise be read past its one element. Copies are [N] / [B].
+    bias, layer_scale, sample_scale = (
+        t if t is None or t.stride(0) == 1 or t.numel() <= 1 else t.contiguous()
+        for t in (bias, layer_scale, sample_scale))
+    if pre is not None and pre.stride(1) != 1 and N > 1:
+        pre = pre.contiguous()
     c = torch.empty((M, N), device=dev, dtype=out_dtype)
     aux = torch.empty((M, N), device=dev, dtype=a.dtype) if (store_pre or store_act) else None
     BM, BN, BK, GM, warps, stages = pick_config(M, N, a.dtype, dev, epilogue)
@@ -240,8 +250,9 @@ def matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", p
     pre_t = pre if pre is not None else (aux if store_pre else c)
     act_t = aux if store_act else c
     stride_pm = pre_t.stride(0)
-    if pre is not None:
-        assert pre.stride(1) == 1 and (aux is None or aux.stride(0) == stride_pm)
+    if aux is not None and pre is not None and aux.stride(0) != stride_pm:
+        pre = pre.contiguous()  # PRE and ACT share one row stride in the kernel
+        pre_t, stride_pm = pre, pre.stride(0)
     res = residual if residual is not None else c
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
     matmul_kernel[grid](
@@ -265,8 +276,10 @@ def matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", p
 def colsum(x, sample_scale=None, rows_per_sample=1):
     """Σ_m x[m, :]·ss[m // rows_per_sample] in fp32 [N], deterministic (fixed chunks, fixed order)."""
     M, N = x.shape
-    if M == 0:
+    if M == 0 or N == 0:
         return torch.zeros(N, device=x.device, dtype=torch.float32)
+    if sample_scale is not None and sample_scale.stride(0) != 1 and sample_scale.numel() > 1:
+        sample_scale = sample_scale.contiguous()
     BLOCK_M, BLOCK_N = (256, 256) if interpreting() else COLSUM_BLOCK
     rows_per_chunk = BLOCK_M * max(1, triton.cdiv(triton.cdiv(M, BLOCK_M), 64))
     chunks = triton.cdiv(M, rows_per_chunk)

@@ -17,3 +17,18 @@ def _seed():
     torch.manual_seed(0)
     random.seed(0)
     yield
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts of fused functional op calls (converted modules look the ops up at call time)."""
+    from vit_fast import functional
+    calls = {}
+    for op in ("fused_qkv_attention", "residual_layer_norm", "gelu_mlp"):
+        real = getattr(functional, op)
+
+        def counted(*args, _real=real, _op=op, **kwargs):
+            calls[_op] = calls.get(_op, 0) + 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(functional, op, counted)
+    return calls

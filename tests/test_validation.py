@@ -88,3 +88,67 @@ def test_patch_embed_bad_input(over, exc, word):
     kw.update(over)
     with pytest.raises(exc, match=word):
         vit_fast.patch_embed(kw.pop("images"), kw.pop("weight"), kw.pop("bias"), **kw)
+
+
+# --- dtypes that do not fit together, and non-finite scalars ------------------------------------
+
+def _mlp_args(**over):
+    kw = dict(x=torch.randn(2, 3, 8), fc1_weight=torch.randn(32, 8), fc1_bias=torch.randn(32),
+              fc2_weight=torch.randn(8, 32), fc2_bias=torch.randn(8))
+    kw.update(over)
+    return [kw.pop(k) for k in ("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")], kw
+
+
+@pytest.mark.parametrize("call,word", [
+    (lambda: vit_fast.gelu_mlp(*_mlp_args(x=torch.randn(2, 3, 8, dtype=torch.float64))[0]),
+     "fc1_weight"),
+    (lambda: vit_fast.gelu_mlp(*_mlp_args(fc2_bias=torch.randn(8).half())[0]), "fc2_bias"),
+    (lambda: vit_fast.patch_embed(torch.randn(2, 3, 32, 32).half(), torch.randn(16, 3, 16, 16),
+                                  None, patch_size=16), "images"),
+    (lambda: vit_fast.patch_embed(torch.randn(2, 3, 32, 32), torch.randn(16, 3, 16, 16),
+                                  torch.randn(16).half(), patch_size=16), "bias"),
+    (lambda: vit_fast.fused_qkv_attention(torch.randn(2, 5, 96).to(torch.float8_e4m3fn), 4),
+     "qkv"),
+    (lambda: vit_fast.residual_layer_norm(torch.randn(2, 8).to(torch.float8_e5m2), None, None,
+                                          1e-6), "x"),
+])
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_mixed_or_unsupported_dtypes_name_the_argument(call, word, backend):
+    with vit_fast.use_backend(backend), pytest.raises(TypeError, match=word):
+        call()
+
+
+def test_mixed_dtypes_are_legal_under_autocast():
+    args, _ = _mlp_args(x=torch.randn(2, 3, 8).bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert vit_fast.gelu_mlp(*args).dtype == torch.bfloat16
+        out = vit_fast.patch_embed(torch.randn(2, 3, 32, 32).half(), torch.randn(16, 3, 16, 16),
+                                   torch.randn(16), patch_size=16)
+        assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_eps_and_scale_are_rejected(bad):
+    with pytest.raises(ValueError, match="eps"):
+        vit_fast.residual_layer_norm(torch.randn(2, 8), None, None, bad)
+    with pytest.raises(ValueError, match="scale"):
+        vit_fast.fused_qkv_attention(torch.randn(2, 5, 96), 4, scale=bad)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_wider_residual_promotes_like_torch(backend):
+    """residual + branch in eager torch takes the wider dtype; so do s, y and the MLP's output."""
+    x, res = torch.randn(2, 3, 8), torch.randn(2, 3, 8, dtype=torch.float64)
+    w, b = torch.randn(8), torch.randn(8)
+    with vit_fast.use_backend(backend):
+        y, s = vit_fast.residual_layer_norm(x, w, b, 1e-6, residual=res)
+        args, _ = _mlp_args(x=x)
+        out = vit_fast.gelu_mlp(*args, residual=res)
+    assert y.dtype == s.dtype == out.dtype == torch.float64
+    torch.testing.assert_close(s, res + x.double())
+    want = torch.nn.functional.layer_norm(res + x.double(), (8,), w.double(), b.double(), 1e-6)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    args64 = [t.double() for t in args]
+    branch = torch.nn.functional.linear(torch.nn.functional.gelu(
+        torch.nn.functional.linear(args64[0], args64[1], args64[2])), args64[3], args64[4])
+    torch.testing.assert_close(out, res + branch, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,6 @@ import torch
 import torch.nn as nn
 
 import vit_fast
-from vit_fast import functional
 
 vit_pytorch = pytest.importorskip("vit_pytorch", reason="vit-pytorch is not installed "
                                   "(pip install -r requirements-dev.txt)")
@@ -27,20 +26,6 @@ MODELS = {
 def _build(name):
     torch.manual_seed(0)
     return MODELS[name]()
-
-
-@pytest.fixture
-def op_calls(monkeypatch):
-    """Counts of fused functional op calls (converted modules look the ops up at call time)."""
-    calls = {}
-    for op in ("fused_qkv_attention", "residual_layer_norm", "gelu_mlp"):
-        real = getattr(functional, op)
-
-        def counted(*args, _real=real, _op=op, **kwargs):
-            calls[_op] = calls.get(_op, 0) + 1
-            return _real(*args, **kwargs)
-        monkeypatch.setattr(functional, op, counted)
-    return calls
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -186,6 +186,9 @@ def convert(model: nn.Module, *, blocks: bool = True, patch_embed: bool = True) 
         from .convert_vit_pytorch import convert_vit_pytorch, is_vit_pytorch_model
         if is_vit_pytorch_model(model):  # lucidrains' vit-pytorch ViT / SimpleViT
             convert_vit_pytorch(model, summary)
+        from .convert_transformers import convert_transformers, is_transformers_model
+        if is_transformers_model(model):  # Hugging Face ViT, DeiT, DINOv2, CLIP/SigLIP vision
+            convert_transformers(model, summary)
     summary.not_fused = [(name, new.why_not_fused()) for name, new in replacements
                          if isinstance(new, modules.Block) and new.why_not_fused()]
     if not summary.swapped and not summary.left and not summary.already:

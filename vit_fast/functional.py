@@ -6,6 +6,7 @@ argument before any backend runs, so every backend sees the same valid inputs.
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 
 import torch
@@ -15,6 +16,9 @@ from . import dispatch, reference
 __all__ = ["fused_qkv_attention", "residual_layer_norm", "gelu_mlp", "patch_embed"]
 
 _APPROXIMATE = ("none", "tanh")
+# What the reference computes in (and the kernels take the first three of); float8 and complex
+# tensors are floating point too but no op here is defined for them.
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # --- input checks, shared by the four ops ------------------------------------------------------
@@ -31,9 +35,9 @@ def _check_tensor(op, name, t, *, optional=False, floating=True, min_dim=None, d
         raise TypeError(f"{op}: {name} must be a tensor, got None")
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if floating and not t.is_floating_point():
-        raise DtypeError(f"{op}: {name} must be a floating-point tensor (float32, float16 or "
-                        f"bfloat16), got {t.dtype}")
+    if floating and t.dtype not in _FLOAT_DTYPES:
+        raise DtypeError(f"{op}: {name} must be a floating-point tensor (float32, float16, "
+                         f"bfloat16 or float64), got {t.dtype}")
     if dim is not None and t.dim() != dim:
         raise ValueError(f"{op}: {name} must be {dim}-D, got shape {tuple(t.shape)}")
     if min_dim is not None and t.dim() < min_dim:
@@ -50,6 +54,24 @@ def _check_same_device(op, ref_name, ref, **others):
         if t is not None and t.device != ref.device:
             raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; "
                              "all tensors must be on one device")
+
+
+def _check_same_dtype(op, ref_name, ref, **others):
+    """Tensors a GEMM or conv multiplies together share ref's dtype, as F.linear/F.conv2d
+    require -- after autocast's casts (float64 is never cast), which make mixed inputs legal."""
+    amp = _autocast_dtype(ref.device)
+
+    def compute_dtype(t):
+        return amp if (amp is not None and t.dtype != torch.float64) else t.dtype
+    for name, t in others.items():
+        if t is not None and compute_dtype(t) != compute_dtype(ref):
+            raise DtypeError(f"{op}: {name} is {t.dtype} but {ref_name} is {ref.dtype}; they must "
+                             "have one dtype (or run under torch.autocast, which casts them)")
+
+
+def _check_finite(op, name, v):
+    if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
+        raise ValueError(f"{op}: {name} must be a finite float, got {v!r}")
 
 
 def _check_sample_scale(op, sample_scale, x):
@@ -120,6 +142,8 @@ def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0):
                          f"supported maximum {dispatch.MAX_HEAD_DIM}")
     if scale is not None and not isinstance(scale, numbers.Real):
         raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
+    if scale is not None:
+        _check_finite(op, "scale", scale)
     if not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
     scale = float(head_dim ** -0.5 if scale is None else scale)
@@ -154,8 +178,8 @@ def residual_layer_norm(x, weight, bias, eps, *, residual=None, layer_scale=None
     if (layer_scale is not None or sample_scale is not None) and residual is None:
         raise ValueError(f"{op}: layer_scale and sample_scale scale the branch added to residual; "
                          "pass residual too")
-    if not isinstance(eps, numbers.Real) or eps < 0:
-        raise ValueError(f"{op}: eps must be a non-negative float, got {eps!r}")
+    if not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{op}: eps must be a finite non-negative float, got {eps!r}")
     _check_same_device(op, "x", x, weight=weight, bias=bias, residual=residual,
                        layer_scale=layer_scale, sample_scale=sample_scale)
     amp = _autocast_dtype(x.device)
@@ -208,6 +232,9 @@ def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, approximate="none
     _check_same_device(op, "x", x, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight,
                        fc2_bias=fc2_bias, residual=residual, layer_scale=layer_scale,
                        sample_scale=sample_scale)
+    # residual, layer_scale and sample_scale are added/multiplied, so they promote as in torch.
+    _check_same_dtype(op, "x", x, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight,
+                      fc2_bias=fc2_bias)
     amp = _autocast_dtype(x.device)
     if amp is not None:
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias = _cast(
@@ -253,13 +280,13 @@ def patch_embed(images, weight, bias, *, patch_size, pos_embed=None, mean=None, 
         if images.shape[-1] != C:
             raise ValueError(f"{op}: uint8 images must be NHWC [B, H, W, {C}] (weight has {C} input "
                              f"channels), got {tuple(images.shape)}")
+        std_given = std
         mean = _channel_vector(op, "mean", mean, C, images.device)
         std = _channel_vector(op, "std", std, C, images.device)
-        if bool((std == 0).any()):
-            raise ValueError(f"{op}: std must be non-zero, got {std.tolist()}")
+        _check_nonzero_std(op, std_given, std)
         H, W = images.shape[1:3]
     else:
-        if not images.is_floating_point():
+        if images.dtype not in _FLOAT_DTYPES:
             raise DtypeError(f"{op}: images must be floating-point NCHW or uint8 NHWC, "
                             f"got {images.dtype}")
         if mean is not None or std is not None:
@@ -278,6 +305,9 @@ def patch_embed(images, weight, bias, *, patch_size, pos_embed=None, mean=None, 
     _check_tensor(op, "pos_embed", pos_embed, optional=True)
     _check_shape(op, "pos_embed", pos_embed, (1, num_patches, D))
     _check_same_device(op, "images", images, weight=weight, bias=bias, pos_embed=pos_embed)
+    # pos_embed is added, so it promotes as in torch; the conv's operands must agree.
+    _check_same_dtype(op, "weight", weight, bias=bias,
+                      images=images if images.is_floating_point() else None)
     amp = _autocast_dtype(images.device)
     if amp is not None:
         images, weight, bias = _cast(amp, images, weight, bias)
@@ -292,6 +322,22 @@ def patch_embed(images, weight, bias, *, patch_size, pos_embed=None, mean=None, 
             return pe.patch_embed(images, weight, bias, (ph, pw), pos_embed, mean, std)
     return reference.patch_embed(images, weight, bias, patch_size=(ph, pw), pos_embed=pos_embed,
                                  mean=mean, std=std)
+
+
+def _check_nonzero_std(op, given, std):
+    """std == 0 would divide by zero. Python numbers (the usual constants) are checked as such;
+    a tensor's values are data: checked eagerly, and as a runtime assert inside torch.compile,
+    where reading them back (bool(...)) would break the graph."""
+    if not isinstance(given, torch.Tensor):
+        values = given if isinstance(given, (list, tuple)) else [given]
+        if all(isinstance(v, numbers.Real) for v in values):
+            if any(v == 0 for v in values):
+                raise ValueError(f"{op}: std must be non-zero, got {given!r}")
+            return
+    if torch.compiler.is_compiling():
+        torch._assert_async((std != 0).all(), f"{op}: std must be non-zero")
+    elif bool((std == 0).any()):
+        raise ValueError(f"{op}: std must be non-zero, got {std.tolist()}")
 
 
 def _channel_vector(op, name, v, C, device):

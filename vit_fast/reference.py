@@ -13,11 +13,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fused_qkv_attention", "residual_layer_norm", "gelu_mlp", "patch_embed", "add_branch"]
+__all__ = ["fused_qkv_attention", "residual_layer_norm", "gelu_mlp", "patch_embed", "add_branch",
+           "result_dtype"]
 
 
 def _up(t, upcast):
     return t.double() if (upcast and t is not None and t.is_floating_point()) else t
+
+
+def result_dtype(*tensors):
+    """The dtype torch's elementwise ops give these tensors (None skipped): a float64 residual
+    added to a float32 branch is float64, as ``residual + branch`` is in eager code."""
+    dtypes = [t.dtype for t in tensors if t is not None]
+    out = dtypes[0]
+    for dt in dtypes[1:]:
+        out = torch.promote_types(out, dt)
+    return out
 
 
 def add_branch(residual, branch, layer_scale=None, sample_scale=None):
@@ -55,9 +66,10 @@ def residual_layer_norm(x, weight, bias, eps, *, residual=None, layer_scale=None
                         sample_scale=None, upcast=False):
     """(y, s): s = x, or residual + x·layer_scale·sample_scale[b]; y = LayerNorm(s)·weight + bias.
 
-    Statistics are computed in at least float32, as nn.LayerNorm does for half inputs.
+    Statistics are computed in at least float32, as nn.LayerNorm does for half inputs. y and s
+    have the dtype torch gives s (x's, promoted with residual and the scales when given).
     """
-    dtype = x.dtype
+    dtype = x.dtype if residual is None else result_dtype(x, residual, layer_scale, sample_scale)
     x, weight, bias = _up(x, upcast), _up(weight, upcast), _up(bias, upcast)
     residual, layer_scale, sample_scale = (_up(t, upcast) for t in (residual, layer_scale, sample_scale))
     s = x if residual is None else add_branch(residual, x, layer_scale, sample_scale)
@@ -76,8 +88,9 @@ def residual_layer_norm(x, weight, bias, eps, *, residual=None, layer_scale=None
 
 def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, approximate="none", residual=None,
              layer_scale=None, sample_scale=None, upcast=False):
-    """fc2(gelu(fc1(x))), then residual + that·layer_scale·sample_scale[b] when residual is given."""
-    dtype = x.dtype
+    """fc2(gelu(fc1(x))), then residual + that·layer_scale·sample_scale[b] when residual is given
+    (in the dtype torch promotes that sum to)."""
+    dtype = x.dtype if residual is None else result_dtype(x, residual, layer_scale, sample_scale)
     x, fc1_weight, fc1_bias, fc2_weight, fc2_bias = (
         _up(t, upcast) for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias))
     residual, layer_scale, sample_scale = (_up(t, upcast) for t in (residual, layer_scale, sample_scale))
@@ -102,7 +115,7 @@ def patch_embed(images, weight, bias, *, patch_size, pos_embed=None, mean=None, 
         m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).reshape(1, -1, 1, 1)
         sd = torch.as_tensor(std, dtype=torch.float32, device=images.device).reshape(1, -1, 1, 1)
         images = ((imgs - m) / sd).to(weight.dtype)
-    dtype = images.dtype
+    dtype = result_dtype(images, pos_embed)
     images, weight, bias, pos_embed = (_up(t, upcast) for t in (images, weight, bias, pos_embed))
     out = F.conv2d(images, weight, bias, stride=(ph, pw)).flatten(2).transpose(1, 2)
     if pos_embed is not None:

@@ -7,12 +7,45 @@ regenerates the dropout mask along with the probabilities.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from vit_fast.kernels.attention import attention_bwd, attention_fwd
+
+from vit_fast.dispatch import MAX_HEAD_DIM  # the largest head dim the kernels are built for
+
+from . import checks
+
+
+def check_fwd_args(qkv, num_heads, scale, dropout_p, seed, op="fused_qkv_attention_fwd"):
+    """qkv [B, N, 3·H·D] with H = num_heads dividing it, a finite scale, dropout_p in [0, 1) and,
+    when dropping, seed int64 [1] on qkv's device."""
+    checks.tensor(op, "qkv", qkv, ndim=3)
+    checks.value(op, isinstance(num_heads, int) and num_heads > 0,
+                 f"num_heads must be a positive int, got {num_heads!r}")
+    three_c = qkv.shape[-1]
+    checks.value(op, three_c % (3 * num_heads) == 0,
+                 f"qkv's last dim ({three_c}) must be 3*num_heads*head_dim (num_heads={num_heads})")
+    head_dim = three_c // (3 * num_heads)
+    checks.value(op, head_dim > 0, f"head_dim must be positive, got qkv {tuple(qkv.shape)}")
+    checks.value(op, head_dim <= MAX_HEAD_DIM,
+                 f"head_dim {head_dim} is above the kernels' maximum {MAX_HEAD_DIM}")
+    checks.value(op, math.isfinite(scale), f"scale must be finite, got {scale!r}")
+    checks.value(op, 0.0 <= dropout_p < 1.0, f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if dropout_p > 0.0:
+        checks.tensor(op, "seed", seed, like=qkv, shape=(1,), dtype=torch.int64)
+
+
+def _check_bwd_args(dout, qkv, out, lse, num_heads, scale, dropout_p, seed):
+    op = "fused_qkv_attention_bwd"
+    check_fwd_args(qkv, num_heads, scale, dropout_p, seed, op=op)
+    B, N, three_c = qkv.shape
+    checks.tensor(op, "dout", dout, like=qkv, shape=(B, N, three_c // 3))
+    checks.tensor(op, "out", out, like=qkv, shape=(B, N, three_c // 3))
+    checks.tensor(op, "lse", lse, like=qkv, shape=(B, num_heads, N), dtype=torch.float32)
 
 
 @torch.library.custom_op("vit_fast::fused_qkv_attention_fwd", mutates_args=())
@@ -22,11 +55,13 @@ def fused_qkv_attention_fwd(qkv: Tensor, num_heads: int, scale: float, dropout_p
 
     dropout_p > 0 needs seed (int64 [1] on qkv's device): the op is a pure function of it.
     """
+    check_fwd_args(qkv, num_heads, scale, dropout_p, seed)
     return attention_fwd(qkv, num_heads, scale, dropout_p=dropout_p, seed=seed)
 
 
 @fused_qkv_attention_fwd.register_fake
 def _(qkv, num_heads, scale, dropout_p=0.0, seed=None):
+    check_fwd_args(qkv, num_heads, scale, dropout_p, seed)
     B, N, three_c = qkv.shape
     out = qkv.new_empty(B, N, three_c // 3)
     lse = qkv.new_empty(B, num_heads, N, dtype=torch.float32)
@@ -38,11 +73,13 @@ def fused_qkv_attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
                             scale: float, dropout_p: float = 0.0,
                             seed: Optional[Tensor] = None) -> Tensor:
     """dqkv [B, N, 3·H·D] from dout [B, N, H·D] and the forward's qkv, out, lse, dropout_p, seed."""
+    _check_bwd_args(dout, qkv, out, lse, num_heads, scale, dropout_p, seed)
     return attention_bwd(dout, qkv, out, lse, num_heads, scale, dropout_p=dropout_p, seed=seed)
 
 
 @fused_qkv_attention_bwd.register_fake
 def _(dout, qkv, out, lse, num_heads, scale, dropout_p=0.0, seed=None):
+    _check_bwd_args(dout, qkv, out, lse, num_heads, scale, dropout_p, seed)
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 

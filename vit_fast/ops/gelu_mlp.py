@@ -13,6 +13,27 @@ from torch import Tensor
 
 from vit_fast.kernels.gelu_mlp import gelu_mlp_bwd, gelu_mlp_fwd
 
+from . import checks
+
+
+def check_fwd_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
+                   layer_scale, sample_scale, op="gelu_mlp"):
+    """What the GEMMs need: one dtype and device, nn.Linear layouts that chain, [N] vectors."""
+    checks.tensor(op, "x", x, dim=1)
+    C = x.shape[-1]
+    checks.tensor(op, "fc1_weight", fc1_weight, like=x, ndim=2)
+    checks.tensor(op, "fc2_weight", fc2_weight, like=x, ndim=2)
+    H, c_out = fc1_weight.shape[0], fc2_weight.shape[0]
+    checks.tensor(op, "fc1_weight", fc1_weight, like=x, shape=(H, C))
+    checks.tensor(op, "fc2_weight", fc2_weight, like=x, shape=(c_out, H))
+    checks.tensor(op, "fc1_bias", fc1_bias, like=x, shape=(H,), optional=True)
+    checks.tensor(op, "fc2_bias", fc2_bias, like=x, shape=(c_out,), optional=True)
+    checks.approximate(op, approximate)
+    checks.tensor(op, "residual", residual, like=x, shape=(*x.shape[:-1], c_out), optional=True)
+    if residual is not None:  # the scales apply only to a residual branch; ignored otherwise
+        checks.tensor(op, "layer_scale", layer_scale, like=x, shape=(c_out,), optional=True)
+        checks.sample_scale(op, sample_scale, x)
+
 
 @torch.library.custom_op("vit_fast::gelu_mlp", mutates_args=())
 def gelu_mlp_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
@@ -20,6 +41,8 @@ def gelu_mlp_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_w
                 layer_scale: Optional[Tensor], sample_scale: Optional[Tensor],
                 save_pre: bool) -> tuple[Tensor, Tensor]:
     """(out, pre): pre is the fc1 pre-activation [M, H] when save_pre, else empty."""
+    check_fwd_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
+                   layer_scale, sample_scale)
     return gelu_mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
                         layer_scale, sample_scale, save_pre)
 
@@ -27,8 +50,10 @@ def gelu_mlp_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_w
 @gelu_mlp_op.register_fake
 def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, layer_scale,
       sample_scale, save_pre):
+    check_fwd_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
+                   layer_scale, sample_scale)
     out = x.new_empty((*x.shape[:-1], fc2_weight.shape[0]))
-    pre = x.new_empty((x.numel() // x.shape[-1], fc1_weight.shape[0]) if save_pre else (0,))
+    pre = x.new_empty((checks.rows(x), fc1_weight.shape[0]) if save_pre else (0,))
     return out, pre
 
 
@@ -39,15 +64,32 @@ def gelu_mlp_backward_op(grad: Tensor, x: Tensor, fc1_weight: Tensor, fc2_weight
                          needs_fc1_bias: bool, needs_fc2_bias: bool, needs_layer_scale: bool,
                          needs_sample_scale: bool) -> list[Tensor]:
     """[dx, dW1, db1, dW2, db2, dlayer_scale, dsample_scale]; an empty tensor where not needed."""
+    _check_bwd_args(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale,
+                    approximate, has_residual)
     grads = gelu_mlp_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale,
                          approximate, has_residual, needs_fc1_bias, needs_fc2_bias,
                          needs_layer_scale, needs_sample_scale)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
+def _check_bwd_args(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale,
+                    approximate, has_residual):
+    op = "gelu_mlp_backward"
+    check_fwd_args(x, fc1_weight, None, fc2_weight, fc2_bias, approximate, None, None, None,
+                   op=op)
+    H, c_out = fc1_weight.shape[0], fc2_weight.shape[0]
+    checks.tensor(op, "grad", grad, like=x, shape=(*x.shape[:-1], c_out))
+    checks.tensor(op, "pre", pre, like=x, shape=(checks.rows(x), H))
+    if has_residual:
+        checks.tensor(op, "layer_scale", layer_scale, like=x, shape=(c_out,), optional=True)
+        checks.sample_scale(op, sample_scale, x)
+
+
 @gelu_mlp_backward_op.register_fake
 def _(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale, approximate,
       has_residual, needs_fc1_bias, needs_fc2_bias, needs_layer_scale, needs_sample_scale):
+    _check_bwd_args(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale,
+                    approximate, has_residual)
     def maybe(need, like):
         return torch.empty_like(like) if (need and like is not None) else x.new_empty(0)
     needs_layer_scale = needs_layer_scale and has_residual
@@ -70,7 +112,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_pre):
     x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale = ctx.saved_tensors
-    if pre.numel() == 0 and x.numel() != 0:
+    if pre.dim() != 2:  # the forward's placeholder for "not saved" is 1-D
         raise RuntimeError("vit_fast::gelu_mlp: backward needs the pre-activation, but the forward "
                            "ran with save_pre=False (call vit_fast.ops.gelu_mlp.gelu_mlp instead)")
     need = ctx.needs_input_grad

@@ -7,18 +7,35 @@ entry hands back x: autograd then adds the gradient that flows into s to dx by i
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from vit_fast.kernels.layer_norm import residual_layer_norm_bwd, residual_layer_norm_fwd
+from vit_fast.kernels.layer_norm import MAX_C, residual_layer_norm_bwd, residual_layer_norm_fwd
+
+from . import checks
+
+
+def check_fwd_args(x, weight, bias, eps, residual=None, layer_scale=None, sample_scale=None,
+                   op="residual_layer_norm"):
+    """What the forward kernel needs: one dtype and device, [C] vectors, residual like x."""
+    checks.tensor(op, "x", x, dim=1)
+    C = x.shape[-1]
+    checks.value(op, C <= MAX_C, f"x's last dim {C} is above the kernel's maximum {MAX_C}")
+    for name, t in (("weight", weight), ("bias", bias), ("layer_scale", layer_scale)):
+        checks.tensor(op, name, t, like=x, shape=(C,), optional=True)
+    checks.tensor(op, "residual", residual, like=x, shape=x.shape, optional=True)
+    checks.sample_scale(op, sample_scale, x)
+    checks.eps(op, eps)
 
 
 @torch.library.custom_op("vit_fast::residual_layer_norm", mutates_args=())
 def _fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
             residual: Optional[Tensor], layer_scale: Optional[Tensor],
             sample_scale: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_fwd_args(x, weight, bias, eps, residual, layer_scale, sample_scale)
     y, s, mean, rstd = residual_layer_norm_fwd(x, weight, bias, eps, residual, layer_scale,
                                                sample_scale)
     return y, (s if s is not None else x.new_empty(0)), mean, rstd
@@ -26,7 +43,8 @@ def _fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: fl
 
 @_fwd_op.register_fake
 def _(x, weight, bias, eps, residual, layer_scale, sample_scale):
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    check_fwd_args(x, weight, bias, eps, residual, layer_scale, sample_scale)
+    rows = checks.rows(x)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     s = torch.empty_like(y) if residual is not None else x.new_empty(0)
     stats = x.new_empty((rows,), dtype=torch.float32)
@@ -42,6 +60,8 @@ def _bwd_op(dy: Tensor, ds: Optional[Tensor], s: Tensor, x: Optional[Tensor], me
 
     residual_dtype / bias_dtype: None when there is no residual / no bias gradient to compute.
     """
+    _check_bwd_args(dy, ds, s, x, mean, rstd, weight, layer_scale, sample_scale, residual_dtype,
+                    bias_dtype)
     grads = residual_layer_norm_bwd(
         dy, ds, s, mean, rstd, weight, has_residual=residual_dtype is not None,
         need_bias_grad=bias_dtype is not None, x=x, layer_scale=layer_scale,
@@ -49,8 +69,30 @@ def _bwd_op(dy: Tensor, ds: Optional[Tensor], s: Tensor, x: Optional[Tensor], me
     return [g if g is not None else s.new_empty(0) for g in grads]
 
 
+def _check_bwd_args(dy, ds, s, x, mean, rstd, weight, layer_scale, sample_scale, residual_dtype,
+                    bias_dtype):
+    op = "residual_layer_norm_backward"
+    checks.tensor(op, "s", s, dim=1)
+    C, M = s.shape[-1], checks.rows(s)
+    checks.value(op, C <= MAX_C, f"s's last dim {C} is above the kernel's maximum {MAX_C}")
+    checks.tensor(op, "dy", dy, like=s, shape=s.shape)
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        checks.tensor(op, name, t, like=s, shape=(M,), dtype=torch.float32)
+    checks.tensor(op, "weight", weight, like=s, shape=(C,), optional=True)
+    for name, dt in (("residual_dtype", residual_dtype), ("bias_dtype", bias_dtype)):
+        checks.value(op, dt is None or dt in checks.KERNEL_DTYPES,
+                     f"{name} must be None, float32, float16 or bfloat16, got {dt}")
+    if residual_dtype is not None:  # the residual branch's inputs are read only with a residual
+        checks.tensor(op, "ds", ds, like=s, shape=s.shape, optional=True)
+        checks.tensor(op, "layer_scale", layer_scale, like=s, shape=(C,), optional=True)
+        checks.tensor(op, "x", x, like=s, shape=s.shape, optional=layer_scale is None)
+        checks.sample_scale(op, sample_scale, s)
+
+
 @_bwd_op.register_fake
 def _(dy, ds, s, x, mean, rstd, weight, layer_scale, sample_scale, residual_dtype, bias_dtype):
+    _check_bwd_args(dy, ds, s, x, mean, rstd, weight, layer_scale, sample_scale, residual_dtype,
+                    bias_dtype)
     C = s.shape[-1]
     none = s.new_empty(0)
     has_res = residual_dtype is not None
@@ -67,7 +109,9 @@ def _setup_context(ctx, inputs, output):
     has_res = residual is not None
     # Only what the backward cannot rebuild cheaply: s (x itself without a residual), the fp32
     # statistics, and x when dlayer_scale needs it.
-    ctx.save_for_backward(s if has_res else x, x if (has_res and layer_scale is not None) else None,
+    need_x = has_res and (layer_scale is not None
+                          or (sample_scale is not None and sample_scale.requires_grad))
+    ctx.save_for_backward(s if has_res else x, x if need_x else None,
                           mean, rstd, weight, layer_scale if has_res else None,
                           sample_scale if has_res else None)
     ctx.residual_dtype = residual.dtype if has_res else None
@@ -85,11 +129,24 @@ def _backward(ctx, dy, ds, _dmean, _drstd):
         ds = None
     need = ctx.needs_input_grad
     dx, dres, dw, db, dls = _bwd_op(
-        dy, ds, s, x, mean, rstd, weight, layer_scale, sample_scale, ctx.residual_dtype,
-        ctx.bias_dtype if need[2] else None)
+        dy, ds, s, x if layer_scale is not None else None, mean, rstd, weight, layer_scale,
+        sample_scale, ctx.residual_dtype, ctx.bias_dtype if need[2] else None)
+    dss = None
+    if need[6] and sample_scale is not None and ctx.residual_dtype is not None:
+        dss = sample_scale_grad(dres, x, layer_scale, sample_scale)
     return (dx, dw if need[1] else None, db if need[2] else None, None,
             dres if need[4] else None,
-            dls if (layer_scale is not None and need[5]) else None, None)
+            dls if (layer_scale is not None and need[5]) else None, dss)
+
+
+def sample_scale_grad(ds, x, layer_scale, sample_scale):
+    """d sample_scale[b] = Σ over sample b's rows and channels of ds·x·layer_scale, in fp32.
+
+    ds is the gradient of s = residual + x·layer_scale·sample_scale[b]; sample_scale is usually a
+    drop-path mask without a gradient, so this runs only when one is asked for."""
+    branch = x.float() if layer_scale is None else x.float() * layer_scale.float()
+    per_sample = (ds.float() * branch).reshape(sample_scale.shape[0], math.prod(x.shape[1:]))
+    return per_sample.sum(1).to(sample_scale.dtype)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)

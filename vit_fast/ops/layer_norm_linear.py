@@ -22,7 +22,16 @@ from torch import Tensor
 
 from vit_fast.kernels.layer_norm import residual_layer_norm_fwd
 
-from . import layer_norm as _ln  # noqa: F401  registers vit_fast::residual_layer_norm(_backward)
+from . import checks
+from . import layer_norm as _ln  # registers vit_fast::residual_layer_norm(_backward)
+
+
+def _check_args(x, ln_weight, ln_bias, eps, weight, bias):
+    op = "layer_norm_linear"
+    _ln.check_fwd_args(x, ln_weight, ln_bias, eps, op=op)
+    checks.tensor(op, "weight", weight, like=x, ndim=2)
+    checks.tensor(op, "weight", weight, like=x, shape=(weight.shape[0], x.shape[-1]))
+    checks.tensor(op, "bias", bias, like=x, shape=(weight.shape[0],), optional=True)
 
 
 @torch.library.custom_op("vit_fast::layer_norm_linear", mutates_args=())
@@ -30,13 +39,15 @@ def layer_norm_linear_op(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Option
                          eps: float, weight: Tensor, bias: Optional[Tensor]
                          ) -> tuple[Tensor, Tensor, Tensor]:
     """(out [..., O], mean [M], rstd [M]) for x [..., C], weight [O, C], bias [O] or None."""
+    _check_args(x, ln_weight, ln_bias, eps, weight, bias)
     h, _, mean, rstd = residual_layer_norm_fwd(x, ln_weight, ln_bias, eps)
     return F.linear(h, weight, bias), mean, rstd
 
 
 @layer_norm_linear_op.register_fake
 def _(x, ln_weight, ln_bias, eps, weight, bias):
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    _check_args(x, ln_weight, ln_bias, eps, weight, bias)
+    rows = checks.rows(x)
     stats = x.new_empty((rows,), dtype=torch.float32)
     return x.new_empty((*x.shape[:-1], weight.shape[0])), stats, torch.empty_like(stats)
 

@@ -25,8 +25,19 @@ from torch import Tensor
 from vit_fast.kernels.gelu_mlp import gelu_mlp_fwd
 from vit_fast.kernels.layer_norm import residual_layer_norm_fwd
 
-from . import gelu_mlp as _mlp  # noqa: F401  registers vit_fast::gelu_mlp_backward
-from . import layer_norm as _ln  # noqa: F401  registers vit_fast::residual_layer_norm(_backward)
+from . import checks
+from . import gelu_mlp as _mlp  # registers vit_fast::gelu_mlp_backward
+from . import layer_norm as _ln  # registers vit_fast::residual_layer_norm(_backward)
+
+
+def _check_args(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps, fc1_weight,
+                fc1_bias, fc2_weight, fc2_bias, approximate, layer_scale2, sample_scale2):
+    op = "residual_layer_norm_mlp"
+    _ln.check_fwd_args(x, ln_weight, ln_bias, eps, residual, layer_scale1, sample_scale1, op=op)
+    checks.tensor(op, "residual", residual, like=x, shape=x.shape)
+    # the MLP reads LN's output (x's shape) and adds its branch to s (x's shape too)
+    _mlp.check_fwd_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
+                        layer_scale2, sample_scale2, op=op)
 
 
 @torch.library.custom_op("vit_fast::residual_layer_norm_mlp", mutates_args=())
@@ -38,6 +49,8 @@ def residual_layer_norm_mlp_op(
         sample_scale2: Optional[Tensor], save_pre: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out [..., C], s [..., C], mean [M], rstd [M], pre [M, H] or empty when not save_pre)."""
+    _check_args(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps, fc1_weight,
+                fc1_bias, fc2_weight, fc2_bias, approximate, layer_scale2, sample_scale2)
     h, s, mean, rstd = residual_layer_norm_fwd(x, ln_weight, ln_bias, eps, residual, layer_scale1,
                                                sample_scale1)
     out, pre = gelu_mlp_fwd(h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, s,
@@ -48,7 +61,9 @@ def residual_layer_norm_mlp_op(
 @residual_layer_norm_mlp_op.register_fake
 def _(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps, fc1_weight, fc1_bias,
       fc2_weight, fc2_bias, approximate, layer_scale2, sample_scale2, save_pre):
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    _check_args(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps, fc1_weight,
+                fc1_bias, fc2_weight, fc2_bias, approximate, layer_scale2, sample_scale2)
+    rows = checks.rows(x)
     s = torch.empty_like(x, memory_format=torch.contiguous_format)
     stats = x.new_empty((rows,), dtype=torch.float32)
     pre = x.new_empty((rows, fc1_weight.shape[0]) if save_pre else (0,))
@@ -59,7 +74,8 @@ def _setup_context(ctx, inputs, output):
     (x, residual, ls1, ss1, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
      approximate, ls2, ss2, _save_pre) = inputs
     _, s, mean, rstd, pre = output
-    ctx.save_for_backward(s, x if ls1 is not None else None, mean, rstd, pre, ln_weight, ln_bias,
+    need_x = ls1 is not None or (ss1 is not None and ss1.requires_grad)
+    ctx.save_for_backward(s, x if need_x else None, mean, rstd, pre, ln_weight, ln_bias,
                           fc1_weight, fc2_weight, fc2_bias, ls1, ss1, ls2, ss2)
     ctx.eps, ctx.approximate = eps, approximate
     ctx.has_fc1_bias = fc1_bias is not None
@@ -70,7 +86,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _ds, _dmean, _drstd, _dpre):
     (s, x, mean, rstd, pre, ln_weight, ln_bias, fc1_weight, fc2_weight, fc2_bias, ls1, ss1, ls2,
      ss2) = ctx.saved_tensors
-    if pre.numel() == 0 and s.numel() != 0:
+    if pre.dim() != 2:  # the forward's placeholder for "not saved" is 1-D
         raise RuntimeError("vit_fast::residual_layer_norm_mlp: backward needs the fc1 "
                            "pre-activation, but the forward ran with save_pre=False")
     need = ctx.needs_input_grad
@@ -83,12 +99,13 @@ def _backward(ctx, dout, _ds, _dmean, _drstd, _dpre):
     del h
     # s feeds both the LayerNorm and the output's residual add: the latter's gradient is dout.
     dx, dres, dlnw, dlnb, dls1 = torch.ops.vit_fast.residual_layer_norm_backward(
-        dh, g, s, x, mean, rstd, ln_weight, ls1, ss1, ctx.residual_dtype,
-        ln_bias.dtype if (ln_bias is not None and need[5]) else None)
+        dh, g, s, x if ls1 is not None else None, mean, rstd, ln_weight, ls1, ss1,
+        ctx.residual_dtype, ln_bias.dtype if (ln_bias is not None and need[5]) else None)
+    dss1 = _ln.sample_scale_grad(dres, x, ls1, ss1) if (need[3] and ss1 is not None) else None
 
     def keep(grad, wanted):
         return grad if wanted else None
-    return (dx, dres, keep(dls1, ls1 is not None and need[2]), None,
+    return (dx, dres, keep(dls1, ls1 is not None and need[2]), dss1,
             keep(dlnw, ln_weight is not None and need[4]),
             keep(dlnb, ln_bias is not None and need[5]), None,
             dw1, keep(db1, mlp_flags[0]), dw2, keep(db2, mlp_flags[1]), None,
