@@ -149,3 +149,54 @@ def test_patch_embed_strict_size_error_names_sizes():
     pe = vit_fast.PatchEmbed(32, 16, 3, 48)
     with pytest.raises(ValueError, match="48x32"):
         pe(torch.randn(1, 3, 48, 32))
+
+
+def _double(m, args, out):
+    return out * 2
+
+
+@pytest.mark.parametrize("which,site", [("mlp", "fc1"), ("mlp", "act"), ("mlp", "fc2"),
+                                        ("attn", "q_norm"), ("attn", "qkv"), ("patch", "proj")])
+def test_standalone_modules_honour_hooks_like_timm(which, site):
+    torch.manual_seed(0)
+    if which == "mlp":
+        theirs, ours, x = timm.layers.Mlp(24, 48), vit_fast.Mlp(24, 48), torch.randn(2, 5, 24)
+    elif which == "attn":
+        theirs, ours = timm.layers.Attention(24, 2), vit_fast.Attention(24, 2)
+        x = torch.randn(2, 5, 24)
+    else:
+        theirs, ours = timm.layers.PatchEmbed(16, 8, 3, 24), vit_fast.PatchEmbed(16, 8, 3, 24)
+        x = torch.randn(2, 3, 16, 16)
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.why_not_fused() == []
+    for m in (theirs, ours):
+        getattr(m, site).register_forward_hook(_double)
+    # Attention calls qkv itself, so a hook there does not stop its fused op.
+    bypassed = not (which == "attn" and site == "qkv")
+    assert ours.why_not_fused() == ([f"{site} has forward hooks"] if bypassed else [])
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+def test_block_why_not_fused_reasons():
+    b = vit_fast.Block(32, 2, proj_drop=0.1).train()
+    assert b.why_not_fused() == ["mlp.drop1 is active (training, p=0.1)",
+                                 "mlp.drop2 is active (training, p=0.1)"]
+    b.eval()
+    assert b.why_not_fused() == []
+    b.norm2.forward = lambda x: x  # a forward set on the instance is never bypassed
+    assert b.why_not_fused() == ["norm2.forward is set on the instance"]
+    x = torch.randn(1, 3, 32)
+    expected = x + b.attn(b.norm1(x))
+    expected = expected + b.mlp(expected)
+    torch.testing.assert_close(b(x), expected)
+    del b.norm2.forward
+    b.mlp.act = nn.SiLU()
+    assert b.why_not_fused() == ["mlp.act is SiLU: the fused MLP computes GELU"]
+    assert b.fusable() == (False, "mlp.act is SiLU: the fused MLP computes GELU")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_block_wrong_input_width_raises_value_error(backend):
+    b = vit_fast.Block(32, 2)
+    with vit_fast.use_backend(backend), pytest.raises(ValueError, match="shape"):
+        b(torch.randn(1, 3, 24))

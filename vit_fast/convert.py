@@ -1,8 +1,12 @@
 """Swap vit_fast modules into an existing model, in place, weights kept.
 
 The new modules take over the old ones' submodules (the same nn.Linear / nn.LayerNorm / Conv2d
-objects), so parameters, their device, dtype, requires_grad, optimizer references and train/eval
-mode are all kept, and state_dict keys do not change.
+objects), so parameters, their device, dtype, requires_grad, optimizer references and every
+submodule's own train/eval mode are kept, and state_dict keys do not change. Converting twice is
+a no-op whose summary lists what is already converted.
+
+A swapped module takes its fused path only while nothing attached to it (hooks, adapters,
+parametrizations...) would notice; ``why_not_fused(model)`` lists, live, what runs plain and why.
 """
 from __future__ import annotations
 
@@ -12,19 +16,36 @@ import torch.nn as nn
 
 from . import modules
 
-__all__ = ["convert", "ConversionSummary"]
+__all__ = ["convert", "ConversionSummary", "why_not_fused"]
 
 
 @dataclass
 class ConversionSummary:
     swapped: list = field(default_factory=list)   # qualified names of replaced modules
     left: list = field(default_factory=list)      # (qualified name, why it was left as it is)
+    already: list = field(default_factory=list)   # vit_fast modules found in place (convert again)
+    not_fused: list = field(default_factory=list)  # (name, reasons): swapped, but plain for now
 
     def __str__(self):
-        lines = [f"vit_fast.convert: swapped {len(self.swapped)} module(s), left {len(self.left)}"]
+        lines = [f"vit_fast.convert: swapped {len(self.swapped)} module(s), left {len(self.left)}"
+                 + (f", {len(self.already)} already converted" if self.already else "")]
         lines += [f"  swapped {name}" for name in self.swapped]
+        lines += [f"  already {name}" for name in self.already]
         lines += [f"  left    {name}: {why}" for name, why in self.left]
+        lines += [f"  plain   {name}: {'; '.join(why)}" for name, why in self.not_fused]
         return "\n".join(lines)
+
+
+def why_not_fused(model: nn.Module) -> dict:
+    """{qualified name: reasons} of the vit_fast modules in ``model`` that run their plain
+    submodules right now (hooks, adapters, parametrizations, active dropout...)."""
+    found = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (modules.Block, modules.Attention, modules.Mlp, modules.PatchEmbed)):
+            reasons = m.why_not_fused()
+            if reasons:
+                found[name] = reasons
+    return found
 
 
 def _is_plain_layer_norm(module):
@@ -36,6 +57,12 @@ def _timm_classes():
     from timm.layers import Attention, LayerScale, Mlp, PatchEmbed
     from timm.models.vision_transformer import Block
     return Block, Attention, Mlp, LayerScale, PatchEmbed
+
+
+def _other_timm_block(module):
+    """A block of timm's vision_transformer other than Block (parallel, res-post, ...)."""
+    kind = type(module)
+    return kind.__module__ == "timm.models.vision_transformer" and kind.__name__.endswith("Block")
 
 
 def _adopt(cls, old, replace=None):
@@ -58,7 +85,7 @@ def _adopt(cls, old, replace=None):
     plain = {k: v for k, v in vars(old).items() if not k.startswith("_") and k != "training"}
     for key, value in plain.items():
         setattr(new, key, value)
-    new.train(old.training)
+    new.training = old.training  # this module's mode only: children keep their own
     return new
 
 
@@ -66,7 +93,9 @@ def _convert_attention(old):
     TimmAttention = _timm_classes()[1]
     if isinstance(old, modules.Attention) or type(old) is not TimmAttention:
         return old
-    return _adopt(modules.Attention, old)
+    new = _adopt(modules.Attention, old)
+    new.qk_scale = None  # timm's fused path uses head_dim**-0.5 whatever ``scale`` says
+    return new
 
 
 def _convert_mlp(old):
@@ -102,15 +131,20 @@ def convert(model: nn.Module, *, blocks: bool = True, patch_embed: bool = True) 
 
     Works on timm's VisionTransformer and its relatives that use its Block (deit, dinov2 with
     LayerScale, register-token and CLIP models...). Returns ``model``; what was swapped and what
-    was left, with the reason, is in ``model.vit_fast_summary`` (a ConversionSummary).
+    was left, with the reason, is in ``model.vit_fast_summary`` (a ConversionSummary), as of
+    this call. Each submodule keeps its own train/eval mode; converting again changes nothing.
+    A swapped Block runs its plain submodules for as long as something attached to them would
+    notice the fused path (hooks, adapters, pruning...): ``why_not_fused(model)`` lists those.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
     TimmBlock, _, _, _, TimmPatchEmbed = _timm_classes()
+    from .convert_vit_pytorch import VitPytorchTransformer
     summary = ConversionSummary()
     replacements = []
     for name, module in model.named_modules():
-        if isinstance(module, (modules.Block, modules.PatchEmbed)):
+        if isinstance(module, (modules.Block, modules.PatchEmbed, VitPytorchTransformer)):
+            summary.already.append(name)
             continue
         if type(module) is TimmBlock:
             if not blocks:
@@ -133,6 +167,9 @@ def convert(model: nn.Module, *, blocks: bool = True, patch_embed: bool = True) 
         elif isinstance(module, TimmPatchEmbed):
             summary.left.append((name, f"{type(module).__name__} subclasses timm's PatchEmbed; "
                                        "not swapped"))
+        elif _other_timm_block(module):
+            summary.left.append((name, f"timm's {type(module).__name__} is not the Block vit_fast "
+                                       "fuses; left as it is"))
     if any(isinstance(new, modules.Block) for _, new in replacements):
         # A ViT's own norms (timm: norm_pre, norm, fc_norm) run as the fused LayerNorm op too;
         # only in a model whose Blocks were swapped, never in an arbitrary network.
@@ -152,7 +189,9 @@ def convert(model: nn.Module, *, blocks: bool = True, patch_embed: bool = True) 
         from .convert_transformers import convert_transformers, is_transformers_model
         if is_transformers_model(model):  # Hugging Face ViT, DeiT, DINOv2, CLIP/SigLIP vision
             convert_transformers(model, summary)
-    if not summary.swapped and not summary.left:
+    summary.not_fused = [(name, new.why_not_fused()) for name, new in replacements
+                         if isinstance(new, modules.Block) and new.why_not_fused()]
+    if not summary.swapped and not summary.left and not summary.already:
         summary.left.append(("", f"{type(model).__name__} has no timm Block or PatchEmbed to swap"))
     model.vit_fast_summary = summary
     return model

@@ -161,7 +161,7 @@ def convert_vit_pytorch(model: nn.Module, summary) -> None:
             layers = nn.ModuleList(
                 nn.ModuleList([_adopt(VitPytorchAttention, a), _adopt(VitPytorchFeedForward, f)])
                 for a, f in module.layers)
-            layers.train(module.layers.training)
+            layers.training = module.layers.training  # not .train(): children keep their modes
             replacements.append((name, _adopt(VitPytorchTransformer, module, {"layers": layers})))
         elif kind.__name__ == "Transformer" and kind.__module__.startswith("vit_pytorch"):
             summary.left.append((name, f"{kind.__module__}.Transformer is not one vit_fast "

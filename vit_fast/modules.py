@@ -1,8 +1,11 @@
 """Drop-in nn.Modules with timm 1.0.31's constructors, forward signatures and state_dict keys.
 
-A module holds parameters and calls the functional ops. Options the fused ops do not cover
-(attn_mask, is_causal, qk_norm, scale norms, a non-GELU act_layer, a foreign mlp_layer/attn_layer,
-dropout inside the MLP) run the same eager math timm runs, for that call only.
+A module holds parameters and calls the functional ops. It runs its plain submodules instead,
+for that call, when the fused op would not reproduce them or would skip something the user
+attached (hooks, an adapter, a parametrization: vit_fast/fusion.py); ``why_not_fused()`` says
+why. Under TorchScript and torch.fx tracing the modules run the same eager math as timm's, so
+``torch.jit.script`` and timm's FX feature extraction work on converted models (the fused modules
+are registered as timm FX leaf modules, so traced graphs still call the fused path).
 
 Pre-1.0 keywords still passed by much copied ViT code are accepted: ``qk_scale`` overrides the
 attention scale and ``drop`` means ``proj_drop``.
@@ -14,15 +17,31 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath
+from timm.layers import LayerNorm as _TimmLayerNorm
 from timm.layers import PatchEmbed as _TimmPatchEmbed
-from timm.layers import use_fused_attn
+from timm.layers import register_notrace_module, use_fused_attn
+from timm.layers.activations import GELU as _TimmGELU
+from timm.layers.activations import GELUTanh as _TimmGELUTanh
+from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+from timm.layers.format import Format, nchw_to
 
-from . import dispatch, functional, reference
+from . import functional
+from .fusion import FusedModule, forward_is
 
 __all__ = ["LayerNorm", "LayerScale", "Attention", "Mlp", "Block", "PatchEmbed"]
 
 
+class InputSizeError(ValueError, AssertionError):
+    """An image size PatchEmbed does not take: a ValueError, and an AssertionError like timm's
+    ``_assert`` raises, so either ``except`` a caller already has catches it."""
+
+
+def _tracing(x) -> bool:
+    """True while torch.fx traces through us: no data-dependent decisions, plain math."""
+    return isinstance(x, torch.fx.Proxy)
+
+
+@register_notrace_module
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm with timm's ViT default eps of 1e-6 (timm.layers.LayerNorm's default)."""
 
@@ -30,7 +49,32 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(num_channels, eps=eps, elementwise_affine=affine, **kwargs)
 
     def forward(self, x):
+        # Two ifs, not one `or`: TorchScript drops the rest only after a bare is_scripting() test.
+        if torch.jit.is_scripting():
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        if _tracing(x):
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return functional.residual_layer_norm(x, self.weight, self.bias, self.eps)[0]
+
+
+_LAYER_NORM_FORWARDS = (nn.LayerNorm.forward, LayerNorm.forward, _TimmLayerNorm.forward)
+
+
+def _plain_layer_norm(m, dim):
+    """True when ``m`` is a LayerNorm over the last ``dim`` channels that the fused op reproduces."""
+    return (isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (dim,)
+            and forward_is(m, *_LAYER_NORM_FORWARDS) and not getattr(m, "_fast_norm", False))
+
+
+def _gelu_approximate(act):
+    """'none'/'tanh' when ``act`` is a GELU the fused MLP computes, else None."""
+    if forward_is(act, nn.GELU.forward):
+        return act.approximate
+    if forward_is(act, _TimmGELU.forward):
+        return "none"
+    if forward_is(act, _TimmGELUTanh.forward):
+        return "tanh"
+    return None
 
 
 class LayerScale(nn.Module):
@@ -50,37 +94,14 @@ class LayerScale(nn.Module):
         return x.mul_(self.gamma) if self.inplace else x * self.gamma
 
 
-def _plain_layer_norm(m, dim):
-    """True when ``m`` is a LayerNorm over the last ``dim`` channels that the fused op reproduces."""
-    return (isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (dim,)
-            and type(m).forward in (nn.LayerNorm.forward, LayerNorm.forward, _timm_ln_forward()))
-
-
-def _timm_ln_forward():
-    from timm.layers import LayerNorm as TimmLayerNorm
-    return TimmLayerNorm.forward
-
-
-def _gelu_approximate(act):
-    """'none'/'tanh' when ``act`` is a GELU the fused MLP computes, else None."""
-    if type(act) is nn.GELU:
-        return act.approximate
-    try:
-        from timm.layers.activations import GELU as TimmGELU, GELUTanh
-    except ImportError:  # pragma: no cover - older timm
-        return None
-    if type(act) is TimmGELU:
-        return "none"
-    if type(act) is GELUTanh:
-        return "tanh"
-    return None
-
-
-class Attention(nn.Module):
+@register_notrace_module
+class Attention(FusedModule):
     """Multi-head self-attention with a packed qkv Linear (timm.layers.Attention).
 
-    ``fused_attn`` keeps timm's meaning: False materializes softmax(q kᵀ) in eager PyTorch (and
-    calls ``attn_drop`` on it), so attention-map tools keep working.
+    ``fused_attn`` keeps timm's meaning: False materializes softmax(q kᵀ·scale) in eager PyTorch
+    (and calls ``attn_drop`` on it), so attention-map tools keep working. Like timm, the fused
+    path does not read ``scale`` (timm's SDPA call uses head_dim**-0.5); ``qk_scale`` (the
+    pre-1.0 keyword) sets the scale of both paths.
     """
 
     def __init__(self, dim, num_heads=8, attn_head_dim=None, dim_out=None, qkv_bias=False,
@@ -99,6 +120,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.attn_dim = num_heads * head_dim
+        self.qk_scale = qk_scale
         self.scale = qk_scale if qk_scale is not None else head_dim ** -0.5
         self.fused_attn = use_fused_attn()
 
@@ -111,25 +133,43 @@ class Attention(nn.Module):
         self.proj = nn.Linear(self.attn_dim, dim_out, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    bypassed_paths = ("q_norm", "k_norm")
+
+    def _structure_reasons(self):
+        return [f"{name} is {type(m).__name__} (qk_norm): the fused attention has no q/k norm"
+                for name, m in self._bypassed() if not forward_is(m, nn.Identity.forward)]
+
+    def why_not_fused(self, attn_mask=None, is_causal=False):
+        """Why a call with these arguments does not use the fused attention op; [] when it does."""
+        reasons = [] if self.fused_attn else ["fused_attn is False (materialized softmax)"]
+        if attn_mask is not None or is_causal:
+            reasons.append("attn_mask / is_causal given")
+        return reasons + self.fusion_reasons()
+
     def uses_fused_op(self, attn_mask=None, is_causal=False):
         """Whether a call with these arguments goes through vit_fast's fused attention op."""
-        return (self.fused_attn and attn_mask is None and not is_causal
-                and isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity))
+        return not self.why_not_fused(attn_mask, is_causal)
 
-    def attend(self, qkv, attn_mask=None, is_causal=False):
+    def attend(self, qkv, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         """Attention core: packed qkv [B, N, 3·H·D] -> [B, N, H·D], before norm/gate/proj."""
-        B, N, _ = qkv.shape
+        if torch.jit.is_scripting():
+            return self.attend_plain(qkv, attn_mask, is_causal)
+        if _tracing(qkv) or not self.uses_fused_op(attn_mask, is_causal):
+            return self.attend_plain(qkv, attn_mask, is_causal)
         dropout_p = self.attn_drop.p if self.training else 0.0
-        if self.uses_fused_op(attn_mask, is_causal):
-            return functional.fused_qkv_attention(qkv, self.num_heads, scale=self.scale,
-                                                  dropout_p=dropout_p)
+        return functional.fused_qkv_attention(qkv, self.num_heads, scale=self.qk_scale,
+                                              dropout_p=dropout_p)
+
+    def attend_plain(self, qkv, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        """timm's attention math, step by step (scriptable, traceable)."""
+        B, N, _ = qkv.shape
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                               is_causal=is_causal, scale=self.scale)
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.,
+                is_causal=is_causal, scale=self.qk_scale)
         else:
-            from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
             attn = (q * self.scale) @ k.transpose(-2, -1)
             attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
             attn = self.attn_drop(attn.softmax(dim=-1))
@@ -144,7 +184,8 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
-class Mlp(nn.Module):
+@register_notrace_module
+class Mlp(FusedModule):
     """fc1 -> act -> drop1 -> norm -> fc2 -> drop2 (timm.layers.Mlp); one fused op when it can."""
 
     def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU,
@@ -168,180 +209,139 @@ class Mlp(nn.Module):
         self.fc2 = linear(hidden_features, out_features, bias[1])
         self.drop2 = nn.Dropout(drop_probs[1])
 
+    bypassed_paths = ("fc1", "act", "drop1", "norm", "fc2", "drop2")
+
+    def _class_reasons(self):
+        """Reasons in the layers' kinds (these never change for a given model)."""
+        reasons = [f"{n} is {type(m).__name__}, not nn.Linear" for n, m in self._bypassed()
+                   if n in ("fc1", "fc2") and not isinstance(m, nn.Linear)]
+        if _gelu_approximate(self.act) is None:
+            reasons.append(f"act is {type(self.act).__name__}: the fused MLP computes GELU")
+        if not forward_is(self.norm, nn.Identity.forward):
+            reasons.append(f"norm is {type(self.norm).__name__}: the fused MLP has no hidden norm")
+        return reasons
+
+    def _structure_reasons(self):
+        reasons = self._class_reasons()
+        for n, m in self._bypassed():
+            if n in ("fc1", "fc2") and isinstance(m, nn.Linear) and not forward_is(m, nn.Linear.forward):
+                reasons.append(f"{n} is {type(m).__name__} with its own forward (an adapter?)")
+            if n in ("drop1", "drop2") and not forward_is(m, nn.Dropout.forward):
+                reasons.append(f"{n} is {type(m).__name__}, not nn.Dropout")
+        return reasons
+
+    def call_reasons(self):
+        """Reasons that depend on the mode: dropout that is active runs eagerly."""
+        return [f"{n} is active (training, p={d.p})" for n, d in (("drop1", self.drop1),
+                                                                   ("drop2", self.drop2))
+                if d.training and d.p > 0]
+
+    def why_not_fused(self):
+        """Why forward runs fc1, act, ..., drop2 one by one now; [] when it runs the fused op."""
+        return self.fusion_reasons() + self.call_reasons()
+
     def fused_approximate(self):
         """The GELU form of the fused op when this MLP (as configured, now) can use it, else None."""
-        if not (isinstance(self.fc1, nn.Linear) and isinstance(self.fc2, nn.Linear)
-                and isinstance(self.norm, nn.Identity)):
-            return None
-        if self.training and (self.drop1.p > 0 or self.drop2.p > 0):
-            return None
-        return _gelu_approximate(self.act)
+        return None if self.why_not_fused() else _gelu_approximate(self.act)
 
-    def forward(self, x, *, residual=None, layer_scale=None, sample_scale=None):
-        approximate = self.fused_approximate()
-        if approximate is not None:
-            return functional.gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight,
-                                       self.fc2.bias, approximate=approximate, residual=residual,
-                                       layer_scale=layer_scale, sample_scale=sample_scale)
-        out = self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
-        if residual is None:
-            return out
-        return reference.add_branch(residual, out, layer_scale, sample_scale)
+    def forward(self, x):
+        if torch.jit.is_scripting():
+            return self.forward_plain(x)
+        approximate = None if _tracing(x) else self.fused_approximate()
+        if approximate is None:
+            return self.forward_plain(x)
+        return functional.gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                                   self.fc2.bias, approximate=approximate)
+
+    def forward_plain(self, x):
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
 
 
-def _drop_path_scale(drop_path, x):
-    """Per-sample keep mask / keep_prob [B] for a DropPath in training, else None.
-
-    Drawn exactly as timm's drop_path draws it (bernoulli_ over B values), so with the same seed
-    the fused Block drops the same samples as timm's Block.
-    """
-    if not isinstance(drop_path, DropPath) or not drop_path.training or drop_path.drop_prob == 0.:
-        return None
-    keep_prob = 1 - drop_path.drop_prob
-    mask = x.new_empty((x.shape[0],)).bernoulli_(keep_prob)
-    if keep_prob > 0.0 and drop_path.scale_by_keep:
-        mask.div_(keep_prob)
-    return mask
-
-
-def _layer_scale_gamma(ls):
-    return None if isinstance(ls, nn.Identity) else ls.gamma
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block (timm.models.vision_transformer.Block), fused where it can be.
-
-    Fused forward (CUDA kernels, or the reference math elsewhere):
-      h1 = LN1(x); p = attn(h1)                                    (qkv GEMM, fused attention, proj)
-      h2, x1 = LN2(x + drop_path(ls1 · p)), x + drop_path(ls1 · p)   one residual_layer_norm
-      out = x1 + drop_path(ls2 · fc2(gelu(fc1(h2))))               one gelu_mlp
-    """
-
-    def __init__(self, dim, num_heads, mlp_ratio=4., qkv_bias=False, qk_norm=False,
-                 scale_attn_norm=False, scale_mlp_norm=False, proj_bias=True, proj_drop=0.,
-                 attn_drop=0., init_values=None, drop_path=0., act_layer=nn.GELU,
-                 norm_layer=LayerNorm, mlp_layer=Mlp, attn_layer=Attention, depth=0, device=None,
-                 dtype=None, *, qk_scale=None, drop=None):
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        if drop is not None:  # pre-1.0 name of proj_drop
-            proj_drop = drop
-        mlp_layer, attn_layer = _own_layer(mlp_layer, "mlp"), _own_layer(attn_layer, "attn")
-        attn_kwargs = dict(num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
-                           scale_norm=scale_attn_norm, proj_bias=proj_bias, attn_drop=attn_drop,
-                           proj_drop=proj_drop, norm_layer=norm_layer, **dd)
-        self.norm1 = norm_layer(dim, **dd)
-        if attn_layer is Attention:
-            self.attn = Attention(dim, qk_scale=qk_scale, **attn_kwargs)
-        else:
-            from timm.models.vision_transformer import _create_attn
-            self.attn = _create_attn(attn_layer, dim, depth=depth, **attn_kwargs)
-            if qk_scale is not None and hasattr(self.attn, "scale"):
-                self.attn.scale = qk_scale
-        self.ls1 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim, **dd)
-        self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio),
-                             act_layer=act_layer, norm_layer=norm_layer if scale_mlp_norm else None,
-                             bias=proj_bias, drop=proj_drop, **dd)
-        self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-
-    def fusable(self, x=None, attn_mask=None, is_causal=False):
-        """Whether forward takes the fused path; the reason when it does not (for convert)."""
-        dim = self.norm1.normalized_shape[0] if isinstance(self.norm1, nn.LayerNorm) else None
-        if not (_plain_layer_norm(self.norm1, dim) and _plain_layer_norm(self.norm2, dim)):
-            return False, "norm_layer is not a plain LayerNorm"
-        if not isinstance(self.attn, Attention):
-            return False, f"attn_layer {type(self.attn).__name__} is not vit_fast's Attention"
-        if not isinstance(self.mlp, Mlp):
-            return False, f"mlp_layer {type(self.mlp).__name__} is not vit_fast's Mlp"
-        for name in ("ls1", "ls2"):
-            if not isinstance(getattr(self, name), (nn.Identity, LayerScale)):
-                return False, f"{name} is not a LayerScale"
-        return True, ""
-
-    def forward(self, x, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        ok, _ = self.fusable()
-        if not ok:
-            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask,
-                                                       is_causal=is_causal)))
-            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        if self._rebuilds_ln_outputs(x):
-            return self._forward_rebuilding_ln_outputs(x, attn_mask, is_causal)
-        n1, n2 = self.norm1, self.norm2
-        h1 = functional.residual_layer_norm(x, n1.weight, n1.bias, n1.eps)[0]
-        p = self.attn(h1, attn_mask=attn_mask, is_causal=is_causal)
-        h2, x1 = functional.residual_layer_norm(
-            p, n2.weight, n2.bias, n2.eps, residual=x, layer_scale=_layer_scale_gamma(self.ls1),
-            sample_scale=_drop_path_scale(self.drop_path1, x))
-        return self.mlp(h2, residual=x1, layer_scale=_layer_scale_gamma(self.ls2),
-                        sample_scale=_drop_path_scale(self.drop_path2, x))
-
-    def _rebuilds_ln_outputs(self, x):
-        """Whether the fused forward can run as two ops that save no LayerNorm output (DESIGN.md,
-        training memory): only when the kernels run (dispatch picks triton for the block's
-        tensors, no autocast) and nothing would notice the attention/MLP modules being bypassed
-        (their own forward, no hooks, a plain qkv Linear, no gate)."""
-        a, mlp = self.attn, self.mlp
-        if (type(a).forward is not Attention.forward or a.gate is not None
-                or type(a.qkv).forward is not nn.Linear.forward
-                or type(mlp).forward is not Mlp.forward or mlp.fused_approximate() is None
-                or any(m._forward_hooks or m._forward_pre_hooks for m in (a, a.qkv, mlp))
-                or x.dim() < 2 or x.shape[-1] != self.norm1.normalized_shape[0]
-                or functional._autocast_dtype(x.device) is not None):
-            return False
-        n1, n2 = self.norm1, self.norm2
-        ln = [x, n1.weight, n1.bias, n2.weight, n2.bias, a.qkv.weight, a.qkv.bias,
-              _layer_scale_gamma(self.ls1), _layer_scale_gamma(self.ls2)]
-        mm = [x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]
-        return (dispatch.choose("residual_layer_norm", ln, dim=x.shape[-1]).backend == "triton"
-                and dispatch.choose("gelu_mlp", mm).backend == "triton")
-
-    def _forward_rebuilding_ln_outputs(self, x, attn_mask, is_causal):
-        """The fused forward with LN1 -> qkv and LN2 -> MLP each one op (same kernels, same math,
-        same drop-path draws in the same order) whose backward rebuilds the LayerNorm output."""
-        from .ops.layer_norm_linear import layer_norm_linear
-        from .ops.residual_layer_norm_mlp import residual_layer_norm_mlp
-        a, mlp, n1, n2 = self.attn, self.mlp, self.norm1, self.norm2
-        qkv = layer_norm_linear(x, n1.weight, n1.bias, n1.eps, a.qkv.weight, a.qkv.bias)
-        p = a.proj_drop(a.proj(a.norm(a.attend(qkv, attn_mask, is_causal))))
-        ss1 = _drop_path_scale(self.drop_path1, x)
-        ss2 = _drop_path_scale(self.drop_path2, x)
-        return residual_layer_norm_mlp(
-            p, x, _layer_scale_gamma(self.ls1), ss1, n2.weight, n2.bias, n2.eps, mlp.fc1.weight,
-            mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.fused_approximate(),
-            _layer_scale_gamma(self.ls2), ss2)
-
-
-def _own_layer(layer, kind):
-    """Map timm's default Mlp/Attention classes (as VisionTransformer passes them) to ours."""
-    if kind == "mlp":
-        from timm.layers import Mlp as TimmMlp
-        return Mlp if layer in (None, TimmMlp) else layer
-    from timm.layers import Attention as TimmAttention
-    return Attention if layer in (None, "attn", TimmAttention) else layer
-
-
-class PatchEmbed(_TimmPatchEmbed):
+@register_notrace_module
+class PatchEmbed(_TimmPatchEmbed, FusedModule):
     """Image to patch embedding (timm.layers.PatchEmbed: same constructor, same ``proj`` Conv2d key).
 
     The conv + flatten runs as vit_fast's patch_embed op (the C++ extension when available) when
-    the output is flattened NLC; other output formats run timm's forward.
+    the output is flattened NLC and ``proj`` is the plain non-overlapping conv; otherwise timm's
+    math. A border that is not a whole patch is cropped, as timm's strided conv drops it.
     """
 
-    def forward(self, x):
+    bypassed_paths = ("proj",)
+
+    def _structure_reasons(self):
+        p, patch = self.proj, tuple(self.patch_size)
         if not self.flatten:
-            return super().forward(x)
-        _B, _C, H, W = x.shape
+            return [f"output_fmt is {self.output_fmt.value}: the op writes flattened NLC"]
+        if not forward_is(p, nn.Conv2d.forward):
+            return [f"proj is {type(p).__name__}, not a plain nn.Conv2d"]
+        if (tuple(p.kernel_size) != patch or tuple(p.stride) != patch or p.groups != 1
+                or tuple(p.dilation) != (1, 1) or p.padding not in ((0, 0), "valid")):
+            return ["proj is not a non-overlapping patch conv (kernel = stride = patch_size)"]
+        return []
+
+    def why_not_fused(self):
+        return self.fusion_reasons()
+
+    def _size_error(self, H, W):
+        """timm's input-size rules: the message of the one broken, or ''."""
+        if self.img_size is None:
+            return ""
+        if self.strict_img_size and (H, W) != tuple(self.img_size):
+            return (f"PatchEmbed: input size {H}x{W} does not match the model's img_size "
+                    f"{self.img_size[0]}x{self.img_size[1]} (strict_img_size)")
         ph, pw = self.patch_size
-        if self.img_size is not None and self.strict_img_size and (H, W) != tuple(self.img_size):
-            raise ValueError(f"PatchEmbed: input size {H}x{W} does not match the model's "
-                             f"img_size {self.img_size[0]}x{self.img_size[1]} (strict_img_size)")
+        if not self.strict_img_size and not self.dynamic_img_pad and (H % ph or W % pw):
+            return (f"PatchEmbed: input size {H}x{W} is not divisible by the patch size {ph}x{pw} "
+                    "(set dynamic_img_pad=True to pad)")
+        return ""
+
+    def _assert_size(self, H: int, W: int):
+        """The same rules as torch._assert, which TorchScript compiles and torch.fx records."""
+        if self.img_size is not None:
+            if self.strict_img_size:
+                torch._assert(H == self.img_size[0], "PatchEmbed: input height != img_size")
+                torch._assert(W == self.img_size[1], "PatchEmbed: input width != img_size")
+            elif not self.dynamic_img_pad:
+                torch._assert(H % self.patch_size[0] == 0, "PatchEmbed: height % patch != 0")
+                torch._assert(W % self.patch_size[1] == 0, "PatchEmbed: width % patch != 0")
+
+    def _check_and_pad(self, x):
+        """Check the input size (ValueError in eager), then the dynamic bottom/right padding."""
+        H, W = x.shape[-2], x.shape[-1]
+        if torch.jit.is_scripting():
+            self._assert_size(H, W)
+        elif _tracing(x):
+            self._assert_size(H, W)
+        else:
+            msg = self._size_error(H, W)
+            if msg:
+                raise InputSizeError(msg)
         if self.dynamic_img_pad:
+            ph, pw = self.patch_size[0], self.patch_size[1]
             x = F.pad(x, (0, (pw - W % pw) % pw, 0, (ph - H % ph) % ph))
-        elif H % ph or W % pw:
-            raise ValueError(f"PatchEmbed: input size {H}x{W} is not divisible by the patch size "
-                             f"{ph}x{pw}")
+        return x
+
+    def forward(self, x):
+        if torch.jit.is_scripting():
+            return self.forward_plain(x)
+        if _tracing(x) or self.fusion_reasons():
+            return self.forward_plain(x)
+        x = self._check_and_pad(x)
+        ph, pw = self.patch_size
+        H, W = x.shape[-2:]
+        if H % ph or W % pw:
+            x = x[..., : H - H % ph, : W - W % pw]
         out = functional.patch_embed(x, self.proj.weight, self.proj.bias, patch_size=(ph, pw))
         return self.norm(out)
+
+    def forward_plain(self, x):
+        """timm's PatchEmbed.forward (scriptable, traceable)."""
+        x = self.proj(self._check_and_pad(x))
+        if self.flatten:
+            x = x.flatten(2).transpose(1, 2)
+        elif self.output_fmt != Format.NCHW:
+            x = nchw_to(x, self.output_fmt)
+        return self.norm(x)
+
+
+from .block import Block, _drop_path_scale  # noqa: E402,F401  (Block is built from the above)
