@@ -160,7 +160,7 @@ class Block(FusedModule):
 
     def _rebuilds_ln_outputs(self, x):
         """Whether this call runs the Block ops as kernels, whose backward rebuilds the LayerNorm
-        outputs instead of saving them (DESIGN.md, training memory)."""
+        outputs instead of saving them (docs/design.md, training memory)."""
         a, mlp, n1, n2 = self.attn, self.mlp, self.norm1, self.norm2
         if x.dim() != 3 or x.shape[-1] != n1.normalized_shape[0]:
             return False  # the functional ops raise the ValueError that names the mismatch

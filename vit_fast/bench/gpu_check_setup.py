@@ -97,8 +97,9 @@ def _nvcc():
 
 
 def supported_timm():
-    """(setup.py's minimum timm, requirements-dev.txt's pin), read from those files."""
-    setup = (ROOT / "setup.py").read_text() if (ROOT / "setup.py").exists() else ""
+    """(the declared minimum timm, requirements-dev.txt's pin), read from pyproject.toml (or
+    setup.py) and requirements-dev.txt."""
+    setup = "".join((ROOT / f).read_text() for f in ("pyproject.toml", "setup.py") if (ROOT / f).exists())
     reqs_path = ROOT / "requirements-dev.txt"
     reqs = reqs_path.read_text() if reqs_path.exists() else ""
     low = re.search(r"[\"']timm>=([\d.]+)", setup)
@@ -113,7 +114,7 @@ def timm_status(installed):
     if installed is None:
         return False, f"timm is not installed (vit_fast needs timm>={low}); {hint}"
     if low and _version_tuple(installed) < _version_tuple(low):
-        return False, f"timm {installed} is older than setup.py's minimum {low}; {hint}"
+        return False, f"timm {installed} is older than vit_fast's declared minimum {low}; {hint}"
     note = "" if installed == pin else f" (the tests were written against the pinned {pin})"
     return True, f"timm {installed} is supported (>= {low}){note}"
 
