@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vit_fast.bench import gpu_check, gpu_check_setup, timing
+from vit_fast.bench import gpu_check, gpu_check_report, gpu_check_setup, timing
 from vit_fast.bench.cli import main as bench_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,3 +179,15 @@ def test_install_falls_back_to_an_in_place_build_and_checks_the_arch(tmp_path, m
     assert "pip install: rc=1" in res["actions"][0] and "build_ext --inplace" in res["actions"][1]
     assert res["arch_ok"] is False and not res["ok"]
     assert any("not sm_100" in p for p in res["problems"])
+
+
+def test_summary_lists_what_measured_selection_chose():
+    rec = {"op": "gelu_mlp", "key": "gelu_mlp|(64, 768)|bf16", "choice": "cublas",
+           "source": "measured", "times_ms": {"triton": 0.31, "cublas": 0.24}}
+    res = {"kit": {"quick": False, "dry_run": True, "started": "now", "command": "gpu-check",
+                   "budget_s": 1}, "artifacts": {},
+           "steps": {"models": {"status": "done", "seconds": 1, "budget_s": 1,
+                                "data": {"rows": [], "tuning": [rec]}}}}
+    text = gpu_check_report.summary_markdown(res)
+    assert "## Measured selection" in text
+    assert "gelu_mlp: cublas (measured; triton 0.310 ms, cublas 0.240 ms)" in text

@@ -40,6 +40,9 @@ class Recorder:
         self.save()
 
     def save(self):
+        from vit_fast import tuning
+        # What measured selection chose for the MLP (cuBLAS vs Triton GEMMs) and the times it saw.
+        self.data["tuning"] = tuning.records()
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=1, default=str))
         tmp.replace(self.path)

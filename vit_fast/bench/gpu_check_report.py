@@ -114,12 +114,23 @@ def _models(d):
             + [f"- skipped: {s}" for s in d.get("skipped", [])] + [""])
 
 
+def _tuning(steps):
+    recs = {r["key"]: r for name in ("ops", "models")
+            for r in steps.get(name, {}).get("data", {}).get("tuning", [])}
+    if not recs:
+        return []
+    from vit_fast import tuning
+    return ["## Measured selection (vit_fast.tuning)", "", "```",
+            tuning.format_records(list(recs.values())), "```", ""]
+
+
 def summary_markdown(res):
     lines = _header(res) + ["## Steps", ""] + _steps(res)
     steps = res["steps"]
     for name, render in (("install", _install), ("tests", _tests), ("ops", _ops), ("models", _models)):
         if steps.get(name, {}).get("data"):
             lines += render(steps[name]["data"])
+    lines += _tuning(steps)
     skipped = [f"{n}: {s['status']}" for n, s in steps.items() if not s["status"].startswith("done")]
     lines += ["## Not done", ""] + ([f"- {s}" for s in skipped] or ["- every step ran to the end"])
     lines.append("")
