@@ -71,3 +71,54 @@ def test_predicated_and_tma_instructions_are_read():
 ])
 def test_ctas_per_sm(regs, shared, warps, arch, expected):
     assert sr.ctas_per_sm(regs, shared, warps, arch) == expected
+
+
+# --- the ViT-B attention figures these kernels are held to (bf16, head dim 64, sm_90) -------------
+# Before (commit 70a7732), from `python -m vit_fast.bench compile-check --sass --arch 90
+# --match "bfloat16,D=64,"`: (kernel, dropout, short N) -> (CTAs/SM, INT/score, FFMA+FMUL+FADD/score).
+BEFORE = {
+    ("fwd", False, False): (2, 1.08, 4.19), ("fwd", False, True): (4, 2.19, 4.19),
+    ("fwd", True, False): (2, 43.06, 5.19), ("fwd", True, True): (3, 43.56, 5.19),
+    ("dkdv", False, False): (1, 1.50, 3.50), ("dkdv", False, True): (3, 2.25, 3.50),
+    ("dkdv", True, False): (1, 48.12, 5.50), ("dkdv", True, True): (2, 48.62, 5.50),
+    ("dq", False, False): (3, 1.22, 3.00), ("dq", False, True): (5, 2.25, 3.00),
+    ("dq", True, False): (1, 43.31, 5.00), ("dq", True, True): (3, 43.75, 5.00),
+}
+
+
+@pytest.fixture(scope="module")
+def vit_b_rows():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from vit_fast.aot import nvidia_backend_missing_reason
+    reason = nvidia_backend_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    # Kernels defined under the interpreter cannot be compiled: a fresh process without it.
+    code = ("import json; from vit_fast.bench.sass_report import report_rows; "
+            "print(json.dumps(report_rows((90,), 'bfloat16,D=64,')))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, TRITON_INTERPRET="0"))
+    return {r["kernel"]: r for r in json.loads(run.stdout.strip().splitlines()[-1])}
+
+
+@pytest.mark.parametrize("key", sorted(BEFORE),
+                         ids=lambda k: f"{k[0]}-{'dropout' if k[1] else 'plain'}-{'short' if k[2] else 'long'}")
+def test_vit_b_attention_figures_against_before(vit_b_rows, key, monkeypatch):
+    from vit_fast.kernels import attention
+    kernel, dropout, short = key
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CUDA table, not the interpreter's tiles
+    bm, bn, warps, stages = attention._config(kernel, 32 if short else 197, 64, None, dropout)
+    name = (f"attention_{kernel}[bfloat16,D=64,BM={bm},BN={bn},w={warps},s={stages}"
+            f"{',dropout' if dropout else ''}]")
+    row = vit_b_rows[name]
+    ctas, ints, fp = BEFORE[key]
+    assert row["spill_bytes"] == 0 and row["mma_kind"] == "HGMMA", row
+    assert row["ctas_per_sm"] >= ctas, row
+    if dropout:
+        assert row["int_per_score"] * 3 <= ints, row      # all four Philox words, 16-bit halves
+    if kernel == "fwd":
+        assert row["fp_per_score"] < fp, row               # scale folded into the max-subtract
