@@ -163,8 +163,8 @@ def attention_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program = one BLOCK_M tile of queries of one (b, h); K/V of that head stream past it:
-    the full key tiles in a loop with no key mask, then the partial last one, if any."""
+    """One program = one BLOCK_M tile of queries of one (b, h); K/V of that head stream past it
+    (_fwd_tile), the key mask applied on the last tile only."""
     b, h, bh, start_m = _tile_of_head(N, H, BLOCK_M)
     q_base = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
     k_base = q_base + H * HEAD_DIM
