@@ -7,9 +7,10 @@ Math, per batch b and head h, with q, k, v the [N, D] slices of qkv and s = scal
 With dropout (HAS_DROPOUT, probability p) the product with V uses Z = P ∘ M/(1 − p), M the 0/1
 keep mask, so out = Z v, dv = Zᵀ dO and dP = M/(1 − p) ∘ (dO vᵀ); Δ_i = Σ_d dO_id·out_id still
 equals Σ_j dP_ij·P_ij, so dS = P ∘ (dP − Δ) keeps its form, and lse stays that of the undropped
-P. M is never stored: entry (b, h, i, j) is kept when the first word of Philox4x32-10, keyed by
-the 64-bit per-call seed with counter (i, j, b·H + h, 0), read as u ∈ [0, 1), is ≥ p. The bits
-depend on nothing else (not the tile shapes), so the backward regenerates the forward's mask.
+P. M is never stored: entry (b, h, i, j) is kept when its 16 bits of Philox4x32-10 (keyed by
+the 64-bit per-call seed; one call serves eight entries, see _dropout_keep), read as u ∈ [0, 1),
+are ≥ p rounded up to a multiple of 2^-16. The bits depend on nothing else (not the tile
+shapes), so the backward regenerates the forward's mask.
 
 P is never stored: the forward streams K/V tiles past a query tile with an online softmax
 (running max m and sum l, in base 2 so that exp2 can be used: s·log2(e) is folded into the
@@ -70,17 +71,36 @@ def _operand(x, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed, q_idx, k_idx, bh, dropout_p):
-    """Keep mask (True = kept) of the entries (query q_idx, key k_idx) of head bh; q_idx and
-    k_idx broadcast against each other ([M, 1] and [1, N], or transposed for the dk/dv tiles).
+def _keep_threshold(dropout_p):
+    """A 16-bit random half h keeps its entry when h >= this: P(keep) = 1 − ceil(p·2^16)/2^16,
+    1 − p to within 2^-16 (p·2^16 is exact in fp32). Up to 2^16, so p near 1 drops everything."""
+    return tl.ceil(dropout_p * 65536.0).to(tl.uint32)
 
-    Each entry is its own Philox counter (i, j, b·H + h, 0), all 32-bit: no N² index to overflow
-    and the same bits whatever tile holds the entry. The top 24 bits make u exactly.
+
+@triton.jit
+def _dropout_keep(seed, start_m, start_n, bh, keep_from, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] keep mask (True = kept) of queries start_m.. × keys start_n.. of head bh.
+
+    One Philox4x32-10 call (ten rounds) makes eight entries' bits: four 32-bit words, each split
+    into two 16-bit halves. Query i = 16d + 8e + r (r < 8) and key j = 16c + 8a + 2t + b (a, b < 2,
+    t < 4) take half e of word 2a + b of the call with counter (8d + r, 4c + t, b·H + h, 0). Those
+    eight entries are the ones one thread holds in the mma accumulator layout (rows r, r + 8;
+    columns 2t, 2t + 1, 2t + 8, 2t + 9 of a 16 × 16 block), so no data crosses threads. start_m
+    and start_n are multiples of 16 (every tile is), so the bits depend on (i, j) only, not the
+    tile shapes, and every kernel regenerates the same mask. Counters are 32-bit: no N² index.
     """
-    zero = (q_idx * 0 + k_idx * 0).to(tl.uint32)
-    bits, _, _, _ = tl.philox(seed, q_idx.to(tl.uint32) + zero, k_idx.to(tl.uint32) + zero,
-                              zero + bh.to(tl.uint32), zero)
-    return (bits >> 8).to(tl.float32) * (1.0 / 16777216.0) >= dropout_p
+    rows = (start_m // 2 + tl.arange(0, BLOCK_M // 2)).to(tl.uint32)
+    quads = (start_n // 4 + tl.arange(0, BLOCK_N // 4)).to(tl.uint32)
+    zero = tl.zeros([BLOCK_M // 2, BLOCK_N // 4], tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, rows[:, None] + zero, quads[None, :] + zero,
+                               zero + bh.to(tl.uint32), zero)
+    words = tl.join(tl.join(w0, w1), tl.join(w2, w3))          # [8d + r, 4c + t, b, a]
+    words = tl.reshape(words, [BLOCK_M // 2, BLOCK_N // 16, 4, 2, 2])
+    words = tl.reshape(tl.permute(words, (0, 1, 4, 2, 3)), [BLOCK_M // 2, BLOCK_N])
+    halves = tl.join(words & 0xFFFF, words >> 16)              # [8d + r, j, e]
+    halves = tl.reshape(halves, [BLOCK_M // 16, 8, BLOCK_N, 2])
+    halves = tl.reshape(tl.permute(halves, (0, 3, 1, 2)), [BLOCK_M, BLOCK_N])
+    return halves >= keep_from
 
 
 @triton.jit
@@ -97,6 +117,37 @@ def _tile_of_head(N, H, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_m, start_n, N, bh, stride_n, qk_scale, seed,
+              keep_from, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One step of the online softmax: the keys start_n.. folded into (acc, l_i, m_i).
+
+    qk_scale > 0 here, so the row max of the scaled logits is qk_scale times that of the raw
+    ones, and each probability is exp2(qk·qk_scale − m): one FFMA per score for scale and shift.
+    """
+    k = _operand(_load_rows(k_base, start_n, N, stride_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
+    v = _operand(_load_rows(v_base, start_n, N, stride_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if start_n + BLOCK_N > N:
+        # Keys past N get zero probability. Only the last tile has any (a branch the whole CTA
+        # takes or skips together); it always holds a real key, so m_new is finite and
+        # exp2(-inf) = 0 keeps the recurrence clean.
+        qk = tl.where((start_n + tl.arange(0, BLOCK_N))[None, :] < N, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if HAS_DROPOUT:
+        # The normalizer above takes every key; only the product with V is dropped, and its
+        # 1/(1 - p) is applied once to the finished row rather than per entry.
+        p = tl.where(_dropout_keep(seed, start_m, start_n, bh, keep_from, BLOCK_M, BLOCK_N), p, 0.0)
+    acc = acc * alpha[:, None] + tl.dot(_operand(p.to(k_base.dtype.element_ty), DOT_FP32), v,
+                                        input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def attention_fwd_kernel(
     QKV,    # [B, N, 3*H*D] input dtype
     O,      # [B, N, H*D] input dtype
@@ -104,51 +155,39 @@ def attention_fwd_kernel(
     SEED,   # [1] int64 dropout key; None without dropout
     N, H,
     stride_qkv_b, stride_qkv_n, stride_o_b, stride_o_n,
-    qk_scale,  # scale * log2(e)
+    qk_scale,  # scale * log2(e), > 0 (attention_fwd rewrites q for a scale <= 0)
     dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program = one BLOCK_M tile of queries of one (b, h); K/V of that head stream past it."""
+    """One program = one BLOCK_M tile of queries of one (b, h); K/V of that head stream past it
+    (_fwd_tile), the key mask applied on the last tile only."""
     b, h, bh, start_m = _tile_of_head(N, H, BLOCK_M)
     q_base = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
     k_base = q_base + H * HEAD_DIM
     v_base = q_base + 2 * H * HEAD_DIM
-    dtype = QKV.dtype.element_ty
 
     q = _operand(_load_rows(q_base, start_m, N, stride_qkv_n, HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
-    rows = start_m + tl.arange(0, BLOCK_M)
     if HAS_DROPOUT:
         seed = tl.load(SEED)
+        keep_from = _keep_threshold(dropout_p)
+    else:
+        seed = 0
+        keep_from = 0
     for start_n in range(0, N, BLOCK_N):
-        k = _operand(_load_rows(k_base, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
-        v = _operand(_load_rows(v_base, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        # Keys past N must get zero probability; the first block always holds a real key, so
-        # m_new is finite and exp2(-inf - m_new) = 0 starts the recurrence cleanly.
-        s = tl.where((start_n + offs_n)[None, :] < N, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_DROPOUT:
-            # The normalizer above takes every key; only the product with V is dropped, and its
-            # 1/(1 - p) is applied once to the finished row rather than per entry.
-            p = tl.where(_dropout_keep(seed, rows[:, None], (start_n + offs_n)[None, :], bh, dropout_p),
-                         p, 0.0)
-        acc = acc * alpha[:, None] + tl.dot(_operand(p.to(dtype), DOT_FP32), v,
-                                            input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_m, start_n, N, bh,
+                                  stride_qkv_n, qk_scale, seed, keep_from, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                  BLOCK_N, HAS_DROPOUT, DOT_FP32, DOT_PRECISION)
     if HAS_DROPOUT:
         acc = acc * ((1.0 / (1.0 - dropout_p)) / l_i)[:, None]
     else:
         acc = acc / l_i[:, None]
     o_base = O + b.to(tl.int64) * stride_o_b + h * HEAD_DIM
     _store_rows(o_base, start_m, N, stride_o_n, acc.to(O.dtype.element_ty), HEAD_DIM, BLOCK_M, BLOCK_D)
+    rows = start_m + tl.arange(0, BLOCK_M)
     tl.store(LSE + bh.to(tl.int64) * N + rows, (m_i + tl.math.log2(l_i)) * _LN2, mask=rows < N)
 
 
@@ -204,6 +243,7 @@ def attention_bwd_dkdv_kernel(
     keys = start_n + tl.arange(0, BLOCK_N)
     if HAS_DROPOUT:
         seed = tl.load(SEED)
+        keep_from = _keep_threshold(dropout_p)
         keep_scale = 1.0 / (1.0 - dropout_p)
     for start_m in range(0, N, BLOCK_M):
         q = _operand(_load_rows(q_base, start_m, N, stride_qkv_n, HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
@@ -217,7 +257,7 @@ def attention_bwd_dkdv_kernel(
         p_t = tl.math.exp2(s_t - lse2[None, :])
         if HAS_DROPOUT:
             # dv takes the dropped Z without its 1/(1 - p), applied once at the store.
-            keep_t = _dropout_keep(seed, rows[None, :], keys[:, None], bh, dropout_p)
+            keep_t = tl.trans(_dropout_keep(seed, start_m, start_n, bh, keep_from, BLOCK_M, BLOCK_N))
             z_t = tl.where(keep_t, p_t, 0.0)
         else:
             z_t = p_t
@@ -267,6 +307,7 @@ def attention_bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     if HAS_DROPOUT:
         seed = tl.load(SEED)
+        keep_from = _keep_threshold(dropout_p)
         keep_scale = 1.0 / (1.0 - dropout_p)
     for start_n in range(0, N, BLOCK_N):
         k = _operand(_load_rows(k_base, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
@@ -277,7 +318,7 @@ def attention_bwd_dq_kernel(
         p = tl.where((start_n + offs_n)[None, :] < N, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, rows[:, None], (start_n + offs_n)[None, :], bh, dropout_p)
+            keep = _dropout_keep(seed, start_m, start_n, bh, keep_from, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(_operand(ds.to(dtype), DOT_FP32), k, input_precision=DOT_PRECISION)
@@ -319,7 +360,10 @@ _CUDA_CONFIGS = {
 # Dropout builds (HAS_DROPOUT=True) whose entry above spilled: the Philox rounds over each
 # score tile add register pressure, so these spread the tile over 8 warps (0 spills, sm_80/90).
 _CUDA_DROPOUT_CONFIGS = {
-    ("fwd", 64, False): (128, 64, 8, 3),
+    # 64 keys per tile at 8 warps needs 160 registers with the mask (1 CTA/SM on sm_90); 32
+    # keys keeps the 2 CTAs of 8 warps the old (one Philox call per score) build had.
+    ("fwd", 64, False): (128, 32, 8, 3),
+    ("fwd", 64, True): (64, 32, 4, 2),  # 64 keys: 220 registers on sm_80, 2 CTAs/SM where 3 were
     ("dkdv", 128, False): (32, 64, 8, 2),
     ("dkdv", 128, True): (32, 64, 8, 2),
     ("dq", 64, False): (128, 32, 8, 3),
@@ -396,6 +440,17 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, dropout_p:
     qkv = _last_dim_contiguous(qkv)
     B, N, three_c = qkv.shape
     head_dim = three_c // (3 * num_heads)
+    if scale <= 0:
+        # The kernel folds the scale into the row max (max(c·s) = c·max(s) needs c >= 0) and
+        # masks padded keys with -inf before scaling (c = 0 would make that NaN). Since
+        # softmax(q kᵀ·c) = softmax((−q) kᵀ·(−c)) and q kᵀ·0 = 0 kᵀ·1, a scale <= 0 (never a
+        # ViT's) runs on a copy with q negated or zeroed, not costing every call a sign flip.
+        qkv = qkv.clone()
+        if scale < 0:
+            qkv[..., :num_heads * head_dim].neg_()
+        else:
+            qkv[..., :num_heads * head_dim].zero_()
+        scale = -scale if scale < 0 else 1.0
     out = torch.empty(B, N, num_heads * head_dim, device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty(B, num_heads, N, device=qkv.device, dtype=torch.float32)
     if out.numel() == 0:

@@ -63,6 +63,16 @@ def test_matches_reference(n, head_dim, dtype, scale):
     _check(qkv, 2, scale)
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.0], ids=["negative", "zero"])
+def test_negative_and_zero_scale(scale):
+    # The forward folds the scale into the row max, which holds for scale >= 0 only; a negative
+    # scale runs with q negated. The caller's qkv must come back untouched.
+    qkv = torch.randn(1, 37, 3 * 2 * 16, dtype=F32)
+    before = qkv.clone()
+    _check(qkv, 2, scale)
+    assert torch.equal(qkv, before)
+
+
 def test_strided_qkv_slice_of_bigger_tensor():
     # B and N strides that are not those of a packed [B, N, 3C] tensor, and B > 1.
     B, N, H, D = 2, 33, 3, 40
@@ -266,6 +276,64 @@ def test_dropout_mask_statistics_and_independence():
     # Both 32-bit halves of the seed are used; a row and its column are not swapped.
     assert not torch.equal(keep, _probe_mask(B, H, N, p, _seed(7 + 2 ** 40)))
     assert not torch.equal(keep, keep.transpose(-1, -2))
+
+
+def _backward_masks(B, H, N, dropout_p, seed, config):
+    """The keep masks [B, H, N, N] the two backward kernels use, read off their outputs. q = 0
+    makes every probability 1/N. dk/dv kernel: with k = v = 0 and dO_i = e_i (head dim >= N),
+    dv_j[i] = M_ij / (N·(1 - p)). dq kernel: with k_j = e_j, v_j = dO_i = e_0, dP_ij = M_ij/(1 - p)
+    and dq_i[j] = (dP_ij - Δ_i) / N (scale 1), Δ_i = out_i[0]."""
+    D = 64
+    assert N <= D
+    eye = torch.eye(N, D)
+    qkv = torch.zeros(B, N, 3, H, D)
+    dout = eye[None, :, None, :].expand(B, N, H, D).reshape(B, N, H * D).contiguous()
+    out, lse = kernels.attention_fwd(qkv.reshape(B, N, -1), H, 1.0, dropout_p=dropout_p, seed=seed)
+    dqkv = kernels.attention_bwd(dout, qkv.reshape(B, N, -1), out, lse, H, 1.0,
+                                 dropout_p=dropout_p, seed=seed, config=config)
+    dv = dqkv.reshape(B, N, 3, H, D)[:, :, 2, :, :N]                 # [b, j, h, i]
+    kv_mask = torch.round(dv * N * (1 - dropout_p)).permute(0, 2, 3, 1)
+
+    qkv[:, :, 1] = eye[None, :, None, :]
+    qkv[:, :, 2, :, 0] = 1.0
+    dout = torch.zeros(B, N, H, D)
+    dout[..., 0] = 1.0
+    dout = dout.reshape(B, N, H * D)
+    out, lse = kernels.attention_fwd(qkv.reshape(B, N, -1), H, 1.0, dropout_p=dropout_p, seed=seed)
+    dqkv = kernels.attention_bwd(dout, qkv.reshape(B, N, -1), out, lse, H, 1.0,
+                                 dropout_p=dropout_p, seed=seed, config=config)
+    dq = dqkv.reshape(B, N, 3, H, D)[:, :, 0, :, :N].permute(0, 2, 1, 3)      # [b, h, i, j]
+    delta = out.reshape(B, N, H, D)[..., 0].permute(0, 2, 1)[..., None]
+    q_mask = torch.round((dq * N + delta) * (1 - dropout_p))
+    for m in (kv_mask, q_mask):
+        assert set(m.unique().tolist()) <= {0.0, 1.0}
+    return kv_mask.bool(), q_mask.bool()
+
+
+@pytest.mark.parametrize("bwd_cfg", [None, ((16, 32, 4, 1), (32, 16, 4, 1)), ((64, 16, 4, 1), (16, 64, 4, 1))],
+                         ids=["default", "16x32-32x16", "64x16-16x64"])
+def test_dropout_backward_regenerates_exactly_the_forwards_mask(bwd_cfg):
+    B, H, N, p = 1, 2, 40, 0.5
+    seed = _seed(0x1234_5678_9ABC)
+    keep = _probe_mask(B, H, N, p, seed, config=(32, 16, 4, 1))
+    kv_mask, q_mask = _backward_masks(B, H, N, p, seed, bwd_cfg)
+    assert torch.equal(kv_mask, keep), "dk/dv kernel's mask differs from the forward's"
+    assert torch.equal(q_mask, keep), "dq kernel's mask differs from the forward's"
+
+
+def test_dropout_keep_fraction_per_philox_word_and_half():
+    # Each Philox call serves a 2 x 4 group of entries (rows r, r + 8; columns 2t, 2t + 1,
+    # 2t + 8, 2t + 9 of a 16 x 16 block): every one of the 16 x 16 positions, and the whole mask,
+    # must keep 1 - p of its entries. 4 x 128 x 128 draws; 6 sigma on the positions (256 draws
+    # each, sigma 0.03) and overall (65536 draws, sigma 0.0018).
+    B, H, N, p = 2, 2, 128, 0.3
+    keep = _probe_mask(B, H, N, p, _seed(99)).float()
+    assert abs(keep.mean().item() - (1 - p)) < 6 * (p * (1 - p) / keep.numel()) ** 0.5
+    per_position = keep.reshape(B, H, N // 16, 16, N // 16, 16).mean((0, 1, 2, 4))
+    assert (per_position - (1 - p)).abs().max().item() < 6 * (p * (1 - p) / 256) ** 0.5
+    # Neighbours that share a call are not copies of each other.
+    assert not torch.equal(keep[..., 0::2], keep[..., 1::2])
+    assert not torch.equal(keep[..., 0:8, :], keep[..., 8:16, :])
 
 
 def test_dropout_seeds_and_torch_manual_seed():

@@ -258,6 +258,7 @@ def compile_check_main(argv):
     p.add_argument("--summary", action="store_true",
                    help="one row per kernel family and arch (worst case over its configs)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--sass", action="store_true", help="SASS figures per config (bench/sass_report.py)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         # Kernels defined under the interpreter cannot be compiled: rerun without it.
@@ -265,6 +266,9 @@ def compile_check_main(argv):
         print("compile-check: TRITON_INTERPRET=1 is set; running in a subprocess without it", flush=True)
         return subprocess.run([sys.executable, "-m", "vit_fast.bench", "compile-check", *argv],
                               env=env).returncode
+    if args.sass:
+        from . import sass_report
+        return sass_report.main(args.arch, args.match, args.limit)
     try:
         rows, missing = compile_check.run(args.arch, args.match, args.limit, not args.no_progress)
     except RuntimeError as exc:

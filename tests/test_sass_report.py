@@ -1,0 +1,124 @@
+"""vit_fast.bench.sass_report: the counts it reads off SASS text, on hand-written snippets in the
+format triton.tools.disasm.get_sass prints (control code, tab, instruction)."""
+import pytest
+
+from vit_fast.bench import sass_report as sr
+
+# A prologue, a two-instruction-MMA loop with Philox-like integer work, a peeled tail with one more
+# MMA, and an epilogue. 4 warps over a 32 x 16 tile: 4 scores per thread.
+SNIPPET = """Function:toy_kernel
+--:-:1:-:1\tLDC R1, c[0x0][0x28];
+--:-:-:-:1\tIMAD R2, R3, R4, RZ;
+--:-:-:-:5\t@P2 BRA LBB0;
+LBB1:
+--:-:-:-:1\tLDGSTS.E.BYPASS.128 [R5], desc[UR4][R6.64];
+--:-:-:-:1\tHGMMA.64x64x16.F32.BF16 R56, gdesc[UR12], RZ, !UPT;
+--:-:-:-:1\tHGMMA.64x64x16.F32.BF16 R56, gdesc[UR8], R56, gsb0;
+--:-:-:-:1\tIMAD.WIDE.U32 R8, R9, 0x3, RZ;
+--:-:-:-:1\tLOP3.LUT R10, R8, R9, R11, 0x96, !PT;
+--:-:-:-:1\tUIADD3 UR4, UR4, 0x40, URZ;
+--:-:-:-:1\tFFMA R12, R12, R13, -R14;
+--:-:-:-:1\tFMUL R15, R15, R16;
+--:-:2:-:1\tMUFU.EX2 R17, R12;
+--:-:2:-:1\tMUFU.RCP R18, R12;
+--:-:-:-:6\t@P2 BRA LBB1;
+LBB0:
+--:-:-:-:1\tHGMMA.64x64x16.F32.BF16 R56, gdesc[UR12], RZ, !UPT;
+--:-:-:-:1\tFADD R19, R19, R20;
+--:-:-:-:5\tEXIT;
+LBB2:
+--:-:-:Y:0\tBRA LBB2;
+"""
+
+
+def test_hot_loop_is_the_backward_branch_body_with_the_mmas():
+    body = sr.hot_loop(SNIPPET)
+    # The self-loop at LBB2 (no MMA) loses to LBB1; the peeled tail's HGMMA is outside.
+    assert sr.count(body, "HGMMA") == 2
+    assert sr.mnemonic(body[0]).startswith("LDGSTS") and sr.opcode(body[-1]) == "BRA"
+    assert len(sr.loops(SNIPPET)) == 2
+
+
+def test_figures_per_iteration_and_per_score():
+    f = sr.figures(SNIPPET, num_warps=4, tile_elems=32 * 16)
+    assert f["mma_per_iter"] == 2 and f["mma_kind"] == "HGMMA"
+    # per score = count / (512 scores / 128 threads) = count / 4
+    assert f["int_per_score"] == pytest.approx(2 / 4)      # IMAD.WIDE, LOP3; UIADD3 is uniform
+    assert f["fp_per_score"] == pytest.approx(2 / 4)       # FFMA, FMUL (FADD is after the loop)
+    assert f["ex2_per_score"] == pytest.approx(1 / 4)      # MUFU.RCP is not EX2
+    assert f["cp_async"] and not f["tma"] and f["spill_ops"] == 0
+
+
+def test_no_loop_means_the_whole_function_and_no_per_score():
+    sass = "Function:k\n--:-:-:-:1\tHMMA.16816.F32.BF16 R0, R4, R8, R0;\n--:-:-:-:1\tSTL [R1], R2;\n--:-:-:-:5\tEXIT;\n"
+    f = sr.figures(sass, num_warps=4, tile_elems=None)
+    assert f["mma_per_iter"] == 1 and f["mma_kind"] == "HMMA"
+    assert f["int_per_score"] is None and f["spill_ops"] == 1
+
+
+def test_predicated_and_tma_instructions_are_read():
+    sass = "LBB3:\n--:-:-:-:1\t@!P1 UTMALDG.2D [UR8], [UR4];\n--:-:-:-:1\t@P0 ISETP.GE.U32.AND P1, PT, R2, R3, PT;\n--:-:-:-:1\t@P0 BRA LBB3;\n"
+    f = sr.figures(sass, num_warps=1, tile_elems=32)
+    assert f["tma"] and f["int_per_score"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("regs,shared,warps,arch,expected", [
+    (128, 65536, 4, 90, 3),    # regs: 65536 // 4096 = 16 warps -> 4 CTAs; shared: 233472 // 66560 = 3
+    (234, 65536, 4, 90, 2),    # 234 regs -> 7680 per warp -> 8 warps -> 2 CTAs
+    (138, 57856, 8, 90, 1),    # 138 -> 4608 per warp -> 14 warps -> 1 CTA of 8
+    (32, 0, 1, 80, 32),        # the CTA limit
+    (32, 0, 4, 80, 16),        # the warp limit: 64 // 4
+])
+def test_ctas_per_sm(regs, shared, warps, arch, expected):
+    assert sr.ctas_per_sm(regs, shared, warps, arch) == expected
+
+
+# --- the ViT-B attention figures these kernels are held to (bf16, head dim 64, sm_90) -------------
+# Before (commit 70a7732), from `python -m vit_fast.bench compile-check --sass --arch 90
+# --match "bfloat16,D=64,"`: (kernel, dropout, short N) -> (CTAs/SM, INT/score, FFMA+FMUL+FADD/score).
+BEFORE = {
+    ("fwd", False, False): (2, 1.08, 4.19), ("fwd", False, True): (4, 2.19, 4.19),
+    ("fwd", True, False): (2, 43.06, 5.19), ("fwd", True, True): (3, 43.56, 5.19),
+    ("dkdv", False, False): (1, 1.50, 3.50), ("dkdv", False, True): (3, 2.25, 3.50),
+    ("dkdv", True, False): (1, 48.12, 5.50), ("dkdv", True, True): (2, 48.62, 5.50),
+    ("dq", False, False): (3, 1.22, 3.00), ("dq", False, True): (5, 2.25, 3.00),
+    ("dq", True, False): (1, 43.31, 5.00), ("dq", True, True): (3, 43.75, 5.00),
+}
+
+
+@pytest.fixture(scope="module")
+def vit_b_rows():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from vit_fast.aot import nvidia_backend_missing_reason
+    reason = nvidia_backend_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    # Kernels defined under the interpreter cannot be compiled: a fresh process without it.
+    code = ("import json; from vit_fast.bench.sass_report import report_rows; "
+            "print(json.dumps(report_rows((90,), 'bfloat16,D=64,')))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, TRITON_INTERPRET="0"))
+    return {r["kernel"]: r for r in json.loads(run.stdout.strip().splitlines()[-1])}
+
+
+@pytest.mark.parametrize("key", sorted(BEFORE),
+                         ids=lambda k: f"{k[0]}-{'dropout' if k[1] else 'plain'}-{'short' if k[2] else 'long'}")
+def test_vit_b_attention_figures_against_before(vit_b_rows, key, monkeypatch):
+    from vit_fast.kernels import attention
+    kernel, dropout, short = key
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CUDA table, not the interpreter's tiles
+    bm, bn, warps, stages = attention._config(kernel, 32 if short else 197, 64, None, dropout)
+    name = (f"attention_{kernel}[bfloat16,D=64,BM={bm},BN={bn},w={warps},s={stages}"
+            f"{',dropout' if dropout else ''}]")
+    row = vit_b_rows[name]
+    ctas, ints, fp = BEFORE[key]
+    assert row["spill_bytes"] == 0 and row["mma_kind"] == "HGMMA", row
+    assert row["ctas_per_sm"] >= ctas, row
+    if dropout:
+        assert row["int_per_score"] * 3 <= ints, row      # all four Philox words, 16-bit halves
+    if kernel == "fwd":
+        assert row["fp_per_score"] < fp, row               # scale folded into the max-subtract
