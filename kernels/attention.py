@@ -34,86 +34,13 @@ import triton.language as tl
 
 from ._device import interpreting as _interpreting
 from ._device import on_tensor_device
+from .attention_dropout import _dropout_keep, _keep_threshold
+from .attention_tiles import _load_rows, _operand, _store_rows, _tile_of_head
 
 LOG2E = 1.4426950408889634
 # Globals a jit function reads must be constexpr.
 _LN2 = tl.constexpr(0.6931471805599453)
 _LOG2E = tl.constexpr(LOG2E)
-
-
-@triton.jit
-def _load_rows(base, row0, n_rows, stride_row, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
-               BLOCK_D: tl.constexpr):
-    """[BLOCK_R, BLOCK_D] tile of rows row0.. of a head slice; rows >= n_rows and the head-dim
-    padding read as 0, which keeps padded logits finite and padded dot terms zero."""
-    rows = row0 + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM)
-    return tl.load(base + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _store_rows(base, row0, n_rows, stride_row, tile, HEAD_DIM: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = row0 + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM)
-    tl.store(base + rows[:, None] * stride_row + cols[None, :], tile, mask=mask)
-
-
-@triton.jit
-def _operand(x, DOT_FP32: tl.constexpr):
-    # The interpreter computes bf16 tl.dot wrongly (triton#11584); there the operands go to fp32
-    # after being rounded to the I/O dtype, so the numbers match what the GPU's dot sees.
-    if DOT_FP32:
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
-def _keep_threshold(dropout_p):
-    """A 16-bit random half h keeps its entry when h >= this: P(keep) = 1 − ceil(p·2^16)/2^16,
-    1 − p to within 2^-16 (p·2^16 is exact in fp32). Up to 2^16, so p near 1 drops everything."""
-    return tl.ceil(dropout_p * 65536.0).to(tl.uint32)
-
-
-@triton.jit
-def _dropout_keep(seed, start_m, start_n, bh, keep_from, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] keep mask (True = kept) of queries start_m.. × keys start_n.. of head bh.
-
-    One Philox4x32-10 call (ten rounds) makes eight entries' bits: four 32-bit words, each split
-    into two 16-bit halves. Query i = 16d + 8e + r (r < 8) and key j = 16c + 8a + 2t + b (a, b < 2,
-    t < 4) take half e of word 2a + b of the call with counter (8d + r, 4c + t, b·H + h, 0). Those
-    eight entries are the ones one thread holds in the mma accumulator layout (rows r, r + 8;
-    columns 2t, 2t + 1, 2t + 8, 2t + 9 of a 16 × 16 block), so no data crosses threads. start_m
-    and start_n are multiples of 16 (every tile is), so the bits depend on (i, j) only, not the
-    tile shapes, and every kernel regenerates the same mask. Counters are 32-bit: no N² index.
-    """
-    rows = (start_m // 2 + tl.arange(0, BLOCK_M // 2)).to(tl.uint32)
-    quads = (start_n // 4 + tl.arange(0, BLOCK_N // 4)).to(tl.uint32)
-    zero = tl.zeros([BLOCK_M // 2, BLOCK_N // 4], tl.uint32)
-    w0, w1, w2, w3 = tl.philox(seed, rows[:, None] + zero, quads[None, :] + zero,
-                               zero + bh.to(tl.uint32), zero)
-    words = tl.join(tl.join(w0, w1), tl.join(w2, w3))          # [8d + r, 4c + t, b, a]
-    words = tl.reshape(words, [BLOCK_M // 2, BLOCK_N // 16, 4, 2, 2])
-    words = tl.reshape(tl.permute(words, (0, 1, 4, 2, 3)), [BLOCK_M // 2, BLOCK_N])
-    halves = tl.join(words & 0xFFFF, words >> 16)              # [8d + r, j, e]
-    halves = tl.reshape(halves, [BLOCK_M // 16, 8, BLOCK_N, 2])
-    halves = tl.reshape(tl.permute(halves, (0, 3, 1, 2)), [BLOCK_M, BLOCK_N])
-    return halves >= keep_from
-
-
-@triton.jit
-def _tile_of_head(N, H, BLOCK: tl.constexpr):
-    """Program id -> (b, h, b·H + h, first row of this program's BLOCK-row tile).
-
-    A 1-D grid with the tiles of one head adjacent, so programs that share that head's K/V (or
-    Q/dO) run together and hit L2, and no 65535 limit on B·H as a second grid axis would have.
-    """
-    num_tiles = tl.cdiv(N, BLOCK)
-    pid = tl.program_id(0)
-    bh = pid // num_tiles
-    return bh // H, bh % H, bh, (pid % num_tiles) * BLOCK
 
 
 @triton.jit
@@ -240,7 +167,6 @@ def attention_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     offs_m = tl.arange(0, BLOCK_M)
-    keys = start_n + tl.arange(0, BLOCK_N)
     if HAS_DROPOUT:
         seed = tl.load(SEED)
         keep_from = _keep_threshold(dropout_p)
@@ -503,61 +429,7 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     return dqkv
 
 
-# Head dims compiled ahead of time per bucket: the powers of two, and the padded ones real ViTs use
-# (32, 48; ViT-H/14: 80; 96, 112), since HEAD_DIM and BLOCK_D are constexprs: each is a build.
-_AOT_HEAD_DIMS = {64: (64, 32, 48), 128: (128, 80, 96, 112), 256: (256,)}
-_TORCH_TO_SIG = {torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-
-
 def aot_specs():
-    """Every shipped CUDA config (the tables above) × fp16/bf16 × with/without dropout, as
-    vit_fast.aot.AotSpec."""
-    from vit_fast.aot import AotSpec
-
-    specs = []
-    # Short- and long-sequence entries that share a config are one build.
-    shipped = sorted({(kernel, bucket, dropout,
-                       _CUDA_DROPOUT_CONFIGS.get(key, cfg) if dropout else cfg)
-                      for key, cfg in _CUDA_CONFIGS.items() for kernel, bucket, _ in [key]
-                      for dropout in (False, True)})
-    for dtype, ptr in _TORCH_TO_SIG.items():
-        for kernel, bucket, dropout, (bm, bn, warps, stages) in shipped:
-            for head_dim in _AOT_HEAD_DIMS[bucket]:
-                consts = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_M": bm,
-                          "BLOCK_N": bn, "HAS_DROPOUT": dropout, "DOT_FP32": False,
-                          "DOT_PRECISION": "tf32"}
-                if kernel == "fwd":
-                    fn, sig = attention_fwd_kernel, {
-                        "QKV": ptr, "O": ptr, "LSE": "*fp32", "SEED": "*i64", "N": "i32", "H": "i32",
-                        "stride_qkv_b": "i32", "stride_qkv_n": "i32", "stride_o_b": "i32",
-                        "stride_o_n": "i32", "qk_scale": "fp32", "dropout_p": "fp32"}
-                    div = ["QKV", "O", "LSE", "stride_qkv_b", "stride_qkv_n", "stride_o_b", "stride_o_n"]
-                else:
-                    fn = attention_bwd_dkdv_kernel if kernel == "dkdv" else attention_bwd_dq_kernel
-                    sig = {"QKV": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQKV": ptr,
-                           "SEED": "*i64", "N": "i32", "H": "i32", "stride_qkv_b": "i32",
-                           "stride_qkv_n": "i32", "stride_do_b": "i32", "stride_do_n": "i32",
-                           "stride_dqkv_b": "i32", "stride_dqkv_n": "i32", "sm_scale": "fp32",
-                           "qk_scale": "fp32", "dropout_p": "fp32"}
-                    div = ["QKV", "DO", "LSE", "DELTA", "DQKV", "stride_qkv_b", "stride_qkv_n",
-                           "stride_do_b", "stride_do_n", "stride_dqkv_b", "stride_dqkv_n"]
-                if dropout:
-                    div.append("SEED")  # a fresh allocation, so 16-byte aligned as the JIT sees it
-                else:
-                    sig["SEED"] = "constexpr"  # launched with None
-                    consts["SEED"] = None
-                sig.update({k: "constexpr" for k in consts})
-                sig = {name: sig[name] for name in fn.arg_names}  # argument order, for the attrs
-                name = (f"attention_{kernel}[{str(dtype).split('.')[-1]},D={head_dim},"
-                        f"BM={bm},BN={bn},w={warps},s={stages}{',dropout' if dropout else ''}]")
-                specs.append(AotSpec(name, fn, sig, consts, tuple(div), warps, stages, uses_dot=True))
-        for head_dim in sorted(d for dims in _AOT_HEAD_DIMS.values() for d in dims):
-            consts = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_M": _DELTA_BLOCK_M}
-            sig = {"O": ptr, "DO": ptr, "DELTA": "*fp32", "N": "i32", "H": "i32", "stride_o_b": "i32",
-                   "stride_o_n": "i32", "stride_do_b": "i32", "stride_do_n": "i32"}
-            sig.update({k: "constexpr" for k in consts})
-            specs.append(AotSpec(f"attention_bwd_delta[{str(dtype).split('.')[-1]},D={head_dim}]",
-                                 attention_bwd_delta_kernel, sig, consts,
-                                 ("O", "DO", "DELTA", "stride_o_b", "stride_o_n", "stride_do_b",
-                                  "stride_do_n"), 4, None, uses_dot=False))  # launch defaults
-    return specs
+    """Every shipped CUDA config as vit_fast.aot.AotSpec (listed in attention_aot.py)."""
+    from .attention_aot import aot_specs as specs
+    return specs()

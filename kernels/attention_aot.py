@@ -1,0 +1,67 @@
+"""Ahead-of-time specs of the attention kernels: every config attention.py's tables can launch,
+for vit_fast.aot and `python -m vit_fast.bench compile-check`."""
+import torch
+
+from .attention import (_CUDA_CONFIGS, _CUDA_DROPOUT_CONFIGS, _DELTA_BLOCK_M, _block_d,
+                        attention_bwd_delta_kernel, attention_bwd_dkdv_kernel,
+                        attention_bwd_dq_kernel, attention_fwd_kernel)
+
+
+# Head dims compiled ahead of time per bucket: the powers of two, and the padded ones real ViTs use
+# (32, 48; ViT-H/14: 80; 96, 112), since HEAD_DIM and BLOCK_D are constexprs: each is a build.
+_AOT_HEAD_DIMS = {64: (64, 32, 48), 128: (128, 80, 96, 112), 256: (256,)}
+_TORCH_TO_SIG = {torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def aot_specs():
+    """Every shipped CUDA config (the tables above) × fp16/bf16 × with/without dropout, as
+    vit_fast.aot.AotSpec."""
+    from vit_fast.aot import AotSpec
+
+    specs = []
+    # Short- and long-sequence entries that share a config are one build.
+    shipped = sorted({(kernel, bucket, dropout,
+                       _CUDA_DROPOUT_CONFIGS.get(key, cfg) if dropout else cfg)
+                      for key, cfg in _CUDA_CONFIGS.items() for kernel, bucket, _ in [key]
+                      for dropout in (False, True)})
+    for dtype, ptr in _TORCH_TO_SIG.items():
+        for kernel, bucket, dropout, (bm, bn, warps, stages) in shipped:
+            for head_dim in _AOT_HEAD_DIMS[bucket]:
+                consts = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_M": bm,
+                          "BLOCK_N": bn, "HAS_DROPOUT": dropout, "DOT_FP32": False,
+                          "DOT_PRECISION": "tf32"}
+                if kernel == "fwd":
+                    fn, sig = attention_fwd_kernel, {
+                        "QKV": ptr, "O": ptr, "LSE": "*fp32", "SEED": "*i64", "N": "i32", "H": "i32",
+                        "stride_qkv_b": "i32", "stride_qkv_n": "i32", "stride_o_b": "i32",
+                        "stride_o_n": "i32", "qk_scale": "fp32", "dropout_p": "fp32"}
+                    div = ["QKV", "O", "LSE", "stride_qkv_b", "stride_qkv_n", "stride_o_b", "stride_o_n"]
+                else:
+                    fn = attention_bwd_dkdv_kernel if kernel == "dkdv" else attention_bwd_dq_kernel
+                    sig = {"QKV": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQKV": ptr,
+                           "SEED": "*i64", "N": "i32", "H": "i32", "stride_qkv_b": "i32",
+                           "stride_qkv_n": "i32", "stride_do_b": "i32", "stride_do_n": "i32",
+                           "stride_dqkv_b": "i32", "stride_dqkv_n": "i32", "sm_scale": "fp32",
+                           "qk_scale": "fp32", "dropout_p": "fp32"}
+                    div = ["QKV", "DO", "LSE", "DELTA", "DQKV", "stride_qkv_b", "stride_qkv_n",
+                           "stride_do_b", "stride_do_n", "stride_dqkv_b", "stride_dqkv_n"]
+                if dropout:
+                    div.append("SEED")  # a fresh allocation, so 16-byte aligned as the JIT sees it
+                else:
+                    sig["SEED"] = "constexpr"  # launched with None
+                    consts["SEED"] = None
+                sig.update({k: "constexpr" for k in consts})
+                sig = {name: sig[name] for name in fn.arg_names}  # argument order, for the attrs
+                name = (f"attention_{kernel}[{str(dtype).split('.')[-1]},D={head_dim},"
+                        f"BM={bm},BN={bn},w={warps},s={stages}{',dropout' if dropout else ''}]")
+                specs.append(AotSpec(name, fn, sig, consts, tuple(div), warps, stages, uses_dot=True))
+        for head_dim in sorted(d for dims in _AOT_HEAD_DIMS.values() for d in dims):
+            consts = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_M": _DELTA_BLOCK_M}
+            sig = {"O": ptr, "DO": ptr, "DELTA": "*fp32", "N": "i32", "H": "i32", "stride_o_b": "i32",
+                   "stride_o_n": "i32", "stride_do_b": "i32", "stride_do_n": "i32"}
+            sig.update({k: "constexpr" for k in consts})
+            specs.append(AotSpec(f"attention_bwd_delta[{str(dtype).split('.')[-1]},D={head_dim}]",
+                                 attention_bwd_delta_kernel, sig, consts,
+                                 ("O", "DO", "DELTA", "stride_o_b", "stride_o_n", "stride_do_b",
+                                  "stride_do_n"), 4, None, uses_dot=False))  # launch defaults
+    return specs

@@ -1,0 +1,46 @@
+"""Tile helpers the attention kernels share: strided row loads/stores of one head's slice, the
+dot-operand upcast for the interpreter, and the program-id -> (batch, head, tile) mapping."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_rows(base, row0, n_rows, stride_row, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """[BLOCK_R, BLOCK_D] tile of rows row0.. of a head slice; rows >= n_rows and the head-dim
+    padding read as 0, which keeps padded logits finite and padded dot terms zero."""
+    rows = row0 + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM)
+    return tl.load(base + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(base, row0, n_rows, stride_row, tile, HEAD_DIM: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = row0 + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM)
+    tl.store(base + rows[:, None] * stride_row + cols[None, :], tile, mask=mask)
+
+
+@triton.jit
+def _operand(x, DOT_FP32: tl.constexpr):
+    # The interpreter computes bf16 tl.dot wrongly (triton#11584); there the operands go to fp32
+    # after being rounded to the I/O dtype, so the numbers match what the GPU's dot sees.
+    if DOT_FP32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _tile_of_head(N, H, BLOCK: tl.constexpr):
+    """Program id -> (b, h, b·H + h, first row of this program's BLOCK-row tile).
+
+    A 1-D grid with the tiles of one head adjacent, so programs that share that head's K/V (or
+    Q/dO) run together and hit L2, and no 65535 limit on B·H as a second grid axis would have.
+    """
+    num_tiles = tl.cdiv(N, BLOCK)
+    pid = tl.program_id(0)
+    bh = pid // num_tiles
+    return bh // H, bh % H, bh, (pid % num_tiles) * BLOCK
