@@ -124,6 +124,24 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(s, mean, rstd, pre)
 
 
+def _gemm_grad(g, ls2, lp):
+    """(g, ls2 in the GEMMs' dtype lp, k): what fc2's backward reads; k [C] or None.
+
+    Under AMP, eager casts the gradient of fc2's output, g·ls2, to lp; folding ls2 into fc2's
+    weight instead would cast g itself, which overflows fp16 at a GradScaler scale 1/ls2 times
+    smaller. So g is cast as g·k with k = ls2 rounded to a power of two (1 where ls2 is 0) and
+    ls2/k is folded: the same products, eager's range, and d_ls2 exact after dividing by k.
+    """
+    if g.dtype == lp:
+        return g, ls2, None
+    if ls2 is None:
+        return g.to(lp), None, None
+    a = ls2.detach().float().abs()
+    k = torch.where(a > 0, torch.exp2(torch.round(torch.log2(a))), torch.ones_like(a))
+    k = torch.where(torch.isfinite(k), k, torch.ones_like(k))
+    return (g * k).to(lp), (ls2.float() / k).to(lp), k
+
+
 def _backward(ctx, dout, _ds, _dmean, _drstd, _dpre):
     (s, x, pre, ln_weight, ln_bias, fc1_weight, fc2_weight, fc2_bias, ls1, ss1, ls2,
      ss2) = ctx.saved_tensors
@@ -139,12 +157,13 @@ def _backward(ctx, dout, _ds, _dmean, _drstd, _dpre):
     mlp_flags = (need[8] and ctx.has_fc1_bias, need[10] and fc2_bias is not None,
                  need[12] and ls2 is not None, need[13] and ss2 is not None)
 
-    def low(t):  # AMP: what fc2's backward GEMMs read, in their dtype (as autocast's casts do)
-        return t.to(lp) if t is not None else None
+    g_lp, ls_lp, k = _gemm_grad(g, ls2, lp)
     dh, dw1, db1, dw2, db2, dls2, dss2 = ctx.mlp_backward(
-        low(g), h, fc1_weight, fc2_weight, fc2_bias, pre, low(ls2), low(ss2), ctx.approximate,
-        True, *mlp_flags)
+        g_lp, h, fc1_weight, fc2_weight, fc2_bias, pre, ls_lp,
+        ss2.to(lp) if ss2 is not None else None, ctx.approximate, True, *mlp_flags)
     del h
+    if k is not None and dls2 is not None:
+        dls2 = dls2.float() / k  # exact: k is a power of two
     dh = dh.to(s.dtype)
     x = x.to(s.dtype) if x is not None else None  # the LayerNorm backward reads the fp32 stream
     # s feeds both the LayerNorm and the output's residual add: the latter's gradient is dout.
