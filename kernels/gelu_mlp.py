@@ -37,11 +37,12 @@ def _rows(t, C):
 
 @on_tensor_device
 def gelu_mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
-                 layer_scale, sample_scale, save_pre):
+                 layer_scale, sample_scale, save_pre, out_dtype=None):
     """x [..., C], fc1_weight [H, C], fc2_weight [C_out, H] (nn.Linear layout), biases [H]/[C_out]
     or None, residual [..., C_out] or None, layer_scale [C_out], sample_scale [x.shape[0]].
 
-    Returns (out [..., C_out], pre [M, H] when save_pre else an empty tensor).
+    Returns (out [..., C_out] in out_dtype (default x's dtype), pre [M, H] when save_pre else an
+    empty tensor). AMP passes an fp32 residual and out_dtype: fc2's epilogue adds into the stream.
     """
     C = x.shape[-1]
     c_out = fc2_weight.shape[0]
@@ -51,7 +52,7 @@ def gelu_mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, res
     act, pre, _ = matmul(x2, fc1_weight.t(), x.dtype, bias=fc1_bias, epilogue="gelu",
                          approximate=approximate, store_pre=save_pre)
     res2 = _rows(residual, c_out) if residual is not None else None
-    out, _, _ = matmul(act, fc2_weight.t(), x.dtype, bias=fc2_bias, residual=res2,
+    out, _, _ = matmul(act, fc2_weight.t(), out_dtype or x.dtype, bias=fc2_bias, residual=res2,
                        layer_scale=layer_scale, sample_scale=sample_scale,
                        rows_per_sample=_rows_per_sample(x))
     return out.reshape(*x.shape[:-1], c_out), (pre if save_pre else x.new_empty(0))

@@ -256,12 +256,15 @@ def _vector(t):
 # Launchers.
 
 @on_tensor_device
-def residual_layer_norm_fwd(x, weight, bias, eps, residual=None, layer_scale=None, sample_scale=None):
+def residual_layer_norm_fwd(x, weight, bias, eps, residual=None, layer_scale=None, sample_scale=None,
+                            out_dtype=None):
     """Forward launcher. x, residual: [..., C]; weight, bias, layer_scale: [C] or None;
     sample_scale: [x.shape[0]] or None (layer_scale and sample_scale apply only with a residual).
 
-    Returns (y, s, mean, rstd): y [..., C] and s (None without a residual: s is x) in x's dtype,
-    mean and rstd fp32 [M] with M = x.numel() // C.
+    Returns (y, s, mean, rstd): y [..., C] in out_dtype (default x's dtype), s (None without a
+    residual: s is x) in the residual's dtype, mean and rstd fp32 [M] with M = x.numel() // C.
+    The kernel computes in fp32 whatever the dtypes: AMP passes an fp32 residual stream, a
+    low-precision branch x and out_dtype = the GEMM's dtype.
     """
     C = x.shape[-1]
     if C > MAX_C:
@@ -270,8 +273,8 @@ def residual_layer_norm_fwd(x, weight, bias, eps, residual=None, layer_scale=Non
     M = x2.shape[0]
     has_res = residual is not None
     weight, bias, layer_scale, sample_scale = map(_vector, (weight, bias, layer_scale, sample_scale))
-    y = torch.empty((M, C), device=x.device, dtype=x.dtype)
-    s = torch.empty((M, C), device=x.device, dtype=x.dtype) if has_res else None
+    y = torch.empty((M, C), device=x.device, dtype=out_dtype or x.dtype)
+    s = torch.empty((M, C), device=x.device, dtype=residual.dtype) if has_res else None
     mean = torch.empty((M,), device=x.device, dtype=torch.float32)
     rstd = torch.empty((M,), device=x.device, dtype=torch.float32)
     if C == 0:  # rows without features: nothing to normalize, statistics defined as 0

@@ -172,13 +172,20 @@ class Block(FusedModule):
     def _forward_fused(self, x, attn_mask, is_causal):
         a, mlp, n1, n2 = self.attn, self.mlp, self.norm1, self.norm2
         kernels = self._rebuilds_ln_outputs(x)
-        qkv = fused_block_ops.layer_norm_linear(x, n1.weight, n1.bias, n1.eps, a.qkv.weight,
-                                                a.qkv.bias, kernels=kernels)
+        amp = fused_block_ops.functional._autocast_dtype(x.device) if kernels else None
+        if amp is None:
+            fused_block_ops.clear_amp_weights()  # outside autocast: drop its weight casts
+        qkv_w, qkv_b, fc1_w, fc1_b, fc2_w, fc2_b = (
+            t if amp is None else fused_block_ops.amp_weight(t, amp)
+            for t in (a.qkv.weight, a.qkv.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
+                      mlp.fc2.bias))
+        qkv = fused_block_ops.layer_norm_linear(x, n1.weight, n1.bias, n1.eps, qkv_w, qkv_b,
+                                                kernels=kernels)
         p = a.proj_drop(a.proj(a.norm(a.attend(qkv, attn_mask, is_causal))))
         # Drop-path masks drawn in timm's order: after the attention branch's dropouts.
         ss1 = _drop_path_scale(self.drop_path1, x)
         ss2 = _drop_path_scale(self.drop_path2, x)
         return fused_block_ops.residual_layer_norm_mlp(
-            p, x, _layer_scale_gamma(self.ls1), ss1, n2.weight, n2.bias, n2.eps, mlp.fc1.weight,
-            mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, _gelu_approximate(mlp.act),
+            p, x, _layer_scale_gamma(self.ls1), ss1, n2.weight, n2.bias, n2.eps, fc1_w, fc1_b,
+            fc2_w, fc2_b, _gelu_approximate(mlp.act),
             _layer_scale_gamma(self.ls2), ss2, kernels=kernels)

@@ -8,14 +8,45 @@ backward rebuilds the LayerNorm output instead of saving it (vit_fast/ops/layer_
 residual_layer_norm_mlp.py). Otherwise they run as the public functional ops
 (residual_layer_norm, gelu_mlp: their checks, autocast rules and reference backend) and an
 F.linear, which is the same math.
+
+Under torch.autocast the kernels run AMP's contract (FlashAttention's residual_in_fp32): the fp32
+residual stream and LayerNorm parameters as they are, the GEMM weights cast to the autocast dtype
+once per autocast region (:func:`amp_weight`, like autocast's own weight cache).
 """
 from __future__ import annotations
 
+import weakref
+
+import torch
 import torch.nn.functional as F
 
 from . import dispatch, functional
 
-__all__ = ["kernel_reasons", "layer_norm_linear", "residual_layer_norm_mlp"]
+__all__ = ["amp_weight", "kernel_reasons", "layer_norm_linear", "residual_layer_norm_mlp"]
+
+# id(parameter) -> (weakref to it, its version, dtype, grad mode, the cast). An in-place update
+# (optimizer step) bumps the version and forces a new cast; the Block clears it outside autocast.
+_CASTS = {}
+
+
+def clear_amp_weights():
+    _CASTS.clear()
+
+
+def amp_weight(t, dtype):
+    """t cast to the autocast dtype, cast once while t is unchanged (leaf parameters only, as
+    autocast caches). None and tensors already in ``dtype`` pass through."""
+    if t is None or t.dtype == dtype:
+        return t
+    if not (t.is_leaf and t.requires_grad) or torch.compiler.is_compiling():
+        return t.to(dtype)  # torch.compile traces the cast into its graph instead
+    grad = torch.is_grad_enabled()
+    hit = _CASTS.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1:4] == (t._version, dtype, grad):
+        return hit[4]
+    cast = t.to(dtype)
+    _CASTS[id(t)] = (weakref.ref(t), t._version, dtype, grad, cast)
+    return cast
 
 
 def kernel_reasons(x, ln_tensors, mlp_tensors):
@@ -26,9 +57,12 @@ def kernel_reasons(x, ln_tensors, mlp_tensors):
     """
     if x.dim() < 2:
         return [f"x must be [B, N, C], got shape {tuple(x.shape)}"]
-    if functional._autocast_dtype(x.device) is not None:
-        # The functional ops apply autocast's casts; the Block ops take one dtype as given.
-        return ["autocast is enabled: the Block runs the functional ops, which apply its casts"]
+    amp = functional._autocast_dtype(x.device)
+    if amp is not None:  # AMP's contract: fp32 stream and parameters, GEMMs in the autocast dtype
+        if amp not in (torch.bfloat16, torch.float16):
+            return [f"autocast dtype {amp} is not bfloat16/float16"]
+        if any(t is not None and t.dtype != torch.float32 for t in (*ln_tensors, *mlp_tensors)):
+            return ["under autocast the kernels take an fp32 stream and fp32 parameters"]
     ln = dispatch.choose("residual_layer_norm", ln_tensors, dim=x.shape[-1])
     mlp = dispatch.choose("gelu_mlp", mlp_tensors)
     return ([] if ln.backend == mlp.backend == "triton" else ln.reasons + mlp.reasons)

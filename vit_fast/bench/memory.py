@@ -11,6 +11,9 @@ Two ways to run it:
   eager attention is counted as PyTorch's flash SDPA (what it picks on sm80+ in fp16/bf16), which
   saves q, k, v, out and the fp32 logsumexp.
 - ``cpu``: real tensors on this CPU with the backend policy in force (``auto`` = reference ops).
+
+``amp=True`` counts mixed-precision training as timm's train.py --amp runs it: fp32 parameters and
+input, the forward under ``torch.autocast(dtype)``; units stay B·N·C·(autocast dtype's size).
 """
 from __future__ import annotations
 
@@ -82,34 +85,60 @@ def flash_sdpa():
         F.scaled_dot_product_attention = orig
 
 
-def _run_fake(module, x_shape, dtype):
-    """Forward of ``module`` on fake CUDA params/input (training mode); what autograd saves."""
+@contextlib.contextmanager
+def _autocast(device, dtype, amp):
+    """Autocast to ``dtype`` on ``device`` when counting AMP, else nothing.
+
+    Set through autocast's state functions, not torch.autocast, which disables itself for "cuda"
+    when no GPU is present -- the fake CUDA tensors need CUDA's autocast rules all the same.
+    """
+    if not amp:
+        yield
+        return
+    enabled, old = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+    torch.set_autocast_enabled(device, True)
+    torch.set_autocast_dtype(device, dtype)
+    torch.autocast_increment_nesting()
+    try:
+        yield
+    finally:
+        if torch.autocast_decrement_nesting() == 0:
+            torch.clear_autocast_cache()
+        torch.set_autocast_enabled(device, enabled)
+        torch.set_autocast_dtype(device, old)
+
+
+def _run_fake(module, x_shape, dtype, amp=False):
+    """Forward of ``module`` on fake CUDA params/input (training mode); what autograd saves.
+    With ``amp`` the params and input are fp32 and the forward runs under autocast(dtype)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.func import functional_call
 
     import vit_fast
 
+    store = torch.float32 if amp else dtype
     with FakeTensorMode(), vit_fast.use_backend("triton"), flash_sdpa():
-        params = {k: torch.empty(v.shape, device="cuda", dtype=dtype).requires_grad_(v.requires_grad)
+        params = {k: torch.empty(v.shape, device="cuda", dtype=store).requires_grad_(v.requires_grad)
                   for k, v in module.named_parameters()}
         buffers = {k: torch.empty(v.shape, device="cuda", dtype=v.dtype) for k, v in module.named_buffers()}
-        x = torch.empty(x_shape, device="cuda", dtype=dtype, requires_grad=True)
-        with count_saved(params.values()) as saved:
+        x = torch.empty(x_shape, device="cuda", dtype=store, requires_grad=True)
+        with count_saved(params.values()) as saved, _autocast("cuda", dtype, amp):
             functional_call(module, {**params, **buffers}, (x,))
     return saved
 
 
-def _run_cpu(module, x_shape, dtype):
-    module = module.to(dtype)
-    x = torch.randn(x_shape, dtype=dtype, requires_grad=True)
-    with count_saved(list(module.parameters())) as saved:
+def _run_cpu(module, x_shape, dtype, amp=False):
+    store = torch.float32 if amp else dtype
+    module = module.to(store)
+    x = torch.randn(x_shape, dtype=store, requires_grad=True)
+    with count_saved(list(module.parameters())) as saved, _autocast("cpu", dtype, amp):
         module(x)
     return saved
 
 
 def measure(model_name="vit_base_patch16_224", batch=64, dtype=torch.bfloat16, method="fake-cuda",
-            what=("block", "model")):
-    """Rows of {scope, impl, bytes, tensors, units, ratio, method} for the block and whole model.
+            what=("block", "model"), amp=False):
+    """Rows of {scope, impl, bytes, tensors, units, ratio, method, amp} for the block and model.
 
     units: bytes / (B·N·C·element size), docs/design.md's unit of one activation.
     """
@@ -148,7 +177,7 @@ def measure(model_name="vit_base_patch16_224", batch=64, dtype=torch.bfloat16, m
         base = None
         for impl, mod in (("timm eager", timm_mod), ("vit_fast", fast_mod)):
             try:
-                saved = run(mod, shape, dtype)
+                saved = run(mod, shape, dtype, amp)
             except Exception as exc:  # a kernel op missing or broken: say so, keep the other rows
                 notes.append(f"{scope}/{impl}: not counted ({type(exc).__name__}: {exc})")
                 continue
@@ -156,5 +185,5 @@ def measure(model_name="vit_base_patch16_224", batch=64, dtype=torch.bfloat16, m
             rows.append({"scope": scope, "impl": impl, "bytes": saved.bytes, "tensors": saved.tensors,
                          "units": saved.bytes / unit,
                          "ratio": (saved.bytes / base) if base else float("nan"),
-                         "method": method, "shapes": saved.shapes})
+                         "method": method, "amp": amp, "shapes": saved.shapes})
     return rows, notes

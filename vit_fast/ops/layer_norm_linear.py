@@ -3,14 +3,18 @@ vit_fast::layer_norm_linear, with fake and autograd registrations. Internal to v
 
     out = h·Wᵀ + b,   h = LayerNorm(x)·ln_weight + ln_bias  (fp32 statistics)
 
-Saved for backward: x and the fp32 mean/rstd, not h (one B·N·C activation less than a LayerNorm
-op followed by nn.Linear, which keeps h for its weight gradient). The backward rebuilds h with the
-same LayerNorm kernel (bit-identical to the forward's h) right before dW = dOutᵀ·h, drops it, and
+Saved for backward: x only, not h (one B·N·C activation less than a LayerNorm op followed by
+nn.Linear, which keeps h for its weight gradient), nor the fp32 mean/rstd: the backward rebuilds h
+with the same LayerNorm kernel (bit-identical to the forward's h, and it recomputes the same
+statistics) right before dW = dOutᵀ·h, drops it, and
 then runs dh = dOut·W and the LayerNorm backward, so h and dh are never alive together.
 
 The LayerNorm runs as the existing Triton kernels (vit_fast.kernels.layer_norm, through the
 vit_fast::residual_layer_norm ops in the backward so torch.compile can trace it); the GEMMs are
-plain Linear math and run as torch (cuBLAS) ops. One dtype for every tensor (dispatch's rule).
+plain Linear math and run as torch (cuBLAS) ops. One dtype for every tensor (dispatch's rule),
+except under AMP's contract (FlashAttention's residual_in_fp32): x and the LayerNorm parameters
+fp32 (the residual stream), weight and bias in the autocast dtype. The LayerNorm kernel then
+writes h directly in that dtype for the GEMM (no fp32 h, no cast kernel) and out has it too.
 """
 from __future__ import annotations
 
@@ -26,12 +30,23 @@ from . import checks
 from . import layer_norm as _ln  # registers vit_fast::residual_layer_norm(_backward)
 
 
+AMP_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def gemm_dtype(op, x, weight):
+    """The GEMM's dtype: x's, or under AMP's contract (fp32 x, low-precision weight) weight's."""
+    if isinstance(weight, Tensor) and x.dtype == torch.float32 and weight.dtype in AMP_DTYPES:
+        return weight.dtype
+    return x.dtype
+
+
 def _check_args(x, ln_weight, ln_bias, eps, weight, bias):
     op = "layer_norm_linear"
     _ln.check_fwd_args(x, ln_weight, ln_bias, eps, op=op)
-    checks.tensor(op, "weight", weight, like=x, ndim=2)
-    checks.tensor(op, "weight", weight, like=x, shape=(weight.shape[0], x.shape[-1]))
-    checks.tensor(op, "bias", bias, like=x, shape=(weight.shape[0],), optional=True)
+    dtype = gemm_dtype(op, x, weight)
+    checks.tensor(op, "weight", weight, like=x, dtype=dtype, ndim=2)
+    checks.tensor(op, "weight", weight, like=x, dtype=dtype, shape=(weight.shape[0], x.shape[-1]))
+    checks.tensor(op, "bias", bias, like=x, dtype=dtype, shape=(weight.shape[0],), optional=True)
 
 
 @torch.library.custom_op("vit_fast::layer_norm_linear", mutates_args=())
@@ -40,7 +55,7 @@ def layer_norm_linear_op(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Option
                          ) -> tuple[Tensor, Tensor, Tensor]:
     """(out [..., O], mean [M], rstd [M]) for x [..., C], weight [O, C], bias [O] or None."""
     _check_args(x, ln_weight, ln_bias, eps, weight, bias)
-    h, _, mean, rstd = residual_layer_norm_fwd(x, ln_weight, ln_bias, eps)
+    h, _, mean, rstd = residual_layer_norm_fwd(x, ln_weight, ln_bias, eps, out_dtype=weight.dtype)
     return F.linear(h, weight, bias), mean, rstd
 
 
@@ -49,35 +64,37 @@ def _(x, ln_weight, ln_bias, eps, weight, bias):
     _check_args(x, ln_weight, ln_bias, eps, weight, bias)
     rows = checks.rows(x)
     stats = x.new_empty((rows,), dtype=torch.float32)
-    return x.new_empty((*x.shape[:-1], weight.shape[0])), stats, torch.empty_like(stats)
+    out = x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=weight.dtype)
+    return out, stats, torch.empty_like(stats)
 
 
 def _setup_context(ctx, inputs, output):
     x, ln_weight, ln_bias, eps, weight, bias = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, mean, rstd, ln_weight, ln_bias, weight)
+    ctx.save_for_backward(x, ln_weight, ln_bias, weight)  # mean, rstd: rebuilt with h
     ctx.eps = eps
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _backward(ctx, dout, _dmean, _drstd):
-    x, mean, rstd, ln_weight, ln_bias, weight = ctx.saved_tensors
+    x, ln_weight, ln_bias, weight = ctx.saved_tensors
     need = ctx.needs_input_grad
     C, O = x.shape[-1], weight.shape[0]
     g = dout.reshape(-1, O)
     dw = db = None
+    # h and the statistics rebuilt from x by the forward's own kernel: the same bits the forward
+    # multiplied and normalized with.
+    h, _, mean, rstd = torch.ops.vit_fast.residual_layer_norm(x, ln_weight, ln_bias, ctx.eps, None,
+                                                              None, None)
     if need[4]:
-        # h rebuilt from x by the forward's own kernel: the same bits the forward multiplied.
-        h = torch.ops.vit_fast.residual_layer_norm(x, ln_weight, ln_bias, ctx.eps, None, None,
-                                                   None)[0]
-        dw = g.t().mm(h.reshape(-1, C))
-        del h
+        dw = g.t().mm(h.to(weight.dtype).reshape(-1, C))  # .to: a no-op unless AMP
+    del h
     if need[5] and ctx.has_bias:
         db = g.sum(0)
     dx = dlnw = dlnb = None
     if need[0] or need[1] or need[2]:
-        dh = g.mm(weight).reshape(x.shape)
+        dh = g.mm(weight).reshape(x.shape).to(x.dtype)  # AMP: the fp32 stream's LN backward
         grads = torch.ops.vit_fast.residual_layer_norm_backward(
             dh, None, x, None, mean, rstd, ln_weight, None, None, None,
             ln_bias.dtype if (ln_bias is not None and need[2]) else None)

@@ -8,12 +8,17 @@ vit_fast::residual_layer_norm_mlp, with fake and autograd registrations. Interna
 x is the attention branch, residual the Block's input; ls1/ls2 LayerScale [C], ss1/ss2 drop-path
 [B] (each optional). The forward is the two existing launchers back to back
 (residual_layer_norm_fwd, gelu_mlp_fwd); h lives only between them. Saved for backward: s, the
-fp32 mean/rstd, the fc1 pre-activation, and x only when ls1 needs its gradient (as
-vit_fast::residual_layer_norm does).
+fc1 pre-activation, and x only when ls1 needs its gradient (as vit_fast::residual_layer_norm
+does); the fp32 mean/rstd come back with the rebuilt h.
 The backward rebuilds h from s with the forward's LayerNorm kernel (bit-identical), runs the MLP
 backward (whose last GEMM, dW1 = d_preᵀ·h, is what needs h), drops h, then the LayerNorm backward
 with the residual's gradient (= dOut) added. All kernel calls in the backward go through the
 registered vit_fast::residual_layer_norm / gelu_mlp_backward ops so torch.compile can trace them.
+
+AMP's contract (FlashAttention's residual_in_fp32): residual, the LayerNorm parameters and the
+LayerScales fp32, the branch x and the MLP weights in the autocast dtype. The LayerNorm kernel
+keeps s in fp32 and writes h in the autocast dtype; fc2's epilogue adds into the fp32 stream (out
+fp32). These run the triton MLP launchers (the out_dtype they take).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import torch
 from torch import Tensor
 
 from vit_fast import tuning  # the MLP's launchers: triton, cublas or tuned
+from vit_fast.kernels.gelu_mlp import gelu_mlp_fwd as _triton_mlp_fwd
 from vit_fast.kernels.layer_norm import residual_layer_norm_fwd
 
 from . import checks
@@ -33,11 +39,37 @@ from . import layer_norm as _ln  # registers vit_fast::residual_layer_norm(_back
 def _check_args(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps, fc1_weight,
                 fc1_bias, fc2_weight, fc2_bias, approximate, layer_scale2, sample_scale2):
     op = "residual_layer_norm_mlp"
+    if isinstance(residual, Tensor) and isinstance(x, Tensor) and residual.dtype != x.dtype:
+        return _check_amp_args(op, x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias,
+                               eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate,
+                               layer_scale2, sample_scale2)
     _ln.check_fwd_args(x, ln_weight, ln_bias, eps, residual, layer_scale1, sample_scale1, op=op)
     checks.tensor(op, "residual", residual, like=x, shape=x.shape)
     # the MLP reads LN's output (x's shape) and adds its branch to s (x's shape too)
     _mlp.check_fwd_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
                         layer_scale2, sample_scale2, op=op)
+
+
+def _check_amp_args(op, x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps,
+                    fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, layer_scale2,
+                    sample_scale2):
+    """AMP: the stream (residual, LN parameters, LayerScales) fp32, the GEMMs in x's dtype."""
+    checks.value(op, residual.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16),
+                 f"residual ({residual.dtype}) and x ({x.dtype}) differ: only AMP's fp32 "
+                 "residual with a bfloat16/float16 branch x may")
+    # The LayerNorm reads the stream: its checks with residual in x's place.
+    _ln.check_fwd_args(residual, ln_weight, ln_bias, eps, None, layer_scale1, None, op=op)
+    checks.tensor(op, "x", x, like=residual, dtype=x.dtype, shape=residual.shape)
+    checks.sample_scale(op, sample_scale1, residual)
+    _mlp.check_fwd_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, None, None,
+                        None, op=op)
+    checks.tensor(op, "layer_scale2", layer_scale2, like=residual, shape=(fc2_weight.shape[0],),
+                  optional=True)
+    checks.sample_scale(op, sample_scale2, residual)
+
+
+def _amp(x, residual):
+    return residual.dtype != x.dtype
 
 
 @torch.library.custom_op("vit_fast::residual_layer_norm_mlp", mutates_args=())
@@ -52,7 +84,11 @@ def residual_layer_norm_mlp_op(
     _check_args(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps, fc1_weight,
                 fc1_bias, fc2_weight, fc2_bias, approximate, layer_scale2, sample_scale2)
     h, s, mean, rstd = residual_layer_norm_fwd(x, ln_weight, ln_bias, eps, residual, layer_scale1,
-                                               sample_scale1)
+                                               sample_scale1, out_dtype=fc1_weight.dtype)
+    if _amp(x, residual):
+        out, pre = _triton_mlp_fwd(h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, s,
+                                   layer_scale2, sample_scale2, save_pre, out_dtype=s.dtype)
+        return out, s, mean, rstd, pre
     gelu_mlp_fwd = tuning.mlp_launchers()[0]
     out, pre = gelu_mlp_fwd(h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, s,
                             layer_scale2, sample_scale2, save_pre)
@@ -65,7 +101,7 @@ def _(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps, fc1_wei
     _check_args(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps, fc1_weight,
                 fc1_bias, fc2_weight, fc2_bias, approximate, layer_scale2, sample_scale2)
     rows = checks.rows(x)
-    s = torch.empty_like(x, memory_format=torch.contiguous_format)
+    s = torch.empty_like(residual, memory_format=torch.contiguous_format)
     stats = x.new_empty((rows,), dtype=torch.float32)
     pre = x.new_empty((rows, fc1_weight.shape[0]) if save_pre else (0,))
     return torch.empty_like(s), s, stats, torch.empty_like(stats), pre
@@ -76,29 +112,60 @@ def _setup_context(ctx, inputs, output):
      approximate, ls2, ss2, _save_pre) = inputs
     _, s, mean, rstd, pre = output
     need_x = ls1 is not None or (ss1 is not None and ss1.requires_grad)
-    ctx.save_for_backward(s, x if need_x else None, mean, rstd, pre, ln_weight, ln_bias,
+    ctx.save_for_backward(s, x if need_x else None, pre, ln_weight, ln_bias,
                           fc1_weight, fc2_weight, fc2_bias, ls1, ss1, ls2, ss2)
     ctx.eps, ctx.approximate = eps, approximate
-    ctx.mlp_backward = tuning.mlp_launchers()[1]  # the same policy's backward op
+    # the forward's backward op: the same policy's, the triton one under AMP
+    ctx.amp = _amp(x, residual)
+    ctx.mlp_backward = (torch.ops.vit_fast.gelu_mlp_backward if ctx.amp
+                        else tuning.mlp_launchers()[1])
     ctx.has_fc1_bias = fc1_bias is not None
     ctx.residual_dtype = residual.dtype
     ctx.mark_non_differentiable(s, mean, rstd, pre)
 
 
+def _gemm_grad(g, ls2, lp):
+    """(g, ls2 in the GEMMs' dtype lp, k): what fc2's backward reads; k [C] or None.
+
+    Under AMP, eager casts the gradient of fc2's output, g·ls2, to lp; folding ls2 into fc2's
+    weight instead would cast g itself, which overflows fp16 at a GradScaler scale 1/ls2 times
+    smaller. So g is cast as g·k with k = ls2 rounded to a power of two (1 where ls2 is 0) and
+    ls2/k is folded: the same products, eager's range, and d_ls2 exact after dividing by k.
+    """
+    if g.dtype == lp:
+        return g, ls2, None
+    if ls2 is None:
+        return g.to(lp), None, None
+    a = ls2.detach().float().abs()
+    k = torch.where(a > 0, torch.exp2(torch.round(torch.log2(a))), torch.ones_like(a))
+    k = torch.where(torch.isfinite(k), k, torch.ones_like(k))
+    return (g * k).to(lp), (ls2.float() / k).to(lp), k
+
+
 def _backward(ctx, dout, _ds, _dmean, _drstd, _dpre):
-    (s, x, mean, rstd, pre, ln_weight, ln_bias, fc1_weight, fc2_weight, fc2_bias, ls1, ss1, ls2,
+    (s, x, pre, ln_weight, ln_bias, fc1_weight, fc2_weight, fc2_bias, ls1, ss1, ls2,
      ss2) = ctx.saved_tensors
     if pre.dim() != 2:  # the forward's placeholder for "not saved" is 1-D
         raise RuntimeError("vit_fast::residual_layer_norm_mlp: backward needs the fc1 "
                            "pre-activation, but the forward ran with save_pre=False")
     need = ctx.needs_input_grad
     g = dout.contiguous()
-    h = torch.ops.vit_fast.residual_layer_norm(s, ln_weight, ln_bias, ctx.eps, None, None, None)[0]
+    lp = fc1_weight.dtype  # the GEMMs' dtype (s's under one dtype, the autocast dtype under AMP)
+    h, _, mean, rstd = torch.ops.vit_fast.residual_layer_norm(s, ln_weight, ln_bias, ctx.eps, None,
+                                                              None, None)
+    h = h.to(lp)
     mlp_flags = (need[8] and ctx.has_fc1_bias, need[10] and fc2_bias is not None,
                  need[12] and ls2 is not None, need[13] and ss2 is not None)
+
+    g_lp, ls_lp, k = _gemm_grad(g, ls2, lp)
     dh, dw1, db1, dw2, db2, dls2, dss2 = ctx.mlp_backward(
-        g, h, fc1_weight, fc2_weight, fc2_bias, pre, ls2, ss2, ctx.approximate, True, *mlp_flags)
+        g_lp, h, fc1_weight, fc2_weight, fc2_bias, pre, ls_lp,
+        ss2.to(lp) if ss2 is not None else None, ctx.approximate, True, *mlp_flags)
     del h
+    if k is not None and dls2 is not None:
+        dls2 = dls2.float() / k  # exact: k is a power of two
+    dh = dh.to(s.dtype)
+    x = x.to(s.dtype) if x is not None else None  # the LayerNorm backward reads the fp32 stream
     # s feeds both the LayerNorm and the output's residual add: the latter's gradient is dout.
     dx, dres, dlnw, dlnb, dls1 = torch.ops.vit_fast.residual_layer_norm_backward(
         dh, g, s, x if ls1 is not None else None, mean, rstd, ln_weight, ls1, ss1,
