@@ -18,12 +18,12 @@ shipped config. Only torch and triton are imported here; autograd lives in vit_f
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._device import interpreting as _interpreting
 from ._device import on_tensor_device
 
 MAX_C = 8192
@@ -180,10 +180,6 @@ def layer_norm_param_grad_reduce_kernel(
 
 # ---------------------------------------------------------------------------------------------
 # Configs. One table for the GPU (every row is in aot_specs), one rule for the interpreter.
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
 
 _MIN_BLOCK_C = 64  # narrower rows share the 64-column kernel (masked): fewer configs to ship
 

@@ -6,13 +6,11 @@ drops what a launch does not use.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ._device import on_tensor_device
+from ._device import interpreting, on_tensor_device
 
 EPILOGUE = {"none": 0, "gelu": 1, "dgelu": 2}
 
@@ -165,10 +163,6 @@ def colsum_kernel(X, SSCALE, OUT, M, N, rows_per_chunk, rows_per_sample, stride_
             x = x * tl.load(SSCALE + offs_m // rows_per_sample, mask=mask_m, other=0.0).to(tl.float32)[:, None]
         acc += x
     tl.store(OUT + chunk.to(tl.int64) * N + offs_n, tl.sum(acc, axis=0), mask=mask_n)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # Shipped tile configs (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). A fixed table

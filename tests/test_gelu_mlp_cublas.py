@@ -150,16 +150,22 @@ def test_block_with_cublas_policy_matches_triton_policy():
 
 
 def test_block_memory_ratio_holds_with_cublas_policy(monkeypatch):
-    """`bench memory`'s fake-CUDA count, with the cublas policy in place of triton: same bytes."""
+    """`bench memory --backend cublas` (fake CUDA): the cuBLAS launchers run and save the same
+    bytes as the triton policy's."""
     if not torch.backends.cuda.is_built():
         pytest.skip("fake CUDA tensors need a CUDA build of torch (this one is CPU-only)")
-    from vit_fast import dispatch
     from vit_fast.bench import memory
+    policies = []
+    real = tuning.mlp_launchers
+    monkeypatch.setattr(tuning, "mlp_launchers",
+                        lambda policy=None: policies.append(vit_fast.dispatch.current_policy())
+                        or real(policy))
     rows = {}
-    for policy in ("triton", "cublas"):
-        monkeypatch.setattr(vit_fast, "use_backend", lambda _name, _p=policy: dispatch.use_backend(_p))
-        got, notes = memory.measure("test_vit", 2, torch.bfloat16, "fake-cuda", ("block",))
-        rows[policy] = {r["impl"]: r for r in got}
+    for backend in ("triton", "cublas"):
+        got, notes = memory.measure("test_vit", 2, torch.bfloat16, "fake-cuda", ("block",),
+                                    backend=backend)
+        rows[backend] = {r["impl"]: r for r in got}
+    assert "cublas" in policies and "triton" in policies
     assert rows["cublas"]["vit_fast"]["bytes"] == rows["triton"]["vit_fast"]["bytes"]
     assert rows["cublas"]["vit_fast"]["ratio"] <= 0.65
 

@@ -156,17 +156,23 @@ def memory_main(argv):
                    "kernels save, no GPU needed); cpu: real CPU tensors, backend auto")
     p.add_argument("--scope", default="block,model", type=_csv_list(str))
     p.add_argument("--verbose", action="store_true", help="list the saved storages")
+    p.add_argument("--backend", choices=("triton", "cublas"),
+                   default=("cublas" if os.environ.get("VIT_FAST_BACKEND") == "cublas" else "triton"),
+                   help="kernel policy forced for fake-cuda counting (default: triton, or "
+                   "VIT_FAST_BACKEND=cublas): both save the same tensors")
     p.add_argument("--amp", action="store_true", help="also count AMP training (fp32 params and "
                    "input, autocast to --dtype) beside the pure --dtype rows")
     args = p.parse_args(argv)
-    rows, notes = memory.measure(args.model, args.batch, DTYPES[args.dtype], args.method, args.scope)
+    rows, notes = memory.measure(args.model, args.batch, DTYPES[args.dtype], args.method, args.scope,
+                                 backend=args.backend)
     if args.amp:
         if args.dtype == "fp32":
             p.error("--amp needs --dtype bf16 or fp16 (the autocast dtype)")
         amp_rows, amp_notes = memory.measure(args.model, args.batch, DTYPES[args.dtype],
-                                             args.method, args.scope, amp=True)
+                                             args.method, args.scope, amp=True,
+                                             backend=args.backend)
         rows, notes = rows + amp_rows, notes + amp_notes
-    how = ("fake CUDA tensors, triton backend forced; eager SDPA counted as flash"
+    how = (f"fake CUDA tensors, {args.backend} backend forced; eager SDPA counted as flash"
            if args.method == "fake-cuda" else "CPU, real tensors, backend auto")
     print(fmt_table(rows, [
         ("scope", "scope"), ("impl", "impl"),

@@ -108,16 +108,17 @@ def _autocast(device, dtype, amp):
         torch.set_autocast_dtype(device, old)
 
 
-def _run_fake(module, x_shape, dtype, amp=False):
+def _run_fake(module, x_shape, dtype, amp=False, backend="triton"):
     """Forward of ``module`` on fake CUDA params/input (training mode); what autograd saves.
-    With ``amp`` the params and input are fp32 and the forward runs under autocast(dtype)."""
+    With ``amp`` the params and input are fp32 and the forward runs under autocast(dtype).
+    ``backend``: the kernel policy forced ('triton', or 'cublas' for the cuBLAS-GEMM MLP)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.func import functional_call
 
     import vit_fast
 
     store = torch.float32 if amp else dtype
-    with FakeTensorMode(), vit_fast.use_backend("triton"), flash_sdpa():
+    with FakeTensorMode(), vit_fast.use_backend(backend), flash_sdpa():
         params = {k: torch.empty(v.shape, device="cuda", dtype=store).requires_grad_(v.requires_grad)
                   for k, v in module.named_parameters()}
         buffers = {k: torch.empty(v.shape, device="cuda", dtype=v.dtype) for k, v in module.named_buffers()}
@@ -127,7 +128,7 @@ def _run_fake(module, x_shape, dtype, amp=False):
     return saved
 
 
-def _run_cpu(module, x_shape, dtype, amp=False):
+def _run_cpu(module, x_shape, dtype, amp=False, backend=None):
     store = torch.float32 if amp else dtype
     module = module.to(store)
     x = torch.randn(x_shape, dtype=store, requires_grad=True)
@@ -137,7 +138,7 @@ def _run_cpu(module, x_shape, dtype, amp=False):
 
 
 def measure(model_name="vit_base_patch16_224", batch=64, dtype=torch.bfloat16, method="fake-cuda",
-            what=("block", "model"), amp=False):
+            what=("block", "model"), amp=False, backend="triton"):
     """Rows of {scope, impl, bytes, tensors, units, ratio, method, amp} for the block and model.
 
     units: bytes / (B·N·C·element size), docs/design.md's unit of one activation.
@@ -177,7 +178,7 @@ def measure(model_name="vit_base_patch16_224", batch=64, dtype=torch.bfloat16, m
         base = None
         for impl, mod in (("timm eager", timm_mod), ("vit_fast", fast_mod)):
             try:
-                saved = run(mod, shape, dtype, amp)
+                saved = run(mod, shape, dtype, amp, backend)
             except Exception as exc:  # a kernel op missing or broken: say so, keep the other rows
                 notes.append(f"{scope}/{impl}: not counted ({type(exc).__name__}: {exc})")
                 continue
