@@ -122,15 +122,20 @@ _KINDS = {
 }
 
 
-def _gemm_spec(kind, dtype, config_name, approximate="none", precision=None, out=None):
+def _gemm_spec(kind, dtype, config_name, approximate="none", precision=None, out=None,
+               stream=None):
     from vit_fast.aot import AotSpec
     flags, unit = _KINDS[kind]
     BM, BN, BK, GM, warps, stages = CONFIGS[config_name]
     ptr = "*" + {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[dtype]
     # Outputs are in the input dtype, except the dW2 GEMM of the LayerScale path (out="fp32").
     out_ptr = "*" + (out or dtype)
-    sig = {"A": ptr, "B": ptr, "C": out_ptr, "BIAS": ptr, "PRE": ptr, "ACT": ptr, "RES": ptr,
-           "LSCALE": ptr, "SSCALE": ptr, "ROWDOT": "*fp32",
+    # AMP's fc2 (stream="fp32"): the residual stream and its scales fp32, the output added into it.
+    res_ptr = "*" + (stream or dtype)
+    if stream:
+        out_ptr = res_ptr
+    sig = {"A": ptr, "B": ptr, "C": out_ptr, "BIAS": ptr, "PRE": ptr, "ACT": ptr, "RES": res_ptr,
+           "LSCALE": res_ptr, "SSCALE": res_ptr, "ROWDOT": "*fp32",
            "M": "i32", "N": "i32", "K": "i32", "rows_per_sample": "i32"}
     strides = {"stride_am": "am", "stride_ak": "ak", "stride_bk": "bk", "stride_bn": "bn"}
     constants = {}
@@ -156,7 +161,8 @@ def _gemm_spec(kind, dtype, config_name, approximate="none", precision=None, out
     if kind not in ("dx", "dw"):
         divisible += ("K",)
     tag = f"{kind}/{dtype}/{config_name}" + ("/tanh" if approximate == "tanh" else "") + (
-        f"/{precision}" if precision else "") + (f"/out={out}" if out and out != dtype else "")
+        f"/{precision}" if precision else "") + (f"/out={out}" if out and out != dtype else "") + (
+        f"/stream={stream}" if stream else "")
     uses_tc = not (dtype == "fp32" and meta["INPUT_PRECISION"] == "ieee")
     return AotSpec(f"matmul_kernel[{tag}]", matmul_kernel, sig, constants, divisible,
                    num_warps=warps, num_stages=stages, uses_dot=uses_tc)
@@ -175,6 +181,8 @@ def aot_specs():
                 specs.append(_gemm_spec(kind, dtype, name))
                 if kind == "dw" and dtype != "fp32":  # dW2 with LayerScale: fp32 output
                     specs.append(_gemm_spec(kind, dtype, name, out="fp32"))
+                if kind == "fc2_fwd" and dtype != "fp32":  # AMP: adds into the fp32 stream
+                    specs.append(_gemm_spec(kind, dtype, name, stream="fp32"))
         for kind in ("fc1_fwd", "dgelu"):  # the tanh form changes only the epilogue
             large = config_name(1 << 20, 1 << 20, _DT[dtype],
                                 "dgelu" if kind == "dgelu" else "none", 0, "tf32")

@@ -382,23 +382,34 @@ def aot_specs():
     # Under TRITON_INTERPRET=1 the kernels (and tl.sum) are interpreter objects that
     # triton.compile cannot take: compile these specs in a process where it is unset.
     specs = []
+    flags = dict(HAS_RESIDUAL=True, HAS_LAYER_SCALE=True, HAS_SAMPLE_SCALE=True,
+                 HAS_WEIGHT=True, HAS_BIAS=True)
+
+    def fwd_spec(block_c, x, y, stream, tag, **overrides):
+        # x: the branch's dtype, y: the output's, stream: residual, s and parameters (AMP: fp32).
+        nw = _num_warps(block_c)
+        sig = {"X": f"*{x}", "RES": f"*{stream}", "LS": f"*{stream}", "SS": f"*{stream}",
+               "W": f"*{stream}", "B": f"*{stream}", "Y": f"*{y}", "S": f"*{stream}",
+               "MEAN": "*fp32", "RSTD": "*fp32", "M": "i32", "C": "i32", "stride_x": "i32",
+               "stride_res": "i32", "rows_per_sample": "i32", "eps": "fp32"}
+        const = dict(flags, BLOCK_M=max(1, 2048 // block_c), BLOCK_C=block_c, **overrides)
+        sig.update({k: "constexpr" for k in const})
+        return AotSpec(f"residual_layer_norm_fwd_{tag}_C{block_c}_M{const['BLOCK_M']}_w{nw}",
+                       residual_layer_norm_fwd_kernel, sig, const,
+                       divisible=("X", "RES", "LS", "SS", "W", "B", "Y", "S", "MEAN", "RSTD", "C",
+                                  "stride_x", "stride_res"),
+                       num_warps=nw)  # no num_stages: triton's default, as launched
+
     for dt in ("fp16", "bf16", "fp32"):
         for block_c in [_MIN_BLOCK_C << i for i in range(8)]:  # 64 .. 8192
-            nw = _num_warps(block_c)
-            fwd_sig = {"X": f"*{dt}", "RES": f"*{dt}", "LS": f"*{dt}", "SS": f"*{dt}", "W": f"*{dt}",
-                       "B": f"*{dt}", "Y": f"*{dt}", "S": f"*{dt}", "MEAN": "*fp32", "RSTD": "*fp32",
-                       "M": "i32", "C": "i32", "stride_x": "i32", "stride_res": "i32",
-                       "rows_per_sample": "i32", "eps": "fp32"}
-            flags = dict(HAS_RESIDUAL=True, HAS_LAYER_SCALE=True, HAS_SAMPLE_SCALE=True,
-                         HAS_WEIGHT=True, HAS_BIAS=True)
-            fwd_const = dict(flags, BLOCK_M=max(1, 2048 // block_c), BLOCK_C=block_c)
-            fwd_sig.update({k: "constexpr" for k in fwd_const})
-            specs.append(AotSpec(
-                f"residual_layer_norm_fwd_{dt}_C{block_c}_M{fwd_const['BLOCK_M']}_w{nw}",
-                residual_layer_norm_fwd_kernel, fwd_sig, fwd_const,
-                divisible=("X", "RES", "LS", "SS", "W", "B", "Y", "S", "MEAN", "RSTD", "C",
-                           "stride_x", "stride_res"),
-                num_warps=nw))  # no num_stages: triton's default, as launched
+            specs.append(fwd_spec(block_c, dt, dt, dt, dt))
+            if dt != "fp32":
+                # AMP (vit_fast/ops/layer_norm_linear.py, residual_layer_norm_mlp.py): LN1 reads
+                # the fp32 stream, LN2 adds the low-precision branch into it; both write dt.
+                specs.append(fwd_spec(block_c, "fp32", dt, "fp32", f"amp_ln1_{dt}",
+                                      HAS_RESIDUAL=False, HAS_LAYER_SCALE=False,
+                                      HAS_SAMPLE_SCALE=False))
+                specs.append(fwd_spec(block_c, dt, dt, "fp32", f"amp_ln2_{dt}"))
             bwd_sig = {"DY": f"*{dt}", "DS": f"*{dt}", "S": f"*{dt}", "X": f"*{dt}", "MEAN": "*fp32",
                        "RSTD": "*fp32", "W": f"*{dt}", "LS": f"*{dt}", "SS": f"*{dt}", "DX": f"*{dt}",
                        "DRES": f"*{dt}", "DW_PART": "*fp32", "DB_PART": "*fp32", "DLS_PART": "*fp32",
