@@ -24,8 +24,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._device import on_tensor_device
-from .matmul import _gelu_cdf, colsum, interpreting
+from ._device import interpreting, on_tensor_device
+from .matmul import _gelu_cdf, colsum
 
 # Elements per program: 16 per thread at 4 warps keeps these memory-bound kernels under ~100
 # registers (fp32 included), so enough warps stay resident to cover HBM latency.

@@ -241,7 +241,7 @@ def format_records(recs=None) -> str:
 
 
 def _measurable(x) -> bool:
-    from .kernels.matmul import interpreting
+    from .kernels._device import interpreting
     if tuner().measure_anywhere:
         return mode() != "fixed"
     return (x.is_cuda and mode() != "fixed" and not interpreting()
