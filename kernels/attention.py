@@ -11,6 +11,11 @@ P. M is never stored: entry (b, h, i, j) is kept when its 16 bits of Philox4x32-
 the 64-bit per-call seed; one call serves eight entries, see _dropout_keep), read as u ∈ [0, 1),
 are ≥ p rounded up to a multiple of 2^-16. The bits depend on nothing else (not the tile
 shapes), so the backward regenerates the forward's mask.
+With segment ids (HAS_SEGMENTS; packed batches, kernels/attention_segments.py) the logits of
+pairs in different segments are -inf before the softmax (fp32), so P_ij = 0 there in every
+formula above; a padding query (negative id) meets no key, its out row is 0 and its lse +inf,
+which keeps its backward terms 0. Each program visits only the tiles of the other side that
+share a segment id range with its own (the span the launcher computes).
 
 P is never stored: the forward streams K/V tiles past a query tile with an online softmax
 (running max m and sum l, in base 2 so that exp2 can be used: s·log2(e) is folded into the
@@ -23,6 +28,7 @@ Layouts (row-major, last dim stride 1; B and N dims may have any stride):
     dout [B, N, H·D]     same layout as out
     dqkv [B, N, 3·H·D]   same layout as qkv (contiguous)
     seed [1]             int64, on qkv's device: the Philox key of one call's dropout mask
+    seg  [B, N]          int64 segment ids (contiguous), spans: see attention_segments.py
 Head dims that are not powers of two are padded with masked loads to BLOCK_D = next power of
 two (at least 16, what tl.dot needs). All accumulation is fp32. The backward has no atomics:
 dk/dv are owned by one program per key block and dq by one program per query block, so two runs
