@@ -143,10 +143,10 @@ def attention_fwd_kernel(
     o_base = O + b.to(tl.int64) * stride_o_b + h * HEAD_DIM
     _store_rows(o_base, start_m, N, stride_o_n, acc.to(O.dtype.element_ty), HEAD_DIM, BLOCK_M, BLOCK_D)
     rows = start_m + tl.arange(0, BLOCK_M)
-    lse = m_i + tl.math.log2(l_i)
-    if HAS_SEGMENTS:
-        lse = tl.where(no_key, float("inf"), lse)
-    tl.store(LSE + bh.to(tl.int64) * N + rows, lse * _LN2, mask=rows < N)
+    # One expression, address first: the unsegmented build stays exactly the one before segments.
+    tl.store(LSE + bh.to(tl.int64) * N + rows,
+             (m_i + tl.math.log2(l_i) if not HAS_SEGMENTS
+              else tl.where(no_key, float("inf"), m_i + tl.math.log2(l_i))) * _LN2, mask=rows < N)
 
 
 # ---------------------------------------------------------------------------------------------
