@@ -28,7 +28,7 @@ Layouts (row-major, last dim stride 1; B and N dims may have any stride):
     dout [B, N, H·D]     same layout as out
     dqkv [B, N, 3·H·D]   same layout as qkv (contiguous)
     seed [1]             int64, on qkv's device: the Philox key of one call's dropout mask
-    seg  [B, N]          int64 segment ids (contiguous), spans: see attention_segments.py
+    seg  [B, N]          int32 segment ids (contiguous), spans: see attention_segments.py
 Head dims that are not powers of two are padded with masked loads to BLOCK_D = next power of
 two (at least 16, what tl.dot needs). All accumulation is fp32. The backward has no atomics:
 dk/dv are owned by one program per key block and dq by one program per query block, so two runs
@@ -97,7 +97,7 @@ def attention_fwd_kernel(
     stride_qkv_b, stride_qkv_n, stride_o_b, stride_o_n,
     qk_scale,  # scale * log2(e), > 0 (attention_fwd rewrites q for a scale <= 0)
     dropout_p,
-    SEG,    # [B, N] int64 segment ids, contiguous; None without (then SPANS is None too)
+    SEG,    # [B, N] int32 segment ids, contiguous; None without (then SPANS is None too)
     SPANS,  # [B, cdiv(N, BLOCK_M), 2] int32: the keys each query tile visits (attention_segments)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -190,6 +190,13 @@ _CUDA_DROPOUT_CONFIGS = {
     ("dkdv", 128, True): (32, 64, 8, 2),
     ("dq", 64, False): (128, 32, 8, 3),
 }
+# Segment builds (HAS_SEGMENTS=True) whose entry above spilled on sm_80 (the id mask of each
+# score tile): the same tiles over 8 warps. Ahead of the dropout table when both apply.
+_CUDA_SEGMENT_CONFIGS = {
+    ("fwd", 128, True): (64, 64, 8, 2),
+    ("dkdv", 128, False): (32, 64, 8, 2),
+    ("dkdv", 128, True): (32, 64, 8, 2),
+}
 _DELTA_BLOCK_M = 64
 
 
@@ -197,7 +204,18 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _config(kernel: str, n: int, head_dim: int, dtype: torch.dtype, dropout: bool = False):
+def shipped_config(key, dropout: bool = False, segments: bool = False):
+    """The CUDA table's (BLOCK_M, BLOCK_N, num_warps, num_stages) for key = (kernel, BLOCK_D
+    bucket, short), with the segment and dropout overrides that apply."""
+    if segments and key in _CUDA_SEGMENT_CONFIGS:
+        return _CUDA_SEGMENT_CONFIGS[key]
+    if dropout and key in _CUDA_DROPOUT_CONFIGS:
+        return _CUDA_DROPOUT_CONFIGS[key]
+    return _CUDA_CONFIGS[key]
+
+
+def _config(kernel: str, n: int, head_dim: int, dtype: torch.dtype, dropout: bool = False,
+            segments: bool = False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one launch."""
     if _interpreting():
         # Interpreter cost is mostly per tile op, so few large tiles win; but a product of more
@@ -207,10 +225,7 @@ def _config(kernel: str, n: int, head_dim: int, dtype: torch.dtype, dropout: boo
         while t * t * _block_d(head_dim) > 2 ** 18 and t > 16:
             t //= 2
         return t, t, 4, 1
-    key = (kernel, max(64, _block_d(head_dim)), n <= _SHORT_N)
-    if dropout and key in _CUDA_DROPOUT_CONFIGS:
-        return _CUDA_DROPOUT_CONFIGS[key]
-    return _CUDA_CONFIGS[key]
+    return shipped_config((kernel, max(64, _block_d(head_dim)), n <= _SHORT_N), dropout, segments)
 
 
 def _dot_args(dtype: torch.dtype):
@@ -279,7 +294,8 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, dropout_p:
     lse = torch.empty(B, num_heads, N, device=qkv.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    block_m, block_n, warps, stages = config or _config("fwd", N, head_dim, qkv.dtype, has_dropout)
+    block_m, block_n, warps, stages = config or _config("fwd", N, head_dim, qkv.dtype, has_dropout,
+                                                        segment_ids is not None)
     grid = (triton.cdiv(N, block_m) * B * num_heads,)
     attention_fwd_kernel[grid](
         qkv, out, lse, seed, N, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0),
@@ -311,8 +327,9 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     attention_bwd_delta_kernel[(triton.cdiv(N, dm) * B * num_heads,)](
         out, dout, delta, N, num_heads, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=dm)
-    cfg_kv, cfg_q = config or (_config("dkdv", N, head_dim, qkv.dtype, has_dropout),
-                               _config("dq", N, head_dim, qkv.dtype, has_dropout))
+    segments = segment_ids is not None
+    cfg_kv, cfg_q = config or (_config("dkdv", N, head_dim, qkv.dtype, has_dropout, segments),
+                               _config("dq", N, head_dim, qkv.dtype, has_dropout, segments))
     args = (qkv, dout, lse, delta, dqkv, seed, N, num_heads, qkv.stride(0), qkv.stride(1),
             dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
             float(scale), float(scale) * LOG2E, dropout_p)

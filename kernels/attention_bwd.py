@@ -39,7 +39,7 @@ def attention_bwd_dkdv_kernel(
     N, H,
     stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n,
     sm_scale, qk_scale, dropout_p,
-    SEG,    # [B, N] int64 segment ids; None without
+    SEG,    # [B, N] int32 segment ids; None without
     SPANS,  # [B, cdiv(N, BLOCK_N), 2] int32: the queries each key tile visits
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -115,7 +115,7 @@ def attention_bwd_dq_kernel(
     N, H,
     stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n,
     sm_scale, qk_scale, dropout_p,
-    SEG,    # [B, N] int64 segment ids; None without
+    SEG,    # [B, N] int32 segment ids; None without
     SPANS,  # [B, cdiv(N, BLOCK_M), 2] int32: the keys each query tile visits
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_FP32: tl.constexpr,
