@@ -42,7 +42,7 @@ from ._device import interpreting as _interpreting
 from ._device import on_tensor_device
 from .attention_bwd import attention_bwd_delta_kernel, attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from .attention_dropout import _dropout_keep, _keep_threshold
-from .attention_segments import _segment_mask, _segment_rows, _segment_span, segment_args
+from .attention_segments import _segment_mask, _segment_rows, _segment_tile, segment_args
 from .attention_tiles import _LN2, LOG2E, _load_rows, _operand, _store_rows, _tile_of_head
 
 
@@ -123,9 +123,7 @@ def attention_fwd_kernel(
         keep_from = 0
     lo, hi, seg_row, q_ids = 0, N, SEG, 0
     if HAS_SEGMENTS:
-        seg_row = SEG + b.to(tl.int64) * N
-        q_ids = _segment_rows(seg_row, start_m, N, BLOCK_M)
-        lo, hi = _segment_span(SPANS, b, start_m // BLOCK_M, N, BLOCK_M)
+        seg_row, q_ids, lo, hi = _segment_tile(SEG, SPANS, b, start_m, N, BLOCK_M)
     for start_n in range(lo, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_m, start_n, N, bh,
                                   stride_qkv_n, qk_scale, seed, keep_from, seg_row, q_ids,

@@ -40,6 +40,16 @@ def _segment_span(SPANS, b, tile, N, BLOCK: tl.constexpr):
     return tl.load(entry), tl.load(entry + 1)
 
 
+@triton.jit
+def _segment_tile(SEG, SPANS, b, row0, N, BLOCK: tl.constexpr):
+    """For the program owning rows row0.. (a BLOCK-row tile) of batch row b: its row of SEG,
+    the ids of its rows, and the (first, past-last) row of its span on the other side."""
+    seg_row = SEG + b.to(tl.int64) * N
+    ids = _segment_rows(seg_row, row0, N, BLOCK)
+    lo, hi = _segment_span(SPANS, b, row0 // BLOCK, N, BLOCK)
+    return seg_row, ids, lo, hi
+
+
 def _tile_id_ranges(seg: torch.Tensor, block: int):
     """(min, max) [B, cdiv(N, block)] of the non-negative ids of each tile; a tile of padding
     only gets (int max, -1), which overlaps nothing."""
