@@ -23,11 +23,10 @@ MAX_HEAD_DIM = 256  # the largest head-dim bucket of kernels/attention.py's conf
 MAX_LAYER_NORM_DIM = 8192  # kernels/layer_norm.py MAX_C
 
 # The GPUs the Triton builds are compiled and checked for (python -m vit_fast.bench compile-check):
-# sm_80 and newer. The largest sm_80 build takes 98816 B of shared memory per block (attention
-# forward with segment ids, 128x64 tiles, head dim 128; 98304 B without segments); sm_75 (T4)
-# allows 64 KB, where the attention backward fails to launch.
+# sm_80 and newer. The largest sm_80 build takes 98304 B of shared memory per block (attention
+# forward, 128x64 tiles); sm_75 (T4) allows 64 KB, where the attention backward fails to launch.
 MIN_TRITON_CAPABILITY = (8, 0)
-MIN_TRITON_SHARED_BYTES = 98816
+MIN_TRITON_SHARED_BYTES = 98304
 
 # Written by setup.py next to the extension: the SASS and PTX architectures _C was built with.
 EXTENSION_BUILD_INFO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C_build.json")
