@@ -352,7 +352,7 @@ def _dropout_args(qkv: torch.Tensor, dropout_p: float, seed):
 
 @on_tensor_device
 def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, dropout_p: float = 0.0,
-                  seed=None, config=None):
+                  seed=None, segment_ids=None, config=None):
     """out [B, N, H·D] (qkv's dtype) and lse [B, H, N] fp32 from packed qkv [B, N, 3·H·D].
 
     dropout_p > 0 drops attention probabilities with the mask that seed (int64 [1], qkv's
@@ -362,6 +362,8 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, dropout_p:
     exercise tile shapes the default would not).
     """
     _check_shipped(qkv)
+    if segment_ids is not None:
+        raise NotImplementedError("segment_ids: the attention kernels do not take them yet")
     seed, dropout_p, has_dropout = _dropout_args(qkv, dropout_p, seed)
     qkv = _last_dim_contiguous(qkv)
     B, N, three_c = qkv.shape
@@ -393,11 +395,14 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, dropout_p:
 
 @on_tensor_device
 def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                  num_heads: int, scale: float, *, dropout_p: float = 0.0, seed=None, config=None):
+                  num_heads: int, scale: float, *, dropout_p: float = 0.0, seed=None,
+                  segment_ids=None, config=None):
     """dqkv [B, N, 3·H·D] (qkv's dtype, contiguous) from dout [B, N, H·D] and the forward's
     qkv, out, lse, dropout_p and seed. config: (dkdv config, dq config) override, as in
     attention_fwd."""
     _check_shipped(qkv)
+    if segment_ids is not None:
+        raise NotImplementedError("segment_ids: the attention kernels do not take them yet")
     seed, dropout_p, has_dropout = _dropout_args(qkv, dropout_p, seed)
     qkv, out, dout = _last_dim_contiguous(qkv), _last_dim_contiguous(out), _last_dim_contiguous(dout)
     lse = lse.contiguous()

@@ -13,7 +13,8 @@ import torch
 
 from . import dispatch, reference
 
-__all__ = ["fused_qkv_attention", "residual_layer_norm", "gelu_mlp", "patch_embed"]
+__all__ = ["fused_qkv_attention", "residual_layer_norm", "gelu_mlp", "patch_embed",
+           "segment_ids_from_lengths"]
 
 _APPROXIMATE = ("none", "tanh")
 # What the reference computes in (and the kernels take the first three of); float8 and complex
@@ -121,13 +122,17 @@ def _kernel_context(amp, device):
 
 # --- ops --------------------------------------------------------------------------------------
 
-def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0):
+def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0, segment_ids=None):
     """softmax(q kᵀ·scale) v per head from timm's packed qkv.
 
     qkv: [B, N, 3·H·D], last dim laid out (3, H, D) like timm's ``qkv`` Linear output.
     Returns [B, N, H·D] (heads concatenated, ready for the proj Linear). scale defaults to D**-0.5.
     dropout_p is applied to the attention probabilities whenever it is > 0 (like
     F.scaled_dot_product_attention); modules pass it only in training.
+    segment_ids: optional int32/int64 [B, N] on qkv's device, for packed variable-length batches
+    (NaViT, NaFlexViT): query i attends to key j iff segment_ids[b, i] == segment_ids[b, j] >= 0.
+    Tokens with a negative id are padding: their output rows are exactly 0 and their qkv rows get
+    exactly 0 gradient. See segment_ids_from_lengths.
     """
     op = "fused_qkv_attention"
     _check_tensor(op, "qkv", qkv, dim=3)
@@ -146,18 +151,62 @@ def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0):
         _check_finite(op, "scale", scale)
     if not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    _check_segment_ids(op, segment_ids, qkv)
     scale = float(head_dim ** -0.5 if scale is None else scale)
     amp = _autocast_dtype(qkv.device)
     if amp is not None:
         (qkv,) = _cast(amp, qkv)
-    choice = dispatch.choose(op, [qkv], head_dim=head_dim, dropout_p=dropout_p)
+    choice = dispatch.choose(op, [qkv], head_dim=head_dim, dropout_p=dropout_p,
+                             segmented=segment_ids is not None)
 
     def kernel():
         from .ops import attention
         with _kernel_context(amp, qkv.device):
-            return attention.fused_qkv_attention(qkv, int(num_heads), scale, float(dropout_p))
+            return attention.fused_qkv_attention(qkv, int(num_heads), scale, float(dropout_p),
+                                                 segment_ids)
     return dispatch.run(op, choice, kernel, lambda: reference.fused_qkv_attention(
-        qkv, int(num_heads), scale=scale, dropout_p=dropout_p))
+        qkv, int(num_heads), scale=scale, dropout_p=dropout_p, segment_ids=segment_ids))
+
+
+def _check_segment_ids(op, segment_ids, qkv):
+    if segment_ids is None:
+        return
+    if not isinstance(segment_ids, torch.Tensor):
+        raise TypeError(f"{op}: segment_ids must be an int32/int64 torch.Tensor [B, N] or None, "
+                        f"got {type(segment_ids).__name__}")
+    if segment_ids.dtype not in (torch.int32, torch.int64):
+        raise DtypeError(f"{op}: segment_ids must be int32 or int64, got {segment_ids.dtype}")
+    _check_shape(op, "segment_ids", segment_ids, qkv.shape[:2])
+    _check_same_device(op, "qkv", qkv, segment_ids=segment_ids)
+
+
+def segment_ids_from_lengths(lengths, total_len=None, *, device=None, dtype=torch.int32):
+    """segment_ids [B, total_len] for a packed batch: row b holds the sequences lengths[b]
+    (a list of token counts) back to back with ids 0, 1, ..., and -1 (padding) after them.
+
+    total_len defaults to the longest row. E.g. [[3, 2], [4]] -> [[0, 0, 0, 1, 1], [0, 0, 0, 0, -1]].
+    """
+    op = "segment_ids_from_lengths"
+    if not isinstance(lengths, (list, tuple)) or not all(isinstance(r, (list, tuple)) for r in lengths):
+        raise TypeError(f"{op}: lengths must be a list (one per sample) of lists of ints, got "
+                        f"{type(lengths).__name__}")
+    for row in lengths:
+        if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 0
+                   for n in row):
+            raise ValueError(f"{op}: lengths must be non-negative ints, got {list(row)!r}")
+    longest = max((sum(row) for row in lengths), default=0)
+    if total_len is None:
+        total_len = longest
+    if not isinstance(total_len, numbers.Integral) or isinstance(total_len, bool) or total_len < longest:
+        raise ValueError(f"{op}: total_len must be an int >= the longest row ({longest}), "
+                         f"got {total_len!r}")
+    if dtype not in (torch.int32, torch.int64):
+        raise DtypeError(f"{op}: dtype must be torch.int32 or torch.int64, got {dtype}")
+    ids = torch.full((len(lengths), int(total_len)), -1, dtype=dtype)
+    for b, row in enumerate(lengths):
+        counts = torch.tensor([int(n) for n in row], dtype=torch.int64)
+        ids[b, :int(counts.sum())] = torch.repeat_interleave(torch.arange(len(row), dtype=dtype), counts)
+    return ids.to(device) if device is not None else ids
 
 
 def residual_layer_norm(x, weight, bias, eps, *, residual=None, layer_scale=None, sample_scale=None):

@@ -41,12 +41,17 @@ def add_branch(residual, branch, layer_scale=None, sample_scale=None):
     return residual + branch
 
 
-def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0, upcast=False):
+def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0, segment_ids=None,
+                        upcast=False):
     """softmax(q kᵀ·scale) v per head, from timm's packed qkv [B, N, 3·H·D] -> [B, N, H·D].
 
     Without dropout this is F.scaled_dot_product_attention, what timm's Attention runs, so the CPU
     path keeps its speed and memory. With dropout the probabilities are materialized and dropped
     as timm's non-fused path does (SDPA's CPU dropout draws its mask differently).
+
+    segment_ids (int [B, N], optional): query i attends to key j iff both carry the same id and
+    it is >= 0, which is each image of a packed batch attended on its own; tokens with a negative
+    id are padding, with output rows exactly 0 (and so exactly 0 gradient).
     """
     dtype = qkv.dtype
     qkv = _up(qkv, upcast)
@@ -54,11 +59,21 @@ def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0, upcast=Fal
     head_dim = three_c // (3 * num_heads)
     scale = head_dim ** -0.5 if scale is None else scale
     q, k, v = qkv.reshape(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    mask = None
+    if segment_ids is not None:
+        # [B, 1, N, N] "same id". A padding query then attends to the padding keys of its own id,
+        # itself at least, so no row is empty: no NaN in the softmax or its gradient, and the
+        # rows are zeroed below, which keeps the gradient reaching padding tokens exactly 0.
+        mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     if dropout_p > 0.0:
-        attn = F.dropout(((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1), p=dropout_p)
-        out = attn @ v
+        logits = (q * scale) @ k.transpose(-2, -1)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        out = F.dropout(logits.softmax(dim=-1), p=dropout_p) @ v
     else:
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if segment_ids is not None:
+        out = torch.where((segment_ids >= 0)[:, None, :, None], out, out.new_zeros(()))
     return out.transpose(1, 2).reshape(B, N, num_heads * head_dim).to(dtype)
 
 

@@ -3,7 +3,8 @@ with fake and autograd registrations.
 
 The forward op returns (out, lse); autograd saves exactly qkv, out and the fp32 lse [B, H, N]
 (no N×N matrix), plus, with dropout, the 1-element int64 seed from which the backward op
-regenerates the dropout mask along with the probabilities.
+regenerates the dropout mask along with the probabilities, and, for packed batches, the int
+segment_ids [B, N] from which both ops rebuild the segment mask tile by tile.
 """
 from __future__ import annotations
 
@@ -19,10 +20,14 @@ from vit_fast.dispatch import MAX_HEAD_DIM  # the largest head dim the kernels a
 
 from . import checks
 
+_SEGMENT_DTYPES = (torch.int32, torch.int64)
 
-def check_fwd_args(qkv, num_heads, scale, dropout_p, seed, op="fused_qkv_attention_fwd"):
-    """qkv [B, N, 3·H·D] with H = num_heads dividing it, a finite scale, dropout_p in [0, 1) and,
-    when dropping, seed int64 [1] on qkv's device."""
+
+def check_fwd_args(qkv, num_heads, scale, dropout_p, seed, segment_ids=None,
+                   op="fused_qkv_attention_fwd"):
+    """qkv [B, N, 3·H·D] with H = num_heads dividing it, a finite scale, dropout_p in [0, 1),
+    when dropping, seed int64 [1] on qkv's device, and segment_ids None or int32/int64 [B, N]
+    on qkv's device."""
     checks.tensor(op, "qkv", qkv, ndim=3)
     checks.value(op, isinstance(num_heads, int) and num_heads > 0,
                  f"num_heads must be a positive int, got {num_heads!r}")
@@ -37,11 +42,17 @@ def check_fwd_args(qkv, num_heads, scale, dropout_p, seed, op="fused_qkv_attenti
     checks.value(op, 0.0 <= dropout_p < 1.0, f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if dropout_p > 0.0:
         checks.tensor(op, "seed", seed, like=qkv, shape=(1,), dtype=torch.int64)
+    if segment_ids is not None:
+        torch._check_type(isinstance(segment_ids, Tensor) and segment_ids.dtype in _SEGMENT_DTYPES,
+                          lambda: f"vit_fast::{op}: segment_ids must be an int32 or int64 tensor, "
+                                  f"got {getattr(segment_ids, 'dtype', type(segment_ids).__name__)}")
+        checks.tensor(op, "segment_ids", segment_ids, like=qkv, shape=qkv.shape[:2],
+                      dtype=segment_ids.dtype)
 
 
-def _check_bwd_args(dout, qkv, out, lse, num_heads, scale, dropout_p, seed):
+def _check_bwd_args(dout, qkv, out, lse, num_heads, scale, dropout_p, seed, segment_ids):
     op = "fused_qkv_attention_bwd"
-    check_fwd_args(qkv, num_heads, scale, dropout_p, seed, op=op)
+    check_fwd_args(qkv, num_heads, scale, dropout_p, seed, segment_ids, op=op)
     B, N, three_c = qkv.shape
     checks.tensor(op, "dout", dout, like=qkv, shape=(B, N, three_c // 3))
     checks.tensor(op, "out", out, like=qkv, shape=(B, N, three_c // 3))
@@ -50,18 +61,22 @@ def _check_bwd_args(dout, qkv, out, lse, num_heads, scale, dropout_p, seed):
 
 @torch.library.custom_op("vit_fast::fused_qkv_attention_fwd", mutates_args=())
 def fused_qkv_attention_fwd(qkv: Tensor, num_heads: int, scale: float, dropout_p: float = 0.0,
-                            seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                            seed: Optional[Tensor] = None,
+                            segment_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """qkv [B, N, 3·H·D] -> out [B, N, H·D] (qkv's dtype), lse [B, H, N] (fp32).
 
     dropout_p > 0 needs seed (int64 [1] on qkv's device): the op is a pure function of it.
+    segment_ids (int32/int64 [B, N]) restricts each query to the keys of its own segment; rows
+    of padding (negative id) are 0 in out.
     """
-    check_fwd_args(qkv, num_heads, scale, dropout_p, seed)
-    return attention_fwd(qkv, num_heads, scale, dropout_p=dropout_p, seed=seed)
+    check_fwd_args(qkv, num_heads, scale, dropout_p, seed, segment_ids)
+    return attention_fwd(qkv, num_heads, scale, dropout_p=dropout_p, seed=seed,
+                         segment_ids=segment_ids)
 
 
 @fused_qkv_attention_fwd.register_fake
-def _(qkv, num_heads, scale, dropout_p=0.0, seed=None):
-    check_fwd_args(qkv, num_heads, scale, dropout_p, seed)
+def _(qkv, num_heads, scale, dropout_p=0.0, seed=None, segment_ids=None):
+    check_fwd_args(qkv, num_heads, scale, dropout_p, seed, segment_ids)
     B, N, three_c = qkv.shape
     out = qkv.new_empty(B, N, three_c // 3)
     lse = qkv.new_empty(B, num_heads, N, dtype=torch.float32)
@@ -70,23 +85,25 @@ def _(qkv, num_heads, scale, dropout_p=0.0, seed=None):
 
 @torch.library.custom_op("vit_fast::fused_qkv_attention_bwd", mutates_args=())
 def fused_qkv_attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int,
-                            scale: float, dropout_p: float = 0.0,
-                            seed: Optional[Tensor] = None) -> Tensor:
-    """dqkv [B, N, 3·H·D] from dout [B, N, H·D] and the forward's qkv, out, lse, dropout_p, seed."""
-    _check_bwd_args(dout, qkv, out, lse, num_heads, scale, dropout_p, seed)
-    return attention_bwd(dout, qkv, out, lse, num_heads, scale, dropout_p=dropout_p, seed=seed)
+                            scale: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
+                            segment_ids: Optional[Tensor] = None) -> Tensor:
+    """dqkv [B, N, 3·H·D] from dout [B, N, H·D] and the forward's qkv, out, lse, dropout_p,
+    seed and segment_ids."""
+    _check_bwd_args(dout, qkv, out, lse, num_heads, scale, dropout_p, seed, segment_ids)
+    return attention_bwd(dout, qkv, out, lse, num_heads, scale, dropout_p=dropout_p, seed=seed,
+                         segment_ids=segment_ids)
 
 
 @fused_qkv_attention_bwd.register_fake
-def _(dout, qkv, out, lse, num_heads, scale, dropout_p=0.0, seed=None):
-    _check_bwd_args(dout, qkv, out, lse, num_heads, scale, dropout_p, seed)
+def _(dout, qkv, out, lse, num_heads, scale, dropout_p=0.0, seed=None, segment_ids=None):
+    _check_bwd_args(dout, qkv, out, lse, num_heads, scale, dropout_p, seed, segment_ids)
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, num_heads, scale, dropout_p, seed = inputs
+    qkv, num_heads, scale, dropout_p, seed, segment_ids = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, out, lse, seed)
+    ctx.save_for_backward(qkv, out, lse, seed, segment_ids)
     ctx.num_heads, ctx.scale, ctx.dropout_p = num_heads, scale, dropout_p
     # lse is an internal by-product; declaring it non-differentiable means its gradient is never
     # asked for, so the backward need not handle one.
@@ -94,9 +111,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, _dlse):
-    qkv, out, lse, seed = ctx.saved_tensors
-    dqkv = fused_qkv_attention_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.scale, ctx.dropout_p, seed)
-    return dqkv, None, None, None, None
+    qkv, out, lse, seed, segment_ids = ctx.saved_tensors
+    dqkv = fused_qkv_attention_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.scale, ctx.dropout_p,
+                                   seed, segment_ids)
+    return dqkv, None, None, None, None, None
 
 
 fused_qkv_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -108,12 +126,14 @@ def dropout_seed(device: torch.device) -> Tensor:
     return torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), dtype=torch.int64, device=device)
 
 
-def fused_qkv_attention(qkv: Tensor, num_heads: int, scale: float, dropout_p: float = 0.0) -> Tensor:
+def fused_qkv_attention(qkv: Tensor, num_heads: int, scale: float, dropout_p: float = 0.0,
+                        segment_ids: Optional[Tensor] = None) -> Tensor:
     """softmax(q kᵀ·scale) v per head from timm's packed qkv [B, N, 3·H·D] -> [B, N, H·D],
-    the probabilities dropped with probability dropout_p (a fresh mask per call).
+    the probabilities dropped with probability dropout_p (a fresh mask per call), each query
+    restricted to its own segment when segment_ids [B, N] is given.
 
     Inputs are validated, and scale resolved to a float, by vit_fast.functional.
     """
     dropout_p = float(dropout_p)
     seed = dropout_seed(qkv.device) if dropout_p > 0.0 else None
-    return fused_qkv_attention_fwd(qkv, num_heads, float(scale), dropout_p, seed)[0]
+    return fused_qkv_attention_fwd(qkv, num_heads, float(scale), dropout_p, seed, segment_ids)[0]
