@@ -22,6 +22,7 @@ from timm.layers import Mlp as _TimmMlp
 
 from . import fused_block_ops
 from .fusion import FusedModule, forward_is
+from .segments import segment_attention_mask
 from .modules import (Attention, LayerNorm, LayerScale, Mlp, _gelu_approximate, _plain_layer_norm,
                       _tracing)
 
@@ -145,15 +146,24 @@ class Block(FusedModule):
 
     # --- forward --------------------------------------------------------------------------------
 
-    def forward(self, x, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+    def forward(self, x, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                segment_ids: Optional[torch.Tensor] = None):
+        """segment_ids (by keyword; TorchScript has no keyword-only defaults): int [B, N] of a
+        packed batch, -1 = padding (vit_fast/segments.py); the fused path never builds a mask."""
+        if segment_ids is not None:
+            if attn_mask is not None or is_causal:
+                raise ValueError("Block: pass segment_ids or attn_mask/is_causal, not both")
         if torch.jit.is_scripting():
-            return self.forward_plain(x, attn_mask, is_causal)
+            return self.forward_plain(x, attn_mask, is_causal, segment_ids)
         if _tracing(x) or self.why_not_fused():
-            return self.forward_plain(x, attn_mask, is_causal)
-        return self._forward_fused(x, attn_mask, is_causal)
+            return self.forward_plain(x, attn_mask, is_causal, segment_ids)
+        return self._forward_fused(x, attn_mask, is_causal, segment_ids)
 
-    def forward_plain(self, x, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+    def forward_plain(self, x, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                      segment_ids: Optional[torch.Tensor] = None):
         """timm's Block.forward: every submodule called (scriptable, traceable)."""
+        if segment_ids is not None:
+            attn_mask = segment_attention_mask(segment_ids)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask,
                                                    is_causal=is_causal)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -169,7 +179,7 @@ class Block(FusedModule):
         mm = [x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]
         return not fused_block_ops.kernel_reasons(x, ln, mm)
 
-    def _forward_fused(self, x, attn_mask, is_causal):
+    def _forward_fused(self, x, attn_mask, is_causal, segment_ids=None):
         a, mlp, n1, n2 = self.attn, self.mlp, self.norm1, self.norm2
         kernels = self._rebuilds_ln_outputs(x)
         amp = fused_block_ops.functional._autocast_dtype(x.device) if kernels else None
@@ -181,7 +191,7 @@ class Block(FusedModule):
                       mlp.fc2.bias))
         qkv = fused_block_ops.layer_norm_linear(x, n1.weight, n1.bias, n1.eps, qkv_w, qkv_b,
                                                 kernels=kernels)
-        p = a.proj_drop(a.proj(a.norm(a.attend(qkv, attn_mask, is_causal))))
+        p = a.proj_drop(a.proj(a.norm(a.attend(qkv, attn_mask, is_causal, segment_ids))))
         # Drop-path masks drawn in timm's order: after the attention branch's dropouts.
         ss1 = _drop_path_scale(self.drop_path1, x)
         ss2 = _drop_path_scale(self.drop_path2, x)

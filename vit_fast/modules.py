@@ -27,6 +27,7 @@ from timm.layers.format import Format, nchw_to
 
 from . import functional
 from .fusion import FusedModule, forward_is
+from .segments import segment_attention_mask
 
 __all__ = ["LayerNorm", "LayerScale", "Attention", "Mlp", "Block", "PatchEmbed"]
 
@@ -150,18 +151,25 @@ class Attention(FusedModule):
         """Whether a call with these arguments goes through vit_fast's fused attention op."""
         return not self.why_not_fused(attn_mask, is_causal)
 
-    def attend(self, qkv, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        """Attention core: packed qkv [B, N, 3·H·D] -> [B, N, H·D], before norm/gate/proj."""
+    def attend(self, qkv, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+               segment_ids: Optional[torch.Tensor] = None):
+        """Attention core: packed qkv [B, N, 3·H·D] -> [B, N, H·D], before norm/gate/proj.
+        segment_ids: int [B, N] of a packed batch (vit_fast/segments.py), instead of a mask."""
+        if segment_ids is not None and (attn_mask is not None or is_causal):
+            raise ValueError("Attention: pass segment_ids or attn_mask/is_causal, not both")
         if torch.jit.is_scripting():
-            return self.attend_plain(qkv, attn_mask, is_causal)
+            return self.attend_plain(qkv, attn_mask, is_causal, segment_ids)
         if _tracing(qkv) or not self.uses_fused_op(attn_mask, is_causal):
-            return self.attend_plain(qkv, attn_mask, is_causal)
+            return self.attend_plain(qkv, attn_mask, is_causal, segment_ids)
         dropout_p = self.attn_drop.p if self.training else 0.0
         return functional.fused_qkv_attention(qkv, self.num_heads, scale=self.qk_scale,
-                                              dropout_p=dropout_p)
+                                              dropout_p=dropout_p, segment_ids=segment_ids)
 
-    def attend_plain(self, qkv, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+    def attend_plain(self, qkv, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                     segment_ids: Optional[torch.Tensor] = None):
         """timm's attention math, step by step (scriptable, traceable)."""
+        if segment_ids is not None:
+            attn_mask = segment_attention_mask(segment_ids)
         B, N, _ = qkv.shape
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -176,9 +184,10 @@ class Attention(FusedModule):
             x = attn @ v
         return x.transpose(1, 2).reshape(B, N, self.attn_dim)
 
-    def forward(self, x, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+    def forward(self, x, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                segment_ids: Optional[torch.Tensor] = None):
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        x = self.norm(self.attend(self.qkv(x), attn_mask, is_causal))
+        x = self.norm(self.attend(self.qkv(x), attn_mask, is_causal, segment_ids))
         if gate is not None:
             x = x * gate
         return self.proj_drop(self.proj(x))

@@ -56,7 +56,7 @@ _NO_DENSE_MASK = object()
 class FusedNaFlexVit(NaFlexVit):
     """NaFlexVit whose converted Blocks get segment ids (from patch_valid) instead of a mask."""
 
-    vit_fast_fused = "blocks: segment attention from patch_valid (no N×N mask)"
+    vit_fast_fused = "segment attention from patch_valid (no N×N mask)"
 
     def takes_segment_ids(self) -> bool:
         return len(self.blocks) > 0 and all(isinstance(b, NaFlexBlock) for b in self.blocks)

@@ -45,11 +45,11 @@ _RMS_EPS = 1e-24
 @dataclass
 class PackedImages:
     """One packed batch: patches [B, N, C·p·p], positions [B, N, 2] (row, col of each patch),
-    segment_ids [B, N] (index of the image in its row, -1 for padding), num_images [B]."""
+    segment_ids [B, N] (index of the image in its row, -1 for padding), num_images (B ints)."""
     patches: torch.Tensor
     positions: torch.Tensor
     segment_ids: torch.Tensor
-    num_images: torch.Tensor
+    num_images: list
 
 
 def _patchify(image, p):
@@ -87,9 +87,9 @@ def pack_images(batched_images, patch_size, channels, *, token_dropout=None):
                 keep = max(1, int(n * (1 - token_dropout(*image.shape[-2:]))))
                 kept = torch.randn((n,), device=image.device).topk(keep, dim=-1).indices
                 patches[i], positions[i] = patches[i][kept], positions[i][kept]
-        counts = torch.tensor([t.shape[0] for t in patches], device=patches[0].device)
-        rows_ids.append(torch.repeat_interleave(torch.arange(len(images), device=counts.device),
-                                                counts))
+        # Built from the known lengths (no data-dependent op), so fake tensors can trace it too.
+        rows_ids.append(torch.cat([torch.full((t.shape[0],), i, device=t.device)
+                                   for i, t in enumerate(patches)]))
         rows_patches.append(torch.cat(patches))
         rows_positions.append(torch.cat(positions))
         num_images.append(len(images))
@@ -97,7 +97,7 @@ def pack_images(batched_images, patch_size, channels, *, token_dropout=None):
         patches=pad_sequence(rows_patches, batch_first=True),
         positions=pad_sequence(rows_positions, batch_first=True),
         segment_ids=pad_sequence(rows_ids, batch_first=True, padding_value=-1),
-        num_images=torch.tensor(num_images, device=rows_ids[0].device))
+        num_images=num_images)
 
 
 def _layer_norm(x, norm, residual=None):
@@ -196,7 +196,7 @@ class FusedNaViT(na_vit.NaViT):
     """vit-pytorch's NaViT packed with segment ids instead of a [B, 1, N, N] mask (``transformer``
     is a FusedNaViTTransformer). Same arguments, same logits, same parameters."""
 
-    vit_fast_fused = ("transformer: packed qkv GEMM, fused RMS q/k norm, segment attention "
+    vit_fast_fused = ("packed qkv GEMM, fused RMS q/k norm, segment attention "
                       "(no N×N mask), residual LayerNorm and GELU MLP ops")
 
     def forward(self, batched_images, group_images=False, group_max_seq_len=2048):
@@ -212,11 +212,12 @@ class FusedNaViT(na_vit.NaViT):
         x = self.dropout(x + self.pos_embed_height[rows] + self.pos_embed_width[cols])
         x = self.transformer(x, segment_ids=ids)
         # Attention pooling, eager: query q of row b reads the tokens of image q of that row.
-        B, queries = x.shape[0], int(packed.num_images.max())
+        B, queries = x.shape[0], max(packed.num_images)
         image = torch.arange(queries, device=x.device)
         pool_mask = (image[:, None] == ids[:, None, :])[:, None]           # [B, 1, Q, N]
         q = self.attn_pool_queries.expand(B, queries, -1)
         x = self.attn_pool(q, context=x, attn_mask=pool_mask) + q
-        is_image = (image[None, :] < packed.num_images[:, None]).reshape(-1)
-        x = x.reshape(B * queries, -1)[is_image]
+        # The rows of real images, in order (an index list: no data-dependent boolean mask).
+        rows = [b * queries + i for b, n in enumerate(packed.num_images) for i in range(n)]
+        x = x.reshape(B * queries, -1)[torch.tensor(rows, device=x.device)]
         return self.mlp_head(self.to_latent(x))
