@@ -310,13 +310,13 @@ def test_block_segment_ids_fused_and_plain_paths_agree():
     x = torch.randn(2, 11, 24)
     ids = torch.tensor([[0] * 4 + [1] * 7, [0] * 6 + [-1] * 5])
     with torch.no_grad():
-        fused = block(x, segment_ids=ids)
+        fused = block.forward_segments(x, ids)
         block.attn.qkv.register_forward_hook(lambda *a: None)  # forces the plain path
         assert block.why_not_fused()
-        plain = block(x, segment_ids=ids)
-        alone = block(x[:1, 4:], segment_ids=ids[:1, 4:] * 0)  # image 1 of row 0 on its own
+        plain = block.forward_segments(x, ids)
+        alone = block.forward_segments(x[:1, 4:], ids[:1, 4:] * 0)  # image 1 of row 0 on its own
     real = ids >= 0
     torch.testing.assert_close(fused[real], plain[real], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused[0, 4:], alone[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="segment_ids"):
-        block(x, attn_mask=torch.ones(11, 11, dtype=torch.bool), segment_ids=ids)
+        block.attn.attend(torch.randn(2, 11, 72), torch.ones(11, 11, dtype=torch.bool), False, ids)

@@ -146,24 +146,23 @@ class Block(FusedModule):
 
     # --- forward --------------------------------------------------------------------------------
 
-    def forward(self, x, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                segment_ids: Optional[torch.Tensor] = None):
-        """segment_ids (by keyword; TorchScript has no keyword-only defaults): int [B, N] of a
-        packed batch, -1 = padding (vit_fast/segments.py); the fused path never builds a mask."""
-        if segment_ids is not None:
-            if attn_mask is not None or is_causal:
-                raise ValueError("Block: pass segment_ids or attn_mask/is_causal, not both")
+    def forward(self, x, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         if torch.jit.is_scripting():
-            return self.forward_plain(x, attn_mask, is_causal, segment_ids)
+            return self.forward_plain(x, attn_mask, is_causal)
         if _tracing(x) or self.why_not_fused():
-            return self.forward_plain(x, attn_mask, is_causal, segment_ids)
-        return self._forward_fused(x, attn_mask, is_causal, segment_ids)
+            return self.forward_plain(x, attn_mask, is_causal)
+        return self._forward_fused(x, attn_mask, is_causal)
 
-    def forward_plain(self, x, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                      segment_ids: Optional[torch.Tensor] = None):
+    def forward_segments(self, x, segment_ids):
+        """forward for a packed batch: segment_ids int [B, N], -1 = padding (vit_fast/segments.py).
+        The fused path hands them to the attention op and never builds an N×N mask; the plain
+        path runs timm's math with the equivalent dense mask."""
+        if _tracing(x) or self.why_not_fused():
+            return self.forward_plain(x, segment_attention_mask(segment_ids))
+        return self._forward_fused(x, None, False, segment_ids)
+
+    def forward_plain(self, x, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         """timm's Block.forward: every submodule called (scriptable, traceable)."""
-        if segment_ids is not None:
-            attn_mask = segment_attention_mask(segment_ids)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask,
                                                    is_causal=is_causal)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

@@ -184,10 +184,9 @@ class Attention(FusedModule):
             x = attn @ v
         return x.transpose(1, 2).reshape(B, N, self.attn_dim)
 
-    def forward(self, x, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                segment_ids: Optional[torch.Tensor] = None):
+    def forward(self, x, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        x = self.norm(self.attend(self.qkv(x), attn_mask, is_causal, segment_ids))
+        x = self.norm(self.attend(self.qkv(x), attn_mask, is_causal))
         if gate is not None:
             x = x * gate
         return self.proj_drop(self.proj(x))

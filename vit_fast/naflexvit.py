@@ -44,7 +44,7 @@ class NaFlexBlock(Block):
 
     def forward(self, x, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         if isinstance(attn_mask, SegmentIds):
-            return super().forward(x, segment_ids=attn_mask.ids)
+            return self.forward_segments(x, attn_mask.ids)
         return super().forward(x, attn_mask, is_causal)
 
 
