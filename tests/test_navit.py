@@ -320,3 +320,46 @@ def test_block_segment_ids_fused_and_plain_paths_agree():
     torch.testing.assert_close(fused[0, 4:], alone[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="segment_ids"):
         block.attn.attend(torch.randn(2, 11, 72), torch.ones(11, 11, dtype=torch.bool), False, ids)
+
+
+# --- the benchmark -------------------------------------------------------------------------------
+
+def test_bench_navit_counts_no_n_by_n_saved_and_less_than_eager():
+    from vit_fast.bench import navit as bench
+    layout = bench.packed_sizes(((16, 16), (24, 16), (32, 32)), 3)
+    assert [len(r) for r in layout] == [3, 2, 1]
+    rows, notes = bench.saved_rows(bench.TINY, layout)
+    eager, fast = rows
+    assert eager["impl"] == "vit-pytorch eager" and eager["n_by_n"] >= 1  # the mask as a bias
+    assert fast["n_by_n"] == 0 and fast["bytes"] < eager["bytes"]
+    assert bool(notes) == (not support.SEGMENT_KERNELS)
+
+
+def test_bench_navit_cli_prints_labelled_cpu_and_counted_tables(capsys):
+    from vit_fast.bench.cli import main
+    assert main(["navit", "--tiny", "--rows", "2", "--iters", "1", "--warmup", "0",
+                 "--modes", "infer"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU measured" in out and "Counted (fake CUDA tensors" in out
+    assert out.count("vit_fast") >= 2 and "gpu-check" in out
+
+
+def test_gpu_kit_navit_rows_dry_run_and_report(tmp_path, monkeypatch):
+    import sys
+
+    from vit_fast.bench import gpu_check_report, navit
+    from vit_fast.bench.gpu_check_bench import Recorder
+    rec = Recorder(tmp_path / "models.json")
+    # The reference ops: the kit's own dry run (test_gpu_check) runs these rows on the kernels.
+    navit.add_gpu_kit_rows(rec, torch.device("cpu"), {"rounds": 2, "warmup": 0}, dry_run=True,
+                           backend="reference")
+    assert not rec.data["skipped"], rec.data["skipped"]
+    assert [r["mode"] for r in rec.data["navit_rows"]] == ["train", "infer"]
+    for r in rec.data["navit_rows"]:
+        assert set(r["providers"]) == {"vit-pytorch eager", "vit_fast"}
+        assert r["providers"]["vit_fast"]["max_abs_err"] < 0.05  # AMP bf16, both sides
+    summary = "\n".join(gpu_check_report._models(rec.data))
+    assert "NaViT (vit-pytorch)" in summary and "vs eager" in summary
+    monkeypatch.setitem(sys.modules, "vit_pytorch", None)  # as if not installed
+    navit.add_gpu_kit_rows(rec, torch.device("cpu"), {"rounds": 2, "warmup": 0}, dry_run=True)
+    assert "vit-pytorch is not installed" in rec.data["skipped"][-1]
