@@ -107,6 +107,20 @@ def test_navit_matches_vit_pytorch_outputs_and_gradients():
     _check_against_original(model, converted, lambda m, dtype: m(_images(dtype=dtype)))
 
 
+def test_navit_token_dropout_and_grouping_draw_as_vit_pytorch():
+    # Token dropout draws one torch.randn per image, in NaViT's order; group_images packs a flat
+    # list by NaViT's own grouping. Same seed, same kept tokens, same logits.
+    model = _navit(token_dropout_prob=0.25).train()
+    converted = vit_fast.convert(copy.deepcopy(model))
+    flat = [image for row in _images() for image in row]
+    outs = []
+    for m in (model, converted):
+        torch.manual_seed(3)
+        outs.append(m(flat, group_images=True, group_max_seq_len=30))
+    assert outs[0].shape == (3, NAVIT["num_classes"])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
 def test_navit_packed_images_do_not_see_each_other():
     model = vit_fast.convert(_navit().eval())
     images = _images()

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import statistics
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -57,26 +58,9 @@ def tokens(layout, patch):
     return len(layout), max(per_row), sum(per_row)
 
 
-def _step(model, mode, images, labels):
-    if mode == "infer":
-        model.eval()
-
-        def run():
-            with torch.no_grad():
-                return model(images)
-        return run
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-6)
-
-    def run():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), labels).backward()
-        opt.step()
-    return run
-
-
 def cpu_rows(config, layout, modes=("infer", "train"), warmup=1, iters=3):
     """Measured on this CPU: img/s of eager and converted, interleaved round by round."""
+    from .throughput import make_step
     images = make_images(layout)
     n_images = sum(len(r) for r in layout)
     labels = torch.arange(n_images) % 10
@@ -85,8 +69,8 @@ def cpu_rows(config, layout, modes=("infer", "train"), warmup=1, iters=3):
         eager, fast = build(config)
         with torch.no_grad():
             err = (fast.eval()(images) - eager.eval()(images)).abs().max().item()
-        steps = {"vit-pytorch eager": _step(eager, mode, images, labels),
-                 "vit_fast": _step(fast, mode, images, labels)}
+        steps = {"vit-pytorch eager": make_step(eager, mode, images, labels),
+                 "vit_fast": make_step(fast, mode, images, labels)}
         times = {p: [] for p in steps}
         for i in range(warmup + iters):
             for p, step in steps.items():
@@ -102,7 +86,6 @@ def cpu_rows(config, layout, modes=("infer", "train"), warmup=1, iters=3):
     return rows
 
 
-@contextlib.contextmanager
 def masked_sdpa_as_efficient():
     """F.scaled_dot_product_attention with a mask on fake CUDA tensors as the memory-efficient
     kernel (what runs masked attention on a GPU; without one, SDPA would pick the math path and
@@ -120,11 +103,7 @@ def masked_sdpa_as_efficient():
         bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         return torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, bias, True, dropout_p, False, scale=scale)[0]
-    F.scaled_dot_product_attention = sdpa
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = orig
+    return mock.patch.object(F, "scaled_dot_product_attention", sdpa)
 
 
 @contextlib.contextmanager
@@ -186,6 +165,7 @@ def gpu_kit_case(device, settings, dry_run, backend="triton"):
 
     from . import timing
     from .gpu_check_bench import _peak_step_bytes
+    from .throughput import make_step
     config = TINY if dry_run else SMALL
     layout = packed_sizes(SIZES if not dry_run else ((16, 16), (24, 16)), 2 if dry_run else 32)
     images = make_images(layout, device)
@@ -202,8 +182,8 @@ def gpu_kit_case(device, settings, dry_run, backend="triton"):
                 with torch.autocast(device.type, dtype=torch.bfloat16):
                     return step()
             return run
-        fns = {"vit-pytorch eager": amp(_step(eager, mode, images, labels)),
-               "vit_fast": amp(_step(fast, mode, images, labels))}
+        fns = {"vit-pytorch eager": amp(make_step(eager, mode, images, labels)),
+               "vit_fast": amp(make_step(fast, mode, images, labels))}
         with vit_fast.use_backend(backend):
             mem = {p: _peak_step_bytes(f, device) for p, f in fns.items()}
             samples = timing.time_interleaved(fns, device, settings["rounds"], settings["warmup"])
