@@ -34,19 +34,17 @@ import triton.language as tl
 
 from ._device import interpreting as _interpreting
 from ._device import on_tensor_device
+from .attention_bwd import attention_bwd_delta_kernel, attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from .attention_dropout import _dropout_keep, _keep_threshold
-from .attention_tiles import _load_rows, _operand, _store_rows, _tile_of_head
-
-LOG2E = 1.4426950408889634
-# Globals a jit function reads must be constexpr.
-_LN2 = tl.constexpr(0.6931471805599453)
-_LOG2E = tl.constexpr(LOG2E)
+from .attention_segments import _segment_mask, _segment_rows, _segment_span, segment_args
+from .attention_tiles import _LN2, LOG2E, _load_rows, _operand, _store_rows, _tile_of_head
 
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_m, start_n, N, bh, stride_n, qk_scale, seed,
-              keep_from, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              keep_from, seg_row, q_ids, HEAD_DIM: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
               DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One step of the online softmax: the keys start_n.. folded into (acc, l_i, m_i).
 
@@ -56,14 +54,23 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_m, start_n, N, bh, stride_
     k = _operand(_load_rows(k_base, start_n, N, stride_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
     v = _operand(_load_rows(v_base, start_n, N, stride_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if start_n + BLOCK_N > N:
+    if HAS_SEGMENTS:
+        # Keys of other segments, padding and keys past N (read as id -1) all get -inf.
+        k_ids = _segment_rows(seg_row, start_n, N, BLOCK_N)
+        qk = tl.where(_segment_mask(q_ids, k_ids), qk, float("-inf"))
+    elif start_n + BLOCK_N > N:
         # Keys past N get zero probability. Only the last tile has any (a branch the whole CTA
         # takes or skips together); it always holds a real key, so m_new is finite and
         # exp2(-inf) = 0 keeps the recurrence clean.
         qk = tl.where((start_n + tl.arange(0, BLOCK_N))[None, :] < N, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    m_shift = m_new
+    if HAS_SEGMENTS:
+        # A row that has met no key of its segment yet (or never will: padding) has m = -inf;
+        # shifting by 0 there makes exp2 give 0 instead of exp2(-inf + inf) = NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_shift)
+    p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if HAS_DROPOUT:
         # The normalizer above takes every key; only the product with V is dropped, and its
@@ -84,11 +91,15 @@ def attention_fwd_kernel(
     stride_qkv_b, stride_qkv_n, stride_o_b, stride_o_n,
     qk_scale,  # scale * log2(e), > 0 (attention_fwd rewrites q for a scale <= 0)
     dropout_p,
+    SEG,    # [B, N] int64 segment ids, contiguous; None without (then SPANS is None too)
+    SPANS,  # [B, cdiv(N, BLOCK_M), 2] int32: the keys each query tile visits (attention_segments)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One program = one BLOCK_M tile of queries of one (b, h); K/V of that head stream past it
-    (_fwd_tile), the key mask applied on the last tile only."""
+    (_fwd_tile), the key mask applied on the last tile only. With segments, only the key tiles
+    of the tile's span, each masked to the query's segment."""
     b, h, bh, start_m = _tile_of_head(N, H, BLOCK_M)
     q_base = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
     k_base = q_base + H * HEAD_DIM
@@ -104,10 +115,21 @@ def attention_fwd_kernel(
     else:
         seed = 0
         keep_from = 0
-    for start_n in range(0, N, BLOCK_N):
+    lo, hi, seg_row, q_ids = 0, N, SEG, 0
+    if HAS_SEGMENTS:
+        seg_row = SEG + b.to(tl.int64) * N
+        q_ids = _segment_rows(seg_row, start_m, N, BLOCK_M)
+        lo, hi = _segment_span(SPANS, b, start_m // BLOCK_M, N, BLOCK_M)
+    for start_n in range(lo, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_m, start_n, N, bh,
-                                  stride_qkv_n, qk_scale, seed, keep_from, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                  BLOCK_N, HAS_DROPOUT, DOT_FP32, DOT_PRECISION)
+                                  stride_qkv_n, qk_scale, seed, keep_from, seg_row, q_ids,
+                                  HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_DROPOUT,
+                                  HAS_SEGMENTS, DOT_FP32, DOT_PRECISION)
+    if HAS_SEGMENTS:
+        # Padding queries meet no key: l = 0 and acc = 0, so out = 0 (l taken as 1); their lse
+        # is +inf, which makes every backward probability exp2(s - lse) of the row 0.
+        no_key = l_i == 0.0
+        l_i = tl.where(no_key, 1.0, l_i)
     if HAS_DROPOUT:
         acc = acc * ((1.0 / (1.0 - dropout_p)) / l_i)[:, None]
     else:
@@ -115,142 +137,10 @@ def attention_fwd_kernel(
     o_base = O + b.to(tl.int64) * stride_o_b + h * HEAD_DIM
     _store_rows(o_base, start_m, N, stride_o_n, acc.to(O.dtype.element_ty), HEAD_DIM, BLOCK_M, BLOCK_D)
     rows = start_m + tl.arange(0, BLOCK_M)
-    tl.store(LSE + bh.to(tl.int64) * N + rows, (m_i + tl.math.log2(l_i)) * _LN2, mask=rows < N)
-
-
-@triton.jit
-def attention_bwd_delta_kernel(
-    O,      # [B, N, H*D]
-    DO,     # [B, N, H*D]
-    DELTA,  # [B, H, N] fp32, contiguous
-    N, H,
-    stride_o_b, stride_o_n, stride_do_b, stride_do_n,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """Δ_i = Σ_d dO_id·out_id in fp32: the row term of dS, computed once instead of per key block."""
-    b, h, bh, start_m = _tile_of_head(N, H, BLOCK_M)
-    o = _load_rows(O + b.to(tl.int64) * stride_o_b + h * HEAD_DIM, start_m, N, stride_o_n,
-                   HEAD_DIM, BLOCK_M, BLOCK_D).to(tl.float32)
-    do = _load_rows(DO + b.to(tl.int64) * stride_do_b + h * HEAD_DIM, start_m, N, stride_do_n,
-                    HEAD_DIM, BLOCK_M, BLOCK_D).to(tl.float32)
-    rows = start_m + tl.arange(0, BLOCK_M)
-    tl.store(DELTA + bh.to(tl.int64) * N + rows, tl.sum(o * do, 1), mask=rows < N)
-
-
-@triton.jit
-def attention_bwd_dkdv_kernel(
-    QKV,    # [B, N, 3*H*D]
-    DO,     # [B, N, H*D]
-    LSE,    # [B, H, N] fp32, contiguous
-    DELTA,  # [B, H, N] fp32, contiguous
-    DQKV,   # [B, N, 3*H*D]; this kernel writes the k and v thirds
-    SEED,   # [1] int64, the forward's dropout key; None without dropout
-    N, H,
-    stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n,
-    sm_scale, qk_scale, dropout_p,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """One program = one BLOCK_N tile of keys of one (b, h): dk, dv accumulate over all queries.
-
-    Works on the transposed tiles (keys × queries) so that both products take their K-side
-    operand as loaded and need no transpose of an accumulator.
-    """
-    b, h, bh, start_n = _tile_of_head(N, H, BLOCK_N)
-    q_base = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
-    do_base = DO + b.to(tl.int64) * stride_do_b + h * HEAD_DIM
-    row_base = bh.to(tl.int64) * N
-    dtype = QKV.dtype.element_ty
-
-    k = _operand(_load_rows(q_base + H * HEAD_DIM, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
-    v = _operand(_load_rows(q_base + 2 * H * HEAD_DIM, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    offs_m = tl.arange(0, BLOCK_M)
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
-        keep_from = _keep_threshold(dropout_p)
-        keep_scale = 1.0 / (1.0 - dropout_p)
-    for start_m in range(0, N, BLOCK_M):
-        q = _operand(_load_rows(q_base, start_m, N, stride_qkv_n, HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
-        do = _operand(_load_rows(do_base, start_m, N, stride_do_n, HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
-        rows = start_m + offs_m
-        lse2 = tl.load(LSE + row_base + rows, mask=rows < N, other=0.0) * _LOG2E
-        delta = tl.load(DELTA + row_base + rows, mask=rows < N, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        # Padded query rows need no mask: their q, dO, lse and Δ load as 0, so p = 1 there and
-        # every term they add to dv (p·dO) and dk (p·(dP − Δ)·q) is exactly 0.
-        p_t = tl.math.exp2(s_t - lse2[None, :])
-        if HAS_DROPOUT:
-            # dv takes the dropped Z without its 1/(1 - p), applied once at the store.
-            keep_t = tl.trans(_dropout_keep(seed, start_m, start_n, bh, keep_from, BLOCK_M, BLOCK_N))
-            z_t = tl.where(keep_t, p_t, 0.0)
-        else:
-            z_t = p_t
-        dv += tl.dot(_operand(z_t.to(dtype), DOT_FP32), do, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(_operand(ds_t.to(dtype), DOT_FP32), q, input_precision=DOT_PRECISION)
-    out_dtype = DQKV.dtype.element_ty
-    dk_base = DQKV + b.to(tl.int64) * stride_dqkv_b + (H + h) * HEAD_DIM
-    _store_rows(dk_base, start_n, N, stride_dqkv_n, (dk * sm_scale).to(out_dtype), HEAD_DIM, BLOCK_N, BLOCK_D)
-    if HAS_DROPOUT:
-        dv = dv * keep_scale
-    _store_rows(dk_base + H * HEAD_DIM, start_n, N, stride_dqkv_n, dv.to(out_dtype), HEAD_DIM, BLOCK_N, BLOCK_D)
-
-
-@triton.jit
-def attention_bwd_dq_kernel(
-    QKV,    # [B, N, 3*H*D]
-    DO,     # [B, N, H*D]
-    LSE,    # [B, H, N] fp32, contiguous
-    DELTA,  # [B, H, N] fp32, contiguous
-    DQKV,   # [B, N, 3*H*D]; this kernel writes the q third
-    SEED,   # [1] int64, the forward's dropout key; None without dropout
-    N, H,
-    stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n,
-    sm_scale, qk_scale, dropout_p,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """One program = one BLOCK_M tile of queries of one (b, h): dq accumulates over all keys."""
-    b, h, bh, start_m = _tile_of_head(N, H, BLOCK_M)
-    q_base = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
-    k_base = q_base + H * HEAD_DIM
-    v_base = q_base + 2 * H * HEAD_DIM
-    dtype = QKV.dtype.element_ty
-
-    q = _operand(_load_rows(q_base, start_m, N, stride_qkv_n, HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
-    do = _operand(_load_rows(DO + b.to(tl.int64) * stride_do_b + h * HEAD_DIM, start_m, N, stride_do_n,
-                             HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
-    rows = start_m + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
-    lse2 = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0) * _LOG2E
-    delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
-        keep_from = _keep_threshold(dropout_p)
-        keep_scale = 1.0 / (1.0 - dropout_p)
-    for start_n in range(0, N, BLOCK_N):
-        k = _operand(_load_rows(k_base, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
-        v = _operand(_load_rows(v_base, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        # Padded keys are zero vectors, so their ds·k terms vanish, except that exp2(0 - lse)
-        # overflows when every logit of the row is below about -88 and inf·0 is NaN: mask them.
-        p = tl.where((start_n + offs_n)[None, :] < N, tl.math.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, start_m, start_n, bh, keep_from, BLOCK_M, BLOCK_N)
-            dp = tl.where(keep, dp * keep_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(_operand(ds.to(dtype), DOT_FP32), k, input_precision=DOT_PRECISION)
-    dq_base = DQKV + b.to(tl.int64) * stride_dqkv_b + h * HEAD_DIM
-    _store_rows(dq_base, start_m, N, stride_dqkv_n, (dq * sm_scale).to(DQKV.dtype.element_ty),
-                HEAD_DIM, BLOCK_M, BLOCK_D)
+    lse = m_i + tl.math.log2(l_i)
+    if HAS_SEGMENTS:
+        lse = tl.where(no_key, float("inf"), lse)
+    tl.store(LSE + bh.to(tl.int64) * N + rows, lse * _LN2, mask=rows < N)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,13 +247,13 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, dropout_p:
 
     dropout_p > 0 drops attention probabilities with the mask that seed (int64 [1], qkv's
     device) determines; the backward, given the same seed, regenerates it. lse is undropped.
+    segment_ids (int [B, N], qkv's device) keeps each query to its own segment's keys
+    (attention_segments.py); padding rows (negative id) get out 0 and lse +inf.
 
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages) to override the table (tests use it to
     exercise tile shapes the default would not).
     """
     _check_shipped(qkv)
-    if segment_ids is not None:
-        raise NotImplementedError("segment_ids: the attention kernels do not take them yet")
     seed, dropout_p, has_dropout = _dropout_args(qkv, dropout_p, seed)
     qkv = _last_dim_contiguous(qkv)
     B, N, three_c = qkv.shape
@@ -387,7 +277,7 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, dropout_p:
     grid = (triton.cdiv(N, block_m) * B * num_heads,)
     attention_fwd_kernel[grid](
         qkv, out, lse, seed, N, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0),
-        out.stride(1), float(scale) * LOG2E, dropout_p,
+        out.stride(1), float(scale) * LOG2E, dropout_p, **segment_args(segment_ids, block_m, block_n),
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_DROPOUT=has_dropout, num_warps=warps, num_stages=stages, **_dot_args(qkv.dtype))
     return out, lse
@@ -398,11 +288,9 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
                   num_heads: int, scale: float, *, dropout_p: float = 0.0, seed=None,
                   segment_ids=None, config=None):
     """dqkv [B, N, 3·H·D] (qkv's dtype, contiguous) from dout [B, N, H·D] and the forward's
-    qkv, out, lse, dropout_p and seed. config: (dkdv config, dq config) override, as in
+    qkv, out, lse, dropout_p, seed and segment_ids. config: (dkdv config, dq config) override, as in
     attention_fwd."""
     _check_shipped(qkv)
-    if segment_ids is not None:
-        raise NotImplementedError("segment_ids: the attention kernels do not take them yet")
     seed, dropout_p, has_dropout = _dropout_args(qkv, dropout_p, seed)
     qkv, out, dout = _last_dim_contiguous(qkv), _last_dim_contiguous(out), _last_dim_contiguous(dout)
     lse = lse.contiguous()
@@ -425,11 +313,11 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     dot = dict(_dot_args(qkv.dtype), HAS_DROPOUT=has_dropout)
     block_m, block_n, warps, stages = cfg_kv
     attention_bwd_dkdv_kernel[(triton.cdiv(N, block_n) * B * num_heads,)](
-        *args, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        *args, **segment_args(segment_ids, block_n, block_m), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=warps, num_stages=stages, **dot)
     block_m, block_n, warps, stages = cfg_q
     attention_bwd_dq_kernel[(triton.cdiv(N, block_m) * B * num_heads,)](
-        *args, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        *args, **segment_args(segment_ids, block_m, block_n), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=warps, num_stages=stages, **dot)
     return dqkv
 

@@ -1,5 +1,7 @@
 """Ahead-of-time specs of the attention kernels: every config attention.py's tables can launch,
 for vit_fast.aot and `python -m vit_fast.bench compile-check`."""
+import itertools
+
 import torch
 
 from .attention import (_CUDA_CONFIGS, _CUDA_DROPOUT_CONFIGS, _DELTA_BLOCK_M, _block_d,
@@ -14,8 +16,8 @@ _TORCH_TO_SIG = {torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
 def aot_specs():
-    """Every shipped CUDA config (the tables above) × fp16/bf16 × with/without dropout, as
-    vit_fast.aot.AotSpec."""
+    """Every shipped CUDA config (the tables above) × fp16/bf16 × with/without dropout × with/
+    without segment ids, as vit_fast.aot.AotSpec."""
     from vit_fast.aot import AotSpec
 
     specs = []
@@ -25,11 +27,12 @@ def aot_specs():
                       for key, cfg in _CUDA_CONFIGS.items() for kernel, bucket, _ in [key]
                       for dropout in (False, True)})
     for dtype, ptr in _TORCH_TO_SIG.items():
-        for kernel, bucket, dropout, (bm, bn, warps, stages) in shipped:
+        for (kernel, bucket, dropout, (bm, bn, warps, stages)), segments in itertools.product(
+                shipped, (False, True)):
             for head_dim in _AOT_HEAD_DIMS[bucket]:
                 consts = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_M": bm,
-                          "BLOCK_N": bn, "HAS_DROPOUT": dropout, "DOT_FP32": False,
-                          "DOT_PRECISION": "tf32"}
+                          "BLOCK_N": bn, "HAS_DROPOUT": dropout, "HAS_SEGMENTS": segments,
+                          "DOT_FP32": False, "DOT_PRECISION": "tf32"}
                 if kernel == "fwd":
                     fn, sig = attention_fwd_kernel, {
                         "QKV": ptr, "O": ptr, "LSE": "*fp32", "SEED": "*i64", "N": "i32", "H": "i32",
@@ -50,10 +53,17 @@ def aot_specs():
                 else:
                     sig["SEED"] = "constexpr"  # launched with None
                     consts["SEED"] = None
+                if segments:
+                    # Both fresh allocations of the launcher (attention_segments.segment_args).
+                    sig.update(SEG="*i64", SPANS="*i32")
+                    div += ["SEG", "SPANS"]
+                else:
+                    consts.update(SEG=None, SPANS=None)
                 sig.update({k: "constexpr" for k in consts})
                 sig = {name: sig[name] for name in fn.arg_names}  # argument order, for the attrs
                 name = (f"attention_{kernel}[{str(dtype).split('.')[-1]},D={head_dim},"
-                        f"BM={bm},BN={bn},w={warps},s={stages}{',dropout' if dropout else ''}]")
+                        f"BM={bm},BN={bn},w={warps},s={stages}{',dropout' if dropout else ''}"
+                        f"{',segments' if segments else ''}]")
                 specs.append(AotSpec(name, fn, sig, consts, tuple(div), warps, stages, uses_dot=True))
         for head_dim in sorted(d for dims in _AOT_HEAD_DIMS.values() for d in dims):
             consts = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_M": _DELTA_BLOCK_M}

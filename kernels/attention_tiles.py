@@ -1,7 +1,13 @@
 """Tile helpers the attention kernels share: strided row loads/stores of one head's slice, the
-dot-operand upcast for the interpreter, and the program-id -> (batch, head, tile) mapping."""
+dot-operand upcast for the interpreter, the program-id -> (batch, head, tile) mapping, and the
+log2/ln constants of the exp2-based softmax."""
 import triton
 import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# Globals a jit function reads must be constexpr.
+_LN2 = tl.constexpr(0.6931471805599453)
+_LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit

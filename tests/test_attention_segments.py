@@ -4,7 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vit_fast import functional, reference
+from test_attention_triton import _probe_mask, _seed
+from tolerance import assert_close_by_rule
+from vit_fast import dispatch, functional, reference, use_backend
+from vit_fast.kernels import attention as kernels
+from vit_fast.kernels import attention_segments
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -84,3 +88,262 @@ def test_functional_reference_backend_matches_per_image():
     # Without segment_ids the call means what it always did.
     torch.testing.assert_close(functional.fused_qkv_attention(qkv, 3),
                                reference.fused_qkv_attention(qkv, 3))
+
+
+# --- the Triton kernels (under the interpreter) -----------------------------------------------
+
+def _ids(*rows):
+    """segment_ids from per-row lists of (id, count) runs."""
+    return torch.tensor([[i for i, n in row for _ in range(n)] for row in rows])
+
+
+# Layouts of N = 48 tokens against 16-row tiles (forward 16 x 32, backward both ways).
+LAYOUTS = {
+    "one_segment": _ids([(0, 48)]),
+    "many_short": _ids([(i, 1 + i % 3) for i in range(24)]),
+    "padding_at_end": _ids([(0, 20), (1, 9), (-1, 19)]),
+    "crossing_tiles": _ids([(3, 20), (7, 10), (9, 18)]),
+    "row_of_padding": _ids([(0, 30), (1, 18)], [(-1, 48)]),
+}
+# (layout, head_dim, dtype): each layout in each dtype somewhere, head dims that pad.
+CASES = [("one_segment", 16, BF16), ("many_short", 40, F32), ("padding_at_end", 16, F16),
+         ("crossing_tiles", 16, F32), ("crossing_tiles", 24, BF16), ("row_of_padding", 16, F16),
+         ("padding_at_end", 32, BF16), ("many_short", 16, F16)]
+FWD_CFG = (16, 32, 4, 1)
+BWD_CFG = ((16, 32, 4, 1), (32, 16, 4, 1))
+
+
+def _kernel_run(qkv, H, scale, ids, grad, **kw):
+    out, lse = kernels.attention_fwd(qkv, H, scale, segment_ids=ids, config=FWD_CFG, **kw)
+    dqkv = kernels.attention_bwd(grad, qkv, out, lse, H, scale, segment_ids=ids, config=BWD_CFG, **kw)
+    return out, lse, dqkv
+
+
+def _with_grad(fn, qkv, grad, dtype):
+    qkv = qkv.detach().to(dtype).requires_grad_()
+    out = fn(qkv)
+    out.backward(grad.to(dtype))
+    return out.detach(), qkv.grad
+
+
+@pytest.mark.parametrize("layout,head_dim,dtype", CASES,
+                         ids=[f"{n}-D{d}-{str(t)[6:]}" for n, d, t in CASES])
+def test_kernels_match_per_image_attention(layout, head_dim, dtype):
+    ids = LAYOUTS[layout]
+    B, N, H = ids.shape[0], ids.shape[1], 2
+    scale = head_dim ** -0.5
+    qkv = torch.randn(B, N, 3 * H * head_dim, dtype=dtype)
+    grad = torch.randn(B, N, H * head_dim, dtype=dtype)
+    out, lse, dqkv = _kernel_run(qkv, H, scale, ids, grad)
+    same = _with_grad(lambda t: reference.fused_qkv_attention(t, H, scale=scale, segment_ids=ids),
+                      qkv, grad, dtype)
+    per_image64 = _with_grad(lambda t: _per_image(t, H, ids, scale), qkv, grad, torch.float64)
+    ref64 = _with_grad(lambda t: reference.fused_qkv_attention(t, H, scale=scale, segment_ids=ids),
+                       qkv, grad, torch.float64)
+    torch.testing.assert_close(ref64, per_image64)
+    assert out.dtype == dtype and dqkv.dtype == dtype
+    assert_close_by_rule(out, same[0], per_image64[0], "out")
+    assert_close_by_rule(dqkv, same[1], per_image64[1], "dqkv")
+    pad = ids < 0
+    assert torch.equal(out[pad], torch.zeros_like(out[pad]))
+    assert torch.equal(dqkv[pad], torch.zeros_like(dqkv[pad]))
+    # Padding rows keep a lse that makes the backward's probabilities 0; real rows are finite.
+    assert torch.isfinite(lse.transpose(1, 2)[~pad]).all()
+    assert (lse.transpose(1, 2)[pad] == float("inf")).all()
+
+
+def test_int32_int64_strided_and_unsorted_ids():
+    # Ids in any order are exact (only the skip assumes runs); any int dtype and stride.
+    B, N, H, D = 1, 40, 2, 16
+    ids = torch.tensor([[2, 5, 2, -1, 5, 5, 0] * 5 + [2, 0, 0, -3, 5]])
+    qkv = torch.randn(B, N, 3 * H * D)
+    grad = torch.randn(B, N, H * D)
+    out, _, dqkv = _kernel_run(qkv, H, 0.3, ids, grad)
+    ref = _with_grad(lambda t: _per_image(t, H, ids, 0.3), qkv, grad, torch.float64)
+    torch.testing.assert_close(out.double(), ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dqkv.double(), ref[1], atol=1e-5, rtol=1e-5)
+    wide = torch.stack([ids, ids], -1)[..., 0]  # a strided int64 view
+    assert wide.stride(1) == 2
+    for same in (ids.to(torch.int32), wide):
+        again, _, dagain = _kernel_run(qkv, H, 0.3, same, grad)
+        assert torch.equal(again, out) and torch.equal(dagain, dqkv)
+
+
+def test_backward_is_deterministic():
+    ids = LAYOUTS["crossing_tiles"]
+    qkv = torch.randn(1, 48, 3 * 2 * 16, dtype=BF16)
+    grad = torch.randn(1, 48, 2 * 16, dtype=BF16)
+    first = _kernel_run(qkv, 2, 0.25, ids, grad)
+    second = _kernel_run(qkv, 2, 0.25, ids, grad)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_changing_one_segment_leaves_the_others_bitwise_unchanged():
+    ids = LAYOUTS["crossing_tiles"]  # segments share tiles: the mask, not the skip, isolates them
+    H, D = 2, 16
+    qkv = torch.randn(1, 48, 3 * H * D, dtype=F16)
+    grad = torch.randn(1, 48, H * D, dtype=F16)
+    out, _, dqkv = _kernel_run(qkv, H, 0.25, ids, grad)
+    other = ids[0] == 7
+    changed = qkv.clone()
+    changed[0, other] = torch.randn_like(changed[0, other]) * 3
+    grad2 = grad.clone()
+    grad2[0, other] = torch.randn_like(grad2[0, other])
+    out2, _, dqkv2 = _kernel_run(changed, H, 0.25, ids, grad2)
+    assert torch.equal(out2[0, ~other], out[0, ~other])
+    assert torch.equal(dqkv2[0, ~other], dqkv[0, ~other])
+    assert not torch.equal(out2[0, other], out[0, other])
+
+
+def _tile_pairs_sharing_a_segment(ids, rows, cols):
+    B, N = ids.shape
+    count = 0
+    for b in range(B):
+        for r in range(0, N, rows):
+            for c in range(0, N, cols):
+                a, k = ids[b, r:r + rows], ids[b, c:c + cols]
+                count += bool(((a[:, None] == k[None, :]) & (a[:, None] >= 0)).any())
+    return count
+
+
+def _spy_spans(monkeypatch, edit=None):
+    """Record every spans table the launchers make (and let ``edit`` change it)."""
+    calls = []
+    real = attention_segments.segment_spans
+
+    def spy(seg, block_rows, block_cols):
+        spans = real(seg, block_rows, block_cols)
+        if edit is not None:
+            spans = edit(spans)
+        calls.append((block_rows, block_cols, spans))
+        return spans
+    monkeypatch.setattr(attention_segments, "segment_spans", spy)
+    return calls
+
+
+@pytest.mark.parametrize("layout", ["many_short", "crossing_tiles", "row_of_padding"])
+def test_skipping_visits_only_tiles_that_share_a_segment(monkeypatch, layout):
+    ids = LAYOUTS[layout]
+    calls = _spy_spans(monkeypatch)
+    qkv = torch.randn(ids.shape[0], 48, 3 * 2 * 16)
+    _kernel_run(qkv, 2, 0.25, ids, torch.randn(ids.shape[0], 48, 2 * 16))
+    assert [(r, c) for r, c, _ in calls] == [(16, 32), (32, 16), (32, 16)]  # fwd, dK/dV, dQ
+    dense = ids.shape[0] * 3 * 2  # 48/16 x 48/32 tiles per row
+    for rows, cols, spans in calls:
+        visited = int(((spans[..., 1] - spans[..., 0]) // cols).sum())
+        # Runs: exactly the pairs that share a segment, and fewer than all of them.
+        assert visited == _tile_pairs_sharing_a_segment(ids, rows, cols) < dense, (rows, cols)
+
+
+def test_kernels_loop_over_the_spans_only(monkeypatch):
+    # Emptying the span of tile 1 must silence it: its queries (forward, dQ) or keys (dK/dV)
+    # meet nothing. A kernel that looped over all of N would not notice.
+    ids = LAYOUTS["one_segment"]
+    H, D = 2, 16
+
+    def starve_tile_1(spans):
+        spans = spans.clone()
+        spans[:, 1] = 0
+        return spans
+    qkv = torch.randn(1, 48, 3 * H * D)
+    grad = torch.randn(1, 48, H * D)
+    out, _, dqkv = _kernel_run(qkv, H, 0.25, ids, grad)
+    _spy_spans(monkeypatch, starve_tile_1)
+    out2, _, dqkv2 = _kernel_run(qkv, H, 0.25, ids, grad)
+    # Tile 1: queries 16..31 in the forward (16-row tiles), keys 32..47 in dK/dV and queries
+    # 32..47 in dQ (32-row tiles).
+    assert torch.equal(out2[0, 16:32], torch.zeros_like(out2[0, 16:32]))
+    assert torch.equal(out2[0, :16], out[0, :16]) and torch.equal(out2[0, 32:], out[0, 32:])
+    dq, dkv = dqkv2[0, :, :H * D], dqkv2[0, :, H * D:]
+    assert torch.equal(dkv[32:], torch.zeros_like(dkv[32:]))
+    assert torch.equal(dq[32:], torch.zeros_like(dq[32:]))
+    assert dq[:32].abs().sum() > 0 and dkv[:32].abs().sum() > 0
+
+
+def test_dropout_composes_with_segments():
+    B, N, H, D, p = 1, 40, 2, 16, 0.4
+    ids = _ids([(0, 15), (1, 19), (-1, 6)])
+    seed = _seed(0x5EED)
+    keep = _probe_mask(B, H, N, p, seed)
+    qkv = torch.randn(B, N, 3 * H * D)
+    grad = torch.randn(B, N, H * D)
+    out, lse, dqkv = _kernel_run(qkv, H, 0.25, ids, grad, dropout_p=p, seed=seed)
+
+    def ref(dtype):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(reference.F, "dropout", lambda attn, p: attn * keep.to(attn.dtype) / (1 - p))
+            return _with_grad(lambda t: reference.fused_qkv_attention(
+                t, H, scale=0.25, dropout_p=p, segment_ids=ids), qkv, grad, dtype)
+    same, ref64 = ref(F32), ref(torch.float64)
+    assert_close_by_rule(out, same[0], ref64[0], "out")
+    assert_close_by_rule(dqkv, same[1], ref64[1], "dqkv")
+    assert torch.equal(out[0, 34:], torch.zeros_like(out[0, 34:]))
+    assert torch.equal(dqkv[0, 34:], torch.zeros_like(dqkv[0, 34:]))
+    # The saved lse is that of the undropped, segment-masked softmax.
+    assert torch.equal(lse, kernels.attention_fwd(qkv, H, 0.25, segment_ids=ids, config=FWD_CFG)[1])
+
+
+def _saved_shapes(fn):
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return shapes
+
+
+def test_no_n_by_n_tensor_is_saved_for_backward():
+    ids = LAYOUTS["padding_at_end"]
+    N = ids.shape[1]
+    qkv = torch.randn(1, N, 3 * 2 * 16, requires_grad=True)
+
+    def run(backend):
+        def call():
+            with use_backend(backend):
+                functional.fused_qkv_attention(qkv, 2, segment_ids=ids)
+        return call
+    ours = _saved_shapes(run("triton"))
+    assert sorted(ours) == sorted([(1, N, 96), (1, N, 32), (1, 2, N), (1, N)])  # qkv out lse ids
+    # The count can fail: the reference (what eager code does) keeps an [.., N, N] mask.
+    assert any(s[-2:] == (N, N) for s in _saved_shapes(run("reference")))
+
+
+def test_functional_triton_backend_takes_segments():
+    ids = functional.segment_ids_from_lengths([[5, 11], [16]], total_len=20)
+    qkv = torch.randn(2, 20, 3 * 2 * 8, requires_grad=True)
+    assert dispatch.choose("fused_qkv_attention", [qkv], head_dim=8, dropout_p=0.0,
+                           segmented=True).backend == "reference"  # auto: CPU goes to reference
+    with use_backend("triton"):
+        assert dispatch.choose("fused_qkv_attention", [qkv], head_dim=8, dropout_p=0.0,
+                               segmented=True).backend == "triton"
+        out = functional.fused_qkv_attention(qkv, 2, segment_ids=ids)
+    torch.testing.assert_close(out, _per_image(qkv.detach(), 2, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_opcheck_with_segment_ids():
+    ids = _ids([(0, 5), (1, 4), (-1, 3)], [(2, 12)]).to(torch.int32)
+    qkv = torch.randn(2, 12, 3 * 2 * 8, requires_grad=True)
+    fwd = torch.ops.vit_fast.fused_qkv_attention_fwd
+    torch.library.opcheck(fwd.default, (qkv, 2, 0.3, 0.0, None, ids))
+    out, lse = fwd(qkv.detach(), 2, 0.3, 0.0, None, ids)
+    torch.library.opcheck(torch.ops.vit_fast.fused_qkv_attention_bwd.default,
+                          (torch.randn_like(out), qkv.detach(), out, lse, 2, 0.3, 0.0, None, ids))
+    with pytest.raises(TypeError, match="segment_ids"):
+        fwd(qkv.detach(), 2, 0.3, 0.0, None, ids.float())
+    with pytest.raises(ValueError, match="segment_ids"):
+        fwd(qkv.detach(), 2, 0.3, 0.0, None, ids[:, :5])
+
+
+def test_aot_specs_build_the_segment_variants_as_launched():
+    specs = kernels.aot_specs()
+    for s in specs:
+        if s.constants.get("HAS_SEGMENTS"):
+            assert s.signature["SEG"] == "*i64" and s.signature["SPANS"] == "*i32", s.name
+            assert "segments" in s.name
+        elif "HAS_SEGMENTS" in s.constants:
+            assert s.constants["SEG"] is None and s.constants["SPANS"] is None, s.name
+    plain = {s.name for s in specs if "HAS_SEGMENTS" in s.constants and not s.constants["HAS_SEGMENTS"]}
+    segmented = {s.name.replace(",segments]", "]") for s in specs if s.constants.get("HAS_SEGMENTS")}
+    assert plain == segmented  # every shipped config, also with segments

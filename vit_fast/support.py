@@ -21,7 +21,6 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Limits the kernels state (tests/test_dispatch.py checks these against kernels/*.py).
 MAX_HEAD_DIM = 256  # the largest head-dim bucket of kernels/attention.py's config table
 MAX_LAYER_NORM_DIM = 8192  # kernels/layer_norm.py MAX_C
-SEGMENT_KERNELS = False  # whether kernels/attention.py masks by segment_ids
 
 # The GPUs the Triton builds are compiled and checked for (python -m vit_fast.bench compile-check):
 # sm_80 and newer. The largest sm_80 build takes 98304 B of shared memory per block (attention
@@ -62,10 +61,9 @@ class Kernel:
 
 
 class AttentionKernel(Kernel):
-    def option_reasons(self, floats, head_dim=0, segmented=False, **options):
+    def option_reasons(self, floats, head_dim=0, **options):
+        # segmented=True (segment_ids given) is supported by every build: no reason for it.
         reasons = []
-        if segmented and not SEGMENT_KERNELS:
-            reasons.append("segment_ids: the Triton attention kernels do not take them yet")
         if head_dim > MAX_HEAD_DIM:
             reasons.append(f"head_dim {head_dim} > {MAX_HEAD_DIM}")
         if any(t.dtype == torch.float32 and t.device.type == "cuda" for t in floats):

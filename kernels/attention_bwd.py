@@ -1,0 +1,169 @@
+"""The attention backward kernels: Δ pre-pass, dK/dV (one program per key tile) and dQ (one
+program per query tile). The math, the layouts and the dropout and segment terms are stated in
+attention.py's header; attention.py launches these (attention_bwd)."""
+import triton
+import triton.language as tl
+
+from .attention_dropout import _dropout_keep, _keep_threshold
+from .attention_segments import _segment_mask, _segment_rows, _segment_span
+from .attention_tiles import _LOG2E, _load_rows, _operand, _store_rows, _tile_of_head
+
+
+@triton.jit
+def attention_bwd_delta_kernel(
+    O,      # [B, N, H*D]
+    DO,     # [B, N, H*D]
+    DELTA,  # [B, H, N] fp32, contiguous
+    N, H,
+    stride_o_b, stride_o_n, stride_do_b, stride_do_n,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Δ_i = Σ_d dO_id·out_id in fp32: the row term of dS, computed once instead of per key block."""
+    b, h, bh, start_m = _tile_of_head(N, H, BLOCK_M)
+    o = _load_rows(O + b.to(tl.int64) * stride_o_b + h * HEAD_DIM, start_m, N, stride_o_n,
+                   HEAD_DIM, BLOCK_M, BLOCK_D).to(tl.float32)
+    do = _load_rows(DO + b.to(tl.int64) * stride_do_b + h * HEAD_DIM, start_m, N, stride_do_n,
+                    HEAD_DIM, BLOCK_M, BLOCK_D).to(tl.float32)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    tl.store(DELTA + bh.to(tl.int64) * N + rows, tl.sum(o * do, 1), mask=rows < N)
+
+
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    QKV,    # [B, N, 3*H*D]
+    DO,     # [B, N, H*D]
+    LSE,    # [B, H, N] fp32, contiguous
+    DELTA,  # [B, H, N] fp32, contiguous
+    DQKV,   # [B, N, 3*H*D]; this kernel writes the k and v thirds
+    SEED,   # [1] int64, the forward's dropout key; None without dropout
+    N, H,
+    stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n,
+    sm_scale, qk_scale, dropout_p,
+    SEG,    # [B, N] int64 segment ids; None without
+    SPANS,  # [B, cdiv(N, BLOCK_N), 2] int32: the queries each key tile visits
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program = one BLOCK_N tile of keys of one (b, h): dk, dv accumulate over all queries
+    (with segments: the query tiles of its span).
+
+    Works on the transposed tiles (keys × queries) so that both products take their K-side
+    operand as loaded and need no transpose of an accumulator.
+    """
+    b, h, bh, start_n = _tile_of_head(N, H, BLOCK_N)
+    q_base = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
+    do_base = DO + b.to(tl.int64) * stride_do_b + h * HEAD_DIM
+    row_base = bh.to(tl.int64) * N
+    dtype = QKV.dtype.element_ty
+
+    k = _operand(_load_rows(q_base + H * HEAD_DIM, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
+    v = _operand(_load_rows(q_base + 2 * H * HEAD_DIM, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    offs_m = tl.arange(0, BLOCK_M)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+        keep_from = _keep_threshold(dropout_p)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+    lo, hi = 0, N
+    if HAS_SEGMENTS:
+        seg_row = SEG + b.to(tl.int64) * N
+        k_ids = _segment_rows(seg_row, start_n, N, BLOCK_N)
+        lo, hi = _segment_span(SPANS, b, start_n // BLOCK_N, N, BLOCK_N)
+    for start_m in range(lo, hi, BLOCK_M):
+        q = _operand(_load_rows(q_base, start_m, N, stride_qkv_n, HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
+        do = _operand(_load_rows(do_base, start_m, N, stride_do_n, HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
+        rows = start_m + offs_m
+        lse2 = tl.load(LSE + row_base + rows, mask=rows < N, other=0.0) * _LOG2E
+        delta = tl.load(DELTA + row_base + rows, mask=rows < N, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        # Padded query rows need no mask: their q, dO, lse and Δ load as 0, so p = 1 there and
+        # every term they add to dv (p·dO) and dk (p·(dP − Δ)·q) is exactly 0.
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        if HAS_SEGMENTS:
+            q_ids = _segment_rows(seg_row, start_m, N, BLOCK_M)
+            p_t = tl.where(_segment_mask(k_ids, q_ids), p_t, 0.0)
+        if HAS_DROPOUT:
+            # dv takes the dropped Z without its 1/(1 - p), applied once at the store.
+            keep_t = tl.trans(_dropout_keep(seed, start_m, start_n, bh, keep_from, BLOCK_M, BLOCK_N))
+            z_t = tl.where(keep_t, p_t, 0.0)
+        else:
+            z_t = p_t
+        dv += tl.dot(_operand(z_t.to(dtype), DOT_FP32), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(_operand(ds_t.to(dtype), DOT_FP32), q, input_precision=DOT_PRECISION)
+    out_dtype = DQKV.dtype.element_ty
+    dk_base = DQKV + b.to(tl.int64) * stride_dqkv_b + (H + h) * HEAD_DIM
+    _store_rows(dk_base, start_n, N, stride_dqkv_n, (dk * sm_scale).to(out_dtype), HEAD_DIM, BLOCK_N, BLOCK_D)
+    if HAS_DROPOUT:
+        dv = dv * keep_scale
+    _store_rows(dk_base + H * HEAD_DIM, start_n, N, stride_dqkv_n, dv.to(out_dtype), HEAD_DIM, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def attention_bwd_dq_kernel(
+    QKV,    # [B, N, 3*H*D]
+    DO,     # [B, N, H*D]
+    LSE,    # [B, H, N] fp32, contiguous
+    DELTA,  # [B, H, N] fp32, contiguous
+    DQKV,   # [B, N, 3*H*D]; this kernel writes the q third
+    SEED,   # [1] int64, the forward's dropout key; None without dropout
+    N, H,
+    stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n,
+    sm_scale, qk_scale, dropout_p,
+    SEG,    # [B, N] int64 segment ids; None without
+    SPANS,  # [B, cdiv(N, BLOCK_M), 2] int32: the keys each query tile visits
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program = one BLOCK_M tile of queries of one (b, h): dq accumulates over all keys
+    (with segments: the key tiles of its span)."""
+    b, h, bh, start_m = _tile_of_head(N, H, BLOCK_M)
+    q_base = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
+    k_base = q_base + H * HEAD_DIM
+    v_base = q_base + 2 * H * HEAD_DIM
+    dtype = QKV.dtype.element_ty
+
+    q = _operand(_load_rows(q_base, start_m, N, stride_qkv_n, HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
+    do = _operand(_load_rows(DO + b.to(tl.int64) * stride_do_b + h * HEAD_DIM, start_m, N, stride_do_n,
+                             HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    lse2 = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0) * _LOG2E
+    delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+        keep_from = _keep_threshold(dropout_p)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+    lo, hi = 0, N
+    if HAS_SEGMENTS:
+        seg_row = SEG + b.to(tl.int64) * N
+        q_ids = _segment_rows(seg_row, start_m, N, BLOCK_M)
+        lo, hi = _segment_span(SPANS, b, start_m // BLOCK_M, N, BLOCK_M)
+    for start_n in range(lo, hi, BLOCK_N):
+        k = _operand(_load_rows(k_base, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
+        v = _operand(_load_rows(v_base, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        # Padded keys are zero vectors, so their ds·k terms vanish, except that exp2(0 - lse)
+        # overflows when every logit of the row is below about -88 and inf·0 is NaN: mask them.
+        if HAS_SEGMENTS:  # the same, and keys of other segments (padding queries: lse = +inf)
+            k_ids = _segment_rows(seg_row, start_n, N, BLOCK_N)
+            p = tl.where(_segment_mask(q_ids, k_ids), tl.math.exp2(s - lse2[:, None]), 0.0)
+        else:
+            p = tl.where((start_n + offs_n)[None, :] < N, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, start_m, start_n, bh, keep_from, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(_operand(ds.to(dtype), DOT_FP32), k, input_precision=DOT_PRECISION)
+    dq_base = DQKV + b.to(tl.int64) * stride_dqkv_b + h * HEAD_DIM
+    _store_rows(dq_base, start_m, N, stride_dqkv_n, (dq * sm_scale).to(DQKV.dtype.element_ty),
+                HEAD_DIM, BLOCK_M, BLOCK_D)

@@ -1,0 +1,77 @@
+"""Segment masking of the attention kernels: packed variable-length batches (NaViT, NaFlexViT).
+
+Token t of batch row b carries the id seg[b, t]; query i meets key j iff seg[b, i] == seg[b, j]
+and that id is >= 0 (negative = padding). Inside a tile the mask is exact, whatever the ids.
+Across tiles the work is cut by spans: for each tile of one side (queries in the forward and dQ,
+keys in dK/dV) the launcher finds the first and past-last tile of the other side whose id range
+[min, max] (padding left out) overlaps its own, and the kernel loops over that span only. When
+each segment is one contiguous run (how NaViT and NaFlexViT pack), every tile inside the span
+meets the tile that owns it, so the work is the sum of squared segment lengths, not N²; ids in
+another order still give exact results (the mask), only the span skips less.
+
+Layouts: seg [B, N] int64, contiguous; spans [B, cdiv(N, BLOCK_ROWS), 2] int32, contiguous,
+(first row, past-last row) of the other side, both multiples of its tile (hi may pass N).
+"""
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _segment_rows(seg_row, row0, N, BLOCK: tl.constexpr):
+    """[BLOCK] ids of tokens row0.. of one batch row (seg_row = SEG + b·N); tokens past N read
+    as -1, so padding and the ragged end of the last tile mask alike."""
+    rows = row0 + tl.arange(0, BLOCK)
+    return tl.load(seg_row + rows, mask=rows < N, other=-1)
+
+
+@triton.jit
+def _segment_mask(row_ids, col_ids):
+    """[R, C] True where row token and column token share a segment that is not padding."""
+    return (row_ids[:, None] == col_ids[None, :]) & (row_ids[:, None] >= 0)
+
+
+@triton.jit
+def _segment_span(SPANS, b, tile, N, BLOCK: tl.constexpr):
+    """(first, past-last) row of the other side that tile `tile` (of BLOCK rows) of batch row b
+    must visit."""
+    entry = SPANS + (b.to(tl.int64) * tl.cdiv(N, BLOCK) + tile) * 2
+    return tl.load(entry), tl.load(entry + 1)
+
+
+def _tile_id_ranges(seg: torch.Tensor, block: int):
+    """(min, max) [B, cdiv(N, block)] of the non-negative ids of each tile; a tile of padding
+    only gets (int64 max, -1), which overlaps nothing."""
+    B, N = seg.shape
+    tiles = F.pad(seg, (0, (-N) % block), value=-1).reshape(B, -1, block)
+    valid = tiles >= 0
+    lo = torch.where(valid, tiles, torch.iinfo(torch.int64).max).amin(-1)
+    hi = torch.where(valid, tiles, -1).amax(-1)
+    return lo, hi
+
+
+def segment_spans(seg: torch.Tensor, block_rows: int, block_cols: int) -> torch.Tensor:
+    """spans [B, cdiv(N, block_rows), 2] int32 (layout above) for tiles of block_rows rows
+    visiting tiles of block_cols columns. Torch ops on [B, N/block_rows, N/block_cols] booleans:
+    no host sync, nothing of size N²."""
+    r_lo, r_hi = _tile_id_ranges(seg, block_rows)
+    c_lo, c_hi = _tile_id_ranges(seg, block_cols)
+    meets = (r_lo[:, :, None] <= c_hi[:, None, :]) & (c_lo[:, None, :] <= r_hi[:, :, None])
+    n_cols = meets.shape[-1]
+    first = meets.to(torch.int32).argmax(-1)
+    past_last = n_cols - meets.flip(-1).to(torch.int32).argmax(-1)
+    some = meets.any(-1)
+    spans = torch.stack([torch.where(some, first, 0), torch.where(some, past_last, 0)], -1)
+    return (spans * block_cols).to(torch.int32).contiguous()
+
+
+def segment_args(segment_ids, block_rows: int, block_cols: int) -> dict:
+    """The kernels' segment arguments for one launch whose program tiles block_rows rows and
+    loops over tiles of block_cols: None (HAS_SEGMENTS=False, the unsegmented build) without
+    segment_ids. Ids are read as contiguous int64 (torch's default integer; int32 ids are
+    widened here, exactly), so one build serves both dtypes and every stride."""
+    if segment_ids is None:
+        return dict(SEG=None, SPANS=None, HAS_SEGMENTS=False)
+    seg = segment_ids.to(torch.int64).contiguous()
+    return dict(SEG=seg, SPANS=segment_spans(seg, block_rows, block_cols), HAS_SEGMENTS=True)
