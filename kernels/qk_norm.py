@@ -95,8 +95,6 @@ def _norm_bwd_slot(DY, X, DX, W, WPART, BPART, row_begin, row_end, off, stride_d
     # 2-D partials, summed over rows once at the end: no cross-warp reduction per tile.
     dw_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if HAS_W:  # D <= 256 values: held across the loop
-        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     for r0 in range(row_begin, row_end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         mask = (rows < row_end)[:, None] & col_ok[None, :]
@@ -106,8 +104,8 @@ def _norm_bwd_slot(DY, X, DX, W, WPART, BPART, row_begin, row_end, off, stride_d
                      other=0.0).to(tl.float32)
         xhat, rstd = _normalized(x, mask, D, eps, IS_RMS)
         g = dy
-        if HAS_W:
-            g = dy * w[None, :]
+        if HAS_W:  # re-read per tile (L1 hits): held across the loop it cost a spill on sm_80
+            g = dy * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         c1 = tl.sum(g * xhat, axis=1) / D
         if IS_RMS:
             dx = (g - xhat * c1[:, None]) * rstd[:, None]
@@ -172,16 +170,24 @@ def block_d(D: int) -> int:
     return max(_MIN_BLOCK_D, triton.next_power_of_2(D))
 
 
+def gpu_fwd_block_m(bd: int) -> int:
+    return 2048 // bd  # 16 fp32 values a thread per tile at 4 warps
+
+
+def gpu_bwd_block_m(bd: int) -> int:
+    return 1024 // bd  # two [BLOCK_M, BLOCK_D] accumulators live across the row loop
+
+
 def fwd_block_m(bd: int, M: int) -> int:
     if interpreting():  # few, large program instances: the interpreter pays per instance
         return max(1, min(8192 // bd, triton.next_power_of_2(max(M, 1)), 64))
-    return 2048 // bd  # 16 fp32 values a thread per tile at 4 warps
+    return gpu_fwd_block_m(bd)
 
 
 def bwd_block_m(bd: int, M: int) -> int:
     if interpreting():
         return max(1, min(4096 // bd, triton.next_power_of_2(max(M, 1)), 32))
-    return 1024 // bd  # two [BLOCK_M, BLOCK_D] accumulators live across the row loop
+    return gpu_bwd_block_m(bd)
 
 
 NUM_WARPS = 4

@@ -92,14 +92,20 @@ def qk_norm(qkv, num_heads, q_weight, k_weight, q_bias=None, k_bias=None, *, kin
     x = qkv.to(stat).reshape(B, N, 3, num_heads, head_dim)
     slots = []
     for i, (weight, bias) in enumerate(((q_weight, q_bias), (k_weight, k_bias))):
-        t = x[:, :, i]
+        weight, bias = (p.to(stat) if p is not None else None for p in (weight, bias))
+        # torch's own norm ops (what timm's q_norm runs) take a shared [D] affine; a per-head
+        # [H, D] one, or a bias after a per-head weight, is applied after them.
+        w_in = weight if weight is None or weight.dim() == 1 else None
+        b_in = bias if kind == "layer" and w_in is weight and (bias is None or bias.dim() == 1) \
+            else None
         if kind == "layer":
-            t = t - t.mean(-1, keepdim=True)
-        t = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps)
-        if weight is not None:
-            t = t * weight.to(stat)
-        if bias is not None:
-            t = t + bias.to(stat)
+            t = F.layer_norm(x[:, :, i], (head_dim,), w_in, b_in, eps)
+        else:
+            t = F.rms_norm(x[:, :, i], (head_dim,), w_in, eps)
+        if weight is not None and w_in is None:
+            t = t * weight
+        if bias is not None and b_in is None:
+            t = t + bias
         slots.append(t)
     return torch.stack(slots + [x[:, :, 2]], dim=2).reshape(B, N, three_c).to(dtype)
 

@@ -85,12 +85,10 @@ def _check_bwd_args(dy, qkv, num_heads, q_weight, k_weight, q_bias, k_bias, eps)
 def _(dy, qkv, num_heads, q_weight, k_weight, q_bias, k_bias, rms, eps, q_weight_grad,
       k_weight_grad):
     _check_bwd_args(dy, qkv, num_heads, q_weight, k_weight, q_bias, k_bias, eps)
-    none = qkv.new_empty(0)
-    return [torch.empty_like(qkv, memory_format=torch.contiguous_format),
-            torch.empty_like(q_weight) if (q_weight is not None and q_weight_grad) else none,
-            torch.empty_like(q_bias) if q_bias is not None else none,
-            torch.empty_like(k_weight) if (k_weight is not None and k_weight_grad) else none,
-            torch.empty_like(k_bias) if k_bias is not None else none]
+    return [torch.empty_like(qkv, memory_format=torch.contiguous_format)] + [
+        torch.empty_like(p) if (p is not None and need) else qkv.new_empty(0)
+        for p, need in ((q_weight, q_weight_grad), (q_bias, True), (k_weight, k_weight_grad),
+                        (k_bias, True))]
 
 
 def _setup_context(ctx, inputs, output):
