@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import vit_fast
 from tests.tolerance import assert_close_by_rule
-from vit_fast import dispatch, support
+from vit_fast import dispatch
 from vit_fast.bench.memory import count_saved
 
 vit_pytorch = pytest.importorskip("vit_pytorch", reason="vit-pytorch is not installed "
@@ -146,15 +146,15 @@ def test_navit_hooked_layer_runs_eager_with_the_same_result():
 
 @contextlib.contextmanager
 def _launch_counter(monkeypatch):
-    """Counts attention_fwd launches that received segment ids (the Triton segment kernel)."""
-    from vit_fast.kernels import attention as kernels
+    """Counts Triton attention_fwd launches (True: with segment ids), as the custom op calls it."""
+    from vit_fast.ops import attention as op
     calls = []
-    real = kernels.attention_fwd
+    real = op.attention_fwd
 
     def counted(*args, **kwargs):
         calls.append(kwargs.get("segment_ids") is not None)
         return real(*args, **kwargs)
-    monkeypatch.setattr(kernels, "attention_fwd", counted)
+    monkeypatch.setattr(op, "attention_fwd", counted)
     yield calls
 
 
@@ -172,13 +172,9 @@ def test_navit_triton_backend_matches_and_says_which_attention_ran(monkeypatch):
             with vit_fast.use_backend("triton"):
                 return m(_images(dtype=dtype))
         _check_against_original(model, converted, run)
-    if support.SEGMENT_KERNELS:  # seg's kernels merged: every layer's attention is the kernel
-        assert choice.backend == "triton", choice.reasons
-        assert launches == [True], launches
-    else:  # until then the segment call falls back to the reference, with the reason
-        assert choice.backend == "reference"
-        assert any("segment_ids" in r for r in choice.reasons), choice.reasons
-        assert launches == [], "a segment call reached the Triton kernel that does not take ids"
+    # The segment attention ran as the Triton kernel (under the interpreter), with the ids.
+    assert choice.backend == "triton", choice.reasons
+    assert launches == [True], launches
 
 
 def _fake_cuda_forward(module, args_fn, dtype=torch.bfloat16):
@@ -199,11 +195,9 @@ def _fake_cuda_forward(module, args_fn, dtype=torch.bfloat16):
     return saved, log.shapes
 
 
-def test_navit_converted_path_builds_and_saves_no_n_by_n_tensor(monkeypatch):
-    # What the kernel path saves and creates, counted on fake CUDA tensors: the segment kernels'
-    # fake/autograd registration is what counts, so this holds before seg's Triton kernels are
-    # merged too (support.SEGMENT_KERNELS only gates launching them).
-    monkeypatch.setattr(support, "SEGMENT_KERNELS", True)
+def test_navit_converted_path_builds_and_saves_no_n_by_n_tensor():
+    # What the kernel path saves and creates, counted on fake CUDA tensors (the custom ops'
+    # fake/autograd registrations say what the kernels save).
     model = vit_fast.convert(_navit().train())
 
     def images(dtype):
@@ -223,13 +217,14 @@ def test_navit_converted_path_builds_and_saves_no_n_by_n_tensor(monkeypatch):
 # --- NaFlexVit ---------------------------------------------------------------------------------
 
 NAFLEX = {"map": dict(class_token=True, reg_tokens=1, global_pool="map"),
-          "avg_key_only": dict(global_pool="avg", use_key_only_attn_mask=True)}
+          "avg_key_only": dict(global_pool="avg", use_key_only_attn_mask=True),
+          "qk_norm": dict(global_pool="avg", qk_norm=True)}  # timm LayerNorm q/k norms
 NF = 21  # patches per sample; sample 1 has 8 valid, sample 2 all 21
 
 
-def _naflex(kind):
+def _naflex(kind, depth=2):
     torch.manual_seed(0)
-    return NaFlexVit(embed_dim=24, depth=2, num_heads=3, patch_size=4, num_classes=5,
+    return NaFlexVit(embed_dim=24, depth=depth, num_heads=3, patch_size=4, num_classes=5,
                      pos_embed_grid_size=(5, 5), **NAFLEX[kind])
 
 
@@ -249,11 +244,25 @@ def test_naflexvit_matches_timm_outputs_and_gradients(kind):
     assert type(converted) is FusedNaFlexVit
     assert all(type(b) is NaFlexBlock for b in converted.blocks)
     assert "segment attention" in str(converted.vit_fast_summary)
+    assert not why_not_fused(converted), why_not_fused(converted)  # every Block runs fused
 
     def run(m, dtype):
         patches, coord, valid = _naflex_batch(dtype)
         return m(patches, patch_coord=coord, patch_valid=valid)
     _check_against_original(model, converted, run)
+
+
+def test_naflexvit_triton_backend_matches_with_the_segment_kernel(monkeypatch):
+    model = _naflex("map", depth=1).train()  # one block: every kernel under the interpreter
+    converted = vit_fast.convert(copy.deepcopy(model))
+
+    def run(m, dtype):
+        patches, coord, valid = _naflex_batch(dtype)
+        with vit_fast.use_backend("triton") if m is converted else contextlib.nullcontext():
+            return m(patches, patch_coord=coord, patch_valid=valid)
+    with _launch_counter(monkeypatch) as launches:
+        _check_against_original(model, converted, run)
+    assert launches == [True], launches  # the block's attention: the Triton kernel, with ids
 
 
 def test_naflexvit_valid_tokens_match_and_ignore_padding():
@@ -302,8 +311,7 @@ def test_naflexvit_builds_no_n_by_n_mask_and_blocks_get_segment_ids(monkeypatch)
     assert (2, 1, n, n) in [s for _, s in _square(timm_log.shapes, n)]
 
 
-def test_naflex_block_segment_path_saves_no_n_by_n_tensor(monkeypatch):
-    monkeypatch.setattr(support, "SEGMENT_KERNELS", True)
+def test_naflex_block_segment_path_saves_no_n_by_n_tensor():
     from vit_fast.naflexvit import SegmentIds
     block = vit_fast.convert(_naflex("map")).blocks[0].train()
     n = NF + 2
@@ -342,11 +350,9 @@ def test_bench_navit_counts_no_n_by_n_saved_and_less_than_eager():
     from vit_fast.bench import navit as bench
     layout = bench.packed_sizes(((16, 16), (24, 16), (32, 32)), 3)
     assert [len(r) for r in layout] == [3, 2, 1]
-    rows, notes = bench.saved_rows(bench.TINY, layout)
-    eager, fast = rows
+    eager, fast = bench.saved_rows(bench.TINY, layout)
     assert eager["impl"] == "vit-pytorch eager" and eager["n_by_n"] >= 1  # the mask as a bias
     assert fast["n_by_n"] == 0 and fast["bytes"] < eager["bytes"]
-    assert bool(notes) == (not support.SEGMENT_KERNELS)
 
 
 def test_bench_navit_cli_prints_labelled_cpu_and_counted_tables(capsys):

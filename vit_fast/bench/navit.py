@@ -13,7 +13,6 @@ vs vit_fast.convert of the same model.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import statistics
 import time
@@ -106,27 +105,9 @@ def masked_sdpa_as_efficient():
     return mock.patch.object(F, "scaled_dot_product_attention", sdpa)
 
 
-@contextlib.contextmanager
-def _segment_kernels_counted(notes):
-    """Count the segment attention through its op registration when this build's kernels do not
-    take segment ids yet (fake tensors never launch a kernel; the registration says what the
-    kernel op saves)."""
-    from vit_fast import support
-    if support.SEGMENT_KERNELS:
-        yield
-        return
-    notes.append("this build's Triton attention does not take segment_ids yet: the vit_fast row "
-                 "counts what the segment attention op saves (its fake/autograd registration)")
-    support.SEGMENT_KERNELS = True
-    try:
-        yield
-    finally:
-        support.SEGMENT_KERNELS = False
-
-
 def saved_rows(config, layout, dtype=torch.bfloat16):
     """Counted: bytes the transformer's training forward saves for backward on fake CUDA tensors
-    (unique storages, parameters excluded). Returns (rows, notes)."""
+    (unique storages, parameters excluded), one row per implementation."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.func import functional_call
 
@@ -135,9 +116,8 @@ def saved_rows(config, layout, dtype=torch.bfloat16):
     from .memory import count_saved
     eager, fast = build(config)
     B, N, _ = tokens(layout, config["patch_size"])
-    notes, rows = [], []
-    with FakeTensorMode(), vit_fast.use_backend("triton"), masked_sdpa_as_efficient(), \
-            _segment_kernels_counted(notes):
+    rows = []
+    with FakeTensorMode(), vit_fast.use_backend("triton"), masked_sdpa_as_efficient():
         ids = torch.empty(B, N, dtype=torch.int64, device="cuda")
         mask = torch.empty(B, 1, N, N, dtype=torch.bool, device="cuda")  # what NaViT builds
         for impl, model, kwargs in (("vit-pytorch eager", eager, {"attn_mask": mask}),
@@ -155,7 +135,7 @@ def saved_rows(config, layout, dtype=torch.bfloat16):
                          "n_by_n": square})
     for r in rows:
         r["ratio"] = r["bytes"] / rows[0]["bytes"]
-    return rows, notes
+    return rows
 
 
 def gpu_kit_case(device, settings, dry_run, backend="triton"):
@@ -248,7 +228,7 @@ def main(argv):
          else f"{r['max_logit_err']:.1e}")],
         title=f"CPU measured ({torch.get_num_threads()} threads, fp32, backend auto = reference "
               f"ops on CPU; median of {args.iters} after {args.warmup} warm-up): {what}"))
-    saved, notes = saved_rows(config, layout)
+    saved = saved_rows(config, layout)
     print()
     print(fmt_table(saved, [
         ("impl", "impl"), ("saved for backward", lambda r: _mib(r["bytes"])),
@@ -256,8 +236,6 @@ def main(argv):
         ("[.., N, N] saved", "n_by_n")],
         title=f"Counted (fake CUDA tensors, bf16, Triton backend forced; eager masked SDPA counted "
               f"as the memory-efficient kernel): the transformer's training forward, {what}"))
-    for n in notes:
-        print("note:", n)
     print("note: GPU timings of this comparison: python -m vit_fast.bench gpu-check (models step, "
           "NaViT rows)")
     return 0
