@@ -142,6 +142,21 @@ def test_navit_hooked_layer_runs_eager_with_the_same_result():
     with torch.no_grad():
         eager = model(_images())
     torch.testing.assert_close(eager, fused, rtol=1e-5, atol=1e-5)
+    # An adapter swapped in after convert (a Linear subclass with its own forward) is called too.
+    calls = []
+
+    class Adapter(torch.nn.Linear):
+        def forward(self, x):
+            calls.append(1)
+            return super().forward(x)
+    model = vit_fast.convert(_navit().eval())
+    old = model.transformer.layers[1][0].to_kv
+    adapter = Adapter(old.in_features, old.out_features, bias=False)
+    adapter.weight = old.weight
+    model.transformer.layers[1][0].to_kv = adapter
+    with torch.no_grad():
+        torch.testing.assert_close(model(_images()), fused, rtol=1e-5, atol=1e-5)
+    assert calls == [1]
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ from torch.nn.utils.rnn import pad_sequence
 from vit_pytorch import na_vit
 
 from . import functional
+from .fusion import _global_hooks as global_hooks
 from .fusion import notice_reason
 from .segments import segment_attention_mask
 
@@ -115,7 +116,8 @@ def _attention_why_not(i, attn):
             return f"layer {i}: attn.{name} is not NaViT's RMSNorm(heads, dim_head)"
     if type(attn.norm) is not na_vit.LayerNorm:
         return f"layer {i}: attn.norm is not NaViT's LayerNorm"
-    if (attn.to_q.bias is not None or attn.to_kv.bias is not None
+    if (type(attn.to_q) is not nn.Linear or type(attn.to_kv) is not nn.Linear
+            or attn.to_q.bias is not None or attn.to_kv.bias is not None
             or attn.to_kv.out_features != 2 * attn.to_q.out_features
             or attn.to_q.out_features != h * d):
         return f"layer {i}: to_q / to_kv are not bias-free [dim -> heads·dim_head (·2)] Linears"
@@ -148,9 +150,14 @@ class FusedNaViTTransformer(na_vit.Transformer):
     """
 
     def why_not_fused(self):
-        """Why a segment_ids call runs the eager layers now: something attached to a layer
-        (hooks, a forward set on the instance) would notice the fused path skip it; [] if not."""
-        reasons = [notice_reason(name, m) for name, m in self.named_modules() if m is not self]
+        """Why a segment_ids call runs the eager layers now: a layer swapped since convert (an
+        adapter), or something attached that would notice the fused path skip it (hooks, a
+        forward set on the instance, global module hooks); [] if nothing."""
+        why = navit_transformer_why_not(self)
+        reasons = [why] if why else []
+        reasons += [notice_reason(name, m) for name, m in self.named_modules() if m is not self]
+        if global_hooks():
+            reasons.append("global module hooks are registered")
         return [r for r in reasons if r]
 
     def forward(self, x, mask=None, attn_mask=None, *, segment_ids=None):
