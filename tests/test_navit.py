@@ -293,6 +293,16 @@ def test_naflexvit_valid_tokens_match_and_ignore_padding():
     keep = torch.cat((torch.ones(2, converted.num_prefix_tokens, dtype=torch.bool), valid), 1)
     torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, logits, rtol=0, atol=1e-6)
+    # timm's own forward_intermediates and gradient checkpointing run on the segment ids too.
+    kw = dict(patch_coord=coord, patch_valid=valid, indices=2, output_fmt="NLC", output_dict=True)
+    with torch.no_grad():
+        inter = [m.forward_intermediates(patches, **kw)["image_intermediates"]
+                 for m in (model, converted)]
+    for a, b in zip(*inter):
+        torch.testing.assert_close(b[valid], a[valid], rtol=1e-5, atol=1e-5)
+    converted.set_grad_checkpointing(True)
+    converted.train()(patches, patch_coord=coord, patch_valid=valid).sum().backward()
+    assert all(p.grad is not None for p in converted.blocks.parameters())
 
 
 def test_naflexvit_builds_no_n_by_n_mask_and_blocks_get_segment_ids(monkeypatch):
