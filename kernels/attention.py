@@ -11,6 +11,11 @@ P. M is never stored: entry (b, h, i, j) is kept when its 16 bits of Philox4x32-
 the 64-bit per-call seed; one call serves eight entries, see _dropout_keep), read as u ∈ [0, 1),
 are ≥ p rounded up to a multiple of 2^-16. The bits depend on nothing else (not the tile
 shapes), so the backward regenerates the forward's mask.
+With segment ids (HAS_SEGMENTS; packed batches, kernels/attention_segments.py) the logits of
+pairs in different segments are -inf before the softmax (fp32), so P_ij = 0 there in every
+formula above; a padding query (negative id) meets no key, its out row is 0 and its lse +inf,
+which keeps its backward terms 0. Each program visits only the tiles of the other side that
+share a segment id range with its own (the span the launcher computes).
 
 P is never stored: the forward streams K/V tiles past a query tile with an online softmax
 (running max m and sum l, in base 2 so that exp2 can be used: s·log2(e) is folded into the
@@ -23,6 +28,7 @@ Layouts (row-major, last dim stride 1; B and N dims may have any stride):
     dout [B, N, H·D]     same layout as out
     dqkv [B, N, 3·H·D]   same layout as qkv (contiguous)
     seed [1]             int64, on qkv's device: the Philox key of one call's dropout mask
+    seg  [B, N]          int32 segment ids (contiguous), spans: see attention_segments.py
 Head dims that are not powers of two are padded with masked loads to BLOCK_D = next power of
 two (at least 16, what tl.dot needs). All accumulation is fp32. The backward has no atomics:
 dk/dv are owned by one program per key block and dq by one program per query block, so two runs
@@ -36,7 +42,7 @@ from ._device import interpreting as _interpreting
 from ._device import on_tensor_device
 from .attention_bwd import attention_bwd_delta_kernel, attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from .attention_dropout import _dropout_keep, _keep_threshold
-from .attention_segments import _segment_mask, _segment_rows, _segment_span, segment_args
+from .attention_segments import _segment_mask, _segment_rows, _segment_tile, segment_args
 from .attention_tiles import _LN2, LOG2E, _load_rows, _operand, _store_rows, _tile_of_head
 
 
@@ -91,7 +97,7 @@ def attention_fwd_kernel(
     stride_qkv_b, stride_qkv_n, stride_o_b, stride_o_n,
     qk_scale,  # scale * log2(e), > 0 (attention_fwd rewrites q for a scale <= 0)
     dropout_p,
-    SEG,    # [B, N] int64 segment ids, contiguous; None without (then SPANS is None too)
+    SEG,    # [B, N] int32 segment ids, contiguous; None without (then SPANS is None too)
     SPANS,  # [B, cdiv(N, BLOCK_M), 2] int32: the keys each query tile visits (attention_segments)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -117,9 +123,7 @@ def attention_fwd_kernel(
         keep_from = 0
     lo, hi, seg_row, q_ids = 0, N, SEG, 0
     if HAS_SEGMENTS:
-        seg_row = SEG + b.to(tl.int64) * N
-        q_ids = _segment_rows(seg_row, start_m, N, BLOCK_M)
-        lo, hi = _segment_span(SPANS, b, start_m // BLOCK_M, N, BLOCK_M)
+        seg_row, q_ids, lo, hi = _segment_tile(SEG, SPANS, b, start_m, N, BLOCK_M)
     for start_n in range(lo, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_m, start_n, N, bh,
                                   stride_qkv_n, qk_scale, seed, keep_from, seg_row, q_ids,
@@ -137,10 +141,10 @@ def attention_fwd_kernel(
     o_base = O + b.to(tl.int64) * stride_o_b + h * HEAD_DIM
     _store_rows(o_base, start_m, N, stride_o_n, acc.to(O.dtype.element_ty), HEAD_DIM, BLOCK_M, BLOCK_D)
     rows = start_m + tl.arange(0, BLOCK_M)
-    lse = m_i + tl.math.log2(l_i)
-    if HAS_SEGMENTS:
-        lse = tl.where(no_key, float("inf"), lse)
-    tl.store(LSE + bh.to(tl.int64) * N + rows, lse * _LN2, mask=rows < N)
+    # One expression, address first: the unsegmented build stays exactly the one before segments.
+    tl.store(LSE + bh.to(tl.int64) * N + rows,
+             (m_i + tl.math.log2(l_i) if not HAS_SEGMENTS
+              else tl.where(no_key, float("inf"), m_i + tl.math.log2(l_i))) * _LN2, mask=rows < N)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +188,13 @@ _CUDA_DROPOUT_CONFIGS = {
     ("dkdv", 128, True): (32, 64, 8, 2),
     ("dq", 64, False): (128, 32, 8, 3),
 }
+# Segment builds (HAS_SEGMENTS=True) whose entry above spilled on sm_80 (the id mask of each
+# score tile): the same tiles over 8 warps. Ahead of the dropout table when both apply.
+_CUDA_SEGMENT_CONFIGS = {
+    ("fwd", 128, True): (64, 64, 8, 2),
+    ("dkdv", 128, False): (32, 64, 8, 2),
+    ("dkdv", 128, True): (32, 64, 8, 2),
+}
 _DELTA_BLOCK_M = 64
 
 
@@ -191,7 +202,18 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _config(kernel: str, n: int, head_dim: int, dtype: torch.dtype, dropout: bool = False):
+def shipped_config(key, dropout: bool = False, segments: bool = False):
+    """The CUDA table's (BLOCK_M, BLOCK_N, num_warps, num_stages) for key = (kernel, BLOCK_D
+    bucket, short), with the segment and dropout overrides that apply."""
+    if segments and key in _CUDA_SEGMENT_CONFIGS:
+        return _CUDA_SEGMENT_CONFIGS[key]
+    if dropout and key in _CUDA_DROPOUT_CONFIGS:
+        return _CUDA_DROPOUT_CONFIGS[key]
+    return _CUDA_CONFIGS[key]
+
+
+def _config(kernel: str, n: int, head_dim: int, dtype: torch.dtype, dropout: bool = False,
+            segments: bool = False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one launch."""
     if _interpreting():
         # Interpreter cost is mostly per tile op, so few large tiles win; but a product of more
@@ -201,10 +223,7 @@ def _config(kernel: str, n: int, head_dim: int, dtype: torch.dtype, dropout: boo
         while t * t * _block_d(head_dim) > 2 ** 18 and t > 16:
             t //= 2
         return t, t, 4, 1
-    key = (kernel, max(64, _block_d(head_dim)), n <= _SHORT_N)
-    if dropout and key in _CUDA_DROPOUT_CONFIGS:
-        return _CUDA_DROPOUT_CONFIGS[key]
-    return _CUDA_CONFIGS[key]
+    return shipped_config((kernel, max(64, _block_d(head_dim)), n <= _SHORT_N), dropout, segments)
 
 
 def _dot_args(dtype: torch.dtype):
@@ -273,7 +292,8 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, dropout_p:
     lse = torch.empty(B, num_heads, N, device=qkv.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    block_m, block_n, warps, stages = config or _config("fwd", N, head_dim, qkv.dtype, has_dropout)
+    block_m, block_n, warps, stages = config or _config("fwd", N, head_dim, qkv.dtype, has_dropout,
+                                                        segment_ids is not None)
     grid = (triton.cdiv(N, block_m) * B * num_heads,)
     attention_fwd_kernel[grid](
         qkv, out, lse, seed, N, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0),
@@ -305,8 +325,9 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     attention_bwd_delta_kernel[(triton.cdiv(N, dm) * B * num_heads,)](
         out, dout, delta, N, num_heads, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=dm)
-    cfg_kv, cfg_q = config or (_config("dkdv", N, head_dim, qkv.dtype, has_dropout),
-                               _config("dq", N, head_dim, qkv.dtype, has_dropout))
+    segments = segment_ids is not None
+    cfg_kv, cfg_q = config or (_config("dkdv", N, head_dim, qkv.dtype, has_dropout, segments),
+                               _config("dq", N, head_dim, qkv.dtype, has_dropout, segments))
     args = (qkv, dout, lse, delta, dqkv, seed, N, num_heads, qkv.stride(0), qkv.stride(1),
             dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
             float(scale), float(scale) * LOG2E, dropout_p)

@@ -4,9 +4,9 @@ import itertools
 
 import torch
 
-from .attention import (_CUDA_CONFIGS, _CUDA_DROPOUT_CONFIGS, _DELTA_BLOCK_M, _block_d,
-                        attention_bwd_delta_kernel, attention_bwd_dkdv_kernel,
-                        attention_bwd_dq_kernel, attention_fwd_kernel)
+from .attention import (_CUDA_CONFIGS, _DELTA_BLOCK_M, _block_d, attention_bwd_delta_kernel,
+                        attention_bwd_dkdv_kernel, attention_bwd_dq_kernel, attention_fwd_kernel,
+                        shipped_config)
 
 
 # Head dims compiled ahead of time per bucket: the powers of two, and the padded ones real ViTs use
@@ -22,13 +22,11 @@ def aot_specs():
 
     specs = []
     # Short- and long-sequence entries that share a config are one build.
-    shipped = sorted({(kernel, bucket, dropout,
-                       _CUDA_DROPOUT_CONFIGS.get(key, cfg) if dropout else cfg)
-                      for key, cfg in _CUDA_CONFIGS.items() for kernel, bucket, _ in [key]
-                      for dropout in (False, True)})
+    shipped = sorted({(key[0], key[1], dropout, segments, shipped_config(key, dropout, segments))
+                      for key in _CUDA_CONFIGS
+                      for dropout, segments in itertools.product((False, True), (False, True))})
     for dtype, ptr in _TORCH_TO_SIG.items():
-        for (kernel, bucket, dropout, (bm, bn, warps, stages)), segments in itertools.product(
-                shipped, (False, True)):
+        for kernel, bucket, dropout, segments, (bm, bn, warps, stages) in shipped:
             for head_dim in _AOT_HEAD_DIMS[bucket]:
                 consts = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_M": bm,
                           "BLOCK_N": bn, "HAS_DROPOUT": dropout, "HAS_SEGMENTS": segments,
@@ -55,7 +53,7 @@ def aot_specs():
                     consts["SEED"] = None
                 if segments:
                     # Both fresh allocations of the launcher (attention_segments.segment_args).
-                    sig.update(SEG="*i64", SPANS="*i32")
+                    sig.update(SEG="*i32", SPANS="*i32")
                     div += ["SEG", "SPANS"]
                 else:
                     consts.update(SEG=None, SPANS=None)

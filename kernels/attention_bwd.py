@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from .attention_dropout import _dropout_keep, _keep_threshold
-from .attention_segments import _segment_mask, _segment_rows, _segment_span
+from .attention_segments import _segment_mask, _segment_rows, _segment_tile
 from .attention_tiles import _LOG2E, _load_rows, _operand, _store_rows, _tile_of_head
 
 
@@ -39,7 +39,7 @@ def attention_bwd_dkdv_kernel(
     N, H,
     stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n,
     sm_scale, qk_scale, dropout_p,
-    SEG,    # [B, N] int64 segment ids; None without
+    SEG,    # [B, N] int32 segment ids; None without
     SPANS,  # [B, cdiv(N, BLOCK_N), 2] int32: the queries each key tile visits
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -68,9 +68,7 @@ def attention_bwd_dkdv_kernel(
         keep_scale = 1.0 / (1.0 - dropout_p)
     lo, hi = 0, N
     if HAS_SEGMENTS:
-        seg_row = SEG + b.to(tl.int64) * N
-        k_ids = _segment_rows(seg_row, start_n, N, BLOCK_N)
-        lo, hi = _segment_span(SPANS, b, start_n // BLOCK_N, N, BLOCK_N)
+        seg_row, k_ids, lo, hi = _segment_tile(SEG, SPANS, b, start_n, N, BLOCK_N)
     for start_m in range(lo, hi, BLOCK_M):
         q = _operand(_load_rows(q_base, start_m, N, stride_qkv_n, HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
         do = _operand(_load_rows(do_base, start_m, N, stride_do_n, HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
@@ -115,7 +113,7 @@ def attention_bwd_dq_kernel(
     N, H,
     stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n, stride_dqkv_b, stride_dqkv_n,
     sm_scale, qk_scale, dropout_p,
-    SEG,    # [B, N] int64 segment ids; None without
+    SEG,    # [B, N] int32 segment ids; None without
     SPANS,  # [B, cdiv(N, BLOCK_M), 2] int32: the keys each query tile visits
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -144,9 +142,7 @@ def attention_bwd_dq_kernel(
         keep_scale = 1.0 / (1.0 - dropout_p)
     lo, hi = 0, N
     if HAS_SEGMENTS:
-        seg_row = SEG + b.to(tl.int64) * N
-        q_ids = _segment_rows(seg_row, start_m, N, BLOCK_M)
-        lo, hi = _segment_span(SPANS, b, start_m // BLOCK_M, N, BLOCK_M)
+        seg_row, q_ids, lo, hi = _segment_tile(SEG, SPANS, b, start_m, N, BLOCK_M)
     for start_n in range(lo, hi, BLOCK_N):
         k = _operand(_load_rows(k_base, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
         v = _operand(_load_rows(v_base, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)

@@ -9,8 +9,8 @@ each segment is one contiguous run (how NaViT and NaFlexViT pack), every tile in
 meets the tile that owns it, so the work is the sum of squared segment lengths, not N²; ids in
 another order still give exact results (the mask), only the span skips less.
 
-Layouts: seg [B, N] int64, contiguous; spans [B, cdiv(N, BLOCK_ROWS), 2] int32, contiguous,
-(first row, past-last row) of the other side, both multiples of its tile (hi may pass N).
+Layouts: seg [B, N] int32, contiguous (int64 ids relabelled exactly: _int32_ids);
+spans [B, cdiv(N, BLOCK_ROWS), 2] int32, contiguous, (first row, past-last row) of the other side, both multiples of its tile (hi may pass N).
 """
 import torch
 import torch.nn.functional as F
@@ -40,13 +40,23 @@ def _segment_span(SPANS, b, tile, N, BLOCK: tl.constexpr):
     return tl.load(entry), tl.load(entry + 1)
 
 
+@triton.jit
+def _segment_tile(SEG, SPANS, b, row0, N, BLOCK: tl.constexpr):
+    """For the program owning rows row0.. (a BLOCK-row tile) of batch row b: its row of SEG,
+    the ids of its rows, and the (first, past-last) row of its span on the other side."""
+    seg_row = SEG + b.to(tl.int64) * N
+    ids = _segment_rows(seg_row, row0, N, BLOCK)
+    lo, hi = _segment_span(SPANS, b, row0 // BLOCK, N, BLOCK)
+    return seg_row, ids, lo, hi
+
+
 def _tile_id_ranges(seg: torch.Tensor, block: int):
     """(min, max) [B, cdiv(N, block)] of the non-negative ids of each tile; a tile of padding
-    only gets (int64 max, -1), which overlaps nothing."""
+    only gets (int max, -1), which overlaps nothing."""
     B, N = seg.shape
     tiles = F.pad(seg, (0, (-N) % block), value=-1).reshape(B, -1, block)
     valid = tiles >= 0
-    lo = torch.where(valid, tiles, torch.iinfo(torch.int64).max).amin(-1)
+    lo = torch.where(valid, tiles, torch.iinfo(seg.dtype).max).amin(-1)
     hi = torch.where(valid, tiles, -1).amax(-1)
     return lo, hi
 
@@ -66,12 +76,28 @@ def segment_spans(seg: torch.Tensor, block_rows: int, block_cols: int) -> torch.
     return (spans * block_cols).to(torch.int32).contiguous()
 
 
+def _int32_ids(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Contiguous int32 ids meaning what segment_ids (int32 or int64) means. int64 ids are
+    relabelled by their rank among the distinct ids of their row: exact (a row has at most
+    N < 2^31 of them), order-preserving (runs stay runs, so the spans skip as much), negative
+    ids -1. Device ops only (a sort of [B, N]): no host sync. int32 ids in the kernels leave
+    the registers that int64 ids spilled on sm_80."""
+    if segment_ids.dtype == torch.int32:
+        return segment_ids.contiguous()
+    ordered, order = segment_ids.sort(dim=1)
+    new_value = torch.ones_like(ordered, dtype=torch.int32)
+    new_value[:, 0] = 0
+    new_value[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    rank = torch.empty_like(new_value).scatter_(1, order, new_value.cumsum(1, dtype=torch.int32))
+    return torch.where(segment_ids < 0, -1, rank).to(torch.int32).contiguous()
+
+
 def segment_args(segment_ids, block_rows: int, block_cols: int) -> dict:
     """The kernels' segment arguments for one launch whose program tiles block_rows rows and
     loops over tiles of block_cols: None (HAS_SEGMENTS=False, the unsegmented build) without
-    segment_ids. Ids are read as contiguous int64 (torch's default integer; int32 ids are
-    widened here, exactly), so one build serves both dtypes and every stride."""
+    segment_ids. Ids reach the kernels as contiguous int32 (_int32_ids), so one build serves
+    both dtypes and every stride."""
     if segment_ids is None:
         return dict(SEG=None, SPANS=None, HAS_SEGMENTS=False)
-    seg = segment_ids.to(torch.int64).contiguous()
+    seg = _int32_ids(segment_ids)
     return dict(SEG=seg, SPANS=segment_spans(seg, block_rows, block_cols), HAS_SEGMENTS=True)

@@ -164,18 +164,30 @@ def test_int32_int64_strided_and_unsorted_ids():
     torch.testing.assert_close(dqkv.double(), ref[1], atol=1e-5, rtol=1e-5)
     wide = torch.stack([ids, ids], -1)[..., 0]  # a strided int64 view
     assert wide.stride(1) == 2
-    for same in (ids.to(torch.int32), wide):
-        again, _, dagain = _kernel_run(qkv, H, 0.3, same, grad)
-        assert torch.equal(again, out) and torch.equal(dagain, dqkv)
+    for same in (ids.to(torch.int32), wide):  # the forward suffices: one segment_args for all
+        again, _ = kernels.attention_fwd(qkv, H, 0.3, segment_ids=same, config=FWD_CFG)
+        assert torch.equal(again, out)
+
+
+def test_int64_ids_beyond_int32_stay_distinct():
+    # 2^40 and 2^40 + 2^32 agree in their low 32 bits: a plain cast to int32 would merge them.
+    big = 2 ** 40
+    ids = torch.tensor([[big] * 7 + [big + 2 ** 32] * 9 + [-2 ** 40] * 2 + [3] * 6])
+    labels = attention_segments._int32_ids(ids)
+    # Ranks among the row's distinct ids (the negative one included), padding -1.
+    assert labels.dtype == torch.int32 and labels.tolist() == [[2] * 7 + [3] * 9 + [-1] * 2 + [1] * 6]
+    qkv = torch.randn(1, 24, 3 * 2 * 8)
+    out, _ = kernels.attention_fwd(qkv, 2, 0.3, segment_ids=ids, config=FWD_CFG)
+    torch.testing.assert_close(out.double(), _per_image(qkv.double(), 2, ids, 0.3), atol=1e-5, rtol=1e-5)
 
 
 def test_backward_is_deterministic():
     ids = LAYOUTS["crossing_tiles"]
     qkv = torch.randn(1, 48, 3 * 2 * 16, dtype=BF16)
     grad = torch.randn(1, 48, 2 * 16, dtype=BF16)
-    first = _kernel_run(qkv, 2, 0.25, ids, grad)
-    second = _kernel_run(qkv, 2, 0.25, ids, grad)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    out, lse, first = _kernel_run(qkv, 2, 0.25, ids, grad)
+    second = kernels.attention_bwd(grad, qkv, out, lse, 2, 0.25, segment_ids=ids, config=BWD_CFG)
+    assert torch.equal(first, second)
 
 
 def test_changing_one_segment_leaves_the_others_bitwise_unchanged():
@@ -340,10 +352,30 @@ def test_aot_specs_build_the_segment_variants_as_launched():
     specs = kernels.aot_specs()
     for s in specs:
         if s.constants.get("HAS_SEGMENTS"):
-            assert s.signature["SEG"] == "*i64" and s.signature["SPANS"] == "*i32", s.name
+            assert s.signature["SEG"] == "*i32" and s.signature["SPANS"] == "*i32", s.name
             assert "segments" in s.name
         elif "HAS_SEGMENTS" in s.constants:
             assert s.constants["SEG"] is None and s.constants["SPANS"] is None, s.name
-    plain = {s.name for s in specs if "HAS_SEGMENTS" in s.constants and not s.constants["HAS_SEGMENTS"]}
-    segmented = {s.name.replace(",segments]", "]") for s in specs if s.constants.get("HAS_SEGMENTS")}
-    assert plain == segmented  # every shipped config, also with segments
+    def builds(segments):
+        return {(s.kernel.fn.__name__, s.signature["QKV"], s.constants["HEAD_DIM"],
+                 s.constants["HAS_DROPOUT"]) for s in specs
+                if "HAS_SEGMENTS" in s.constants and s.constants["HAS_SEGMENTS"] == segments}
+    assert builds(True) == builds(False)  # every kernel, dtype, head dim and dropout mode
+
+
+def test_segment_configs_the_launchers_pick_are_compiled_ahead(monkeypatch):
+    # On CUDA, the config of every segmented launch (overrides included) is an AOT-checked build.
+    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+    fn_names = {"fwd": "attention_fwd_kernel", "dkdv": "attention_bwd_dkdv_kernel",
+                "dq": "attention_bwd_dq_kernel"}
+    compiled = {(s.kernel.fn.__name__, s.constants["BLOCK_M"], s.constants["BLOCK_N"], s.num_warps,
+                 s.num_stages, s.constants["HEAD_DIM"], s.constants["HAS_DROPOUT"])
+                for s in kernels.aot_specs() if s.constants.get("HAS_SEGMENTS")}
+    for head_dim in (32, 48, 64, 80, 96, 112, 128, 256):
+        for n in (64, 577):
+            for kernel, fn in fn_names.items():
+                for dropout in (False, True):
+                    cfg = kernels._config(kernel, n, head_dim, F16, dropout, True)
+                    assert (fn, *cfg, head_dim, dropout) in compiled, (kernel, n, head_dim, dropout)
+    # The overrides are used: the 128-bucket dK/dV build with segments is not the plain one.
+    assert kernels._config("dkdv", 577, 80, F16, False, True) != kernels._config("dkdv", 577, 80, F16)
