@@ -30,26 +30,28 @@ MAX_HEAD_DIM = 256  # the largest BLOCK_D bucket shipped (qk_norm_aot.py)
 
 
 @triton.jit
-def _normalized(x, mask, D, eps, IS_RMS: tl.constexpr):
-    """(x̂, rstd) of a [BLOCK_M, BLOCK_D] fp32 tile whose masked entries are 0. x̂ is 0 outside
-    the mask: a padding row has rstd = 1/sqrt(eps), inf for eps = 0, and must not turn into NaN
-    in the gradient sums."""
+def _normalized(x, mask, inv_d, eps, IS_RMS: tl.constexpr):
+    """(x̂, rstd) of a [BLOCK_M, BLOCK_D] fp32 tile whose masked entries are 0; inv_d = 1/D.
+    x̂ is 0 outside the mask: a padding row has rstd = 1/sqrt(eps), inf for eps = 0, and must
+    not turn into NaN in the gradient sums."""
     if IS_RMS:
         c = x
     else:
-        mean = tl.sum(x, axis=1) / D
+        mean = tl.sum(x, axis=1) * inv_d
         c = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(c * c, axis=1) / D + eps)
+    # rsqrt and a multiply by 1/D, not IEEE divisions: their slow-path subroutine call spilled
+    # registers to the stack on sm_80 (as torch's CUDA LayerNorm, rsqrt is within 2 ulp).
+    rstd = tl.math.rsqrt(tl.sum(c * c, axis=1) * inv_d + eps)
     return tl.where(mask, c * rstd[:, None], 0.0), rstd
 
 
 @triton.jit
-def _norm_fwd_slot(SRC, DST, W, B, mask, cols, col_ok, D, eps,
+def _norm_fwd_slot(SRC, DST, W, B, mask, cols, col_ok, inv_d, eps,
                    IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     """Normalize one slot's tile: SRC/DST are [BLOCK_M, BLOCK_D] pointer blocks, W/B this head's
     parameter rows."""
     x = tl.load(SRC, mask=mask, other=0.0).to(tl.float32)
-    y, _ = _normalized(x, mask, D, eps, IS_RMS)
+    y, _ = _normalized(x, mask, inv_d, eps, IS_RMS)
     if HAS_W:
         y = y * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_B:
@@ -77,17 +79,18 @@ def qk_norm_fwd_kernel(
     r64 = rows.to(tl.int64)[:, None]  # M·3·H·D passes 2^31 for large batches
     src = X + r64 * stride_x + cols[None, :]
     dst = Y + r64 * (3 * H * D) + cols[None, :]
+    inv_d = 1.0 / D.to(tl.float32)
     _norm_fwd_slot(src + h * D, dst + h * D, QW + h * stride_qw, QB + h * stride_qb, mask, cols,
-                   col_ok, D, eps, IS_RMS, HAS_QW, HAS_QB)
+                   col_ok, inv_d, eps, IS_RMS, HAS_QW, HAS_QB)
     _norm_fwd_slot(src + (H + h) * D, dst + (H + h) * D, KW + h * stride_kw, KB + h * stride_kb,
-                   mask, cols, col_ok, D, eps, IS_RMS, HAS_KW, HAS_KB)
+                   mask, cols, col_ok, inv_d, eps, IS_RMS, HAS_KW, HAS_KB)
     v_off = (2 * H + h) * D
     tl.store(dst + v_off, tl.load(src + v_off, mask=mask, other=0.0), mask=mask)
 
 
 @triton.jit
 def _norm_bwd_slot(DY, X, DX, W, WPART, BPART, row_begin, row_end, off, stride_dy, stride_x,
-                   row_dx, cols, col_ok, D, eps, IS_RMS: tl.constexpr, HAS_W: tl.constexpr,
+                   row_dx, cols, col_ok, inv_d, eps, IS_RMS: tl.constexpr, HAS_W: tl.constexpr,
                    NEED_W: tl.constexpr, NEED_B: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_D: tl.constexpr):
     """One slot (q or k) of one head over rows [row_begin, row_end): dx per row, and this
@@ -102,15 +105,15 @@ def _norm_bwd_slot(DY, X, DX, W, WPART, BPART, row_begin, row_end, off, stride_d
         x = tl.load(X + r64 * stride_x + off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + r64 * stride_dy + off + cols[None, :], mask=mask,
                      other=0.0).to(tl.float32)
-        xhat, rstd = _normalized(x, mask, D, eps, IS_RMS)
+        xhat, rstd = _normalized(x, mask, inv_d, eps, IS_RMS)
         g = dy
         if HAS_W:  # re-read per tile (L1 hits): held across the loop it cost a spill on sm_80
             g = dy * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        c1 = tl.sum(g * xhat, axis=1) / D
+        c1 = tl.sum(g * xhat, axis=1) * inv_d
         if IS_RMS:
             dx = (g - xhat * c1[:, None]) * rstd[:, None]
         else:
-            c2 = tl.sum(g, axis=1) / D
+            c2 = tl.sum(g, axis=1) * inv_d
             dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         tl.store(DX + r64 * row_dx + off + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if NEED_W:
@@ -144,13 +147,14 @@ def qk_norm_bwd_kernel(
     row_end = tl.minimum(row_begin + rows_per_program, M)
     row_dx = 3 * H * D
     part = PART + (pid * H + h) * D  # + k·P·H·D for slot k
+    inv_d = 1.0 / D.to(tl.float32)
     slot = P * H * D
     _norm_bwd_slot(DY, X, DX, QW + h * stride_qw, part, part + slot, row_begin, row_end, h * D,
-                   stride_dy, stride_x, row_dx, cols, col_ok, D, eps, IS_RMS, HAS_QW, NEED_QW,
+                   stride_dy, stride_x, row_dx, cols, col_ok, inv_d, eps, IS_RMS, HAS_QW, NEED_QW,
                    NEED_QB, BLOCK_M, BLOCK_D)
     _norm_bwd_slot(DY, X, DX, KW + h * stride_kw, part + 2 * slot, part + 3 * slot, row_begin,
-                   row_end, (H + h) * D, stride_dy, stride_x, row_dx, cols, col_ok, D, eps, IS_RMS,
-                   HAS_KW, NEED_KW, NEED_KB, BLOCK_M, BLOCK_D)
+                   row_end, (H + h) * D, stride_dy, stride_x, row_dx, cols, col_ok, inv_d, eps,
+                   IS_RMS, HAS_KW, NEED_KW, NEED_KB, BLOCK_M, BLOCK_D)
     v_off = (2 * H + h) * D
     for r0 in range(row_begin, row_end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)

@@ -96,6 +96,31 @@ def test_fp32_parameters_with_half_qkv_under_autocast():
         assert_close_by_rule(g[name], g_ref[name], g64[name], f"d{name}")
 
 
+@pytest.mark.parametrize("B,N", [(0, 5), (1, 1)])
+def test_empty_batch_and_single_token(B, N):
+    inp = _inputs(B, N, 2, 24, "HD", "D", torch.float32)
+    _check(inp, 2, "layer", 1e-6, torch.float32)
+
+
+# The interpreter computes the tile's padding rows too: rsqrt(0) = inf there, masked out.
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning",
+                            "ignore:invalid value:RuntimeWarning")
+def test_navit_mapping_on_the_kernel():
+    """NaViT's RMSNorm (gamma [H, 1, D], F.normalize·sqrt(D)) as kind="rms", eps=0, on the kernel."""
+    from vit_pytorch.na_vit import RMSNorm as NaVitRMSNorm
+    B, N, H, D = 2, 6, 2, 16
+    qkv = torch.randn(B, N, 3 * H * D)
+    norm_q, norm_k = NaVitRMSNorm(H, D), NaVitRMSNorm(H, D)
+    nn.init.normal_(norm_q.gamma)
+    nn.init.normal_(norm_k.gamma)
+    with vit_fast.use_backend("triton"):
+        y = functional.qk_norm(qkv, H, norm_q.gamma.reshape(H, D), norm_k.gamma.reshape(H, D),
+                               kind="rms", eps=0.0)
+    q, k, _ = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+    yq, yk, _ = y.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+    assert torch.allclose(yq, norm_q(q), atol=1e-5) and torch.allclose(yk, norm_k(k), atol=1e-5)
+
+
 def test_strided_qkv_and_broadcast_gradient():
     """qkv a column slice of a wider buffer (row stride > 3·H·D), and y.sum()'s stride-0 dy."""
     H, D = 2, 24

@@ -119,3 +119,28 @@ def test_unsupported_or_hooked_q_k_norms_run_plain_and_say_why(qk_calls):
     assert any("k_norm is Identity" in r for r in attn.why_not_fused())
     attn(x)
     assert qk_calls == []  # every call above ran timm's eager q/k norms
+
+
+def test_compiled_fullgraph_qk_norm_attention_on_the_kernels():
+    """torch.compile(fullgraph=True) over Attention(qk_norm=True) on the Triton kernels: no graph
+    break, the qk_norm op (forward and backward) in the graphs, eager's outputs and gradients."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+    model = vit_fast.Attention(32, num_heads=2, qk_norm=True, norm_layer=nn.LayerNorm)
+    x = torch.randn(2, 5, 32)
+
+    def step(fn):
+        model.zero_grad()
+        with vit_fast.use_backend("triton"):
+            y = fn(x)
+            y.square().sum().backward()
+        return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch._dynamo.reset()
+    backend = AotEagerAndRecordGraphs()
+    got = step(torch.compile(model, fullgraph=True, backend=backend))
+    want = step(model)
+    torch._dynamo.reset()
+    graphs = "".join(str(g.graph) for g in backend.fw_graphs + backend.bw_graphs)
+    assert "vit_fast.qk_norm.default" in graphs and "vit_fast.qk_norm_backward.default" in graphs
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    for name in want[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], rtol=1e-5, atol=1e-6)
