@@ -284,6 +284,7 @@ def qk_norm_bwd(dy, qkv, num_heads, q_weight, k_weight, rms, eps, *, q_weight_gr
     return (dx.reshape(B, N, three_c), *grads)
 
 
+@on_tensor_device
 def _reduce_partials(part, param):
     """Σ over the partial rows of part [P, H, D] into param's shape and dtype, in a fixed order:
     over p per head for an [H, D] parameter, over (p, h) for a shared [D] one."""
