@@ -17,8 +17,8 @@ CASES = {
 }
 
 
-def _rel_err(ours, ref):
-    return ((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+def _rel_err(ours, ref, floor=1e-12):
+    return ((ours - ref).abs().max() / ref.abs().max().clamp_min(floor)).item()
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -40,8 +40,13 @@ def test_converted_model_matches_timm(case):
     b.sum().backward()
     params_o, params_c = dict(original.named_parameters()), dict(converted.named_parameters())
     assert list(params_o) == list(params_c)
+    # k_norm.bias has a zero gradient analytically (a shift of every key adds the same q·b to a
+    # query's logits, which softmax cancels): its rounding noise is measured against the largest
+    # gradient of the model, not against itself.
+    largest = max(p.grad.abs().max().item() for p in params_o.values())
     for key, p in params_o.items():
-        assert _rel_err(params_c[key].grad, p.grad) <= 1e-5, key
+        floor = largest if key.endswith("k_norm.bias") else 1e-12
+        assert _rel_err(params_c[key].grad, p.grad, floor) <= 1e-5, key
 
 
 def test_convert_keeps_weights_device_dtype_mode_and_objects():

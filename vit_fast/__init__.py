@@ -6,11 +6,12 @@
 """
 from .convert import convert
 from .dispatch import use_backend
-from .functional import fused_qkv_attention, gelu_mlp, patch_embed, residual_layer_norm
+from .functional import fused_qkv_attention, gelu_mlp, patch_embed, qk_norm, residual_layer_norm
 from .modules import Attention, Block, LayerScale, Mlp, PatchEmbed
 from .record import record_attention
 
 __all__ = ["Attention", "Block", "Mlp", "LayerScale", "PatchEmbed", "convert",
-           "fused_qkv_attention", "residual_layer_norm", "gelu_mlp", "patch_embed", "use_backend",
+           "fused_qkv_attention", "qk_norm", "residual_layer_norm", "gelu_mlp", "patch_embed",
+           "use_backend",
            "record_attention"]
 __version__ = "0.1.0"  # the one version source: pyproject.toml reads it

@@ -108,9 +108,10 @@ def _compile_job(job):
         return (spec.name, arch), f"{type(exc).__name__}: {exc}"[:2000]
 
 
-def compile_module(module: str, archs=(80, 90), workers: int = 2) -> dict:
+def compile_module(module: str, archs=(80, 90), workers: int = 2, names=None) -> dict:
     """{(spec name, arch): AotResult, or the error text} for every ``aot_specs()`` entry of
-    ``vit_fast.kernels.<module>``, built in fresh worker processes.
+    ``vit_fast.kernels.<module>`` (only those in ``names`` when given), built in fresh worker
+    processes.
 
     Workers, not this process: with TRITON_INTERPRET=1 set before triton was imported (as the
     tests do), triton.language's own jit helpers are interpreter objects for the life of the
@@ -121,8 +122,9 @@ def compile_module(module: str, archs=(80, 90), workers: int = 2) -> dict:
     import multiprocessing
     import os
 
-    count = len(importlib.import_module(f"vit_fast.kernels.{module}").aot_specs())
-    jobs = [(module, i, arch) for i in range(count) for arch in archs]
+    specs = importlib.import_module(f"vit_fast.kernels.{module}").aot_specs()
+    jobs = [(module, i, arch) for i, spec in enumerate(specs) for arch in archs
+            if names is None or spec.name in names]
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"  # what the spawned workers inherit
     try:

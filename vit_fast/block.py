@@ -22,6 +22,7 @@ from timm.layers import Mlp as _TimmMlp
 
 from . import fused_block_ops
 from .fusion import FusedModule, forward_is
+from .segments import segment_attention_mask
 from .modules import (Attention, LayerNorm, LayerScale, Mlp, _gelu_approximate, _plain_layer_norm,
                       _tracing)
 
@@ -152,6 +153,14 @@ class Block(FusedModule):
             return self.forward_plain(x, attn_mask, is_causal)
         return self._forward_fused(x, attn_mask, is_causal)
 
+    def forward_segments(self, x, segment_ids):
+        """forward for a packed batch: segment_ids int [B, N], -1 = padding (vit_fast/segments.py).
+        The fused path hands them to the attention op and never builds an N×N mask; the plain
+        path runs timm's math with the equivalent dense mask."""
+        if _tracing(x) or self.why_not_fused():
+            return self.forward_plain(x, segment_attention_mask(segment_ids))
+        return self._forward_fused(x, None, False, segment_ids)
+
     def forward_plain(self, x, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         """timm's Block.forward: every submodule called (scriptable, traceable)."""
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask,
@@ -169,7 +178,7 @@ class Block(FusedModule):
         mm = [x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]
         return not fused_block_ops.kernel_reasons(x, ln, mm)
 
-    def _forward_fused(self, x, attn_mask, is_causal):
+    def _forward_fused(self, x, attn_mask, is_causal, segment_ids=None):
         a, mlp, n1, n2 = self.attn, self.mlp, self.norm1, self.norm2
         kernels = self._rebuilds_ln_outputs(x)
         amp = fused_block_ops.functional._autocast_dtype(x.device) if kernels else None
@@ -181,7 +190,7 @@ class Block(FusedModule):
                       mlp.fc2.bias))
         qkv = fused_block_ops.layer_norm_linear(x, n1.weight, n1.bias, n1.eps, qkv_w, qkv_b,
                                                 kernels=kernels)
-        p = a.proj_drop(a.proj(a.norm(a.attend(qkv, attn_mask, is_causal))))
+        p = a.proj_drop(a.proj(a.norm(a.attend(qkv, attn_mask, is_causal, segment_ids))))
         # Drop-path masks drawn in timm's order: after the attention branch's dropouts.
         ss1 = _drop_path_scale(self.drop_path1, x)
         ss2 = _drop_path_scale(self.drop_path2, x)

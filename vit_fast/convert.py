@@ -25,12 +25,14 @@ class ConversionSummary:
     left: list = field(default_factory=list)      # (qualified name, why it was left as it is)
     already: list = field(default_factory=list)   # vit_fast modules found in place (convert again)
     not_fused: list = field(default_factory=list)  # (name, reasons): swapped, but plain for now
+    fused: list = field(default_factory=list)     # (name, what runs fused there), where not obvious
 
     def __str__(self):
         lines = [f"vit_fast.convert: swapped {len(self.swapped)} module(s), left {len(self.left)}"
                  + (f", {len(self.already)} already converted" if self.already else "")]
         lines += [f"  swapped {name}" for name in self.swapped]
         lines += [f"  already {name}" for name in self.already]
+        lines += [f"  fused   {name}: {what}" for name, what in self.fused]
         lines += [f"  left    {name}: {why}" for name, why in self.left]
         lines += [f"  plain   {name}: {'; '.join(why)}" for name, why in self.not_fused]
         return "\n".join(lines)
@@ -41,7 +43,8 @@ def why_not_fused(model: nn.Module) -> dict:
     submodules right now (hooks, adapters, parametrizations, active dropout...)."""
     found = {}
     for name, m in model.named_modules():
-        if isinstance(m, (modules.Block, modules.Attention, modules.Mlp, modules.PatchEmbed)):
+        if isinstance(m, (modules.Block, modules.Attention, modules.Mlp, modules.PatchEmbed)) or (
+                type(m).__name__ == "FusedNaViTTransformer"):
             reasons = m.why_not_fused()
             if reasons:
                 found[name] = reasons
@@ -183,6 +186,8 @@ def convert(model: nn.Module, *, blocks: bool = True, patch_embed: bool = True) 
         setattr(parent, attr, new)
         summary.swapped.append(name)
     if blocks:
+        from .convert_navit import convert_packed
+        convert_packed(model, summary)  # vit-pytorch NaViT, timm NaFlexVit: segment ids, no mask
         from .convert_vit_pytorch import convert_vit_pytorch, is_vit_pytorch_model
         if is_vit_pytorch_model(model):  # lucidrains' vit-pytorch ViT / SimpleViT
             convert_vit_pytorch(model, summary)

@@ -13,10 +13,11 @@ import torch
 
 from . import dispatch, reference
 
-__all__ = ["fused_qkv_attention", "residual_layer_norm", "gelu_mlp", "patch_embed",
+__all__ = ["fused_qkv_attention", "qk_norm", "residual_layer_norm", "gelu_mlp", "patch_embed",
            "segment_ids_from_lengths"]
 
 _APPROXIMATE = ("none", "tanh")
+_QK_NORM_KINDS = ("layer", "rms")
 # What the reference computes in (and the kernels take the first three of); float8 and complex
 # tensors are floating point too but no op here is defined for them.
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -136,12 +137,7 @@ def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0, segment_id
     """
     op = "fused_qkv_attention"
     _check_tensor(op, "qkv", qkv, dim=3)
-    if not isinstance(num_heads, numbers.Integral) or isinstance(num_heads, bool) or num_heads <= 0:
-        raise ValueError(f"{op}: num_heads must be a positive int, got {num_heads!r}")
-    if qkv.shape[-1] % (3 * num_heads) != 0 or qkv.shape[-1] == 0:
-        raise ValueError(f"{op}: qkv's last dim ({qkv.shape[-1]}) must be 3*num_heads*head_dim "
-                         f"(divisible by 3*num_heads = {3 * num_heads})")
-    head_dim = qkv.shape[-1] // (3 * num_heads)
+    head_dim = _packed_head_dim(op, qkv, num_heads)
     if head_dim > dispatch.MAX_HEAD_DIM:
         raise ValueError(f"{op}: head_dim {head_dim} (qkv last dim / (3*num_heads)) is above the "
                          f"supported maximum {dispatch.MAX_HEAD_DIM}")
@@ -207,6 +203,68 @@ def segment_ids_from_lengths(lengths, total_len=None, *, device=None, dtype=torc
         counts = torch.tensor([int(n) for n in row], dtype=torch.int64)
         ids[b, :int(counts.sum())] = torch.repeat_interleave(torch.arange(len(row), dtype=dtype), counts)
     return ids.to(device) if device is not None else ids
+
+
+def qk_norm(qkv, num_heads, q_weight, k_weight, q_bias=None, k_bias=None, *, kind="layer",
+            eps=1e-6):
+    """timm's packed qkv [B, N, 3·H·D] with q and k normalized over head_dim and v copied: a new
+    contiguous qkv of the same layout, ready for :func:`fused_qkv_attention`.
+
+    kind="layer": LayerNorm, (x - mean)·rsqrt(var + eps)·weight + bias — timm's ``qk_norm=True``
+    (``q_norm = norm_layer(head_dim)``: weight and bias [D], shared by the heads).
+    kind="rms": x·rsqrt(mean(x²) + eps)·weight (+ bias) — timm's RmsNorm, and vit-pytorch NaViT's
+    ``RMSNorm(heads, dim_head)``, which computes F.normalize(x, dim=-1)·sqrt(D)·gamma with gamma
+    [H, 1, D]: pass ``gamma.reshape(H, D)`` as the weight and eps=0. (F.normalize divides by
+    max(‖x‖, 1e-12), i.e. x·sqrt(D)/‖x‖ = x·rsqrt(mean(x²)): the same as rms with eps 0 except
+    for vectors of norm below 1e-12, which F.normalize leaves near 0 and eps=0 makes inf/NaN; a
+    tiny eps such as 1e-12 keeps those finite.)
+    Weights and biases: [D] (shared by the heads), [H, D] (per head) or None (no affine), one
+    dtype for all of them: qkv's, or float32 under autocast. Statistics are fp32.
+    """
+    op = "qk_norm"
+    _check_tensor(op, "qkv", qkv, dim=3)
+    head_dim = _packed_head_dim(op, qkv, num_heads)
+    if kind not in _QK_NORM_KINDS:
+        raise ValueError(f"{op}: kind must be one of {_QK_NORM_KINDS}, got {kind!r}")
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not math.isfinite(eps) \
+            or eps < 0:
+        raise ValueError(f"{op}: eps must be a finite non-negative float, got {eps!r}")
+    params = {"q_weight": q_weight, "k_weight": k_weight, "q_bias": q_bias, "k_bias": k_bias}
+    for name, t in params.items():
+        _check_tensor(op, name, t, optional=True)
+        if t is not None and tuple(t.shape) not in ((head_dim,), (num_heads, head_dim)):
+            raise ValueError(f"{op}: {name} must have shape ({head_dim},) (shared by the heads) or "
+                             f"({num_heads}, {head_dim}) (per head), got {tuple(t.shape)}")
+    _check_same_device(op, "qkv", qkv, **params)
+    amp = _autocast_dtype(qkv.device)
+    present = [(n, t) for n, t in params.items() if t is not None]
+    if present:
+        # The affine runs in fp32 like the statistics, so fp32 parameters with a low-precision
+        # qkv are what autocast gives eager LayerNorm; outside autocast torch wants one dtype.
+        _check_same_dtype(op, present[0][0], present[0][1], **dict(present[1:]))
+        if amp is None:
+            _check_same_dtype(op, "qkv", qkv, **dict(present))
+    if amp is not None:
+        (qkv,) = _cast(amp, qkv)
+    choice = dispatch.choose(op, [qkv, q_weight, k_weight, q_bias, k_bias], head_dim=head_dim)
+
+    def kernel():
+        from .ops import qk_norm as qk
+        with _kernel_context(amp, qkv.device):
+            return qk.qk_norm(qkv, int(num_heads), q_weight, k_weight, q_bias, k_bias,
+                              kind == "rms", float(eps))
+    return dispatch.run(op, choice, kernel, lambda: reference.qk_norm(
+        qkv, int(num_heads), q_weight, k_weight, q_bias, k_bias, kind=kind, eps=float(eps)))
+
+
+def _packed_head_dim(op, qkv, num_heads):
+    """head_dim D of a packed qkv [B, N, 3·H·D] with H = num_heads (checked)."""
+    if not isinstance(num_heads, numbers.Integral) or isinstance(num_heads, bool) or num_heads <= 0:
+        raise ValueError(f"{op}: num_heads must be a positive int, got {num_heads!r}")
+    if qkv.shape[-1] % (3 * num_heads) != 0 or qkv.shape[-1] == 0:
+        raise ValueError(f"{op}: qkv's last dim ({qkv.shape[-1]}) must be 3*num_heads*head_dim "
+                         f"(divisible by 3*num_heads = {3 * num_heads})")
+    return qkv.shape[-1] // (3 * num_heads)
 
 
 def residual_layer_norm(x, weight, bias, eps, *, residual=None, layer_scale=None, sample_scale=None):

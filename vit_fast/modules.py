@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm as _TimmLayerNorm
 from timm.layers import PatchEmbed as _TimmPatchEmbed
+from timm.layers import RmsNorm as _TimmRmsNorm
+from timm.layers import RmsNormFp32 as _TimmRmsNormFp32
 from timm.layers import register_notrace_module, use_fused_attn
 from timm.layers.activations import GELU as _TimmGELU
 from timm.layers.activations import GELUTanh as _TimmGELUTanh
@@ -27,6 +29,7 @@ from timm.layers.format import Format, nchw_to
 
 from . import functional
 from .fusion import FusedModule, forward_is
+from .segments import segment_attention_mask
 
 __all__ = ["LayerNorm", "LayerScale", "Attention", "Mlp", "Block", "PatchEmbed"]
 
@@ -66,6 +69,20 @@ def _plain_layer_norm(m, dim):
             and forward_is(m, *_LAYER_NORM_FORWARDS) and not getattr(m, "_fast_norm", False))
 
 
+_RMS_NORM_FORWARDS = (_TimmRmsNorm.forward, _TimmRmsNormFp32.forward, nn.RMSNorm.forward)
+
+
+def _qk_norm_kind(m, head_dim):
+    """(kind, eps) of vit_fast.functional.qk_norm that reproduces q/k norm ``m`` over head_dim
+    (LayerNorm -> "layer", timm RmsNorm / RmsNormFp32 / nn.RMSNorm -> "rms"), else None."""
+    if _plain_layer_norm(m, head_dim):
+        return "layer", float(m.eps)
+    if (forward_is(m, *_RMS_NORM_FORWARDS) and tuple(m.normalized_shape) == (head_dim,)
+            and m.eps is not None and not getattr(m, "_fast_norm", False)):
+        return "rms", float(m.eps)
+    return None
+
+
 def _gelu_approximate(act):
     """'none'/'tanh' when ``act`` is a GELU the fused MLP computes, else None."""
     if forward_is(act, nn.GELU.forward):
@@ -101,7 +118,9 @@ class Attention(FusedModule):
     ``fused_attn`` keeps timm's meaning: False materializes softmax(q kᵀ·scale) in eager PyTorch
     (and calls ``attn_drop`` on it), so attention-map tools keep working. Like timm, the fused
     path does not read ``scale`` (timm's SDPA call uses head_dim**-0.5); ``qk_scale`` (the
-    pre-1.0 keyword) sets the scale of both paths.
+    pre-1.0 keyword) sets the scale of both paths. ``qk_norm=True`` norms (LayerNorm, or timm's
+    RmsNorm, over head_dim) run as the fused :func:`vit_fast.functional.qk_norm` on the packed
+    qkv before the fused attention.
     """
 
     def __init__(self, dim, num_heads=8, attn_head_dim=None, dim_out=None, qkv_bias=False,
@@ -136,8 +155,26 @@ class Attention(FusedModule):
     bypassed_paths = ("q_norm", "k_norm")
 
     def _structure_reasons(self):
-        return [f"{name} is {type(m).__name__} (qk_norm): the fused attention has no q/k norm"
-                for name, m in self._bypassed() if not forward_is(m, nn.Identity.forward)]
+        if all(forward_is(m, nn.Identity.forward) for _, m in self._bypassed()):
+            return []
+        kinds = [_qk_norm_kind(m, self.head_dim) for _, m in self._bypassed()]
+        reasons = [f"{name} is {type(m).__name__}: the fused q/k norm takes LayerNorm or RmsNorm "
+                   f"over head_dim ({self.head_dim})"
+                   for (name, m), kind in zip(self._bypassed(), kinds) if kind is None]
+        if not reasons and kinds[0] != kinds[1]:
+            reasons.append(f"q_norm and k_norm differ ({kinds[0]} vs {kinds[1]}): the fused q/k "
+                           "norm takes one kind and eps")
+        return reasons
+
+    def _norm_qk(self, qkv):
+        """qkv with q_norm/k_norm applied by the fused op (fusability already checked)."""
+        q, k = self.q_norm, self.k_norm
+        if forward_is(q, nn.Identity.forward):
+            return qkv
+        kind, eps = _qk_norm_kind(q, self.head_dim)
+        return functional.qk_norm(qkv, self.num_heads, q.weight, k.weight,
+                                  getattr(q, "bias", None), getattr(k, "bias", None),
+                                  kind=kind, eps=eps)
 
     def why_not_fused(self, attn_mask=None, is_causal=False):
         """Why a call with these arguments does not use the fused attention op; [] when it does."""
@@ -150,18 +187,26 @@ class Attention(FusedModule):
         """Whether a call with these arguments goes through vit_fast's fused attention op."""
         return not self.why_not_fused(attn_mask, is_causal)
 
-    def attend(self, qkv, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        """Attention core: packed qkv [B, N, 3·H·D] -> [B, N, H·D], before norm/gate/proj."""
+    def attend(self, qkv, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+               segment_ids: Optional[torch.Tensor] = None):
+        """Attention core: packed qkv [B, N, 3·H·D] -> [B, N, H·D], before norm/gate/proj.
+        segment_ids: int [B, N] of a packed batch (vit_fast/segments.py), instead of a mask."""
+        if segment_ids is not None and (attn_mask is not None or is_causal):
+            raise ValueError("Attention: pass segment_ids or attn_mask/is_causal, not both")
         if torch.jit.is_scripting():
-            return self.attend_plain(qkv, attn_mask, is_causal)
+            return self.attend_plain(qkv, attn_mask, is_causal, segment_ids)
         if _tracing(qkv) or not self.uses_fused_op(attn_mask, is_causal):
-            return self.attend_plain(qkv, attn_mask, is_causal)
+            return self.attend_plain(qkv, attn_mask, is_causal, segment_ids)
         dropout_p = self.attn_drop.p if self.training else 0.0
+        qkv = self._norm_qk(qkv)
         return functional.fused_qkv_attention(qkv, self.num_heads, scale=self.qk_scale,
-                                              dropout_p=dropout_p)
+                                              dropout_p=dropout_p, segment_ids=segment_ids)
 
-    def attend_plain(self, qkv, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+    def attend_plain(self, qkv, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                     segment_ids: Optional[torch.Tensor] = None):
         """timm's attention math, step by step (scriptable, traceable)."""
+        if segment_ids is not None:
+            attn_mask = segment_attention_mask(segment_ids)
         B, N, _ = qkv.shape
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)

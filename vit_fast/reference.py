@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fused_qkv_attention", "residual_layer_norm", "gelu_mlp", "patch_embed", "add_branch",
-           "result_dtype"]
+__all__ = ["fused_qkv_attention", "qk_norm", "residual_layer_norm", "gelu_mlp", "patch_embed",
+           "add_branch", "result_dtype"]
 
 
 def _up(t, upcast):
@@ -75,6 +75,39 @@ def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0, segment_id
     if segment_ids is not None:
         out = torch.where((segment_ids >= 0)[:, None, :, None], out, out.new_zeros(()))
     return out.transpose(1, 2).reshape(B, N, num_heads * head_dim).to(dtype)
+
+
+def qk_norm(qkv, num_heads, q_weight, k_weight, q_bias=None, k_bias=None, *, kind="layer",
+            eps=1e-6, upcast=False):
+    """timm's packed qkv [B, N, 3·H·D] with q and k normalized over head_dim, v as it was.
+
+    kind "layer": (x - mean)·rsqrt(var + eps) (nn.LayerNorm); "rms": x·rsqrt(mean(x²) + eps)
+    (timm's RmsNorm). Then ·weight + bias per slot; weights/biases are [D] (shared by the heads)
+    or [H, D] (per head), or None. Statistics in at least float32; the result has qkv's dtype.
+    """
+    dtype = qkv.dtype
+    stat = torch.float64 if upcast else torch.promote_types(dtype, torch.float32)
+    B, N, three_c = qkv.shape
+    head_dim = three_c // (3 * num_heads)
+    x = qkv.to(stat).reshape(B, N, 3, num_heads, head_dim)
+    slots = []
+    for i, (weight, bias) in enumerate(((q_weight, q_bias), (k_weight, k_bias))):
+        weight, bias = (p.to(stat) if p is not None else None for p in (weight, bias))
+        # torch's own norm ops (what timm's q_norm runs) take a shared [D] affine; a per-head
+        # [H, D] one, or a bias after a per-head weight, is applied after them.
+        w_in = weight if weight is None or weight.dim() == 1 else None
+        b_in = bias if kind == "layer" and w_in is weight and (bias is None or bias.dim() == 1) \
+            else None
+        if kind == "layer":
+            t = F.layer_norm(x[:, :, i], (head_dim,), w_in, b_in, eps)
+        else:
+            t = F.rms_norm(x[:, :, i], (head_dim,), w_in, eps)
+        if weight is not None and w_in is None:
+            t = t * weight
+        if bias is not None and b_in is None:
+            t = t + bias
+        slots.append(t)
+    return torch.stack(slots + [x[:, :, 2]], dim=2).reshape(B, N, three_c).to(dtype)
 
 
 def residual_layer_norm(x, weight, bias, eps, *, residual=None, layer_scale=None,

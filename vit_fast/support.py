@@ -78,8 +78,27 @@ class LayerNormKernel(Kernel):
         return [f"normalized dim {dim} > {MAX_LAYER_NORM_DIM}"] if dim > MAX_LAYER_NORM_DIM else []
 
 
+class QkNormKernel(Kernel):
+    """qkv in a kernel dtype; the weights and biases share one dtype, qkv's or float32 (autocast:
+    fp32 parameters with a half qkv, the affine computed in fp32 either way)."""
+
+    def not_supported_reasons(self, tensors, head_dim=0, **options):
+        qkv, params = tensors[0], [t for t in tensors[1:] if t is not None]
+        reasons = _dtype_reasons([qkv])
+        dtypes = {t.dtype for t in params}
+        if len(dtypes) > 1:
+            reasons.append(f"q/k norm parameters of mixed dtypes {sorted(map(str, dtypes))}")
+        elif dtypes and dtypes != {qkv.dtype} and dtypes != {torch.float32}:
+            reasons.append(f"q/k norm parameters are {dtypes.pop()}: the kernel takes qkv's dtype "
+                           "or float32")
+        if head_dim > MAX_HEAD_DIM:
+            reasons.append(f"head_dim {head_dim} > {MAX_HEAD_DIM}")
+        return reasons
+
+
 KERNELS = {
     "fused_qkv_attention": AttentionKernel("fused_qkv_attention", "triton", ("attention",)),
+    "qk_norm": QkNormKernel("qk_norm", "triton", ("qk_norm",)),
     "residual_layer_norm": LayerNormKernel("residual_layer_norm", "triton", ("layer_norm",)),
     "gelu_mlp": Kernel("gelu_mlp", "triton", ("gelu_mlp", "matmul")),
     "patch_embed": Kernel("patch_embed", "extension"),

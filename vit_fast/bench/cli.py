@@ -6,6 +6,7 @@
     python -m vit_fast.bench roofline             HBM bytes / FLOPs / roofline time (model)
     python -m vit_fast.bench compile-check        AOT sm_80/sm_90 registers, spills, shared, MMA
     python -m vit_fast.bench gpu-check --out DIR  GPU acceptance kit (gpu_check.py; --dry-run on CPU)
+    python -m vit_fast.bench navit                packed NaViT batch: vit-pytorch eager vs vit_fast
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import os
 import subprocess
 import sys
 
-SUBCOMMANDS = ("memory", "roofline", "compile-check", "results", "gpu-check")
+SUBCOMMANDS = ("memory", "roofline", "compile-check", "results", "gpu-check", "navit")
 
 
 def fmt_table(rows, columns, title=None):
@@ -344,6 +345,9 @@ def main(argv=None):
         if cmd == "gpu-check":
             from .gpu_check import main as gpu_check_main
             return gpu_check_main(rest)
+        if cmd == "navit":
+            from .navit import main as navit_main
+            return navit_main(rest)
         return {"memory": memory_main, "roofline": roofline_main,
                 "compile-check": compile_check_main, "results": results_main}[cmd](rest)
     return throughput_main(argv)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import re
 
-MODULES = ("attention", "layer_norm", "gelu_mlp", "gelu_elementwise")
+MODULES = ("attention", "layer_norm", "gelu_mlp", "gelu_elementwise", "qk_norm")
 
 
 def collect_specs(modules=MODULES, match=None):

@@ -9,7 +9,8 @@ and DIR/summary.md again as soon as it ends (a run cut off still leaves its data
                 the extension built for the GPU's arch (checked with cuobjdump), an import probe
 3. tests        `pytest -m cuda tests/cuda` with the compiled kernels (junit: pytest-junit.xml)
 4. ops          per-op forward and forward+backward times vs the eager ops (and SDPA)
-5. models       ViT-S/B/L AMP bf16 training step and inference vs timm eager and torch.compile
+5. models       ViT-S/B/L AMP bf16 training step and inference vs timm eager and torch.compile;
+                a packed NaViT batch vs vit-pytorch eager (bench/navit.py; skipped without vit-pytorch)
 6. report       plot.png (matplotlib, if installed); the profiler trace comes from step 5
 
 Budgets are ceilings: time an earlier step leaves unused goes to the later ones. A step that

@@ -298,4 +298,9 @@ def run_models(out_dir, device, quick, dry_run, deadline):
         rec.add("rows", row)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if deadline - time.time() < 15:  # packed NaViT vs vit-pytorch eager (bench/navit.py)
+        rec.add("skipped", "NaViT: past the step's budget")
+    else:
+        from .navit import add_gpu_kit_rows
+        add_gpu_kit_rows(rec, device, settings, dry_run)
     return rec.data

@@ -93,23 +93,25 @@ def _models(d):
     lines = [f"## Whole models ({d.get('precision')}, {d.get('device')}): median of {d.get('rounds')} "
              "interleaved rounds; accuracy of the eval forward vs fp32 timm eager", ""]
     rows = []
-    for r in d.get("rows", []):
+    for r in d.get("rows", []) + d.get("navit_rows", []):  # NaViT: baseline vit-pytorch eager
         ratio = {(x["provider"], x["baseline"]): x for x in r["ratios"]}
+        eager = "vit-pytorch eager" if "vit-pytorch eager" in r["providers"] else "timm eager"
         for p, s in r["providers"].items():
             def vs(base, p=p):
                 return timing.fmt_ratio(ratio[(p, base)]) if (p, base) in ratio else "-"
             rows.append({"model": r["model"], "mode": r["mode"], "batch": r["batch"], "provider": p,
                          "img/s": f"{s['img_per_s']:,.1f}", "step": timing.fmt_time(s),
-                         "vs timm eager": vs("timm eager"), "vs timm compile": vs("timm compile"),
+                         "vs eager": vs(eager), "vs timm compile": vs("timm compile"),
                          "peak step mem": _mib(s.get("peak_step_bytes")),
                          "max abs err": f"{s['max_abs_err']:.2e}" if "max_abs_err" in s else "-",
                          "top-1 agree": f"{100 * s['top1_agree']:.0f}%" if "top1_agree" in s else "-"})
     if rows:
-        keys = ("model", "mode", "batch", "provider", "img/s", "step", "vs timm eager", "vs timm compile",
+        keys = ("model", "mode", "batch", "provider", "img/s", "step", "vs eager", "vs timm compile",
                 "peak step mem", "max abs err", "top-1 agree")
         lines += [fmt_table(rows, [(k, k) for k in keys]),
                   "", "peak step mem: CUDA memory a step allocates above what is resident before it "
-                  "(all providers' weights)", ""]
+                  "(all providers' weights). vs eager: timm eager, or vit-pytorch's own NaViT for "
+                  "the NaViT rows (max abs err: vs that NaViT under the same autocast)", ""]
     return (lines + [f"- note: {s}" for s in d.get("notes", [])]
             + [f"- skipped: {s}" for s in d.get("skipped", [])] + [""])
 
