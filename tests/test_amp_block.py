@@ -11,7 +11,9 @@ dfc2_weight at 1.7x under the interpreter, within the rule once the cast rounds)
 the rule.
 """
 import copy
+import gc
 import os
+import weakref
 
 import pytest
 import timm.models.vision_transformer as tvit
@@ -78,15 +80,45 @@ def test_amp_block_matches_timm_amp(amp, kw):
 
 def test_amp_weight_cast_once_per_version():
     w = torch.nn.Parameter(torch.randn(4, 4))
-    fused_block_ops.clear_amp_weights()
-    a = fused_block_ops.amp_weight(w, torch.bfloat16)
-    assert a.dtype == torch.bfloat16 and fused_block_ops.amp_weight(w, torch.bfloat16) is a
-    assert fused_block_ops.amp_weight(w, torch.float16) is not a
-    with torch.no_grad():
-        w.add_(1.0)  # an optimizer step: the cast must follow it
-    b = fused_block_ops.amp_weight(w, torch.bfloat16)
-    assert torch.equal(b, w.detach().to(torch.bfloat16))
-    fused_block_ops.clear_amp_weights()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = fused_block_ops.amp_weight(w, torch.bfloat16)
+        assert a.dtype == torch.bfloat16 and fused_block_ops.amp_weight(w, torch.bfloat16) is a
+        # eager ops in the region share the cast: it is autocast's own cached one
+        y = torch.nn.functional.linear(torch.randn(2, 4, requires_grad=True), w)
+        assert y.grad_fn._saved_mat2.data_ptr() == a.data_ptr()
+        assert fused_block_ops.amp_weight(w, torch.float16) is not a  # not autocast's dtype
+        with torch.no_grad():
+            w.add_(1.0)  # an optimizer step: the cast must follow it
+        b = fused_block_ops.amp_weight(w, torch.bfloat16)
+        assert torch.equal(b, w.detach().to(torch.bfloat16))
+
+
+def test_amp_weight_casts_are_freed_when_the_autocast_region_exits():
+    """Like autocast's weight cache: one cast per parameter for the region, shared by every call
+    in it, gone once the region exits and the graph that saved it is freed (no later call or
+    clear needed)."""
+    torch.manual_seed(0)
+    blk = Block(32, 2, qkv_bias=True).train()
+    weights = [blk.attn.qkv.weight, blk.attn.qkv.bias, blk.mlp.fc1.weight, blk.mlp.fc1.bias,
+               blk.mlp.fc2.weight, blk.mlp.fc2.bias]
+    x = torch.randn(2, 5, 32)
+    with vit_fast.use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert blk._rebuilds_ln_outputs(x), blk.why_not_fused()
+        out = blk(x)
+        casts = [fused_block_ops.amp_weight(w, torch.bfloat16) for w in weights]
+        blk(x).sum().backward()  # a second call in the region takes the same casts
+        assert all(fused_block_ops.amp_weight(w, torch.bfloat16) is c
+                   for w, c in zip(weights, casts))
+        refs = [weakref.ref(c) for c in casts]
+        del casts
+    # out's graph still holds the weight matrices (its dx needs them)
+    assert all(refs[i]() is not None for i in (0, 2, 4))
+    out.sum().backward()
+    del out
+    gc.collect()
+    assert [r() for r in refs] == [None] * len(refs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a new region casts afresh
+        assert fused_block_ops.amp_weight(weights[0], torch.bfloat16) is not None
 
 
 def test_vit_b16_block_amp_memory_ratio():
