@@ -13,11 +13,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vit_fast.kernels.attention import attention_bwd, attention_fwd
-
 from vit_fast.dispatch import MAX_HEAD_DIM  # the largest head dim the kernels are built for
+from vit_fast.dispatch import current_policy, use_backend
 
-from . import checks
+from . import attention_sdpa, checks
 
 
 def check_fwd_args(qkv, num_heads, scale, dropout_p, seed, op="fused_qkv_attention_fwd"):
@@ -56,7 +55,9 @@ def fused_qkv_attention_fwd(qkv: Tensor, num_heads: int, scale: float, dropout_p
     dropout_p > 0 needs seed (int64 [1] on qkv's device): the op is a pure function of it.
     """
     check_fwd_args(qkv, num_heads, scale, dropout_p, seed)
-    return attention_fwd(qkv, num_heads, scale, dropout_p=dropout_p, seed=seed)
+    # the kernel, or PyTorch's flash SDPA where eligible and measured faster (attention_sdpa.py)
+    return attention_sdpa.attention_forward(qkv, num_heads, scale, dropout_p=dropout_p,
+                                            seed=seed)
 
 
 @fused_qkv_attention_fwd.register_fake
@@ -74,7 +75,8 @@ def fused_qkv_attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
                             seed: Optional[Tensor] = None) -> Tensor:
     """dqkv [B, N, 3·H·D] from dout [B, N, H·D] and the forward's qkv, out, lse, dropout_p, seed."""
     _check_bwd_args(dout, qkv, out, lse, num_heads, scale, dropout_p, seed)
-    return attention_bwd(dout, qkv, out, lse, num_heads, scale, dropout_p=dropout_p, seed=seed)
+    return attention_sdpa.attention_backward(dout, qkv, out, lse, num_heads, scale,
+                                             dropout_p=dropout_p, seed=seed)
 
 
 @fused_qkv_attention_bwd.register_fake
@@ -88,6 +90,7 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(qkv, out, lse, seed)
     ctx.num_heads, ctx.scale, ctx.dropout_p = num_heads, scale, dropout_p
+    ctx.policy = current_policy()  # the backward picks its implementation under the forward's
     # lse is an internal by-product; declaring it non-differentiable means its gradient is never
     # asked for, so the backward need not handle one.
     ctx.mark_non_differentiable(lse)
@@ -95,7 +98,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     qkv, out, lse, seed = ctx.saved_tensors
-    dqkv = fused_qkv_attention_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.scale, ctx.dropout_p, seed)
+    with use_backend(ctx.policy):
+        dqkv = fused_qkv_attention_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.scale,
+                                       ctx.dropout_p, seed)
     return dqkv, None, None, None, None
 
 
