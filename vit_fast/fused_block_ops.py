@@ -21,7 +21,6 @@ import weakref
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import dispatch, functional
 
@@ -31,10 +30,10 @@ __all__ = ["amp_weight", "kernel_reasons", "layer_norm_linear", "residual_layer_
 # which holds it for the autocast region and drops it when the outermost region exits
 # (torch.autocast.__exit__ -> torch.clear_autocast_cache), so the casts live exactly as long as
 # eager's and eager ops on the same weight share them. PyTorch has no Python API to that cache and
-# no exit hook, so _autocast_cached reads the cast off the argument autocast hands to an addmm it
-# casts (a dispatch mode that stops the addmm itself). _CASTS only keeps weak references in front
-# of it, per thread like autocast's cache: id(parameter) -> (weakref to it, its version, dtype,
-# weakref to the cast), so a hit costs a dict look-up and nothing here keeps a cast alive.
+# no exit hook, so _autocast_cached reads the cast off an empty product autocast computes with it.
+# The thread-local dict (per thread like autocast's cache) only keeps weak references in front of
+# it: id(parameter) -> (weakref to it, its version, dtype, weakref to the cast), so a hit costs a
+# dict look-up and nothing here keeps a cast alive.
 _LOCAL = threading.local()
 
 
@@ -49,24 +48,16 @@ def clear_amp_weights():
     _casts().clear()
 
 
-class _TakeAddmmInput(TorchDispatchMode):
-    """Records the input of the next aten.addmm and skips computing it; every other op runs."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.addmm.default:
-            self.cast = args[0]
-            return args[0].new_empty(0)
-        return func(*args, **(kwargs or {}))
-
-
-def _autocast_cached(t):
-    """t's cast from autocast's weight cache (made there if absent): addmm is on autocast's
-    lower-precision list on CPU and CUDA, and t of shape [n] or [m, n] is its broadcast input."""
-    rows = t.shape[0] if t.dim() == 2 else 1
-    mode = _TakeAddmmInput()
-    with mode:
-        torch.addmm(t, t.new_empty(rows, 0), t.new_empty(0, t.shape[-1]))
-    return mode.cast
+def _autocast_cached(t, dtype):
+    """t's cast from autocast's weight cache (made there if absent). matmul is on autocast's
+    lower-precision list on CPU and CUDA; multiplied by an empty probe that requires grad, t's
+    cast is what the product's backward saves and nothing is computed (a zero-size output)."""
+    with torch.enable_grad():
+        if t.dim() == 2:
+            probe = t.new_empty((t.shape[1], 0), dtype=dtype, requires_grad=True)
+            return torch.matmul(t, probe).grad_fn._saved_self  # mm(t_cast, probe)
+        probe = t.new_empty((0, t.shape[0]), dtype=dtype, requires_grad=True)
+        return torch.matmul(probe, t).grad_fn._saved_vec  # mv(probe, t_cast)
 
 
 def _cacheable(t, dtype):
@@ -92,7 +83,7 @@ def amp_weight(t, dtype):
     old = hit[3]() if hit is not None and hit[0]() is t and hit[2] == dtype else None
     if old is not None and hit[1] == t._version:
         return old
-    cast = _autocast_cached(t)
+    cast = _autocast_cached(t, dtype)
     if cast is old:
         # Updated in place inside the region (an optimizer step under autocast): autocast's
         # cache still holds the old values; follow the update, uncached.
