@@ -113,6 +113,7 @@ def test_amp_weight_casts_are_freed_when_the_autocast_region_exits():
     del out
     gc.collect()
     assert [r() for r in refs] == [None] * len(refs)
+    assert fused_block_ops._casts() == {}  # the weak entries went with them
     with torch.autocast("cpu", dtype=torch.bfloat16):  # a new region casts afresh
         assert fused_block_ops.amp_weight(weights[0], torch.bfloat16) is not None
 

@@ -88,8 +88,17 @@ def amp_weight(t, dtype):
         # Updated in place inside the region (an optimizer step under autocast): autocast's
         # cache still holds the old values; follow the update, uncached.
         return t.to(dtype)
-    casts[id(t)] = (weakref.ref(t), t._version, dtype, weakref.ref(cast))
+    casts[id(t)] = (weakref.ref(t), t._version, dtype, weakref.ref(cast, _forget(id(t), casts)))
     return cast
+
+
+def _forget(key, casts):
+    """A weakref callback that drops key's entry once its cast is freed (not a newer one)."""
+    def drop(ref):
+        entry = casts.get(key)
+        if entry is not None and entry[3] is ref:
+            del casts[key]
+    return drop
 
 
 def kernel_reasons(x, ln_tensors, mlp_tensors):
