@@ -195,3 +195,17 @@ def test_fp16_amp_grad_scaler_training_tracks_timm():
         assert torch.isfinite(p).all()
     assert max(abs(a - b) for a, b in zip(got_loss, want_loss)) < 2e-2, (got_loss, want_loss)
     assert got_loss[-1] < got_loss[0]
+
+
+def test_amp_block_under_inference_mode():
+    """Under torch.inference_mode autograd records nothing (so no cast can be read off a graph):
+    the weights are cast per call there, and the output is the one outside inference mode."""
+    torch.manual_seed(0)
+    blk = Block(32, 2, qkv_bias=True).eval()
+    x = torch.randn(2, 5, 32)
+    with vit_fast.use_backend("triton"):
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
+            got = blk(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            want = blk(x)
+    assert torch.equal(got, want)

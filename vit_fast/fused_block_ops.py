@@ -63,10 +63,12 @@ def _autocast_cached(t, dtype):
 def _cacheable(t, dtype):
     """Where autocast itself caches a cast: a leaf fp32 parameter that requires grad, autocast on
     for its device with ``dtype`` and the cache enabled (cache_enabled=False, e.g. checkpoint's
-    recompute, casts every time)."""
+    recompute, casts every time). Under inference_mode, which records no graph to read the cast
+    off, each call casts (each weight is used once per forward)."""
     kind = t.device.type
     return (t.is_leaf and t.requires_grad and t.dtype == torch.float32 and t.dim() in (1, 2)
-            and not torch.compiler.is_compiling() and torch.is_autocast_enabled(kind)
+            and not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
+            and torch.is_autocast_enabled(kind)
             and torch.get_autocast_dtype(kind) == dtype and torch.is_autocast_cache_enabled())
 
 
