@@ -11,6 +11,12 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # The interpreter truncates fp32 -> bf16; compiled kernels round to nearest even: make the
+    # emulator round as the GPU does (tests/interpreter_rounding.py says why and how).
+    from interpreter_rounding import patch_interpreter_bf16_rounding  # noqa: E402
+    patch_interpreter_bf16_rounding()
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -79,6 +79,17 @@ def test_roofline_subcommand(capsys):
     assert "attention_bwd_dkdv" in out
 
 
+def test_roofline_amp_rows_beside_the_pure_ones(capsys):
+    assert cli.main(["roofline", "--amp", "--per-kernel"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "| AMP bf16" in line]
+    assert len(rows) == 4 and sum("| vit_fast " in r for r in rows) == 2  # forward, fwd+bwd
+    assert "| eager           | bf16 " in out  # the pure rows stay
+    assert "mlp_fc2_residual_amp" in out and "vit_fast AMP 1" in out  # kernels, whole model
+    with pytest.raises(SystemExit):
+        cli.main(["roofline", "--amp", "--dtype", "fp32"])
+
+
 def test_compile_check_subcommand():
     from vit_fast.aot import nvidia_backend_missing_reason
     why = nvidia_backend_missing_reason()

@@ -240,3 +240,101 @@ def test_block_verdicts_eager_compile_and_both_vit_fast_variants():
             # only by bytes, and the Triton one looks faster.
             assert (roofline.time_s(ops["vit_fast"], hw, achievable=False)
                     <= roofline.time_s(ops["vit_fast cublas"], hw, achievable=False))
+
+
+# --- AMP (vit_fast/bench/roofline_amp.py) ---------------------------------------------------------
+
+def test_amp_mixed_dtype_kernels_traffic_matches_model():
+    """AMP's LayerNorm kernels (fp32 stream in, bf16 out, fp32 s) and MLP GEMMs (fc2 adding into
+    the fp32 stream, fp32 out) against the interpreter's unique bytes, each tensor at its size."""
+    from vit_fast.bench import roofline_amp as ra
+    ln = _kernels_or_skip("layer_norm")
+    mlp = _kernels_or_skip("gelu_mlp")
+    B, N, C, Hd, lp = 2, 7, 24, 40, torch.bfloat16
+    M, l = B * N, E[lp]
+    x, w, b = torch.randn(B, N, C), torch.randn(C), torch.randn(C)
+    with count_traffic() as launches:
+        ln.residual_layer_norm_fwd(x, w, b, 1e-6, out_dtype=lp)  # LN1: fp32 x -> bf16 h
+    _check(launches, [ra.layer_norm_fwd(M, C, l)], ["residual_layer_norm_fwd_kernel"])
+    branch, ls, ss = torch.randn(B, N, C, dtype=lp), torch.randn(C), torch.rand(B)
+    with count_traffic() as launches:
+        h, s, _, _ = ln.residual_layer_norm_fwd(branch, w, b, 1e-6, x, ls, ss, out_dtype=lp)
+    assert h.dtype == lp and s.dtype == torch.float32
+    _check(launches, [ra.layer_norm_fwd(M, C, l, residual=True, layer_scale=True, samples=B)],
+           ["residual_layer_norm_fwd_kernel"])
+    w1, b1, w2, b2 = (torch.randn(*shape, dtype=lp) for shape in ((Hd, C), (Hd,), (C, Hd), (C,)))
+    with count_traffic() as launches:
+        out, _ = mlp.gelu_mlp_fwd(h, w1, b1, w2, b2, "none", s, ls, ss, True, out_dtype=s.dtype)
+    assert out.dtype == torch.float32
+    fc1 = roofline.matmul(M, Hd, C, l, bias=True, store_pre=True)
+    _check(launches, [fc1, ra.fc2_fwd(M, C, Hd, l, layer_scale=True, samples=B)],
+           ["matmul_kernel"] * 2)
+
+
+def _traced_elementwise(fn, numels):
+    """(bytes read, bytes written) of every aten op other than GEMMs and views that ``fn`` runs
+    with an output of one of ``numels`` elements (custom vit_fast ops are the kernels, checked
+    above); factories such as the zero gradients autograd materializes count as writes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            outs = [o for o in (out if isinstance(out, (tuple, list)) else [out])
+                    if isinstance(o, torch.Tensor)]
+            name = func.name()
+            if (name.startswith("aten::") and not func.is_view
+                    and name.split("::")[1] not in ("mm", "addmm", "detach", "alias")
+                    and len(outs) == 1 and outs[0].numel() in numels):
+                read = sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+                seen.append((read, outs[0].numel() * outs[0].element_size()))
+            return out
+    with Log():
+        fn()
+    return sorted(seen)
+
+
+@pytest.mark.parametrize("layer_scale", [False, True])
+def test_amp_model_lists_the_casts_and_adds_a_traced_amp_block_runs(layer_scale):
+    """The activation-sized torch ops (dtype casts, the gradient's LayerScale split, the gradient
+    add) of vit_fast's AMP Block, forward and backward as traced at a tiny shape, are the model's."""
+    import vit_fast
+    from vit_fast.bench import roofline_amp as ra
+    _kernels_or_skip("layer_norm")
+    B, N, C, H = 2, 5, 16, 2
+    torch.manual_seed(0)
+    blk = vit_fast.Block(C, H, qkv_bias=True, init_values=0.5 if layer_scale else None).train()
+    x, gy = torch.randn(B, N, C, requires_grad=True), torch.randn(B, N, C)
+
+    def step():
+        with vit_fast.use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = blk(x)
+        out.backward(gy)
+    MC, MH = B * N * C, B * N * 4 * C
+    got = _traced_elementwise(step, (MC, MH))
+    model = sorted((o.read, o.write) for o in ra.block_ops("vit_fast", B, N, C, H, 2,
+                                                           backward=True, layer_scale=layer_scale)
+                   if o.kind == "elementwise" and o.write in (2 * MC, 4 * MC, 2 * MH, 4 * MH)
+                   and not o.name.startswith(("layer_norm", "residual_layer_norm")))
+    assert got == model, (got, model)
+
+
+def test_amp_block_model_orders():
+    """Model verdicts, ViT-B/16, B=64, bf16 AMP: vit_fast's AMP path moves fewer bytes than eager
+    under autocast, more than pure bf16 (the fp32 stream), the same GEMM and attention FLOPs
+    within the recompute; the casts are what AMP adds."""
+    from vit_fast.bench import roofline_amp as ra
+    B, N, C, H = 64, 197, 768, 12
+    for ls in (False, True):
+        for bwd in (False, True):
+            amp = {i: roofline.total(ra.block_ops(i, B, N, C, H, 2, backward=bwd, layer_scale=ls))
+                   for i in ra.AMP_IMPLS}
+            pure = {i: roofline.total(roofline.block_ops(i, B, N, C, H, 2, backward=bwd,
+                                                         layer_scale=ls)) for i in ra.AMP_IMPLS}
+            assert amp["vit_fast"].bytes < amp["eager"].bytes
+            for impl in ra.AMP_IMPLS:
+                assert pure[impl].bytes < amp[impl].bytes
+                assert abs(amp[impl].flops - pure[impl].flops) < 1e-3 * pure[impl].flops
+    with pytest.raises(ValueError, match="impl"):
+        ra.block_ops("torch.compile", B, N, C, H, 2, backward=False)

@@ -204,3 +204,29 @@ def test_block_op_selects_inside_under_auto(monkeypatch):
     assert chosen == {"gelu_mlp_fwd": "cublas", "gelu_mlp_bwd": "cublas"}
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_choice_and_times_label_the_profiler_trace(monkeypatch, tmp_path):
+    """A chosen candidate runs under a 'vit_fast.tune[op]: ...' record_function label (the
+    choice first, with the measured times) in a CPU profiler trace, the Chrome trace file and
+    the bench's --profile text; nothing is labelled while no profiler records."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from vit_fast.bench.profile import profile_step
+    monkeypatch.setenv("VIT_FAST_TUNE", "1")
+    timer = FakeTimer({"triton": 0.25, "cublas": 0.21})
+    args = _mlp_inputs(train=False)
+    with tuning.use_tuner(tuning.Tuner(None, timer, measure_anywhere=True)):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            _call_tuned(args)  # measured here: the winner's run is labelled
+            _call_tuned(args)  # later calls run the choice, labelled too
+        names = [e.name for e in prof.events()]
+        label = "vit_fast.tune[gelu_mlp_fwd]: cublas 210us < triton 250us"
+        assert names.count(label) == 2, [n for n in names if "vit_fast" in n]
+        trace = tmp_path / "trace.json"
+        text = profile_step(lambda: _call_tuned(args), "cpu", trace, iters=1)
+        assert label in text and label in trace.read_text()
+        with torch.autograd.profiler.record_function("outside"):  # no profiler: no label work
+            assert not torch.autograd.profiler._is_profiler_enabled
+    fixed = {"op": "x", "choice": "triton", "times_ms": {}, "source": "fixed"}
+    assert tuning.profiler_label(fixed) == "vit_fast.tune[x]: triton (fixed)"

@@ -17,7 +17,9 @@ On CPU, under the Triton interpreter and while a CUDA graph is captured, PRIORIT
 Selection happens inside the custom ops (vit_fast::gelu_mlp_tuned and the Block's op), at run
 time: a torch.compile graph holds the op, not the choice. ``VIT_FAST_BACKEND=triton|cublas`` (or
 ``use_backend``) bypasses selection. ``records()`` lists what was chosen and the times;
-``python -m vit_fast.tuning`` prints the cache.
+``python -m vit_fast.tuning`` prints the cache. While a profiler records, each run of a chosen
+candidate is wrapped in a ``vit_fast.tune[op]: ...`` label with the choice and its times.
+Attention's candidates (the Triton kernel, PyTorch's flash SDPA) are in ops/attention_sdpa.py.
 """
 from __future__ import annotations
 
@@ -38,6 +40,10 @@ PRIORITY = {
     "gelu_mlp_fwd": ("cublas", "triton"),
     "gelu_mlp_bwd": ("cublas", "triton"),
     "gelu_mlp": ("kernels", "reference"),  # VIT_FAST_TUNE=speed: the public op's outer choice
+    # PyTorch's flash SDPA on views of the packed qkv saves what the kernel saves (same pool);
+    # the kernel first in the fixed table, as the implementation tested on every shape here.
+    "attention_fwd": ("triton", "sdpa"),
+    "attention_bwd": ("triton", "sdpa"),
 }
 _MODES = {"1": "measure", "on": "measure", "true": "measure", "0": "fixed", "off": "fixed",
           "false": "fixed", "speed": "speed"}
@@ -175,7 +181,15 @@ class Tuner:
                 else:
                     return self._first_that_runs(op, key, candidates)
                 name = cached["choice"]
-        return name, candidates[name]()
+        return name, self._call(key, candidates[name])
+
+    def _call(self, key, fn):
+        """fn(), under a profiler label that names the choice and its times while a profiler
+        records (torch.profiler / the Chrome trace of ``bench --profile``)."""
+        if not torch.autograd.profiler._is_profiler_enabled:
+            return fn()
+        with torch.profiler.record_function(profiler_label(self._records[key])):
+            return fn()
 
     def _measure(self, op, key, candidates):
         times, errors = {}, {}
@@ -190,18 +204,19 @@ class Tuner:
         record = {"op": op, "choice": name, "times_ms": times, "errors": errors}
         self._records[key] = dict(record, source="measured")
         self._save(key, record)
-        return name, candidates[name]()
+        return name, self._call(key, candidates[name])
 
     def _first_that_runs(self, op, key, candidates):
         errors = {}
         for name, fn in candidates.items():
-            try:
-                result = fn()
-            except Exception as exc:
-                errors[name] = f"{type(exc).__name__}: {exc}"[:300]
-                continue
             self._records[key] = {"op": op, "choice": name, "times_ms": {}, "errors": errors,
                                   "source": "fixed"}
+            try:
+                result = self._call(key, fn)
+            except Exception as exc:
+                del self._records[key]
+                errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
             return name, result
         raise RuntimeError(f"vit_fast.tuning: no candidate of {op} ran: {errors}")
 
@@ -229,6 +244,17 @@ def records():
     return tuner().records()
 
 
+def profiler_label(record) -> str:
+    """'vit_fast.tune[op]: choice 210us < other 250us' (measured or cached times, fastest first),
+    or 'vit_fast.tune[op]: choice (fixed)' where nothing was timed."""
+    times = record.get("times_ms") or {}
+    if not times:
+        return f"vit_fast.tune[{record['op']}]: {record['choice']} ({record.get('source', '?')})"
+    order = sorted(times, key=lambda n: (times[n], n != record["choice"]))
+    return (f"vit_fast.tune[{record['op']}]: "
+            + " < ".join(f"{n} {times[n] * 1e3:.0f}us" for n in order))
+
+
 def format_records(recs=None) -> str:
     recs = records() if recs is None else recs
     lines = []
@@ -250,6 +276,12 @@ def _measurable(x) -> bool:
 
 def _ordered(op, candidates):
     return {n: candidates[n] for n in PRIORITY[op] if n in candidates}
+
+
+def select(op, key, candidates, x):
+    """The result of ``op``'s candidate chosen for ``key`` (measured on CUDA, else PRIORITY's
+    first that runs); x: the tensor whose device decides whether timing is possible."""
+    return tuner().run(op, key, _ordered(op, candidates), measure=_measurable(x))[1]
 
 
 # --- gelu_mlp ------------------------------------------------------------------------------------

@@ -11,12 +11,11 @@ unset, and triton decides at kernel definition whether it interprets, so a run w
 explicit 0 would check the interpreter again: those runs skip, saying so.
 
 VIT_FAST_CUDA_TESTS_DEVICE=cpu runs the same tests on CPU under the interpreter, to check the
-tests themselves (slow: select a few with -k). There, bf16 results of whole Blocks at ViT widths
-can miss the rule by a little: the interpreter (triton 3.8) converts fp32 to bf16 by truncation,
-not round-to-nearest-even as compiled kernels do (2026-11-25: Block S/16 bf16 dfc2.weight 0.816
-vs bound 0.803; AMP bf16 output 1.15e-2 vs 9.2e-3; gelu_mlp AMP bf16 dfc2_weight 2.0 vs 1.16).
-With the interpreter's fp32->bf16 cast patched to round to nearest even, those three pass: they
-mean something on a GPU only.
+tests themselves (slow: select a few with -k). The interpreter (triton 3.8) converts fp32 to bf16
+by truncation, not round-to-nearest-even as compiled kernels do, which made bf16 results of whole
+Blocks at ViT widths miss the rule by a little (2026-11-25: Block S/16 bf16 dfc2.weight 0.816 vs
+bound 0.803; AMP bf16 output 1.15e-2 vs 9.2e-3; gelu_mlp AMP bf16 dfc2_weight 2.0 vs 1.16);
+tests/conftest.py now patches that cast to round to nearest even (tests/interpreter_rounding.py).
 """
 import os
 

@@ -3,7 +3,7 @@
     python -m vit_fast.bench                      timm eager vs vit_fast table (default: ViT-S/16,
                                                   batch 8, fp32, cpu, infer)
     python -m vit_fast.bench memory               bytes saved for backward, block and model
-    python -m vit_fast.bench roofline             HBM bytes / FLOPs / roofline time (model)
+    python -m vit_fast.bench roofline [--amp]     HBM bytes / FLOPs / roofline time (model)
     python -m vit_fast.bench compile-check        AOT sm_80/sm_90 registers, spills, shared, MMA
     python -m vit_fast.bench gpu-check --out DIR  GPU acceptance kit (gpu_check.py; --dry-run on CPU)
     python -m vit_fast.bench navit                packed NaViT batch: vit-pytorch eager vs vit_fast
@@ -207,7 +207,11 @@ def roofline_main(argv):
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--layer-scale", action="store_true", help="block with LayerScale (DeiT-3, DINOv2)")
     p.add_argument("--per-kernel", action="store_true", help="list every kernel of the block")
+    p.add_argument("--amp", action="store_true", help="also AMP training (fp32 params and stream, "
+                   "autocast to --dtype): eager under autocast vs vit_fast's AMP path")
     args = p.parse_args(argv)
+    if args.amp and args.dtype == "fp32":
+        p.error("--amp needs --dtype bf16 or fp16 (the autocast dtype)")
     C, H, depth, _ = rl.VIT_CONFIGS[args.model]
     N, B = rl.tokens(args.model), args.batch
     e = 4 if args.dtype == "fp32" else 2
@@ -220,12 +224,17 @@ def roofline_main(argv):
         for impl, seq in ops.items():
             t = rl.total(seq)
             rows.append({"pass": pass_name, "impl": impl, "kernels": len(seq), "bytes": t.bytes,
-                         "flops": t.flops, **{hw: rl.time_s(seq, hw) for hw in hws}})
+                         "flops": t.flops, "precision": args.dtype,
+                         **{hw: rl.time_s(seq, hw) for hw in hws}})
+    if args.amp:
+        rows += _roofline_amp_rows(args, B, N, C, H, e, hws)
     for r in rows:
-        base = next(x for x in rows if x["pass"] == r["pass"] and x["impl"] == "eager")
+        base = next(x for x in rows if x["pass"] == r["pass"] and x["impl"] == "eager"
+                    and x["precision"] == r["precision"])
         r["ratio"] = r["bytes"] / base["bytes"]
     print(fmt_table(rows, [
-        ("pass", "pass"), ("impl", "impl"), ("launches", "kernels"),
+        ("pass", "pass"), ("impl", "impl"), *([("precision", "precision")] if args.amp else []),
+        ("launches", "kernels"),
         ("HBM bytes (model)", lambda r: _mib(r["bytes"])), ("vs eager", lambda r: f"{r['ratio']:.3f}x"),
         ("GFLOP (model)", lambda r: f"{r['flops'] / 1e9:.1f}")]
         + [(f"{hw} µs (model)", (lambda hw: lambda r: f"{r[hw] * 1e6:.1f}")(hw)) for hw in hws],
@@ -250,8 +259,14 @@ def roofline_main(argv):
         title=f"Model: residual (+LayerScale) + LayerNorm segment, fused kernel vs eager "
               f"mul/add/LayerNorm ({head})"))
     if args.per_kernel:
-        for impl in rl.IMPLS:
-            seq = rl.block_ops(impl, B, N, C, H, e, backward=True, layer_scale=args.layer_scale)
+        from . import roofline_amp as ra
+        seqs = {impl: rl.block_ops(impl, B, N, C, H, e, backward=True, layer_scale=args.layer_scale)
+                for impl in rl.IMPLS}
+        if args.amp:
+            seqs.update({f"{impl} AMP": ra.block_ops(impl, B, N, C, H, e, backward=True,
+                                                     layer_scale=args.layer_scale)
+                         for impl in ra.AMP_IMPLS})
+        for impl, seq in seqs.items():
             print()
             print(fmt_table(seq, [
                 ("kernel", lambda o: o.name), ("read", lambda o: _mib(o.read)),
@@ -259,9 +274,24 @@ def roofline_main(argv):
                 ("H100 µs", lambda o: f"{o.time_s('H100 SXM') * 1e6:.1f}")],
                 title=f"Model: {impl} fwd+bwd kernels ({head})"))
     print(f"\nWhole model ({depth} blocks), fwd+bwd of the blocks, H100 SXM (model): "
-          + ", ".join(f"{r['impl']} {r['H100 SXM'] * depth * 1e3:.2f} ms" for r in rows
+          + ", ".join(f"{r['impl']}{' AMP' if r['precision'] != args.dtype else ''} "
+                      f"{r['H100 SXM'] * depth * 1e3:.2f} ms" for r in rows
                       if r["pass"] == "fwd+bwd"))
     return 0
+
+
+def _roofline_amp_rows(args, B, N, C, H, e, hws):
+    """roofline --amp: eager under autocast and vit_fast's AMP path (bench/roofline_amp.py)."""
+    from . import roofline as rl, roofline_amp as ra
+    rows = []
+    for pass_name, bwd in (("forward", False), ("fwd+bwd", True)):
+        for impl in ra.AMP_IMPLS:
+            seq = ra.block_ops(impl, B, N, C, H, e, backward=bwd, layer_scale=args.layer_scale)
+            t = rl.total(seq)
+            rows.append({"pass": pass_name, "impl": impl, "kernels": len(seq), "bytes": t.bytes,
+                         "flops": t.flops, "precision": f"AMP {args.dtype}",
+                         **{hw: rl.time_s(seq, hw) for hw in hws}})
+    return rows
 
 
 # --- compile-check -------------------------------------------------------------------------------

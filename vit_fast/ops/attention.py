@@ -14,11 +14,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vit_fast.kernels.attention import attention_bwd, attention_fwd
-
 from vit_fast.dispatch import MAX_HEAD_DIM  # the largest head dim the kernels are built for
+from vit_fast.dispatch import current_policy, use_backend
 
-from . import checks
+from . import attention_sdpa, checks
 
 _SEGMENT_DTYPES = (torch.int32, torch.int64)
 
@@ -70,8 +69,10 @@ def fused_qkv_attention_fwd(qkv: Tensor, num_heads: int, scale: float, dropout_p
     of padding (negative id) are 0 in out.
     """
     check_fwd_args(qkv, num_heads, scale, dropout_p, seed, segment_ids)
-    return attention_fwd(qkv, num_heads, scale, dropout_p=dropout_p, seed=seed,
-                         segment_ids=segment_ids)
+    # the kernel, or PyTorch's flash SDPA where eligible and measured faster (attention_sdpa.py);
+    # segment_ids is a kernel-only argument: with it the kernel always runs
+    return attention_sdpa.attention_forward(qkv, num_heads, scale, dropout_p=dropout_p,
+                                            seed=seed, segment_ids=segment_ids)
 
 
 @fused_qkv_attention_fwd.register_fake
@@ -90,8 +91,9 @@ def fused_qkv_attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
     """dqkv [B, N, 3·H·D] from dout [B, N, H·D] and the forward's qkv, out, lse, dropout_p,
     seed and segment_ids."""
     _check_bwd_args(dout, qkv, out, lse, num_heads, scale, dropout_p, seed, segment_ids)
-    return attention_bwd(dout, qkv, out, lse, num_heads, scale, dropout_p=dropout_p, seed=seed,
-                         segment_ids=segment_ids)
+    return attention_sdpa.attention_backward(dout, qkv, out, lse, num_heads, scale,
+                                             dropout_p=dropout_p, seed=seed,
+                                             segment_ids=segment_ids)
 
 
 @fused_qkv_attention_bwd.register_fake
@@ -105,15 +107,20 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(qkv, out, lse, seed, segment_ids)
     ctx.num_heads, ctx.scale, ctx.dropout_p = num_heads, scale, dropout_p
+    ctx.policy = current_policy()  # the backward picks its implementation under the forward's
     # lse is an internal by-product; declaring it non-differentiable means its gradient is never
     # asked for, so the backward need not handle one.
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled lse gradient for the backward to ignore
 
 
 def _backward(ctx, dout, _dlse):
+    if dout is None:  # out took no part in the loss
+        return None, None, None, None, None, None
     qkv, out, lse, seed, segment_ids = ctx.saved_tensors
-    dqkv = fused_qkv_attention_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.scale, ctx.dropout_p,
-                                   seed, segment_ids)
+    with use_backend(ctx.policy):
+        dqkv = fused_qkv_attention_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.scale,
+                                       ctx.dropout_p, seed, segment_ids)
     return dqkv, None, None, None, None, None
 
 

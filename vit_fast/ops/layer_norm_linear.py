@@ -75,6 +75,9 @@ def _setup_context(ctx, inputs, output):
     ctx.eps = eps
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(mean, rstd)
+    # their gradients are never read: autograd would otherwise fill zero tensors for them
+    # (a memset of each, pre's [M, hidden] included) before every backward
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, _dmean, _drstd):

@@ -122,6 +122,9 @@ def _setup_context(ctx, inputs, output):
     ctx.has_fc1_bias = fc1_bias is not None
     ctx.residual_dtype = residual.dtype
     ctx.mark_non_differentiable(s, mean, rstd, pre)
+    # their gradients are never read: autograd would otherwise fill zero tensors for them
+    # (a memset of each, pre's [M, hidden] included) before every backward
+    ctx.set_materialize_grads(False)
 
 
 def _gemm_grad(g, ls2, lp):

@@ -1,0 +1,108 @@
+"""PyTorch's flash SDPA as a second implementation of vit_fast::fused_qkv_attention_fwd/_bwd
+(issue 17), chosen by measurement beside the Triton kernel (vit_fast/tuning.py).
+
+Same contract as kernels/attention.attention_fwd/_bwd: qkv [B, N, 3·H·D] in, out [B, N, H·D] and
+the fp32 natural-log lse [B, H, N] out, dqkv [B, N, 3·H·D] back. q, k and v are strided views of
+the packed qkv (no copies); flash writes out as [B, N, H, D] in memory, so out is a view too, and
+its logsumexp is the kernel's lse. The op's autograd saves qkv, out and lse whichever runs, so
+forward and backward are chosen independently and the memory figures hold. (SDPA's own autograd
+would save the same q/k/v views, out and lse, plus its RNG state: tests/test_attention_sdpa.py
+counts it on fake CUDA tensors.) The backward stacks dq, dk, dv into dqkv: one copy the kernel
+does not make, part of what the timing weighs.
+
+Eligible only under the ``auto`` policy, without dropout and without any other kernel argument
+(segment ids): SDPA draws its dropout mask from the CUDA generator's Philox offset, while the
+kernel's mask is a pure function of the int64 seed the op saves, which is what lets the backward
+and activation-checkpoint recomputation regenerate it. Letting a measurement pick between the two
+would make the mask, and the RNG stream later draws (drop-path) see, depend on the GPU's timings;
+so with dropout_p > 0 the kernel always runs. On CUDA only fp16/bf16 are offered (flash's dtypes);
+a call flash rejects (head dim, GPU) raises and the tuner skips it. On CPU the same math runs as
+PyTorch's CPU flash kernel (tests).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vit_fast import dispatch, tuning
+from vit_fast.kernels.attention import attention_bwd, attention_fwd
+
+
+def _heads(qkv, num_heads):
+    """q, k, v as [B, H, N, D] strided views of qkv [B, N, 3·H·D]."""
+    D = qkv.shape[-1] // (3 * num_heads)
+    q, k, v = qkv.unflatten(-1, (3, num_heads, D)).unbind(2)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _as_heads(t, num_heads):
+    """out / dout [B, N, H·D] as [B, H, N, D] (a view)."""
+    return t.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+
+def sdpa_attention_fwd(qkv: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
+    """(out [B, N, H·D], lse [B, H, N] fp32) from flash SDPA, no dropout."""
+    q, k, v = _heads(qkv, num_heads)
+    if qkv.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, False, False, scale=scale)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, scale=scale)
+    B, N = qkv.shape[:2]
+    return out.transpose(1, 2).reshape(B, N, -1), lse.float().contiguous()
+
+
+def sdpa_attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int,
+                       scale: float) -> Tensor:
+    """dqkv [B, N, 3·H·D] from flash SDPA's backward given the forward's out and lse."""
+    q, k, v = _heads(qkv, num_heads)
+    g, o = _as_heads(dout, num_heads), _as_heads(out, num_heads)
+    N = qkv.shape[1]
+    if qkv.is_cuda:
+        # Dense inputs: no cumulative sequence lengths; the Philox state is unread at p = 0.
+        seed = torch.zeros(2, dtype=torch.uint64, device=qkv.device)
+        offset = torch.zeros((), dtype=torch.uint64, device=qkv.device)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            g, q, k, v, o, lse, None, None, N, N, 0.0, False, seed, offset, scale=scale)
+    else:
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            g, q, k, v, o, lse, 0.0, False, scale=scale)
+    return torch.stack([t.transpose(1, 2) for t in (dq, dk, dv)], dim=2).flatten(2)
+
+
+def sdpa_eligible(qkv, dropout_p, kernel_kwargs) -> bool:
+    if dispatch.current_policy() != "auto" or dropout_p != 0.0:
+        return False
+    if any(v is not None for v in kernel_kwargs.values()):  # e.g. segment ids: kernel only
+        return False
+    return not qkv.is_cuda or qkv.dtype in (torch.float16, torch.bfloat16)
+
+
+def _key(op, qkv, num_heads, scale):
+    return tuning.make_key(op, dict(qkv=qkv), num_heads=num_heads, scale=scale)
+
+
+def attention_forward(qkv, num_heads, scale, dropout_p=0.0, seed=None, **kernel_kwargs):
+    """kernels/attention.attention_fwd's contract: the kernel, or SDPA where eligible and chosen."""
+    def kernel():
+        return attention_fwd(qkv, num_heads, scale, dropout_p=dropout_p, seed=seed,
+                             **kernel_kwargs)
+    if not sdpa_eligible(qkv, dropout_p, kernel_kwargs):
+        return kernel()
+    cands = {"triton": kernel, "sdpa": lambda: sdpa_attention_fwd(qkv, num_heads, scale)}
+    return tuning.select("attention_fwd", _key("attention_fwd", qkv, num_heads, scale), cands, qkv)
+
+
+def attention_backward(dout, qkv, out, lse, num_heads, scale, dropout_p=0.0, seed=None,
+                       **kernel_kwargs):
+    """kernels/attention.attention_bwd's contract: the kernel, or SDPA's backward where eligible
+    and chosen (independently of the forward: both read the same out and lse)."""
+    def kernel():
+        return attention_bwd(dout, qkv, out, lse, num_heads, scale, dropout_p=dropout_p,
+                             seed=seed, **kernel_kwargs)
+    if not sdpa_eligible(qkv, dropout_p, kernel_kwargs):
+        return kernel()
+    cands = {"triton": kernel,
+             "sdpa": lambda: sdpa_attention_bwd(dout, qkv, out, lse, num_heads, scale)}
+    return tuning.select("attention_bwd", _key("attention_bwd", qkv, num_heads, scale), cands, qkv)
