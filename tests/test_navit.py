@@ -161,8 +161,9 @@ def test_navit_hooked_layer_runs_eager_with_the_same_result():
 
 @contextlib.contextmanager
 def _launch_counter(monkeypatch):
-    """Counts Triton attention_fwd launches (True: with segment ids), as the custom op calls it."""
-    from vit_fast.ops import attention as op
+    """Counts Triton attention_fwd launches (True: with segment ids), as the custom op calls it
+    (through attention_sdpa, which picks between the kernel and SDPA)."""
+    from vit_fast.ops import attention_sdpa as op
     calls = []
     real = op.attention_fwd
 
