@@ -17,10 +17,11 @@ from .matmul import (Epilogue, colsum_block, colsum_kernel, gemm_candidates, mat
 
 _DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-# The GPUs and (M, N) shape classes the config rule distinguishes: grids that fill the GPU and
-# grids that do not, on an A100 (108 SMs, sm_80) and an H100 (132 SMs, sm_90).
+# The GPUs and (M, N, K) shape classes the config rule distinguishes: grids that fill the GPU,
+# grids that do not, and a ViT-B weight gradient (144 tiles: a partly idle last wave, K = tokens)
+# on an A100 (108 SMs, sm_80) and an H100 (132 SMs, sm_90).
 TARGETS = (Target(108, 80), Target(132, 90))
-SHAPES = ((1 << 16, 1 << 16), (64, 64))
+SHAPES = ((1 << 16, 1 << 16, 1 << 16), (64, 64, 64), (768, 3072, 1 << 14))
 
 # What the MLP launchers pass for a ViT MLP (C = C_out = 768, H = 3072, contiguous tensors):
 # unit strides arrive as the constant 1 (the JIT specializes them), the rest are multiples of 16
@@ -41,18 +42,20 @@ def configs(kind, dtype, precision):
     """Every config gemm_candidates offers this launch over TARGETS × SHAPES, in a fixed order."""
     epilogue = KINDS[kind][0]
     seen = {}
-    for target, (M, N) in itertools.product(TARGETS, SHAPES):
-        for cfg in gemm_candidates(M, N, _DT[dtype], epilogue, precision, target):
+    for target, (M, N, K) in itertools.product(TARGETS, SHAPES):
+        for cfg in gemm_candidates(M, N, _DT[dtype], epilogue, precision, target, K):
             seen.setdefault(cfg, None)
     return list(seen)
 
 
 def gemm_spec(kind, dtype, config, approximate="none", precision="ieee", out=None, stream=None):
     """matmul_kernel as one MLP launch compiles: dtype the operands', out the output's (dW2 with
-    LayerScale: fp32), stream the residual's and its scales' (AMP's fc2 adds into fp32)."""
+    LayerScale: fp32), stream the residual's and its scales' (AMP's fc2 adds into fp32). A
+    split-K config writes fp32 partials whatever the output dtype."""
     from vit_fast.aot import AotSpec
     epilogue, unit = KINDS[kind]
     epilogue = epilogue._replace(approximate=approximate)
+    out = "fp32" if config.split_k > 1 else out
     ptr = "*" + dtype
     res_ptr = "*" + (stream or dtype)
     out_ptr = res_ptr if stream else "*" + (out or dtype)
@@ -102,6 +105,8 @@ def aot_specs():
             for config in configs(kind, dtype, precision):
                 for approximate in (("none", "tanh") if kind in _GELU_KINDS else ("none",)):
                     specs.append(gemm_spec(kind, dtype, config, approximate, precision))
+                if config.split_k > 1:  # fp32 partials whatever the output: built above
+                    continue
                 if kind == "dw" and dtype != "fp32":  # dW2 with LayerScale: fp32 output
                     specs.append(gemm_spec(kind, dtype, config, precision=precision, out="fp32"))
                 if kind == "fc2_fwd" and dtype != "fp32":  # AMP: adds into the fp32 stream

@@ -49,6 +49,7 @@ def matmul_kernel(
     HAS_RESIDUAL: tl.constexpr, HAS_LAYER_SCALE: tl.constexpr, HAS_SAMPLE_SCALE: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1,
 ):
     """acc = A @ B in fp32 (A [M, K], B [K, N], any strides), then by EPILOGUE:
 
@@ -62,6 +63,10 @@ def matmul_kernel(
     Layouts: C [M, N] (strides stride_cm/cn, its dtype is the output dtype); BIAS, LSCALE [N];
     SSCALE [M // rows_per_sample]; PRE and ACT [M, N] with row stride stride_pm, unit column stride;
     RES [M, N] (stride_rm/rn); ROWDOT fp32 [cdiv(N, BLOCK_N), M]. Unused pointers are never read.
+
+    SPLIT_K > 1 (epilogue "none" with no bias or residual only): program (pid, s) sums the s-th of
+    SPLIT_K equal runs of K-tiles into C + s·M·N, an fp32 partial; the launcher adds the partials
+    in a fixed order (deterministic, no atomics). For GEMMs whose tiles leave SMs idle.
     """
     # Grouped ordering: GROUP_M row-tiles share each B column-tile while it is still in L2.
     pid = tl.program_id(0)
@@ -85,8 +90,17 @@ def matmul_kernel(
     a_ptrs = A + rows64[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
 
+    k_lo = 0
+    k_hi = tl.cdiv(K, BLOCK_K)
+    if SPLIT_K > 1:
+        per_split = tl.cdiv(k_hi, SPLIT_K)
+        k_lo = tl.program_id(1) * per_split
+        k_hi = tl.minimum(k_lo + per_split, k_hi)
+        a_ptrs += k_lo * BLOCK_K * stride_ak
+        b_ptrs += k_lo * BLOCK_K * stride_bk
+        C += tl.program_id(1).to(tl.int64) * M * N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(k_lo, k_hi):
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
@@ -179,10 +193,13 @@ class GemmConfig(NamedTuple):
     group_m: int
     num_warps: int
     num_stages: int
+    split_k: int = 1  # > 1: fp32 partials over K-runs, summed by the launcher in a fixed order
 
     @property
     def name(self) -> str:
-        return f"{self.block_m}x{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}"
+        split = f"k{self.split_k}" if self.split_k > 1 else ""
+        return (f"{self.block_m}x{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}"
+                + split)
 
 
 # Every config a CUDA launch can use; each passes AOT with 0 spills for the epilogues it is
@@ -196,6 +213,7 @@ HALF_16 = GemmConfig(64, 128, 64, 8, 4, 4)      # fwd epilogues fit; dGELU spill
 LARGE_TF32 = GemmConfig(128, 64, 32, 8, 8, 3)
 SMALL_TF32 = GemmConfig(64, 64, 32, 8, 4, 3)
 EXACT_FP32 = GemmConfig(128, 64, 16, 8, 8, 3)   # FMA dots hold operands in registers: BLOCK_K 16
+SPLIT_K_16 = tuple(LARGE_16._replace(split_k=k) for k in (2, 4))  # plain GEMMs, few tiles
 INTERPRET_CONFIG = GemmConfig(128, 128, 128, 8, 4, 1)
 COLSUM_BLOCK = (32, 128)  # (BLOCK_M, BLOCK_N) of colsum_kernel on CUDA
 INTERPRET_COLSUM_BLOCK = (256, 256)
@@ -219,11 +237,19 @@ class Epilogue(NamedTuple):
         return self.kind == "none" and not (self.bias or self.residual or self.sample_scale)
 
 
-def gemm_candidates(M, N, dtype, epilogue: Epilogue, precision="ieee", target=None):
+def _idle_sms(tiles, sms) -> bool:
+    """Whether the last wave of ``tiles`` CTAs (one per SM) leaves over a quarter of it idle."""
+    waves = triton.cdiv(tiles, sms)
+    return tiles < 0.75 * waves * sms
+
+
+def gemm_candidates(M, N, dtype, epilogue: Epilogue, precision="ieee", target=None, K=0):
     """The configs a launch may use, the fixed table's choice first; (INTERPRET_CONFIG,) for the
     interpreter (target None). The fixed choice: large tiles once they fill the GPU, else small
     ones for more programs. Tuning (vit_fast.tuning) may time the others on the user's GPU; each
-    tile shape is a fixed summation order, so a choice, once made, gives reproducible results."""
+    tile shape is a fixed summation order, so a choice, once made, gives reproducible results.
+    A plain GEMM whose 128x128 tiles leave SMs idle and whose K is long (the weight gradients:
+    K = tokens) also gets split-K candidates."""
     if target is None:
         return (INTERPRET_CONFIG,)
     if dtype == torch.float32 and precision == "ieee":
@@ -235,6 +261,9 @@ def gemm_candidates(M, N, dtype, epilogue: Epilogue, precision="ieee", target=No
     else:
         large, small = LARGE_16, SMALL_16
         others = (HALF_16, WIDE_16) if epilogue.plain else (HALF_16,)
+        tiles = triton.cdiv(M, LARGE_16.block_m) * triton.cdiv(N, LARGE_16.block_n)
+        if epilogue.plain and _idle_sms(tiles, target.sms) and K >= 4096:
+            others += SPLIT_K_16
     fills = triton.cdiv(M, large.block_m) * triton.cdiv(N, large.block_n) >= target.sms
     first, second = (large, small) if fills else (small, large)
     return (first, second, *others)
@@ -249,7 +278,7 @@ def matmul_constexprs(epilogue: Epilogue, config: GemmConfig, precision="ieee", 
         HAS_RESIDUAL=epilogue.residual, HAS_LAYER_SCALE=epilogue.layer_scale,
         HAS_SAMPLE_SCALE=epilogue.sample_scale, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_M=config.group_m)
+        GROUP_M=config.group_m, SPLIT_K=config.split_k)
 
 
 def colsum_block(target=None):
@@ -290,7 +319,7 @@ def matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", p
                   sample_scale is not None)
     precision = input_precision(a.dtype)
     if config is None:
-        cands = gemm_candidates(M, N, a.dtype, ep, precision, gpu_target(a.device))
+        cands = gemm_candidates(M, N, a.dtype, ep, precision, gpu_target(a.device), K)
         if choose is not None and len(cands) > 1 and M and N:
             fields = dict(M=M, N=N, K=K, a=a.dtype, b=b.dtype, out=out_dtype,
                           layout=(a.stride(1) == 1, b.stride(1) == 1), epilogue=tuple(ep),
@@ -302,6 +331,10 @@ def matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", p
                 rows_per_sample=rows_per_sample)
             return choose(a, fields, {c.name: functools.partial(launch, config=c) for c in cands})
         config = cands[0]
+    if config.split_k > 1:
+        if not ep.plain or store_pre or store_act or row_dot:
+            raise ValueError(f"matmul: split-K config {config.name} takes no epilogue")
+        return _split_k_matmul(a, b, out_dtype, config), None, None
     dev = a.device
     bias, layer_scale, sample_scale = map(_unit, (bias, layer_scale, sample_scale))
     if pre is not None and pre.stride(1) != 1 and N > 1:
@@ -335,6 +368,28 @@ def matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", p
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return c, aux, rowdot
+
+
+def _split_k_matmul(a, b, out_dtype, config):
+    """a @ b as config.split_k fp32 partials over runs of K, added in a fixed order."""
+    M, K = a.shape
+    N = b.shape[1]
+    part = torch.empty((config.split_k, M, N), device=a.device, dtype=torch.float32)
+    if M and N:
+        if K == 0:
+            part.zero_()
+        else:
+            grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n), config.split_k)
+            matmul_kernel[grid](
+                a, b, part, None, None, None, None, None, None, None, M, N, K, 1,
+                a.stride(0), a.stride(1), b.stride(0), b.stride(1), N, 1, 0, 0, 1,
+                **matmul_constexprs(Epilogue(), config, input_precision(a.dtype),
+                                    dot_fp32=interpreting()),
+                num_warps=config.num_warps, num_stages=config.num_stages)
+    out = part[0]
+    for s in range(1, config.split_k):  # fixed order: run-to-run identical bits
+        out = out + part[s]
+    return out.to(out_dtype)
 
 
 @on_tensor_device

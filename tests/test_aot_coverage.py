@@ -96,17 +96,17 @@ def test_config_functions_offer_only_compiled_configs():
             precision = s.constants["INPUT_PRECISION"]
             compiled.setdefault((kind, dtype, precision), set()).add(
                 tuple(s.constants[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
-                + (s.num_warps, s.num_stages))
+                + (s.num_warps, s.num_stages, s.constants["SPLIT_K"]))
     ln = {(s.kernel.fn.__name__, s.constants.get("BLOCK_M"), s.constants.get("BLOCK_C"),
            s.constants.get("BLOCK_P"), s.constants.get("BLOCK_N"), s.num_warps) for s in SPECS}
     for _ in range(300):
         target = Target(rng.choice([1, 46, 80, 108, 114, 132, 144, 1000]),
                         rng.choice([80, 86, 89, 90]))
-        M, N = rng.randint(1, 1 << 17), rng.randint(1, 1 << 14)
+        M, N, K = rng.randint(1, 1 << 17), rng.randint(1, 1 << 14), rng.randint(1, 1 << 17)
         for (kind, dtype, precision), configs in compiled.items():
             epilogue = gelu_mlp_aot.KINDS[kind][0]
             for cfg in matmul.gemm_candidates(M, N, gelu_mlp_aot._DT[dtype], epilogue, precision,
-                                              target):
+                                              target, K):
                 assert tuple(cfg) in configs, (kind, dtype, precision, M, N, target, cfg)
         C = rng.randint(1, layer_norm.MAX_C)
         f = layer_norm.fwd_config(C, M, target)
@@ -216,6 +216,24 @@ def test_cublas_elementwise_launches_are_compiled(monkeypatch):
         gelu_elementwise.gelu_forward(pre, torch.empty_like(pre), "tanh")
         gelu_elementwise.gelu_backward(torch.randn_like(pre), pre, "none", ss, 5, row_dot=True)
         gelu_elementwise.residual_epilogue(y, y[0], None, ss, res, 5)
+    assert_covered(seen)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_split_k_launches_are_compiled(monkeypatch, dtype):
+    """A weight gradient with few output tiles and a long K (tokens) gets split-K candidates;
+    each launches a build in the list (run here at a short K: the launch is the same)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 24, generator=g).to(dtype)  # [tokens, C]
+    d = torch.randn(300, 40, generator=g).to(dtype)  # [tokens, H]
+    offered = matmul.gemm_candidates(40, 24, dtype, matmul.Epilogue(), "ieee", Target(132, 90),
+                                     K=1 << 14)
+    splits = [c for c in offered if c.split_k > 1]
+    assert splits
+    with launches_on(monkeypatch, Target(132, 90)) as seen:
+        for config in splits:
+            matmul.matmul(d.t(), x, dtype, config=config)  # dW1 = dᵀ·x
+    assert sorted(launch["args"]["SPLIT_K"] for launch in seen) == [c.split_k for c in splits]
     assert_covered(seen)
 
 

@@ -143,3 +143,43 @@ def test_every_candidate_is_a_shipped_config(dtype):
             for M in (1, 4096, 1 << 20):
                 got = matmul.gemm_candidates(M, 768, dtype, matmul.Epilogue(kind), precision, H100)
                 assert set(got) <= shipped and len(set(got)) == len(got)
+
+
+@pytest.mark.parametrize("split", [s.split_k for s in matmul.SPLIT_K_16])
+@pytest.mark.parametrize("K", [300, 64, 0])
+def test_split_k_matches_the_reference_and_is_deterministic(split, K):
+    """fp32 partials over runs of K tiles, added in a fixed order: the reference within bf16
+    rounding, and the same bits twice. K = 300 leaves the last run shorter (or empty at split 4);
+    K = 64 is one tile, so every run but the first is empty."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(K, 70, generator=g).bfloat16().t()  # [70, K], unit stride along M (dW)
+    b = torch.randn(K, 33, generator=g).bfloat16()
+    config = matmul.LARGE_16._replace(split_k=split)
+    out, aux, rowdot = matmul.matmul(a, b, torch.bfloat16, config=config)
+    assert aux is None and rowdot is None and out.dtype == torch.bfloat16
+    want = (a.double() @ b.double())
+    torch.testing.assert_close(out.double(), want, rtol=1e-2, atol=1e-2 * max(1, K) ** 0.5)
+    again, _, _ = matmul.matmul(a, b, torch.bfloat16, config=config)
+    assert torch.equal(out, again)
+    full, _, _ = matmul.matmul(a, b, torch.float32, config=config)
+    torch.testing.assert_close(full.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_split_k_refuses_an_epilogue():
+    a, b, bias = _operands()
+    with pytest.raises(ValueError, match="split-K"):
+        matmul.matmul(a, b, torch.bfloat16, bias=bias, config=matmul.SPLIT_K_16[0])
+
+
+def test_split_k_is_offered_only_when_sms_would_idle():
+    plain = matmul.Epilogue()
+    vit_b_dw = matmul.gemm_candidates(768, 3072, torch.bfloat16, plain, "ieee", H100, 64 * 197)
+    assert set(matmul.SPLIT_K_16) <= set(vit_b_dw)  # 144 tiles on 132 SMs
+    assert vit_b_dw[0] == matmul.LARGE_16  # the fixed table never splits
+    full_waves = matmul.gemm_candidates(768, 2816, torch.bfloat16, plain, "ieee", H100, 12608)
+    assert not set(matmul.SPLIT_K_16) & set(full_waves)  # 132 tiles: one full wave
+    short_k = matmul.gemm_candidates(768, 3072, torch.bfloat16, plain, "ieee", H100, 512)
+    assert not set(matmul.SPLIT_K_16) & set(short_k)
+    with_bias = matmul.gemm_candidates(768, 3072, torch.bfloat16, matmul.Epilogue(bias=True),
+                                       "ieee", H100, 12608)
+    assert not set(matmul.SPLIT_K_16) & set(with_bias)
