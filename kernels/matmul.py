@@ -370,6 +370,7 @@ def matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", p
     return c, aux, rowdot
 
 
+@on_tensor_device
 def _split_k_matmul(a, b, out_dtype, config):
     """a @ b as config.split_k fp32 partials over runs of K, added in a fixed order."""
     M, K = a.shape
