@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import typing
 
 import torch
 
@@ -89,3 +90,25 @@ def on_tensor_device(launcher):
 
     guarded.on_tensor_device = True
     return guarded
+
+
+class Target(typing.NamedTuple):
+    """The GPU a launch compiles for, as the launchers' config functions read it: the SM count
+    (tile-count rules) and the compute capability (e.g. 90)."""
+    sms: int
+    arch: int
+
+
+_TARGETS: dict = {}
+
+
+def gpu_target(device):
+    """Target of the CUDA device a launch runs on (cached: launches ask on every call); None when
+    the kernels run under the interpreter, where the config functions use their CPU table."""
+    if interpreting() or device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _TARGETS:
+        props = torch.cuda.get_device_properties(index)
+        _TARGETS[index] = Target(props.multi_processor_count, props.major * 10 + props.minor)
+    return _TARGETS[index]

@@ -19,21 +19,38 @@ GEMMs are run-to-run reproducible on one GPU and stream (CUBLAS_WORKSPACE_CONFIG
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._device import interpreting, on_tensor_device
+from ._device import gpu_target, on_tensor_device
+from .gelu_mlp import MlpGrads
 from .matmul import _gelu_cdf, colsum
+
+
+
+class ElementwiseBlocks(NamedTuple):
+    """Tile sizes of the three kernels below (all launched with 4 warps, default stages)."""
+    fwd: int                  # elements per program of gelu_fwd_kernel
+    bwd: tuple                # (rows, columns per step) of gelu_bwd_kernel
+    epilogue: tuple           # (rows, columns) of residual_epilogue_kernel
+
 
 # Elements per program: 16 per thread at 4 warps keeps these memory-bound kernels under ~100
 # registers (fp32 included), so enough warps stay resident to cover HBM latency.
 # Under the interpreter every program costs Python time: few, large tiles.
-FWD_BLOCK = 1024
-BWD_BLOCK = (16, 128)          # (rows, columns per step) of gelu_bwd_kernel
-EPILOGUE_BLOCK = (16, 128)     # (rows, columns) of residual_epilogue_kernel
-INTERPRET_BLOCKS = (1 << 16, (64, 1024), (64, 1024))
+CUDA_BLOCKS = ElementwiseBlocks(1024, (16, 128), (16, 128))
+INTERPRET_BLOCKS = ElementwiseBlocks(1 << 16, (64, 1024), (64, 1024))
+NUM_WARPS = 4
+
+
+def elementwise_blocks(target=None) -> ElementwiseBlocks:
+    """The launchers' config (kernels/gelu_elementwise_aot.py compiles the same); target None
+    under the interpreter. The same on every GPU: these kernels are bound by HBM bandwidth."""
+    return INTERPRET_BLOCKS if target is None else CUDA_BLOCKS
 
 
 @triton.jit
@@ -123,18 +140,14 @@ def residual_epilogue_kernel(Y, BIAS, LSCALE, SSCALE, RES, OUT, M, N, rows_per_s
 
 # --- launchers ---------------------------------------------------------------------------------
 
-def _blocks():
-    return INTERPRET_BLOCKS if interpreting() else (FWD_BLOCK, BWD_BLOCK, EPILOGUE_BLOCK)
-
-
 @on_tensor_device
 def gelu_forward(pre, act, approximate):
     """act <- gelu(pre); both contiguous, same shape and dtype (act may be pre itself)."""
     n = pre.numel()
     if n:
-        block = _blocks()[0]
+        block = elementwise_blocks(gpu_target(pre.device)).fwd
         gelu_fwd_kernel[(triton.cdiv(n, block),)](pre, act, n, APPROX_TANH=approximate == "tanh",
-                                                  BLOCK=block, num_warps=4)
+                                                  BLOCK=block, num_warps=NUM_WARPS)
     return act
 
 
@@ -147,13 +160,12 @@ def gelu_backward(d_act, pre, approximate, sample_scale=None, rows_per_sample=1,
     act_s = torch.empty_like(pre) if store_act else None
     rowdot = torch.zeros(M, device=pre.device, dtype=torch.float32) if row_dot else None
     if M and N:
-        bm, bn = _blocks()[1]
+        bm, bn = elementwise_blocks(gpu_target(pre.device)).bwd
+        # Absent tensors go in as None: Triton specializes them away (the flags say so too).
         gelu_bwd_kernel[(triton.cdiv(M, bm),)](
-            d_act, pre, d_act, act_s if store_act else d_act,
-            sample_scale if sample_scale is not None else d_act,
-            rowdot if row_dot else d_act, M, N, rows_per_sample,
+            d_act, pre, d_act, act_s, sample_scale, rowdot, M, N, rows_per_sample,
             APPROX_TANH=approximate == "tanh", HAS_SAMPLE_SCALE=sample_scale is not None,
-            STORE_ACT=store_act, ROW_DOT=row_dot, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+            STORE_ACT=store_act, ROW_DOT=row_dot, BLOCK_M=bm, BLOCK_N=bn, num_warps=NUM_WARPS)
     return act_s, rowdot
 
 
@@ -162,13 +174,12 @@ def residual_epilogue(y, bias, layer_scale, sample_scale, residual, rows_per_sam
     """In place y <- residual + (y + bias)·layer_scale·sample_scale[b]; y [M, N] contiguous."""
     M, N = y.shape
     if M and N:
-        bm, bn = _blocks()[2]
+        bm, bn = elementwise_blocks(gpu_target(y.device)).epilogue
         residual_epilogue_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-            y, bias if bias is not None else y, layer_scale if layer_scale is not None else y,
-            sample_scale if sample_scale is not None else y, residual, y, M, N, rows_per_sample,
+            y, bias, layer_scale, sample_scale, residual, y, M, N, rows_per_sample,
             residual.stride(0), residual.stride(1), HAS_BIAS=bias is not None,
             HAS_LAYER_SCALE=layer_scale is not None, HAS_SAMPLE_SCALE=sample_scale is not None,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=NUM_WARPS)
     return y
 
 
@@ -202,15 +213,15 @@ def gelu_mlp_cublas_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approxima
 
 
 def gelu_mlp_cublas_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale,
-                        sample_scale, approximate, has_residual, needs_fc1_bias, needs_fc2_bias,
-                        needs_layer_scale, needs_sample_scale):
+                        sample_scale, *, approximate, has_residual, wanted=MlpGrads()):
     """Same arguments and results as kernels.gelu_mlp.gelu_mlp_bwd (dx, dW1, db1, dW2, db2, dls,
-    dss; the optional ones not asked for are None)."""
+    dss; the optional ones not in ``wanted`` are None)."""
     ls, ss = (layer_scale, sample_scale) if has_residual else (None, None)
     rps, dtype = _rows_per_sample(x), x.dtype
     x2, g = x.reshape(-1, x.shape[-1]), grad.reshape(-1, fc2_weight.shape[0])
-    needs_layer_scale, needs_sample_scale = (needs_layer_scale and ls is not None,
-                                             needs_sample_scale and ss is not None)
+    needs_fc1_bias, needs_fc2_bias = wanted.fc1_bias, wanted.fc2_bias
+    needs_layer_scale, needs_sample_scale = (wanted.layer_scale and ls is not None,
+                                             wanted.sample_scale and ss is not None)
     w2s = fc2_weight if ls is None else (fc2_weight.float() * ls.float()[:, None]).to(dtype)
     d_pre = torch.mm(g, w2s)
     act_s, rowdot = gelu_backward(d_pre, pre, approximate, ss, rps, row_dot=needs_sample_scale)
@@ -234,40 +245,3 @@ def gelu_mlp_cublas_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_sc
     d_w1 = torch.mm(d_pre.t(), x2)
     d_b1 = colsum(d_pre).to(dtype) if needs_fc1_bias else None
     return d_x.reshape(x.shape), d_w1, d_b1, d_w2, d_b2, d_ls, d_ss
-
-
-# --- ahead-of-time builds (vit_fast.aot) --------------------------------------------------------
-
-def aot_specs():
-    """Every elementwise kernel the launchers above ship, per dtype, with all optional inputs on
-    (the most registers) and both GELU forms."""
-    from vit_fast.aot import AotSpec
-    specs = []
-    for dtype in ("bf16", "fp16", "fp32"):
-        p = "*" + dtype
-        for tanh in (False, True):
-            tag = dtype + (",tanh" if tanh else "")  # one family per kernel in the summary
-            specs.append(AotSpec(
-                f"gelu_fwd_kernel[{tag}]", gelu_fwd_kernel,
-                {"PRE": p, "ACT": p, "numel": "i32", "APPROX_TANH": "constexpr",
-                 "BLOCK": "constexpr"},
-                {"APPROX_TANH": tanh, "BLOCK": FWD_BLOCK}, ("PRE", "ACT", "numel")))
-            specs.append(AotSpec(
-                f"gelu_bwd_kernel[{tag}]", gelu_bwd_kernel,
-                {"DACT": p, "PRE": p, "DPRE": p, "ACTS": p, "SSCALE": p, "ROWDOT": "*fp32",
-                 "M": "i32", "N": "i32", "rows_per_sample": "i32", "APPROX_TANH": "constexpr",
-                 "HAS_SAMPLE_SCALE": "constexpr", "STORE_ACT": "constexpr", "ROW_DOT": "constexpr",
-                 "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
-                {"APPROX_TANH": tanh, "HAS_SAMPLE_SCALE": True, "STORE_ACT": True, "ROW_DOT": True,
-                 "BLOCK_M": BWD_BLOCK[0], "BLOCK_N": BWD_BLOCK[1]},
-                ("DACT", "PRE", "DPRE", "ACTS", "SSCALE", "ROWDOT", "N")))
-        specs.append(AotSpec(
-            f"residual_epilogue_kernel[{dtype}]", residual_epilogue_kernel,
-            {"Y": p, "BIAS": p, "LSCALE": p, "SSCALE": p, "RES": p, "OUT": p, "M": "i32",
-             "N": "i32", "rows_per_sample": "i32", "stride_rm": "i32", "stride_rn": "constexpr",
-             "HAS_BIAS": "constexpr", "HAS_LAYER_SCALE": "constexpr",
-             "HAS_SAMPLE_SCALE": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
-            {"stride_rn": 1, "HAS_BIAS": True, "HAS_LAYER_SCALE": True, "HAS_SAMPLE_SCALE": True,
-             "BLOCK_M": EPILOGUE_BLOCK[0], "BLOCK_N": EPILOGUE_BLOCK[1]},
-            ("Y", "BIAS", "LSCALE", "SSCALE", "RES", "OUT", "N", "stride_rm")))
-    return specs

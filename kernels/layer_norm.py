@@ -12,19 +12,19 @@ The column sums are reduced in two deterministic stages: each backward program k
 partials for its rows in registers and writes one row of a [K, P, C] buffer; then one reduction
 kernel sums the P partial rows per column in a fixed order. No atomics anywhere.
 
-Launchers: ``residual_layer_norm_fwd``, ``residual_layer_norm_bwd``; ``aot_specs`` lists every
-shipped config. Only torch and triton are imported here; autograd lives in vit_fast/ops.
+Launchers: ``residual_layer_norm_fwd``, ``residual_layer_norm_bwd``; their configs come from
+``fwd_config`` / ``bwd_config`` / ``reduce_config``, which kernels/layer_norm_aot.py also calls. Only torch and triton are imported here; autograd lives in vit_fast/ops.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._device import interpreting as _interpreting
-from ._device import on_tensor_device
+from ._device import gpu_target, on_tensor_device
 
 MAX_C = 8192
 
@@ -179,60 +179,68 @@ def layer_norm_param_grad_reduce_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Configs. One table for the GPU (every row is in aot_specs), one rule for the interpreter.
+# Configs: pure functions of (C, M, target), target None under the interpreter. The launchers
+# call them; kernels/layer_norm_aot.py calls them too to list what it compiles ahead of time.
 
 _MIN_BLOCK_C = 64  # narrower rows share the 64-column kernel (masked): fewer configs to ship
+# Second stage: 32 columns (128 B rows) by 64 partial rows per step.
+_REDUCE_BLOCK_N = 32
+_REDUCE_BLOCK_P = 64
+
+
+class RowConfig(NamedTuple):
+    """One launch's tiling: BLOCK_M rows of BLOCK_C (>= C) columns per step, num_warps; for the
+    backward also the number of programs, each walking rows_per_program rows."""
+    block_m: int
+    block_c: int
+    num_warps: int
+    programs: int = 1
+    rows_per_program: int = 0
 
 
 def _block_c(C: int) -> int:
     return max(_MIN_BLOCK_C, triton.next_power_of_2(C))
 
 
-def _num_warps(block_c: int) -> int:
+def fwd_config(C: int, M: int, target=None) -> RowConfig:
+    block_c = _block_c(C)
     # Enough threads that a full row stays at <= 16 fp32 values per thread per tensor.
-    return 4 if block_c <= 1024 else (8 if block_c <= 4096 else 16)
+    warps = 4 if block_c <= 1024 else (8 if block_c <= 4096 else 16)
+    if target is None:
+        # Few, large program instances: the interpreter's cost is per instance and per op.
+        return RowConfig(max(1, min(16384 // block_c, triton.next_power_of_2(max(M, 1)), 128)),
+                         block_c, warps)
+    return RowConfig(max(1, 2048 // block_c), block_c, warps)
 
 
-def _bwd_num_warps(block_c: int) -> int:
+def bwd_config(C: int, M: int, target=None) -> RowConfig:
+    block_c = _block_c(C)
     # The backward holds about twice the forward's live values per element; at 4096 columns,
     # 8 warps needed ~170 registers a thread (sm_90 AOT), 16 warps halve that.
-    return 4 if block_c <= 1024 else (8 if block_c <= 2048 else 16)
-
-
-def _fwd_block_m(block_c: int, M: int) -> int:
-    if _interpreting():
-        # Few, large program instances: the interpreter's cost is per instance and per op.
-        return max(1, min(16384 // block_c, triton.next_power_of_2(max(M, 1)), 128))
-    return max(1, 2048 // block_c)
-
-
-def _bwd_block_m(block_c: int, M: int) -> int:
-    if _interpreting():
-        return max(1, min(8192 // block_c, triton.next_power_of_2(max(M, 1)), 64))
-    # Three [BLOCK_M, BLOCK_C] fp32 accumulators live across the row loop: keep tiles smaller.
-    return max(1, 1024 // block_c)
-
-
-def _bwd_programs(M: int, block_m: int, device: torch.device) -> int:
+    warps = 4 if block_c <= 1024 else (8 if block_c <= 2048 else 16)
+    if target is None:
+        block_m = max(1, min(8192 // block_c, triton.next_power_of_2(max(M, 1)), 64))
+    else:
+        # Three [BLOCK_M, BLOCK_C] fp32 accumulators live across the row loop: smaller tiles.
+        block_m = max(1, 1024 // block_c)
     tiles = triton.cdiv(M, block_m)
-    if _interpreting():
+    if target is None:
         # Several programs per call so the two-stage reduction is exercised, each walking
         # two tiles or more so the in-register accumulation is too.
-        return max(1, min(triton.cdiv(tiles, 2), 8))
-    # A few programs per SM hide memory latency; more would only grow the partial buffer.
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(tiles, 4 * sms))
+        programs = max(1, min(triton.cdiv(tiles, 2), 8))
+    else:
+        # A few programs per SM hide memory latency; more would only grow the partial buffer.
+        programs = max(1, min(tiles, 4 * target.sms))
+    rows_per_program = triton.cdiv(triton.cdiv(M, programs), block_m) * block_m if M else block_m
+    programs = max(1, triton.cdiv(M, rows_per_program))
+    return RowConfig(block_m, block_c, warps, programs, rows_per_program)
 
 
-# Second stage: 32 columns (128 B rows) by 64 partial rows per step.
-_REDUCE_BLOCK_N = 32
-_REDUCE_BLOCK_P = 64
-
-
-def _reduce_block_p(P: int) -> int:
-    if _interpreting():
-        return min(_REDUCE_BLOCK_P, triton.next_power_of_2(max(P, 1)))
-    return _REDUCE_BLOCK_P
+def reduce_config(P: int, C: int, target=None):
+    """(BLOCK_P, BLOCK_N) of layer_norm_param_grad_reduce_kernel."""
+    if target is None:
+        return min(_REDUCE_BLOCK_P, triton.next_power_of_2(max(P, 1))), _block_c(C)
+    return _REDUCE_BLOCK_P, _REDUCE_BLOCK_N
 
 
 def _rows(t: torch.Tensor, C: int) -> torch.Tensor:
@@ -277,23 +285,20 @@ def residual_layer_norm_fwd(x, weight, bias, eps, residual=None, layer_scale=Non
         mean.zero_()
         rstd.zero_()
     elif M > 0:
-        res2 = _rows(residual, C) if has_res else x2
-        dummy = x2
-        block_c = _block_c(C)
-        block_m = _fwd_block_m(block_c, M)
+        res2 = _rows(residual, C) if has_res else None
+        if not has_res:  # the scales apply to the residual branch only
+            layer_scale = sample_scale = None
+        cfg = fwd_config(C, M, gpu_target(x.device))
         rows_per_sample = M // x.shape[0] if (sample_scale is not None and x.dim() > 1) else 1
-        residual_layer_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
-            x2, res2,
-            layer_scale if layer_scale is not None else dummy,
-            sample_scale if sample_scale is not None else dummy,
-            weight if weight is not None else dummy,
-            bias if bias is not None else dummy,
-            y, s if has_res else y, mean, rstd,
-            M, C, x2.stride(0), res2.stride(0), max(rows_per_sample, 1), float(eps),
-            HAS_RESIDUAL=has_res, HAS_LAYER_SCALE=has_res and layer_scale is not None,
-            HAS_SAMPLE_SCALE=has_res and sample_scale is not None,
+        # Absent tensors go in as None: Triton specializes them away (the flags say so too).
+        residual_layer_norm_fwd_kernel[(triton.cdiv(M, cfg.block_m),)](
+            x2, res2, layer_scale, sample_scale, weight, bias, y, s, mean, rstd,
+            M, C, x2.stride(0), res2.stride(0) if has_res else 0, max(rows_per_sample, 1),
+            float(eps),
+            HAS_RESIDUAL=has_res, HAS_LAYER_SCALE=layer_scale is not None,
+            HAS_SAMPLE_SCALE=sample_scale is not None,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=_num_warps(block_c),
+            BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
         )
     y = y.reshape(x.shape)
     return y, (s.reshape(x.shape) if has_res else None), mean, rstd
@@ -332,37 +337,32 @@ def residual_layer_norm_bwd(dy, ds, s, mean, rstd, weight, *, has_residual, need
     if has_ls:
         wanted.append(layer_scale.dtype)
     K = len(wanted)
-    block_c = _block_c(C)
-    block_m = _bwd_block_m(block_c, M)
-    P = _bwd_programs(M, block_m, device) if M > 0 else 1
-    rows_per_program = triton.cdiv(triton.cdiv(M, P), block_m) * block_m if M > 0 else block_m
-    P = max(1, triton.cdiv(M, rows_per_program))
+    target = gpu_target(device)
+    cfg = bwd_config(C, M, target)
+    P = cfg.programs
     part = torch.empty((max(K, 1), P, C), device=device, dtype=torch.float32)
     if M > 0 and C > 0:
         k_of = iter(range(K))
-        dw_part = part[next(k_of)] if weight is not None else part[0]
-        db_part = part[next(k_of)] if need_bias_grad else part[0]
-        dls_part = part[next(k_of)] if has_ls else part[0]
+        dw_part = part[next(k_of)] if weight is not None else None
+        db_part = part[next(k_of)] if need_bias_grad else None
+        dls_part = part[next(k_of)] if has_ls else None
         rows_per_sample = M // s.shape[0] if (has_ss and s.dim() > 1) else 1
         residual_layer_norm_bwd_kernel[(P,)](
-            dy2, ds2 if ds2 is not None else dy2, s2, x2, mean, rstd,
-            weight if weight is not None else mean,
-            layer_scale if has_ls else mean,
-            sample_scale if has_ss else mean,
-            dx, dres if dres is not None else dx, dw_part, db_part, dls_part,
-            M, C, dy2.stride(0), ds2.stride(0) if ds2 is not None else 0, s2.stride(0), x2.stride(0),
-            rows_per_program, max(rows_per_sample, 1),
+            dy2, ds2, s2, x2 if has_ls else None, mean, rstd, weight,
+            layer_scale if has_ls else None, sample_scale if has_ss else None,
+            dx, dres, dw_part, db_part, dls_part,
+            M, C, dy2.stride(0), ds2.stride(0) if ds2 is not None else 0, s2.stride(0),
+            x2.stride(0) if has_ls else 0, cfg.rows_per_program, max(rows_per_sample, 1),
             HAS_DS=ds2 is not None, HAS_RESIDUAL=has_residual, HAS_LAYER_SCALE=has_ls,
             HAS_SAMPLE_SCALE=has_ss, HAS_WEIGHT=weight is not None, HAS_BIAS=need_bias_grad,
-            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=_bwd_num_warps(block_c),
+            BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
         )
     else:
         part.zero_()
     grads = [torch.empty((C,), device=device, dtype=dt) for dt in wanted]
     if K and C > 0:
-        outs = grads + [grads[0]] * (3 - K)
-        block_p = _reduce_block_p(P)
-        block_n = block_c if _interpreting() else _REDUCE_BLOCK_N
+        outs = grads + [grads[0]] * (3 - K)  # unused outputs are masked off (k < K)
+        block_p, block_n = reduce_config(P, C, target)
         layer_norm_param_grad_reduce_kernel[(triton.cdiv(C, block_n), K)](
             part, *outs, P, C, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
     it = iter(grads)
@@ -370,68 +370,3 @@ def residual_layer_norm_bwd(dy, ds, s, mean, rstd, weight, *, has_residual, need
     db = next(it) if need_bias_grad else None
     dls = next(it) if has_ls else None
     return dx.reshape(s.shape), (dres.reshape(s.shape) if has_residual else None), dw, db, dls
-
-
-# ---------------------------------------------------------------------------------------------
-# Ahead-of-time specs: every GPU config the launchers above can pick, all flags on (the largest
-# register footprint), for each I/O dtype.
-
-def aot_specs():
-    from vit_fast.aot import AotSpec
-
-    # Under TRITON_INTERPRET=1 the kernels (and tl.sum) are interpreter objects that
-    # triton.compile cannot take: compile these specs in a process where it is unset.
-    specs = []
-    flags = dict(HAS_RESIDUAL=True, HAS_LAYER_SCALE=True, HAS_SAMPLE_SCALE=True,
-                 HAS_WEIGHT=True, HAS_BIAS=True)
-
-    def fwd_spec(block_c, x, y, stream, tag, **overrides):
-        # x: the branch's dtype, y: the output's, stream: residual, s and parameters (AMP: fp32).
-        nw = _num_warps(block_c)
-        sig = {"X": f"*{x}", "RES": f"*{stream}", "LS": f"*{stream}", "SS": f"*{stream}",
-               "W": f"*{stream}", "B": f"*{stream}", "Y": f"*{y}", "S": f"*{stream}",
-               "MEAN": "*fp32", "RSTD": "*fp32", "M": "i32", "C": "i32", "stride_x": "i32",
-               "stride_res": "i32", "rows_per_sample": "i32", "eps": "fp32"}
-        const = dict(flags, BLOCK_M=max(1, 2048 // block_c), BLOCK_C=block_c, **overrides)
-        sig.update({k: "constexpr" for k in const})
-        return AotSpec(f"residual_layer_norm_fwd_{tag}_C{block_c}_M{const['BLOCK_M']}_w{nw}",
-                       residual_layer_norm_fwd_kernel, sig, const,
-                       divisible=("X", "RES", "LS", "SS", "W", "B", "Y", "S", "MEAN", "RSTD", "C",
-                                  "stride_x", "stride_res"),
-                       num_warps=nw)  # no num_stages: triton's default, as launched
-
-    for dt in ("fp16", "bf16", "fp32"):
-        for block_c in [_MIN_BLOCK_C << i for i in range(8)]:  # 64 .. 8192
-            specs.append(fwd_spec(block_c, dt, dt, dt, dt))
-            if dt != "fp32":
-                # AMP (vit_fast/ops/layer_norm_linear.py, residual_layer_norm_mlp.py): LN1 reads
-                # the fp32 stream, LN2 adds the low-precision branch into it; both write dt.
-                specs.append(fwd_spec(block_c, "fp32", dt, "fp32", f"amp_ln1_{dt}",
-                                      HAS_RESIDUAL=False, HAS_LAYER_SCALE=False,
-                                      HAS_SAMPLE_SCALE=False))
-                specs.append(fwd_spec(block_c, dt, dt, "fp32", f"amp_ln2_{dt}"))
-            bwd_sig = {"DY": f"*{dt}", "DS": f"*{dt}", "S": f"*{dt}", "X": f"*{dt}", "MEAN": "*fp32",
-                       "RSTD": "*fp32", "W": f"*{dt}", "LS": f"*{dt}", "SS": f"*{dt}", "DX": f"*{dt}",
-                       "DRES": f"*{dt}", "DW_PART": "*fp32", "DB_PART": "*fp32", "DLS_PART": "*fp32",
-                       "M": "i32", "C": "i32", "stride_dy": "i32", "stride_ds": "i32",
-                       "stride_s": "i32", "stride_x": "i32", "rows_per_program": "i32",
-                       "rows_per_sample": "i32"}
-            nw = _bwd_num_warps(block_c)
-            bwd_const = dict(flags, HAS_DS=True, BLOCK_M=max(1, 1024 // block_c), BLOCK_C=block_c)
-            bwd_sig.update({k: "constexpr" for k in bwd_const})
-            specs.append(AotSpec(
-                f"residual_layer_norm_bwd_{dt}_C{block_c}_M{bwd_const['BLOCK_M']}_w{nw}",
-                residual_layer_norm_bwd_kernel, bwd_sig, bwd_const,
-                divisible=("DY", "DS", "S", "X", "MEAN", "RSTD", "W", "LS", "SS", "DX", "DRES",
-                           "DW_PART", "DB_PART", "DLS_PART", "C", "stride_dy", "stride_ds",
-                           "stride_s", "stride_x"),
-                num_warps=nw))  # no num_stages: as launched
-        red_sig = {"PART": "*fp32", "OUT0": f"*{dt}", "OUT1": f"*{dt}", "OUT2": f"*{dt}",
-                   "P": "i32", "C": "i32",
-                   "BLOCK_P": "constexpr", "BLOCK_N": "constexpr"}
-        specs.append(AotSpec(
-            f"layer_norm_param_grad_reduce_{dt}_P{_REDUCE_BLOCK_P}_N{_REDUCE_BLOCK_N}",
-            layer_norm_param_grad_reduce_kernel, red_sig,
-            {"BLOCK_P": _REDUCE_BLOCK_P, "BLOCK_N": _REDUCE_BLOCK_N},
-            divisible=("PART", "OUT0", "OUT1", "OUT2", "C"), num_warps=4))
-    return specs

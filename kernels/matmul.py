@@ -6,11 +6,14 @@ drops what a launch does not use.
 """
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from ._device import interpreting, on_tensor_device
+from ._device import gpu_target, interpreting, on_tensor_device
 
 EPILOGUE = {"none": 0, "gelu": 1, "dgelu": 2}
 
@@ -46,6 +49,7 @@ def matmul_kernel(
     HAS_RESIDUAL: tl.constexpr, HAS_LAYER_SCALE: tl.constexpr, HAS_SAMPLE_SCALE: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1,
 ):
     """acc = A @ B in fp32 (A [M, K], B [K, N], any strides), then by EPILOGUE:
 
@@ -59,6 +63,10 @@ def matmul_kernel(
     Layouts: C [M, N] (strides stride_cm/cn, its dtype is the output dtype); BIAS, LSCALE [N];
     SSCALE [M // rows_per_sample]; PRE and ACT [M, N] with row stride stride_pm, unit column stride;
     RES [M, N] (stride_rm/rn); ROWDOT fp32 [cdiv(N, BLOCK_N), M]. Unused pointers are never read.
+
+    SPLIT_K > 1 (epilogue "none" with no bias or residual only): program (pid, s) sums the s-th of
+    SPLIT_K equal runs of K-tiles into C + s·M·N, an fp32 partial; the launcher adds the partials
+    in a fixed order (deterministic, no atomics). For GEMMs whose tiles leave SMs idle.
     """
     # Grouped ordering: GROUP_M row-tiles share each B column-tile while it is still in L2.
     pid = tl.program_id(0)
@@ -82,8 +90,17 @@ def matmul_kernel(
     a_ptrs = A + rows64[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
 
+    k_lo = 0
+    k_hi = tl.cdiv(K, BLOCK_K)
+    if SPLIT_K > 1:
+        per_split = tl.cdiv(k_hi, SPLIT_K)
+        k_lo = tl.program_id(1) * per_split
+        k_hi = tl.minimum(k_lo + per_split, k_hi)
+        a_ptrs += k_lo * BLOCK_K * stride_ak
+        b_ptrs += k_lo * BLOCK_K * stride_bk
+        C += tl.program_id(1).to(tl.int64) * M * N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(k_lo, k_hi):
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
@@ -165,43 +182,107 @@ def colsum_kernel(X, SSCALE, OUT, M, N, rows_per_chunk, rows_per_sample, stride_
     tl.store(OUT + chunk.to(tl.int64) * N + offs_n, tl.sum(acc, axis=0), mask=mask_n)
 
 
-# Shipped tile configs (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). A fixed table
-# instead of @triton.autotune: the tile shape fixes the summation order, so picking it by timing
-# would make results depend on the benchmark run. Every entry passes AOT with 0 spills.
-CONFIGS = {
-    "128x128_16": (128, 128, 64, 8, 8, 3),
-    "128x64_16": (128, 64, 64, 8, 8, 3),
-    "64x64_16": (64, 64, 64, 8, 4, 4),
-    "128x64_32": (128, 64, 32, 8, 8, 3),
-    "64x64_32": (64, 64, 32, 8, 4, 3),
-    "128x64x16_32": (128, 64, 16, 8, 8, 3),
-}
+# ---------------------------------------------------------------------------------------------
+# Configs: pure functions of (shape, dtype, epilogue, target). The launcher calls them, and
+# kernels/gelu_mlp_aot.py calls the same functions to list what it compiles ahead of time.
+
+class GemmConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+    split_k: int = 1  # > 1: fp32 partials over K-runs, summed by the launcher in a fixed order
+
+    @property
+    def name(self) -> str:
+        split = f"k{self.split_k}" if self.split_k > 1 else ""
+        return (f"{self.block_m}x{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}"
+                + split)
+
+
+# Every config a CUDA launch can use; each passes AOT with 0 spills for the epilogues it is
+# offered to (gemm_candidates). Under the interpreter every program instance costs Python time:
+# few, large tiles (INTERPRET_CONFIG).
+LARGE_16 = GemmConfig(128, 128, 64, 8, 8, 3)
+WIDE_16 = GemmConfig(128, 256, 64, 8, 8, 3)     # plain GEMMs only: epilogues spill at 128x256
+NARROW_16 = GemmConfig(128, 64, 64, 8, 8, 3)    # dGELU holds pre, act and the gradient at once
+SMALL_16 = GemmConfig(64, 64, 64, 8, 4, 4)
+HALF_16 = GemmConfig(64, 128, 64, 8, 4, 4)      # fwd epilogues fit; dGELU spills at 64x128
+LARGE_TF32 = GemmConfig(128, 64, 32, 8, 8, 3)
+SMALL_TF32 = GemmConfig(64, 64, 32, 8, 4, 3)
+EXACT_FP32 = GemmConfig(128, 64, 16, 8, 8, 3)   # FMA dots hold operands in registers: BLOCK_K 16
+SPLIT_K_16 = tuple(LARGE_16._replace(split_k=k) for k in (2, 4))  # plain GEMMs, few tiles
+INTERPRET_CONFIG = GemmConfig(128, 128, 128, 8, 4, 1)
 COLSUM_BLOCK = (32, 128)  # (BLOCK_M, BLOCK_N) of colsum_kernel on CUDA
-# Under the interpreter every program instance costs Python time: few, large tiles.
-INTERPRET_CONFIG = (128, 128, 128, 8, 4, 1)
+INTERPRET_COLSUM_BLOCK = (256, 256)
 
 
-def config_name(M, N, dtype, epilogue, sms, precision="ieee"):
-    """Large tiles once they fill the GPU, else small ones for more programs. The dGELU epilogue
-    holds pre, act and the gradient at once: 128×128 spills there, so it gets 128×64. Exact fp32
-    dots (FMA, no tensor cores) hold their operands in registers: BLOCK_K 16 keeps sm_80 unspilled."""
+class Epilogue(NamedTuple):
+    """What matmul_kernel does after its mainloop: one field per constexpr flag (see its doc)."""
+    kind: str = "none"          # "none" | "gelu" | "dgelu"
+    approximate: str = "none"   # GELU form: "none" (erf) or "tanh"
+    bias: bool = False
+    store_pre: bool = False
+    store_act: bool = False
+    row_dot: bool = False
+    residual: bool = False
+    layer_scale: bool = False
+    sample_scale: bool = False
+
+    @property
+    def plain(self) -> bool:
+        """Nothing after the mainloop but the store: the widest tiles fit in registers."""
+        return self.kind == "none" and not (self.bias or self.residual or self.sample_scale)
+
+
+def _idle_sms(tiles, sms) -> bool:
+    """Whether the last wave of ``tiles`` CTAs (one per SM) leaves over a quarter of it idle."""
+    waves = triton.cdiv(tiles, sms)
+    return tiles < 0.75 * waves * sms
+
+
+def gemm_candidates(M, N, dtype, epilogue: Epilogue, precision="ieee", target=None, K=0):
+    """The configs a launch may use, the fixed table's choice first; (INTERPRET_CONFIG,) for the
+    interpreter (target None). The fixed choice: large tiles once they fill the GPU, else small
+    ones for more programs. Tuning (vit_fast.tuning) may time the others on the user's GPU; each
+    tile shape is a fixed summation order, so a choice, once made, gives reproducible results.
+    A plain GEMM whose 128x128 tiles leave SMs idle and whose K is long (the weight gradients:
+    K = tokens) also gets split-K candidates."""
+    if target is None:
+        return (INTERPRET_CONFIG,)
     if dtype == torch.float32 and precision == "ieee":
-        return "128x64x16_32"
+        return (EXACT_FP32,)
     if dtype == torch.float32:
-        large = "128x64_32"
-        small = "64x64_32"
+        large, small, others = LARGE_TF32, SMALL_TF32, ()
+    elif epilogue.kind == "dgelu":
+        large, small, others = NARROW_16, SMALL_16, ()
     else:
-        large = "128x64_16" if epilogue == "dgelu" else "128x128_16"
-        small = "64x64_16"
-    bm, bn = CONFIGS[large][:2]
-    return large if triton.cdiv(M, bm) * triton.cdiv(N, bn) >= sms else small
+        large, small = LARGE_16, SMALL_16
+        others = (HALF_16, WIDE_16) if epilogue.plain else (HALF_16,)
+        tiles = triton.cdiv(M, LARGE_16.block_m) * triton.cdiv(N, LARGE_16.block_n)
+        if epilogue.plain and _idle_sms(tiles, target.sms) and K >= 4096:
+            others += SPLIT_K_16
+    fills = triton.cdiv(M, large.block_m) * triton.cdiv(N, large.block_n) >= target.sms
+    first, second = (large, small) if fills else (small, large)
+    return (first, second, *others)
 
 
-def pick_config(M, N, dtype, device, epilogue="none"):
-    if interpreting() or device.type != "cuda":
-        return INTERPRET_CONFIG
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return CONFIGS[config_name(M, N, dtype, epilogue, sms, input_precision(dtype))]
+def matmul_constexprs(epilogue: Epilogue, config: GemmConfig, precision="ieee", dot_fp32=False):
+    """matmul_kernel's constexpr arguments for one launch (the AOT specs use the same)."""
+    return dict(
+        HAS_BIAS=epilogue.bias, EPILOGUE=EPILOGUE[epilogue.kind],
+        APPROX_TANH=epilogue.approximate == "tanh", STORE_PRE=epilogue.store_pre,
+        STORE_ACT=epilogue.store_act, ROW_DOT=epilogue.row_dot,
+        HAS_RESIDUAL=epilogue.residual, HAS_LAYER_SCALE=epilogue.layer_scale,
+        HAS_SAMPLE_SCALE=epilogue.sample_scale, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        GROUP_M=config.group_m, SPLIT_K=config.split_k)
+
+
+def colsum_block(target=None):
+    return INTERPRET_COLSUM_BLOCK if target is None else COLSUM_BLOCK
 
 
 def input_precision(dtype) -> str:
@@ -211,30 +292,57 @@ def input_precision(dtype) -> str:
     return "ieee"
 
 
+def _unit(t):
+    """The epilogue indexes [N] / [B] vectors as PTR + i: unit stride needed, and a zero-stride
+    ``expand`` would otherwise be read past its one element."""
+    return t if t is None or t.stride(0) == 1 or t.numel() <= 1 else t.contiguous()
+
+
 @on_tensor_device
 def matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", pre=None,
            store_pre=False, store_act=False, row_dot=False, residual=None, layer_scale=None,
-           sample_scale=None, rows_per_sample=1):
+           sample_scale=None, rows_per_sample=1, config=None, choose=None):
     """C = epilogue(a @ b) for a [M, K], b [K, N] (any strides); see matmul_kernel.
 
     Returns (C [M, N] contiguous out_dtype, aux, rowdot): aux is the pre-activation written by
     epilogue "gelu" with store_pre, or gelu(pre)(·ss) written by "dgelu" with store_act (a's
     dtype), else None; rowdot is fp32 [N-tiles, M] when row_dot, else None.
+
+    config: a GemmConfig to launch with; default the first of gemm_candidates. choose: called as
+    choose(a, key_fields, {config name: launch}) when there are several candidates, returns the
+    chosen launch's result (vit_fast.tuning.choose_gemm_config: timed on CUDA).
     """
     M, K = a.shape
     N = b.shape[1]
+    ep = Epilogue(epilogue, approximate, bias is not None, store_pre, store_act, row_dot,
+                  residual is not None, residual is not None and layer_scale is not None,
+                  sample_scale is not None)
+    precision = input_precision(a.dtype)
+    if config is None:
+        cands = gemm_candidates(M, N, a.dtype, ep, precision, gpu_target(a.device), K)
+        if choose is not None and len(cands) > 1 and M and N:
+            fields = dict(M=M, N=N, K=K, a=a.dtype, b=b.dtype, out=out_dtype,
+                          layout=(a.stride(1) == 1, b.stride(1) == 1), epilogue=tuple(ep),
+                          precision=precision)
+            launch = functools.partial(
+                matmul, a, b, out_dtype, bias=bias, epilogue=epilogue, approximate=approximate,
+                pre=pre, store_pre=store_pre, store_act=store_act, row_dot=row_dot,
+                residual=residual, layer_scale=layer_scale, sample_scale=sample_scale,
+                rows_per_sample=rows_per_sample)
+            return choose(a, fields, {c.name: functools.partial(launch, config=c) for c in cands})
+        config = cands[0]
+    if config.split_k > 1:
+        if not ep.plain or store_pre or store_act or row_dot:
+            raise ValueError(f"matmul: split-K config {config.name} takes no epilogue")
+        return _split_k_matmul(a, b, out_dtype, config), None, None
     dev = a.device
-    # The epilogue indexes these as PTR + n (or + row // rows_per_sample): unit stride needed, and
-    # a zero-stride ``expand`` would otherwise be read past its one element. Copies are [N] / [B].
-    bias, layer_scale, sample_scale = (
-        t if t is None or t.stride(0) == 1 or t.numel() <= 1 else t.contiguous()
-        for t in (bias, layer_scale, sample_scale))
+    bias, layer_scale, sample_scale = map(_unit, (bias, layer_scale, sample_scale))
     if pre is not None and pre.stride(1) != 1 and N > 1:
         pre = pre.contiguous()
     c = torch.empty((M, N), device=dev, dtype=out_dtype)
     aux = torch.empty((M, N), device=dev, dtype=a.dtype) if (store_pre or store_act) else None
-    BM, BN, BK, GM, warps, stages = pick_config(M, N, a.dtype, dev, epilogue)
-    rowdot = torch.empty((triton.cdiv(N, BN), M), device=dev, dtype=torch.float32) if row_dot else None
+    rowdot = (torch.empty((triton.cdiv(N, config.block_n), M), device=dev, dtype=torch.float32)
+              if row_dot else None)
     if M == 0 or N == 0:
         if rowdot is not None:
             rowdot.zero_()
@@ -243,31 +351,46 @@ def matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", p
         a = a.new_zeros((M, 1))
         b = b.new_zeros((1, N))
         K = 1
-    # Pointers a launch does not use still need a tensor; the kernel never dereferences them.
-    pre_t = pre if pre is not None else (aux if store_pre else c)
-    act_t = aux if store_act else c
-    stride_pm = pre_t.stride(0)
-    if aux is not None and pre is not None and aux.stride(0) != stride_pm:
-        pre = pre.contiguous()  # PRE and ACT share one row stride in the kernel
-        pre_t, stride_pm = pre, pre.stride(0)
-    res = residual if residual is not None else c
-    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    # PRE and ACT share one row stride in the kernel (stride_pm).
+    if aux is not None and pre is not None and aux.stride(0) != pre.stride(0):
+        pre = pre.contiguous()
+    pre_t = pre if pre is not None else (aux if store_pre else None)
+    stride_pm = next((t.stride(0) for t in (pre_t, aux) if t is not None), 0)
+    # Absent tensors go in as None: Triton specializes them away (the flags say so too).
+    grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n),)
     matmul_kernel[grid](
-        a, b, c, bias if bias is not None else c, pre_t, act_t, res,
-        layer_scale if layer_scale is not None else c,
-        sample_scale if sample_scale is not None else c,
-        rowdot if rowdot is not None else c,
+        a, b, c, bias, pre_t, aux if store_act else None, residual,
+        layer_scale if ep.layer_scale else None, sample_scale, rowdot,
         M, N, K, rows_per_sample,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        stride_pm, res.stride(0), res.stride(1),
-        HAS_BIAS=bias is not None, EPILOGUE=EPILOGUE[epilogue], APPROX_TANH=approximate == "tanh",
-        STORE_PRE=store_pre, STORE_ACT=store_act, ROW_DOT=row_dot,
-        HAS_RESIDUAL=residual is not None, HAS_LAYER_SCALE=layer_scale is not None,
-        HAS_SAMPLE_SCALE=sample_scale is not None,
-        DOT_FP32=interpreting(), INPUT_PRECISION=input_precision(a.dtype),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=GM, num_warps=warps, num_stages=stages,
+        stride_pm, *(residual.stride() if residual is not None else (0, 1)),
+        **matmul_constexprs(ep, config, precision, dot_fp32=interpreting()),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return c, aux, rowdot
+
+
+@on_tensor_device
+def _split_k_matmul(a, b, out_dtype, config):
+    """a @ b as config.split_k fp32 partials over runs of K, added in a fixed order."""
+    M, K = a.shape
+    N = b.shape[1]
+    part = torch.empty((config.split_k, M, N), device=a.device, dtype=torch.float32)
+    if M and N:
+        if K == 0:
+            part.zero_()
+        else:
+            grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n), config.split_k)
+            matmul_kernel[grid](
+                a, b, part, None, None, None, None, None, None, None, M, N, K, 1,
+                a.stride(0), a.stride(1), b.stride(0), b.stride(1), N, 1, 0, 0, 1,
+                **matmul_constexprs(Epilogue(), config, input_precision(a.dtype),
+                                    dot_fp32=interpreting()),
+                num_warps=config.num_warps, num_stages=config.num_stages)
+    out = part[0]
+    for s in range(1, config.split_k):  # fixed order: run-to-run identical bits
+        out = out + part[s]
+    return out.to(out_dtype)
 
 
 @on_tensor_device
@@ -276,14 +399,13 @@ def colsum(x, sample_scale=None, rows_per_sample=1):
     M, N = x.shape
     if M == 0 or N == 0:
         return torch.zeros(N, device=x.device, dtype=torch.float32)
-    if sample_scale is not None and sample_scale.stride(0) != 1 and sample_scale.numel() > 1:
-        sample_scale = sample_scale.contiguous()
-    BLOCK_M, BLOCK_N = (256, 256) if interpreting() else COLSUM_BLOCK
+    sample_scale = _unit(sample_scale)
+    BLOCK_M, BLOCK_N = colsum_block(gpu_target(x.device))
     rows_per_chunk = BLOCK_M * max(1, triton.cdiv(triton.cdiv(M, BLOCK_M), 64))
     chunks = triton.cdiv(M, rows_per_chunk)
     part = torch.empty((chunks, N), device=x.device, dtype=torch.float32)
     colsum_kernel[(triton.cdiv(N, BLOCK_N), chunks)](
-        x, sample_scale if sample_scale is not None else x, part, M, N, rows_per_chunk,
+        x, sample_scale, part, M, N, rows_per_chunk,
         rows_per_sample, x.stride(0), x.stride(1),
         HAS_SAMPLE_SCALE=sample_scale is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4)
     # torch's reduction over a fixed shape is deterministic; the partials are few rows.

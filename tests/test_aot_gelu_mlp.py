@@ -3,7 +3,7 @@ and the bf16/fp16 (and tf32) GEMMs use tensor cores: HGMMA on sm_90, HMMA on sm_
 import pytest
 
 from vit_fast.aot import compile_module, nvidia_backend_missing_reason
-from vit_fast.kernels.gelu_mlp import aot_specs
+from vit_fast.kernels.gelu_mlp_aot import aot_specs
 
 REASON = nvidia_backend_missing_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -13,7 +13,7 @@ def test_every_spec_compiles_without_spills_and_with_tensor_cores():
     specs = {s.name: s for s in aot_specs()}
     assert specs, "aot_specs() is empty"
     bad = []
-    for (name, arch), r in compile_module("gelu_mlp").items():
+    for (name, arch), r in compile_module("gelu_mlp_aot").items():
         want_tc = {90: "HGMMA", 80: "HMMA"}[arch] if specs[name].uses_dot else ""
         if isinstance(r, str):
             bad.append(f"{name} sm_{arch}: {r}")

@@ -1,4 +1,4 @@
-"""Every shipped residual_layer_norm config (kernels/layer_norm.aot_specs) compiles for sm_80 and
+"""Every shipped residual_layer_norm config (kernels/layer_norm_aot.aot_specs) compiles for sm_80 and
 sm_90 with 0 spills and shared memory within the arch limit, C up to 8192.
 
 Builds run in worker processes (vit_fast.aot.compile_module), since the tests interpret triton.
@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 
 from vit_fast.aot import compile_module, nvidia_backend_missing_reason
-from vit_fast.kernels.layer_norm import MAX_C, aot_specs
+from vit_fast.kernels.layer_norm import MAX_C
+from vit_fast.kernels.layer_norm_aot import aot_specs
 
 ARCHS = (80, 90)
 SPEC_NAMES = [spec.name for spec in aot_specs()]
@@ -19,7 +20,7 @@ def results():
     reason = nvidia_backend_missing_reason()
     if reason:
         pytest.skip(reason)
-    out = compile_module("layer_norm", ARCHS)
+    out = compile_module("layer_norm_aot", ARCHS)
     failed = {k: r for k, r in out.items() if isinstance(r, str)}
     assert not failed, failed
     return {k: dataclasses.asdict(r) for k, r in out.items()}

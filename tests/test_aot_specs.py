@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 
-from vit_fast.kernels import attention, gelu_mlp, layer_norm, matmul
+from vit_fast.kernels import attention, gelu_mlp_aot, layer_norm, layer_norm_aot, matmul
 
 
 def _launch_keywords(fn):
@@ -21,10 +21,10 @@ def _launch_keywords(fn):
 
 
 @pytest.mark.parametrize("launcher, kernel, spec_kernels", [
-    (layer_norm.residual_layer_norm_fwd, "residual_layer_norm_fwd_kernel", layer_norm),
-    (layer_norm.residual_layer_norm_bwd, "residual_layer_norm_bwd_kernel", layer_norm),
-    (layer_norm.residual_layer_norm_bwd, "layer_norm_param_grad_reduce_kernel", layer_norm),
-    (matmul.colsum, "colsum_kernel", gelu_mlp),
+    (layer_norm.residual_layer_norm_fwd, "residual_layer_norm_fwd_kernel", layer_norm_aot),
+    (layer_norm.residual_layer_norm_bwd, "residual_layer_norm_bwd_kernel", layer_norm_aot),
+    (layer_norm.residual_layer_norm_bwd, "layer_norm_param_grad_reduce_kernel", layer_norm_aot),
+    (matmul.colsum, "colsum_kernel", gelu_mlp_aot),
     (attention.attention_bwd, "attention_bwd_delta_kernel", attention),
 ])
 def test_specs_use_the_launchers_num_stages(launcher, kernel, spec_kernels):
@@ -37,7 +37,7 @@ def test_specs_use_the_launchers_num_stages(launcher, kernel, spec_kernels):
 
 def test_weight_gradient_gemm_is_checked_with_both_output_dtypes():
     outs = {}
-    for s in gelu_mlp.aot_specs():
+    for s in gelu_mlp_aot.aot_specs():
         if s.name.startswith("matmul_kernel[dw/"):
             outs.setdefault(s.signature["A"], set()).add(s.signature["C"])
     # dW1 (and dW2 without LayerScale) in the input dtype; dW2 with LayerScale in fp32

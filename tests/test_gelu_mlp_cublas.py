@@ -95,11 +95,12 @@ def test_triton_forward_feeds_cublas_backward():
     args = [t[n].detach() for n in NAMES]
     _, pre = triton_op.gelu_mlp_op(*args[:5], "none", *args[5:], True)
     g = _grad_for(t).reshape(2, 5, 64)
-    flags = (True, True, True, True, True)
+    opts = dict(approximate="none", has_residual=True, needs_fc1_bias=True, needs_fc2_bias=True,
+                needs_layer_scale=True, needs_sample_scale=True)
     tri = triton_op.gelu_mlp_backward_op(g, args[0], args[1], args[3], args[4], pre, args[6],
-                                         args[7], "none", *flags)
+                                         args[7], **opts)
     cub = cublas_op.gelu_mlp_cublas_backward_op(g, args[0], args[1], args[3], args[4], pre,
-                                                args[6], args[7], "none", *flags)
+                                                args[6], args[7], **opts)
     for a, b in zip(tri, cub):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
@@ -118,7 +119,7 @@ def test_cublas_policy_runs_the_cublas_launchers(monkeypatch):
     for name in ("gelu_mlp_cublas_fwd", "gelu_mlp_cublas_bwd"):
         orig = getattr(gelu_elementwise, name)
         monkeypatch.setattr(gelu_elementwise, name,
-                            lambda *a, _o=orig, _n=name: calls.append(_n) or _o(*a))
+                            lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
     t = make_inputs((2, 3), 64, 256, torch.float32, residual=True)
     with vit_fast.use_backend("cublas"):
         out = vit_fast.gelu_mlp(*[t[n] for n in NAMES[:5]], residual=t["residual"])
@@ -175,9 +176,10 @@ AOT_REASON = nvidia_backend_missing_reason()
 
 @pytest.mark.skipif(AOT_REASON is not None, reason=AOT_REASON or "")
 def test_elementwise_kernels_compile_without_spills():
-    from vit_fast.kernels.gelu_elementwise import aot_specs
+    from vit_fast.kernels.gelu_elementwise_aot import aot_specs
     assert {s.name.split("[")[0] for s in aot_specs()} == {
         "gelu_fwd_kernel", "gelu_bwd_kernel", "residual_epilogue_kernel"}
-    bad = [f"{name} sm_{arch}: {r}" for (name, arch), r in compile_module("gelu_elementwise").items()
+    bad = [f"{name} sm_{arch}: {r}"
+           for (name, arch), r in compile_module("gelu_elementwise_aot").items()
            if isinstance(r, str) or not r.ok or r.spill_bytes]
     assert not bad, "\n".join(bad)

@@ -43,9 +43,10 @@ def _mlp(**over):
 def _mlp_bwd(**over):
     kw = dict(grad=r(2, 3, 6), x=r(2, 3, 6), fc1_weight=r(10, 6), fc2_weight=r(6, 10),
               fc2_bias=r(6), pre=r(6, 10), layer_scale=r(6), sample_scale=r(2),
-              approximate="none", has_residual=True, a=True, b=True, c=True, d=True)
+              approximate="none", has_residual=True, needs_fc1_bias=True, needs_fc2_bias=True,
+              needs_layer_scale=True, needs_sample_scale=True)
     kw.update(over)
-    return lambda: ops.gelu_mlp_backward(*kw.values())
+    return lambda: ops.gelu_mlp_backward(**kw)
 
 
 def _attn(**over):
@@ -152,9 +153,10 @@ def test_opcheck_backward_ops():
     ln_bwd = (r(4, 8), r(4, 8), r(4, 8), r(4, 8), r(4), r(4).abs() + 0.5, r(8), r(8), r(4),
               torch.float32, torch.float32)
     torch.library.opcheck(ops.residual_layer_norm_backward.default, ln_bwd)
-    mlp_bwd = (r(2, 3, 6), r(2, 3, 6), r(10, 6), r(6, 10), r(6), r(6, 10), r(6), r(2), "none",
-               True, True, True, True, True)
-    torch.library.opcheck(ops.gelu_mlp_backward.default, mlp_bwd)
+    mlp_bwd = (r(2, 3, 6), r(2, 3, 6), r(10, 6), r(6, 10), r(6), r(6, 10), r(6), r(2))
+    torch.library.opcheck(ops.gelu_mlp_backward.default, mlp_bwd, dict(
+        approximate="none", has_residual=True, needs_fc1_bias=True, needs_fc2_bias=True,
+        needs_layer_scale=True, needs_sample_scale=True))
     torch.library.opcheck(ops.layer_norm_linear.default,
                           (r(4, 8, requires_grad=True), r(8), r(8), 1e-6, r(12, 8), r(12)))
 

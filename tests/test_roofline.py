@@ -143,8 +143,9 @@ def test_gelu_mlp_traffic_matches_model(layer_scale, sample_scale):
     _check(launches, roofline.gelu_mlp_fwd(M, C, Hd, e, train=True, layer_scale=layer_scale,
                                            samples=samples), ["matmul_kernel"] * 2)
     with count_traffic() as launches:
-        mlp.gelu_mlp_bwd(torch.randn(B, N, C), x, w1, w2, b2, pre, ls, ss, "none", True, True, True,
-                         layer_scale, sample_scale)
+        mlp.gelu_mlp_bwd(torch.randn(B, N, C), x, w1, w2, b2, pre, ls, ss, approximate="none",
+                         has_residual=True, wanted=mlp.MlpGrads(True, True, layer_scale,
+                                                                 sample_scale))
     block_n = mm.INTERPRET_CONFIG[1]
     ops = [o for o in roofline.gelu_mlp_bwd(M, C, Hd, e, layer_scale=layer_scale, samples=samples,
                                             colsum_chunks=_interp_chunks,
@@ -188,8 +189,9 @@ def test_gelu_mlp_cublas_elementwise_traffic_matches_model(layer_scale, sample_s
         M, C, Hd, e, train=True, layer_scale=layer_scale, samples=samples)),
         ["gelu_fwd_kernel", "residual_epilogue_kernel"])
     with count_traffic() as launches:
-        cub.gelu_mlp_cublas_bwd(torch.randn(B, N, C), x, w1, w2, b2, pre, ls, ss, "none", True,
-                                True, True, layer_scale, sample_scale)
+        cub.gelu_mlp_cublas_bwd(torch.randn(B, N, C), x, w1, w2, b2, pre, ls, ss,
+                                approximate="none", has_residual=True,
+                                wanted=cub.MlpGrads(True, True, layer_scale, sample_scale))
     _check(launches, triton_only(roofline.gelu_mlp_cublas_bwd(
         M, C, Hd, e, layer_scale=layer_scale, samples=samples, colsum_chunks=_interp_chunks)),
         ["gelu_bwd_kernel", "colsum_kernel", "colsum_kernel"])

@@ -1,6 +1,7 @@
 """Ahead-of-time compilation of Triton kernels for sm_80/sm_90, on a machine with no GPU.
 
-A kernel module in ``vit_fast.kernels`` lists what it ships as ``aot_specs() -> list[AotSpec]``;
+A module ``vit_fast.kernels.<op>_aot`` lists what its launchers ship as ``aot_specs() ->
+list[AotSpec]``, generated from the launchers' own config functions;
 ``compile_spec`` builds one for one architecture and reads registers, spills, shared memory and
 tensor-core use off the cubin. Tests and ``python -m vit_fast.bench compile-check`` use this.
 """

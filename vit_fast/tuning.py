@@ -14,6 +14,11 @@ a run is reproducible. A candidate that raises is skipped (recorded with its err
 - ``0``: no timing: the first candidate of PRIORITY that runs.
 On CPU, under the Triton interpreter and while a CUDA graph is captured, PRIORITY applies too.
 
+The Triton GEMM's tile configs join the same measurement: kernels/matmul.gemm_candidates offers
+2-4 AOT-checked configs per launch, and ``choose_gemm_config`` times them per (shapes, dtypes,
+layout, epilogue, device, versions) key; under the interpreter the launcher uses its one CPU
+config, with tuning off the fixed table's (the first candidate).
+
 Selection happens inside the custom ops (vit_fast::gelu_mlp_tuned and the Block's op), at run
 time: a torch.compile graph holds the op, not the choice. ``VIT_FAST_BACKEND=triton|cublas`` (or
 ``use_backend``) bypasses selection. ``records()`` lists what was chosen and the times;
@@ -24,6 +29,7 @@ Attention's candidates (the Triton kernel, PyTorch's flash SDPA) are in ops/atte
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -293,8 +299,8 @@ def _mlp_key(op, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_
                              sample_scale=sample_scale), **options)
 
 
-def gelu_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
-                     layer_scale, sample_scale, save_pre):
+def gelu_mlp_tuned_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
+                       layer_scale, sample_scale, save_pre):
     """kernels/gelu_mlp.gelu_mlp_fwd's contract; Triton or cuBLAS GEMMs, chosen per key."""
     from .kernels.gelu_elementwise import gelu_mlp_cublas_fwd
     from .kernels.gelu_mlp import gelu_mlp_fwd
@@ -302,25 +308,36 @@ def gelu_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate,
             sample_scale, save_pre)
     key = _mlp_key("gelu_mlp_fwd", *args[:5], *args[6:9], approximate=approximate,
                    save_pre=save_pre)
-    cands = {"triton": lambda: gelu_mlp_fwd(*args), "cublas": lambda: gelu_mlp_cublas_fwd(*args)}
+    cands = {"triton": lambda: gelu_mlp_fwd(*args, choose=choose_gemm_config),
+             "cublas": lambda: gelu_mlp_cublas_fwd(*args)}
     return tuner().run("gelu_mlp_fwd", key, _ordered("gelu_mlp_fwd", cands),
                        measure=_measurable(x))[1]
 
 
-def gelu_mlp_backward(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale,
-                      approximate, has_residual, *needs):
+def gelu_mlp_tuned_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale,
+                       *, approximate, has_residual, wanted):
     """kernels/gelu_mlp.gelu_mlp_bwd's contract; Triton or cuBLAS GEMMs, chosen per key."""
     from .kernels.gelu_elementwise import gelu_mlp_cublas_bwd
     from .kernels.gelu_mlp import gelu_mlp_bwd
-    args = (grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale,
-            approximate, has_residual, *needs)
+    args = (grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale)
+    opts = dict(approximate=approximate, has_residual=has_residual, wanted=wanted)
     key = make_key("gelu_mlp_bwd", dict(grad=grad, x=x, fc1_weight=fc1_weight,
                                         fc2_weight=fc2_weight, fc2_bias=fc2_bias,
                                         layer_scale=layer_scale, sample_scale=sample_scale),
-                   approximate=approximate, has_residual=has_residual, needs=tuple(needs))
-    cands = {"triton": lambda: gelu_mlp_bwd(*args), "cublas": lambda: gelu_mlp_cublas_bwd(*args)}
+                   approximate=approximate, has_residual=has_residual, needs=tuple(wanted))
+    cands = {"triton": lambda: gelu_mlp_bwd(*args, **opts, choose=choose_gemm_config),
+             "cublas": lambda: gelu_mlp_cublas_bwd(*args, **opts)}
     return tuner().run("gelu_mlp_bwd", key, _ordered("gelu_mlp_bwd", cands),
                        measure=_measurable(x))[1]
+
+
+def choose_gemm_config(a, fields: dict, candidates: dict):
+    """kernels/matmul.matmul's ``choose``: the Triton GEMM's tile config for this launch key
+    (shapes, dtypes, layout, epilogue), timed on CUDA like the implementations above; the
+    candidates come in the fixed table's order, so with tuning off (or while a CUDA graph is
+    captured) the first -- the fixed table's choice -- runs. Returns the chosen launch's result."""
+    key = make_key("gemm", {"a": a}, **fields)
+    return tuner().run("gemm", key, candidates, measure=_measurable(a))[1]
 
 
 def mlp_launchers(policy=None):
@@ -331,11 +348,12 @@ def mlp_launchers(policy=None):
     policy = policy or dispatch.current_policy()
     if policy == "triton":
         from .kernels.gelu_mlp import gelu_mlp_fwd
-        return gelu_mlp_fwd, torch.ops.vit_fast.gelu_mlp_backward
+        return (functools.partial(gelu_mlp_fwd, choose=choose_gemm_config),
+                torch.ops.vit_fast.gelu_mlp_backward)
     if policy == "cublas":
         from .kernels.gelu_elementwise import gelu_mlp_cublas_fwd
         return gelu_mlp_cublas_fwd, torch.ops.vit_fast.gelu_mlp_cublas_backward
-    return gelu_mlp_forward, torch.ops.vit_fast.gelu_mlp_tuned_backward
+    return gelu_mlp_tuned_fwd, torch.ops.vit_fast.gelu_mlp_tuned_backward
 
 
 def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, layer_scale,

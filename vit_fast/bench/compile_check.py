@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import re
 
-MODULES = ("attention", "layer_norm", "gelu_mlp", "gelu_elementwise", "qk_norm")
+MODULES = ("attention_aot", "layer_norm_aot", "gelu_mlp_aot", "gelu_elementwise_aot", "qk_norm_aot")
 
 
 def collect_specs(modules=MODULES, match=None):

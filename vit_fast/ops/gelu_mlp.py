@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vit_fast.kernels.gelu_mlp import gelu_mlp_bwd, gelu_mlp_fwd
+from vit_fast.kernels.gelu_mlp import MlpGrads, gelu_mlp_bwd, gelu_mlp_fwd
 
 from . import checks
 
@@ -44,7 +44,14 @@ def gelu_mlp_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_w
     check_fwd_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
                    layer_scale, sample_scale)
     return gelu_mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
-                        layer_scale, sample_scale, save_pre)
+                        layer_scale, sample_scale, save_pre, choose=gemm_chooser())
+
+
+def gemm_chooser():
+    """How the Triton GEMMs pick their tile config: vit_fast.tuning (timed on CUDA, the fixed
+    table elsewhere)."""
+    from vit_fast import tuning
+    return tuning.choose_gemm_config
 
 
 @gelu_mlp_op.register_fake
@@ -57,18 +64,43 @@ def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, laye
     return out, pre
 
 
+def wanted_grads(needs_input_grad, fc1_bias, fc2_bias, layer_scale, sample_scale):
+    """MlpGrads from an autograd ctx's needs_input_grad over gelu_mlp's forward arguments (x,
+    fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, layer_scale, sample_scale,
+    ...); the others are flags or tensors, or None when absent."""
+    need = needs_input_grad
+    return MlpGrads(fc1_bias=need[2] and fc1_bias, fc2_bias=need[4] and fc2_bias is not None,
+                    layer_scale=need[7] and layer_scale is not None,
+                    sample_scale=need[8] and sample_scale is not None)
+
+
+def wanted_kwargs(wanted: MlpGrads) -> dict:
+    """The backward ops' keyword arguments for ``wanted``: needs_fc1_bias=..., and so on."""
+    return {f"needs_{name}": bool(flag) for name, flag in wanted._asdict().items()}
+
+
+def kept_grads(grads, wanted: MlpGrads) -> list:
+    """A backward op's [dx, dW1, db1, dW2, db2, dls, dss] with None where not ``wanted``."""
+    flags = (True, True, wanted.fc1_bias, True, wanted.fc2_bias, wanted.layer_scale,
+             wanted.sample_scale)
+    return [g if f else None for g, f in zip(grads, flags)]
+
+
+# Every gelu_mlp backward op (this one, the cublas and the tuned variants) has this schema: the
+# saved tensors positionally, then options and the wanted optional gradients keyword-only.
 @torch.library.custom_op("vit_fast::gelu_mlp_backward", mutates_args=())
 def gelu_mlp_backward_op(grad: Tensor, x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor,
                          fc2_bias: Optional[Tensor], pre: Tensor, layer_scale: Optional[Tensor],
-                         sample_scale: Optional[Tensor], approximate: str, has_residual: bool,
+                         sample_scale: Optional[Tensor], *, approximate: str, has_residual: bool,
                          needs_fc1_bias: bool, needs_fc2_bias: bool, needs_layer_scale: bool,
                          needs_sample_scale: bool) -> list[Tensor]:
     """[dx, dW1, db1, dW2, db2, dlayer_scale, dsample_scale]; an empty tensor where not needed."""
     _check_bwd_args(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale,
                     approximate, has_residual)
+    wanted = MlpGrads(needs_fc1_bias, needs_fc2_bias, needs_layer_scale, needs_sample_scale)
     grads = gelu_mlp_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale,
-                         approximate, has_residual, needs_fc1_bias, needs_fc2_bias,
-                         needs_layer_scale, needs_sample_scale)
+                         approximate=approximate, has_residual=has_residual, wanted=wanted,
+                         choose=gemm_chooser())
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
@@ -86,7 +118,7 @@ def _check_bwd_args(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale,
 
 
 @gelu_mlp_backward_op.register_fake
-def _(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale, approximate,
+def _(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale, *, approximate,
       has_residual, needs_fc1_bias, needs_fc2_bias, needs_layer_scale, needs_sample_scale):
     _check_bwd_args(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale,
                     approximate, has_residual)
@@ -115,13 +147,12 @@ def _backward(ctx, grad_out, _grad_pre):
     if pre.dim() != 2:  # the forward's placeholder for "not saved" is 1-D
         raise RuntimeError("vit_fast::gelu_mlp: backward needs the pre-activation, but the forward "
                            "ran with save_pre=False (call vit_fast.ops.gelu_mlp.gelu_mlp instead)")
-    need = ctx.needs_input_grad
-    flags = (True, True, need[2] and ctx.has_fc1_bias, True, need[4] and fc2_bias is not None,
-             need[7] and layer_scale is not None, need[8] and sample_scale is not None)
+    wanted = wanted_grads(ctx.needs_input_grad, ctx.has_fc1_bias, fc2_bias, layer_scale,
+                          sample_scale)
     grads = gelu_mlp_backward_op(grad_out.contiguous(), x, fc1_weight, fc2_weight, fc2_bias, pre,
-                                 layer_scale, sample_scale, ctx.approximate, ctx.has_residual,
-                                 *flags[2:3], *flags[4:])
-    d_x, d_w1, d_b1, d_w2, d_b2, d_ls, d_ss = (g if f else None for g, f in zip(grads, flags))
+                                 layer_scale, sample_scale, approximate=ctx.approximate,
+                                 has_residual=ctx.has_residual, **wanted_kwargs(wanted))
+    d_x, d_w1, d_b1, d_w2, d_b2, d_ls, d_ss = kept_grads(grads, wanted)
     d_res = grad_out if ctx.has_residual else None
     return d_x, d_w1, d_b1, d_w2, d_b2, None, d_res, d_ls, d_ss, None
 

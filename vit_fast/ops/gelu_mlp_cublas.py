@@ -17,8 +17,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from vit_fast.kernels.gelu_mlp import MlpGrads
+
 from . import gelu_mlp as _triton
-from .gelu_mlp import gelu_mlp_backward_op, gelu_mlp_op
+from .gelu_mlp import (gelu_mlp_backward_op, gelu_mlp_op, kept_grads, wanted_grads,
+                       wanted_kwargs)
 
 
 def register_variant(name, forward, backward):
@@ -37,29 +40,29 @@ def register_variant(name, forward, backward):
     @torch.library.custom_op(f"vit_fast::{name}_backward", mutates_args=())
     def bwd_op(grad: Tensor, x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor,
                fc2_bias: Optional[Tensor], pre: Tensor, layer_scale: Optional[Tensor],
-               sample_scale: Optional[Tensor], approximate: str, has_residual: bool,
+               sample_scale: Optional[Tensor], *, approximate: str, has_residual: bool,
                needs_fc1_bias: bool, needs_fc2_bias: bool, needs_layer_scale: bool,
                needs_sample_scale: bool) -> list[Tensor]:
         grads = backward(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale,
-                         sample_scale, approximate, has_residual, needs_fc1_bias, needs_fc2_bias,
-                         needs_layer_scale, needs_sample_scale)
+                         sample_scale, approximate=approximate, has_residual=has_residual,
+                         wanted=MlpGrads(needs_fc1_bias, needs_fc2_bias, needs_layer_scale,
+                                         needs_sample_scale))
         return [g if g is not None else x.new_empty(0) for g in grads]
 
     # Same outputs as the Triton ops by contract: their fake kernels give the shapes.
     fwd_op.register_fake(lambda *args: gelu_mlp_op(*args))
-    bwd_op.register_fake(lambda *args: gelu_mlp_backward_op(*args))
+    bwd_op.register_fake(lambda *args, **kwargs: gelu_mlp_backward_op(*args, **kwargs))
 
     def backward_fn(ctx, grad_out, _grad_pre):
         x, fc1_weight, fc2_weight, fc2_bias, pre, ls, ss = ctx.saved_tensors
         if pre.numel() == 0 and x.numel() != 0:
             raise RuntimeError(f"vit_fast::{name}: backward needs the pre-activation, but the "
                                "forward ran with save_pre=False")
-        need = ctx.needs_input_grad
-        wanted = (True, True, need[2] and ctx.has_fc1_bias, True, need[4] and fc2_bias is not None,
-                  need[7] and ls is not None, need[8] and ss is not None)
+        wanted = wanted_grads(ctx.needs_input_grad, ctx.has_fc1_bias, fc2_bias, ls, ss)
         grads = bwd_op(grad_out.contiguous(), x, fc1_weight, fc2_weight, fc2_bias, pre, ls, ss,
-                       ctx.approximate, ctx.has_residual, wanted[2], *wanted[4:])
-        kept = [g if w else None for g, w in zip(grads, wanted)]
+                       approximate=ctx.approximate, has_residual=ctx.has_residual,
+                       **wanted_kwargs(wanted))
+        kept = kept_grads(grads, wanted)
         return (*kept[:5], None, grad_out if ctx.has_residual else None, *kept[5:], None)
 
     fwd_op.register_autograd(backward_fn, setup_context=_triton._setup_context)
@@ -84,19 +87,19 @@ def _cublas_fwd(*args):
     return gelu_mlp_cublas_fwd(*args)
 
 
-def _cublas_bwd(*args):
+def _cublas_bwd(*args, **kwargs):
     from vit_fast.kernels.gelu_elementwise import gelu_mlp_cublas_bwd
-    return gelu_mlp_cublas_bwd(*args)
+    return gelu_mlp_cublas_bwd(*args, **kwargs)
 
 
 def _tuned_fwd(*args):
     from vit_fast import tuning
-    return tuning.gelu_mlp_forward(*args)
+    return tuning.gelu_mlp_tuned_fwd(*args)
 
 
-def _tuned_bwd(*args):
+def _tuned_bwd(*args, **kwargs):
     from vit_fast import tuning
-    return tuning.gelu_mlp_backward(*args)
+    return tuning.gelu_mlp_tuned_bwd(*args, **kwargs)
 
 
 gelu_mlp = register_variant("gelu_mlp_cublas", _cublas_fwd, _cublas_bwd)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from vit_fast import tuning  # the MLP's launchers: triton, cublas or tuned
+from vit_fast.kernels.gelu_mlp import MlpGrads
 from vit_fast.kernels.gelu_mlp import gelu_mlp_fwd as _triton_mlp_fwd
 from vit_fast.kernels.layer_norm import residual_layer_norm_fwd
 
@@ -87,7 +88,8 @@ def residual_layer_norm_mlp_op(
                                                sample_scale1, out_dtype=fc1_weight.dtype)
     if _amp(x, residual):
         out, pre = _triton_mlp_fwd(h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, s,
-                                   layer_scale2, sample_scale2, save_pre, out_dtype=s.dtype)
+                                   layer_scale2, sample_scale2, save_pre, out_dtype=s.dtype,
+                                   choose=_mlp.gemm_chooser())
         return out, s, mean, rstd, pre
     gelu_mlp_fwd = tuning.mlp_launchers()[0]
     out, pre = gelu_mlp_fwd(h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, s,
@@ -157,13 +159,16 @@ def _backward(ctx, dout, _ds, _dmean, _drstd, _dpre):
     h, _, mean, rstd = torch.ops.vit_fast.residual_layer_norm(s, ln_weight, ln_bias, ctx.eps, None,
                                                               None, None)
     h = h.to(lp)
-    mlp_flags = (need[8] and ctx.has_fc1_bias, need[10] and fc2_bias is not None,
-                 need[12] and ls2 is not None, need[13] and ss2 is not None)
+    wanted = MlpGrads(fc1_bias=need[8] and ctx.has_fc1_bias,
+                      fc2_bias=need[10] and fc2_bias is not None,
+                      layer_scale=need[12] and ls2 is not None,
+                      sample_scale=need[13] and ss2 is not None)
 
     g_lp, ls_lp, k = _gemm_grad(g, ls2, lp)
     dh, dw1, db1, dw2, db2, dls2, dss2 = ctx.mlp_backward(
         g_lp, h, fc1_weight, fc2_weight, fc2_bias, pre, ls_lp,
-        ss2.to(lp) if ss2 is not None else None, ctx.approximate, True, *mlp_flags)
+        ss2.to(lp) if ss2 is not None else None, approximate=ctx.approximate, has_residual=True,
+        **_mlp.wanted_kwargs(wanted))
     del h
     if k is not None and dls2 is not None:
         dls2 = dls2.float() / k  # exact: k is a power of two
@@ -180,8 +185,8 @@ def _backward(ctx, dout, _ds, _dmean, _drstd, _dpre):
     return (dx, dres, keep(dls1, ls1 is not None and need[2]), dss1,
             keep(dlnw, ln_weight is not None and need[4]),
             keep(dlnb, ln_bias is not None and need[5]), None,
-            dw1, keep(db1, mlp_flags[0]), dw2, keep(db2, mlp_flags[1]), None,
-            keep(dls2, mlp_flags[2]), keep(dss2, mlp_flags[3]), None)
+            dw1, keep(db1, wanted.fc1_bias), dw2, keep(db2, wanted.fc2_bias), None,
+            keep(dls2, wanted.layer_scale), keep(dss2, wanted.sample_scale), None)
 
 
 residual_layer_norm_mlp_op.register_autograd(_backward, setup_context=_setup_context)
