@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import interpreting, on_tensor_device
-from .layer_norm import _REDUCE_BLOCK_N, _reduce_block_p, layer_norm_param_grad_reduce_kernel
+from ._device import gpu_target, interpreting, on_tensor_device
+from .layer_norm import layer_norm_param_grad_reduce_kernel, reduce_config
 
 MAX_HEAD_DIM = 256  # the largest BLOCK_D bucket shipped (qk_norm_aot.py)
 
@@ -291,10 +291,9 @@ def _reduce_partials(part, param):
     P, H, D = part.shape
     rows, C = (P, H * D) if param.dim() == 2 else (P * H, D)
     out = torch.empty(param.shape, device=part.device, dtype=param.dtype)
-    block_n = triton.next_power_of_2(C) if interpreting() else _REDUCE_BLOCK_N
+    block_p, block_n = reduce_config(rows, C, gpu_target(part.device))  # LayerNorm's own config
     layer_norm_param_grad_reduce_kernel[(triton.cdiv(C, block_n), 1)](
-        part, out, out, out, rows, C, BLOCK_P=_reduce_block_p(rows), BLOCK_N=block_n,
-        num_warps=4)
+        part, out, out, out, rows, C, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
     return out
 
 
