@@ -13,6 +13,9 @@ from torch import Tensor
 
 from vit_fast.kernels.gelu_mlp import gelu_mlp_bwd, gelu_mlp_fwd
 
+from vit_fast import reference_grad
+from vit_fast.fallback import reference_on_failure
+
 from . import checks
 
 
@@ -58,6 +61,7 @@ def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, laye
 
 
 @torch.library.custom_op("vit_fast::gelu_mlp_backward", mutates_args=())
+@reference_on_failure("gelu_mlp", reference_grad.gelu_mlp_backward)
 def gelu_mlp_backward_op(grad: Tensor, x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor,
                          fc2_bias: Optional[Tensor], pre: Tensor, layer_scale: Optional[Tensor],
                          sample_scale: Optional[Tensor], approximate: str, has_residual: bool,
