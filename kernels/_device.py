@@ -84,9 +84,11 @@ def on_tensor_device(launcher):
                 raise
             where = str(device)
             LAUNCH_FAILURES.setdefault((stem, where), f"{type(exc).__name__}: {exc}")
-            raise KernelLaunchError(
+            error = KernelLaunchError(
                 f"vit_fast: {launcher.__name__} cannot run on {where} ({type(exc).__name__}: "
-                f"{exc}); later calls of its op on {where} use the reference backend") from exc
+                f"{exc}); later calls of its op on {where} use the reference backend")
+            error.launch = (launcher.__name__, where)  # one warning per failing launcher
+            raise error from exc
 
     guarded.on_tensor_device = True
     return guarded

@@ -12,17 +12,11 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 import vit_fast
-from vit_fast import dispatch, fallback, reference
+from test_fallback import _forget_failures  # noqa: F401  (autouse: each test starts afresh)
+from vit_fast import fallback
 from vit_fast.kernels import _device
 
 
-@pytest.fixture(autouse=True)
-def _forget_failures():
-    for memory in (dispatch._FAILED, _device.LAUNCH_FAILURES, fallback.FELL_BACK):
-        memory.clear()
-    yield
-    for memory in (dispatch._FAILED, _device.LAUNCH_FAILURES, fallback.FELL_BACK):
-        memory.clear()
 
 
 class FailingLauncher:
@@ -147,19 +141,23 @@ def _block():
     return block
 
 
-@pytest.mark.parametrize("which", ["layer_norm_bwd", "mlp_bwd", "layer_norm_recompute"])
-def test_block_backward_falls_back(monkeypatch, which):
+@pytest.mark.parametrize("which", ["layer_norm_bwd", "mlp_bwd", "layer_norm_recompute",
+                                   "layer_norm_fwd"])
+def test_block_falls_back(monkeypatch, which):
     """The Block's fused ops (LN->qkv Linear, residual->LN->MLP): their backward runs the LN and
-    MLP backward ops and reruns the LN forward; each failing alone still completes the step."""
+    MLP backward ops and reruns the LN forward; each failing alone still completes the step. The
+    LN forward failing everywhere (both fused ops, forward and backward) is one warning."""
     from vit_fast.kernels import layer_norm as ln_kernels
-    from vit_fast.ops import gelu_mlp, layer_norm
+    from vit_fast.ops import gelu_mlp, layer_norm, layer_norm_linear, residual_layer_norm_mlp
     if which == "layer_norm_bwd":
         failing = _inject(monkeypatch, layer_norm, "residual_layer_norm_bwd", "layer_norm")
     elif which == "mlp_bwd":
         failing = _inject(monkeypatch, gelu_mlp, "gelu_mlp_bwd", "gelu_mlp")
-    else:  # the LN forward kernel failing only where the backward reruns it
-        failing = _inject(monkeypatch, layer_norm, "residual_layer_norm_fwd", "layer_norm",
-                          when=fallback.in_backward, real=ln_kernels.residual_layer_norm_fwd)
+    else:  # the LN forward kernel failing where the backward reruns it, or everywhere
+        when = fallback.in_backward if which == "layer_norm_recompute" else (lambda: True)
+        for module in (layer_norm, layer_norm_linear, residual_layer_norm_mlp):
+            failing = _inject(monkeypatch, module, "residual_layer_norm_fwd", "layer_norm",
+                              when=when, real=ln_kernels.residual_layer_norm_fwd)
     block = _block()
     params = list(block.parameters())
     (x,) = _leaves((2, 5, 16))
@@ -170,5 +168,5 @@ def test_block_backward_falls_back(monkeypatch, which):
     assert len(caught) == 1, [str(w.message) for w in caught]
     for got, want in zip(grads, _reference_grads(fn, [x, *params])):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    if which != "layer_norm_recompute":
+    if which in ("layer_norm_bwd", "mlp_bwd"):
         assert failing.launches == 1

@@ -34,11 +34,13 @@ class FailingKernel:
 
 @pytest.fixture(autouse=True)
 def _forget_failures():
-    for memory in (dispatch._FAILED, _device.LAUNCH_FAILURES, fallback.FELL_BACK):
-        memory.clear()
+    dispatch._FAILED.clear()
+    _device.LAUNCH_FAILURES.clear()
+    fallback.forget()
     yield
-    for memory in (dispatch._FAILED, _device.LAUNCH_FAILURES, fallback.FELL_BACK):
-        memory.clear()
+    dispatch._FAILED.clear()
+    _device.LAUNCH_FAILURES.clear()
+    fallback.forget()
 
 
 def _ln_inputs(requires_grad=False):

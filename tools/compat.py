@@ -23,7 +23,7 @@ lifted for these venvs. torch comes as the CUDA wheel from PyPI (about 2.5 GB wi
 libraries on a first run); COMPAT_TORCH_INDEX=URL takes torch/torchvision from another index (a
 CPU-only one is enough: the tests run under the interpreter and compile-check needs no GPU).
 
-Usage: python tools/compat.py [--keep-going] [--pytest-args "..."] [--skip-compile-check];
+Usage: python tools/compat.py [--quick] [--keep-going] [--pytest-args "..."] [--skip-compile-check];
 exits 1 when a stack fails.
 """
 from __future__ import annotations
@@ -50,6 +50,14 @@ STACKS = {
                "extra": []},
 }
 DEFAULT_STACKS = "floor,newest"
+# --quick: the tests that meet what changes between torch/triton versions (op registration and
+# opcheck, Dynamo, dispatch and fallbacks, every kernel under the interpreter, the modules), for
+# machines where the whole suite takes too long under the interpreter.
+QUICK_TESTS = ["tests/test_dispatch.py", "tests/test_fallback.py", "tests/test_backward_fallback.py",
+               "tests/test_device_guard.py", "tests/test_raw_ops.py", "tests/test_compile.py",
+               "tests/test_attention_triton.py", "tests/test_layer_norm_triton.py",
+               "tests/test_gelu_mlp_triton.py", "tests/test_modules.py",
+               "tests/test_patch_embed_ext.py"]
 # requirements-dev.txt minus what each stack pins itself
 OWN_PINS = re.compile(r"^(torch|torchvision|triton|numpy)\b")
 
@@ -133,7 +141,7 @@ def parse_compile_check(text):
     return ok, total, max([s for _, s in spills], default=0), [f for f, _ in spills]
 
 
-def run_stack(name, spec, pytest_args=(), compile_check=True):
+def run_stack(name, spec, tests=("tests",), pytest_args=(), compile_check=True):
     env_dir = WORK / name
     env_dir.mkdir(parents=True, exist_ok=True)
     log = WORK / f"{name}.log"
@@ -164,7 +172,7 @@ def run_stack(name, spec, pytest_args=(), compile_check=True):
 
     t0 = time.time()
     start = len(log.read_text())
-    code = _run([str(python), "-m", "pytest", "tests", "-m", "not cuda", "-q", "-p", "no:cacheprovider",
+    code = _run([str(python), "-m", "pytest", *tests, "-m", "not cuda", "-q", "-p", "no:cacheprovider",
                  *pytest_args], log, cwd=src, env=dict(env, TRITON_INTERPRET="1"), check=False)
     counts = parse_pytest(log.read_text()[start:])
     row["tests p/f/s"] = (f"{counts.get('passed', 0)}/{counts.get('failed', 0) + counts.get('errors', 0)}"
@@ -202,6 +210,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep-going", action="store_true", help="run every stack even after a failure")
     parser.add_argument("--pytest-args", default="", help="extra pytest arguments (one string)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"only the tests in QUICK_TESTS ({len(QUICK_TESTS)} files), not the whole suite")
     parser.add_argument("--skip-compile-check", action="store_true")
     args = parser.parse_args(argv)
     names = [n for n in os.environ.get("COMPAT_STACKS", DEFAULT_STACKS).split(",") if n]
@@ -212,7 +222,9 @@ def main(argv=None):
     rows, ok = [], True
     for name in names:
         try:
-            row = run_stack(name, STACKS[name], args.pytest_args.split(), not args.skip_compile_check)
+            tests = QUICK_TESTS if args.quick else ["tests"]
+            row = run_stack(name, STACKS[name], tests, args.pytest_args.split(),
+                            not args.skip_compile_check)
         except RuntimeError as exc:
             row = {"stack": name, "tests p/f/s": f"setup failed: {exc}"}
         good = row.get("tests ok") and row.get("compile ok")

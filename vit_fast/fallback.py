@@ -4,7 +4,8 @@ vit_fast.dispatch.run covers the public ops' forwards: it has the whole call and
 reference. A backward cannot go back that far: autograd already holds the tensors the kernel's
 forward saved. But they are enough to recompute the gradient with the reference math
 (vit_fast/reference_grad.py), so the ops that run in a backward -- the *_backward custom ops, and
-the LayerNorm forward that the Block's fused ops rerun there -- take :func:`reference_on_failure`:
+the LayerNorm forward that the Block's fused ops rerun there -- take :func:`reference_on_failure`,
+as do the Block's fused forward ops, which the Block calls without dispatch.run:
 
     @torch.library.custom_op("vit_fast::gelu_mlp_backward", mutates_args=())
     @reference_on_failure("gelu_mlp", reference_grad.gelu_mlp_backward)
@@ -31,6 +32,15 @@ from .kernels._device import is_build_failure
 
 # (op, device str) -> why its kernel failed: later calls there go to the reference.
 FELL_BACK: dict = {}
+# The failing launches already warned about: one launcher failing inside several ops (the
+# LayerNorm forward in both of the Block's fused ops) is one warning.
+_WARNED: set = set()
+
+
+def forget():
+    """Drop what was remembered (tests)."""
+    FELL_BACK.clear()
+    _WARNED.clear()
 
 
 def _device_of(args):
@@ -69,6 +79,10 @@ def reference_on_failure(op: str, reference, *, only_in_backward: bool = False):
             except NotImplementedError as why:
                 raise failure from why
             FELL_BACK[key] = f"{type(failure).__name__}: {failure}"
+            launch = getattr(failure, "launch", key)
+            if launch in _WARNED:
+                return result
+            _WARNED.add(launch)
             warnings.warn(f"vit_fast.{op}: its kernel failed on {key[1]} ({FELL_BACK[key]}); "
                           "this and later calls there are computed by the reference from the "
                           "same inputs",

@@ -1,4 +1,5 @@
-"""The kernel ops that run in a backward, recomputed with reference math from the same arguments.
+"""The kernel ops that run in a backward (and the Block's fused forward ops), recomputed with
+reference math from the same arguments.
 
 Each function takes the arguments of one custom op (vit_fast/ops/*) and returns what that op
 returns, so vit_fast.fallback can answer the op with it when the op's kernel cannot run on the
@@ -141,3 +142,26 @@ def residual_layer_norm(x, weight, bias, eps, residual, layer_scale, sample_scal
     _, mean, rstd = torch.ops.aten.native_layer_norm(s.reshape(-1, C).float(), [C], None, None, eps)
     return (y.to(x.dtype), s.to(x.dtype) if residual is not None else x.new_empty(0),
             mean.reshape(-1), rstd.reshape(-1))
+
+
+# The Block's fused forward ops (vit_fast/ops/layer_norm_linear.py, residual_layer_norm_mlp.py):
+# the Block calls them directly, with no dispatch.run around, so they fall back here too.
+
+def layer_norm_linear(x, ln_weight, ln_bias, eps, weight, bias):
+    """vit_fast::layer_norm_linear: (out, mean, rstd); h in weight's dtype (AMP's GEMM dtype)."""
+    h, _, mean, rstd = residual_layer_norm(x, ln_weight, ln_bias, eps, None, None, None)
+    return F.linear(h.to(weight.dtype), weight, bias), mean, rstd
+
+
+def residual_layer_norm_mlp(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps,
+                            fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, layer_scale2,
+                            sample_scale2, save_pre):
+    """vit_fast::residual_layer_norm_mlp: (out, s, mean, rstd, pre or empty). s and out in the
+    stream's (residual's) dtype, the GEMMs in fc1_weight's."""
+    s = reference.add_branch(residual, x.to(residual.dtype), layer_scale1, sample_scale1)
+    h, _, mean, rstd = residual_layer_norm(s, ln_weight, ln_bias, eps, None, None, None)
+    pre = F.linear(h.to(fc1_weight.dtype), fc1_weight, fc1_bias)
+    branch = F.linear(F.gelu(pre, approximate=approximate), fc2_weight, fc2_bias)
+    out = reference.add_branch(s, branch.to(s.dtype), layer_scale2, sample_scale2)
+    return (out, s, mean, rstd,
+            pre.reshape(-1, pre.shape[-1]) if save_pre else x.new_empty(0))
