@@ -4,8 +4,8 @@ For each stack: a venv under $VIT_FAST_COMPAT_DIR/<name> (default ~/.cache/vit_f
 the repo; kept between runs, pip's cache keeps the wheels), torch/torchvision/triton/numpy pinned
 as below and the rest of requirements-dev.txt (timm, transformers, ... at the repo's pins) from the
 package index pip is set up for, a copy of the tracked source tree with vit_fast._C built in place
-against that torch (CUDA when nvcc matches torch's CUDA major version, else CPU-only; the table
-says which), then
+against that torch (CUDA when this nvcc can build for torch's CUDA version, else CPU-only; the
+table says which), then
 
     TRITON_INTERPRET=1 python -m pytest tests -m "not cuda" -q   and   python -m vit_fast.bench compile-check --summary
 
@@ -162,10 +162,14 @@ def run_stack(name, spec, tests=("tests",), pytest_args=(), compile_check=True):
     _run(pip + _dev_requirements() + spec["torch"] + [spec["triton"]] + spec["extra"], log, env=pip_env)
     src = env_dir / "src"
     _tracked_tree(src)
-    env = dict(os.environ, PATH=f"{python.parent}{os.pathsep}{os.environ['PATH']}",
-               VIT_FAST_REQUIRE_EXT="1")
+    # The extension must build, CPU-only where this nvcc cannot build for that torch's CUDA
+    # (setup.py says why in the log; the table says which was built).
+    env = dict(os.environ, PATH=f"{python.parent}{os.pathsep}{os.environ['PATH']}")
     env.pop("PYTHONPATH", None)
+    env.pop("VIT_FAST_REQUIRE_EXT", None)
     _run([str(python), "setup.py", "-q", "build_ext", "--inplace"], log, cwd=src, env=env)
+    if _extension_kind(src) == "none":
+        raise RuntimeError(f"vit_fast._C was not built; see {log}")
     row["torch"], row["triton"], row["numpy"], row["timm"], row["transformers"] = _versions(str(python))
     row["_C"] = _extension_kind(src)
     row["setup s"] = round(time.time() - t0)
