@@ -36,10 +36,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VPY) -m vit_fast.bench
 
-# Tests + AOT compile-check on side venvs (torch 2.11 + triton 3.6, and the pinned stack), as a
-# table; downloads CPU torch wheels into .compat/ (tools/compat.py says what each stack is).
+# Tests + AOT compile-check on side venvs, as a table: the oldest supported stack (torch 2.11 +
+# triton 3.6) and the newest (torch 2.15 + triton 3.9); COMPAT_STACKS=floor,newest,pinned picks.
+# Venvs live in $$VIT_FAST_COMPAT_DIR (default ~/.cache/vit_fast-compat), outside the repo.
+# make compat [COMPAT_ARGS='--pytest-args "-k attention"']
 compat:
-	$(PYTHON) tools/compat.py
+	$(PYTHON) tools/compat.py $(COMPAT_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info vit_fast/*.so vit_fast/_C_build.json

@@ -76,6 +76,15 @@ def _nvcc_version(cuda_home):
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+def nvcc_can_build(nvcc_version, torch_cuda: str) -> bool:
+    """Whether nvcc (major, minor) can build against a torch built with CUDA ``torch_cuda``: the
+    same major (torch refuses others), and not an older minor, which fails where torch puts its
+    CUDA wheel's newer headers first (torch 2.15, cu13.2, with nvcc 13.0: "CUDA compiler and CUDA
+    toolkit headers are incompatible")."""
+    wanted = tuple(int(v) for v in torch_cuda.split(".")[:2])
+    return nvcc_version is not None and nvcc_version[0] == wanted[0] and nvcc_version >= wanted
+
+
 def _nvidia_wheel_includes():
     """Include dirs of the `nvidia` pip wheels (cusparse.h etc. are there, not in a minimal CUDA_HOME)."""
     dirs = []
@@ -102,11 +111,10 @@ def _extension():
     if with_cuda:
         # torch refuses to build across CUDA major versions, but only inside build_extensions,
         # past the fallback below: decide here instead.
-        nvcc_version = _nvcc_version(cuda_home)
-        torch_major = int(torch.version.cuda.split(".")[0])
-        if nvcc_version is None or nvcc_version[0] != torch_major:
-            _give_up(f"vit_fast: nvcc at {cuda_home} is CUDA {nvcc_version} but torch was built with "
-                     f"CUDA {torch.version.cuda}; building vit_fast._C CPU-only")
+        if not nvcc_can_build(_nvcc_version(cuda_home), torch.version.cuda):
+            _give_up(f"vit_fast: nvcc at {cuda_home} is CUDA {_nvcc_version(cuda_home)} but torch "
+                     f"was built with CUDA {torch.version.cuda} (nvcc of that major version and at "
+                     "least that minor needed); building vit_fast._C CPU-only")
             with_cuda = False
     build_info = {"cuda": None, "sass": [], "ptx": [], "torch": torch.__version__}
     if with_cuda:

@@ -8,7 +8,8 @@ vit_fast.dispatch can read it without importing triton.
   tensor argument, as every torch op does for itself. A launch that fails because the device
   cannot run the build (:func:`is_build_failure`) is recorded in LAUNCH_FAILURES and raised as
   :class:`KernelLaunchError`: vit_fast.dispatch answers a failed forward with the reference and
-  sends later calls of that op on that device there (a failed backward raises once).
+  sends later calls of that op on that device there; a failed backward op is recomputed by the
+  reference from its saved inputs (vit_fast/fallback.py).
 """
 from __future__ import annotations
 
@@ -84,9 +85,11 @@ def on_tensor_device(launcher):
                 raise
             where = str(device)
             LAUNCH_FAILURES.setdefault((stem, where), f"{type(exc).__name__}: {exc}")
-            raise KernelLaunchError(
+            error = KernelLaunchError(
                 f"vit_fast: {launcher.__name__} cannot run on {where} ({type(exc).__name__}: "
-                f"{exc}); later calls of its op on {where} use the reference backend") from exc
+                f"{exc}); later calls of its op on {where} use the reference backend")
+            error.launch = (launcher.__name__, where)  # one warning per failing launcher
+            raise error from exc
 
     guarded.on_tensor_device = True
     return guarded

@@ -173,9 +173,11 @@ def layer_norm_param_grad_reduce_kernel(
         mask = (parts < P)[:, None] & col_ok[None, :]
         acc += tl.load(base + parts[:, None] * C + cols[None, :], mask=mask, other=0.0)
     total = tl.sum(acc, axis=0)
-    tl.store(OUT0 + cols, total.to(OUT0.dtype.element_ty), mask=col_ok & (k == 0))
-    tl.store(OUT1 + cols, total.to(OUT1.dtype.element_ty), mask=col_ok & (k == 1))
-    tl.store(OUT2 + cols, total.to(OUT2.dtype.element_ty), mask=col_ok & (k == 2))
+    # k as a [BLOCK_N] block: triton 3.9's interpreter rejects a block mask & a scalar compare
+    k_cols = tl.zeros([BLOCK_N], dtype=tl.int32) + k
+    tl.store(OUT0 + cols, total.to(OUT0.dtype.element_ty), mask=col_ok & (k_cols == 0))
+    tl.store(OUT1 + cols, total.to(OUT1.dtype.element_ty), mask=col_ok & (k_cols == 1))
+    tl.store(OUT2 + cols, total.to(OUT2.dtype.element_ty), mask=col_ok & (k_cols == 2))
 
 
 # ---------------------------------------------------------------------------------------------

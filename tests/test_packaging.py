@@ -45,6 +45,13 @@ def test_torch_cuda_arch_list_is_honoured(monkeypatch):
         mod.cuda_arch_flags("Ampere")
 
 
+def test_nvcc_must_not_be_older_than_torchs_cuda():
+    """make compat, torch 2.15 (cu13.2) with nvcc 13.0: the CUDA build failed on the headers."""
+    can = _setup_module().nvcc_can_build
+    assert can((13, 0), "13.0") and can((13, 2), "13.0")
+    assert not can((13, 0), "13.2") and not can((12, 8), "13.0") and not can(None, "13.0")
+
+
 def test_one_version_source():
     import vit_fast
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())

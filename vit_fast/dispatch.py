@@ -160,8 +160,9 @@ def not_supported_reasons(op: str, tensors, **options) -> list:
 # kernel image") is not a wrong answer waiting to happen: run() answers that call with the
 # reference, warns once, and remembers the key, so choose() sends later calls there directly.
 # A failed backward launch cannot be redone here (autograd holds the kernel's saved tensors):
-# the launcher guard (kernels/_device.py) records it and the step raises; choose() then sends
-# later calls of the op on that device to the reference, so the retried step runs.
+# the backward op recomputes its gradient with the reference from those tensors, warning once
+# (vit_fast/fallback.py); the launcher guard (kernels/_device.py) has recorded the failure, so
+# choose() sends later calls of the op on that device to the reference.
 
 _FAILED = {}  # Choice.key -> reason
 

@@ -17,6 +17,9 @@ from torch import Tensor
 from vit_fast.dispatch import MAX_HEAD_DIM  # the largest head dim the kernels are built for
 from vit_fast.dispatch import current_policy, use_backend
 
+from vit_fast import reference_grad
+from vit_fast.fallback import reference_on_failure
+
 from . import attention_sdpa, checks
 
 _SEGMENT_DTYPES = (torch.int32, torch.int64)
@@ -85,6 +88,7 @@ def _(qkv, num_heads, scale, dropout_p=0.0, seed=None, segment_ids=None):
 
 
 @torch.library.custom_op("vit_fast::fused_qkv_attention_bwd", mutates_args=())
+@reference_on_failure("fused_qkv_attention", reference_grad.fused_qkv_attention_backward)
 def fused_qkv_attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int,
                             scale: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
                             segment_ids: Optional[Tensor] = None) -> Tensor:

@@ -13,6 +13,9 @@ from torch import Tensor
 
 from vit_fast.kernels.gelu_mlp import MlpGrads, gelu_mlp_bwd, gelu_mlp_fwd
 
+from vit_fast import reference_grad
+from vit_fast.fallback import reference_on_failure
+
 from . import checks
 
 
@@ -89,6 +92,7 @@ def kept_grads(grads, wanted: MlpGrads) -> list:
 # Every gelu_mlp backward op (this one, the cublas and the tuned variants) has this schema: the
 # saved tensors positionally, then options and the wanted optional gradients keyword-only.
 @torch.library.custom_op("vit_fast::gelu_mlp_backward", mutates_args=())
+@reference_on_failure("gelu_mlp", reference_grad.gelu_mlp_backward)
 def gelu_mlp_backward_op(grad: Tensor, x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor,
                          fc2_bias: Optional[Tensor], pre: Tensor, layer_scale: Optional[Tensor],
                          sample_scale: Optional[Tensor], *, approximate: str, has_residual: bool,

@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from vit_fast import reference_grad
+from vit_fast.fallback import reference_on_failure
 from vit_fast.kernels.gelu_mlp import MlpGrads
 
 from . import gelu_mlp as _triton
@@ -38,6 +40,7 @@ def register_variant(name, forward, backward):
                        layer_scale, sample_scale, save_pre)
 
     @torch.library.custom_op(f"vit_fast::{name}_backward", mutates_args=())
+    @reference_on_failure(name, reference_grad.gelu_mlp_backward)
     def bwd_op(grad: Tensor, x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor,
                fc2_bias: Optional[Tensor], pre: Tensor, layer_scale: Optional[Tensor],
                sample_scale: Optional[Tensor], *, approximate: str, has_residual: bool,

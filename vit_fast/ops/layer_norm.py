@@ -15,6 +15,9 @@ from torch import Tensor
 
 from vit_fast.kernels.layer_norm import MAX_C, residual_layer_norm_bwd, residual_layer_norm_fwd
 
+from vit_fast import reference_grad
+from vit_fast.fallback import reference_on_failure
+
 from . import checks
 
 
@@ -32,6 +35,8 @@ def check_fwd_args(x, weight, bias, eps, residual=None, layer_scale=None, sample
 
 
 @torch.library.custom_op("vit_fast::residual_layer_norm", mutates_args=())
+@reference_on_failure("residual_layer_norm", reference_grad.residual_layer_norm,
+                      only_in_backward=True)  # the Block's backward reruns it
 def _fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
             residual: Optional[Tensor], layer_scale: Optional[Tensor],
             sample_scale: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -52,6 +57,7 @@ def _(x, weight, bias, eps, residual, layer_scale, sample_scale):
 
 
 @torch.library.custom_op("vit_fast::residual_layer_norm_backward", mutates_args=())
+@reference_on_failure("residual_layer_norm", reference_grad.residual_layer_norm_backward)
 def _bwd_op(dy: Tensor, ds: Optional[Tensor], s: Tensor, x: Optional[Tensor], mean: Tensor,
             rstd: Tensor, weight: Optional[Tensor], layer_scale: Optional[Tensor],
             sample_scale: Optional[Tensor], residual_dtype: Optional[torch.dtype],

@@ -26,6 +26,9 @@ from torch import Tensor
 
 from vit_fast.kernels.layer_norm import residual_layer_norm_fwd
 
+from vit_fast import reference_grad
+from vit_fast.fallback import reference_on_failure
+
 from . import checks
 from . import layer_norm as _ln  # registers vit_fast::residual_layer_norm(_backward)
 
@@ -50,6 +53,7 @@ def _check_args(x, ln_weight, ln_bias, eps, weight, bias):
 
 
 @torch.library.custom_op("vit_fast::layer_norm_linear", mutates_args=())
+@reference_on_failure("layer_norm_linear", reference_grad.layer_norm_linear)
 def layer_norm_linear_op(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
                          eps: float, weight: Tensor, bias: Optional[Tensor]
                          ) -> tuple[Tensor, Tensor, Tensor]:

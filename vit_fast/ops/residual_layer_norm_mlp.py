@@ -32,6 +32,9 @@ from vit_fast.kernels.gelu_mlp import MlpGrads
 from vit_fast.kernels.gelu_mlp import gelu_mlp_fwd as _triton_mlp_fwd
 from vit_fast.kernels.layer_norm import residual_layer_norm_fwd
 
+from vit_fast import reference_grad
+from vit_fast.fallback import reference_on_failure
+
 from . import checks
 from . import gelu_mlp as _mlp  # registers vit_fast::gelu_mlp_backward
 from . import layer_norm as _ln  # registers vit_fast::residual_layer_norm(_backward)
@@ -74,6 +77,7 @@ def _amp(x, residual):
 
 
 @torch.library.custom_op("vit_fast::residual_layer_norm_mlp", mutates_args=())
+@reference_on_failure("residual_layer_norm_mlp", reference_grad.residual_layer_norm_mlp)
 def residual_layer_norm_mlp_op(
         x: Tensor, residual: Tensor, layer_scale1: Optional[Tensor],
         sample_scale1: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
