@@ -184,7 +184,6 @@ _CUDA_DROPOUT_CONFIGS = {
     # keys keeps the 2 CTAs of 8 warps the old (one Philox call per score) build had.
     ("fwd", 64, False): (128, 32, 8, 3),
     ("fwd", 64, True): (64, 32, 4, 2),  # 64 keys: 220 registers on sm_80, 2 CTAs/SM where 3 were
-    ("dkdv", 64, True): (32, 64, 8, 2),  # 4 warps: 255 registers + 1 B spill at D=48, triton 3.6
     ("dkdv", 128, False): (32, 64, 8, 2),
     ("dkdv", 128, True): (32, 64, 8, 2),
     ("dq", 64, False): (128, 32, 8, 3),

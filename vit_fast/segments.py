@@ -7,9 +7,11 @@ fallbacks (a hook on a layer, TorchScript, torch.fx) use :func:`segment_attentio
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
-__all__ = ["segment_attention_mask", "segment_ids_from_valid"]
+__all__ = ["segment_attention_mask", "segment_ids_from_lengths", "segment_ids_from_valid"]
 
 
 def segment_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -29,3 +31,33 @@ def segment_ids_from_valid(valid: torch.Tensor, num_prefix_tokens: int = 0) -> t
     if num_prefix_tokens:
         ids = torch.cat((ids.new_zeros(ids.shape[0], num_prefix_tokens), ids), dim=1)
     return ids
+
+
+def segment_ids_from_lengths(lengths, total_len=None, *, device=None, dtype=torch.int32):
+    """segment_ids [B, total_len] for a packed batch: row b holds the sequences lengths[b]
+    (a list of token counts) back to back with ids 0, 1, ..., and -1 (padding) after them.
+
+    total_len defaults to the longest row. E.g. [[3, 2], [4]] -> [[0, 0, 0, 1, 1], [0, 0, 0, 0, -1]].
+    """
+    from .functional import DtypeError  # functional re-exports this function
+    op = "segment_ids_from_lengths"
+    if not isinstance(lengths, (list, tuple)) or not all(isinstance(r, (list, tuple)) for r in lengths):
+        raise TypeError(f"{op}: lengths must be a list (one per sample) of lists of ints, got "
+                        f"{type(lengths).__name__}")
+    for row in lengths:
+        if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 0
+                   for n in row):
+            raise ValueError(f"{op}: lengths must be non-negative ints, got {list(row)!r}")
+    longest = max((sum(row) for row in lengths), default=0)
+    if total_len is None:
+        total_len = longest
+    if not isinstance(total_len, numbers.Integral) or isinstance(total_len, bool) or total_len < longest:
+        raise ValueError(f"{op}: total_len must be an int >= the longest row ({longest}), "
+                         f"got {total_len!r}")
+    if dtype not in (torch.int32, torch.int64):
+        raise DtypeError(f"{op}: dtype must be torch.int32 or torch.int64, got {dtype}")
+    ids = torch.full((len(lengths), int(total_len)), -1, dtype=dtype)
+    for b, row in enumerate(lengths):
+        counts = torch.tensor([int(n) for n in row], dtype=torch.int64)
+        ids[b, :int(counts.sum())] = torch.repeat_interleave(torch.arange(len(row), dtype=dtype), counts)
+    return ids.to(device) if device is not None else ids
