@@ -19,7 +19,7 @@ def _qkv(dtype=torch.float32):
 
 
 def _fwd_bwd(qkv, gy):
-    out = attention.fused_qkv_attention_fwd(qkv, H, D ** -0.5)[0]
+    out = attention.fused_qkv_attention_op(qkv, H, D ** -0.5)[0]
     (dqkv,) = torch.autograd.grad(out, qkv, gy)
     return out.detach(), dqkv
 
@@ -49,7 +49,7 @@ def test_sdpa_launchers_keep_the_kernel_contract():
     qkv, gy = _qkv().detach(), torch.randn(B, N, H * D)
     out, lse = attention_sdpa.sdpa_attention_fwd(qkv, H, D ** -0.5)
     with vit_fast.use_backend("triton"):
-        k_out, k_lse = attention.fused_qkv_attention_fwd(qkv, H, D ** -0.5)
+        k_out, k_lse = attention.fused_qkv_attention_op(qkv, H, D ** -0.5)
     assert out.shape == k_out.shape and lse.shape == k_lse.shape == (B, H, N)
     assert lse.dtype == torch.float32 and lse.is_contiguous()
     torch.testing.assert_close(out, k_out, rtol=1e-4, atol=1e-5)
@@ -57,7 +57,7 @@ def test_sdpa_launchers_keep_the_kernel_contract():
     # SDPA's backward from the kernel's forward outputs, and the other way round
     d_sdpa = attention_sdpa.sdpa_attention_bwd(gy, qkv, k_out, k_lse, H, D ** -0.5)
     with vit_fast.use_backend("triton"):
-        d_kernel = attention.fused_qkv_attention_bwd(gy, qkv, out, lse, H, D ** -0.5)
+        d_kernel = attention.fused_qkv_attention_backward_op(gy, qkv, out, lse, H, D ** -0.5)
     assert d_sdpa.shape == qkv.shape
     torch.testing.assert_close(d_sdpa, d_kernel, rtol=1e-4, atol=1e-5)
 
@@ -69,7 +69,7 @@ def test_sdpa_not_offered_with_dropout_or_a_forced_backend(monkeypatch, policy, 
     seed = torch.tensor([7]) if dropout_p else None
     with vit_fast.use_backend(policy), tuning.use_tuner(
             tuning.Tuner(None, timer, measure_anywhere=True)):
-        attention.fused_qkv_attention_fwd(_qkv().detach(), H, 0.25, dropout_p, seed)
+        attention.fused_qkv_attention_op(_qkv().detach(), H, 0.25, dropout_p, seed)
         assert tuning.records() == [] and timer.timed == []
 
 
@@ -93,7 +93,7 @@ def test_fixed_table_runs_the_kernel_first(monkeypatch):
     monkeypatch.setenv("VIT_FAST_TUNE", "0")
     with vit_fast.use_backend("auto"), tuning.use_tuner(
             tuning.Tuner(None, FakeTimer({}), measure_anywhere=True)):
-        attention.fused_qkv_attention_fwd(_qkv().detach(), H, 0.25)
+        attention.fused_qkv_attention_op(_qkv().detach(), H, 0.25)
         (rec,) = tuning.records()
     assert rec["choice"] == "triton" and rec["source"] == "fixed"
 
@@ -114,7 +114,7 @@ def test_sdpa_own_autograd_saves_the_same_tensors_as_the_op():
             torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False,
                                                                scale=Dv ** -0.5)
         with count_saved() as ours, vit_fast.use_backend("triton"):
-            attention.fused_qkv_attention_fwd(qkv, Hv, Dv ** -0.5)
+            attention.fused_qkv_attention_op(qkv, Hv, Dv ** -0.5)
     qkv_bytes = Bv * Nv * 3 * Hv * Dv * 2
     out_bytes, lse_bytes = qkv_bytes // 3, Bv * Hv * Nv * 4
     assert ours.bytes == qkv_bytes + out_bytes + lse_bytes

@@ -337,10 +337,10 @@ def test_functional_triton_backend_takes_segments():
 def test_opcheck_with_segment_ids():
     ids = _ids([(0, 5), (1, 4), (-1, 3)], [(2, 12)]).to(torch.int32)
     qkv = torch.randn(2, 12, 3 * 2 * 8, requires_grad=True)
-    fwd = torch.ops.vit_fast.fused_qkv_attention_fwd
+    fwd = torch.ops.vit_fast.fused_qkv_attention
     torch.library.opcheck(fwd.default, (qkv, 2, 0.3, 0.0, None, ids))
     out, lse = fwd(qkv.detach(), 2, 0.3, 0.0, None, ids)
-    torch.library.opcheck(torch.ops.vit_fast.fused_qkv_attention_bwd.default,
+    torch.library.opcheck(torch.ops.vit_fast.fused_qkv_attention_backward.default,
                           (torch.randn_like(out), qkv.detach(), out, lse, 2, 0.3, 0.0, None, ids))
     with pytest.raises(TypeError, match="segment_ids"):
         fwd(qkv.detach(), 2, 0.3, 0.0, None, ids.float())

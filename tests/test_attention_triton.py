@@ -164,10 +164,10 @@ def test_very_negative_logits():
 
 def test_opcheck():
     qkv = torch.randn(1, 17, 3 * 2 * 16, dtype=F32, requires_grad=True)
-    torch.library.opcheck(torch.ops.vit_fast.fused_qkv_attention_fwd.default, (qkv, 2, 0.25))
-    out, lse = torch.ops.vit_fast.fused_qkv_attention_fwd(qkv.detach(), 2, 0.25)
+    torch.library.opcheck(torch.ops.vit_fast.fused_qkv_attention.default, (qkv, 2, 0.25))
+    out, lse = torch.ops.vit_fast.fused_qkv_attention(qkv.detach(), 2, 0.25)
     dout = torch.randn_like(out)
-    torch.library.opcheck(torch.ops.vit_fast.fused_qkv_attention_bwd.default,
+    torch.library.opcheck(torch.ops.vit_fast.fused_qkv_attention_backward.default,
                           (dout, qkv.detach(), out, lse, 2, 0.25))
 
 
@@ -370,7 +370,7 @@ def test_dropout_zero_is_the_undropped_kernel():
 def test_dropout_backward_is_deterministic():
     qkv = torch.randn(2, 70, 3 * 2 * 32, dtype=BF16, requires_grad=True)
     seed = _seed(11)
-    out, _ = torch.ops.vit_fast.fused_qkv_attention_fwd(qkv, 2, 0.2, 0.5, seed)
+    out, _ = torch.ops.vit_fast.fused_qkv_attention(qkv, 2, 0.2, 0.5, seed)
     grad = torch.randn_like(out)
     (first,) = torch.autograd.grad(out, qkv, grad, retain_graph=True)
     (second,) = torch.autograd.grad(out, qkv, grad)
@@ -380,9 +380,9 @@ def test_dropout_backward_is_deterministic():
 def test_opcheck_with_dropout():
     qkv = torch.randn(1, 17, 3 * 2 * 16, dtype=F32, requires_grad=True)
     args = (qkv, 2, 0.25, 0.5, _seed(5))
-    torch.library.opcheck(torch.ops.vit_fast.fused_qkv_attention_fwd.default, args)
-    out, lse = torch.ops.vit_fast.fused_qkv_attention_fwd(qkv.detach(), *args[1:])
-    torch.library.opcheck(torch.ops.vit_fast.fused_qkv_attention_bwd.default,
+    torch.library.opcheck(torch.ops.vit_fast.fused_qkv_attention.default, args)
+    out, lse = torch.ops.vit_fast.fused_qkv_attention(qkv.detach(), *args[1:])
+    torch.library.opcheck(torch.ops.vit_fast.fused_qkv_attention_backward.default,
                           (torch.randn_like(out), qkv.detach(), out, lse, 2, 0.25, 0.5, _seed(5)))
 
 

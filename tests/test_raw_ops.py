@@ -52,14 +52,14 @@ def _mlp_bwd(**over):
 def _attn(**over):
     kw = dict(qkv=r(2, 5, 48), num_heads=2, scale=0.25, dropout_p=0.0, seed=None)
     kw.update(over)
-    return lambda: ops.fused_qkv_attention_fwd(*kw.values())
+    return lambda: ops.fused_qkv_attention(*kw.values())
 
 
 def _attn_bwd(**over):
     kw = dict(dout=r(2, 5, 16), qkv=r(2, 5, 48), out=r(2, 5, 16), lse=r(2, 2, 5), num_heads=2,
               scale=0.25, dropout_p=0.0, seed=None)
     kw.update(over)
-    return lambda: ops.fused_qkv_attention_bwd(*kw.values())
+    return lambda: ops.fused_qkv_attention_backward(*kw.values())
 
 
 def _lnl(**over):

@@ -56,7 +56,7 @@ def _empty_for_none(grads, like):
 
 def fused_qkv_attention_backward(dout, qkv, out, lse, num_heads, scale, dropout_p=0.0, seed=None,
                                  segment_ids=None):
-    """vit_fast::fused_qkv_attention_bwd: dqkv (padding rows of segment_ids get 0)."""
+    """vit_fast::fused_qkv_attention_backward: dqkv (padding rows of segment_ids get 0)."""
     if dropout_p > 0.0:
         raise NotImplementedError("attention dropout: the kernel's mask cannot be redrawn in torch")
     with _autograd():

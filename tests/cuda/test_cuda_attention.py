@@ -67,10 +67,10 @@ def test_backward_bitwise_deterministic_over_10_runs(device, dtype):
 
 def test_dropout_backward_bitwise_deterministic_over_10_runs(device):
     heads, head_dim = HEADS["B"]
-    import vit_fast.ops.attention  # noqa: F401  (registers vit_fast::fused_qkv_attention_fwd)
+    import vit_fast.ops.attention  # noqa: F401  (registers vit_fast::fused_qkv_attention)
     qkv = _qkv(device, 197, heads, head_dim, BF16).requires_grad_()
     seed = torch.tensor([1234], dtype=torch.int64, device=device)
-    out, _ = torch.ops.vit_fast.fused_qkv_attention_fwd(qkv, heads, head_dim ** -0.5, 0.1, seed)
+    out, _ = torch.ops.vit_fast.fused_qkv_attention(qkv, heads, head_dim ** -0.5, 0.1, seed)
     grad = torch.randn_like(out)
     first = torch.autograd.grad(out, qkv, grad, retain_graph=True)[0]
     for _ in range(9):

@@ -1,5 +1,5 @@
-"""Triton backend of ``fused_qkv_attention``: custom ops vit_fast::fused_qkv_attention_fwd/_bwd
-with fake and autograd registrations.
+"""Triton backend of ``fused_qkv_attention``: custom ops vit_fast::fused_qkv_attention and
+vit_fast::fused_qkv_attention_backward with fake and autograd registrations.
 
 The forward op returns (out, lse); autograd saves exactly qkv, out and the fp32 lse [B, H, N]
 (no N×N matrix), plus, with dropout, the 1-element int64 seed from which the backward op
@@ -26,7 +26,7 @@ _SEGMENT_DTYPES = (torch.int32, torch.int64)
 
 
 def check_fwd_args(qkv, num_heads, scale, dropout_p, seed, segment_ids=None,
-                   op="fused_qkv_attention_fwd"):
+                   op="fused_qkv_attention"):
     """qkv [B, N, 3·H·D] with H = num_heads dividing it, a finite scale, dropout_p in [0, 1),
     when dropping, seed int64 [1] on qkv's device, and segment_ids None or int32/int64 [B, N]
     on qkv's device."""
@@ -53,7 +53,7 @@ def check_fwd_args(qkv, num_heads, scale, dropout_p, seed, segment_ids=None,
 
 
 def _check_bwd_args(dout, qkv, out, lse, num_heads, scale, dropout_p, seed, segment_ids):
-    op = "fused_qkv_attention_bwd"
+    op = "fused_qkv_attention_backward"
     check_fwd_args(qkv, num_heads, scale, dropout_p, seed, segment_ids, op=op)
     B, N, three_c = qkv.shape
     checks.tensor(op, "dout", dout, like=qkv, shape=(B, N, three_c // 3))
@@ -61,10 +61,10 @@ def _check_bwd_args(dout, qkv, out, lse, num_heads, scale, dropout_p, seed, segm
     checks.tensor(op, "lse", lse, like=qkv, shape=(B, num_heads, N), dtype=torch.float32)
 
 
-@torch.library.custom_op("vit_fast::fused_qkv_attention_fwd", mutates_args=())
-def fused_qkv_attention_fwd(qkv: Tensor, num_heads: int, scale: float, dropout_p: float = 0.0,
-                            seed: Optional[Tensor] = None,
-                            segment_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+@torch.library.custom_op("vit_fast::fused_qkv_attention", mutates_args=())
+def fused_qkv_attention_op(qkv: Tensor, num_heads: int, scale: float, dropout_p: float = 0.0,
+                           seed: Optional[Tensor] = None,
+                           segment_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """qkv [B, N, 3·H·D] -> out [B, N, H·D] (qkv's dtype), lse [B, H, N] (fp32).
 
     dropout_p > 0 needs seed (int64 [1] on qkv's device): the op is a pure function of it.
@@ -78,7 +78,7 @@ def fused_qkv_attention_fwd(qkv: Tensor, num_heads: int, scale: float, dropout_p
                                             seed=seed, segment_ids=segment_ids)
 
 
-@fused_qkv_attention_fwd.register_fake
+@fused_qkv_attention_op.register_fake
 def _(qkv, num_heads, scale, dropout_p=0.0, seed=None, segment_ids=None):
     check_fwd_args(qkv, num_heads, scale, dropout_p, seed, segment_ids)
     B, N, three_c = qkv.shape
@@ -87,11 +87,12 @@ def _(qkv, num_heads, scale, dropout_p=0.0, seed=None, segment_ids=None):
     return out, lse
 
 
-@torch.library.custom_op("vit_fast::fused_qkv_attention_bwd", mutates_args=())
+@torch.library.custom_op("vit_fast::fused_qkv_attention_backward", mutates_args=())
 @reference_on_failure("fused_qkv_attention", reference_grad.fused_qkv_attention_backward)
-def fused_qkv_attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int,
-                            scale: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
-                            segment_ids: Optional[Tensor] = None) -> Tensor:
+def fused_qkv_attention_backward_op(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
+                                    num_heads: int, scale: float, dropout_p: float = 0.0,
+                                    seed: Optional[Tensor] = None,
+                                    segment_ids: Optional[Tensor] = None) -> Tensor:
     """dqkv [B, N, 3·H·D] from dout [B, N, H·D] and the forward's qkv, out, lse, dropout_p,
     seed and segment_ids."""
     _check_bwd_args(dout, qkv, out, lse, num_heads, scale, dropout_p, seed, segment_ids)
@@ -100,7 +101,7 @@ def fused_qkv_attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
                                              segment_ids=segment_ids)
 
 
-@fused_qkv_attention_bwd.register_fake
+@fused_qkv_attention_backward_op.register_fake
 def _(dout, qkv, out, lse, num_heads, scale, dropout_p=0.0, seed=None, segment_ids=None):
     _check_bwd_args(dout, qkv, out, lse, num_heads, scale, dropout_p, seed, segment_ids)
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
@@ -123,12 +124,12 @@ def _backward(ctx, dout, _dlse):
         return None, None, None, None, None, None
     qkv, out, lse, seed, segment_ids = ctx.saved_tensors
     with use_backend(ctx.policy):
-        dqkv = fused_qkv_attention_bwd(dout, qkv, out, lse, ctx.num_heads, ctx.scale,
+        dqkv = fused_qkv_attention_backward_op(dout, qkv, out, lse, ctx.num_heads, ctx.scale,
                                        ctx.dropout_p, seed, segment_ids)
     return dqkv, None, None, None, None, None
 
 
-fused_qkv_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+fused_qkv_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def dropout_seed(device: torch.device) -> Tensor:
@@ -147,4 +148,4 @@ def fused_qkv_attention(qkv: Tensor, num_heads: int, scale: float, dropout_p: fl
     """
     dropout_p = float(dropout_p)
     seed = dropout_seed(qkv.device) if dropout_p > 0.0 else None
-    return fused_qkv_attention_fwd(qkv, num_heads, float(scale), dropout_p, seed, segment_ids)[0]
+    return fused_qkv_attention_op(qkv, num_heads, float(scale), dropout_p, seed, segment_ids)[0]

@@ -1,4 +1,4 @@
-"""PyTorch's flash SDPA as a second implementation of vit_fast::fused_qkv_attention_fwd/_bwd
+"""PyTorch's flash SDPA as a second implementation of vit_fast::fused_qkv_attention/_backward
 (issue 17), chosen by measurement beside the Triton kernel (vit_fast/tuning.py).
 
 Same contract as kernels/attention.attention_fwd/_bwd: qkv [B, N, 3·H·D] in, out [B, N, H·D] and
