@@ -14,28 +14,9 @@ import triton
 import triton.language as tl
 
 from ._device import gpu_target, interpreting, on_tensor_device
+from .gemm_epilogue import _gelu_cdf, epilogue_store, grouped_tile  # noqa: F401  (_gelu_cdf: gelu_elementwise)
 
 EPILOGUE = {"none": 0, "gelu": 1, "dgelu": 2}
-
-
-@triton.jit
-def _gelu_cdf(x, APPROX_TANH: tl.constexpr):
-    """(c, dc) with gelu(x) = x·c(x) and gelu'(x) = c + x·dc; fp32 in and out.
-
-    erf form: c = ½(1 + erf(x/√2)), dc = φ(x). tanh form: c = ½(1 + tanh u), u = √(2/π)(x + 0.044715x³).
-    A caller that needs only gelu leaves dc unused and the compiler drops it.
-    """
-    if APPROX_TANH:
-        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        # tanh through exp: no tanh in tl.math, and libdevice does not run under the interpreter.
-        # exp overflow to inf still gives the right limit (t -> 1).
-        t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
-        c = 0.5 * (1.0 + t)
-        dc = 0.5 * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
-    else:
-        c = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
-        dc = tl.exp(-0.5 * x * x) * 0.3989422804014327
-    return c, dc
 
 
 @triton.jit
@@ -69,15 +50,7 @@ def matmul_kernel(
     in a fixed order (deterministic, no atomics). For GEMMs whose tiles leave SMs idle.
     """
     # Grouped ordering: GROUP_M row-tiles share each B column-tile while it is still in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -112,48 +85,11 @@ def matmul_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_SAMPLE_SCALE:
-        ss = tl.load(SSCALE + offs_m // rows_per_sample, mask=mask_m, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    aux_offs = rows64[:, None] * stride_pm + offs_n[None, :]
-
-    if EPILOGUE == 1:
-        if STORE_PRE:
-            tl.store(PRE + aux_offs, acc.to(PRE.dtype.element_ty), mask=mask)
-        # GELU is applied to the pre-activation as rounded to its storage dtype, so the forward
-        # output and the backward's recompute from the saved PRE agree bit for bit.
-        pre = acc.to(C.dtype.element_ty).to(tl.float32)
-        c, dc = _gelu_cdf(pre, APPROX_TANH)
-        out = pre * c
-    elif EPILOGUE == 2:
-        pre = tl.load(PRE + aux_offs, mask=mask, other=0.0).to(tl.float32)
-        c, dc = _gelu_cdf(pre, APPROX_TANH)
-        act = pre * c
-        if ROW_DOT:
-            row_dot = tl.sum(acc * act, axis=1)
-        # Finish with acc, c and dc before any store so only act and out stay live (no spills).
-        out = acc * (c + pre * dc)
-        if HAS_SAMPLE_SCALE:
-            out = out * ss[:, None]
-            act = act * ss[:, None]
-        if ROW_DOT:
-            tl.store(ROWDOT + pid_n.to(tl.int64) * M + offs_m, row_dot, mask=mask_m)
-        if STORE_ACT:
-            tl.store(ACT + aux_offs, act.to(ACT.dtype.element_ty), mask=mask)
-    else:
-        out = acc
-        if HAS_RESIDUAL:
-            if HAS_LAYER_SCALE:
-                out = out * tl.load(LSCALE + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            if HAS_SAMPLE_SCALE:
-                out = out * ss[:, None]
-            res_ptrs = RES + rows64[:, None] * stride_rm + offs_n[None, :] * stride_rn
-            out = out + tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
-
-    c_ptrs = C + rows64[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=mask)
+    epilogue_store(acc, offs_m, offs_n, M, N, rows_per_sample,
+                   C, BIAS, PRE, ACT, RES, LSCALE, SSCALE, ROWDOT, pid_n,
+                   stride_cm, stride_cn, stride_pm, stride_rm, stride_rn,
+                   HAS_BIAS, EPILOGUE, APPROX_TANH, STORE_PRE, STORE_ACT, ROW_DOT,
+                   HAS_RESIDUAL, HAS_LAYER_SCALE, HAS_SAMPLE_SCALE)
 
 
 @triton.jit

@@ -16,6 +16,7 @@ never the fixed table's choice. Under the interpreter the descriptors run too (t
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -50,7 +51,8 @@ def hopper_matmul_kernel(
     [BLOCK_K, BLOCK_M] when A_TRANSPOSED (A's unit stride runs along M: the weight gradient's Xᵀ);
     b_desc describes B [K, N] with block [BLOCK_K, BLOCK_N], or Bᵀ [N, K] with block
     [BLOCK_N, BLOCK_K] when B_TRANSPOSED (a torch weight W [N, K] used as Wᵀ). The other tensors
-    are laid out as in matmul_kernel; ROWDOT is fp32 [cdiv(N, BLOCK_N), M].
+    are laid out as in matmul_kernel, but ROWDOT is fp32 [cdiv(N, BLOCK_N)·EPILOGUE_SUBTILES, M]:
+    one row of partial sums per epilogue subtile.
     """
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -80,31 +82,18 @@ def hopper_matmul_kernel(
             acc = tl.dot(a, b, acc)
 
         offs_m = off_m + tl.arange(0, BLOCK_M)
-        offs_sub = tl.arange(0, SUB_N)
         if EPILOGUE_SUBTILES == 2:
             # [BM, BN] -> [BM, 2, BN/2] -> [BM, BN/2, 2] -> two [BM, BN/2] column halves.
-            acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, SUB_N)), (0, 2, 1)))
-            row_dot = epilogue_store(
-                acc_lo, offs_m, off_n + offs_sub, M, N, rows_per_sample,
-                C, BIAS, PRE, ACT, RES, LSCALE, SSCALE,
-                stride_cm, stride_cn, stride_pm, stride_rm, stride_rn,
-                HAS_BIAS, EPILOGUE, APPROX_TANH, STORE_PRE, STORE_ACT, ROW_DOT,
-                HAS_RESIDUAL, HAS_LAYER_SCALE, HAS_SAMPLE_SCALE)
-            row_dot += epilogue_store(
-                acc_hi, offs_m, off_n + SUB_N + offs_sub, M, N, rows_per_sample,
-                C, BIAS, PRE, ACT, RES, LSCALE, SSCALE,
-                stride_cm, stride_cn, stride_pm, stride_rm, stride_rn,
-                HAS_BIAS, EPILOGUE, APPROX_TANH, STORE_PRE, STORE_ACT, ROW_DOT,
-                HAS_RESIDUAL, HAS_LAYER_SCALE, HAS_SAMPLE_SCALE)
+            parts = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, SUB_N)), (0, 2, 1)))
         else:
-            row_dot = epilogue_store(
-                acc, offs_m, off_n + offs_sub, M, N, rows_per_sample,
-                C, BIAS, PRE, ACT, RES, LSCALE, SSCALE,
+            parts = (acc,)
+        for s in tl.static_range(EPILOGUE_SUBTILES):
+            epilogue_store(
+                parts[s], offs_m, off_n + s * SUB_N + tl.arange(0, SUB_N), M, N, rows_per_sample,
+                C, BIAS, PRE, ACT, RES, LSCALE, SSCALE, ROWDOT, pid_n * EPILOGUE_SUBTILES + s,
                 stride_cm, stride_cn, stride_pm, stride_rm, stride_rn,
                 HAS_BIAS, EPILOGUE, APPROX_TANH, STORE_PRE, STORE_ACT, ROW_DOT,
                 HAS_RESIDUAL, HAS_LAYER_SCALE, HAS_SAMPLE_SCALE)
-        if ROW_DOT:
-            tl.store(ROWDOT + pid_n.to(tl.int64) * M + offs_m, row_dot, mask=offs_m < M)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,8 +193,9 @@ def _descriptor(t, rows_block, cols_block):
 def hopper_matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", pre=None,
                   store_pre=False, store_act=False, row_dot=False, residual=None,
                   layer_scale=None, sample_scale=None, rows_per_sample=1, config=None):
-    """kernels/matmul.matmul's contract (returns (C, aux, rowdot)) on the Hopper kernel; raises
-    ValueError listing the reasons where it cannot run."""
+    """kernels/matmul.matmul's contract (returns (C, aux, rowdot)) on the Hopper kernel; rowdot
+    has one row per epilogue subtile (its callers sum the rows). Raises ValueError listing the
+    reasons where it cannot run."""
     M, K = a.shape
     N = b.shape[1]
     target = gpu_target(a.device)
@@ -228,7 +218,8 @@ def hopper_matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="n
         pre = pre.contiguous()  # PRE and ACT share one row stride, unit columns
     pre_t = pre if pre is not None else (aux if store_pre else None)
     stride_pm = next((t.stride(0) for t in (pre_t, aux) if t is not None), 0)
-    rowdot = (torch.empty((triton.cdiv(N, config.block_n), M), device=a.device,
+    rowdot = (torch.empty((triton.cdiv(N, config.block_n) * config.epilogue_subtiles, M),
+                          device=a.device,
                           dtype=torch.float32) if row_dot else None)
     a_desc, a_t = _descriptor(a, config.block_m, config.block_k)
     b_desc, b_t = _descriptor(b, config.block_k, config.block_n)
@@ -242,3 +233,22 @@ def hopper_matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="n
         **hopper_constexprs(ep, config, a_t, b_t, dot_fp32=interpreting()),
         num_warps=config.num_warps, num_stages=config.num_stages)
     return c, aux, rowdot
+
+
+def hopper_launches(fields: dict, launches: dict) -> dict:
+    """{config name: launch} of the Hopper GEMM for the call whose kernels/matmul candidate
+    launches are ``launches`` (partials of matmul.matmul with a ``config``; ``fields``: the
+    tuning key fields matmul passes, with the epilogue). Empty where the kernel is not offered
+    (not sm_90, no descriptors, not 16-bit, operands TMA cannot read) -- the reasons are
+    :func:`not_supported_reasons` and :func:`tensor_reasons` -- and on CPU/the interpreter."""
+    from . import matmul as _matmul
+    launch = next(iter(launches.values()), None)
+    if getattr(launch, "func", None) is not _matmul.matmul or len(launch.args) != 3:
+        return {}
+    a, b, out_dtype = launch.args
+    target = gpu_target(a.device)
+    if target is None or b.dtype != a.dtype or tensor_reasons(("a", a), ("b", b)):
+        return {}
+    kw = {k: v for k, v in launch.keywords.items() if k != "config"}
+    return {c.name: functools.partial(hopper_matmul, a, b, out_dtype, **kw, config=c)
+            for c in hopper_candidates(a.dtype, Epilogue(*fields["epilogue"]), target)}

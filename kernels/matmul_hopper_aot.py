@@ -50,7 +50,7 @@ def hopper_spec(kind, dtype, config, approximate="none", out=None):
                    + ([f"out={out}"] if out and out != dtype else []))
     return AotSpec(f"hopper_matmul_kernel[{tag}]", hopper_matmul_kernel, sig, constants,
                    divisible, num_warps=config.num_warps, num_stages=config.num_stages,
-                   uses_dot=True)
+                   uses_dot=True, archs=ARCHS)
 
 
 def aot_specs():

@@ -68,7 +68,8 @@ def test_dgelu_epilogue_act_and_row_dot():
     s = ss.double()[:, None]
     assert_close_by_rule(dh, dh0, acc * dgelu * s, "dgelu")
     assert_close_by_rule(act, act0, gelu * s, "act")
-    assert rowdot.shape == (-(-n // matmul_hopper.INTERPRET_CONFIG.block_n), M)
+    cfg = matmul_hopper.INTERPRET_CONFIG
+    assert rowdot.shape == (-(-n // cfg.block_n) * cfg.epilogue_subtiles, M)
     torch.testing.assert_close(rowdot.double().sum(0), (acc * gelu).sum(1), rtol=2e-2, atol=5e-2)
 
 
@@ -122,3 +123,40 @@ def test_unaligned_or_strideless_operands_raise_naming_the_operand():
     with pytest.raises(ValueError, match="fp16/bf16"):
         matmul_hopper.hopper_matmul(_rand(8, 16, dtype=torch.float32),
                                     _rand(16, 8, dtype=torch.float32), torch.float32)
+
+
+def _tuned_launch(monkeypatch, target, times):
+    """matmul.matmul with tuning's chooser on ``target`` (patched in), a FakeTimer of ``times``
+    (unlisted candidates take 3 ms); returns (result, timed names, the record)."""
+    from test_tuning import FakeTimer
+    from vit_fast import tuning
+    monkeypatch.setenv("VIT_FAST_TUNE", "1")
+    monkeypatch.setattr(matmul, "gpu_target", lambda device: target)
+    monkeypatch.setattr(matmul_hopper, "gpu_target", lambda device: target)
+    x, w, bias = _rand(40, 24), _rand(72, 24), _rand(72)
+    timer = FakeTimer(type("T", (dict,), {"__missing__": lambda self, k: 3.0})(times))
+    with tuning.use_tuner(tuning.Tuner(None, timer, measure_anywhere=True)):
+        out, pre, _ = matmul.matmul(x, w.t(), torch.bfloat16, bias=bias, epilogue="gelu",
+                                    store_pre=True, choose=tuning.choose_gemm_config)
+        (rec,) = tuning.records()
+    pre64 = x.double() @ w.double().t() + bias.double()
+    torch.testing.assert_close(pre.double(), pre64, rtol=2e-2, atol=3e-2)
+    return out, timer.timed, rec
+
+
+def test_joins_the_measured_selection_on_sm90_and_wins_when_fastest(monkeypatch):
+    wide = matmul_hopper.WIDE.name
+    _, timed, rec = _tuned_launch(monkeypatch, H100, {wide: 0.5})
+    offered = [c.name for c in matmul.gemm_candidates(40, 72, torch.bfloat16,
+                                                      matmul.Epilogue("gelu", bias=True,
+                                                                      store_pre=True),
+                                                      "ieee", H100, 24)]
+    # matmul's configs first (the fixed table's order), the Hopper configs last
+    assert timed == offered + [wide, matmul_hopper.LARGE.name]
+    assert rec["choice"] == wide and rec["source"] == "measured"
+
+
+def test_not_offered_off_sm90(monkeypatch):
+    _, timed, rec = _tuned_launch(monkeypatch, A100, {})
+    assert not any(n.startswith("tma") for n in timed)
+    assert not rec["choice"].startswith("tma")

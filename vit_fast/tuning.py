@@ -335,8 +335,12 @@ def choose_gemm_config(a, fields: dict, candidates: dict):
     """kernels/matmul.matmul's ``choose``: the Triton GEMM's tile config for this launch key
     (shapes, dtypes, layout, epilogue), timed on CUDA like the implementations above; the
     candidates come in the fixed table's order, so with tuning off (or while a CUDA graph is
-    captured) the first -- the fixed table's choice -- runs. Returns the chosen launch's result."""
+    captured) the first -- the fixed table's choice -- runs. Returns the chosen launch's result.
+    On sm_90 the Hopper GEMM's configs (kernels/matmul_hopper.py) join last: timed, never the
+    fixed choice."""
+    from .kernels.matmul_hopper import hopper_launches
     key = make_key("gemm", {"a": a}, **fields)
+    candidates = {**candidates, **hopper_launches(fields, candidates)}
     return tuner().run("gemm", key, candidates, measure=_measurable(a))[1]
 
 
