@@ -14,6 +14,7 @@ from vit_fast.kernels._device import Target
 # M, N odd; K = 40 (a multiple of 8 for TMA's 16-byte row strides, not of BLOCK_K = 16).
 M, N, K = 37, 45, 40
 H100, A100 = Target(132, 90), Target(108, 80)
+_DESC = {torch.bfloat16: "tensordesc<bf16[{}, {}]>", torch.float16: "tensordesc<fp16[{}, {}]>"}
 
 
 def _rand(*shape, dtype=torch.bfloat16, seed=0):
@@ -160,3 +161,52 @@ def test_not_offered_off_sm90(monkeypatch):
     _, timed, rec = _tuned_launch(monkeypatch, A100, {})
     assert not any(n.startswith("tma") for n in timed)
     assert not rec["choice"].startswith("tma")
+
+
+@pytest.mark.parametrize("dtype,approximate", [(torch.bfloat16, "none"), (torch.float16, "tanh")])
+def test_mlp_launches_on_h100_are_compiled_and_agree_with_matmul(monkeypatch, dtype,
+                                                                  approximate):
+    """The GELU MLP's forward and backward with every candidate run, the Hopper ones included
+    (H100 patched in): each hopper_matmul_kernel launch is covered by a kernels/
+    matmul_hopper_aot.py spec (constexprs, warps, stages, descriptor dtype and block shape), and
+    each Hopper result equals matmul's first candidate's within bf16/fp16 rounding."""
+    from test_aot_coverage import _mismatches, _mlp_inputs, launches_on
+    from vit_fast.kernels import gelu_mlp, matmul_hopper_aot
+    monkeypatch.setattr(matmul_hopper, "gpu_target", lambda device: H100)
+    t = _mlp_inputs(dtype)
+    results = []
+
+    def choose(a, fields, candidates):
+        hopper = matmul_hopper.hopper_launches(fields, candidates)
+        assert hopper, fields  # every MLP GEMM of these shapes is offered on sm_90
+        outs = {name: fn() for name, fn in {**candidates, **hopper}.items()}
+        results.append(outs)
+        return next(iter(outs.values()))
+
+    with launches_on(monkeypatch, H100) as seen:
+        out, pre = gelu_mlp.gelu_mlp_fwd(t["x"], t["w1"], t["b1"], t["w2"], t["b2"], approximate,
+                                         t["res"], t["ls"], t["ss"], True, choose=choose)
+        gelu_mlp.gelu_mlp_bwd(torch.randn_like(out), t["x"], t["w1"], t["w2"], t["b2"], pre,
+                              t["ls"], t["ss"], approximate=approximate, has_residual=True,
+                              choose=choose)
+    launches = [s for s in seen if s["kernel"] == "hopper_matmul_kernel"]
+    specs = matmul_hopper_aot.aot_specs()
+    assert len(launches) >= 8
+    for launch in launches:
+        descs = {k: v for k, v in launch["args"].items() if k.endswith("_desc")}
+        rest = dict(launch, args={k: v for k, v in launch["args"].items() if k not in descs})
+        covered = [s for s in specs if not _mismatches(rest, s) and all(
+            s.signature[k] == _DESC[d.base.dtype].format(*d.block_shape)
+            for k, d in descs.items())]
+        assert covered, {k: v for k, v in launch["args"].items() if not torch.is_tensor(v)}
+    for outs in results:
+        first, *_ = outs.values()
+        for name, got in outs.items():
+            if not name.startswith("tma"):
+                continue
+            for x, y in zip(first[:2], got[:2]):
+                if x is not None:
+                    torch.testing.assert_close(y.float(), x.float(), rtol=2e-2, atol=2e-2,
+                                               msg=name)
+            if first[2] is not None:  # row dots: one row per tile (matmul) or subtile (Hopper)
+                torch.testing.assert_close(got[2].sum(0), first[2].sum(0), rtol=2e-2, atol=2e-2)
