@@ -240,6 +240,8 @@ def roofline_main(argv):
         + [(f"{hw} µs (model)", (lambda hw: lambda r: f"{r[hw] * 1e6:.1f}")(hw)) for hw in hws],
         title=f"Model: {head}" + (", LayerScale" if args.layer_scale else "")))
     print(rl.efficiency_note())
+    from . import roofline_bound
+    print(roofline_bound.report(B, N, C, H, e, layer_scale=args.layer_scale, head=head))
     seg = []
     for ls in (False, True):
         for impl in ("eager", "vit_fast"):
