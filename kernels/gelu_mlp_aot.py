@@ -38,6 +38,18 @@ KINDS = {
 _GELU_KINDS = ("fc1_fwd", "dgelu")  # the tanh form changes their epilogue: its own builds
 
 
+def specialize_absent_inputs(sig, constants, epilogue):
+    """The epilogue's optional pointers the launch passes as None become constexpr None in
+    ``sig``/``constants``, as Triton specializes them (shared with matmul_hopper_aot)."""
+    present = {"BIAS": epilogue.bias, "PRE": epilogue.kind == "dgelu" or epilogue.store_pre,
+               "ACT": epilogue.store_act, "RES": epilogue.residual,
+               "LSCALE": epilogue.layer_scale, "SSCALE": epilogue.sample_scale,
+               "ROWDOT": epilogue.row_dot}
+    for name, here in present.items():
+        if not here:
+            sig[name], constants[name] = "constexpr", None
+
+
 def configs(kind, dtype, precision):
     """Every config gemm_candidates offers this launch over TARGETS × SHAPES, in a fixed order."""
     epilogue = KINDS[kind][0]
@@ -63,14 +75,7 @@ def gemm_spec(kind, dtype, config, approximate="none", precision="ieee", out=Non
            "LSCALE": res_ptr, "SSCALE": res_ptr, "ROWDOT": "*fp32",
            "M": "i32", "N": "i32", "K": "i32", "rows_per_sample": "i32"}
     constants = {}
-    # Pointers the launch passes as None: Triton specializes them to constexpr None.
-    present = {"BIAS": epilogue.bias, "PRE": epilogue.kind == "dgelu" or epilogue.store_pre,
-               "ACT": epilogue.store_act, "RES": epilogue.residual,
-               "LSCALE": epilogue.layer_scale, "SSCALE": epilogue.sample_scale,
-               "ROWDOT": epilogue.row_dot}
-    for name, here in present.items():
-        if not here:
-            sig[name], constants[name] = "constexpr", None
+    specialize_absent_inputs(sig, constants, epilogue)
     for name in ("stride_am", "stride_ak", "stride_bk", "stride_bn"):
         unit_stride = name[-2:] in unit
         sig[name] = "constexpr" if unit_stride else "i32"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._device import Target
-from .gelu_mlp_aot import _GELU_KINDS, KINDS
+from .gelu_mlp_aot import _GELU_KINDS, KINDS, specialize_absent_inputs
 from .matmul_hopper import hopper_candidates, hopper_constexprs, hopper_matmul_kernel
 
 ARCHS = (90,)  # the only target hopper_candidates offers the kernel on
@@ -35,13 +35,7 @@ def hopper_spec(kind, dtype, config, approximate="none", out=None):
            "stride_cm": "i32", "stride_cn": "constexpr", "stride_pm": "i32", "stride_rm": "i32",
            "stride_rn": "constexpr"}
     constants = dict(stride_cn=1, stride_rn=1)
-    present = {"BIAS": epilogue.bias, "PRE": epilogue.kind == "dgelu" or epilogue.store_pre,
-               "ACT": epilogue.store_act, "RES": epilogue.residual,
-               "LSCALE": epilogue.layer_scale, "SSCALE": epilogue.sample_scale,
-               "ROWDOT": epilogue.row_dot}
-    for name, here in present.items():
-        if not here:
-            sig[name], constants[name] = "constexpr", None
+    specialize_absent_inputs(sig, constants, epilogue)
     for name, value in hopper_constexprs(epilogue, config, a_t, b_t).items():
         sig[name], constants[name] = "constexpr", value
     divisible = tuple(n for n in sig if sig[n].startswith("*")) + (
