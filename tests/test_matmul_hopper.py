@@ -210,3 +210,19 @@ def test_mlp_launches_on_h100_are_compiled_and_agree_with_matmul(monkeypatch, dt
                                                msg=name)
             if first[2] is not None:  # row dots: one row per tile (matmul) or subtile (Hopper)
                 torch.testing.assert_close(got[2].sum(0), first[2].sum(0), rtol=2e-2, atol=2e-2)
+
+
+def test_operands_tma_cannot_read_get_no_hopper_candidate(monkeypatch):
+    """K = 36: a row-major A's row stride is 72 bytes, not a multiple of 16; the launch keeps
+    matmul's own candidates only (tensor_reasons says why)."""
+    monkeypatch.setattr(matmul, "gpu_target", lambda device: H100)
+    monkeypatch.setattr(matmul_hopper, "gpu_target", lambda device: H100)
+    seen = []
+
+    def choose(a, fields, candidates):
+        seen.append(matmul_hopper.hopper_launches(fields, candidates))
+        return next(iter(candidates.values()))()
+    x, w = _rand(40, 36), _rand(24, 36)
+    matmul.matmul(x, w.t(), torch.bfloat16, choose=choose)
+    assert seen == [{}]
+    assert "a's strides (36, 1)" in matmul_hopper.tensor_reasons(("a", x))[0]
