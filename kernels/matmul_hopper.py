@@ -119,7 +119,8 @@ class HopperConfig(NamedTuple):
 WIDE = HopperConfig(128, 256, 64, 8, 8, 3, 2)
 # 128x128 for grids that 128x256 tiles would leave short of SMs; 4 stages.
 LARGE = HopperConfig(128, 128, 64, 8, 8, 4, 1)
-# dGELU holds pre, act and the gradient at once: in 128x64 halves (one subtile spills).
+# dGELU holds pre, act and the gradient at once: in 128x64 halves (the whole 128x128 tile at
+# once spills on sm_90).
 DGELU = HopperConfig(128, 128, 64, 8, 8, 4, 2)
 INTERPRET_CONFIG = HopperConfig(32, 32, 16, 2, 4, 1, 2)  # small: several tiles per program
 
@@ -142,16 +143,18 @@ def not_supported_reasons(dtype, target, *, triton_has_descriptors=None) -> list
 
 
 def tensor_reasons(*operands) -> list:
-    """TMA's limits on an operand: one unit stride, the other a multiple of 16 bytes, a 16-byte
-    aligned base, and something to multiply (M, N, K > 0)."""
+    """TMA's limits on an operand: one unit stride (the descriptor's inner dimension), the other
+    (its row stride) a multiple of 16 bytes, a 16-byte aligned base, and something to multiply
+    (M, N, K > 0)."""
     reasons = []
     for name, t in operands:
-        size = t.element_size()
+        row_stride = t.stride(0) if t.stride(1) == 1 else (t.stride(1) if t.stride(0) == 1
+                                                            else None)
         if 0 in t.shape:
             reasons.append(f"{name} is empty")
-        elif 1 not in t.stride():
+        elif row_stride is None:
             reasons.append(f"{name} has no unit stride: {tuple(t.stride())}")
-        elif any(s != 1 and (s * size) % 16 for s in t.stride()) or t.data_ptr() % 16:
+        elif (row_stride * t.element_size()) % 16 or t.data_ptr() % 16:
             reasons.append(f"{name}'s strides {tuple(t.stride())} or base are not 16-byte aligned")
     return reasons
 

@@ -226,3 +226,6 @@ def test_operands_tma_cannot_read_get_no_hopper_candidate(monkeypatch):
     matmul.matmul(x, w.t(), torch.bfloat16, choose=choose)
     assert seen == [{}]
     assert "a's strides (36, 1)" in matmul_hopper.tensor_reasons(("a", x))[0]
+    # a single column: unit strides both ways, and a 2-byte row stride TMA cannot take
+    assert "not 16-byte aligned" in matmul_hopper.tensor_reasons(("b", _rand(8, 1)))[0]
+    assert matmul_hopper.tensor_reasons(("b", _rand(8, 16)), ("a", _rand(16, 8).t())) == []
