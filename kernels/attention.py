@@ -212,9 +212,56 @@ def shipped_config(key, dropout: bool = False, segments: bool = False):
     return _CUDA_CONFIGS[key]
 
 
+# Forward tiles for GPUs whose shared memory per block is below what the entry above needs: the
+# D=128 entry takes 112 KB on sm_80, over the 99 KB that sm_86/sm_89/sm_120 let a block opt in
+# to. Tried in order after the entry; the first that fits is launched. 128 x 32 keeps the
+# 128-query tile (K/V read once per 128 queries) and the 3-stage pipeline (72 KB).
+_CUDA_FWD_SMALLER = {
+    ("fwd", 128, False): [(128, 32, 8, 3)],
+}
+
+
+def fwd_shared_bytes(config, block_d: int, elem_bytes: int = 2) -> int:
+    """Shared memory of a forward build on the mma.sync GPUs (sm_80, sm_86, sm_89, sm_120), in
+    bytes: the Q tile, num_stages - 1 pipeline buffers of the K and V tiles, and the P tile's
+    trip from the accumulator to the operand layout. Equal to what triton 3.8 allocates for every
+    shipped forward build on sm_80 (at most that with segments); tests/test_aot_attention.py
+    checks it bounds the compiled builds on sm_80 and sm_86. (sm_90's wgmma builds take more,
+    but every sm_90 GPU allows 227 KB.)"""
+    block_m, block_n, _, stages = config
+    return elem_bytes * (block_m * block_d + 2 * (stages - 1) * block_n * block_d + block_m * block_n)
+
+
+def fwd_configs(key, dropout: bool = False, segments: bool = False):
+    """Every forward config the launcher can pick for key, in order of preference."""
+    return [shipped_config(key, dropout, segments)] + _CUDA_FWD_SMALLER.get(key, [])
+
+
+def fwd_config(key, dropout: bool = False, segments: bool = False, shared_limit=None):
+    """The first of fwd_configs that fits shared_limit bytes per block (None: no limit known).
+    When none fits, the smallest: its launch failure falls back to the reference."""
+    configs = fwd_configs(key, dropout, segments)
+    fits = [c for c in configs if shared_limit is None or fwd_shared_bytes(c, key[1]) <= shared_limit]
+    return fits[0] if fits else configs[-1]
+
+
+_SHARED_LIMITS = {}  # CUDA device index -> shared memory a block may opt in to, in bytes
+
+
+def _shared_limit(device: torch.device):
+    """What the forward's tile must fit on this device (cached; None off CUDA or unknown)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SHARED_LIMITS:
+        props = torch.cuda.get_device_properties(index)
+        _SHARED_LIMITS[index] = getattr(props, "shared_memory_per_block_optin", None)
+    return _SHARED_LIMITS[index]
+
+
 def _config(kernel: str, n: int, head_dim: int, dtype: torch.dtype, dropout: bool = False,
-            segments: bool = False):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one launch."""
+            segments: bool = False, shared_limit=None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one launch; a forward's fits shared_limit."""
     if _interpreting():
         # Interpreter cost is mostly per tile op, so few large tiles win; but a product of more
         # than 2^18 multiply-adds makes numpy's OpenBLAS go multi-threaded, which on a busy CPU
@@ -223,7 +270,10 @@ def _config(kernel: str, n: int, head_dim: int, dtype: torch.dtype, dropout: boo
         while t * t * _block_d(head_dim) > 2 ** 18 and t > 16:
             t //= 2
         return t, t, 4, 1
-    return shipped_config((kernel, max(64, _block_d(head_dim)), n <= _SHORT_N), dropout, segments)
+    key = (kernel, max(64, _block_d(head_dim)), n <= _SHORT_N)
+    if kernel == "fwd":
+        return fwd_config(key, dropout, segments, shared_limit)
+    return shipped_config(key, dropout, segments)
 
 
 def _dot_args(dtype: torch.dtype):
@@ -293,7 +343,8 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, dropout_p:
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     block_m, block_n, warps, stages = config or _config("fwd", N, head_dim, qkv.dtype, has_dropout,
-                                                        segment_ids is not None)
+                                                        segment_ids is not None,
+                                                        _shared_limit(qkv.device))
     grid = (triton.cdiv(N, block_m) * B * num_heads,)
     attention_fwd_kernel[grid](
         qkv, out, lse, seed, N, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0),

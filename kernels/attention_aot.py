@@ -6,7 +6,7 @@ import torch
 
 from .attention import (_CUDA_CONFIGS, _DELTA_BLOCK_M, _block_d, attention_bwd_delta_kernel,
                         attention_bwd_dkdv_kernel, attention_bwd_dq_kernel, attention_fwd_kernel,
-                        shipped_config)
+                        fwd_configs, shipped_config)
 
 
 # Head dims compiled ahead of time per bucket: the powers of two, and the padded ones real ViTs use
@@ -15,16 +15,25 @@ _AOT_HEAD_DIMS = {64: (64, 32, 48), 128: (128, 80, 96, 112), 256: (256,)}
 _TORCH_TO_SIG = {torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
+def launchable_configs(key, dropout, segments):
+    """The configs the launchers can pick for a table key: the forward's include the smaller
+    tiles of GPUs with less shared memory (attention.fwd_configs)."""
+    if key[0] == "fwd":
+        return fwd_configs(key, dropout, segments)
+    return [shipped_config(key, dropout, segments)]
+
+
 def aot_specs():
-    """Every shipped CUDA config (the tables above) × fp16/bf16 × with/without dropout × with/
-    without segment ids, as vit_fast.aot.AotSpec."""
+    """Every config the launchers can pick (the tables in attention.py) × fp16/bf16 × with/
+    without dropout × with/without segment ids, as vit_fast.aot.AotSpec."""
     from vit_fast.aot import AotSpec
 
     specs = []
     # Short- and long-sequence entries that share a config are one build.
-    shipped = sorted({(key[0], key[1], dropout, segments, shipped_config(key, dropout, segments))
+    shipped = sorted({(key[0], key[1], dropout, segments, cfg)
                       for key in _CUDA_CONFIGS
-                      for dropout, segments in itertools.product((False, True), (False, True))})
+                      for dropout, segments in itertools.product((False, True), (False, True))
+                      for cfg in launchable_configs(key, dropout, segments)})
     for dtype, ptr in _TORCH_TO_SIG.items():
         for kernel, bucket, dropout, segments, (bm, bn, warps, stages) in shipped:
             for head_dim in _AOT_HEAD_DIMS[bucket]:

@@ -93,16 +93,29 @@ def test_segment_attention_backward_falls_back(monkeypatch):
            failing)
 
 
-def test_attention_dropout_backward_still_raises(monkeypatch):
-    """The kernel's dropout mask cannot be redrawn in torch: no silent wrong gradient."""
+@pytest.mark.parametrize("segmented", [False, True], ids=["plain", "segments"])
+def test_attention_dropout_backward_falls_back(monkeypatch, segmented):
+    """The reference recompute redraws the kernel's own dropout mask from the saved seed
+    (vit_fast/dropout_mask.py): the gradient is the kernel's, not that of another mask."""
     from vit_fast.ops import attention_sdpa
-    _inject(monkeypatch, attention_sdpa, "attention_bwd", "attention")
-    (qkv,) = _leaves((1, 4, 3 * 1 * 8))
-    with vit_fast.use_backend("triton"):
-        out = vit_fast.fused_qkv_attention(qkv, 1, dropout_p=0.5)
-        with pytest.raises(_device.KernelLaunchError):
-            out.sum().backward()
-    assert not fallback.FELL_BACK
+    (qkv,) = _leaves((1, 20, 3 * 2 * 8))
+    ids = torch.tensor([[0] * 7 + [1] * 11 + [-1] * 2], dtype=torch.int32)
+
+    def fn(q):
+        return vit_fast.functional.fused_qkv_attention(q, 2, dropout_p=0.5,
+                                                       segment_ids=ids if segmented else None)
+    torch.manual_seed(5)  # the op draws its dropout seed from torch's generator
+    kernel_grads, caught = _step(fn, [qkv])
+    assert not caught
+    failing = _inject(monkeypatch, attention_sdpa, "attention_bwd", "attention")
+    torch.manual_seed(5)
+    grads, caught = _step(fn, [qkv])
+    assert failing.launches == 1
+    assert len(caught) == 1 and "reference" in str(caught[0].message), [str(w.message) for w in caught]
+    torch.testing.assert_close(grads[0], kernel_grads[0], atol=1e-5, rtol=1e-4)
+    torch.manual_seed(6)  # another seed, another mask: the comparison above could fail
+    assert not torch.allclose(_step(fn, [qkv])[0][0], kernel_grads[0], atol=1e-3)
+    assert failing.launches == 1  # remembered: the reference answered directly
 
 
 @pytest.mark.parametrize("branch", ["plain", "residual"])

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 # Dynamic shared memory a block may use, in bytes (CUDA programming guide, compute capabilities).
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 120: 99 * 1024}
 
 
 @dataclasses.dataclass

@@ -15,10 +15,9 @@ On a build failure of the device (kernels/_device.is_build_failure: OutOfResourc
 CompilationError, "no kernel image") the op warns once per (op, device), returns the reference's
 result, and later calls of it on that device go to the reference directly. The launcher guard has
 recorded the failure too, so dispatch sends later forwards of the op to the reference as well.
-The wrapper is inside the custom op, so it holds in a torch.compile graph too.
-
-A reference that cannot reproduce the kernel's result raises NotImplementedError (attention with
-dropout: the kernel's mask is not reproducible in torch); the kernel's failure is then raised.
+The wrapper is inside the custom op, so it holds in a torch.compile graph too. Attention with
+dropout falls back too: its reference redraws the kernels' mask from the saved seed
+(vit_fast/dropout_mask.py).
 """
 from __future__ import annotations
 
@@ -74,10 +73,7 @@ def reference_on_failure(op: str, reference, *, only_in_backward: bool = False):
                 if not is_build_failure(exc):
                     raise
                 failure = exc
-            try:
-                result = reference(*args, **kwargs)
-            except NotImplementedError as why:
-                raise failure from why
+            result = reference(*args, **kwargs)
             FELL_BACK[key] = f"{type(failure).__name__}: {failure}"
             launch = getattr(failure, "launch", key)
             if launch in _WARNED:

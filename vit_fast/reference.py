@@ -42,7 +42,7 @@ def add_branch(residual, branch, layer_scale=None, sample_scale=None):
 
 
 def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0, segment_ids=None,
-                        upcast=False):
+                        upcast=False, dropout_keep=None):
     """softmax(q kᵀ·scale) v per head, from timm's packed qkv [B, N, 3·H·D] -> [B, N, H·D].
 
     Without dropout this is F.scaled_dot_product_attention, what timm's Attention runs, so the CPU
@@ -52,6 +52,9 @@ def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0, segment_id
     segment_ids (int [B, N], optional): query i attends to key j iff both carry the same id and
     it is >= 0, which is each image of a packed batch attended on its own; tokens with a negative
     id are padding, with output rows exactly 0 (and so exactly 0 gradient).
+
+    dropout_keep (bool [B, H, N, N], optional): the keep mask to drop with instead of a fresh
+    F.dropout one (the kernels' own mask, vit_fast/dropout_mask.py, for the backward fallback).
     """
     dtype = qkv.dtype
     qkv = _up(qkv, upcast)
@@ -69,7 +72,11 @@ def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0, segment_id
         logits = (q * scale) @ k.transpose(-2, -1)
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))
-        out = F.dropout(logits.softmax(dim=-1), p=dropout_p) @ v
+        probs = logits.softmax(dim=-1)
+        if dropout_keep is None:
+            out = F.dropout(probs, p=dropout_p) @ v
+        else:
+            out = (probs * dropout_keep / (1.0 - dropout_p)) @ v
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     if segment_ids is not None:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+from .dropout_mask import attention_keep_mask
 
 
 @contextlib.contextmanager
@@ -56,12 +57,15 @@ def _empty_for_none(grads, like):
 
 def fused_qkv_attention_backward(dout, qkv, out, lse, num_heads, scale, dropout_p=0.0, seed=None,
                                  segment_ids=None):
-    """vit_fast::fused_qkv_attention_backward: dqkv (padding rows of segment_ids get 0)."""
+    """vit_fast::fused_qkv_attention_backward: dqkv (padding rows of segment_ids get 0). With
+    dropout, the kernels' own mask, redrawn from the forward's seed."""
+    keep = None
     if dropout_p > 0.0:
-        raise NotImplementedError("attention dropout: the kernel's mask cannot be redrawn in torch")
+        keep = attention_keep_mask(seed, qkv.shape[0], num_heads, qkv.shape[1], dropout_p)
     with _autograd():
         q = _leaf(qkv)
-        o = reference.fused_qkv_attention(q, num_heads, scale=scale, segment_ids=segment_ids)
+        o = reference.fused_qkv_attention(q, num_heads, scale=scale, dropout_p=dropout_p,
+                                          segment_ids=segment_ids, dropout_keep=keep)
         (dq,) = torch.autograd.grad(o, q, dout.float())
     return dq.to(qkv.dtype)
 
