@@ -43,6 +43,8 @@ def test_dropout_builds_take_the_seed_pointer():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
 def test_compiles_without_spills(compiled, spec, arch):
+    if not spec.for_arch(arch):
+        pytest.skip(f"launched on {spec.archs} only")
     r = compiled[(spec.name, arch)]
     assert not isinstance(r, str), f"{spec.name} sm_{arch} failed to compile: {r}"
     assert r.spill_bytes == 0, f"{spec.name} sm_{arch}: {r.spill_bytes} bytes spilled ({r.registers} registers)"

@@ -39,7 +39,7 @@ def run(archs=(80, 90), match=None, limit=None, progress=True):
         specs = specs[:limit]
     rows = []
     for mod, spec in tqdm(specs, desc="compile", disable=not progress, leave=False):
-        for arch in archs:
+        for arch in filter(spec.for_arch, archs):
             try:
                 r = compile_spec(spec, arch)
                 rows.append({"module": mod, "kernel": spec.name, "arch": f"sm_{arch}",
