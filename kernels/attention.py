@@ -211,11 +211,12 @@ _REDUCE_BLOCK_M = 64
 # n_key_blocks fp32 copies of dq alive between the two launches: 4·n_key_blocks bytes per dq
 # element (ViT-B/16 at B=64, 2 key tiles: 78 MB), and 8·n_key_blocks bytes of traffic (written,
 # then read). Both grow with N like the two products saved (S and dP of the dq pass), at
-# BLOCK_N/2 FLOPs per byte, so the fused path earns its keep by the per-score work the dq pass
-# repeats (exp2, the dropout mask, the segment mask) rather than by FLOPs, and only while the
-# partials stay few: up to 4 key tiles (N <= 512 at D <= 64), beyond which the 7-product pair
-# of passes (dK/dV, then dQ) runs. One key tile (N <= BLOCK_N) needs no partials at all: the
-# pass writes dq itself.
+# BLOCK_N/2 FLOPs per byte, below H100's ridge: by bytes and FLOPs alone (bench roofline) the
+# partials cost more than they save. What the fused pass saves besides products is the
+# per-score work the dq pass repeats (exp2, the dropout mask, the segment mask), so it runs
+# only while the partials stay few: up to 4 key tiles (N <= 512 at D <= 64), beyond which the
+# 7-product pair of passes (dK/dV, then dQ) runs. One key tile (N <= BLOCK_N) needs no
+# partials: the pass writes dq itself. A GPU measurement should set this cap (docs/design.md).
 _MAX_DQ_PARTIALS = 4
 # Where the fused pass ships. On sm_80 its 64-query tiles spill (mma.sync keeps a copy of the q
 # and dO operands per warp: 255 registers and local memory at 4 and 8 warps), and 32-query
@@ -253,18 +254,21 @@ def _config(kernel: str, n: int, head_dim: int, dtype: torch.dtype, dropout: boo
 
 def bwd_plan(n: int, head_dim: int, dtype: torch.dtype, dropout: bool = False,
              segments: bool = False, arch=None):
-    """The backward's launch structure on a GPU of compute capability arch (e.g. 90; None
-    under the interpreter): ("fused", dkdv_dq config, n_key_blocks) when the dK/dV pass also
+    """The backward's launch structure on a GPU of compute capability arch (e.g. 90; None:
+    the interpreter's tiles): ("fused", dkdv_dq config, n_key_blocks) when the dK/dV pass also
     writes dq (directly when n_key_blocks == 1, else as partials for the reduce), or ("split",
     dkdv config, dq config) for the two-pass path (long sequences, other GPUs)."""
-    if _interpreting() or (arch in _FUSED_ARCHS and ("dkdv_dq", max(64, _block_d(head_dim)),
-                                                      n <= _SHORT_N) in _CUDA_CONFIGS):
-        fused = _config("dkdv_dq", n, head_dim, dtype, dropout, segments)
+    def config(kernel):
+        if arch is None:
+            return _config(kernel, n, head_dim, dtype, dropout, segments)
+        return shipped_config((kernel, max(64, _block_d(head_dim)), n <= _SHORT_N), dropout, segments)
+    if arch is None or (arch in _FUSED_ARCHS and ("dkdv_dq", max(64, _block_d(head_dim)),
+                                                  n <= _SHORT_N) in _CUDA_CONFIGS):
+        fused = config("dkdv_dq")
         key_blocks = triton.cdiv(n, fused[1])
         if key_blocks <= _MAX_DQ_PARTIALS:
             return "fused", fused, key_blocks
-    return ("split", _config("dkdv", n, head_dim, dtype, dropout, segments),
-            _config("dq", n, head_dim, dtype, dropout, segments))
+    return "split", config("dkdv"), config("dq")
 
 
 def _dot_args(dtype: torch.dtype):
