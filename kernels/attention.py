@@ -197,6 +197,10 @@ _CUDA_DROPOUT_CONFIGS = {
     ("dkdv", 128, False): (32, 64, 8, 2),
     ("dkdv", 128, True): (32, 64, 8, 2),
     ("dq", 64, False): (128, 32, 8, 3),
+    # None: no fused build. The 128 bucket's fused pass with the mask needs 255 registers and
+    # spills (sm_90); those calls take the two passes (bwd_plan).
+    ("dkdv_dq", 128, False): None,
+    ("dkdv_dq", 128, True): None,
 }
 # Segment builds (HAS_SEGMENTS=True) whose entry above spilled on sm_80 (the id mask of each
 # score tile): the same tiles over 8 warps. Ahead of the dropout table when both apply.
@@ -230,7 +234,8 @@ def _block_d(head_dim: int) -> int:
 
 def shipped_config(key, dropout: bool = False, segments: bool = False):
     """The CUDA table's (BLOCK_M, BLOCK_N, num_warps, num_stages) for key = (kernel, BLOCK_D
-    bucket, short), with the segment and dropout overrides that apply."""
+    bucket, short), with the segment and dropout overrides that apply; None: that variant has
+    no build (a fused entry whose calls take the two passes)."""
     if segments and key in _CUDA_SEGMENT_CONFIGS:
         return _CUDA_SEGMENT_CONFIGS[key]
     if dropout and key in _CUDA_DROPOUT_CONFIGS:
@@ -265,7 +270,7 @@ def bwd_plan(n: int, head_dim: int, dtype: torch.dtype, dropout: bool = False,
     if arch is None or (arch in _FUSED_ARCHS and ("dkdv_dq", max(64, _block_d(head_dim)),
                                                   n <= _SHORT_N) in _CUDA_CONFIGS):
         fused = config("dkdv_dq")
-        key_blocks = triton.cdiv(n, fused[1])
+        key_blocks = triton.cdiv(n, fused[1]) if fused else _MAX_DQ_PARTIALS + 1
         if key_blocks <= _MAX_DQ_PARTIALS:
             return "fused", fused, key_blocks
     return "split", config("dkdv"), config("dq")

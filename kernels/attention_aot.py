@@ -57,6 +57,7 @@ def aot_specs():
                        dq)
                       for key in _CUDA_CONFIGS
                       for dropout, segments in itertools.product((False, True), (False, True))
+                      if shipped_config(key, dropout, segments) is not None
                       for dq in (_dq_targets(key[2], shipped_config(key, dropout, segments)[1], "io")
                                  if key[0] == "dkdv_dq" else [None])})
     reduces = set()
