@@ -196,6 +196,9 @@ _CUDA_DROPOUT_CONFIGS = {
     ("fwd", 64, True): (64, 32, 4, 2),  # 64 keys: 220 registers on sm_80, 2 CTAs/SM where 3 were
     ("dkdv", 128, False): (32, 64, 8, 2),
     ("dkdv", 128, True): (32, 64, 8, 2),
+    # One stage: at 2 the D=48 build spilled on triton 3.6 (sm_80); 8 warps would also fix it
+    # but cost sm_90 a CTA and the D=64 build 1.8x its integer work per score.
+    ("dkdv", 64, True): (32, 64, 4, 1),
     ("dq", 64, False): (128, 32, 8, 3),
     # None: no fused build. The 128 bucket's fused pass with the mask needs 255 registers and
     # spills (sm_90); those calls take the two passes (bwd_plan).

@@ -41,7 +41,7 @@ def _bwd_setup(SEED, dropout_p, SEG, SPANS, b, row0, N, BLOCK: tl.constexpr,
         seed = tl.load(SEED)
         keep_from = _keep_threshold(dropout_p)
         keep_scale = 1.0 / (1.0 - dropout_p)
-    seg_row, ids, lo, hi = SEG, 0, 0, N
+    seg_row, ids, lo, hi = 0, 0, 0, N  # (a jit function cannot return None on triton 3.6)
     if HAS_SEGMENTS:
         seg_row, ids, lo, hi = _segment_tile(SEG, SPANS, b, row0, N, BLOCK)
     return seed, keep_from, keep_scale, seg_row, ids, lo, hi
