@@ -19,7 +19,7 @@ def compiled():
 
 
 def test_specs_cover_the_shipped_dtypes_head_dims_and_kernels():
-    shipped = {(s.kernel.fn.__name__, s.signature["QKV" if "QKV" in s.signature else "O"],
+    shipped = {(s.kernel.fn.__name__, s.signature.get("QKV", s.signature.get("O", s.signature.get("DQKV"))),
                 s.constants["HEAD_DIM"], s.constants.get("HAS_DROPOUT", False)) for s in SPECS}
     for kernel in ("attention_fwd_kernel", "attention_bwd_delta_kernel",
                    "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"):

@@ -349,7 +349,7 @@ def test_opcheck_with_segment_ids():
 
 
 def test_aot_specs_build_the_segment_variants_as_launched():
-    specs = kernels.aot_specs()
+    specs = [s for s in kernels.aot_specs() if "QKV" in s.signature]  # the reduce: no SEG
     for s in specs:
         if s.constants.get("HAS_SEGMENTS"):
             assert s.signature["SEG"] == "*i32" and s.signature["SPANS"] == "*i32", s.name
@@ -369,14 +369,19 @@ def test_segment_configs_the_launchers_pick_are_compiled_ahead(monkeypatch):
     fn_names = {"fwd": "attention_fwd_kernel", "dkdv": "attention_bwd_dkdv_kernel",
                 "dq": "attention_bwd_dq_kernel"}
     compiled = {(s.kernel.fn.__name__, s.constants["BLOCK_M"], s.constants["BLOCK_N"], s.num_warps,
-                 s.num_stages, s.constants["HEAD_DIM"], s.constants["HAS_DROPOUT"])
-                for s in kernels.aot_specs() if s.constants.get("HAS_SEGMENTS")}
+                 s.num_stages, s.constants["HEAD_DIM"], s.constants["HAS_DROPOUT"],
+                 s.constants.get("WRITE_DQ", False))
+                for s in kernels.aot_specs() if s.constants.get("HAS_SEGMENTS") and "BLOCK_N" in s.constants}
     for head_dim in (32, 48, 64, 80, 96, 112, 128, 256):
-        for n in (64, 577):
+        for n in (64, 197, 577):
             for kernel, fn in fn_names.items():
                 for dropout in (False, True):
                     cfg = kernels._config(kernel, n, head_dim, F16, dropout, True)
-                    assert (fn, *cfg, head_dim, dropout) in compiled, (kernel, n, head_dim, dropout)
+                    assert (fn, *cfg, head_dim, dropout, False) in compiled, (kernel, n, head_dim, dropout)
+            for dropout in (False, True):
+                plan = kernels.bwd_plan(n, head_dim, F16, dropout, True, arch=90)
+                if plan[0] == "fused":  # the dK/dV pass that writes dq
+                    assert ("attention_bwd_dkdv_kernel", *plan[1], head_dim, dropout, True) in compiled
     # The overrides are used: the 128-bucket dK/dV build with segments is not the plain one.
     assert kernels._config("dkdv", 577, 80, F16, False, True) != kernels._config("dkdv", 577, 80, F16)
 
