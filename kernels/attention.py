@@ -212,6 +212,9 @@ _CUDA_SEGMENT_CONFIGS = {
     ("dkdv", 128, False): (32, 64, 8, 2),
     ("dkdv", 128, True): (32, 64, 8, 2),
 }
+# Builds with both segments and dropout, ahead of both tables. None: no fused build; the short
+# 64-bucket one needs 255 registers on triton 3.8 and spills on 3.6 (sm_90), at 4 and 8 warps.
+_CUDA_SEGMENT_DROPOUT_CONFIGS = {("dkdv_dq", 64, True): None}
 _DELTA_BLOCK_M = 64
 _REDUCE_BLOCK_M = 64
 # The 5-product backward (dK/dV pass writing dq's per-key-tile partials, then a reduce) keeps
@@ -239,6 +242,8 @@ def shipped_config(key, dropout: bool = False, segments: bool = False):
     """The CUDA table's (BLOCK_M, BLOCK_N, num_warps, num_stages) for key = (kernel, BLOCK_D
     bucket, short), with the segment and dropout overrides that apply; None: that variant has
     no build (a fused entry whose calls take the two passes)."""
+    if segments and dropout and key in _CUDA_SEGMENT_DROPOUT_CONFIGS:
+        return _CUDA_SEGMENT_DROPOUT_CONFIGS[key]
     if segments and key in _CUDA_SEGMENT_CONFIGS:
         return _CUDA_SEGMENT_CONFIGS[key]
     if dropout and key in _CUDA_DROPOUT_CONFIGS:
