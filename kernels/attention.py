@@ -426,7 +426,7 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
             *args, **segment_args(seg, block_m, block_n), BLOCK_M=block_m, BLOCK_N=block_n,
             num_warps=warps, num_stages=stages, **dot)
     elif plan[2] > 1:
-        rm = min(_REDUCE_BLOCK_M, max(16, triton.next_power_of_2(N)))
+        rm = min(_REDUCE_BLOCK_M, max(16, triton.next_power_of_2(N))) if _interpreting() else _REDUCE_BLOCK_M
         attention_bwd_dq_reduce_kernel[(triton.cdiv(N, rm) * B * num_heads,)](
             part, dqkv, N, num_heads, plan[2], part.stride(0), part.stride(1), part.stride(2),
             dqkv.stride(0), dqkv.stride(1), kv_segments["SPANS"], HEAD_DIM=head_dim,
