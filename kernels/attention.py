@@ -215,7 +215,8 @@ _CUDA_SEGMENT_CONFIGS = {
 # Builds with both segments and dropout, ahead of both tables. None: no fused build; the short
 # 64-bucket one needs 255 registers on triton 3.8 and spills on 3.6 (sm_90), at 4 and 8 warps.
 # The 256 bucket's dQ at 2 stages spilled on triton 3.6 (sm_80 and sm_90); 1 stage does not.
-_CUDA_SEGMENT_DROPOUT_CONFIGS = {("dkdv_dq", 64, True): None,
+# The 64 bucket's long dK/dV (32 x 128, 8 warps) spilled on 3.6 (sm_80): the short build's tile.
+_CUDA_SEGMENT_DROPOUT_CONFIGS = {("dkdv_dq", 64, True): None, ("dkdv", 64, False): (32, 64, 4, 1),
                                  ("dq", 256, False): (32, 32, 8, 1), ("dq", 256, True): (32, 32, 8, 1)}
 _DELTA_BLOCK_M = 64
 _REDUCE_BLOCK_M = 64
