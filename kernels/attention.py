@@ -31,18 +31,20 @@ Layouts (row-major, last dim stride 1; B and N dims may have any stride):
     seg  [B, N]          int32 segment ids (contiguous), spans: see attention_segments.py
 Head dims that are not powers of two are padded with masked loads to BLOCK_D = next power of
 two (at least 16, what tl.dot needs). All accumulation is fp32. The backward has no atomics:
-dk/dv are owned by one program per key block and dq by one program per query block, so two runs
-are bitwise equal.
+dk/dv are owned by one program per key block, and dq either by one program per query block (long
+sequences) or by per-key-block fp32 partials summed in a fixed order (bwd_plan), so two runs are
+bitwise equal.
 """
 import torch
 import triton
 import triton.language as tl
 
 from ._device import interpreting as _interpreting
-from ._device import on_tensor_device
-from .attention_bwd import attention_bwd_delta_kernel, attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
+from ._device import gpu_target, on_tensor_device
+from .attention_bwd import (attention_bwd_delta_kernel, attention_bwd_dkdv_kernel,
+                            attention_bwd_dq_kernel, attention_bwd_dq_reduce_kernel)
 from .attention_dropout import _dropout_keep, _keep_threshold
-from .attention_segments import _segment_mask, _segment_rows, _segment_tile, segment_args
+from .attention_segments import _int32_ids, _segment_mask, _segment_rows, _segment_tile, segment_args
 from .attention_tiles import _LN2, LOG2E, _load_rows, _operand, _store_rows, _tile_of_head
 
 
@@ -176,6 +178,14 @@ _CUDA_CONFIGS = {
     ("dq", 64, True): (64, 32, 4, 2),
     ("dq", 128, True): (64, 32, 4, 2),
     ("dq", 256, True): (32, 32, 8, 2),
+    # dK/dV with dq's partials (WRITE_DQ, chosen by bwd_plan), on _FUSED_ARCHS. Query tiles of
+    # 64 rows keep dq's product (64 × D over the key tile) a whole warpgroup's wgmma on sm_90.
+    # No entry for head dims over 128: their 32-key tiles would need up to 16 partials at ViT
+    # lengths, so they keep the two passes.
+    ("dkdv_dq", 64, False): (64, 128, 8, 2),
+    ("dkdv_dq", 128, False): (64, 64, 8, 2),
+    ("dkdv_dq", 64, True): (64, 64, 4, 2),
+    ("dkdv_dq", 128, True): (64, 64, 8, 2),
 }
 # Dropout builds (HAS_DROPOUT=True) whose entry above spilled: the Philox rounds over each
 # score tile add register pressure, so these spread the tile over 8 warps (0 spills, sm_80/90).
@@ -186,7 +196,14 @@ _CUDA_DROPOUT_CONFIGS = {
     ("fwd", 64, True): (64, 32, 4, 2),  # 64 keys: 220 registers on sm_80, 2 CTAs/SM where 3 were
     ("dkdv", 128, False): (32, 64, 8, 2),
     ("dkdv", 128, True): (32, 64, 8, 2),
+    # One stage: at 2 the D=48 build spilled on triton 3.6 (sm_80); 8 warps would also fix it
+    # but cost sm_90 a CTA and the D=64 build 1.8x its integer work per score.
+    ("dkdv", 64, True): (32, 64, 4, 1),
     ("dq", 64, False): (128, 32, 8, 3),
+    # None: no fused build. The 128 bucket's fused pass with the mask needs 255 registers and
+    # spills (sm_90); those calls take the two passes (bwd_plan).
+    ("dkdv_dq", 128, False): None,
+    ("dkdv_dq", 128, True): None,
 }
 # Segment builds (HAS_SEGMENTS=True) whose entry above spilled on sm_80 (the id mask of each
 # score tile): the same tiles over 8 warps. Ahead of the dropout table when both apply.
@@ -195,7 +212,29 @@ _CUDA_SEGMENT_CONFIGS = {
     ("dkdv", 128, False): (32, 64, 8, 2),
     ("dkdv", 128, True): (32, 64, 8, 2),
 }
+# Builds with both segments and dropout, ahead of both tables. None: no fused build; the short
+# 64-bucket one needs 255 registers on triton 3.8 and spills on 3.6 (sm_90), at 4 and 8 warps.
+# The 256 bucket's dQ at 2 stages spilled on triton 3.6 (sm_80 and sm_90); 1 stage does not.
+# The 64 bucket's long dK/dV (32 x 128, 8 warps) spilled on 3.6 (sm_80): the short build's tile.
+_CUDA_SEGMENT_DROPOUT_CONFIGS = {("dkdv_dq", 64, True): None, ("dkdv", 64, False): (32, 64, 4, 1),
+                                 ("dq", 256, False): (32, 32, 8, 1), ("dq", 256, True): (32, 32, 8, 1)}
 _DELTA_BLOCK_M = 64
+_REDUCE_BLOCK_M = 64
+# The 5-product backward (dK/dV pass writing dq's per-key-tile partials, then a reduce) keeps
+# n_key_blocks fp32 copies of dq alive between the two launches: 4·n_key_blocks bytes per dq
+# element (ViT-B/16 at B=64, 2 key tiles: 78 MB), and 8·n_key_blocks bytes of traffic (written,
+# then read). Both grow with N like the two products saved (S and dP of the dq pass), at
+# BLOCK_N/2 FLOPs per byte, below H100's ridge: by bytes and FLOPs alone (bench roofline) the
+# partials cost more than they save. What the fused pass saves besides products is the
+# per-score work the dq pass repeats (exp2, the dropout mask, the segment mask), so it runs
+# only while the partials stay few: up to 4 key tiles (N <= 512 at D <= 64), beyond which the
+# 7-product pair of passes (dK/dV, then dQ) runs. One key tile (N <= BLOCK_N) needs no
+# partials: the pass writes dq itself. A GPU measurement should set this cap (docs/design.md).
+_MAX_DQ_PARTIALS = 4
+# Where the fused pass ships. On sm_80 its 64-query tiles spill (mma.sync keeps a copy of the q
+# and dO operands per warp: 255 registers and local memory at 4 and 8 warps), and 32-query
+# tiles, which fit there, would pad dq's product to 64 rows on sm_90; sm_80 keeps the two passes.
+_FUSED_ARCHS = (90,)
 
 
 def _block_d(head_dim: int) -> int:
@@ -204,7 +243,10 @@ def _block_d(head_dim: int) -> int:
 
 def shipped_config(key, dropout: bool = False, segments: bool = False):
     """The CUDA table's (BLOCK_M, BLOCK_N, num_warps, num_stages) for key = (kernel, BLOCK_D
-    bucket, short), with the segment and dropout overrides that apply."""
+    bucket, short), with the segment and dropout overrides that apply; None: that variant has
+    no build (a fused entry whose calls take the two passes)."""
+    if segments and dropout and key in _CUDA_SEGMENT_DROPOUT_CONFIGS:
+        return _CUDA_SEGMENT_DROPOUT_CONFIGS[key]
     if segments and key in _CUDA_SEGMENT_CONFIGS:
         return _CUDA_SEGMENT_CONFIGS[key]
     if dropout and key in _CUDA_DROPOUT_CONFIGS:
@@ -274,6 +316,25 @@ def _config(kernel: str, n: int, head_dim: int, dtype: torch.dtype, dropout: boo
     if kernel == "fwd":
         return fwd_config(key, dropout, segments, shared_limit)
     return shipped_config(key, dropout, segments)
+
+
+def bwd_plan(n: int, head_dim: int, dtype: torch.dtype, dropout: bool = False,
+             segments: bool = False, arch=None):
+    """The backward's launch structure on a GPU of compute capability arch (e.g. 90; None:
+    the interpreter's tiles): ("fused", dkdv_dq config, n_key_blocks) when the dK/dV pass also
+    writes dq (directly when n_key_blocks == 1, else as partials for the reduce), or ("split",
+    dkdv config, dq config) for the two-pass path (long sequences, other GPUs)."""
+    def config(kernel):
+        if arch is None:
+            return _config(kernel, n, head_dim, dtype, dropout, segments)
+        return shipped_config((kernel, max(64, _block_d(head_dim)), n <= _SHORT_N), dropout, segments)
+    if arch is None or (arch in _FUSED_ARCHS and ("dkdv_dq", max(64, _block_d(head_dim)),
+                                                  n <= _SHORT_N) in _CUDA_CONFIGS):
+        fused = config("dkdv_dq")
+        key_blocks = triton.cdiv(n, fused[1]) if fused else _MAX_DQ_PARTIALS + 1
+        if key_blocks <= _MAX_DQ_PARTIALS:
+            return "fused", fused, key_blocks
+    return "split", config("dkdv"), config("dq")
 
 
 def _dot_args(dtype: torch.dtype):
@@ -354,13 +415,20 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, dropout_p:
     return out, lse
 
 
+def _dq_partials(key_blocks: int, B: int, N: int, C: int, device) -> torch.Tensor:
+    """The fused pass's dq partials [key_blocks, B, N, C] fp32, uninitialised: each entry the
+    reduce reads was written (tests fill it with NaN to hold them to that)."""
+    return torch.empty(key_blocks, B, N, C, device=device, dtype=torch.float32)
+
+
 @on_tensor_device
 def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                   num_heads: int, scale: float, *, dropout_p: float = 0.0, seed=None,
                   segment_ids=None, config=None):
     """dqkv [B, N, 3·H·D] (qkv's dtype, contiguous) from dout [B, N, H·D] and the forward's
-    qkv, out, lse, dropout_p, seed and segment_ids. config: (dkdv config, dq config) override, as in
-    attention_fwd."""
+    qkv, out, lse, dropout_p, seed and segment_ids. config overrides bwd_plan as in
+    attention_fwd: (dkdv config, dq config) runs the two passes, (dkdv config, None) the fused
+    pass with that config."""
     _check_shipped(qkv)
     seed, dropout_p, has_dropout = _dropout_args(qkv, dropout_p, seed)
     qkv, out, dout = _last_dim_contiguous(qkv), _last_dim_contiguous(out), _last_dim_contiguous(dout)
@@ -376,21 +444,47 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     attention_bwd_delta_kernel[(triton.cdiv(N, dm) * B * num_heads,)](
         out, dout, delta, N, num_heads, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=dm)
-    segments = segment_ids is not None
-    cfg_kv, cfg_q = config or (_config("dkdv", N, head_dim, qkv.dtype, has_dropout, segments),
-                               _config("dq", N, head_dim, qkv.dtype, has_dropout, segments))
+    # The segment ids as the kernels read them, once per backward (the spans depend on tiles).
+    seg = None if segment_ids is None else _int32_ids(segment_ids)
+    if config is None:
+        target = gpu_target(qkv.device)
+        plan = bwd_plan(N, head_dim, qkv.dtype, has_dropout, seg is not None,
+                        target.arch if target else None)
+    elif config[1] is None:
+        plan = ("fused", config[0], triton.cdiv(N, config[0][1]))
+    else:
+        plan = ("split", *config)
     args = (qkv, dout, lse, delta, dqkv, seed, N, num_heads, qkv.stride(0), qkv.stride(1),
             dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
             float(scale), float(scale) * LOG2E, dropout_p)
-    dot = dict(_dot_args(qkv.dtype), HAS_DROPOUT=has_dropout)
-    block_m, block_n, warps, stages = cfg_kv
+    dot = dict(_dot_args(qkv.dtype), HAS_DROPOUT=has_dropout, HEAD_DIM=head_dim, BLOCK_D=block_d)
+    block_m, block_n, warps, stages = plan[1]
+    kv_segments = segment_args(seg, block_n, block_m)
+    if plan[0] == "split":
+        dq_out = dict(DQ=None, stride_dq_kb=0, stride_dq_b=0, stride_dq_n=0, WRITE_DQ=False)
+    elif plan[2] == 1:  # one key tile: its share of dq is all of it
+        if seg is not None:  # query tiles of padding only are outside the tile's span: dq = 0
+            dqkv[..., :three_c // 3].zero_()
+        dq_out = dict(DQ=dqkv, stride_dq_kb=0, stride_dq_b=dqkv.stride(0),
+                      stride_dq_n=dqkv.stride(1), WRITE_DQ=True)
+    else:
+        part = _dq_partials(plan[2], B, N, three_c // 3, qkv.device)
+        dq_out = dict(DQ=part, stride_dq_kb=part.stride(0), stride_dq_b=part.stride(1),
+                      stride_dq_n=part.stride(2), WRITE_DQ=True)
     attention_bwd_dkdv_kernel[(triton.cdiv(N, block_n) * B * num_heads,)](
-        *args, **segment_args(segment_ids, block_n, block_m), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=warps, num_stages=stages, **dot)
-    block_m, block_n, warps, stages = cfg_q
-    attention_bwd_dq_kernel[(triton.cdiv(N, block_m) * B * num_heads,)](
-        *args, **segment_args(segment_ids, block_m, block_n), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=warps, num_stages=stages, **dot)
+        *args, **kv_segments, **dq_out, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        num_stages=stages, **dot)
+    if plan[0] == "split":
+        block_m, block_n, warps, stages = plan[2]
+        attention_bwd_dq_kernel[(triton.cdiv(N, block_m) * B * num_heads,)](
+            *args, **segment_args(seg, block_m, block_n), BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=warps, num_stages=stages, **dot)
+    elif plan[2] > 1:
+        rm = min(_REDUCE_BLOCK_M, max(16, triton.next_power_of_2(N))) if _interpreting() else _REDUCE_BLOCK_M
+        attention_bwd_dq_reduce_kernel[(triton.cdiv(N, rm) * B * num_heads,)](
+            part, dqkv, N, num_heads, plan[2], part.stride(0), part.stride(1), part.stride(2),
+            dqkv.stride(0), dqkv.stride(1), kv_segments["SPANS"], HEAD_DIM=head_dim,
+            BLOCK_D=block_d, BLOCK_M=rm, KEY_BLOCK=block_n, HAS_SEGMENTS=seg is not None)
     return dqkv
 
 

@@ -4,9 +4,11 @@ import itertools
 
 import torch
 
-from .attention import (_CUDA_CONFIGS, _DELTA_BLOCK_M, _block_d, attention_bwd_delta_kernel,
-                        attention_bwd_dkdv_kernel, attention_bwd_dq_kernel, attention_fwd_kernel,
-                        fwd_configs, shipped_config)
+from .attention import (_CUDA_CONFIGS, _DELTA_BLOCK_M, _FUSED_ARCHS, _MAX_DQ_PARTIALS,
+                        _REDUCE_BLOCK_M, _SHORT_N, _block_d, attention_bwd_delta_kernel,
+                        attention_bwd_dkdv_kernel, attention_bwd_dq_kernel,
+                        attention_bwd_dq_reduce_kernel, attention_fwd_kernel, fwd_configs,
+                        shipped_config)
 
 
 # Head dims compiled ahead of time per bucket: the powers of two, and the padded ones real ViTs use
@@ -20,7 +22,37 @@ def launchable_configs(key, dropout, segments):
     tiles of GPUs with less shared memory (attention.fwd_configs)."""
     if key[0] == "fwd":
         return fwd_configs(key, dropout, segments)
-    return [shipped_config(key, dropout, segments)]
+    cfg = shipped_config(key, dropout, segments)
+    return [] if cfg is None else [cfg]   # None: no fused build for it (attention.bwd_plan)
+
+
+def _dq_targets(short: bool, block_n: int, ptr: str):
+    """What a fused dK/dV build (WRITE_DQ) writes dq into over the sequence lengths its table
+    entry serves: dqkv itself (qkv's pointer type) where one key tile covers N, fp32 partials
+    where 2.._MAX_DQ_PARTIALS do (attention.bwd_plan)."""
+    lo, hi = (1, _SHORT_N) if short else (_SHORT_N + 1, _MAX_DQ_PARTIALS * block_n)
+    return [t for t, ok in ((ptr, lo <= block_n), ("*fp32", hi > block_n)) if ok]
+
+
+def _reduce_spec(AotSpec, dtype, ptr, head_dim, key_block, segments):
+    consts = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_M": _REDUCE_BLOCK_M,
+              "KEY_BLOCK": key_block, "HAS_SEGMENTS": segments}
+    sig = {"PART": "*fp32", "DQKV": ptr, "N": "i32", "H": "i32", "n_key_blocks": "i32",
+           "stride_part_kb": "i32", "stride_part_b": "i32", "stride_part_n": "i32",
+           "stride_dqkv_b": "i32", "stride_dqkv_n": "i32"}
+    div = ["PART", "DQKV", "stride_part_kb", "stride_part_b", "stride_part_n", "stride_dqkv_b",
+           "stride_dqkv_n"]
+    if segments:
+        sig["SPANS"] = "*i32"
+        div.append("SPANS")
+    else:
+        consts["SPANS"] = None
+    sig.update({k: "constexpr" for k in consts})
+    sig = {name: sig[name] for name in attention_bwd_dq_reduce_kernel.arg_names}
+    name = (f"attention_bwd_dq_reduce[{str(dtype).split('.')[-1]},D={head_dim},KB={key_block}"
+            f"{',segments' if segments else ''}]")
+    return AotSpec(name, attention_bwd_dq_reduce_kernel, sig, consts, tuple(div), 4, None,
+                   uses_dot=False, archs=_FUSED_ARCHS)  # launch defaults
 
 
 def aot_specs():
@@ -30,12 +62,15 @@ def aot_specs():
 
     specs = []
     # Short- and long-sequence entries that share a config are one build.
-    shipped = sorted({(key[0], key[1], dropout, segments, cfg)
+    # A fused entry also lists what it writes dq into (one build each).
+    shipped = sorted({(key[0], key[1], dropout, segments, cfg, dq)
                       for key in _CUDA_CONFIGS
                       for dropout, segments in itertools.product((False, True), (False, True))
-                      for cfg in launchable_configs(key, dropout, segments)})
+                      for cfg in launchable_configs(key, dropout, segments)
+                      for dq in (_dq_targets(key[2], cfg[1], "io") if key[0] == "dkdv_dq" else [None])})
+    reduces = set()
     for dtype, ptr in _TORCH_TO_SIG.items():
-        for kernel, bucket, dropout, segments, (bm, bn, warps, stages) in shipped:
+        for kernel, bucket, dropout, segments, (bm, bn, warps, stages), dq in shipped:
             for head_dim in _AOT_HEAD_DIMS[bucket]:
                 consts = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_M": bm,
                           "BLOCK_N": bn, "HAS_DROPOUT": dropout, "HAS_SEGMENTS": segments,
@@ -47,7 +82,7 @@ def aot_specs():
                         "stride_o_n": "i32", "qk_scale": "fp32", "dropout_p": "fp32"}
                     div = ["QKV", "O", "LSE", "stride_qkv_b", "stride_qkv_n", "stride_o_b", "stride_o_n"]
                 else:
-                    fn = attention_bwd_dkdv_kernel if kernel == "dkdv" else attention_bwd_dq_kernel
+                    fn = attention_bwd_dq_kernel if kernel == "dq" else attention_bwd_dkdv_kernel
                     sig = {"QKV": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQKV": ptr,
                            "SEED": "*i64", "N": "i32", "H": "i32", "stride_qkv_b": "i32",
                            "stride_qkv_n": "i32", "stride_do_b": "i32", "stride_do_n": "i32",
@@ -55,6 +90,19 @@ def aot_specs():
                            "qk_scale": "fp32", "dropout_p": "fp32"}
                     div = ["QKV", "DO", "LSE", "DELTA", "DQKV", "stride_qkv_b", "stride_qkv_n",
                            "stride_do_b", "stride_do_n", "stride_dqkv_b", "stride_dqkv_n"]
+                if fn is attention_bwd_dkdv_kernel:
+                    # Launched with DQ None and zero strides without WRITE_DQ; with it, DQ is
+                    # dqkv (its strides) or the fresh fp32 partials.
+                    sig.update(stride_dq_kb="i32", stride_dq_b="i32", stride_dq_n="i32")
+                    div += ["stride_dq_kb", "stride_dq_b", "stride_dq_n"]
+                    consts["WRITE_DQ"] = dq is not None
+                    if dq is None:
+                        consts["DQ"] = None
+                    else:
+                        sig["DQ"] = ptr if dq == "io" else dq
+                        div.append("DQ")
+                        if dq != "io":
+                            reduces.add((head_dim, bn, segments))
                 if dropout:
                     div.append("SEED")  # a fresh allocation, so 16-byte aligned as the JIT sees it
                 else:
@@ -70,8 +118,12 @@ def aot_specs():
                 sig = {name: sig[name] for name in fn.arg_names}  # argument order, for the attrs
                 name = (f"attention_{kernel}[{str(dtype).split('.')[-1]},D={head_dim},"
                         f"BM={bm},BN={bn},w={warps},s={stages}{',dropout' if dropout else ''}"
-                        f"{',segments' if segments else ''}]")
-                specs.append(AotSpec(name, fn, sig, consts, tuple(div), warps, stages, uses_dot=True))
+                        f"{',segments' if segments else ''}"
+                        f"{'' if dq is None else ',dq=' + sig['DQ'].lstrip('*')}]")
+                specs.append(AotSpec(name, fn, sig, consts, tuple(div), warps, stages, uses_dot=True,
+                                     archs=None if dq is None else _FUSED_ARCHS))
+        specs += [_reduce_spec(AotSpec, dtype, ptr, *r) for r in sorted(reduces)]
+        reduces.clear()
         for head_dim in sorted(d for dims in _AOT_HEAD_DIMS.values() for d in dims):
             consts = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_M": _DELTA_BLOCK_M}
             sig = {"O": ptr, "DO": ptr, "DELTA": "*fp32", "N": "i32", "H": "i32", "stride_o_b": "i32",

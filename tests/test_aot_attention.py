@@ -19,7 +19,7 @@ def compiled():
 
 
 def test_specs_cover_the_shipped_dtypes_head_dims_and_kernels():
-    shipped = {(s.kernel.fn.__name__, s.signature["QKV" if "QKV" in s.signature else "O"],
+    shipped = {(s.kernel.fn.__name__, s.signature.get("QKV", s.signature.get("O", s.signature.get("DQKV"))),
                 s.constants["HEAD_DIM"], s.constants.get("HAS_DROPOUT", False)) for s in SPECS}
     for kernel in ("attention_fwd_kernel", "attention_bwd_delta_kernel",
                    "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"):
@@ -43,6 +43,8 @@ def test_dropout_builds_take_the_seed_pointer():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
 def test_compiles_without_spills(compiled, spec, arch):
+    if not spec.for_arch(arch):
+        pytest.skip(f"launched on {spec.archs} only")
     r = compiled[(spec.name, arch)]
     assert not isinstance(r, str), f"{spec.name} sm_{arch} failed to compile: {r}"
     assert r.spill_bytes == 0, f"{spec.name} sm_{arch}: {r.spill_bytes} bytes spilled ({r.registers} registers)"

@@ -349,7 +349,7 @@ def test_opcheck_with_segment_ids():
 
 
 def test_aot_specs_build_the_segment_variants_as_launched():
-    specs = kernels.aot_specs()
+    specs = [s for s in kernels.aot_specs() if "QKV" in s.signature]  # the reduce: no SEG
     for s in specs:
         if s.constants.get("HAS_SEGMENTS"):
             assert s.signature["SEG"] == "*i32" and s.signature["SPANS"] == "*i32", s.name
@@ -369,13 +369,62 @@ def test_segment_configs_the_launchers_pick_are_compiled_ahead(monkeypatch):
     fn_names = {"fwd": "attention_fwd_kernel", "dkdv": "attention_bwd_dkdv_kernel",
                 "dq": "attention_bwd_dq_kernel"}
     compiled = {(s.kernel.fn.__name__, s.constants["BLOCK_M"], s.constants["BLOCK_N"], s.num_warps,
-                 s.num_stages, s.constants["HEAD_DIM"], s.constants["HAS_DROPOUT"])
-                for s in kernels.aot_specs() if s.constants.get("HAS_SEGMENTS")}
+                 s.num_stages, s.constants["HEAD_DIM"], s.constants["HAS_DROPOUT"],
+                 s.constants.get("WRITE_DQ", False))
+                for s in kernels.aot_specs() if s.constants.get("HAS_SEGMENTS") and "BLOCK_N" in s.constants}
     for head_dim in (32, 48, 64, 80, 96, 112, 128, 256):
-        for n in (64, 577):
+        for n in (64, 197, 577):
             for kernel, fn in fn_names.items():
                 for dropout in (False, True):
                     cfg = kernels._config(kernel, n, head_dim, F16, dropout, True)
-                    assert (fn, *cfg, head_dim, dropout) in compiled, (kernel, n, head_dim, dropout)
+                    assert (fn, *cfg, head_dim, dropout, False) in compiled, (kernel, n, head_dim, dropout)
+            for dropout in (False, True):
+                plan = kernels.bwd_plan(n, head_dim, F16, dropout, True, arch=90)
+                if plan[0] == "fused":  # the dK/dV pass that writes dq
+                    assert ("attention_bwd_dkdv_kernel", *plan[1], head_dim, dropout, True) in compiled
     # The overrides are used: the 128-bucket dK/dV build with segments is not the plain one.
     assert kernels._config("dkdv", 577, 80, F16, False, True) != kernels._config("dkdv", 577, 80, F16)
+
+
+# The fused backward (the dK/dV pass writes dq): 2 key tiles of partials + the reduce, and one
+# key tile writing dq directly.
+FUSED_CFGS = {"partials": ((16, 32, 4, 1), None), "direct": ((16, 64, 4, 1), None)}
+
+
+@pytest.mark.parametrize("layout,head_dim,dtype,bwd", [
+    ("crossing_tiles", 16, F32, "partials"), ("row_of_padding", 16, F16, "partials"),
+    ("many_short", 24, BF16, "partials"), ("row_of_padding", 16, BF16, "direct")])
+def test_fused_backward_matches_per_image_attention(monkeypatch, layout, head_dim, dtype, bwd):
+    # Partials start as NaN: the reduce must read exactly the query rows each key tile's span
+    # covered (the dK/dV launch's spans), and a direct write must zero padding-only tiles.
+    monkeypatch.setattr(kernels, "_dq_partials",
+                        lambda kb, B, N, C, device: torch.full((kb, B, N, C), float("nan")))
+    monkeypatch.setattr(kernels.torch, "empty", lambda *a, **k: torch.full(a, float("nan"), **k)
+                        if k.get("dtype") not in (None, torch.int32, torch.int64) else torch.zeros(*a, **k))
+    ids = LAYOUTS[layout]
+    B, N, H = ids.shape[0], ids.shape[1], 2
+    scale = head_dim ** -0.5
+    qkv = torch.randn(B, N, 3 * H * head_dim, dtype=dtype)
+    grad = torch.randn(B, N, H * head_dim, dtype=dtype)
+    out, lse = kernels.attention_fwd(qkv, H, scale, segment_ids=ids, config=FWD_CFG)
+    dqkv = kernels.attention_bwd(grad, qkv, out, lse, H, scale, segment_ids=ids, config=FUSED_CFGS[bwd])
+    monkeypatch.undo()
+    same = _with_grad(lambda t: reference.fused_qkv_attention(t, H, scale=scale, segment_ids=ids),
+                      qkv, grad, dtype)
+    per_image64 = _with_grad(lambda t: _per_image(t, H, ids, scale), qkv, grad, torch.float64)
+    assert_close_by_rule(dqkv, same[1], per_image64[1], "dqkv")
+    pad = ids < 0
+    assert torch.equal(dqkv[pad], torch.zeros_like(dqkv[pad]))
+    again = kernels.attention_bwd(grad, qkv, out, lse, H, scale, segment_ids=ids, config=FUSED_CFGS[bwd])
+    assert torch.equal(dqkv, again)
+
+
+def test_fused_backward_computes_the_spans_once(monkeypatch):
+    # One spans table for the dK/dV pass, which the reduce reads too (the forward makes its own).
+    calls = _spy_spans(monkeypatch)
+    ids = LAYOUTS["crossing_tiles"]
+    qkv = torch.randn(1, 48, 3 * 2 * 16)
+    out, lse = kernels.attention_fwd(qkv, 2, 0.25, segment_ids=ids, config=FWD_CFG)
+    kernels.attention_bwd(torch.randn(1, 48, 32), qkv, out, lse, 2, 0.25, segment_ids=ids,
+                          config=FUSED_CFGS["partials"])
+    assert [(r, c) for r, c, _ in calls] == [(16, 32), (32, 16)]  # fwd, then dK/dV (+ reduce)

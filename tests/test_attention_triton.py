@@ -92,7 +92,9 @@ def test_last_dim_not_unit_stride():
 @pytest.mark.parametrize("fwd_tiles,kv_tiles,q_tiles", [
     ((16, 32), (16, 32), (32, 16)),
     ((32, 16), (32, 16), (16, 32)),
-])
+    ((16, 32), (16, 32), None),   # fused: 2 key tiles of dq partials, then the reduce
+    ((32, 16), (32, 64), None),   # fused: one key tile, dq written directly
+], ids=["split-16x32", "split-32x16", "fused-partials", "fused-direct"])
 def test_launcher_tile_shapes(fwd_tiles, kv_tiles, q_tiles):
     # BLOCK_M != BLOCK_N with several partial blocks: the loop bounds and masks of each kernel.
     B, N, H, D = 1, 50, 2, 40
@@ -101,7 +103,7 @@ def test_launcher_tile_shapes(fwd_tiles, kv_tiles, q_tiles):
     grad = torch.randn(B, N, H * D, dtype=F16)
     out, lse = kernels.attention_fwd(qkv, H, scale, config=(*fwd_tiles, 4, 1))
     dqkv = kernels.attention_bwd(grad, qkv, out, lse, H, scale,
-                                 config=((*kv_tiles, 4, 1), (*q_tiles, 4, 1)))
+                                 config=((*kv_tiles, 4, 1), q_tiles and (*q_tiles, 4, 1)))
     out_same, dqkv_same = _ref(qkv, H, scale, grad, F16)
     out64, dqkv64 = _ref(qkv, H, scale, grad, torch.float64)
     assert_close_by_rule(out, out_same, out64, "out")
@@ -116,9 +118,50 @@ def test_launcher_tile_shapes(fwd_tiles, kv_tiles, q_tiles):
 def test_backward_is_deterministic():
     qkv = torch.randn(2, 197, 3 * 2 * 64, dtype=BF16)
     grad = torch.randn(2, 197, 2 * 64, dtype=BF16)
+    assert kernels.bwd_plan(197, 64, BF16)[0::2] == ("fused", 4)  # the partials and the reduce
     _, first = _ours(qkv, 2, 0.125, grad)
     _, second = _ours(qkv, 2, 0.125, grad)
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("config", [((32, 32, 4, 1), (32, 32, 4, 1)), ((32, 32, 4, 1), None)],
+                         ids=["split", "fused"])
+def test_both_backward_paths_are_deterministic_and_agree(config):
+    B, N, H, D = 1, 40, 2, 32
+    qkv = torch.randn(B, N, 3 * H * D, dtype=F16)
+    grad = torch.randn(B, N, H * D, dtype=F16)
+    out, lse = kernels.attention_fwd(qkv, H, 0.2)
+    first = kernels.attention_bwd(grad, qkv, out, lse, H, 0.2, config=config)
+    assert torch.equal(first, kernels.attention_bwd(grad, qkv, out, lse, H, 0.2, config=config))
+    # dk, dv: the same kernel either way, bitwise; dq: the same sum, in another order.
+    other = kernels.attention_bwd(grad, qkv, out, lse, H, 0.2, config=(config[0], None if config[1] else (32, 32, 4, 1)))
+    assert torch.equal(first[..., H * D:], other[..., H * D:])
+    torch.testing.assert_close(first[..., :H * D], other[..., :H * D], atol=2e-3, rtol=2e-3)
+
+
+def test_bwd_plan_fused_while_the_partials_are_few(monkeypatch):
+    # Under the interpreter: one key tile writes dq itself, up to 4 write partials, more
+    # take the two passes. On CUDA: fused on sm_90 only, the partials capped the same way.
+    assert kernels.bwd_plan(17, 40, F16)[0::2] == ("fused", 1)
+    assert kernels.bwd_plan(257, 64, F16)[0] == "split"
+    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+    assert kernels.bwd_plan(197, 64, BF16, arch=90) == ("fused", (64, 128, 8, 2), 2)
+    assert kernels.bwd_plan(512, 64, BF16, arch=90)[2] == 4
+    assert kernels.bwd_plan(513, 64, BF16, arch=90)[0] == "split"
+    assert kernels.bwd_plan(197, 64, BF16, arch=80)[0] == "split"
+    assert kernels.bwd_plan(197, 256, BF16, arch=90)[0] == "split"
+
+
+def test_reduce_reads_only_the_partials_written(monkeypatch):
+    # Partials start as NaN: a reduce reading an entry no key tile wrote would make dq NaN.
+    monkeypatch.setattr(kernels, "_dq_partials",
+                        lambda kb, B, N, C, device: torch.full((kb, B, N, C), float("nan")))
+    qkv = torch.randn(1, 50, 3 * 2 * 16, dtype=F32)
+    grad = torch.randn(1, 50, 2 * 16, dtype=F32)
+    _check(qkv, 2, None, grad)  # the default plan: 50 rows, 2 key tiles of 32 under the interpreter
+    out, lse = kernels.attention_fwd(qkv, 2, 0.25)
+    dqkv = kernels.attention_bwd(grad, qkv, out, lse, 2, 0.25, config=((16, 16, 4, 1), None))
+    assert torch.isfinite(dqkv).all()
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
@@ -192,17 +235,30 @@ def test_cuda_config_table_is_what_aot_compiles(monkeypatch):
     # builds the AOT test checks (same kernel, tiles, warps, stages and head-dim bucket).
     monkeypatch.setattr(kernels, "_interpreting", lambda: False)
     fn_names = {"fwd": "attention_fwd_kernel", "dkdv": "attention_bwd_dkdv_kernel",
-                "dq": "attention_bwd_dq_kernel"}
+                "dq": "attention_bwd_dq_kernel", "dkdv_dq": "attention_bwd_dkdv_kernel"}
+    specs = kernels.aot_specs()
     compiled = {(s.kernel.fn.__name__, s.constants["BLOCK_M"], s.constants["BLOCK_N"], s.num_warps,
-                 s.num_stages, max(64, s.constants["BLOCK_D"]), s.constants["HAS_DROPOUT"])
-                for s in kernels.aot_specs() if "BLOCK_N" in s.constants}
+                 s.num_stages, max(64, s.constants["BLOCK_D"]), s.constants["HAS_DROPOUT"],
+                 s.signature["DQ"] if s.constants.get("WRITE_DQ") else "-", arch)
+                for s in specs if "BLOCK_N" in s.constants for arch in (80, 90) if s.for_arch(arch)}
+    reduces = {(s.constants["HEAD_DIM"], s.constants["KEY_BLOCK"], s.constants["HAS_SEGMENTS"])
+               for s in specs if s.kernel.fn.__name__ == "attention_bwd_dq_reduce_kernel"}
     for head_dim in range(1, 257):
-        for n in (1, 64, 65, 577):
-            for kernel, fn in fn_names.items():
-                for dropout in (False, True):
-                    cfg = kernels._config(kernel, n, head_dim, F16, dropout)
-                    bucket = max(64, kernels._block_d(head_dim))
-                    assert (fn, *cfg, bucket, dropout) in compiled, (kernel, n, head_dim, cfg, dropout)
+        bucket = max(64, kernels._block_d(head_dim))
+        for n in (1, 64, 65, 128, 129, 197, 512, 577):
+            for dropout in (False, True):
+                for arch in (80, 90):
+                    plan = kernels.bwd_plan(n, head_dim, F16, dropout, arch=arch)
+                    if plan[0] == "split":
+                        launches = [("fwd", kernels._config("fwd", n, head_dim, F16, dropout), "-"),
+                                    ("dkdv", plan[1], "-"), ("dq", plan[2], "-")]
+                    else:
+                        launches = [("dkdv_dq", plan[1], "*fp16" if plan[2] == 1 else "*fp32")]
+                        if plan[2] > 1 and head_dim in (32, 48, 64, 80, 96, 112, 128):
+                            assert (head_dim, plan[1][1], False) in reduces, (n, head_dim)
+                    for kernel, cfg, dq in launches:
+                        key = (fn_names[kernel], *cfg, bucket, dropout, dq, arch)
+                        assert key in compiled, (kernel, n, head_dim, cfg, dropout, arch)
 
 
 # --- attention dropout ------------------------------------------------------------------------
@@ -242,6 +298,7 @@ DROPOUT_CASES = [
     (2, 50, 2, 40, F16, 0.5, None, None),
     (1, 17, 2, 64, BF16, 0.25, None, None),
     (1, 37, 2, 16, F32, 0.9, (16, 32, 4, 1), ((16, 32, 4, 1), (32, 16, 4, 1))),
+    (1, 37, 2, 24, BF16, 0.3, (16, 32, 4, 1), ((32, 16, 4, 1), None)),  # fused, 3 key tiles
 ]
 
 
@@ -310,8 +367,9 @@ def _backward_masks(B, H, N, dropout_p, seed, config):
     return kv_mask.bool(), q_mask.bool()
 
 
-@pytest.mark.parametrize("bwd_cfg", [None, ((16, 32, 4, 1), (32, 16, 4, 1)), ((64, 16, 4, 1), (16, 64, 4, 1))],
-                         ids=["default", "16x32-32x16", "64x16-16x64"])
+@pytest.mark.parametrize("bwd_cfg", [None, ((16, 32, 4, 1), (32, 16, 4, 1)), ((64, 16, 4, 1), (16, 64, 4, 1)),
+                                     ((32, 16, 4, 1), None)],
+                         ids=["default", "16x32-32x16", "64x16-16x64", "fused-partials"])
 def test_dropout_backward_regenerates_exactly_the_forwards_mask(bwd_cfg):
     B, H, N, p = 1, 2, 40, 0.5
     seed = _seed(0x1234_5678_9ABC)

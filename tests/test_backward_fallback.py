@@ -83,6 +83,26 @@ def test_attention_backward_falls_back(monkeypatch):
     _check(lambda q: vit_fast.fused_qkv_attention(q, 2), [qkv], failing)
 
 
+def test_attention_backward_falls_back_when_the_dq_reduce_fails(monkeypatch):
+    """The fused backward's second launch (the dq partials' reduce) failing inside the real
+    launcher: the same fallback as any of its launches."""
+    from vit_fast.kernels import attention
+
+    class FailingKernel:
+        launches = 0
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                FailingKernel.launches += 1
+                raise OutOfResources(81920, 65536, "shared memory")
+            return launch
+    failing = FailingKernel()
+    monkeypatch.setattr(attention, "attention_bwd_dq_reduce_kernel", failing)
+    (qkv,) = _leaves((1, 70, 3 * 1 * 32))
+    assert attention.bwd_plan(70, 32, torch.float32)[0::2] == ("fused", 2)  # partials: a reduce
+    _check(lambda q: vit_fast.fused_qkv_attention(q, 1), [qkv], failing)
+
+
 def test_segment_attention_backward_falls_back(monkeypatch):
     """The reference recompute keeps the segments (and the padding rows' zero gradient)."""
     from vit_fast.ops import attention_sdpa

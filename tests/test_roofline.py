@@ -78,7 +78,8 @@ def _check(launches, ops, names):
 E = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 
-@pytest.mark.parametrize("B,N,H,D,dtype", [(2, 17, 2, 40, torch.float32), (1, 37, 3, 16, torch.bfloat16)])
+@pytest.mark.parametrize("B,N,H,D,dtype", [(2, 17, 2, 40, torch.float32), (1, 37, 3, 16, torch.bfloat16),
+                                           (1, 70, 1, 64, torch.float16)])  # 2 key tiles: partials
 def test_attention_traffic_matches_model(B, N, H, D, dtype):
     att = _kernels_or_skip("attention")
     qkv = torch.randn(B, N, 3 * H * D, dtype=dtype)
@@ -87,7 +88,15 @@ def test_attention_traffic_matches_model(B, N, H, D, dtype):
     _check(launches, [roofline.attention_fwd(B, N, H, D, E[dtype])], ["attention_fwd_kernel"])
     with count_traffic() as launches:
         att.attention_bwd(torch.randn_like(out), qkv, out, lse, H, D ** -0.5)
-    _check(launches, roofline.attention_bwd(B, N, H, D, E[dtype]),
+    plan = att.bwd_plan(N, D, dtype)  # what the launcher picked (the interpreter's tiles)
+    assert plan[0] == "fused" and plan[2] == (2 if N == 70 else 1)
+    _check(launches, roofline.attention_bwd(B, N, H, D, E[dtype], plan),
+           ["attention_bwd_delta_kernel", "attention_bwd_dkdv_kernel"]
+           + (["attention_bwd_dq_reduce_kernel"] if plan[2] > 1 else []))
+    split = ("split", (32, 32, 4, 1), (32, 32, 4, 1))
+    with count_traffic() as launches:
+        att.attention_bwd(torch.randn_like(out), qkv, out, lse, H, D ** -0.5, config=split[1:])
+    _check(launches, roofline.attention_bwd(B, N, H, D, E[dtype], split),
            ["attention_bwd_delta_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"])
 
 

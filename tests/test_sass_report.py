@@ -122,3 +122,47 @@ def test_vit_b_attention_figures_against_before(vit_b_rows, key, monkeypatch):
         assert row["int_per_score"] * 3 <= ints, row      # all four Philox words, 16-bit halves
     if kernel == "fwd":
         assert row["fp_per_score"] < fp, row               # scale folded into the max-subtract
+
+
+# --- the ViT-B attention backward as launched: 5 products per tile pair, not 7 ------------------
+# Tensor-core instructions per 128 x 128 block of scores, summed over the backward kernels the
+# shape launches: a warpgroup issues each HGMMA once, so per score that is MMA/iter x
+# (num_warps / 4) / (BLOCK_M x BLOCK_N). Before (commit 2ed5237, the dK/dV and dQ passes), from
+# `python -m vit_fast.bench compile-check --sass --arch 90 --match "bfloat16,D=64,"`:
+#   long:  dkdv BM=32,BN=128,w=8: 12 HGMMA -> 96; dq BM=128,BN=32,w=4: 20 -> 80 (dropout: w=8, 10 -> 80)
+#   short: dkdv BM=32,BN=64,w=4: 12 -> 96;   dq BM=64,BN=32,w=4: 10 -> 80
+# and the dropout integer work per score of the two passes, summed (table BEFORE above).
+BWD_MMA_BEFORE = {(False, False): 176, (False, True): 176, (True, False): 176, (True, True): 176}
+
+
+def _bwd_launches(dropout, short, monkeypatch):
+    """[(kernel name prefix, BLOCK_M, BLOCK_N, warps, stages, dq target)] of ViT-B's backward."""
+    from vit_fast.kernels import attention
+    monkeypatch.setattr(attention, "_interpreting", lambda: False)  # the CUDA table
+    n = 32 if short else 197
+    plan = attention.bwd_plan(n, 64, None, dropout, arch=90)
+    if plan[0] == "split":
+        return [("attention_dkdv", *plan[1], None), ("attention_dq", *plan[2], None)]
+    return [("attention_dkdv_dq", *plan[1], "bf16" if plan[2] == 1 else "fp32")]
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["plain", "dropout"])
+@pytest.mark.parametrize("short", [False, True], ids=["long", "short"])
+def test_vit_b_attention_backward_tensor_core_work_per_tile_pair(vit_b_rows, monkeypatch, dropout, short):
+    launches = _bwd_launches(dropout, short, monkeypatch)
+    assert [k for k, *_ in launches] == ["attention_dkdv_dq"]  # ViT-B takes the fused pass
+    mma = ints = 0.0
+    for kernel, bm, bn, warps, stages, dq in launches:
+        name = (f"{kernel}[bfloat16,D=64,BM={bm},BN={bn},w={warps},s={stages}"
+                f"{',dropout' if dropout else ''}{'' if dq is None else ',dq=' + dq}]")
+        row = vit_b_rows[name]
+        assert row["spill_bytes"] == 0 and row["mma_kind"] == "HGMMA", row
+        # Occupancy: the long shape's pass keeps the 1 CTA/SM of the dK/dV pass it replaces;
+        # the short one runs 64 x 64 tiles (2 CTAs/SM) where the dK/dV pass ran 32 x 64 (3).
+        assert row["ctas_per_sm"] >= (2 if short else 1), row
+        mma += row["mma_per_iter"] * (warps / 4) * 128 * 128 / (bm * bn)
+        ints += row["int_per_score"]
+    assert mma <= 0.75 * BWD_MMA_BEFORE[(dropout, short)], mma
+    if dropout:
+        before = BEFORE[("dkdv", True, short)][1] + BEFORE[("dq", True, short)][1]
+        assert ints * 3 <= before, ints

@@ -35,7 +35,11 @@ class AotSpec:
     # None: triton's default, what a launch that passes no num_stages compiles with
     num_stages: int | None = None
     uses_dot: bool = False
-    archs: tuple = (80, 90)  # the targets a launcher can run this build on (TMA: sm_90 only)
+    # The architectures a launcher can pick this build on (None: every one compiled for).
+    archs: tuple | None = None
+
+    def for_arch(self, arch: int) -> bool:
+        return self.archs is None or arch in self.archs
 
 
 @dataclasses.dataclass
@@ -126,7 +130,7 @@ def compile_module(module: str, archs=(80, 90), workers: int = 2, names=None) ->
 
     specs = importlib.import_module(f"vit_fast.kernels.{module}").aot_specs()
     jobs = [(module, i, arch) for i, spec in enumerate(specs) for arch in archs
-            if (names is None or spec.name in names) and arch in spec.archs]
+            if (names is None or spec.name in names) and spec.for_arch(arch)]
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"  # what the spawned workers inherit
     try:

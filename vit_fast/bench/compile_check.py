@@ -8,8 +8,7 @@ from __future__ import annotations
 import importlib
 import re
 
-MODULES = ("attention_aot", "layer_norm_aot", "gelu_mlp_aot", "gelu_elementwise_aot", "qk_norm_aot",
-           "matmul_hopper_aot")
+MODULES = ("attention_aot", "layer_norm_aot", "gelu_mlp_aot", "gelu_elementwise_aot", "qk_norm_aot")
 
 
 def collect_specs(modules=MODULES, match=None):
@@ -40,7 +39,7 @@ def run(archs=(80, 90), match=None, limit=None, progress=True):
         specs = specs[:limit]
     rows = []
     for mod, spec in tqdm(specs, desc="compile", disable=not progress, leave=False):
-        for arch in (a for a in archs if a in spec.archs):
+        for arch in filter(spec.for_arch, archs):
             try:
                 r = compile_spec(spec, arch)
                 rows.append({"module": mod, "kernel": spec.name, "arch": f"sm_{arch}",

@@ -6,8 +6,9 @@ Everything here is a *model*, not a measurement:
   bytes, ~25 KB at N=197) and one GEMM operand panel fit easily. tests/test_roofline.py checks the
   vit_fast kernel formulas byte-exactly against the unique addresses the Triton interpreter loads
   and stores (masked-off elements excluded).
-- FLOPs: 2·M·N·K per GEMM, 4·B·H·N²·D for attention forward (QKᵀ and PV), 14·B·H·N²·D for the
-  FlashAttention-2 backward (S and dP recomputed in both passes); elementwise work is counted with
+- FLOPs: 2·M·N·K per GEMM, 4·B·H·N²·D for attention forward (QKᵀ and PV), 10·B·H·N²·D for the
+  fused attention backward (5 products; 14 where the dq pass recomputes S and dP, see
+  attention_bwd) and for FlashAttention-2's; elementwise work is counted with
   small per-element constants that never decide the roofline.
 - time: max(bytes / (bandwidth·η_mem), FLOPs / (peak·η_class)) per kernel, summed over kernels (no
   overlap between kernels, no launch latency). η are the achievable fractions of EFFICIENCY, per
@@ -115,15 +116,34 @@ def attention_fwd(B, N, H, D, e) -> Op:
               4 * B * H * N * N * D, "attention")
 
 
-def attention_bwd(B, N, H, D, e) -> list:
-    """attention_bwd_delta / _dkdv / _dq: Δ = rowsum(dO∘O), then dk, dv per key block and dq per
-    query block, each pass reading all of q, k, v and dO (and lse, Δ)."""
+def attention_bwd(B, N, H, D, e, plan=None) -> list:
+    """attention_bwd_delta, then the launch structure of kernels/attention.bwd_plan (plan: its
+    answer; None: what it picks on H100, sm_90, for bf16 without dropout or segments):
+    - "split": dk, dv per key block (S, dP, dV, dK: 4 products) and dq per query block (S, dP,
+      dQ: 3), each pass reading all of q, k, v and dO (and lse, Δ);
+    - "fused": one pass of 5 products writing dk, dv and, per key block, its fp32 share of dq
+      (key_blocks of them; with one, dq itself in the I/O dtype), then the reduce reading the
+      partials back and writing dq: one pass over q, k, v and dO fewer, 8·key_blocks bytes per
+      dq element more."""
+    if plan is None:
+        import torch
+
+        from vit_fast.kernels.attention import bwd_plan
+        plan = bwd_plan(N, D, torch.bfloat16, arch=90)
     qkv, row, stats = B * N * 3 * H * D * e, B * N * H * D * e, B * H * N * F32
-    return [
-        Op("attention_bwd_delta", 2 * row, stats, 2 * B * N * H * D),
-        Op("attention_bwd_dkdv", qkv + row + 2 * stats, 2 * row, 8 * B * H * N * N * D, "attention"),
-        Op("attention_bwd_dq", qkv + row + 2 * stats, row, 6 * B * H * N * N * D, "attention"),
-    ]
+    ops = [Op("attention_bwd_delta", 2 * row, stats, 2 * B * N * H * D)]
+    if plan[0] == "split":
+        return ops + [
+            Op("attention_bwd_dkdv", qkv + row + 2 * stats, 2 * row, 8 * B * H * N * N * D, "attention"),
+            Op("attention_bwd_dq", qkv + row + 2 * stats, row, 6 * B * H * N * N * D, "attention"),
+        ]
+    key_blocks = plan[2]
+    partials = row if key_blocks == 1 else key_blocks * B * N * H * D * F32
+    ops.append(Op("attention_bwd_dkdv_dq", qkv + row + 2 * stats, 2 * row + partials,
+                  10 * B * H * N * N * D, "attention"))
+    if key_blocks > 1:
+        ops.append(Op("attention_bwd_dq_reduce", partials, row, key_blocks * B * N * H * D))
+    return ops
 
 
 def layer_norm_fwd(M, C, e, *, residual=False, layer_scale=False, samples=0, weight=True,

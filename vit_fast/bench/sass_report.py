@@ -165,7 +165,7 @@ def report_rows(archs=(90,), match=None, limit=None):
     rows = []
     for _, spec in specs[:limit] if limit else specs:
         bm, bn = spec.constants.get("BLOCK_M"), spec.constants.get("BLOCK_N")
-        for arch in (a for a in archs if a in spec.archs):
+        for arch in filter(spec.for_arch, archs):
             res = compile_spec(spec, arch)
             row = figures(_sass_of(spec, arch), num_warps=spec.num_warps,
                           tile_elems=bm * bn if bm and bn else None)
