@@ -4,11 +4,10 @@ import itertools
 
 import torch
 
-from .attention import (_CUDA_CONFIGS, _DELTA_BLOCK_M, _FUSED_ARCHS, _MAX_DQ_PARTIALS,
-                        _REDUCE_BLOCK_M, _SHORT_N, _block_d, attention_bwd_delta_kernel,
-                        attention_bwd_dkdv_kernel, attention_bwd_dq_kernel,
-                        attention_bwd_dq_reduce_kernel, attention_fwd_kernel, fwd_configs,
-                        shipped_config)
+from .attention import (attention_bwd_delta_kernel, attention_bwd_dkdv_kernel,
+                        attention_bwd_dq_kernel, attention_bwd_dq_reduce_kernel, attention_fwd_kernel)
+from .attention_config import (_CUDA_CONFIGS, _DELTA_BLOCK_M, _FUSED_ARCHS, _MAX_DQ_PARTIALS,
+                               _REDUCE_BLOCK_M, _SHORT_N, _block_d, fwd_configs, shipped_config)
 
 
 # Head dims compiled ahead of time per bucket: the powers of two, and the padded ones real ViTs use

@@ -105,7 +105,7 @@ def test_forward_builds_picked_at_the_99KB_limit_fit_it_on_sm86(compiled_sm86):
 def test_shared_memory_model_bounds_the_forward_builds(compiled, compiled_sm86):
     """fwd_config decides by fwd_shared_bytes: it must not undercount what the builds take on
     sm_80 (and so on the 99 KB GPUs, which compile the same mma.sync pipeline: sm_86 checked)."""
-    from vit_fast.kernels.attention import fwd_shared_bytes
+    from vit_fast.kernels.attention_config import fwd_shared_bytes
     for spec in SPECS:
         if spec.kernel.fn.__name__ != "attention_fwd_kernel":
             continue

@@ -4,6 +4,7 @@ there the launcher takes a smaller tile instead of failing to launch (and fallin
 import torch
 
 from vit_fast.kernels import attention as kernels
+from vit_fast.kernels import attention_config as configs
 
 A100, RTX_4090 = 166912, 101376  # shared_memory_per_block_optin
 LONG_128 = ("fwd", 128, False)
@@ -11,24 +12,24 @@ LONG_128 = ("fwd", 128, False)
 
 def test_fwd_config_picks_the_first_tile_that_fits():
     big = kernels.shipped_config(LONG_128)
-    assert kernels.fwd_shared_bytes(big, 128) == 114688 > RTX_4090
-    assert kernels.fwd_config(LONG_128) == big  # no limit known
-    assert kernels.fwd_config(LONG_128, shared_limit=A100) == big
-    small = kernels.fwd_config(LONG_128, shared_limit=RTX_4090)
-    assert small != big and kernels.fwd_shared_bytes(small, 128) <= RTX_4090
-    assert small == kernels.fwd_config(LONG_128, dropout=True, segments=True, shared_limit=RTX_4090)
+    assert configs.fwd_shared_bytes(big, 128) == 114688 > RTX_4090
+    assert configs.fwd_config(LONG_128) == big  # no limit known
+    assert configs.fwd_config(LONG_128, shared_limit=A100) == big
+    small = configs.fwd_config(LONG_128, shared_limit=RTX_4090)
+    assert small != big and configs.fwd_shared_bytes(small, 128) <= RTX_4090
+    assert small == configs.fwd_config(LONG_128, dropout=True, segments=True, shared_limit=RTX_4090)
     # Entries that already fit are kept; below every candidate, the smallest (it then fails to
     # launch and falls back, as before).
     for key in [k for k in kernels._CUDA_CONFIGS if k[0] == "fwd" and k != LONG_128]:
-        assert kernels.fwd_config(key, shared_limit=RTX_4090) == kernels.shipped_config(key), key
-    assert kernels.fwd_config(LONG_128, shared_limit=1024) == kernels.fwd_configs(LONG_128)[-1]
+        assert configs.fwd_config(key, shared_limit=RTX_4090) == kernels.shipped_config(key), key
+    assert configs.fwd_config(LONG_128, shared_limit=1024) == configs.fwd_configs(LONG_128)[-1]
 
 
 def test_config_passes_the_limit_to_the_forward_only(monkeypatch):
     monkeypatch.setattr(kernels, "_interpreting", lambda: False)
     f16 = torch.float16
     assert kernels._config("fwd", 197, 96, f16, shared_limit=RTX_4090) == \
-        kernels.fwd_config(LONG_128, shared_limit=RTX_4090)
+        configs.fwd_config(LONG_128, shared_limit=RTX_4090)
     assert kernels._config("fwd", 197, 96, f16) == kernels.shipped_config(LONG_128)
     assert kernels._config("dq", 197, 96, f16, shared_limit=1024) == kernels.shipped_config(("dq", 128, False))
 
@@ -72,8 +73,8 @@ def test_the_launcher_uses_its_devices_limit(monkeypatch):
     for limit in (A100, RTX_4090):
         monkeypatch.setattr(kernels, "_shared_limit", lambda device, limit=limit: limit)
         kernels.attention_fwd(qkv, 2, 128 ** -0.5)
-    assert recorder.tiles == [kernels.fwd_config(LONG_128, shared_limit=A100),
-                              kernels.fwd_config(LONG_128, shared_limit=RTX_4090)]
+    assert recorder.tiles == [configs.fwd_config(LONG_128, shared_limit=A100),
+                              configs.fwd_config(LONG_128, shared_limit=RTX_4090)]
 
 
 def test_every_tile_the_forward_can_pick_is_compiled_ahead_of_time():
@@ -85,5 +86,5 @@ def test_every_tile_the_forward_can_pick_is_compiled_ahead_of_time():
         for dropout in (False, True):
             for segments in (False, True):
                 for limit in (None, A100, RTX_4090, 1024):
-                    cfg = kernels.fwd_config(key, dropout, segments, limit)
+                    cfg = configs.fwd_config(key, dropout, segments, limit)
                     assert (key[1], dropout, segments, cfg) in built, (key, dropout, segments, limit)

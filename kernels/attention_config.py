@@ -1,0 +1,142 @@
+"""Attention's launch configs: the CUDA tables every launch picks from (and the AOT specs are
+generated from, attention_aot.py), as pure functions of the table key, so what runs is exactly
+what was compiled and checked. The launchers (attention.py) add the interpreter's tiles, the
+device's shared-memory limit and the backward's launch structure (bwd_plan)."""
+import triton
+
+# ---------------------------------------------------------------------------------------------
+# Configs. On CUDA a table keyed on (head-dim bucket, short sequence), every entry of which is
+# compiled ahead of time for sm_80/sm_90 with 0 spills (aot_specs); a table rather than
+# @triton.autotune so that what runs is exactly what was checked. fp16 and bf16 share entries
+# (same bytes per element, same mma shapes); fp32 has none (see _check_shipped). Values:
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M tiles queries, BLOCK_N keys.
+# ---------------------------------------------------------------------------------------------
+_SHORT_N = 64  # sequences this short would leave most of a 128-row tile empty
+
+_CUDA_CONFIGS = {
+    # (kernel, BLOCK_D bucket, short): (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    ("fwd", 64, False): (128, 64, 4, 3),
+    ("fwd", 128, False): (128, 64, 8, 3),
+    ("fwd", 256, False): (64, 32, 8, 2),
+    ("fwd", 64, True): (64, 64, 4, 2),
+    ("fwd", 128, True): (64, 64, 4, 2),
+    ("fwd", 256, True): (64, 32, 8, 2),
+    ("dkdv", 64, False): (32, 128, 8, 3),
+    ("dkdv", 128, False): (32, 64, 4, 2),
+    ("dkdv", 256, False): (32, 32, 8, 2),
+    ("dkdv", 64, True): (32, 64, 4, 2),
+    ("dkdv", 128, True): (32, 64, 4, 2),
+    ("dkdv", 256, True): (32, 32, 8, 2),
+    ("dq", 64, False): (128, 32, 4, 3),
+    ("dq", 128, False): (64, 32, 4, 2),
+    ("dq", 256, False): (32, 32, 8, 2),
+    ("dq", 64, True): (64, 32, 4, 2),
+    ("dq", 128, True): (64, 32, 4, 2),
+    ("dq", 256, True): (32, 32, 8, 2),
+    # dK/dV with dq's partials (WRITE_DQ, chosen by bwd_plan), on _FUSED_ARCHS. Query tiles of
+    # 64 rows keep dq's product (64 × D over the key tile) a whole warpgroup's wgmma on sm_90.
+    # No entry for head dims over 128: their 32-key tiles would need up to 16 partials at ViT
+    # lengths, so they keep the two passes.
+    ("dkdv_dq", 64, False): (64, 128, 8, 2),
+    ("dkdv_dq", 128, False): (64, 64, 8, 2),
+    ("dkdv_dq", 64, True): (64, 64, 4, 2),
+    ("dkdv_dq", 128, True): (64, 64, 8, 2),
+}
+# Dropout builds (HAS_DROPOUT=True) whose entry above spilled: the Philox rounds over each
+# score tile add register pressure, so these spread the tile over 8 warps (0 spills, sm_80/90).
+_CUDA_DROPOUT_CONFIGS = {
+    # 64 keys per tile at 8 warps needs 160 registers with the mask (1 CTA/SM on sm_90); 32
+    # keys keeps the 2 CTAs of 8 warps the old (one Philox call per score) build had.
+    ("fwd", 64, False): (128, 32, 8, 3),
+    ("fwd", 64, True): (64, 32, 4, 2),  # 64 keys: 220 registers on sm_80, 2 CTAs/SM where 3 were
+    ("dkdv", 128, False): (32, 64, 8, 2),
+    ("dkdv", 128, True): (32, 64, 8, 2),
+    # One stage: at 2 the D=48 build spilled on triton 3.6 (sm_80); 8 warps would also fix it
+    # but cost sm_90 a CTA and the D=64 build 1.8x its integer work per score.
+    ("dkdv", 64, True): (32, 64, 4, 1),
+    ("dq", 64, False): (128, 32, 8, 3),
+    # None: no fused build. The 128 bucket's fused pass with the mask needs 255 registers and
+    # spills (sm_90); those calls take the two passes (bwd_plan).
+    ("dkdv_dq", 128, False): None,
+    ("dkdv_dq", 128, True): None,
+}
+# Segment builds (HAS_SEGMENTS=True) whose entry above spilled on sm_80 (the id mask of each
+# score tile): the same tiles over 8 warps. Ahead of the dropout table when both apply.
+_CUDA_SEGMENT_CONFIGS = {
+    ("fwd", 128, True): (64, 64, 8, 2),
+    ("dkdv", 128, False): (32, 64, 8, 2),
+    ("dkdv", 128, True): (32, 64, 8, 2),
+}
+# Builds with both segments and dropout, ahead of both tables. None: no fused build; the short
+# 64-bucket one needs 255 registers on triton 3.8 and spills on 3.6 (sm_90), at 4 and 8 warps.
+# The 256 bucket's dQ at 2 stages spilled on triton 3.6 (sm_80 and sm_90); 1 stage does not.
+# The 64 bucket's long dK/dV (32 x 128, 8 warps) spilled on 3.6 (sm_80): the short build's tile.
+_CUDA_SEGMENT_DROPOUT_CONFIGS = {("dkdv_dq", 64, True): None, ("dkdv", 64, False): (32, 64, 4, 1),
+                                 ("dq", 256, False): (32, 32, 8, 1), ("dq", 256, True): (32, 32, 8, 1)}
+_DELTA_BLOCK_M = 64
+_REDUCE_BLOCK_M = 64
+# The 5-product backward (dK/dV pass writing dq's per-key-tile partials, then a reduce) keeps
+# n_key_blocks fp32 copies of dq alive between the two launches: 4·n_key_blocks bytes per dq
+# element (ViT-B/16 at B=64, 2 key tiles: 78 MB), and 8·n_key_blocks bytes of traffic (written,
+# then read). Both grow with N like the two products saved (S and dP of the dq pass), at
+# BLOCK_N/2 FLOPs per byte, below H100's ridge: by bytes and FLOPs alone (bench roofline) the
+# partials cost more than they save. What the fused pass saves besides products is the
+# per-score work the dq pass repeats (exp2, the dropout mask, the segment mask), so it runs
+# only while the partials stay few: up to 4 key tiles (N <= 512 at D <= 64), beyond which the
+# 7-product pair of passes (dK/dV, then dQ) runs. One key tile (N <= BLOCK_N) needs no
+# partials: the pass writes dq itself. A GPU measurement should set this cap (docs/design.md).
+_MAX_DQ_PARTIALS = 4
+# Where the fused pass ships. On sm_80 its 64-query tiles spill (mma.sync keeps a copy of the q
+# and dO operands per warp: 255 registers and local memory at 4 and 8 warps), and 32-query
+# tiles, which fit there, would pad dq's product to 64 rows on sm_90; sm_80 keeps the two passes.
+_FUSED_ARCHS = (90,)
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def shipped_config(key, dropout: bool = False, segments: bool = False):
+    """The CUDA table's (BLOCK_M, BLOCK_N, num_warps, num_stages) for key = (kernel, BLOCK_D
+    bucket, short), with the segment and dropout overrides that apply; None: that variant has
+    no build (a fused entry whose calls take the two passes)."""
+    if segments and dropout and key in _CUDA_SEGMENT_DROPOUT_CONFIGS:
+        return _CUDA_SEGMENT_DROPOUT_CONFIGS[key]
+    if segments and key in _CUDA_SEGMENT_CONFIGS:
+        return _CUDA_SEGMENT_CONFIGS[key]
+    if dropout and key in _CUDA_DROPOUT_CONFIGS:
+        return _CUDA_DROPOUT_CONFIGS[key]
+    return _CUDA_CONFIGS[key]
+
+
+# Forward tiles for GPUs whose shared memory per block is below what the entry above needs: the
+# D=128 entry takes 112 KB on sm_80, over the 99 KB that sm_86/sm_89/sm_120 let a block opt in
+# to. Tried in order after the entry; the first that fits is launched. 128 x 32 keeps the
+# 128-query tile (K/V read once per 128 queries) and the 3-stage pipeline (72 KB).
+_CUDA_FWD_SMALLER = {
+    ("fwd", 128, False): [(128, 32, 8, 3)],
+}
+
+
+def fwd_shared_bytes(config, block_d: int, elem_bytes: int = 2) -> int:
+    """Shared memory of a forward build on the mma.sync GPUs (sm_80, sm_86, sm_89, sm_120), in
+    bytes: the Q tile, num_stages - 1 pipeline buffers of the K and V tiles, and the P tile's
+    trip from the accumulator to the operand layout. Equal to what triton 3.8 allocates for every
+    shipped forward build on sm_80 (at most that with segments); tests/test_aot_attention.py
+    checks it bounds the compiled builds on sm_80 and sm_86. (sm_90's wgmma builds take more,
+    but every sm_90 GPU allows 227 KB.)"""
+    block_m, block_n, _, stages = config
+    return elem_bytes * (block_m * block_d + 2 * (stages - 1) * block_n * block_d + block_m * block_n)
+
+
+def fwd_configs(key, dropout: bool = False, segments: bool = False):
+    """Every forward config the launcher can pick for key, in order of preference."""
+    return [shipped_config(key, dropout, segments)] + _CUDA_FWD_SMALLER.get(key, [])
+
+
+def fwd_config(key, dropout: bool = False, segments: bool = False, shared_limit=None):
+    """The first of fwd_configs that fits shared_limit bytes per block (None: no limit known).
+    When none fits, the smallest: its launch failure falls back to the reference."""
+    configs = fwd_configs(key, dropout, segments)
+    fits = [c for c in configs if shared_limit is None or fwd_shared_bytes(c, key[1]) <= shared_limit]
+    return fits[0] if fits else configs[-1]
