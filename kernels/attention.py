@@ -183,22 +183,37 @@ def _config(kernel: str, n: int, head_dim: int, dtype: torch.dtype, dropout: boo
 
 
 def bwd_plan(n: int, head_dim: int, dtype: torch.dtype, dropout: bool = False,
-             segments: bool = False, arch=None):
+             segments: bool = False, arch=None, fused: bool = True):
     """The backward's launch structure on a GPU of compute capability arch (e.g. 90; None:
     the interpreter's tiles): ("fused", dkdv_dq config, n_key_blocks) when the dK/dV pass also
     writes dq (directly when n_key_blocks == 1, else as partials for the reduce), or ("split",
-    dkdv config, dq config) for the two-pass path (long sequences, other GPUs)."""
+    dkdv config, dq config) for the two-pass path (long sequences, other GPUs, fused=False)."""
     def config(kernel):
         if arch is None:
             return _config(kernel, n, head_dim, dtype, dropout, segments)
         return shipped_config((kernel, max(64, _block_d(head_dim)), n <= _SHORT_N), dropout, segments)
-    if arch is None or (arch in _FUSED_ARCHS and ("dkdv_dq", max(64, _block_d(head_dim)),
-                                                  n <= _SHORT_N) in _CUDA_CONFIGS):
+    if fused and (arch is None or (arch in _FUSED_ARCHS and ("dkdv_dq", max(64, _block_d(head_dim)),
+                                                             n <= _SHORT_N) in _CUDA_CONFIGS)):
         fused = config("dkdv_dq")
         key_blocks = triton.cdiv(n, fused[1]) if fused else _MAX_DQ_PARTIALS + 1
         if key_blocks <= _MAX_DQ_PARTIALS:
             return "fused", fused, key_blocks
     return "split", config("dkdv"), config("dq")
+
+
+def two_pass_alternative(qkv: torch.Tensor, num_heads: int, dropout: bool, segments: bool):
+    """attention_bwd's config for the two passes where this GPU's plan is the fused pass with
+    dq partials, else None. The model (bench roofline) and the SASS disagree on which is faster
+    at ViT lengths (the partials' traffic against two products and the repeated per-score work
+    saved), so measured selection times both (ops/attention_sdpa.attention_backward)."""
+    target = gpu_target(qkv.device)
+    if target is None or qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
+        return None
+    n, head_dim = qkv.shape[1], qkv.shape[-1] // (3 * num_heads)
+    plan = bwd_plan(n, head_dim, qkv.dtype, dropout, segments, target.arch)
+    if plan[0] != "fused" or plan[2] == 1:  # one key tile: no partials, nothing to weigh
+        return None
+    return bwd_plan(n, head_dim, qkv.dtype, dropout, segments, target.arch, fused=False)[1:]
 
 
 def _dot_args(dtype: torch.dtype):

@@ -130,3 +130,42 @@ def test_fake_cuda_launchers_match_the_schemas():
         assert out.shape == (B, N, H * 64) and out.is_contiguous() and lse.shape == (B, H, N)
         dqkv = attention_sdpa.sdpa_attention_bwd(torch.empty_like(out), qkv, out, lse, H, 0.125)
         assert dqkv.shape == qkv.shape and dqkv.dtype == qkv.dtype
+
+
+def test_two_pass_backward_is_measured_against_the_fused_pass(monkeypatch):
+    """Where the plan is the fused pass with dq partials, the two passes are a candidate too (the
+    model and the SASS disagree on which wins): timed beside it, same gradient, with SDPA not
+    eligible (a forced backend here)."""
+    from vit_fast.kernels import attention as kernels
+
+    monkeypatch.setenv("VIT_FAST_TUNE", "1")
+    monkeypatch.setattr(attention_sdpa, "two_pass_alternative", lambda qkv, h, dropout, segments:
+                        kernels.bwd_plan(qkv.shape[1], D, qkv.dtype, dropout, segments,
+                                         fused=False)[1:])
+    qkv, gy = _qkv(), torch.randn(B, N, H * D)
+    with vit_fast.use_backend("triton"):
+        with tuning.use_tuner(tuning.Tuner(None, FakeTimer({}))):  # CPU, not timed: the plan's
+            _, fused = _fwd_bwd(qkv, gy)
+        timer = FakeTimer({"triton": 2.0, "triton_two_pass": 1.0})
+        with tuning.use_tuner(tuning.Tuner(None, timer, measure_anywhere=True)):
+            _, two_pass = _fwd_bwd(qkv, gy)
+            chosen = {r["op"]: r["choice"] for r in tuning.records()}
+    assert chosen["attention_bwd"] == "triton_two_pass"
+    assert sorted(t for t in timer.timed if t.startswith("triton")) == ["triton", "triton_two_pass"]
+    torch.testing.assert_close(two_pass, fused, rtol=1e-5, atol=1e-6)
+
+
+def test_two_pass_alternative_only_where_the_plan_writes_partials(monkeypatch):
+    from vit_fast.kernels import _device, attention as kernels
+
+    bf16 = torch.bfloat16
+    qkv = torch.empty(1, 197, 3 * 12 * 64, dtype=bf16)
+    assert kernels.two_pass_alternative(qkv, 12, False, False) is None  # CPU: no GPU plan
+    monkeypatch.setattr(kernels, "gpu_target", lambda device: _device.Target(132, 90))
+    assert kernels.two_pass_alternative(qkv, 12, False, False) == \
+        kernels.bwd_plan(197, 64, bf16, arch=90, fused=False)[1:]
+    assert kernels.bwd_plan(197, 64, bf16, arch=90)[0::2] == ("fused", 2)
+    short = torch.empty(1, 50, 3 * 12 * 64, dtype=bf16)  # one key tile: dq written directly
+    assert kernels.two_pass_alternative(short, 12, False, False) is None
+    monkeypatch.setattr(kernels, "gpu_target", lambda device: _device.Target(108, 80))
+    assert kernels.two_pass_alternative(qkv, 12, False, False) is None  # sm_80: two passes already

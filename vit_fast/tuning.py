@@ -49,7 +49,8 @@ PRIORITY = {
     # PyTorch's flash SDPA on views of the packed qkv saves what the kernel saves (same pool);
     # the kernel first in the fixed table, as the implementation tested on every shape here.
     "attention_fwd": ("triton", "sdpa"),
-    "attention_bwd": ("triton", "sdpa"),
+    # triton_two_pass: the dK/dV and dQ passes where the plan is the fused pass with partials.
+    "attention_bwd": ("triton", "triton_two_pass", "sdpa"),
 }
 _MODES = {"1": "measure", "on": "measure", "true": "measure", "0": "fixed", "off": "fixed",
           "false": "fixed", "speed": "speed"}

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from vit_fast import dispatch, tuning
-from vit_fast.kernels.attention import attention_bwd, attention_fwd
+from vit_fast.kernels.attention import attention_bwd, attention_fwd, two_pass_alternative
 
 
 def _heads(qkv, num_heads):
@@ -98,11 +98,18 @@ def attention_backward(dout, qkv, out, lse, num_heads, scale, dropout_p=0.0, see
                        **kernel_kwargs):
     """kernels/attention.attention_bwd's contract: the kernel, or SDPA's backward where eligible
     and chosen (independently of the forward: both read the same out and lse)."""
-    def kernel():
+    def kernel(config=None):
         return attention_bwd(dout, qkv, out, lse, num_heads, scale, dropout_p=dropout_p,
-                             seed=seed, **kernel_kwargs)
-    if not sdpa_eligible(qkv, dropout_p, kernel_kwargs):
+                             seed=seed, config=config, **kernel_kwargs)
+    cands = {"triton": kernel}
+    segments = kernel_kwargs.get("segment_ids") is not None
+    two_pass = two_pass_alternative(qkv, num_heads, dropout_p != 0.0, segments)
+    if two_pass is not None:  # same mask, same determinism: only the speed differs
+        cands["triton_two_pass"] = lambda: kernel(two_pass)
+    if sdpa_eligible(qkv, dropout_p, kernel_kwargs):
+        cands["sdpa"] = lambda: sdpa_attention_bwd(dout, qkv, out, lse, num_heads, scale)
+    if len(cands) == 1:
         return kernel()
-    cands = {"triton": kernel,
-             "sdpa": lambda: sdpa_attention_bwd(dout, qkv, out, lse, num_heads, scale)}
-    return tuning.select("attention_bwd", _key("attention_bwd", qkv, num_heads, scale), cands, qkv)
+    key = tuning.make_key("attention_bwd", dict(qkv=qkv), num_heads=num_heads, scale=scale,
+                          dropout=dropout_p != 0.0, segments=segments)
+    return tuning.select("attention_bwd", key, cands, qkv)
