@@ -18,6 +18,10 @@ would make the mask, and the RNG stream later draws (drop-path) see, depend on t
 so with dropout_p > 0 the kernel always runs. On CUDA only fp16/bf16 are offered (flash's dtypes);
 a call flash rejects (head dim, GPU) raises and the tuner skips it. On CPU the same math runs as
 PyTorch's CPU flash kernel (tests).
+
+The backward has a third candidate where the GPU's plan is the fused dK/dV/dQ pass with dq
+partials (kernels/attention.two_pass_alternative): the kernel's two passes, same mask and
+determinism, timed beside it, with dropout and segment ids too.
 """
 from __future__ import annotations
 
