@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import support
-from .fallback import FELL_BACK, remember
+from .fallback import FELL_BACK, warn_once
 from .kernels._device import LAUNCH_FAILURES, interpreting, is_build_failure
 from .support import KERNELS
 
@@ -165,6 +165,7 @@ def not_supported_reasons(op: str, tensors, **options) -> list:
 # guard (kernels/_device.py) has recorded the failure, so choose() sends later calls of the op on
 # that device to the reference.
 
+
 def _failure_key(op, tensors, options):
     device = _device_of(tensors)
     dtypes = tuple(sorted({str(t.dtype) for t in tensors if t is not None}))
@@ -197,8 +198,9 @@ def run(op: str, choice: Choice, kernel, reference):
     except Exception as exc:  # noqa: BLE001 - filtered just below
         if not is_build_failure(exc):
             raise
+        FELL_BACK[choice.key] = f"{type(exc).__name__}: {exc}"
         failure = exc
-    remember(choice.key, failure, stacklevel=3)  # the warning points at the functional's caller
+    warn_once(choice.key, failure, stacklevel=3)  # pointing at the functional op's caller
     return reference()
 
 

@@ -12,13 +12,10 @@ as do the Block's fused forward ops, which the Block calls without dispatch.run:
     def gelu_mlp_backward_op(...): ...          # the kernel path
 
 On a build failure of the device (kernels/_device.is_build_failure: OutOfResources, a
-CompilationError, "no kernel image") the op warns once, returns the reference's result, and later
-calls of it on that device go to the reference directly. The launcher guard has recorded the
-failure too, so dispatch sends later forwards of the op to the reference as well.
+CompilationError, "no kernel image") the op warns once per (op, device), returns the reference's
+result, and later calls of it on that device go to the reference directly. The launcher guard has
+recorded the failure too, so dispatch sends later forwards of the op to the reference as well.
 The wrapper is inside the custom op, so it holds in a torch.compile graph too.
-
-Both paths remember a failure in one table, :data:`FELL_BACK`, and warn through one function,
-:func:`remember`: once per failing launch, whichever path met it first.
 
 A reference that cannot reproduce the kernel's result raises NotImplementedError (attention with
 dropout: the kernel's mask is not reproducible in torch); the kernel's failure is then raised.
@@ -33,9 +30,10 @@ import torch
 
 from .kernels._device import LAUNCH_FAILURES, is_build_failure
 
-# Failure key -> why its kernel failed: later calls with that key go to the reference. The key
-# starts with (op, device str); dispatch.run's forwards add the call's dtypes and options
-# (dispatch.Choice.key), the backward ops here remember per (op, device).
+# The one memory of failed kernels, for both paths (dispatch.run's forwards, the ops wrapped
+# here): failure key -> why its kernel failed; later calls with that key go to the reference.
+# The key starts with (op, device str); dispatch.run's forwards add the call's dtypes and options
+# (dispatch.Choice.key), the ops here remember per (op, device). Both warn through warn_once.
 FELL_BACK: dict = {}
 # The failing launches already warned about: one launcher failing inside several ops (the
 # LayerNorm forward in both of the Block's fused ops, or in a forward and then a backward) is
@@ -50,19 +48,18 @@ def forget():
     LAUNCH_FAILURES.clear()
 
 
-def remember(key: tuple, failure: BaseException, *, stacklevel: int = 1) -> str:
-    """Record that the kernel behind ``key`` = (op, device, ...) failed with ``failure`` (a
-    build failure), and warn once per failing launch (the launcher guard's ``failure.launch``,
-    else the key). ``stacklevel`` counts from the caller. Returns the reason recorded."""
-    op, device = key[0], key[1]
-    reason = FELL_BACK.setdefault(key, f"{type(failure).__name__}: {failure}")
+def warn_once(key: tuple, failure: BaseException, *, stacklevel: int = 1):
+    """Warn that the kernel behind ``key`` = (op, device, ...), recorded in FELL_BACK, failed with
+    ``failure`` (a build failure): once per failing launch (the launcher guard's
+    ``failure.launch``, else the key). ``stacklevel`` counts from the caller."""
     launch = getattr(failure, "launch", key)
-    if launch not in _WARNED:
-        _WARNED.add(launch)
-        warnings.warn(f"vit_fast.{op}: its kernel failed on {device} ({reason}); this and later "
-                      "calls like it are computed by the reference from the same inputs",
-                      RuntimeWarning, stacklevel=stacklevel + 1)
-    return reason
+    if launch in _WARNED:
+        return
+    _WARNED.add(launch)
+    op, device = key[0], key[1]
+    warnings.warn(f"vit_fast.{op}: its kernel failed on {device} ({FELL_BACK[key]}); this and "
+                  "later calls like it are computed by the reference from the same inputs",
+                  RuntimeWarning, stacklevel=stacklevel + 1)
 
 
 def _device_of(args):
@@ -100,7 +97,8 @@ def reference_on_failure(op: str, reference, *, only_in_backward: bool = False):
                 result = reference(*args, **kwargs)
             except NotImplementedError as why:
                 raise failure from why
-            remember(key, failure, stacklevel=2)
+            FELL_BACK[key] = f"{type(failure).__name__}: {failure}"
+            warn_once(key, failure, stacklevel=2)
             return result
         # torch.library reads the op's schema from this signature and evaluates string
         # annotations in the function's globals: give it the kernel path's, already evaluated.
