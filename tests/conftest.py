@@ -38,3 +38,17 @@ def op_calls(monkeypatch):
             return _real(*args, **kwargs)
         monkeypatch.setattr(functional, op, counted)
     return calls
+
+
+@pytest.fixture(scope="session")
+def aot_builds():
+    """The session's AOT compiler (tests/aot_builds.py): one pool of worker processes for every
+    tests/test_aot_*.py file, each build made once. Skips where triton cannot compile for NVIDIA."""
+    from vit_fast.aot import nvidia_backend_missing_reason
+    reason = nvidia_backend_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    from aot_builds import AotBuilds
+    builds = AotBuilds()
+    yield builds
+    builds.close()
