@@ -86,11 +86,25 @@ def covering_jobs(specs) -> list[tuple[str, int]]:
 
 # --- building ---------------------------------------------------------------------------------
 
-def _build(job):
-    """In a worker: compile one spec of vit_fast.kernels.<module> for one arch. The tests run
-    triton under the interpreter, whose kernels cannot be compiled: the worker turns it off
-    before anything imports triton (this module imports neither triton nor vit_fast)."""
+def _compiling():
+    """In a worker: the tests run triton under the interpreter, whose kernels cannot be compiled;
+    turn it off before anything imports triton (this module imports neither triton nor
+    vit_fast)."""
     os.environ["TRITON_INTERPRET"] = "0"
+
+
+def _call(job):
+    """In a worker: ``function(*args)`` for job = ("module:function", args)."""
+    _compiling()
+    import importlib
+    target, args = job
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)(*args)
+
+
+def _build(job):
+    """In a worker: compile one spec of vit_fast.kernels.<module> for one arch."""
+    _compiling()
     import importlib
 
     from vit_fast.aot import compile_spec
@@ -122,6 +136,11 @@ class AotBuilds:
         import importlib
         specs = importlib.import_module(f"vit_fast.kernels.{module}").aot_specs()
         return {s.name: s for s in specs}, self.build(module, covering_jobs(specs))
+
+    def call(self, target, arg_lists):
+        """[target(*args) for args in arg_lists], run in the workers (with triton compiling, not
+        interpreting); target is "module:function"."""
+        return list(self._pool.map(_call, [(target, tuple(args)) for args in arg_lists]))
 
     def close(self):
         self._pool.shutdown(cancel_futures=True)

@@ -98,25 +98,12 @@ def _spec_name(key):
 
 
 @pytest.fixture(scope="module")
-def vit_b_rows():
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from vit_fast.aot import nvidia_backend_missing_reason
-    reason = nvidia_backend_missing_reason()
-    if reason:
-        pytest.skip(reason)
-    # Only the builds BEFORE names (a name ends in "]": the match is exact). Kernels defined
-    # under the interpreter cannot be compiled: a fresh process without it.
+def vit_b_rows(aot_builds):
+    # Only the builds BEFORE names (a name ends in "]": the match is exact), in the session's
+    # compile workers (tests/aot_builds.py).
     names = sorted({_spec_name(key) for key in BEFORE})
-    code = ("import json, sys; from vit_fast.bench.sass_report import report_rows; "
-            "print(json.dumps([r for m in json.loads(sys.argv[1]) "
-            "for r in report_rows((90,), m)]))")
-    run = subprocess.run([sys.executable, "-c", code, json.dumps(names)], capture_output=True,
-                         text=True, check=True, env=dict(os.environ, TRITON_INTERPRET="0"))
-    return {r["kernel"]: r for r in json.loads(run.stdout.strip().splitlines()[-1])}
+    rows = aot_builds.call("vit_fast.bench.sass_report:report_rows", [((90,), n) for n in names])
+    return {r["kernel"]: r for per_name in rows for r in per_name}
 
 
 @pytest.mark.parametrize("key", sorted(BEFORE),
