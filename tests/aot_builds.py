@@ -84,6 +84,12 @@ def covering_jobs(specs) -> list[tuple[str, int]]:
     return jobs
 
 
+def parametrize_jobs(jobs):
+    """The pytest parametrization of a test over ``jobs``: arguments (name, arch), readable ids."""
+    import pytest
+    return pytest.mark.parametrize("name, arch", jobs, ids=[f"{n}-sm_{a}" for n, a in jobs])
+
+
 # --- building ---------------------------------------------------------------------------------
 
 def _compiling():

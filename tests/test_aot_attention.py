@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from aot_builds import covering_jobs
+from aot_builds import covering_jobs, parametrize_jobs
 from vit_fast.kernels.attention import aot_specs
 
 SPECS = aot_specs()
@@ -50,7 +50,7 @@ def test_the_subset_builds_dropout_and_segments_on_both_architectures():
                        and a == arch for n, a in built), (kernel, arch)
 
 
-@pytest.mark.parametrize("name, arch", JOBS, ids=[f"{n}-sm_{a}" for n, a in JOBS])
+@parametrize_jobs(JOBS)
 def test_compiles_without_spills(compiled, name, arch):
     spec = next(s for s in SPECS if s.name == name)
     r = compiled[(name, arch)]

@@ -3,7 +3,7 @@ sm_90 with no spills: the covering subset of tests/aot_builds.py (all of them wi
 `python -m vit_fast.bench compile-check --match gelu`)."""
 import pytest
 
-from aot_builds import covering_jobs
+from aot_builds import covering_jobs, parametrize_jobs
 from vit_fast.kernels.gelu_elementwise_aot import aot_specs
 
 JOBS = covering_jobs(aot_specs())
@@ -19,7 +19,7 @@ def test_specs_list_every_elementwise_kernel():
         "gelu_fwd_kernel", "gelu_bwd_kernel", "residual_epilogue_kernel"}
 
 
-@pytest.mark.parametrize("name, arch", JOBS, ids=[f"{n}-sm_{a}" for n, a in JOBS])
+@parametrize_jobs(JOBS)
 def test_compiles_without_spills(compiled, name, arch):
     r = compiled[(name, arch)]
     assert not isinstance(r, str) and r.ok and not r.spill_bytes, f"{name} sm_{arch}: {r}"

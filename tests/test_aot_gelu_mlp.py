@@ -5,7 +5,7 @@ bf16/fp16 (and tf32) GEMMs use tensor cores: HGMMA on sm_90, HMMA on sm_80.
 covering subset of tests/aot_builds.py."""
 import pytest
 
-from aot_builds import covering_jobs
+from aot_builds import covering_jobs, parametrize_jobs
 from vit_fast.kernels.gelu_mlp_aot import aot_specs
 
 SPECS = {s.name: s for s in aot_specs()}
@@ -17,7 +17,7 @@ def compiled(aot_builds):
     return aot_builds.build("gelu_mlp_aot", JOBS)
 
 
-@pytest.mark.parametrize("name, arch", JOBS, ids=[f"{n}-sm_{a}" for n, a in JOBS])
+@parametrize_jobs(JOBS)
 def test_compiles_without_spills_and_with_tensor_cores(compiled, name, arch):
     r = compiled[(name, arch)]
     assert not isinstance(r, str), f"{name} sm_{arch}: {r}"

@@ -5,7 +5,7 @@ with 0 spills and shared memory within the arch limit, C up to 8192.
 covering subset of tests/aot_builds.py (every block size, dtype and flag family)."""
 import pytest
 
-from aot_builds import covering_jobs
+from aot_builds import covering_jobs, parametrize_jobs
 from vit_fast.aot import SHARED_LIMIT
 from vit_fast.kernels.layer_norm import MAX_C
 from vit_fast.kernels.layer_norm_aot import aot_specs
@@ -28,7 +28,7 @@ def test_specs_cover_every_block_size_and_dtype():
             assert any(kind in n and dt in n for n in SPEC_NAMES), (kind, dt)
 
 
-@pytest.mark.parametrize("name, arch", JOBS, ids=[f"{n}-sm_{a}" for n, a in JOBS])
+@parametrize_jobs(JOBS)
 def test_spec_compiles_without_spills(results, name, arch):
     r = results[(name, arch)]
     assert not isinstance(r, str), f"{name} sm_{arch}: {r}"

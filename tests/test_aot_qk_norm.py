@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 
-from aot_builds import covering_jobs
+from aot_builds import covering_jobs, parametrize_jobs
 from vit_fast import support
 from vit_fast.kernels import qk_norm
 
@@ -37,7 +37,7 @@ def test_specs_cover_every_bucket_dtype_and_kind_the_launchers_pick():
         assert s.constants["BLOCK_M"] == want and s.num_warps == qk_norm.NUM_WARPS, s.name
 
 
-@pytest.mark.parametrize("name, arch", JOBS, ids=[f"{n}-sm_{a}" for n, a in JOBS])
+@parametrize_jobs(JOBS)
 def test_compiles_without_spills(compiled, name, arch):
     r = compiled[(name, arch)]
     assert not isinstance(r, str), f"{name} sm_{arch}: {r}"
