@@ -123,25 +123,29 @@ def _build(job):
 
 
 class AotBuilds:
-    """Builds in a pool of spawned workers kept for the session, each (module, spec, arch) once."""
+    """Builds in a pool of spawned workers kept for the session, each (module, spec, arch) once.
+
+    :meth:`submit` starts builds in the background (conftest.py submits every collected AOT test
+    module's jobs at collection and runs those tests last, so the workers compile while the
+    interpreter tests run); :meth:`build` waits for them."""
 
     def __init__(self, workers=2):
-        self.results = {}
+        self._futures = {}
         self._pool = concurrent.futures.ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"))
 
+    def submit(self, module, jobs):
+        """Start building ``jobs`` of vit_fast.kernels.<module> (a list of (spec name, arch))."""
+        for name, arch in jobs:
+            key = (module, name, arch)
+            if key not in self._futures:
+                self._futures[key] = self._pool.submit(_build, key)
+
     def build(self, module, jobs):
         """{(spec name, arch): AotResult, or the error text} for ``jobs`` of
-        vit_fast.kernels.<module> (a list of (spec name, arch))."""
-        missing = [(module, n, a) for n, a in jobs if (module, n, a) not in self.results]
-        self.results.update(self._pool.map(_build, missing))
-        return {(n, a): self.results[(module, n, a)] for n, a in jobs}
-
-    def build_covering(self, module):
-        """The covering subset of vit_fast.kernels.<module>'s specs: ({name: spec}, results)."""
-        import importlib
-        specs = importlib.import_module(f"vit_fast.kernels.{module}").aot_specs()
-        return {s.name: s for s in specs}, self.build(module, covering_jobs(specs))
+        vit_fast.kernels.<module>."""
+        self.submit(module, jobs)
+        return {(n, a): self._futures[(module, n, a)].result()[1] for n, a in jobs}
 
     def call(self, target, arg_lists):
         """[target(*args) for args in arg_lists], run in the workers (with triton compiling, not

@@ -13,11 +13,12 @@ from vit_fast.kernels.attention import aot_specs
 
 SPECS = aot_specs()
 JOBS = covering_jobs(SPECS)
+AOT_JOBS = ("attention", JOBS)  # conftest.py starts them at collection
 
 
 @pytest.fixture(scope="module")
 def compiled(aot_builds):
-    return aot_builds.build("attention", JOBS)
+    return aot_builds.build(*AOT_JOBS)
 
 
 def test_specs_cover_the_shipped_dtypes_head_dims_and_kernels():

@@ -7,11 +7,12 @@ from aot_builds import covering_jobs, parametrize_jobs
 from vit_fast.kernels.gelu_elementwise_aot import aot_specs
 
 JOBS = covering_jobs(aot_specs())
+AOT_JOBS = ("gelu_elementwise_aot", JOBS)  # conftest.py starts them at collection
 
 
 @pytest.fixture(scope="module")
 def compiled(aot_builds):
-    return aot_builds.build("gelu_elementwise_aot", JOBS)
+    return aot_builds.build(*AOT_JOBS)
 
 
 def test_specs_list_every_elementwise_kernel():

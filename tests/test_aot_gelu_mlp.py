@@ -10,11 +10,12 @@ from vit_fast.kernels.gelu_mlp_aot import aot_specs
 
 SPECS = {s.name: s for s in aot_specs()}
 JOBS = covering_jobs(list(SPECS.values()))
+AOT_JOBS = ("gelu_mlp_aot", JOBS)  # conftest.py starts them at collection
 
 
 @pytest.fixture(scope="module")
 def compiled(aot_builds):
-    return aot_builds.build("gelu_mlp_aot", JOBS)
+    return aot_builds.build(*AOT_JOBS)
 
 
 @parametrize_jobs(JOBS)
