@@ -95,8 +95,15 @@ def parametrize_jobs(jobs):
 def _compiling():
     """In a worker: the tests run triton under the interpreter, whose kernels cannot be compiled;
     turn it off before anything imports triton (this module imports neither triton nor
-    vit_fast)."""
+    vit_fast). The workers start at collection, outside pytest's output capture: the tools'
+    chatter (nvdisasm's format warnings) goes to /dev/null, results come back as values."""
+    if os.environ.get("TRITON_INTERPRET") == "0":
+        return
     os.environ["TRITON_INTERPRET"] = "0"
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 1)
+    os.dup2(quiet, 2)
+    os.close(quiet)
 
 
 def _call(job):
