@@ -172,8 +172,9 @@ def residual_layer_norm_bwd_kernel(
 @triton.jit
 def layer_norm_param_grad_reduce_kernel(
     PART,              # [K, P, C] fp32 partial sums, contiguous
-    OUT0, OUT1, OUT2,  # [C] each, in its parameter's dtype: gradient k goes to OUTk (K <= 3)
-    P, C,
+    OUT0, OUT1, OUT2,  # [C] each, in its parameter's dtype: gradient k goes to OUTk (K <= 3);
+    P, C,              # OUT1 and OUT2 None (HAS_OUT1/HAS_OUT2 off) when K < 2, K < 3
+    HAS_OUT1: tl.constexpr, HAS_OUT2: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """OUTk[c] = Σ_p PART[k, p, c], summed in the same order on every run (deterministic).
@@ -192,8 +193,10 @@ def layer_norm_param_grad_reduce_kernel(
     # k as a [BLOCK_N] block: triton 3.9's interpreter rejects a block mask & a scalar compare
     k_cols = tl.zeros([BLOCK_N], dtype=tl.int32) + k
     tl.store(OUT0 + cols, total.to(OUT0.dtype.element_ty), mask=col_ok & (k_cols == 0))
-    tl.store(OUT1 + cols, total.to(OUT1.dtype.element_ty), mask=col_ok & (k_cols == 1))
-    tl.store(OUT2 + cols, total.to(OUT2.dtype.element_ty), mask=col_ok & (k_cols == 2))
+    if HAS_OUT1:
+        tl.store(OUT1 + cols, total.to(OUT1.dtype.element_ty), mask=col_ok & (k_cols == 1))
+    if HAS_OUT2:
+        tl.store(OUT2 + cols, total.to(OUT2.dtype.element_ty), mask=col_ok & (k_cols == 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,10 +382,10 @@ def residual_layer_norm_bwd(dy, ds, s, mean, rstd, weight, *, has_residual, need
         part.zero_()
     grads = [torch.empty((C,), device=device, dtype=dt) for dt in wanted]
     if K and C > 0:
-        outs = grads + [grads[0]] * (3 - K)  # unused outputs are masked off (k < K)
         block_p, block_n = reduce_config(P, C, target)
         layer_norm_param_grad_reduce_kernel[(triton.cdiv(C, block_n), K)](
-            part, *outs, P, C, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
+            part, *grads, *[None] * (3 - K), P, C, HAS_OUT1=K > 1, HAS_OUT2=K > 2,
+            BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
     it = iter(grads)
     dw = next(it) if weight is not None else None
     db = next(it) if need_bias_grad else None

@@ -67,7 +67,8 @@ def reduce_spec(block_p, block_n, dt):
            "C": "i32"}
     return _spec(layer_norm_param_grad_reduce_kernel,
                  f"layer_norm_param_grad_reduce_{dt}_P{block_p}_N{block_n}", sig,
-                 {"BLOCK_P": block_p, "BLOCK_N": block_n}, ("PART", "OUT0", "OUT1", "OUT2", "C"),
+                 {"HAS_OUT1": True, "HAS_OUT2": True, "BLOCK_P": block_p, "BLOCK_N": block_n},
+                 ("PART", "OUT0", "OUT1", "OUT2", "C"),
                  4)
 
 

@@ -46,16 +46,16 @@ def _normalized(x, mask, inv_d, eps, IS_RMS: tl.constexpr):
 
 
 @triton.jit
-def _norm_fwd_slot(SRC, DST, W, B, mask, cols, col_ok, inv_d, eps,
+def _norm_fwd_slot(SRC, DST, W, B, w_row, b_row, mask, cols, col_ok, inv_d, eps,
                    IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    """Normalize one slot's tile: SRC/DST are [BLOCK_M, BLOCK_D] pointer blocks, W/B this head's
-    parameter rows."""
+    """Normalize one slot's tile: SRC/DST are [BLOCK_M, BLOCK_D] pointer blocks; this head's
+    parameter rows start at W + w_row, B + b_row (W, B None when absent: offset only here)."""
     x = tl.load(SRC, mask=mask, other=0.0).to(tl.float32)
     y, _ = _normalized(x, mask, inv_d, eps, IS_RMS)
     if HAS_W:
-        y = y * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        y = y * tl.load(W + w_row + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_B:
-        y = y + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        y = y + tl.load(B + b_row + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(DST, y.to(DST.dtype.element_ty), mask=mask)
 
 
@@ -63,7 +63,8 @@ def _norm_fwd_slot(SRC, DST, W, B, mask, cols, col_ok, inv_d, eps,
 def qk_norm_fwd_kernel(
     X, Y,            # qkv in [M, 3·H·D] (row stride stride_x, unit column stride); out [M, 3·H·D]
                      # contiguous
-    QW, QB, KW, KB,  # [D] or [H, D] each, unit column stride; head stride stride_* (0 = shared)
+    QW, QB, KW, KB,  # [D] or [H, D] each, unit column stride; head stride stride_* (0 = shared);
+                     # None when absent (HAS_* off)
     M, H, D, stride_x, stride_qw, stride_qb, stride_kw, stride_kb, eps,
     IS_RMS: tl.constexpr, HAS_QW: tl.constexpr, HAS_QB: tl.constexpr, HAS_KW: tl.constexpr,
     HAS_KB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -80,21 +81,22 @@ def qk_norm_fwd_kernel(
     src = X + r64 * stride_x + cols[None, :]
     dst = Y + r64 * (3 * H * D) + cols[None, :]
     inv_d = 1.0 / D.to(tl.float32)
-    _norm_fwd_slot(src + h * D, dst + h * D, QW + h * stride_qw, QB + h * stride_qb, mask, cols,
+    _norm_fwd_slot(src + h * D, dst + h * D, QW, QB, h * stride_qw, h * stride_qb, mask, cols,
                    col_ok, inv_d, eps, IS_RMS, HAS_QW, HAS_QB)
-    _norm_fwd_slot(src + (H + h) * D, dst + (H + h) * D, KW + h * stride_kw, KB + h * stride_kb,
+    _norm_fwd_slot(src + (H + h) * D, dst + (H + h) * D, KW, KB, h * stride_kw, h * stride_kb,
                    mask, cols, col_ok, inv_d, eps, IS_RMS, HAS_KW, HAS_KB)
     v_off = (2 * H + h) * D
     tl.store(dst + v_off, tl.load(src + v_off, mask=mask, other=0.0), mask=mask)
 
 
 @triton.jit
-def _norm_bwd_slot(DY, X, DX, W, WPART, BPART, row_begin, row_end, off, stride_dy, stride_x,
-                   row_dx, cols, col_ok, inv_d, eps, IS_RMS: tl.constexpr, HAS_W: tl.constexpr,
-                   NEED_W: tl.constexpr, NEED_B: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
+def _norm_bwd_slot(DY, X, DX, W, w_row, WPART, BPART, row_begin, row_end, off, stride_dy,
+                   stride_x, row_dx, cols, col_ok, inv_d, eps, IS_RMS: tl.constexpr,
+                   HAS_W: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """One slot (q or k) of one head over rows [row_begin, row_end): dx per row, and this
-    program's fp32 partial rows of dw (at WPART) and db (at BPART)."""
+    program's fp32 partial rows of dw (at WPART) and db (at BPART). The head's weight row starts
+    at W + w_row (W None when absent)."""
     # 2-D partials, summed over rows once at the end: no cross-warp reduction per tile.
     dw_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -108,7 +110,7 @@ def _norm_bwd_slot(DY, X, DX, W, WPART, BPART, row_begin, row_end, off, stride_d
         xhat, rstd = _normalized(x, mask, inv_d, eps, IS_RMS)
         g = dy
         if HAS_W:  # re-read per tile (L1 hits): held across the loop it cost a spill on sm_80
-            g = dy * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            g = dy * tl.load(W + w_row + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         c1 = tl.sum(g * xhat, axis=1) * inv_d
         if IS_RMS:
             dx = (g - xhat * c1[:, None]) * rstd[:, None]
@@ -129,7 +131,7 @@ def _norm_bwd_slot(DY, X, DX, W, WPART, BPART, row_begin, row_end, off, stride_d
 @triton.jit
 def qk_norm_bwd_kernel(
     DY, X, DX,       # dy, x (the forward's input) [M, 3·H·D] row-strided; dx [M, 3·H·D] contiguous
-    QW, KW,          # [D] or [H, D], head stride stride_qw / stride_kw (0 = shared)
+    QW, KW,          # [D] or [H, D], head stride stride_qw / stride_kw (0 = shared); or None
     PART,            # [4, P, H, D] fp32: slot k (dqw, dqb, dkw, dkb) of program (p, h) at [k, p, h]
     M, H, D, stride_dy, stride_x, stride_qw, stride_kw, rows_per_program, eps,
     IS_RMS: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
@@ -149,10 +151,10 @@ def qk_norm_bwd_kernel(
     part = PART + (pid * H + h) * D  # + k·P·H·D for slot k
     inv_d = 1.0 / D.to(tl.float32)
     slot = P * H * D
-    _norm_bwd_slot(DY, X, DX, QW + h * stride_qw, part, part + slot, row_begin, row_end, h * D,
+    _norm_bwd_slot(DY, X, DX, QW, h * stride_qw, part, part + slot, row_begin, row_end, h * D,
                    stride_dy, stride_x, row_dx, cols, col_ok, inv_d, eps, IS_RMS, HAS_QW, NEED_QW,
                    NEED_QB, BLOCK_M, BLOCK_D)
-    _norm_bwd_slot(DY, X, DX, KW + h * stride_kw, part + 2 * slot, part + 3 * slot, row_begin,
+    _norm_bwd_slot(DY, X, DX, KW, h * stride_kw, part + 2 * slot, part + 3 * slot, row_begin,
                    row_end, (H + h) * D, stride_dy, stride_x, row_dx, cols, col_ok, inv_d, eps,
                    IS_RMS, HAS_KW, NEED_KW, NEED_KB, BLOCK_M, BLOCK_D)
     v_off = (2 * H + h) * D
@@ -239,7 +241,7 @@ def qk_norm_fwd(qkv, num_heads, q_weight, k_weight, q_bias, k_bias, rms, eps):
         bd = block_d(D)
         bm = fwd_block_m(bd, M)
         qk_norm_fwd_kernel[(triton.cdiv(M, bm), H)](
-            x, y, *(p if p is not None else y for p in (qw, qb, kw, kb)),
+            x, y, qw, qb, kw, kb,  # absent parameters as None: the HAS_* flags drop their code
             M, H, D, x.stride(0), sqw, sqb, skw, skb, float(eps),
             IS_RMS=bool(rms), HAS_QW=qw is not None, HAS_QB=qb is not None,
             HAS_KW=kw is not None, HAS_KB=kb is not None, BLOCK_M=bm, BLOCK_D=bd,
@@ -274,7 +276,7 @@ def qk_norm_bwd(dy, qkv, num_heads, q_weight, k_weight, rms, eps, *, q_weight_gr
         torch.empty((4, P, H, D), device=device, dtype=torch.float32)
     if M > 0:
         qk_norm_bwd_kernel[(P, H)](
-            g, x, dx, qw if qw is not None else part, kw if kw is not None else part, part,
+            g, x, dx, qw, kw, part,
             M, H, D, g.stride(0), x.stride(0), sqw, skw, rows_per_program, float(eps),
             IS_RMS=bool(rms), HAS_QW=qw is not None, HAS_KW=kw is not None,
             NEED_QW=wanted[0] is not None, NEED_QB=wanted[1] is not None,
@@ -293,7 +295,8 @@ def _reduce_partials(part, param):
     out = torch.empty(param.shape, device=part.device, dtype=param.dtype)
     block_p, block_n = reduce_config(rows, C, gpu_target(part.device))  # LayerNorm's own config
     layer_norm_param_grad_reduce_kernel[(triton.cdiv(C, block_n), 1)](
-        part, out, out, out, rows, C, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
+        part, out, None, None, rows, C, HAS_OUT1=False, HAS_OUT2=False, BLOCK_P=block_p,
+        BLOCK_N=block_n, num_warps=4)
     return out
 
 

@@ -38,3 +38,46 @@ def op_calls(monkeypatch):
             return _real(*args, **kwargs)
         monkeypatch.setattr(functional, op, counted)
     return calls
+
+
+# --- ahead-of-time compile tests (tests/aot_builds.py) ----------------------------------------
+_AOT = {}  # "builds": the session's AotBuilds, made at collection when triton can compile
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
+def pytest_collection_modifyitems(session, config, items):
+    """Run the tests that need AOT builds last, and start their builds now in the background
+    (each such test module lists them as AOT_JOBS = (kernels module, [(spec, arch)])): the
+    compile workers then work while the interpreter tests run on the other core."""
+    aot = [item for item in items if "aot_builds" in getattr(item, "fixturenames", ())]
+    if not aot:
+        return
+    later = set(aot)
+    items[:] = [item for item in items if item not in later] + aot
+    from vit_fast.aot import nvidia_backend_missing_reason
+    if config.option.collectonly or nvidia_backend_missing_reason():
+        return
+    from aot_builds import AotBuilds
+    _AOT["builds"] = AotBuilds()
+    for module in dict.fromkeys(item.module for item in aot):
+        if hasattr(module, "AOT_JOBS"):
+            _AOT["builds"].submit(*module.AOT_JOBS)
+
+
+def pytest_sessionfinish(session):
+    if "builds" in _AOT:
+        _AOT.pop("builds").close()
+
+
+@pytest.fixture(scope="session")
+def aot_builds():
+    """The session's AOT compiler (tests/aot_builds.py): one pool of worker processes for every
+    test that compiles, each build made once. Skips where triton cannot compile for NVIDIA."""
+    from vit_fast.aot import nvidia_backend_missing_reason
+    reason = nvidia_backend_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    if "builds" not in _AOT:  # a test collected without the hook (pytest's own plugins)
+        from aot_builds import AotBuilds
+        _AOT["builds"] = AotBuilds()
+    return _AOT["builds"]

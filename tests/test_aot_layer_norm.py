@@ -1,29 +1,23 @@
-"""Every shipped residual_layer_norm config (kernels/layer_norm_aot.aot_specs) compiles for sm_80 and
-sm_90 with 0 spills and shared memory within the arch limit, C up to 8192.
+"""The residual_layer_norm configs (kernels/layer_norm_aot.aot_specs) compile for sm_80 and sm_90
+with 0 spills and shared memory within the arch limit, C up to 8192.
 
-Builds run in worker processes (vit_fast.aot.compile_module), since the tests interpret triton.
-"""
-import dataclasses
-
+`python -m vit_fast.bench compile-check --match layer_norm` builds every spec; this builds the
+covering subset of tests/aot_builds.py (every block size, dtype and flag family)."""
 import pytest
 
-from vit_fast.aot import compile_module, nvidia_backend_missing_reason
+from aot_builds import covering_jobs, parametrize_jobs
+from vit_fast.aot import SHARED_LIMIT
 from vit_fast.kernels.layer_norm import MAX_C
 from vit_fast.kernels.layer_norm_aot import aot_specs
 
-ARCHS = (80, 90)
 SPEC_NAMES = [spec.name for spec in aot_specs()]
+JOBS = covering_jobs(aot_specs())
+AOT_JOBS = ("layer_norm_aot", JOBS)  # conftest.py starts them at collection
 
 
 @pytest.fixture(scope="module")
-def results():
-    reason = nvidia_backend_missing_reason()
-    if reason:
-        pytest.skip(reason)
-    out = compile_module("layer_norm_aot", ARCHS)
-    failed = {k: r for k, r in out.items() if isinstance(r, str)}
-    assert not failed, failed
-    return {k: dataclasses.asdict(r) for k, r in out.items()}
+def results(aot_builds):
+    return aot_builds.build(*AOT_JOBS)
 
 
 def test_specs_cover_every_block_size_and_dtype():
@@ -35,12 +29,10 @@ def test_specs_cover_every_block_size_and_dtype():
             assert any(kind in n and dt in n for n in SPEC_NAMES), (kind, dt)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("name", SPEC_NAMES)
+@parametrize_jobs(JOBS)
 def test_spec_compiles_without_spills(results, name, arch):
-    from vit_fast.aot import SHARED_LIMIT
-
     r = results[(name, arch)]
-    assert r["spill_bytes"] == 0, f"{name} sm_{arch}: {r['spill_bytes']} spill bytes, {r['registers']} regs"
-    assert r["shared_bytes"] <= SHARED_LIMIT[arch], f"{name} sm_{arch}: shared {r['shared_bytes']}"
-    assert r["registers"] <= 255
+    assert not isinstance(r, str), f"{name} sm_{arch}: {r}"
+    assert r.spill_bytes == 0, f"{name} sm_{arch}: {r.spill_bytes} spill bytes, {r.registers} regs"
+    assert r.shared_bytes <= SHARED_LIMIT[arch], f"{name} sm_{arch}: shared {r.shared_bytes}"
+    assert r.registers <= 255

@@ -1,24 +1,26 @@
 """The q/k norm kernels compile ahead of time for sm_80 and sm_90 with 0 spills.
 
 `python -m vit_fast.bench compile-check --match qk_norm` builds all of kernels/qk_norm_aot.py's
-specs (200 builds); this test builds a covering subset to keep the suite short on two cores:
-every BLOCK_D bucket of both kernels with fp32 LayerNorm (the most live fp32 values), every
-(qkv, parameter) dtype pair at head dim 128, and RMSNorm there in fp32.
+specs (200 builds); this test builds the covering subset of tests/aot_builds.py: LayerNorm and
+RMSNorm of both kernels at their heaviest (fp32, head dim 256) on both architectures, and every
+BLOCK_D bucket, tile height and dtype once.
 """
 import dataclasses
 
 import pytest
 
+from aot_builds import covering_jobs, parametrize_jobs
 from vit_fast import support
-from vit_fast.aot import compile_module, nvidia_backend_missing_reason
 from vit_fast.kernels import qk_norm
 
 SPECS = qk_norm.aot_specs()
+JOBS = covering_jobs(SPECS)
+AOT_JOBS = ("qk_norm", JOBS)  # conftest.py starts them at collection
 
 
-def _subset():
-    return [s for s in SPECS if "[fp32,layer," in s.name or ",layer,D=128," in s.name
-            or "[fp32,rms,D=128," in s.name]
+@pytest.fixture(scope="module")
+def compiled(aot_builds):
+    return aot_builds.build(*AOT_JOBS)
 
 
 def test_specs_cover_every_bucket_dtype_and_kind_the_launchers_pick():
@@ -36,13 +38,8 @@ def test_specs_cover_every_bucket_dtype_and_kind_the_launchers_pick():
         assert s.constants["BLOCK_M"] == want and s.num_warps == qk_norm.NUM_WARPS, s.name
 
 
-def test_subset_compiles_without_spills():
-    reason = nvidia_backend_missing_reason()
-    if reason:
-        pytest.skip(reason)
-    out = compile_module("qk_norm", (80, 90), names={s.name for s in _subset()})
-    assert len(out) == 2 * len(_subset())
-    failed = {k: r for k, r in out.items() if isinstance(r, str)}
-    assert not failed, failed
-    bad = {k: dataclasses.asdict(r) for k, r in out.items() if not r.ok}
-    assert not bad, bad
+@parametrize_jobs(JOBS)
+def test_compiles_without_spills(compiled, name, arch):
+    r = compiled[(name, arch)]
+    assert not isinstance(r, str), f"{name} sm_{arch}: {r}"
+    assert r.ok, dataclasses.asdict(r)

@@ -6,7 +6,9 @@ import inspect
 
 import pytest
 
-from vit_fast.kernels import attention, gelu_mlp_aot, layer_norm, layer_norm_aot, matmul
+from aot_builds import ARCHS, archs_of, covering_jobs, family
+from vit_fast.kernels import (attention, gelu_elementwise_aot, gelu_mlp_aot, layer_norm,
+                              layer_norm_aot, matmul, qk_norm)
 
 
 def _launch_keywords(fn):
@@ -52,3 +54,22 @@ def test_attention_specs_cover_the_vit_head_dims():
             dims = {s.constants["HEAD_DIM"] for s in specs if s.kernel.fn.__name__ == kernel
                     and s.signature.get("QKV", s.signature.get("O")) == ptr}
             assert {32, 48, 64, 80, 96, 112, 128, 256} <= dims, (kernel, ptr, sorted(dims))
+
+
+@pytest.mark.parametrize("module", [attention, gelu_mlp_aot, gelu_elementwise_aot, layer_norm_aot,
+                                    qk_norm], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_the_tests_build_every_family_on_both_archs_and_every_value_once(module):
+    """tests/aot_builds.covering_jobs, the subset tests/test_aot_*.py compile."""
+    specs = {s.name: s for s in module.aot_specs()}
+    jobs = covering_jobs(list(specs.values()))
+    assert len(set(jobs)) == len(jobs) < len(specs) * len(ARCHS)
+    built = [specs[name] for name, _ in jobs]
+    families = {(family(specs[n]), a) for n, a in jobs}
+    for spec in specs.values():
+        assert {(family(spec), a) for a in archs_of(spec)} <= families, spec.name
+        for name, value in spec.constants.items():
+            assert any(b.kernel is spec.kernel and b.constants.get(name, ...) == value
+                       for b in built), (spec.name, name, value)
+        for name, dtype in spec.signature.items():
+            assert any(b.kernel is spec.kernel and b.signature.get(name) == dtype for b in built), \
+                (spec.name, name, dtype)

@@ -34,12 +34,8 @@ class FailingKernel:
 
 @pytest.fixture(autouse=True)
 def _forget_failures():
-    dispatch._FAILED.clear()
-    _device.LAUNCH_FAILURES.clear()
     fallback.forget()
     yield
-    dispatch._FAILED.clear()
-    _device.LAUNCH_FAILURES.clear()
     fallback.forget()
 
 
@@ -87,6 +83,38 @@ def test_failure_is_remembered_per_key(monkeypatch):
         assert dispatch.choose("residual_layer_norm", other, dim=24).backend == "triton"
 
 
+def test_forward_and_backward_paths_share_one_memory_and_one_warning(monkeypatch):
+    """dispatch.run's forward failure lands in fallback's table (forget() clears it), and the
+    same launcher failing again inside the Block's fused op (fallback.reference_on_failure) is
+    not a second warning."""
+    from vit_fast.kernels import layer_norm
+    monkeypatch.setattr(layer_norm, "residual_layer_norm_fwd_kernel",
+                        FailingKernel(OutOfResources(1, 0, "shared memory")))
+    x, w, b = _ln_inputs()
+    block = vit_fast.Block(16, 2, mlp_ratio=2.0)  # another width: another key, so it tries
+    x16 = torch.randn(2, 5, 16)
+    with vit_fast.use_backend("triton"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vit_fast.residual_layer_norm(x, w, b, 1e-6)
+        key = dispatch.choose("residual_layer_norm", [x, w, b], dim=24).key
+        assert "OutOfResources" in fallback.FELL_BACK[key]
+        _device.LAUNCH_FAILURES.clear()  # the Block's fused op tries its LayerNorm kernel
+        assert not block.why_not_fused()
+        with torch.no_grad():
+            torch.testing.assert_close(block(x16), _reference_block(block, x16))
+    assert len([c for c in caught if "vit_fast" in str(c.message)]) == 1, \
+        [str(c.message) for c in caught]
+    assert ("layer_norm_linear", "cpu") in fallback.FELL_BACK
+    fallback.forget()
+    with vit_fast.use_backend("triton"):
+        assert dispatch.choose("residual_layer_norm", [x, w, b], dim=24).backend == "triton"
+
+
+def _reference_block(block, x):
+    with vit_fast.use_backend("reference"):
+        return block(x)
+
+
 def test_failure_inside_a_nested_launcher(monkeypatch):
     """gelu_mlp's GEMM (matmul launcher inside gelu_mlp_fwd) failing to compile."""
     from triton.compiler.errors import CompilationError
@@ -125,7 +153,7 @@ def test_other_failures_propagate(monkeypatch, exc):
     x, w, b = _ln_inputs()
     with vit_fast.use_backend("triton"), pytest.raises(type(exc), match=str(exc)):
         vit_fast.residual_layer_norm(x, w, b, 1e-6)
-    assert not dispatch._FAILED and not _device.LAUNCH_FAILURES
+    assert not fallback.FELL_BACK and not _device.LAUNCH_FAILURES
 
 
 def test_build_failure_classification():

@@ -86,34 +86,31 @@ BEFORE = {
 }
 
 
-@pytest.fixture(scope="module")
-def vit_b_rows():
-    import json
-    import os
-    import subprocess
-    import sys
+def _spec_name(key):
+    """The AOT spec the launcher runs for ``key`` on a GPU (the CUDA config table)."""
+    from vit_fast.kernels import attention
+    kernel, dropout, short = key
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")  # the CUDA table, not the interpreter's tiles
+        bm, bn, warps, stages = attention._config(kernel, 32 if short else 197, 64, None, dropout)
+    return (f"attention_{kernel}[bfloat16,D=64,BM={bm},BN={bn},w={warps},s={stages}"
+            f"{',dropout' if dropout else ''}]")
 
-    from vit_fast.aot import nvidia_backend_missing_reason
-    reason = nvidia_backend_missing_reason()
-    if reason:
-        pytest.skip(reason)
-    # Kernels defined under the interpreter cannot be compiled: a fresh process without it.
-    code = ("import json; from vit_fast.bench.sass_report import report_rows; "
-            "print(json.dumps(report_rows((90,), 'bfloat16,D=64,')))")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=dict(os.environ, TRITON_INTERPRET="0"))
-    return {r["kernel"]: r for r in json.loads(run.stdout.strip().splitlines()[-1])}
+
+@pytest.fixture(scope="module")
+def vit_b_rows(aot_builds):
+    # Only the builds BEFORE names (a name ends in "]": the match is exact), in the session's
+    # compile workers (tests/aot_builds.py).
+    names = sorted({_spec_name(key) for key in BEFORE})
+    rows = aot_builds.call("vit_fast.bench.sass_report:report_rows", [((90,), n) for n in names])
+    return {r["kernel"]: r for per_name in rows for r in per_name}
 
 
 @pytest.mark.parametrize("key", sorted(BEFORE),
                          ids=lambda k: f"{k[0]}-{'dropout' if k[1] else 'plain'}-{'short' if k[2] else 'long'}")
-def test_vit_b_attention_figures_against_before(vit_b_rows, key, monkeypatch):
-    from vit_fast.kernels import attention
+def test_vit_b_attention_figures_against_before(vit_b_rows, key):
     kernel, dropout, short = key
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CUDA table, not the interpreter's tiles
-    bm, bn, warps, stages = attention._config(kernel, 32 if short else 197, 64, None, dropout)
-    name = (f"attention_{kernel}[bfloat16,D=64,BM={bm},BN={bn},w={warps},s={stages}"
-            f"{',dropout' if dropout else ''}]")
+    name = _spec_name(key)
     row = vit_b_rows[name]
     ctas, ints, fp = BEFORE[key]
     assert row["spill_bytes"] == 0 and row["mma_kind"] == "HGMMA", row

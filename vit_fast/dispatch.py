@@ -25,12 +25,12 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from . import support
+from .fallback import FELL_BACK, warn_once
 from .kernels._device import LAUNCH_FAILURES, interpreting, is_build_failure
 from .support import KERNELS
 
@@ -158,13 +158,12 @@ def not_supported_reasons(op: str, tensors, **options) -> list:
 # --- failed launches --------------------------------------------------------------------------
 # A kernel that compiles or launches badly on this GPU (OutOfResources, a CompilationError, "no
 # kernel image") is not a wrong answer waiting to happen: run() answers that call with the
-# reference, warns once, and remembers the key, so choose() sends later calls there directly.
-# A failed backward launch cannot be redone here (autograd holds the kernel's saved tensors):
-# the backward op recomputes its gradient with the reference from those tensors, warning once
-# (vit_fast/fallback.py); the launcher guard (kernels/_device.py) has recorded the failure, so
-# choose() sends later calls of the op on that device to the reference.
-
-_FAILED = {}  # Choice.key -> reason
+# reference and remembers the key (vit_fast/fallback.py: one table, one warning per failing
+# launch), so choose() sends later calls there directly. A failed backward launch cannot be
+# redone here (autograd holds the kernel's saved tensors): the backward op recomputes its
+# gradient with the reference from those tensors (fallback.reference_on_failure); the launcher
+# guard (kernels/_device.py) has recorded the failure, so choose() sends later calls of the op on
+# that device to the reference.
 
 
 def _failure_key(op, tensors, options):
@@ -176,8 +175,8 @@ def _failure_key(op, tensors, options):
 def failure_reason(op, key):
     """Why earlier launches of ``op`` with ``key`` (or any launch of its kernels on that device)
     failed, or None."""
-    if key in _FAILED:
-        return _FAILED[key]
+    if key in FELL_BACK:
+        return FELL_BACK[key]
     device = key[1] if len(key) > 1 else None
     for stem in KERNELS[op].launchers:
         if (stem, device) in LAUNCH_FAILURES:
@@ -199,12 +198,9 @@ def run(op: str, choice: Choice, kernel, reference):
     except Exception as exc:  # noqa: BLE001 - filtered just below
         if not is_build_failure(exc):
             raise
-        reason = f"{type(exc).__name__}: {exc}"
-    if choice.key not in _FAILED:
-        _FAILED[choice.key] = reason
-        warnings.warn(f"vit_fast.{op}: the {choice.backend} kernel failed on this device "
-                      f"({reason}); this and later calls like it use the reference backend",
-                      RuntimeWarning, stacklevel=3)
+        FELL_BACK[choice.key] = f"{type(exc).__name__}: {exc}"
+        failure = exc
+    warn_once(choice.key, failure, stacklevel=3)  # pointing at the functional op's caller
     return reference()
 
 

@@ -27,19 +27,38 @@ import warnings
 
 import torch
 
-from .kernels._device import is_build_failure
+from .kernels._device import LAUNCH_FAILURES, is_build_failure
 
-# (op, device str) -> why its kernel failed: later calls there go to the reference.
+# The one memory of failed kernels, for both paths (dispatch.run's forwards, the ops wrapped
+# here): failure key -> why its kernel failed; later calls with that key go to the reference.
+# The key starts with (op, device str); dispatch.run's forwards add the call's dtypes and options
+# (dispatch.Choice.key), the ops here remember per (op, device). Both warn through warn_once.
 FELL_BACK: dict = {}
 # The failing launches already warned about: one launcher failing inside several ops (the
-# LayerNorm forward in both of the Block's fused ops) is one warning.
+# LayerNorm forward in both of the Block's fused ops, or in a forward and then a backward) is
+# one warning.
 _WARNED: set = set()
 
 
 def forget():
-    """Drop what was remembered (tests)."""
+    """Drop what was remembered, the launchers' own record included (tests)."""
     FELL_BACK.clear()
     _WARNED.clear()
+    LAUNCH_FAILURES.clear()
+
+
+def warn_once(key: tuple, failure: BaseException, *, stacklevel: int = 1):
+    """Warn that the kernel behind ``key`` = (op, device, ...), recorded in FELL_BACK, failed with
+    ``failure`` (a build failure): once per failing launch (the launcher guard's
+    ``failure.launch``, else the key). ``stacklevel`` counts from the caller."""
+    launch = getattr(failure, "launch", key)
+    if launch in _WARNED:
+        return
+    _WARNED.add(launch)
+    op, device = key[0], key[1]
+    warnings.warn(f"vit_fast.{op}: its kernel failed on {device} ({FELL_BACK[key]}); this and "
+                  "later calls like it are computed by the reference from the same inputs",
+                  RuntimeWarning, stacklevel=stacklevel + 1)
 
 
 def _device_of(args):
@@ -75,14 +94,7 @@ def reference_on_failure(op: str, reference, *, only_in_backward: bool = False):
                 failure = exc
             result = reference(*args, **kwargs)
             FELL_BACK[key] = f"{type(failure).__name__}: {failure}"
-            launch = getattr(failure, "launch", key)
-            if launch in _WARNED:
-                return result
-            _WARNED.add(launch)
-            warnings.warn(f"vit_fast.{op}: its kernel failed on {key[1]} ({FELL_BACK[key]}); "
-                          "this and later calls there are computed by the reference from the "
-                          "same inputs",
-                          RuntimeWarning, stacklevel=2)
+            warn_once(key, failure, stacklevel=2)
             return result
         # torch.library reads the op's schema from this signature and evaluates string
         # annotations in the function's globals: give it the kernel path's, already evaluated.
