@@ -118,15 +118,17 @@ _CUDA_FWD_SMALLER = {
 }
 
 
-def fwd_shared_bytes(config, block_d: int, elem_bytes: int = 2) -> int:
+def fwd_shared_bytes(config, block_d: int, elem_bytes: int = 2, segments: bool = False) -> int:
     """Shared memory of a forward build on the mma.sync GPUs (sm_80, sm_86, sm_89, sm_120), in
     bytes: the Q tile, num_stages - 1 pipeline buffers of the K and V tiles, and the P tile's
-    trip from the accumulator to the operand layout. Equal to what triton 3.8 allocates for every
-    shipped forward build on sm_80 (at most that with segments); tests/test_aot_attention.py
-    checks it bounds the compiled builds on sm_80 and sm_86. (sm_90's wgmma builds take more,
-    but every sm_90 GPU allows 227 KB.)"""
+    trip from the accumulator to the operand layout; with segments, room for the key tile's int32
+    ids in each pipeline buffer (the fp16 D=256 build pipelines them: 128 B over the rest).
+    Equal to what triton 3.8 allocates for every shipped forward build on sm_80 without segments,
+    at least that with them; tests/test_aot_attention.py checks it bounds the compiled builds on
+    sm_80 and sm_86. (sm_90's wgmma builds take more, but every sm_90 GPU allows 227 KB.)"""
     block_m, block_n, _, stages = config
-    return elem_bytes * (block_m * block_d + 2 * (stages - 1) * block_n * block_d + block_m * block_n)
+    ids = 4 * (stages - 1) * block_n if segments else 0
+    return elem_bytes * (block_m * block_d + 2 * (stages - 1) * block_n * block_d + block_m * block_n) + ids
 
 
 def fwd_configs(key, dropout: bool = False, segments: bool = False):
@@ -138,5 +140,6 @@ def fwd_config(key, dropout: bool = False, segments: bool = False, shared_limit=
     """The first of fwd_configs that fits shared_limit bytes per block (None: no limit known).
     When none fits, the smallest: its launch failure falls back to the reference."""
     configs = fwd_configs(key, dropout, segments)
-    fits = [c for c in configs if shared_limit is None or fwd_shared_bytes(c, key[1]) <= shared_limit]
+    fits = [c for c in configs
+            if shared_limit is None or fwd_shared_bytes(c, key[1], segments=segments) <= shared_limit]
     return fits[0] if fits else configs[-1]

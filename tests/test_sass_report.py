@@ -101,7 +101,11 @@ def _spec_name(key):
 def vit_b_rows(aot_builds):
     # Only the builds BEFORE names (a name ends in "]": the match is exact), in the session's
     # compile workers (tests/aot_builds.py).
-    names = sorted({_spec_name(key) for key in BEFORE})
+    names = {_spec_name(key) for key in BEFORE}
+    with pytest.MonkeyPatch.context() as mp:  # and the backward builds ViT-B launches now
+        names |= {_bwd_name(launch, dropout) for dropout in (False, True) for short in (False, True)
+                  for launch in _bwd_launches(dropout, short, mp)}
+    names = sorted(names)
     rows = aot_builds.call("vit_fast.bench.sass_report:report_rows", [((90,), n) for n in names])
     return {r["kernel"]: r for per_name in rows for r in per_name}
 
@@ -143,16 +147,21 @@ def _bwd_launches(dropout, short, monkeypatch):
     return [("attention_dkdv_dq", *plan[1], "bf16" if plan[2] == 1 else "fp32")]
 
 
+def _bwd_name(launch, dropout):
+    kernel, bm, bn, warps, stages, dq = launch
+    return (f"{kernel}[bfloat16,D=64,BM={bm},BN={bn},w={warps},s={stages}"
+            f"{',dropout' if dropout else ''}{'' if dq is None else ',dq=' + dq}]")
+
+
 @pytest.mark.parametrize("dropout", [False, True], ids=["plain", "dropout"])
 @pytest.mark.parametrize("short", [False, True], ids=["long", "short"])
 def test_vit_b_attention_backward_tensor_core_work_per_tile_pair(vit_b_rows, monkeypatch, dropout, short):
     launches = _bwd_launches(dropout, short, monkeypatch)
     assert [k for k, *_ in launches] == ["attention_dkdv_dq"]  # ViT-B takes the fused pass
     mma = ints = 0.0
-    for kernel, bm, bn, warps, stages, dq in launches:
-        name = (f"{kernel}[bfloat16,D=64,BM={bm},BN={bn},w={warps},s={stages}"
-                f"{',dropout' if dropout else ''}{'' if dq is None else ',dq=' + dq}]")
-        row = vit_b_rows[name]
+    for launch in launches:
+        _, bm, bn, warps, _, _ = launch
+        row = vit_b_rows[_bwd_name(launch, dropout)]
         assert row["spill_bytes"] == 0 and row["mma_kind"] == "HGMMA", row
         # Occupancy: the long shape's pass keeps the 1 CTA/SM of the dK/dV pass it replaces;
         # the short one runs 64 x 64 tiles (2 CTAs/SM) where the dK/dV pass ran 32 x 64 (3).

@@ -8,7 +8,8 @@ from __future__ import annotations
 import importlib
 import re
 
-MODULES = ("attention_aot", "layer_norm_aot", "gelu_mlp_aot", "gelu_elementwise_aot", "qk_norm_aot")
+MODULES = ("attention_aot", "layer_norm_aot", "gelu_mlp_aot", "gelu_elementwise_aot", "qk_norm_aot",
+           "matmul_hopper_aot")
 
 
 def collect_specs(modules=MODULES, match=None):
