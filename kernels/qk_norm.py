@@ -180,8 +180,11 @@ def gpu_fwd_block_m(bd: int) -> int:
     return 2048 // bd  # 16 fp32 values a thread per tile at 4 warps
 
 
-def gpu_bwd_block_m(bd: int) -> int:
-    return 1024 // bd  # two [BLOCK_M, BLOCK_D] accumulators live across the row loop
+def gpu_bwd_block_m(bd: int, fp32_io: bool = False) -> int:
+    # Two [BLOCK_M, BLOCK_D] fp32 accumulators live across the row loop: 8 values a thread each
+    # at 4 warps. With fp32 qkv, 4: at 8 the rms builds of D=32/64 spilled a byte on triton 3.6
+    # (sm_90); at 4 the bf16 rms D=32 build spills a byte on triton 3.8 (sm_90), so 16-bit keeps 8.
+    return (512 if fp32_io else 1024) // bd
 
 
 def fwd_block_m(bd: int, M: int) -> int:
@@ -190,10 +193,10 @@ def fwd_block_m(bd: int, M: int) -> int:
     return gpu_fwd_block_m(bd)
 
 
-def bwd_block_m(bd: int, M: int) -> int:
+def bwd_block_m(bd: int, M: int, fp32_io: bool = False) -> int:
     if interpreting():
         return max(1, min(4096 // bd, triton.next_power_of_2(max(M, 1)), 32))
-    return gpu_bwd_block_m(bd)
+    return gpu_bwd_block_m(bd, fp32_io)
 
 
 NUM_WARPS = 4
@@ -268,7 +271,7 @@ def qk_norm_bwd(dy, qkv, num_heads, q_weight, k_weight, rms, eps, *, q_weight_gr
     wanted = [q_weight if q_weight_grad else None, q_bias, k_weight if k_weight_grad else None,
               k_bias]
     bd = block_d(D)
-    bm = bwd_block_m(bd, M)
+    bm = bwd_block_m(bd, M, qkv.dtype == torch.float32)
     P = _bwd_programs(M, H, bm, device) if M > 0 else 1
     rows_per_program = triton.cdiv(triton.cdiv(max(M, 1), P), bm) * bm
     P = max(1, triton.cdiv(M, rows_per_program))

@@ -40,7 +40,7 @@ def aot_specs():
                     ("X", "Y", "QW", "QB", "KW", "KB", "D", "stride_x", "stride_qw", "stride_qb",
                      "stride_kw", "stride_kb")))
                 bwd = dict(IS_RMS=rms, HAS_QW=True, HAS_KW=True, NEED_QW=True, NEED_QB=True,
-                           NEED_KW=True, NEED_KB=True, BLOCK_M=gpu_bwd_block_m(bd), BLOCK_D=bd)
+                           NEED_KW=True, NEED_KB=True, BLOCK_M=gpu_bwd_block_m(bd, io == "fp32"), BLOCK_D=bd)
                 specs.append(_spec(
                     f"qk_norm_bwd[{tag},{kind},D={head_dim},BM={bwd['BLOCK_M']}]",
                     qk_norm_bwd_kernel,

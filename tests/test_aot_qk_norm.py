@@ -33,8 +33,9 @@ def test_specs_cover_every_bucket_dtype_and_kind_the_launchers_pick():
                          if s.name.startswith(f"{kernel}[{pair},{kind},")}
                 assert built == buckets, (kernel, pair, kind)
     for s in SPECS:  # the launchers' GPU tile heights
-        want = (qk_norm.gpu_fwd_block_m if s.name.startswith("qk_norm_fwd")
-                else qk_norm.gpu_bwd_block_m)(s.constants["BLOCK_D"])
+        bd = s.constants["BLOCK_D"]
+        want = (qk_norm.gpu_fwd_block_m(bd) if s.name.startswith("qk_norm_fwd")
+                else qk_norm.gpu_bwd_block_m(bd, s.signature["X"] == "*fp32"))
         assert s.constants["BLOCK_M"] == want and s.num_warps == qk_norm.NUM_WARPS, s.name
 
 
