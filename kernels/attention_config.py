@@ -62,7 +62,11 @@ _CUDA_DROPOUT_CONFIGS = {
 }
 # Segment builds (HAS_SEGMENTS=True) whose entry above spilled on sm_80 (the id mask of each
 # score tile): the same tiles over 8 warps. Ahead of the dropout table when both apply.
+# The long 64-bucket forward's 4 warps needed 255 registers and spilled (4 B on sm_86 with triton
+# 3.8, 1 B on sm_80 with 3.6): 8 warps keep the tile at 198 registers, 0 spills on sm_80/86/90
+# (3.6 and 3.8), and the same 8 warps per SM (1 CTA of 8 where 2 of 4 were).
 _CUDA_SEGMENT_CONFIGS = {
+    ("fwd", 64, False): (128, 64, 8, 3),
     ("fwd", 128, True): (64, 64, 8, 2),
     ("dkdv", 128, False): (32, 64, 8, 2),
     ("dkdv", 128, True): (32, 64, 8, 2),
@@ -71,7 +75,12 @@ _CUDA_SEGMENT_CONFIGS = {
 # 64-bucket one needs 255 registers on triton 3.8 and spills on 3.6 (sm_90), at 4 and 8 warps.
 # The 256 bucket's dQ at 2 stages spilled on triton 3.6 (sm_80 and sm_90); 1 stage does not.
 # The 64 bucket's long dK/dV (32 x 128, 8 warps) spilled on 3.6 (sm_80): the short build's tile.
+# The long 128-bucket forward (128 x 64, 8 warps) spilled 1 B on triton 3.6 (sm_80, 255 registers);
+# 32-key tiles take 202 there, still 1 CTA of 8 warps per SM (it is also the 99 KB GPUs' tile).
+# The long 64-bucket forward keeps the dropout build's tile over the segment table's.
 _CUDA_SEGMENT_DROPOUT_CONFIGS = {("dkdv_dq", 64, True): None, ("dkdv", 64, False): (32, 64, 4, 1),
+                                 ("fwd", 128, False): (128, 32, 8, 3),
+                                 ("fwd", 64, False): _CUDA_DROPOUT_CONFIGS[("fwd", 64, False)],
                                  ("dq", 256, False): (32, 32, 8, 1), ("dq", 256, True): (32, 32, 8, 1)}
 _DELTA_BLOCK_M = 64
 _REDUCE_BLOCK_M = 64
@@ -133,7 +142,8 @@ def fwd_shared_bytes(config, block_d: int, elem_bytes: int = 2, segments: bool =
 
 def fwd_configs(key, dropout: bool = False, segments: bool = False):
     """Every forward config the launcher can pick for key, in order of preference."""
-    return [shipped_config(key, dropout, segments)] + _CUDA_FWD_SMALLER.get(key, [])
+    first = shipped_config(key, dropout, segments)
+    return [first] + [c for c in _CUDA_FWD_SMALLER.get(key, []) if c != first]
 
 
 def fwd_config(key, dropout: bool = False, segments: bool = False, shared_limit=None):
