@@ -123,9 +123,10 @@ def colsum_kernel(X, SSCALE, OUT, M, N, rows_per_chunk, rows_per_sample, stride_
 # kernels/gelu_mlp_aot.py calls the same functions to list what it compiles ahead of time.
 
 class GemmConfig(NamedTuple):
-    """One GEMM launch config, for matmul_kernel and (matmul_hopper.HopperConfig, the same
-    fields) the Hopper kernel: the output tile, its K step, the tile rows of the grouped launch
-    order, the launch options, and one field only each kernel varies."""
+    """One GEMM launch config: the output tile, its K step, the tile rows of the grouped launch
+    order and the launch options; one definition for both GEMM kernels (matmul_hopper.HopperConfig
+    is this with the Hopper kernel's names). split_k is matmul_kernel's alone, epilogue_subtiles
+    the Hopper kernel's: each kernel's constexprs function rejects the other's."""
     block_m: int
     block_n: int
     block_k: int

@@ -244,3 +244,15 @@ def test_a_launch_outside_the_list_is_caught():
                   96, 96, 64, 8, 8, 3)), A=torch.empty(0, dtype=torch.bfloat16))}
     with pytest.raises(pytest.fail.Exception, match="no AOT spec covers matmul_kernel"):
         assert_covered([launch])
+
+
+def test_each_gemm_kernel_rejects_the_others_config_field():
+    """GemmConfig is shared: a split-K config cannot reach the Hopper kernel (which does not
+    split K) and a subtiled one cannot reach matmul_kernel (which stores its tile whole)."""
+    from vit_fast.kernels import matmul_hopper
+    with pytest.raises(ValueError, match="config: the Hopper kernel does not split K"):
+        matmul_hopper.hopper_constexprs(matmul.Epilogue(), matmul_hopper.LARGE._replace(split_k=2),
+                                        False, False)
+    with pytest.raises(ValueError, match="config: matmul_kernel stores its tile whole"):
+        matmul.matmul_constexprs(matmul.Epilogue(), matmul_hopper.WIDE)
+    assert matmul_hopper.WIDE._replace(num_stages=4).name == "tma128x256x64w8s4e2"
