@@ -123,6 +123,10 @@ def colsum_kernel(X, SSCALE, OUT, M, N, rows_per_chunk, rows_per_sample, stride_
 # kernels/gelu_mlp_aot.py calls the same functions to list what it compiles ahead of time.
 
 class GemmConfig(NamedTuple):
+    """One GEMM launch config: the output tile, its K step, the tile rows of the grouped launch
+    order and the launch options; one definition for both GEMM kernels (matmul_hopper.HopperConfig
+    is this with the Hopper kernel's names). split_k is matmul_kernel's alone, epilogue_subtiles
+    the Hopper kernel's: each kernel's constexprs function rejects the other's."""
     block_m: int
     block_n: int
     block_k: int
@@ -130,12 +134,17 @@ class GemmConfig(NamedTuple):
     num_warps: int
     num_stages: int
     split_k: int = 1  # > 1: fp32 partials over K-runs, summed by the launcher in a fixed order
+    epilogue_subtiles: int = 1  # Hopper only: the epilogue stores the tile in this many slices
 
     @property
     def name(self) -> str:
         split = f"k{self.split_k}" if self.split_k > 1 else ""
         return (f"{self.block_m}x{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}"
                 + split)
+
+    def tile_constexprs(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+                    GROUP_M=self.group_m)
 
 
 # Every config a CUDA launch can use; each passes AOT with 0 spills for the epilogues it is
@@ -207,14 +216,21 @@ def gemm_candidates(M, N, dtype, epilogue: Epilogue, precision="ieee", target=No
 
 def matmul_constexprs(epilogue: Epilogue, config: GemmConfig, precision="ieee", dot_fp32=False):
     """matmul_kernel's constexpr arguments for one launch (the AOT specs use the same)."""
+    if config.epilogue_subtiles != 1:
+        raise ValueError(f"config: matmul_kernel stores its tile whole, not in "
+                         f"{config.epilogue_subtiles} slices")
+    return dict(**epilogue_constexprs(epilogue), DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+                **config.tile_constexprs(), SPLIT_K=config.split_k)
+
+
+def epilogue_constexprs(epilogue: Epilogue) -> dict:
+    """The epilogue's constexpr flags, the same in matmul_kernel and the Hopper kernel."""
     return dict(
         HAS_BIAS=epilogue.bias, EPILOGUE=EPILOGUE[epilogue.kind],
         APPROX_TANH=epilogue.approximate == "tanh", STORE_PRE=epilogue.store_pre,
         STORE_ACT=epilogue.store_act, ROW_DOT=epilogue.row_dot,
         HAS_RESIDUAL=epilogue.residual, HAS_LAYER_SCALE=epilogue.layer_scale,
-        HAS_SAMPLE_SCALE=epilogue.sample_scale, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_M=config.group_m, SPLIT_K=config.split_k)
+        HAS_SAMPLE_SCALE=epilogue.sample_scale)
 
 
 def colsum_block(target=None):

@@ -17,7 +17,6 @@ never the fixed table's choice. Under the interpreter the descriptors run too (t
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 import triton
@@ -25,7 +24,7 @@ import triton.language as tl
 
 from ._device import gpu_target, interpreting, on_tensor_device
 from .gemm_epilogue import epilogue_store, grouped_tile
-from .matmul import EPILOGUE, Epilogue, _unit
+from .matmul import Epilogue, GemmConfig, _unit, epilogue_constexprs
 
 try:  # triton >= 3.4 (host-side descriptors, launched as kernel arguments)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -99,14 +98,9 @@ def hopper_matmul_kernel(
 # ---------------------------------------------------------------------------------------------
 # Configs: pure functions; kernels/matmul_hopper_aot.py compiles what hopper_candidates offers.
 
-class HopperConfig(NamedTuple):
-    block_m: int
-    block_n: int
-    block_k: int
-    group_m: int
-    num_warps: int
-    num_stages: int
-    epilogue_subtiles: int
+class HopperConfig(GemmConfig):
+    """A GemmConfig of the Hopper kernel: it sets epilogue_subtiles and never splits K."""
+    __slots__ = ()
 
     @property
     def name(self) -> str:
@@ -116,13 +110,13 @@ class HopperConfig(NamedTuple):
 
 # 128x256: two warpgroups each own a 64x256 wgmma accumulator (128 fp32 registers a thread);
 # 3 stages of A and B take 144 KiB of the 227 KiB. The epilogue runs on 128x128 halves.
-WIDE = HopperConfig(128, 256, 64, 8, 8, 3, 2)
+WIDE = HopperConfig(128, 256, 64, 8, 8, 3, epilogue_subtiles=2)
 # 128x128 for grids that 128x256 tiles would leave short of SMs; 4 stages.
-LARGE = HopperConfig(128, 128, 64, 8, 8, 4, 1)
+LARGE = HopperConfig(128, 128, 64, 8, 8, 4, epilogue_subtiles=1)
 # dGELU holds pre, act and the gradient at once: in 128x64 halves (the whole 128x128 tile at
 # once spills on sm_90).
-DGELU = HopperConfig(128, 128, 64, 8, 8, 4, 2)
-INTERPRET_CONFIG = HopperConfig(32, 32, 16, 2, 4, 1, 2)  # small: several tiles per program
+DGELU = HopperConfig(128, 128, 64, 8, 8, 4, epilogue_subtiles=2)
+INTERPRET_CONFIG = HopperConfig(32, 32, 16, 2, 4, 1, epilogue_subtiles=2)  # small: several tiles per program
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -172,15 +166,11 @@ def hopper_candidates(dtype, epilogue: Epilogue, target):
 def hopper_constexprs(epilogue: Epilogue, config: HopperConfig, a_transposed, b_transposed,
                       dot_fp32=False):
     """hopper_matmul_kernel's constexpr arguments for one launch (the AOT specs use the same)."""
+    if config.split_k != 1:
+        raise ValueError(f"config: the Hopper kernel does not split K (split_k {config.split_k})")
     return dict(
-        A_TRANSPOSED=a_transposed, B_TRANSPOSED=b_transposed,
-        HAS_BIAS=epilogue.bias, EPILOGUE=EPILOGUE[epilogue.kind],
-        APPROX_TANH=epilogue.approximate == "tanh", STORE_PRE=epilogue.store_pre,
-        STORE_ACT=epilogue.store_act, ROW_DOT=epilogue.row_dot,
-        HAS_RESIDUAL=epilogue.residual, HAS_LAYER_SCALE=epilogue.layer_scale,
-        HAS_SAMPLE_SCALE=epilogue.sample_scale, DOT_FP32=dot_fp32,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_M=config.group_m, EPILOGUE_SUBTILES=config.epilogue_subtiles)
+        A_TRANSPOSED=a_transposed, B_TRANSPOSED=b_transposed, **epilogue_constexprs(epilogue),
+        DOT_FP32=dot_fp32, **config.tile_constexprs(), EPILOGUE_SUBTILES=config.epilogue_subtiles)
 
 
 def _descriptor(t, rows_block, cols_block):

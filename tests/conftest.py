@@ -81,3 +81,10 @@ def aot_builds():
         from aot_builds import AotBuilds
         _AOT["builds"] = AotBuilds()
     return _AOT["builds"]
+
+
+@pytest.fixture(scope="module")
+def compiled(request, aot_builds):
+    """{(spec name, arch): AotResult, or the error text} for the test module's
+    ``AOT_JOBS = (kernels module, [(spec name, arch)])``, the builds started at collection."""
+    return aot_builds.build(*request.module.AOT_JOBS)

@@ -6,8 +6,6 @@ covering subset of tests/aot_builds.py (every variant family at its heaviest on 
 architectures, every head dim, tile, dtype and launch option once)."""
 import dataclasses
 
-import pytest
-
 from aot_builds import covering_jobs, parametrize_jobs
 from vit_fast.kernels.attention import aot_specs
 
@@ -48,11 +46,6 @@ def _sm86_jobs():
 
 SM86_JOBS = _sm86_jobs()
 AOT_JOBS = ("attention", JOBS + SM86_JOBS)  # conftest.py starts them at collection
-
-
-@pytest.fixture(scope="module")
-def compiled(aot_builds):
-    return aot_builds.build(*AOT_JOBS)
 
 
 def test_specs_cover_the_shipped_dtypes_head_dims_and_kernels():

@@ -94,9 +94,9 @@ def test_config_functions_offer_only_compiled_configs():
         if s.kernel.fn.__name__ == "matmul_kernel":
             kind, dtype = s.name.split("[")[1].split("/")[:2]
             precision = s.constants["INPUT_PRECISION"]
-            compiled.setdefault((kind, dtype, precision), set()).add(
-                tuple(s.constants[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
-                + (s.num_warps, s.num_stages, s.constants["SPLIT_K"]))
+            compiled.setdefault((kind, dtype, precision), set()).add(matmul.GemmConfig(
+                *(s.constants[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")),
+                s.num_warps, s.num_stages, s.constants["SPLIT_K"]))
     ln = {(s.kernel.fn.__name__, s.constants.get("BLOCK_M"), s.constants.get("BLOCK_C"),
            s.constants.get("BLOCK_P"), s.constants.get("BLOCK_N"), s.num_warps) for s in SPECS}
     for _ in range(300):
@@ -107,7 +107,7 @@ def test_config_functions_offer_only_compiled_configs():
             epilogue = gelu_mlp_aot.KINDS[kind][0]
             for cfg in matmul.gemm_candidates(M, N, gelu_mlp_aot._DT[dtype], epilogue, precision,
                                               target, K):
-                assert tuple(cfg) in configs, (kind, dtype, precision, M, N, target, cfg)
+                assert cfg in configs, (kind, dtype, precision, M, N, target, cfg)
         C = rng.randint(1, layer_norm.MAX_C)
         f = layer_norm.fwd_config(C, M, target)
         b = layer_norm.bwd_config(C, M, target)
@@ -244,3 +244,15 @@ def test_a_launch_outside_the_list_is_caught():
                   96, 96, 64, 8, 8, 3)), A=torch.empty(0, dtype=torch.bfloat16))}
     with pytest.raises(pytest.fail.Exception, match="no AOT spec covers matmul_kernel"):
         assert_covered([launch])
+
+
+def test_each_gemm_kernel_rejects_the_others_config_field():
+    """GemmConfig is shared: a split-K config cannot reach the Hopper kernel (which does not
+    split K) and a subtiled one cannot reach matmul_kernel (which stores its tile whole)."""
+    from vit_fast.kernels import matmul_hopper
+    with pytest.raises(ValueError, match="config: the Hopper kernel does not split K"):
+        matmul_hopper.hopper_constexprs(matmul.Epilogue(), matmul_hopper.LARGE._replace(split_k=2),
+                                        False, False)
+    with pytest.raises(ValueError, match="config: matmul_kernel stores its tile whole"):
+        matmul.matmul_constexprs(matmul.Epilogue(), matmul_hopper.WIDE)
+    assert matmul_hopper.WIDE._replace(num_stages=4).name == "tma128x256x64w8s4e2"

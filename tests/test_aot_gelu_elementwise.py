@@ -1,18 +1,11 @@
 """The cuBLAS MLP's elementwise kernels (kernels/gelu_elementwise_aot.py) compile for sm_80 and
 sm_90 with no spills: the covering subset of tests/aot_builds.py (all of them with
 `python -m vit_fast.bench compile-check --match gelu`)."""
-import pytest
-
 from aot_builds import covering_jobs, parametrize_jobs
 from vit_fast.kernels.gelu_elementwise_aot import aot_specs
 
 JOBS = covering_jobs(aot_specs())
 AOT_JOBS = ("gelu_elementwise_aot", JOBS)  # conftest.py starts them at collection
-
-
-@pytest.fixture(scope="module")
-def compiled(aot_builds):
-    return aot_builds.build(*AOT_JOBS)
 
 
 def test_specs_list_every_elementwise_kernel():

@@ -3,19 +3,12 @@ bf16/fp16 (and tf32) GEMMs use tensor cores: HGMMA on sm_90, HMMA on sm_80.
 
 `python -m vit_fast.bench compile-check --match matmul_kernel` builds every spec; this builds the
 covering subset of tests/aot_builds.py."""
-import pytest
-
 from aot_builds import covering_jobs, parametrize_jobs
 from vit_fast.kernels.gelu_mlp_aot import aot_specs
 
 SPECS = {s.name: s for s in aot_specs()}
 JOBS = covering_jobs(list(SPECS.values()))
 AOT_JOBS = ("gelu_mlp_aot", JOBS)  # conftest.py starts them at collection
-
-
-@pytest.fixture(scope="module")
-def compiled(aot_builds):
-    return aot_builds.build(*AOT_JOBS)
 
 
 @parametrize_jobs(JOBS)

@@ -3,8 +3,6 @@ with 0 spills and shared memory within the arch limit, C up to 8192.
 
 `python -m vit_fast.bench compile-check --match layer_norm` builds every spec; this builds the
 covering subset of tests/aot_builds.py (every block size, dtype and flag family)."""
-import pytest
-
 from aot_builds import covering_jobs, parametrize_jobs
 from vit_fast.aot import SHARED_LIMIT
 from vit_fast.kernels.layer_norm import MAX_C
@@ -13,11 +11,6 @@ from vit_fast.kernels.layer_norm_aot import aot_specs
 SPEC_NAMES = [spec.name for spec in aot_specs()]
 JOBS = covering_jobs(aot_specs())
 AOT_JOBS = ("layer_norm_aot", JOBS)  # conftest.py starts them at collection
-
-
-@pytest.fixture(scope="module")
-def results(aot_builds):
-    return aot_builds.build(*AOT_JOBS)
 
 
 def test_specs_cover_every_block_size_and_dtype():
@@ -30,8 +23,8 @@ def test_specs_cover_every_block_size_and_dtype():
 
 
 @parametrize_jobs(JOBS)
-def test_spec_compiles_without_spills(results, name, arch):
-    r = results[(name, arch)]
+def test_spec_compiles_without_spills(compiled, name, arch):
+    r = compiled[(name, arch)]
     assert not isinstance(r, str), f"{name} sm_{arch}: {r}"
     assert r.spill_bytes == 0, f"{name} sm_{arch}: {r.spill_bytes} spill bytes, {r.registers} regs"
     assert r.shared_bytes <= SHARED_LIMIT[arch], f"{name} sm_{arch}: shared {r.shared_bytes}"

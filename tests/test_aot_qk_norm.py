@@ -7,8 +7,6 @@ BLOCK_D bucket, tile height and dtype once.
 """
 import dataclasses
 
-import pytest
-
 from aot_builds import covering_jobs, parametrize_jobs
 from vit_fast import support
 from vit_fast.kernels import qk_norm
@@ -16,11 +14,6 @@ from vit_fast.kernels import qk_norm
 SPECS = qk_norm.aot_specs()
 JOBS = covering_jobs(SPECS)
 AOT_JOBS = ("qk_norm", JOBS)  # conftest.py starts them at collection
-
-
-@pytest.fixture(scope="module")
-def compiled(aot_builds):
-    return aot_builds.build(*AOT_JOBS)
 
 
 def test_specs_cover_every_bucket_dtype_and_kind_the_launchers_pick():

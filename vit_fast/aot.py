@@ -15,6 +15,8 @@ from pathlib import Path
 
 # Dynamic shared memory a block may use, in bytes (CUDA programming guide, compute capabilities).
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 120: 99 * 1024}
+# A PTX tensor-core instruction: mma.sync (HMMA in the SASS), wgmma.mma_async (HGMMA), wmma.
+_MMA_PTX = re.compile(r"\b(?:mma|wmma|wgmma)\.")
 
 
 @dataclasses.dataclass
@@ -98,7 +100,13 @@ def compile_spec(spec: AotSpec, arch: int) -> AotResult:
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     # LOCAL is per-thread local memory: with STACK:0 it is spill space.
     local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
-    sass = get_sass(cubin)
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    # The SASS answers two questions: which tensor-core instructions (none where the PTX has no
+    # mma/wgmma) and whether anything is stored to local memory (nothing can be where the build
+    # has none: LOCAL and STACK 0). Disassembling takes longer than a cached compile, so a build
+    # where neither can be in it (most non-GEMM, non-attention builds) skips it: same figures.
+    needs_sass = local or stack or _MMA_PTX.search(compiled.asm["ptx"])
+    sass = get_sass(cubin) if needs_sass else ""
     spills = local + (1 if re.search(r"\bSTL\b", sass) else 0)
     tc = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "")
     return AotResult(spec.name, arch, regs, spills, compiled.metadata.shared, tc, spec.uses_dot)
