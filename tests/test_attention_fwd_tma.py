@@ -133,3 +133,21 @@ def test_measured_selection_times_the_tma_forward(monkeypatch):
         chosen = {r["op"]: r["choice"] for r in tuning.records()}
     assert chosen["attention_fwd"] == "triton_tma" and sorted(timer.timed) == ["triton", "triton_tma"]
     torch.testing.assert_close(out, attention_fwd(qkv, H, D ** -0.5)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_study_lists_todays_tiles_the_larger_ones_and_tma():
+    from vit_fast.kernels import attention_config, attention_fwd_study as study
+    rows = study.study_specs(torch.bfloat16)
+    names = [spec.name for _, _, spec in rows]
+    assert len(names) == len(set(names)) == 2 * (1 + 3) + 2 * (1 + 2)
+    for d in (64, 128):
+        bm, bn, w, s = attention_config.shipped_config(("fwd", d, False))
+        assert f"attention_fwd[bfloat16,D={d},BM={bm},BN={bn},w={w},s={s}]" in names
+        assert f"attention_fwd_tma[bfloat16,D={d},BM={bm},BN={bn},w={w},s={s}]" in names
+    for variant, config, spec in rows:  # each spec is the config it is listed with
+        assert (spec.constants["BLOCK_M"], spec.constants["BLOCK_N"], spec.num_warps,
+                spec.num_stages) == config
+        assert (spec.kernel is tma.attention_fwd_tma_kernel) == (variant == "tma")
+    # ViT-B/16, B = 64: Q and O once, K and V once for each of the two 128-query tiles, lse.
+    assert study.traffic_mb((128, 64), 64) == pytest.approx(64 * 12 * (197 * 64 * 2 * 6 + 4 * 197) / 1e6)
+    assert study.traffic_mb((64, 64), 64) > study.traffic_mb((128, 128), 64)
