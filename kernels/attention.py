@@ -56,13 +56,27 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_m, start_n, N, bh, stride_
               BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
               DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One step of the online softmax: the keys start_n.. folded into (acc, l_i, m_i).
+    """One step of the online softmax: the keys start_n.. loaded and folded into (acc, l_i, m_i)."""
+    k = _load_rows(k_base, start_n, N, stride_n, HEAD_DIM, BLOCK_N, BLOCK_D)
+    v = _load_rows(v_base, start_n, N, stride_n, HEAD_DIM, BLOCK_N, BLOCK_D)
+    return _fwd_fold(acc, l_i, m_i, q, k, v, start_m, start_n, N, bh, qk_scale, seed, keep_from,
+                     seg_row, q_ids, BLOCK_M, BLOCK_N, HAS_DROPOUT, HAS_SEGMENTS, DOT_FP32,
+                     DOT_PRECISION)
+
+
+@triton.jit
+def _fwd_fold(acc, l_i, m_i, q, k, v, start_m, start_n, N, bh, qk_scale, seed, keep_from, seg_row,
+              q_ids, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              HAS_SEGMENTS: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The keys start_n.. (k, v: [BLOCK_N, BLOCK_D] tiles in the I/O dtype, keys past N and the
+    head-dim padding read as 0, however they were loaded) folded into (acc, l_i, m_i).
 
     qk_scale > 0 here, so the row max of the scaled logits is qk_scale times that of the raw
     ones, and each probability is exp2(qk·qk_scale − m): one FFMA per score for scale and shift.
     """
-    k = _operand(_load_rows(k_base, start_n, N, stride_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
-    v = _operand(_load_rows(v_base, start_n, N, stride_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
+    io_dtype = v.dtype
+    k = _operand(k, DOT_FP32)
+    v = _operand(v, DOT_FP32)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if HAS_SEGMENTS:
         # Keys of other segments, padding and keys past N (read as id -1) all get -inf.
@@ -86,7 +100,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_m, start_n, N, bh, stride_
         # The normalizer above takes every key; only the product with V is dropped, and its
         # 1/(1 - p) is applied once to the finished row rather than per entry.
         p = tl.where(_dropout_keep(seed, start_m, start_n, bh, keep_from, BLOCK_M, BLOCK_N), p, 0.0)
-    acc = acc * alpha[:, None] + tl.dot(_operand(p.to(k_base.dtype.element_ty), DOT_FP32), v,
+    acc = acc * alpha[:, None] + tl.dot(_operand(p.to(io_dtype), DOT_FP32), v,
                                         input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
@@ -133,6 +147,15 @@ def attention_fwd_kernel(
                                   stride_qkv_n, qk_scale, seed, keep_from, seg_row, q_ids,
                                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_DROPOUT,
                                   HAS_SEGMENTS, DOT_FP32, DOT_PRECISION)
+    _fwd_finish(acc, l_i, m_i, O, LSE, b, h, bh, start_m, N, stride_o_b, stride_o_n, dropout_p,
+                HEAD_DIM, BLOCK_D, BLOCK_M, HAS_DROPOUT, HAS_SEGMENTS)
+
+
+@triton.jit
+def _fwd_finish(acc, l_i, m_i, O, LSE, b, h, bh, start_m, N, stride_o_b, stride_o_n, dropout_p,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
+    """The query tile's out rows (acc normalized by the row sums l_i) and lse rows stored."""
     if HAS_SEGMENTS:
         # Padding queries meet no key: l = 0 and acc = 0, so out = 0 (l taken as 1); their lse
         # is +inf, which makes every backward probability exp2(s - lse) of the row 0.

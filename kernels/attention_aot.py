@@ -8,6 +8,7 @@ from .attention import (attention_bwd_delta_kernel, attention_bwd_dkdv_kernel,
                         attention_bwd_dq_kernel, attention_bwd_dq_reduce_kernel, attention_fwd_kernel)
 from .attention_config import (_CUDA_CONFIGS, _DELTA_BLOCK_M, _FUSED_ARCHS, _MAX_DQ_PARTIALS,
                                _REDUCE_BLOCK_M, _SHORT_N, _block_d, fwd_configs, shipped_config)
+from .attention_fwd_tma import _TMA_CONFIGS, TensorDescriptor, attention_fwd_tma_kernel
 
 
 # Head dims compiled ahead of time per bucket: the powers of two, and the padded ones real ViTs use
@@ -54,19 +55,43 @@ def _reduce_spec(AotSpec, dtype, ptr, head_dim, key_block, segments):
                    uses_dot=False, archs=_FUSED_ARCHS)  # launch defaults
 
 
-def aot_specs():
+def shipped_builds():
+    """{(kernel, bucket, dropout, segments, config, dq target)} the launchers can pick. Short-
+    and long-sequence entries that share a config are one build; a fused entry also lists what
+    it writes dq into (one build each)."""
+    return {(key[0], key[1], dropout, segments, cfg, dq)
+            for key in _CUDA_CONFIGS
+            for dropout, segments in itertools.product((False, True), (False, True))
+            for cfg in launchable_configs(key, dropout, segments)
+            for dq in (_dq_targets(key[2], cfg[1], "io") if key[0] == "dkdv_dq" else [None])}
+
+
+def tma_fwd_spec(ptr: str, head_dim: int, config):
+    """attention_fwd_tma_kernel (kernels/attention_fwd_tma.py) for one config, sm_90 only."""
+    from vit_fast.aot import AotSpec
+
+    bm, bn, warps, stages = config
+    bd, dt = _block_d(head_dim), ptr.lstrip("*")
+    consts = {"HEAD_DIM": head_dim, "BLOCK_D": bd, "BLOCK_M": bm, "BLOCK_N": bn,
+              "DOT_FP32": False, "DOT_PRECISION": "tf32"}
+    sig = {"q_desc": f"tensordesc<{dt}[1, {bm}, 1, {bd}]>", "kv_desc": f"tensordesc<{dt}[1, {bn}, 1, {bd}]>",
+           "O": ptr, "LSE": "*fp32", "N": "i32", "H": "i32", "stride_o_b": "i32",
+           "stride_o_n": "i32", "qk_scale": "fp32", **{k: "constexpr" for k in consts}}
+    dtype = {"*fp16": "float16", "*bf16": "bfloat16"}[ptr]
+    return AotSpec(f"attention_fwd_tma[{dtype},D={head_dim},BM={bm},BN={bn},w={warps},s={stages}]",
+                   attention_fwd_tma_kernel, sig, consts, ("O", "LSE", "stride_o_b", "stride_o_n"),
+                   warps, stages, uses_dot=True, archs=(90,))
+
+
+def aot_specs(shipped=None):
     """Every config the launchers can pick (the tables in attention.py) × fp16/bf16 × with/
-    without dropout × with/without segment ids, as vit_fast.aot.AotSpec."""
+    without dropout × with/without segment ids, as vit_fast.aot.AotSpec; shipped: those
+    builds instead (shipped_builds' tuples), for studies of other tiles."""
     from vit_fast.aot import AotSpec
 
     specs = []
-    # Short- and long-sequence entries that share a config are one build.
-    # A fused entry also lists what it writes dq into (one build each).
-    shipped = sorted({(key[0], key[1], dropout, segments, cfg, dq)
-                      for key in _CUDA_CONFIGS
-                      for dropout, segments in itertools.product((False, True), (False, True))
-                      for cfg in launchable_configs(key, dropout, segments)
-                      for dq in (_dq_targets(key[2], cfg[1], "io") if key[0] == "dkdv_dq" else [None])})
+    shipped_default = shipped is None
+    shipped = sorted(shipped_builds() if shipped is None else shipped)
     reduces = set()
     for dtype, ptr in _TORCH_TO_SIG.items():
         for kernel, bucket, dropout, segments, (bm, bn, warps, stages), dq in shipped:
@@ -132,4 +157,7 @@ def aot_specs():
                                  attention_bwd_delta_kernel, sig, consts,
                                  ("O", "DO", "DELTA", "stride_o_b", "stride_o_n", "stride_do_b",
                                   "stride_do_n"), 4, None, uses_dot=False))  # launch defaults
+        if shipped_default and TensorDescriptor is not None:  # the TMA forward (sm_90 candidate)
+            specs += [tma_fwd_spec(ptr, d, cfg) for bucket, cfg in sorted(_TMA_CONFIGS.items())
+                      for d in _AOT_HEAD_DIMS[bucket]]
     return specs

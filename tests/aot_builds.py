@@ -42,7 +42,7 @@ def _values(spec):
     """What else a build fixes: each numeric constexpr, each pointer dtype, the launch options."""
     k = _kernel(spec)
     out = {("const", k, n, v) for n, v in spec.constants.items() if not _is_flag(v)}
-    out |= {("ptr", k, n, t) for n, t in spec.signature.items() if t.startswith("*")}
+    out |= {("ptr", k, n, t) for n, t in spec.signature.items() if t.startswith(("*", "tensordesc"))}
     out.add(("launch", family(spec), spec.num_warps, spec.num_stages))
     return out
 

@@ -238,7 +238,7 @@ def test_cuda_config_table_is_what_aot_compiles(monkeypatch):
                 "dq": "attention_bwd_dq_kernel", "dkdv_dq": "attention_bwd_dkdv_kernel"}
     specs = kernels.aot_specs()
     compiled = {(s.kernel.fn.__name__, s.constants["BLOCK_M"], s.constants["BLOCK_N"], s.num_warps,
-                 s.num_stages, max(64, s.constants["BLOCK_D"]), s.constants["HAS_DROPOUT"],
+                 s.num_stages, max(64, s.constants["BLOCK_D"]), s.constants.get("HAS_DROPOUT", False),
                  s.signature["DQ"] if s.constants.get("WRITE_DQ") else "-", arch)
                 for s in specs if "BLOCK_N" in s.constants for arch in (80, 90) if s.for_arch(arch)}
     reduces = {(s.constants["HEAD_DIM"], s.constants["KEY_BLOCK"], s.constants["HAS_SEGMENTS"])

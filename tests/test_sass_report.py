@@ -56,6 +56,30 @@ def test_no_loop_means_the_whole_function_and_no_per_score():
     assert f["int_per_score"] is None and f["spill_ops"] == 1
 
 
+def test_an_out_of_line_block_branching_back_is_not_the_hot_loop():
+    # TMA builds place their mbarrier wait loops after EXIT; each returns with an unconditional
+    # BRA to a label before the key loop, a "backward branch" whose range spans the key loop
+    # and the epilogue. The hot loop is the predicated one.
+    sass = """LBB5:
+--:-:-:-:1\tUTMALDG.4D [UR8], [UR4];
+--:-:-:-:5\t@!P0 BRA LBB2;
+LBB3:
+--:-:-:-:1\tHGMMA.64x64x16.F32.BF16 R56, gdesc[UR12], RZ, !UPT;
+--:-:-:-:1\tFFMA R12, R12, R13, -R14;
+--:-:-:-:5\t@!P0 BRA LBB3;
+--:-:-:-:1\tHGMMA.64x64x16.F32.BF16 R56, gdesc[UR12], RZ, !UPT;
+--:-:-:-:1\tSTG.E.128 desc[UR10][R26.64], R44;
+--:-:-:-:5\tEXIT;
+LBB2:
+--:-:-:-:1\tSYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R3;
+--:-:-:-:5\t@!P0 BRA LBB2;
+--:-:-:-:5\tBRA LBB5;
+"""
+    body = sr.hot_loop(sass)
+    assert sr.count(body, "HGMMA") == 1 and sr.count(body, "FFMA") == 1 and len(body) == 3
+    assert len(sr.loops(sass)) == 3  # still listed, just never the hot loop
+
+
 def test_predicated_and_tma_instructions_are_read():
     sass = "LBB3:\n--:-:-:-:1\t@!P1 UTMALDG.2D [UR8], [UR4];\n--:-:-:-:1\t@P0 ISETP.GE.U32.AND P1, PT, R2, R3, PT;\n--:-:-:-:1\t@P0 BRA LBB3;\n"
     f = sr.figures(sass, num_warps=1, tile_elems=32)
@@ -105,6 +129,7 @@ def vit_b_rows(aot_builds):
     with pytest.MonkeyPatch.context() as mp:  # and the backward builds ViT-B launches now
         names |= {_bwd_name(launch, dropout) for dropout in (False, True) for short in (False, True)
                   for launch in _bwd_launches(dropout, short, mp)}
+    names |= {_tma_names()[d][i] for d in (64, 128) for i in (0, 1)}
     names = sorted(names)
     rows = aot_builds.call("vit_fast.bench.sass_report:report_rows", [((90,), n) for n in names])
     return {r["kernel"]: r for per_name in rows for r in per_name}
@@ -172,3 +197,43 @@ def test_vit_b_attention_backward_tensor_core_work_per_tile_pair(vit_b_rows, mon
     if dropout:
         before = BEFORE[("dkdv", True, short)][1] + BEFORE[("dq", True, short)][1]
         assert ints * 3 <= before, ints
+
+
+# --- the sm_90 TMA forward (kernels/attention_fwd_tma.py), a measured-selection candidate --------
+# Against the pointer kernel's build that the same call launches (the table's long-sequence entry),
+# from `python -m vit_fast.kernels.attention_fwd_study` (README: attention forward on sm_90):
+#   D=64:  pointer 128x64 w4 s3: 224 regs, 64 KB, 2 CTAs/SM, INT 1.14/score, FP 3.25/score;
+#          TMA, same tile:       190 regs, 48 KB, 2 CTAs/SM, INT 0.78,       FP 3.25.
+#   D=128: pointer 128x64 w8 s3: 48 HGMMA per 128x128 scores, FP 4.25, INT 2.25, 1 CTA/SM;
+#          TMA 128x128 w8 s2:    32 HGMMA,                     FP 3.12, INT 1.30, 1 CTA/SM.
+
+def _tma_names():
+    """{head dim: (pointer build the table launches at N = 197, TMA build offered there)}."""
+    from vit_fast.kernels import attention_config, attention_fwd_tma
+    names = {}
+    for d in (64, 128):
+        bm, bn, w, s = attention_config.shipped_config(("fwd", d, False))
+        tbm, tbn, tw, ts = attention_fwd_tma._TMA_CONFIGS[d]
+        names[d] = (f"attention_fwd[bfloat16,D={d},BM={bm},BN={bn},w={w},s={s}]",
+                    f"attention_fwd_tma[bfloat16,D={d},BM={tbm},BN={tbn},w={tw},s={ts}]")
+    return names
+
+
+def _per_128x128(row, name):
+    c = dict(kv.split("=") for kv in name[name.index(",") + 1:-1].split(","))
+    return row["mma_per_iter"] * int(c["w"]) / 4 * 128 * 128 / (int(c["BM"]) * int(c["BN"]))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_tma_forward_figures_against_the_pointer_build(vit_b_rows, head_dim):
+    ptr_name, tma_name = _tma_names()[head_dim]
+    ptr, tma = vit_b_rows[ptr_name], vit_b_rows[tma_name]
+    assert tma["spill_bytes"] == 0 and tma["tma"] and not tma["cp_async"], tma
+    assert tma["mma_kind"] == "HGMMA" and tma["ctas_per_sm"] >= ptr["ctas_per_sm"], (tma, ptr)
+    assert tma["int_per_score"] <= 0.75 * ptr["int_per_score"], (tma, ptr)  # no address math
+    assert tma["fp_per_score"] <= ptr["fp_per_score"], (tma, ptr)
+    if head_dim == 64:  # the same tile: fewer registers, less shared memory
+        assert tma["registers"] < ptr["registers"] and tma["shared_bytes"] < ptr["shared_bytes"]
+    else:  # 128 x 128 over 8 warps: a third fewer (wider) HGMMA per score
+        assert _per_128x128(tma, tma_name) <= 2 / 3 * _per_128x128(ptr, ptr_name), (tma, ptr)
+        assert tma["fp_per_score"] <= 0.75 * ptr["fp_per_score"], (tma, ptr)

@@ -48,7 +48,8 @@ PRIORITY = {
     "gelu_mlp": ("kernels", "reference"),  # VIT_FAST_TUNE=speed: the public op's outer choice
     # PyTorch's flash SDPA on views of the packed qkv saves what the kernel saves (same pool);
     # the kernel first in the fixed table, as the implementation tested on every shape here.
-    "attention_fwd": ("triton", "sdpa"),
+    # triton_tma: the forward with TMA loads (sm_90, plain calls; kernels/attention_fwd_tma.py).
+    "attention_fwd": ("triton", "triton_tma", "sdpa"),
     # triton_two_pass: the dK/dV and dQ passes where the plan is the fused pass with partials.
     "attention_bwd": ("triton", "triton_two_pass", "sdpa"),
 }

@@ -44,9 +44,10 @@ _LABEL = re.compile(r"^\s*(\.?L\w+):\s*$")
 _BRANCH_TARGET = re.compile(r"\bBRA\s+(?:\S+\s+)?(\.?L\w+)")
 
 
-def instructions(sass: str):
+def instructions(sass: str, keep_predicate: bool = False):
     """[(kind, text)]: kind "label" with the label name, or "op" with the instruction (control code
-    and predicate stripped, trailing ';' removed). Lines that are neither are dropped."""
+    and, unless keep_predicate, predicate stripped; trailing ';' removed). Lines that are neither
+    are dropped."""
     out = []
     for line in sass.splitlines():
         m = _LABEL.match(line)
@@ -59,7 +60,7 @@ def instructions(sass: str):
             continue
         if not re.match(r"^(@!?U?P\w*\s+)?[A-Z][A-Z0-9_]*(\.|\s|$)", text):
             continue
-        out.append(("op", re.sub(r"^@!?U?P\w*\s+", "", text)))
+        out.append(("op", text if keep_predicate else re.sub(r"^@!?U?P\w*\s+", "", text)))
     return out
 
 
@@ -73,24 +74,35 @@ def opcode(op: str) -> str:
     return mnemonic(op).split(".")[0]
 
 
-def loops(sass: str):
-    """Bodies of the loops closed by a backward branch: [[instruction text]] in program order."""
-    items = instructions(sass)
+def _loop_bodies(sass: str):
+    """[(body, conditional)]: the instructions from a label to a later branch back to it, and
+    whether that branch is predicated."""
+    items = instructions(sass, keep_predicate=True)
     label_at = {name: i for i, (kind, name) in enumerate(items) if kind == "label"}
     bodies = []
     for i, (kind, text) in enumerate(items):
-        if kind != "op" or opcode(text) != "BRA":
+        if kind != "op" or opcode(re.sub(r"^@!?U?P\w*\s+", "", text)) != "BRA":
             continue
         m = _BRANCH_TARGET.search(text)
         if m and m.group(1) in label_at and label_at[m.group(1)] < i:
-            bodies.append([t for k, t in items[label_at[m.group(1)]:i + 1] if k == "op"])
+            body = [re.sub(r"^@!?U?P\w*\s+", "", t) for k, t in items[label_at[m.group(1)]:i + 1]
+                    if k == "op"]
+            bodies.append((body, text.startswith("@")))
     return bodies
+
+
+def loops(sass: str):
+    """Bodies of the loops closed by a backward branch: [[instruction text]] in program order."""
+    return [body for body, _ in _loop_bodies(sass)]
 
 
 def hot_loop(sass: str):
     """The loop body with the most tensor-core instructions (ties: the longest); the whole
-    function when it has no loop."""
-    bodies = loops(sass)
+    function when it has no loop. Only loops closed by a predicated branch count: an
+    unconditional branch back is how an out-of-line block (the TMA builds' mbarrier wait loops,
+    placed after EXIT) returns to the code it left, and the range from its target to it spans
+    the key loop, the epilogue and more."""
+    bodies = [body for body, conditional in _loop_bodies(sass) if conditional]
     if not bodies:
         return [t for k, t in instructions(sass) if k == "op"]
     return max(bodies, key=lambda b: (count(b, MMA_OPS), len(b)))

@@ -19,6 +19,10 @@ so with dropout_p > 0 the kernel always runs. On CUDA only fp16/bf16 are offered
 a call flash rejects (head dim, GPU) raises and the tuner skips it. On CPU the same math runs as
 PyTorch's CPU flash kernel (tests).
 
+The forward has a second kernel candidate on sm_90 where the installed triton has tensor
+descriptors (kernels/attention_fwd_tma.tma_alternative: plain calls, TMA-aligned qkv): the same
+kernel's math with its loads through TMA, timed beside the pointer kernel.
+
 The backward has a third candidate where the GPU's plan is the fused dK/dV/dQ pass with dq
 partials (kernels/attention.two_pass_alternative): the kernel's two passes, same mask and
 determinism, timed beside it, with dropout and segment ids too.
@@ -30,6 +34,7 @@ from torch import Tensor
 
 from vit_fast import dispatch, tuning
 from vit_fast.kernels.attention import attention_bwd, attention_fwd, two_pass_alternative
+from vit_fast.kernels.attention_fwd_tma import tma_alternative
 
 
 def _heads(qkv, num_heads):
@@ -88,14 +93,25 @@ def _key(op, qkv, num_heads, scale):
 
 
 def attention_forward(qkv, num_heads, scale, dropout_p=0.0, seed=None, **kernel_kwargs):
-    """kernels/attention.attention_fwd's contract: the kernel, or SDPA where eligible and chosen."""
+    """kernels/attention.attention_fwd's contract: the kernel, its TMA variant (sm_90, plain
+    calls) or SDPA where eligible and chosen."""
     def kernel():
         return attention_fwd(qkv, num_heads, scale, dropout_p=dropout_p, seed=seed,
                              **kernel_kwargs)
-    if not sdpa_eligible(qkv, dropout_p, kernel_kwargs):
+    cands = {"triton": kernel}
+    tma = tma_alternative(qkv, num_heads, scale, dropout_p != 0.0,
+                          any(v is not None for v in kernel_kwargs.values()))
+    if tma is not None:  # same math and outputs, loads by TMA: only the speed differs
+        cands["triton_tma"] = tma
+    eligible = sdpa_eligible(qkv, dropout_p, kernel_kwargs)
+    if eligible:
+        cands["sdpa"] = lambda: sdpa_attention_fwd(qkv, num_heads, scale)
+    if len(cands) == 1:
         return kernel()
-    cands = {"triton": kernel, "sdpa": lambda: sdpa_attention_fwd(qkv, num_heads, scale)}
-    return tuning.select("attention_fwd", _key("attention_fwd", qkv, num_heads, scale), cands, qkv)
+    # Without SDPA (another policy) a key of its own, so a cached "sdpa" is never looked up.
+    key = _key("attention_fwd", qkv, num_heads, scale) if eligible else tuning.make_key(
+        "attention_fwd", dict(qkv=qkv), num_heads=num_heads, scale=scale, sdpa=False)
+    return tuning.select("attention_fwd", key, cands, qkv)
 
 
 def attention_backward(dout, qkv, out, lse, num_heads, scale, dropout_p=0.0, seed=None,
