@@ -66,6 +66,37 @@ def test_failing_candidate_is_skipped_when_measuring_and_with_the_fixed_table(tm
         tuning.Tuner(None, FakeTimer({"bad": 1.0})).run("op", "k2", {"bad": fail}, measure=True)
 
 
+def test_a_fast_candidate_with_a_wrong_result_is_never_chosen(tmp_path):
+    x = torch.linspace(-3, 3, 64).reshape(8, 8)
+    t = tuning.Tuner(None, FakeTimer({"fixed": 3.0, "wrong": 0.1, "rounded": 1.0}))
+    cands = {"fixed": lambda: (x, None), "wrong": lambda: (x.flip(0), None),
+             "rounded": lambda: (x.bfloat16(), None)}  # 16-bit rounding of the same values agrees
+    assert t.run("op", "k", cands, measure=True)[0] == "rounded"
+    rec = t.records()[0]
+    assert "result differs from fixed's" in rec["errors"]["wrong"] and "wrong" not in rec["times_ms"]
+    # The first candidate that runs is the yardstick when the fixed choice cannot run.
+    t = tuning.Tuner(None, FakeTimer({"bad": 0.1, "fixed": 2.0, "nan": 0.1}))
+    nan = x.clone()
+    nan[0, 0] = float("nan")
+    assert t.run("op", "k", {"bad": fail, "fixed": lambda: x, "nan": lambda: nan},
+                 measure=True)[0] == "fixed"
+    assert t.records()[0]["errors"]["nan"] == "result differs from fixed's: NaN in other places"
+
+
+@pytest.mark.parametrize("result, why", [
+    ((torch.ones(3),), "a different structure"),
+    (torch.ones(4), "shape"),
+    (torch.tensor([1.0, float("inf"), 3.0]), "infinities in other places"),
+    (torch.tensor([1.0, 2.0, 3.3]), "max |difference|"),
+])
+def test_disagreement_names_what_differs(result, why):
+    from vit_fast.agreement import disagreement
+    expected = torch.tensor([1.0, 2.0, 3.0])
+    assert why in disagreement(result, expected)
+    assert disagreement(expected + 0.1, expected) is None
+    assert disagreement((expected, None), (expected, None)) is None
+
+
 def test_cache_dir_and_mode_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("VIT_FAST_CACHE_DIR", str(tmp_path))
     assert tuning.cache_path() == tmp_path / "tuning.json"

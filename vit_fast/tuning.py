@@ -4,7 +4,9 @@ On CUDA, the first call of each key -- (op, shapes, dtypes, options, device, ver
 every candidate (CUDA events, a warm-up then REPS runs, the median), keeps the fastest, and stores
 the choice in memory and in a JSON cache (``$VIT_FAST_CACHE_DIR/tuning.json``, default
 ``~/.cache/vit_fast/tuning.json``) that later processes reload. The choice is fixed afterwards, so
-a run is reproducible. A candidate that raises is skipped (recorded with its error).
+a run is reproducible. A candidate that raises is skipped (recorded with its error), and so is
+one whose result differs from the first candidate's that ran (vit_fast/agreement.py): the
+sm_90-only candidates (TMA attention forward, Hopper GEMM) can win only by computing the same.
 
 ``VIT_FAST_TUNE``:
 - ``1`` (default): measure. The candidates save the same tensors for backward (the Triton GEMM
@@ -37,6 +39,8 @@ import threading
 from pathlib import Path
 
 import torch
+
+from .agreement import disagreement
 
 REPS = 5
 # With tuning off (and where nothing can be timed), the first candidate that runs. cuBLAS first:
@@ -200,12 +204,21 @@ class Tuner:
             return fn()
 
     def _measure(self, op, key, candidates):
-        times, errors = {}, {}
+        times, errors, results = {}, {}, {}
         for name, fn in candidates.items():
             try:
-                times[name] = float(self.timer(name, fn))
+                times[name] = float(self.timer(name, _keeping_result(fn, results, name)))
             except Exception as exc:  # a candidate that cannot run is skipped
                 errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+        # A candidate whose result disagrees with the first that ran (the fixed table's choice
+        # where it runs) is wrong, however fast: never chosen (a kernel never run on this GPU
+        # must not win by computing something else).
+        first = next(iter(times), None)
+        for name in list(times)[1:]:
+            why = disagreement(results.get(name), results.get(first))
+            if why:
+                del times[name]
+                errors[name] = f"result differs from {first}'s: {why}"
         if not times:
             raise RuntimeError(f"vit_fast.tuning: no candidate of {op} ran: {errors}")
         name = min(times, key=lambda n: (times[n], list(candidates).index(n)))
@@ -227,6 +240,14 @@ class Tuner:
                 continue
             return name, result
         raise RuntimeError(f"vit_fast.tuning: no candidate of {op} ran: {errors}")
+
+
+def _keeping_result(fn, results, name):
+    """fn, keeping its latest result in results[name] (the timer discards them)."""
+    def run():
+        results[name] = fn()
+        return results[name]
+    return run
 
 
 _TUNER = [Tuner(cache_path())]
