@@ -52,7 +52,8 @@ STACKS = {
 DEFAULT_STACKS = "floor,newest"
 # --quick: the tests that meet what changes between torch/triton versions (op registration and
 # opcheck, Dynamo, dispatch and fallbacks, every kernel under the interpreter, the modules, the
-# packed-batch/NaViT, q/k norm and SDPA paths, the torch copy of triton's Philox), for machines
+# packed-batch/NaViT, q/k norm and SDPA paths, the torch copy of triton's Philox, the kernels on
+# triton's tensor descriptors: the TMA attention forward and the Hopper GEMM), for machines
 # where the whole suite takes too long under the interpreter.
 QUICK_TESTS = ["tests/test_dispatch.py", "tests/test_fallback.py", "tests/test_backward_fallback.py",
                "tests/test_device_guard.py", "tests/test_raw_ops.py", "tests/test_compile.py",
@@ -60,7 +61,8 @@ QUICK_TESTS = ["tests/test_dispatch.py", "tests/test_fallback.py", "tests/test_b
                "tests/test_gelu_mlp_triton.py", "tests/test_modules.py",
                "tests/test_patch_embed_ext.py", "tests/test_attention_segments.py",
                "tests/test_navit.py", "tests/test_qk_norm.py", "tests/test_attention_sdpa.py",
-               "tests/test_dropout_mask.py", "tests/test_attention_shared_limit.py"]
+               "tests/test_dropout_mask.py", "tests/test_attention_shared_limit.py",
+               "tests/test_attention_fwd_tma.py", "tests/test_matmul_hopper.py"]
 # requirements-dev.txt minus what each stack pins itself
 OWN_PINS = re.compile(r"^(torch|torchvision|triton|numpy)\b")
 
