@@ -72,14 +72,15 @@ _CUDA_SEGMENT_CONFIGS = {
     ("dkdv", 128, True): (32, 64, 8, 2),
 }
 # Builds with both segments and dropout, ahead of both tables. None: no fused build; the short
-# 64-bucket one needs 255 registers on triton 3.8 and spills on 3.6 (sm_90), at 4 and 8 warps.
+# 64-bucket one needs 255 registers on triton 3.8 and spills on 3.6 (sm_90), at 4 and 8 warps;
+# the long one spills 1 B on triton 3.9 at head dim 48 (sm_90).
 # The 256 bucket's dQ at 2 stages spilled on triton 3.6 (sm_80 and sm_90); 1 stage does not.
 # The 64 bucket's long dK/dV (32 x 128, 8 warps) spilled on 3.6 (sm_80): the short build's tile.
 # The long 128-bucket forward (128 x 64, 8 warps) spilled 1 B on triton 3.6 (sm_80, 255 registers);
 # 32-key tiles take 202 there, still 1 CTA of 8 warps per SM (it is also the 99 KB GPUs' tile).
 # The long 64-bucket forward keeps the dropout build's tile over the segment table's.
 _CUDA_SEGMENT_DROPOUT_CONFIGS = {("dkdv_dq", 64, True): None, ("dkdv", 64, False): (32, 64, 4, 1),
-                                 ("fwd", 128, False): (128, 32, 8, 3),
+                                 ("fwd", 128, False): (128, 32, 8, 3), ("dkdv_dq", 64, False): None,
                                  ("fwd", 64, False): _CUDA_DROPOUT_CONFIGS[("fwd", 64, False)],
                                  ("dq", 256, False): (32, 32, 8, 1), ("dq", 256, True): (32, 32, 8, 1)}
 _DELTA_BLOCK_M = 64

@@ -103,7 +103,8 @@ def test_persistent_programs_cover_every_tile(monkeypatch):
 
 def test_offered_only_on_sm90_with_descriptors_and_16_bit_operands():
     ep = matmul.Epilogue("gelu", bias=True)
-    assert matmul_hopper.hopper_candidates(torch.bfloat16, ep, H100) == (
+    assert matmul_hopper.hopper_candidates(torch.bfloat16, ep, H100) == (matmul_hopper.LARGE,)
+    assert matmul_hopper.hopper_candidates(torch.bfloat16, matmul.Epilogue(residual=True), H100) == (
         matmul_hopper.WIDE, matmul_hopper.LARGE)
     assert matmul_hopper.hopper_candidates(torch.bfloat16, matmul.Epilogue("dgelu"), H100) == (
         matmul_hopper.DGELU,)
@@ -146,15 +147,15 @@ def _tuned_launch(monkeypatch, target, times):
 
 
 def test_joins_the_measured_selection_on_sm90_and_wins_when_fastest(monkeypatch):
-    wide = matmul_hopper.WIDE.name
-    _, timed, rec = _tuned_launch(monkeypatch, H100, {wide: 0.5})
+    large = matmul_hopper.LARGE.name  # fc1's GELU epilogue: the 128x128 tile only
+    _, timed, rec = _tuned_launch(monkeypatch, H100, {large: 0.5})
     offered = [c.name for c in matmul.gemm_candidates(40, 72, torch.bfloat16,
                                                       matmul.Epilogue("gelu", bias=True,
                                                                       store_pre=True),
                                                       "ieee", H100, 24)]
     # matmul's configs first (the fixed table's order), the Hopper configs last
-    assert timed == offered + [wide, matmul_hopper.LARGE.name]
-    assert rec["choice"] == wide and rec["source"] == "measured"
+    assert timed == offered + [large]
+    assert rec["choice"] == large and rec["source"] == "measured"
 
 
 def test_not_offered_off_sm90(monkeypatch):
