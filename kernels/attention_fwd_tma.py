@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ._device import gpu_target, interpreting, on_tensor_device
 from .attention import _config, _dot_args, _fwd_finish, _fwd_fold
-from .attention_config import _SHORT_N, _block_d
+from vit_fast.kernels.attention_config import _SHORT_N, _block_d
 from .attention_tiles import LOG2E, _tile_of_head
 
 try:  # triton >= 3.4 (host-side descriptors, launched as kernel arguments)
@@ -89,7 +89,7 @@ def tensor_reasons(qkv: torch.Tensor, num_heads: int) -> list:
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim bucket, long sequences (N > _SHORT_N),
-# from the SASS study (README, `python -m vit_fast.kernels.attention_fwd_study`): the 64 bucket
+# from the SASS study (README, `python -m vit_fast.bench.attention_fwd_study`): the 64 bucket
 # keeps the pointer kernel's tile (TMA alone takes 190 registers where it took 224, 0.78
 # integer instructions per score where it took 1.14, 48 KB of shared memory where 64); the 128
 # bucket takes 128 x 128 over 8 warps (1 CTA/SM as the pointer kernel's 128 x 64: a third fewer

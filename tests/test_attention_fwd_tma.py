@@ -136,7 +136,8 @@ def test_measured_selection_times_the_tma_forward(monkeypatch):
 
 
 def test_study_lists_todays_tiles_the_larger_ones_and_tma():
-    from vit_fast.kernels import attention_config, attention_fwd_study as study
+    from vit_fast.bench import attention_fwd_study as study
+    from vit_fast.kernels import attention_config
     rows = study.study_specs(torch.bfloat16)
     names = [spec.name for _, _, spec in rows]
     assert len(names) == len(set(names)) == 2 * (1 + 3) + 2 * (1 + 2)

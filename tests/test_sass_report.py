@@ -201,7 +201,7 @@ def test_vit_b_attention_backward_tensor_core_work_per_tile_pair(vit_b_rows, mon
 
 # --- the sm_90 TMA forward (kernels/attention_fwd_tma.py), a measured-selection candidate --------
 # Against the pointer kernel's build that the same call launches (the table's long-sequence entry),
-# from `python -m vit_fast.kernels.attention_fwd_study` (README: attention forward on sm_90):
+# from `python -m vit_fast.bench.attention_fwd_study` (README: attention forward on sm_90):
 #   D=64:  pointer 128x64 w4 s3: 224 regs, 64 KB, 2 CTAs/SM, INT 1.14/score, FP 3.25/score;
 #          TMA, same tile:       190 regs, 48 KB, 2 CTAs/SM, INT 0.78,       FP 3.25.
 #   D=128: pointer 128x64 w8 s3: 48 HGMMA per 128x128 scores, FP 4.25, INT 2.25, 1 CTA/SM;

@@ -1,7 +1,7 @@
 """The sm_90 forward study (issue 18): today's tiles against larger ones and against the TMA
 variant (kernels/attention_fwd_tma.py), by the figures of the compiled SASS (no GPU).
 
-    python -m vit_fast.kernels.attention_fwd_study [--dtype bfloat16] [--dims 64,128]
+    python -m vit_fast.bench.attention_fwd_study [--dtype bfloat16] [--dims 64,128]
 
 prints, per build: registers, spills, shared bytes, CTAs and warps per SM, tensor-core
 instructions per 128 x 128 block of scores, MUFU.EX2 / integer / FFMA+FMUL+FADD instructions per
@@ -14,8 +14,8 @@ import argparse
 
 import triton
 
-from .attention_aot import _TORCH_TO_SIG, aot_specs, tma_fwd_spec
-from .attention_config import _CUDA_CONFIGS
+from vit_fast.kernels.attention_aot import _TORCH_TO_SIG, aot_specs, tma_fwd_spec
+from vit_fast.kernels.attention_config import _CUDA_CONFIGS
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried beside the table's entry, per head-dim bucket.
 LARGER = {64: [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3)],
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     import torch
 
     from vit_fast.bench.cli import fmt_table
-    p = argparse.ArgumentParser(prog="python -m vit_fast.kernels.attention_fwd_study")
+    p = argparse.ArgumentParser(prog="python -m vit_fast.bench.attention_fwd_study")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--dims", default="64,128", help="head dims, comma-separated")
     args = p.parse_args(argv)
