@@ -16,12 +16,46 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 import typing
 
 import torch
 
 # (launcher module stem, device str) -> why its launch failed. Read by vit_fast.dispatch.
 LAUNCH_FAILURES: dict = {}
+
+
+class _Failures:
+    """A counter that moves whenever a kernel failure is recorded or forgotten (here or in
+    vit_fast.fallback): decisions cached per configuration hold it and are remade when it moves."""
+    generation = 0
+
+
+FAILURES = _Failures()
+
+
+def failure_recorded():
+    FAILURES.generation += 1
+
+
+class _Trial(threading.local):
+    depth = 0
+
+
+_TRIAL = _Trial()
+
+
+@contextlib.contextmanager
+def trial():
+    """Launches tried as candidates of a measured selection (vit_fast.tuning): a build failure is
+    raised to the tuner, which skips that candidate, but is not recorded as the op's failure (one
+    tile config or one pass structure that cannot build must not send the op to the reference
+    while its other candidates run; sm_100/sm_120 are never compiled ahead of time)."""
+    _TRIAL.depth += 1
+    try:
+        yield
+    finally:
+        _TRIAL.depth -= 1
 
 # Messages of errors that say "this build cannot run on this GPU" (a missing SASS/PTX, a driver too
 # old for the PTX, too many registers or too much shared memory). Errors that leave the CUDA
@@ -34,9 +68,45 @@ _BUILD_FAILURE_MESSAGES = ("no kernel image is available", "invalid device funct
 _TRITON_BUILD_ERRORS = ("OutOfResources", "CompilationError", "PTXASError")
 
 
+# Read once: triton reads it once too, when it is imported (it decides whether @triton.jit makes a
+# compiled or an interpreted function), so a later change of the variable changes nothing.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class _Simulation:
+    """The GPU that CPU tensors stand in for while the host benchmark runs (vit_fast/bench/host.py):
+    the launchers then take their CUDA decisions for ``target`` (and launch nothing real)."""
+    target = None
+
+
+SIMULATION = _Simulation()
+
+
 def interpreting() -> bool:
     """True when TRITON_INTERPRET=1: Triton runs the kernels on CPU tensors through numpy."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _INTERPRET and SIMULATION.target is None
+
+
+@contextlib.contextmanager
+def simulate_gpu(target):
+    """Take CPU tensors as tensors on a GPU of ``target`` (a Target): the host benchmark's view of
+    the path a GPU takes. Nothing here launches anything; the caller replaces the launches."""
+    old, SIMULATION.target = SIMULATION.target, target
+    try:
+        yield
+    finally:
+        SIMULATION.target = old
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids and tile counts. triton.cdiv is a ConstexprFunction since
+    triton 3.8 and costs microseconds per host call; this costs a division."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for n <= 0, as triton.next_power_of_2)."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
 class KernelLaunchError(RuntimeError):
@@ -66,25 +136,28 @@ def _first_device(args, kwargs):
 
 def on_tensor_device(launcher):
     """Run ``launcher`` under the device guard of its first tensor argument's CUDA device (no
-    guard on CPU: the interpreter), and turn a build failure of its launch into a recorded
-    :class:`KernelLaunchError`."""
+    guard on CPU -- the interpreter -- nor when that device is already current: the usual case
+    costs one comparison), and turn a build failure of its launch into a recorded
+    :class:`KernelLaunchError` (not recorded while a measured selection tries candidates)."""
     stem = launcher.__module__.rsplit(".", 1)[-1]
 
     @functools.wraps(launcher)
     def guarded(*args, **kwargs):
-        device = _first_device(args, kwargs)
-        on_cuda = device is not None and device.type == "cuda"
-        # index -1 (a device without an index) leaves the current device as it is
-        guard = torch.cuda.device(-1 if device.index is None else device.index) if on_cuda \
-            else contextlib.nullcontext()
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        device = first.device if first is not None else _first_device(args, kwargs)
         try:
-            with guard:
+            if device is None or device.type != "cuda" or device.index is None or (
+                    torch.cuda.is_initialized() and device.index == torch._C._cuda_getDevice()):
+                return launcher(*args, **kwargs)
+            with torch.cuda.device(device.index):
                 return launcher(*args, **kwargs)
         except Exception as exc:
             if not is_build_failure(exc) or isinstance(exc, KernelLaunchError):
                 raise
             where = str(device)
-            LAUNCH_FAILURES.setdefault((stem, where), f"{type(exc).__name__}: {exc}")
+            if not _TRIAL.depth:
+                LAUNCH_FAILURES.setdefault((stem, where), f"{type(exc).__name__}: {exc}")
+                failure_recorded()
             error = KernelLaunchError(
                 f"vit_fast: {launcher.__name__} cannot run on {where} ({type(exc).__name__}: "
                 f"{exc}); later calls of its op on {where} use the reference backend")
@@ -108,7 +181,9 @@ _TARGETS: dict = {}
 def gpu_target(device):
     """Target of the CUDA device a launch runs on (cached: launches ask on every call); None when
     the kernels run under the interpreter, where the config functions use their CPU table."""
-    if interpreting() or device.type != "cuda":
+    if SIMULATION.target is not None:
+        return SIMULATION.target
+    if _INTERPRET or device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _TARGETS:

@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import cdiv, gpu_target, next_power_of_2, on_tensor_device
 from ._device import interpreting as _interpreting
-from ._device import gpu_target, on_tensor_device
 from .attention_bwd import (attention_bwd_delta_kernel, attention_bwd_dkdv_kernel,
                             attention_bwd_dq_kernel, attention_bwd_dq_reduce_kernel)
 from .attention_config import (_CUDA_CONFIGS, _DELTA_BLOCK_M, _FUSED_ARCHS, _MAX_DQ_PARTIALS,
@@ -179,7 +179,12 @@ _SHARED_LIMITS = {}  # CUDA device index -> shared memory a block may opt in to,
 
 def _shared_limit(device: torch.device):
     """What the forward's tile must fit on this device (cached; None off CUDA or unknown)."""
-    if device.type != "cuda" or not torch.cuda.is_available():
+    if device.type != "cuda":
+        return None
+    hit = _SHARED_LIMITS.get(device.index)
+    if hit is not None:
+        return hit
+    if not torch.cuda.is_available():
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SHARED_LIMITS:
@@ -195,7 +200,7 @@ def _config(kernel: str, n: int, head_dim: int, dtype: torch.dtype, dropout: boo
         # Interpreter cost is mostly per tile op, so few large tiles win; but a product of more
         # than 2^18 multiply-adds makes numpy's OpenBLAS go multi-threaded, which on a busy CPU
         # is up to 10x slower than one thread (measured), so tiles stop below that.
-        t = min(128, max(16, triton.next_power_of_2(n)))
+        t = min(128, max(16, next_power_of_2(n)))
         while t * t * _block_d(head_dim) > 2 ** 18 and t > 16:
             t //= 2
         return t, t, 4, 1
@@ -218,25 +223,32 @@ def bwd_plan(n: int, head_dim: int, dtype: torch.dtype, dropout: bool = False,
     if fused and (arch is None or (arch in _FUSED_ARCHS and ("dkdv_dq", max(64, _block_d(head_dim)),
                                                              n <= _SHORT_N) in _CUDA_CONFIGS)):
         fused = config("dkdv_dq")
-        key_blocks = triton.cdiv(n, fused[1]) if fused else _MAX_DQ_PARTIALS + 1
+        key_blocks = cdiv(n, fused[1]) if fused else _MAX_DQ_PARTIALS + 1
         if key_blocks <= _MAX_DQ_PARTIALS:
             return "fused", fused, key_blocks
     return "split", config("dkdv"), config("dq")
+
+
+_TWO_PASS = {}  # (N, 3·H·D, H, dtype, dropout, segments, target) -> two_pass_alternative's answer
 
 
 def two_pass_alternative(qkv: torch.Tensor, num_heads: int, dropout: bool, segments: bool):
     """attention_bwd's config for the two passes where this GPU's plan is the fused pass with
     dq partials, else None. The model (bench roofline) and the SASS disagree on which is faster
     at ViT lengths (the partials' traffic against two products and the repeated per-score work
-    saved), so measured selection times both (ops/attention_sdpa.attention_backward)."""
+    saved), so measured selection times both (ops/attention_sdpa.attention_backward).
+    Memoized: a pure function of the shape, the options and the device."""
     target = gpu_target(qkv.device)
     if target is None or qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
         return None
-    n, head_dim = qkv.shape[1], qkv.shape[-1] // (3 * num_heads)
-    plan = bwd_plan(n, head_dim, qkv.dtype, dropout, segments, target.arch)
-    if plan[0] != "fused" or plan[2] == 1:  # one key tile: no partials, nothing to weigh
-        return None
-    return bwd_plan(n, head_dim, qkv.dtype, dropout, segments, target.arch, fused=False)[1:]
+    key = (qkv.shape[1], qkv.shape[-1], num_heads, qkv.dtype, dropout, segments, target)
+    if key not in _TWO_PASS:
+        n, head_dim = qkv.shape[1], qkv.shape[-1] // (3 * num_heads)
+        plan = bwd_plan(n, head_dim, qkv.dtype, dropout, segments, target.arch)
+        _TWO_PASS[key] = (None if plan[0] != "fused" or plan[2] == 1  # one key tile: no partials
+                          else bwd_plan(n, head_dim, qkv.dtype, dropout, segments, target.arch,
+                                        fused=False)[1:])
+    return _TWO_PASS[key]
 
 
 def _dot_args(dtype: torch.dtype):
@@ -248,13 +260,12 @@ def _dot_args(dtype: torch.dtype):
             "DOT_PRECISION": "ieee" if (interp or dtype == torch.float32) else "tf32"}
 
 
-def _check_shipped(qkv: torch.Tensor):
+def _not_shipped(qkv: torch.Tensor):
     # IEEE-fp32 dots spilled at every tile shape tried (32x32 to 128x64, sm_80 and sm_90) and
     # tf32 would fail the accuracy rule, so no fp32 build ships; the dispatcher sends fp32 CUDA
     # calls to the reference. fp32 runs under the interpreter, where nothing spills.
-    if qkv.is_cuda and qkv.dtype == torch.float32 and not _interpreting():
-        raise NotImplementedError("vit_fast attention kernels ship fp16/bf16 builds for CUDA only; "
-                                  "fp32 on CUDA goes to the reference backend")
+    raise NotImplementedError("vit_fast attention kernels ship fp16/bf16 builds for CUDA only; "
+                              "fp32 on CUDA goes to the reference backend")
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -263,10 +274,10 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def _dropout_args(qkv: torch.Tensor, dropout_p: float, seed):
     """(SEED, dropout_p, HAS_DROPOUT) kernel arguments; seed: int64 [1] on qkv's device."""
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if dropout_p == 0.0:
         return None, 0.0, False
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if seed is None or seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != qkv.device:
         raise ValueError("dropout needs seed: a 1-element int64 tensor on qkv's device")
     return seed, float(dropout_p), True
@@ -285,7 +296,8 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, dropout_p:
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages) to override the table (tests use it to
     exercise tile shapes the default would not).
     """
-    _check_shipped(qkv)
+    if qkv.dtype == torch.float32 and qkv.is_cuda and not _interpreting():
+        _not_shipped(qkv)
     seed, dropout_p, has_dropout = _dropout_args(qkv, dropout_p, seed)
     qkv = _last_dim_contiguous(qkv)
     B, N, three_c = qkv.shape
@@ -305,16 +317,60 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, dropout_p:
     lse = torch.empty(B, num_heads, N, device=qkv.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    block_m, block_n, warps, stages = config or _config("fwd", N, head_dim, qkv.dtype, has_dropout,
-                                                        segment_ids is not None,
-                                                        _shared_limit(qkv.device))
-    grid = (triton.cdiv(N, block_m) * B * num_heads,)
+    if config is None:
+        grid, consts = _fwd_launch(B, N, num_heads, head_dim, qkv.dtype, has_dropout,
+                                   segment_ids is not None, qkv.device)
+    else:
+        grid, consts = _fwd_consts(B, N, num_heads, head_dim, qkv.dtype, has_dropout, config)
     attention_fwd_kernel[grid](
         qkv, out, lse, seed, N, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0),
-        out.stride(1), float(scale) * LOG2E, dropout_p, **segment_args(segment_ids, block_m, block_n),
-        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_DROPOUT=has_dropout, num_warps=warps, num_stages=stages, **_dot_args(qkv.dtype))
+        out.stride(1), float(scale) * LOG2E, dropout_p,
+        **(_NO_SEGMENTS if segment_ids is None else segment_args(segment_ids, consts["BLOCK_M"],
+                                                                  consts["BLOCK_N"])), **consts)
     return out, lse
+
+
+_NO_SEGMENTS = dict(SEG=None, SPANS=None, HAS_SEGMENTS=False)
+_LAUNCHES = {}  # the forward's per-configuration grid and constexprs (pure, so kept)
+
+
+def _fwd_consts(B, N, H, head_dim, dtype, dropout, config):
+    block_m, block_n, warps, stages = config
+    return (cdiv(N, block_m) * B * H,), dict(
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_DROPOUT=dropout, num_warps=warps, num_stages=stages, **_dot_args(dtype))
+
+
+def _fwd_launch(B, N, H, head_dim, dtype, dropout, segmented, device):
+    """(grid, constexprs) of attention_fwd_kernel for this configuration, made once."""
+    limit = _shared_limit(device)
+    key = (B, N, H, head_dim, dtype, dropout, segmented, limit, _interpreting())
+    hit = _LAUNCHES.get(key)
+    if hit is None:
+        config = _config("fwd", N, head_dim, dtype, dropout, segmented, limit)
+        hit = _LAUNCHES[key] = _fwd_consts(B, N, H, head_dim, dtype, dropout, config)
+    return hit
+
+
+def _bwd_launch(B, N, H, head_dim, dtype, dropout, segmented, target, config):
+    """(plan, delta grid, delta constexprs, shared constexprs) of the backward for this
+    configuration (bwd_plan, or the structure ``config`` forces), made once."""
+    key = ("bwd", B, N, H, head_dim, dtype, dropout, segmented, target, config, _interpreting())
+    hit = _LAUNCHES.get(key)
+    if hit is None:
+        if config is None:
+            plan = bwd_plan(N, head_dim, dtype, dropout, segmented,
+                            target.arch if target else None)
+        elif config[1] is None:
+            plan = ("fused", config[0], cdiv(N, config[0][1]))
+        else:
+            plan = ("split", *config)
+        block_d = _block_d(head_dim)
+        dm = min(_DELTA_BLOCK_M, max(16, next_power_of_2(N))) if _interpreting() else _DELTA_BLOCK_M
+        hit = _LAUNCHES[key] = (
+            plan, (cdiv(N, dm) * B * H,), dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=dm),
+            dict(_dot_args(dtype), HAS_DROPOUT=dropout, HEAD_DIM=head_dim, BLOCK_D=block_d))
+    return hit
 
 
 def _dq_partials(key_blocks: int, B: int, N: int, C: int, device) -> torch.Tensor:
@@ -331,9 +387,15 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     qkv, out, lse, dropout_p, seed and segment_ids. config overrides bwd_plan as in
     attention_fwd: (dkdv config, dq config) runs the two passes, (dkdv config, None) the fused
     pass with that config."""
-    _check_shipped(qkv)
+    if qkv.dtype == torch.float32 and qkv.is_cuda and not _interpreting():
+        _not_shipped(qkv)
     seed, dropout_p, has_dropout = _dropout_args(qkv, dropout_p, seed)
-    qkv, out, dout = _last_dim_contiguous(qkv), _last_dim_contiguous(out), _last_dim_contiguous(dout)
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    if out.stride(-1) != 1:
+        out = out.contiguous()
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
     lse = lse.contiguous()
     B, N, three_c = qkv.shape
     head_dim = three_c // (3 * num_heads)
@@ -342,26 +404,19 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
         return dqkv
     block_d = _block_d(head_dim)
     delta = torch.empty_like(lse)
-    dm = min(_DELTA_BLOCK_M, max(16, triton.next_power_of_2(N))) if _interpreting() else _DELTA_BLOCK_M
-    attention_bwd_delta_kernel[(triton.cdiv(N, dm) * B * num_heads,)](
+    plan, delta_grid, delta_consts, dot = _bwd_launch(B, N, num_heads, head_dim, qkv.dtype,
+                                                      has_dropout, segment_ids is not None,
+                                                      gpu_target(qkv.device), config)
+    attention_bwd_delta_kernel[delta_grid](
         out, dout, delta, N, num_heads, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=dm)
+        **delta_consts)
     # The segment ids as the kernels read them, once per backward (the spans depend on tiles).
     seg = None if segment_ids is None else _int32_ids(segment_ids)
-    if config is None:
-        target = gpu_target(qkv.device)
-        plan = bwd_plan(N, head_dim, qkv.dtype, has_dropout, seg is not None,
-                        target.arch if target else None)
-    elif config[1] is None:
-        plan = ("fused", config[0], triton.cdiv(N, config[0][1]))
-    else:
-        plan = ("split", *config)
     args = (qkv, dout, lse, delta, dqkv, seed, N, num_heads, qkv.stride(0), qkv.stride(1),
             dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
             float(scale), float(scale) * LOG2E, dropout_p)
-    dot = dict(_dot_args(qkv.dtype), HAS_DROPOUT=has_dropout, HEAD_DIM=head_dim, BLOCK_D=block_d)
     block_m, block_n, warps, stages = plan[1]
-    kv_segments = segment_args(seg, block_n, block_m)
+    kv_segments = _NO_SEGMENTS if seg is None else segment_args(seg, block_n, block_m)
     if plan[0] == "split":
         dq_out = dict(DQ=None, stride_dq_kb=0, stride_dq_b=0, stride_dq_n=0, WRITE_DQ=False)
     elif plan[2] == 1:  # one key tile: its share of dq is all of it
@@ -373,24 +428,19 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
         part = _dq_partials(plan[2], B, N, three_c // 3, qkv.device)
         dq_out = dict(DQ=part, stride_dq_kb=part.stride(0), stride_dq_b=part.stride(1),
                       stride_dq_n=part.stride(2), WRITE_DQ=True)
-    attention_bwd_dkdv_kernel[(triton.cdiv(N, block_n) * B * num_heads,)](
+    attention_bwd_dkdv_kernel[(cdiv(N, block_n) * B * num_heads,)](
         *args, **kv_segments, **dq_out, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         num_stages=stages, **dot)
     if plan[0] == "split":
         block_m, block_n, warps, stages = plan[2]
-        attention_bwd_dq_kernel[(triton.cdiv(N, block_m) * B * num_heads,)](
-            *args, **segment_args(seg, block_m, block_n), BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=warps, num_stages=stages, **dot)
+        attention_bwd_dq_kernel[(cdiv(N, block_m) * B * num_heads,)](
+            *args, **(_NO_SEGMENTS if seg is None else segment_args(seg, block_m, block_n)),
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **dot)
     elif plan[2] > 1:
-        rm = min(_REDUCE_BLOCK_M, max(16, triton.next_power_of_2(N))) if _interpreting() else _REDUCE_BLOCK_M
-        attention_bwd_dq_reduce_kernel[(triton.cdiv(N, rm) * B * num_heads,)](
+        rm = min(_REDUCE_BLOCK_M, max(16, next_power_of_2(N))) if _interpreting() else _REDUCE_BLOCK_M
+        attention_bwd_dq_reduce_kernel[(cdiv(N, rm) * B * num_heads,)](
             part, dqkv, N, num_heads, plan[2], part.stride(0), part.stride(1), part.stride(2),
             dqkv.stride(0), dqkv.stride(1), kv_segments["SPANS"], HEAD_DIM=head_dim,
             BLOCK_D=block_d, BLOCK_M=rm, KEY_BLOCK=block_n, HAS_SEGMENTS=seg is not None)
     return dqkv
 
-
-def aot_specs():
-    """Every shipped CUDA config as vit_fast.aot.AotSpec (listed in attention_aot.py)."""
-    from .attention_aot import aot_specs as specs
-    return specs()

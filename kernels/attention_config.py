@@ -2,13 +2,13 @@
 generated from, attention_aot.py), as pure functions of the table key, so what runs is exactly
 what was compiled and checked. The launchers (attention.py) add the interpreter's tiles, the
 device's shared-memory limit and the backward's launch structure (bwd_plan)."""
-import triton
+from ._device import next_power_of_2
 
 # ---------------------------------------------------------------------------------------------
 # Configs. On CUDA a table keyed on (head-dim bucket, short sequence), every entry of which is
 # compiled ahead of time for sm_80/sm_90 with 0 spills (aot_specs); a table rather than
 # @triton.autotune so that what runs is exactly what was checked. fp16 and bf16 share entries
-# (same bytes per element, same mma shapes); fp32 has none (see _check_shipped). Values:
+# (same bytes per element, same mma shapes); fp32 has none (see attention._not_shipped). Values:
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M tiles queries, BLOCK_N keys.
 # ---------------------------------------------------------------------------------------------
 _SHORT_N = 64  # sequences this short would leave most of a 128-row tile empty
@@ -103,7 +103,7 @@ _FUSED_ARCHS = (90,)
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def shipped_config(key, dropout: bool = False, segments: bool = False):

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import gpu_target, interpreting, on_tensor_device
+from ._device import cdiv, gpu_target, interpreting, on_tensor_device
+from .tma_rules import packed_qkv_reasons
 from .attention import _config, _dot_args, _fwd_finish, _fwd_fold
 from vit_fast.kernels.attention_config import _SHORT_N, _block_d
 from .attention_tiles import LOG2E, _tile_of_head
@@ -71,21 +72,7 @@ def not_supported_reasons(dtype, target, *, triton_has_descriptors=None) -> list
     return [why for ok, why in checks if not ok]
 
 
-def tensor_reasons(qkv: torch.Tensor, num_heads: int) -> list:
-    """TMA's rules on the [B, N, 3·H, D] view of qkv: unit last stride, every other stride
-    (D, the row and batch strides) and the base 16-byte aligned, nothing empty."""
-    if qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
-        return [f"qkv {tuple(qkv.shape)} is not [B, N, 3·H·D] for H = {num_heads}"]
-    head_dim = qkv.shape[-1] // (3 * num_heads)
-    if qkv.numel() == 0:
-        return ["qkv is empty"]
-    if qkv.stride(-1) != 1:
-        return [f"qkv's last dim is not contiguous: strides {tuple(qkv.stride())}"]
-    strides = (qkv.stride(0), qkv.stride(1), head_dim)
-    if any(s * qkv.element_size() % 16 for s in strides) or qkv.data_ptr() % 16:
-        return [f"qkv's strides {tuple(qkv.stride())} (head dim {head_dim}) or base are not "
-                "16-byte aligned"]
-    return []
+tensor_reasons = packed_qkv_reasons  # kernels/tma_rules.py
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim bucket, long sequences (N > _SHORT_N),
@@ -142,20 +129,41 @@ def attention_fwd_tma(qkv: torch.Tensor, num_heads: int, scale: float, *, config
     out = torch.empty(B, N, num_heads * head_dim, device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty(B, num_heads, N, device=qkv.device, dtype=torch.float32)
     q_desc, kv_desc = descriptors(qkv, num_heads, block_m, block_n)
-    attention_fwd_tma_kernel[(triton.cdiv(N, block_m) * B * num_heads,)](
+    attention_fwd_tma_kernel[(cdiv(N, block_m) * B * num_heads,)](
         q_desc, kv_desc, out, lse, N, num_heads, out.stride(0), out.stride(1),
         float(scale) * LOG2E, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block_m,
         BLOCK_N=block_n, num_warps=warps, num_stages=stages, **_dot_args(qkv.dtype))
     return out, lse
 
 
+_OFFERED = {}  # (dtype, N, 3·H·D, H, target, ...) -> whether a build is offered at all
+
+
+def tma_offered(qkv: torch.Tensor, num_heads: int, scale: float, dropout: bool,
+                segments: bool) -> bool:
+    """Whether the TMA forward is a candidate for this call: what depends on the shape and
+    device is decided once (memoized); TMA's alignment rules on this qkv are checked every call
+    (a view of another tensor may break them)."""
+    if dropout or segments or not scale > 0:
+        return False
+    target = gpu_target(qkv.device)
+    if target is None or target.arch != 90 or qkv.dim() != 3:
+        return False
+    key = (qkv.dtype, qkv.shape[1], qkv.shape[-1], num_heads, target, interpreting(),
+           TensorDescriptor is None)
+    ok = _OFFERED.get(key)
+    if ok is None:
+        ok = _OFFERED[key] = (not key[-2] and not not_supported_reasons(qkv.dtype, target)
+                              and qkv.shape[-1] % (3 * num_heads) == 0
+                              and tma_config(qkv.shape[-1] // (3 * num_heads),
+                                             qkv.shape[1]) is not None)
+    return ok and not tensor_reasons(qkv, num_heads)
+
+
 def tma_alternative(qkv: torch.Tensor, num_heads: int, scale: float, dropout: bool,
                     segments: bool):
-    """A zero-argument launch of the TMA forward for this call where it is offered (sm_90,
-    descriptors, 16-bit, TMA-aligned qkv, plain call), else None."""
-    target = gpu_target(qkv.device)
-    if (dropout or segments or not scale > 0 or target is None or interpreting()
-            or not_supported_reasons(qkv.dtype, target) or tensor_reasons(qkv, num_heads)
-            or tma_config(qkv.shape[-1] // (3 * num_heads), qkv.shape[1]) is None):
+    """A zero-argument launch of the TMA forward for this call where it is offered
+    (:func:`tma_offered`: sm_90, descriptors, 16-bit, TMA-aligned qkv, plain call), else None."""
+    if not tma_offered(qkv, num_heads, scale, dropout, segments):
         return None
     return lambda: attention_fwd_tma(qkv, num_heads, scale)

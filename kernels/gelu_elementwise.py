@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._device import gpu_target, on_tensor_device
+from ._device import cdiv, gpu_target, on_tensor_device
 from .gelu_mlp import MlpGrads
 from .matmul import _gelu_cdf, colsum
 
@@ -146,7 +146,7 @@ def gelu_forward(pre, act, approximate):
     n = pre.numel()
     if n:
         block = elementwise_blocks(gpu_target(pre.device)).fwd
-        gelu_fwd_kernel[(triton.cdiv(n, block),)](pre, act, n, APPROX_TANH=approximate == "tanh",
+        gelu_fwd_kernel[(cdiv(n, block),)](pre, act, n, APPROX_TANH=approximate == "tanh",
                                                   BLOCK=block, num_warps=NUM_WARPS)
     return act
 
@@ -162,7 +162,7 @@ def gelu_backward(d_act, pre, approximate, sample_scale=None, rows_per_sample=1,
     if M and N:
         bm, bn = elementwise_blocks(gpu_target(pre.device)).bwd
         # Absent tensors go in as None: Triton specializes them away (the flags say so too).
-        gelu_bwd_kernel[(triton.cdiv(M, bm),)](
+        gelu_bwd_kernel[(cdiv(M, bm),)](
             d_act, pre, d_act, act_s, sample_scale, rowdot, M, N, rows_per_sample,
             APPROX_TANH=approximate == "tanh", HAS_SAMPLE_SCALE=sample_scale is not None,
             STORE_ACT=store_act, ROW_DOT=row_dot, BLOCK_M=bm, BLOCK_N=bn, num_warps=NUM_WARPS)
@@ -175,7 +175,7 @@ def residual_epilogue(y, bias, layer_scale, sample_scale, residual, rows_per_sam
     M, N = y.shape
     if M and N:
         bm, bn = elementwise_blocks(gpu_target(y.device)).epilogue
-        residual_epilogue_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+        residual_epilogue_kernel[(cdiv(M, bm), cdiv(N, bn))](
             y, bias, layer_scale, sample_scale, residual, y, M, N, rows_per_sample,
             residual.stride(0), residual.stride(1), HAS_BIAS=bias is not None,
             HAS_LAYER_SCALE=layer_scale is not None, HAS_SAMPLE_SCALE=sample_scale is not None,

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import gpu_target, on_tensor_device
+from ._device import cdiv, gpu_target, next_power_of_2, on_tensor_device
 
 MAX_C = 8192
 
@@ -32,14 +32,16 @@ MAX_C = 8192
 @triton.jit
 def residual_layer_norm_fwd_kernel(
     X, RES, LS, SS, W, B,  # x, residual [M, C] (row-strided); ls, w, b [C]; ss [M // rows_per_sample]
-    Y, S, MEAN, RSTD,              # y, s [M, C] contiguous; mean, rstd [M] fp32
+    Y, S, MEAN, RSTD,              # y, s [M, C] contiguous; mean, rstd [M] fp32 (STORE_STATS)
     M, C, stride_x, stride_res, rows_per_sample, eps,
     HAS_RESIDUAL: tl.constexpr, HAS_LAYER_SCALE: tl.constexpr, HAS_SAMPLE_SCALE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STORE_STATS: tl.constexpr = True,
 ):
     """One program normalizes BLOCK_M whole rows (BLOCK_C >= C); writes y, s (with a residual),
-    mean and rstd. Columns of X and RES are contiguous; the last dim of every tensor is C."""
+    and with STORE_STATS mean and rstd (the Block's forward ops keep neither: their backward
+    recomputes them with y). Columns of X and RES are contiguous; the last dim of every tensor
+    is C."""
     # Map the program id to the BLOCK_M rows of X it normalizes; the whole row sits in registers.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
@@ -79,8 +81,9 @@ def residual_layer_norm_fwd_kernel(
     if HAS_BIAS:
         y = y + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + r64 * C + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + rows, s0 + mean_d, mask=row_ok)
-    tl.store(RSTD + rows, rstd, mask=row_ok)
+    if STORE_STATS:
+        tl.store(MEAN + rows, s0 + mean_d, mask=row_ok)
+        tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
 # Row width (BLOCK_C) from which the backward adds a tile into the weight/bias partials before
@@ -220,7 +223,7 @@ class RowConfig(NamedTuple):
 
 
 def _block_c(C: int) -> int:
-    return max(_MIN_BLOCK_C, triton.next_power_of_2(C))
+    return max(_MIN_BLOCK_C, next_power_of_2(C))
 
 
 def fwd_config(C: int, M: int, target=None) -> RowConfig:
@@ -229,7 +232,7 @@ def fwd_config(C: int, M: int, target=None) -> RowConfig:
     warps = 4 if block_c <= 1024 else (8 if block_c <= 4096 else 16)
     if target is None:
         # Few, large program instances: the interpreter's cost is per instance and per op.
-        return RowConfig(max(1, min(16384 // block_c, triton.next_power_of_2(max(M, 1)), 128)),
+        return RowConfig(max(1, min(16384 // block_c, next_power_of_2(max(M, 1)), 128)),
                          block_c, warps)
     return RowConfig(max(1, 2048 // block_c), block_c, warps)
 
@@ -240,27 +243,27 @@ def bwd_config(C: int, M: int, target=None) -> RowConfig:
     # 8 warps needed ~170 registers a thread (sm_90 AOT), 16 warps halve that.
     warps = 4 if block_c <= 1024 else (8 if block_c <= 2048 else 16)
     if target is None:
-        block_m = max(1, min(8192 // block_c, triton.next_power_of_2(max(M, 1)), 64))
+        block_m = max(1, min(8192 // block_c, next_power_of_2(max(M, 1)), 64))
     else:
         # Three [BLOCK_M, BLOCK_C] fp32 accumulators live across the row loop: smaller tiles.
         block_m = max(1, 1024 // block_c)
-    tiles = triton.cdiv(M, block_m)
+    tiles = cdiv(M, block_m)
     if target is None:
         # Several programs per call so the two-stage reduction is exercised, each walking
         # two tiles or more so the in-register accumulation is too.
-        programs = max(1, min(triton.cdiv(tiles, 2), 8))
+        programs = max(1, min(cdiv(tiles, 2), 8))
     else:
         # A few programs per SM hide memory latency; more would only grow the partial buffer.
         programs = max(1, min(tiles, 4 * target.sms))
-    rows_per_program = triton.cdiv(triton.cdiv(M, programs), block_m) * block_m if M else block_m
-    programs = max(1, triton.cdiv(M, rows_per_program))
+    rows_per_program = cdiv(cdiv(M, programs), block_m) * block_m if M else block_m
+    programs = max(1, cdiv(M, rows_per_program))
     return RowConfig(block_m, block_c, warps, programs, rows_per_program)
 
 
 def reduce_config(P: int, C: int, target=None):
     """(BLOCK_P, BLOCK_N) of layer_norm_param_grad_reduce_kernel."""
     if target is None:
-        return min(_REDUCE_BLOCK_P, triton.next_power_of_2(max(P, 1))), _block_c(C)
+        return min(_REDUCE_BLOCK_P, next_power_of_2(max(P, 1))), _block_c(C)
     return _REDUCE_BLOCK_P, _REDUCE_BLOCK_N
 
 
@@ -269,6 +272,29 @@ def _rows(t: torch.Tensor, C: int) -> torch.Tensor:
     M is spelled out: reshape(-1, 0) is ambiguous for the empty feature dim C = 0."""
     t = t.reshape(math.prod(t.shape[:-1]), C)
     return t if t.stride(-1) == 1 or C <= 1 else t.contiguous()
+
+
+def _row_stride(t, C):
+    """The row stride of t [..., C] read as [M, C] without a view (a view is an aten op each call:
+    the host path avoids them), or None when its leading dims do not collapse or its columns
+    are not unit-stride."""
+    if t.stride(-1) != 1 and C > 1:
+        return None
+    d = t.dim()
+    if d == 2:
+        return t.stride(0)
+    if d == 3:
+        return t.stride(1) if t.stride(0) == t.stride(1) * t.shape[1] or t.shape[0] <= 1 else None
+    return C if d == 1 else None
+
+
+def _strided_rows(t, C):
+    """(t or its [M, C] copy, row stride): t read as rows without a view where it can be."""
+    stride = _row_stride(t, C)
+    if stride is not None:
+        return t, stride
+    t = _rows(t, C)
+    return t, t.stride(0)
 
 
 def _vector(t):
@@ -282,47 +308,91 @@ def _vector(t):
 
 @on_tensor_device
 def residual_layer_norm_fwd(x, weight, bias, eps, residual=None, layer_scale=None, sample_scale=None,
-                            out_dtype=None):
+                            out_dtype=None, stats=True):
     """Forward launcher. x, residual: [..., C]; weight, bias, layer_scale: [C] or None;
     sample_scale: [x.shape[0]] or None (layer_scale and sample_scale apply only with a residual).
 
     Returns (y, s, mean, rstd): y [..., C] in out_dtype (default x's dtype), s (None without a
-    residual: s is x) in the residual's dtype, mean and rstd fp32 [M] with M = x.numel() // C.
-    The kernel computes in fp32 whatever the dtypes: AMP passes an fp32 residual stream, a
-    low-precision branch x and out_dtype = the GEMM's dtype.
+    residual: s is x) in the residual's dtype, mean and rstd fp32 [M] with M = x.numel() // C
+    (None when not ``stats``). The kernel computes in fp32 whatever the dtypes: AMP passes an
+    fp32 residual stream, a low-precision branch x and out_dtype = the GEMM's dtype.
     """
     C = x.shape[-1]
     if C > MAX_C:
         raise ValueError(f"residual_layer_norm kernel: C={C} > {MAX_C}")
-    x2 = _rows(x, C)
-    M = x2.shape[0]
+    M = x.numel() // C if C else math.prod(x.shape[:-1])
     has_res = residual is not None
-    weight, bias, layer_scale, sample_scale = map(_vector, (weight, bias, layer_scale, sample_scale))
-    y = torch.empty((M, C), device=x.device, dtype=out_dtype or x.dtype)
-    s = torch.empty((M, C), device=x.device, dtype=residual.dtype) if has_res else None
-    mean = torch.empty((M,), device=x.device, dtype=torch.float32)
-    rstd = torch.empty((M,), device=x.device, dtype=torch.float32)
+    if weight is not None and weight.stride(0) != 1:
+        weight = _vector(weight)
+    if bias is not None and bias.stride(0) != 1:
+        bias = _vector(bias)
+    if layer_scale is not None and layer_scale.stride(0) != 1:
+        layer_scale = _vector(layer_scale)
+    if sample_scale is not None and sample_scale.stride(0) != 1:
+        sample_scale = _vector(sample_scale)
+    y = torch.empty(x.shape, device=x.device, dtype=out_dtype or x.dtype)
+    s = torch.empty(x.shape, device=x.device, dtype=residual.dtype) if has_res else None
+    mean = torch.empty((M,), device=x.device, dtype=torch.float32) if stats else None
+    rstd = torch.empty((M,), device=x.device, dtype=torch.float32) if stats else None
     if C == 0:  # rows without features: nothing to normalize, statistics defined as 0
-        mean.zero_()
-        rstd.zero_()
+        if stats:
+            mean.zero_()
+            rstd.zero_()
     elif M > 0:
-        res2 = _rows(residual, C) if has_res else None
+        stride_x = _row_stride(x, C)
+        x2 = x if stride_x is not None else _rows(x, C)
+        stride_x = stride_x if stride_x is not None else x2.stride(0)
+        stride_res = _row_stride(residual, C) if has_res else 0
+        res2 = residual if stride_res is not None else _rows(residual, C)
+        if stride_res is None:
+            stride_res = res2.stride(0)
         if not has_res:  # the scales apply to the residual branch only
             layer_scale = sample_scale = None
-        cfg = fwd_config(C, M, gpu_target(x.device))
+        grid, consts = _fwd_launch(M, C, gpu_target(x.device), has_res, layer_scale is not None,
+                                   sample_scale is not None, weight is not None, bias is not None,
+                                   stats)
         rows_per_sample = M // x.shape[0] if (sample_scale is not None and x.dim() > 1) else 1
         # Absent tensors go in as None: Triton specializes them away (the flags say so too).
-        residual_layer_norm_fwd_kernel[(triton.cdiv(M, cfg.block_m),)](
+        residual_layer_norm_fwd_kernel[grid](
             x2, res2, layer_scale, sample_scale, weight, bias, y, s, mean, rstd,
-            M, C, x2.stride(0), res2.stride(0) if has_res else 0, max(rows_per_sample, 1),
-            float(eps),
-            HAS_RESIDUAL=has_res, HAS_LAYER_SCALE=layer_scale is not None,
-            HAS_SAMPLE_SCALE=sample_scale is not None,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
-        )
-    y = y.reshape(x.shape)
-    return y, (s.reshape(x.shape) if has_res else None), mean, rstd
+            M, C, stride_x, stride_res, max(rows_per_sample, 1), float(eps), **consts)
+    return y, s, mean, rstd
+
+
+_LAUNCHES = {}  # the launchers' per-configuration grids and constexprs (pure, so kept)
+
+
+def _fwd_launch(M, C, target, *flags):
+    """(grid, constexprs) of residual_layer_norm_fwd_kernel for this configuration, made once."""
+    key = ("fwd", M, C, target, flags)
+    hit = _LAUNCHES.get(key)
+    if hit is None:
+        cfg = fwd_config(C, M, target)
+        has_res, has_ls, has_ss, has_w, has_b, stats = flags
+        hit = _LAUNCHES[key] = ((cdiv(M, cfg.block_m),), dict(
+            HAS_RESIDUAL=has_res, HAS_LAYER_SCALE=has_ls, HAS_SAMPLE_SCALE=has_ss,
+            HAS_WEIGHT=has_w, HAS_BIAS=has_b, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
+            STORE_STATS=stats, num_warps=cfg.num_warps))
+    return hit
+
+
+def _bwd_launch(M, C, target, K, *flags):
+    """(programs, rows_per_program, constexprs, reduce grid, reduce constexprs) of the backward's
+    two kernels for this configuration, made once."""
+    key = ("bwd", M, C, target, K, flags)
+    hit = _LAUNCHES.get(key)
+    if hit is None:
+        cfg = bwd_config(C, M, target)
+        has_ds, has_res, has_ls, has_ss, has_w, has_b = flags
+        block_p, block_n = reduce_config(cfg.programs, C, target)
+        hit = _LAUNCHES[key] = (
+            cfg.programs, cfg.rows_per_program,
+            dict(HAS_DS=has_ds, HAS_RESIDUAL=has_res, HAS_LAYER_SCALE=has_ls,
+                 HAS_SAMPLE_SCALE=has_ss, HAS_WEIGHT=has_w, HAS_BIAS=has_b,
+                 BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps),
+            (cdiv(C, block_n), K),
+            dict(HAS_OUT1=K > 1, HAS_OUT2=K > 2, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4))
+    return hit
 
 
 @on_tensor_device
@@ -337,17 +407,22 @@ def residual_layer_norm_bwd(dy, ds, s, mean, rstd, weight, *, has_residual, need
     dx has s's dtype, dresidual residual_dtype; the parameter gradients their parameter's dtype.
     """
     C = s.shape[-1]
-    dy2, s2 = _rows(dy, C), _rows(s, C)
-    M = s2.shape[0]
-    weight, layer_scale, sample_scale = map(_vector, (weight, layer_scale, sample_scale))
+    M = s.numel() // C if C else math.prod(s.shape[:-1])
+    dy2, s2 = _strided_rows(dy, C), _strided_rows(s, C)
+    if weight is not None and weight.stride(0) != 1:
+        weight = _vector(weight)
+    if layer_scale is not None and layer_scale.stride(0) != 1:
+        layer_scale = _vector(layer_scale)
+    if sample_scale is not None and sample_scale.stride(0) != 1:
+        sample_scale = _vector(sample_scale)
     mean, rstd = mean.contiguous(), rstd.contiguous()
     device = s.device
     has_ls = has_residual and layer_scale is not None
     has_ss = has_residual and sample_scale is not None
-    ds2 = _rows(ds, C) if (ds is not None and has_residual) else None
-    x2 = _rows(x, C) if has_ls else s2
-    dx = torch.empty((M, C), device=device, dtype=s.dtype)
-    dres = torch.empty((M, C), device=device, dtype=residual_dtype or s.dtype) if has_residual else None
+    ds2 = _strided_rows(ds, C) if (ds is not None and has_residual) else None
+    x2 = _strided_rows(x, C) if has_ls else s2
+    dx = torch.empty(s.shape, device=device, dtype=s.dtype)
+    dres = torch.empty(s.shape, device=device, dtype=residual_dtype or s.dtype) if has_residual else None
 
     # Which parameter gradients, in the order their partial rows are stacked.
     wanted = []
@@ -358,9 +433,9 @@ def residual_layer_norm_bwd(dy, ds, s, mean, rstd, weight, *, has_residual, need
     if has_ls:
         wanted.append(layer_scale.dtype)
     K = len(wanted)
-    target = gpu_target(device)
-    cfg = bwd_config(C, M, target)
-    P = cfg.programs
+    P, rows_per_program, consts, reduce_grid, reduce_consts = _bwd_launch(
+        M, C, gpu_target(device), K, ds2 is not None, has_residual, has_ls, has_ss,
+        weight is not None, need_bias_grad)
     part = torch.empty((max(K, 1), P, C), device=device, dtype=torch.float32)
     if M > 0 and C > 0:
         k_of = iter(range(K))
@@ -369,25 +444,19 @@ def residual_layer_norm_bwd(dy, ds, s, mean, rstd, weight, *, has_residual, need
         dls_part = part[next(k_of)] if has_ls else None
         rows_per_sample = M // s.shape[0] if (has_ss and s.dim() > 1) else 1
         residual_layer_norm_bwd_kernel[(P,)](
-            dy2, ds2, s2, x2 if has_ls else None, mean, rstd, weight,
-            layer_scale if has_ls else None, sample_scale if has_ss else None,
+            dy2[0], ds2[0] if ds2 is not None else None, s2[0], x2[0] if has_ls else None, mean,
+            rstd, weight, layer_scale if has_ls else None, sample_scale if has_ss else None,
             dx, dres, dw_part, db_part, dls_part,
-            M, C, dy2.stride(0), ds2.stride(0) if ds2 is not None else 0, s2.stride(0),
-            x2.stride(0) if has_ls else 0, cfg.rows_per_program, max(rows_per_sample, 1),
-            HAS_DS=ds2 is not None, HAS_RESIDUAL=has_residual, HAS_LAYER_SCALE=has_ls,
-            HAS_SAMPLE_SCALE=has_ss, HAS_WEIGHT=weight is not None, HAS_BIAS=need_bias_grad,
-            BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
-        )
+            M, C, dy2[1], ds2[1] if ds2 is not None else 0, s2[1],
+            x2[1] if has_ls else 0, rows_per_program, max(rows_per_sample, 1), **consts)
     else:
         part.zero_()
     grads = [torch.empty((C,), device=device, dtype=dt) for dt in wanted]
     if K and C > 0:
-        block_p, block_n = reduce_config(P, C, target)
-        layer_norm_param_grad_reduce_kernel[(triton.cdiv(C, block_n), K)](
-            part, *grads, *[None] * (3 - K), P, C, HAS_OUT1=K > 1, HAS_OUT2=K > 2,
-            BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
+        layer_norm_param_grad_reduce_kernel[reduce_grid](
+            part, *grads, *[None] * (3 - K), P, C, **reduce_consts)
     it = iter(grads)
     dw = next(it) if weight is not None else None
     db = next(it) if need_bias_grad else None
     dls = next(it) if has_ls else None
-    return dx.reshape(s.shape), (dres.reshape(s.shape) if has_residual else None), dw, db, dls
+    return dx, dres, dw, db, dls

@@ -25,6 +25,7 @@ def _spec(kernel, name, sig, const, divisible, num_warps):
     from vit_fast.aot import AotSpec
     # Inputs a flag turns off are launched as None: Triton specializes them to constexpr None.
     for ptr, flag in (("RES", "HAS_RESIDUAL"), ("S", "HAS_RESIDUAL"), ("DRES", "HAS_RESIDUAL"),
+                      ("MEAN", "STORE_STATS"), ("RSTD", "STORE_STATS"),
                       ("LS", "HAS_LAYER_SCALE"), ("X", "HAS_LAYER_SCALE"),
                       ("SS", "HAS_SAMPLE_SCALE"), ("W", "HAS_WEIGHT"), ("B", "HAS_BIAS")):
         if ptr in sig and not const.get(flag, True) and not (ptr == "X" and "Y" in sig):
@@ -41,7 +42,7 @@ def fwd_spec(cfg, x, y, stream, tag, **flags):
            "W": f"*{stream}", "B": f"*{stream}", "Y": f"*{y}", "S": f"*{stream}",
            "MEAN": "*fp32", "RSTD": "*fp32", "M": "i32", "C": "i32", "stride_x": "i32",
            "stride_res": "i32", "rows_per_sample": "i32", "eps": "fp32"}
-    const = dict(_FLAGS, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, **flags)
+    const = dict(_FLAGS, STORE_STATS=True, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, **flags)
     return _spec(residual_layer_norm_fwd_kernel,
                  f"residual_layer_norm_fwd_{tag}_C{cfg.block_c}_M{cfg.block_m}_w{cfg.num_warps}",
                  sig, const, ("X", "RES", "LS", "SS", "W", "B", "Y", "S", "MEAN", "RSTD", "C",

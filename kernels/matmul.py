@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import gpu_target, interpreting, on_tensor_device
+from ._device import cdiv, gpu_target, interpreting, on_tensor_device
 from .gemm_epilogue import _gelu_cdf, epilogue_store, grouped_tile  # noqa: F401  (_gelu_cdf: gelu_elementwise)
+from .tma_rules import gemm_operand_reasons
 
 EPILOGUE = {"none": 0, "gelu": 1, "dgelu": 2}
 
@@ -184,11 +185,43 @@ class Epilogue(NamedTuple):
 
 def _idle_sms(tiles, sms) -> bool:
     """Whether the last wave of ``tiles`` CTAs (one per SM) leaves over a quarter of it idle."""
-    waves = triton.cdiv(tiles, sms)
+    waves = cdiv(tiles, sms)
     return tiles < 0.75 * waves * sms
 
 
+class GemmKey(NamedTuple):
+    """What a GEMM launch's tile choice depends on (vit_fast.tuning's key for it; matmul builds
+    it as a plain tuple of these fields): the problem, the operands' dtypes and layout, the
+    epilogue, the dot precision, whether the Hopper GEMM's TMA loads can read the operands (its
+    candidates are offered only then) and the device."""
+    M: int
+    N: int
+    K: int
+    a: torch.dtype
+    b: torch.dtype
+    out: torch.dtype
+    layout: tuple
+    epilogue: Epilogue
+    precision: str
+    tma: bool
+    device: torch.device
+
+
+_CANDIDATES = {}  # gemm_candidates' answers: a pure function, asked on every launch
+
+
 def gemm_candidates(M, N, dtype, epilogue: Epilogue, precision="ieee", target=None, K=0):
+    """Memoized :func:`gemm_configs` (the configs a launch may use, fixed choice first)."""
+    key = (M, N, dtype, epilogue, precision, target, K)
+    hit = _CANDIDATES.get(key)
+    if hit is None:
+        if len(_CANDIDATES) > 4096:
+            _CANDIDATES.clear()
+        hit = _CANDIDATES[key] = gemm_configs(M, N, dtype, epilogue, precision, target, K)
+    return hit
+
+
+def gemm_configs(M, N, dtype, epilogue: Epilogue, precision="ieee", target=None, K=0):
     """The configs a launch may use, the fixed table's choice first; (INTERPRET_CONFIG,) for the
     interpreter (target None). The fixed choice: large tiles once they fill the GPU, else small
     ones for more programs. Tuning (vit_fast.tuning) may time the others on the user's GPU; each
@@ -206,10 +239,10 @@ def gemm_candidates(M, N, dtype, epilogue: Epilogue, precision="ieee", target=No
     else:
         large, small = LARGE_16, SMALL_16
         others = (HALF_16, WIDE_16) if epilogue.plain else (HALF_16,)
-        tiles = triton.cdiv(M, LARGE_16.block_m) * triton.cdiv(N, LARGE_16.block_n)
+        tiles = cdiv(M, LARGE_16.block_m) * cdiv(N, LARGE_16.block_n)
         if epilogue.plain and _idle_sms(tiles, target.sms) and K >= 4096:
             others += SPLIT_K_16
-    fills = triton.cdiv(M, large.block_m) * triton.cdiv(N, large.block_n) >= target.sms
+    fills = cdiv(M, large.block_m) * cdiv(N, large.block_n) >= target.sms
     first, second = (large, small) if fills else (small, large)
     return (first, second, *others)
 
@@ -244,6 +277,11 @@ def input_precision(dtype) -> str:
     return "ieee"
 
 
+def _precision(dtype) -> str:
+    """input_precision, read only where it matters (fp32 operands: the user may switch TF32)."""
+    return input_precision(dtype) if dtype == torch.float32 else "ieee"
+
+
 def _unit(t):
     """The epilogue indexes [N] / [B] vectors as PTR + i: unit stride needed, and a zero-stride
     ``expand`` would otherwise be read past its one element."""
@@ -261,39 +299,58 @@ def matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", p
     dtype), else None; rowdot is fp32 [N-tiles, M] when row_dot, else None.
 
     config: a GemmConfig to launch with; default the first of gemm_candidates. choose: called as
-    choose(a, key_fields, {config name: launch}) when there are several candidates, returns the
-    chosen launch's result (vit_fast.tuning.choose_gemm_config: timed on CUDA).
+    choose(a, key, {config name: launch}) when there are several candidates, returns the chosen
+    launch's result (vit_fast.tuning.choose_gemm_config: timed on CUDA); ``choose.lookup(key)``
+    answers a key seen before without building the candidates.
     """
     M, K = a.shape
     N = b.shape[1]
-    ep = Epilogue(epilogue, approximate, bias is not None, store_pre, store_act, row_dot,
-                  residual is not None, residual is not None and layer_scale is not None,
-                  sample_scale is not None)
-    precision = input_precision(a.dtype)
+    flags = (epilogue, approximate, bias is not None, store_pre, store_act, row_dot,
+             residual is not None, residual is not None and layer_scale is not None,
+             sample_scale is not None)
+    target = gpu_target(a.device)
+    precision = "ieee" if a.dtype != torch.float32 else input_precision(a.dtype)
+    plan = _plan(M, N, K, a.dtype, flags, precision, target)
     if config is None:
-        cands = gemm_candidates(M, N, a.dtype, ep, precision, gpu_target(a.device), K)
+        cands = plan.candidates
         if choose is not None and len(cands) > 1 and M and N:
-            fields = dict(M=M, N=N, K=K, a=a.dtype, b=b.dtype, out=out_dtype,
-                          layout=(a.stride(1) == 1, b.stride(1) == 1), epilogue=tuple(ep),
-                          precision=precision)
-            launch = functools.partial(
-                matmul, a, b, out_dtype, bias=bias, epilogue=epilogue, approximate=approximate,
-                pre=pre, store_pre=store_pre, store_act=store_act, row_dot=row_dot,
-                residual=residual, layer_scale=layer_scale, sample_scale=sample_scale,
-                rows_per_sample=rows_per_sample)
-            return choose(a, fields, {c.name: functools.partial(launch, config=c) for c in cands})
-        config = cands[0]
+            key = (M, N, K, a.dtype, b.dtype, out_dtype, (a.stride(1) == 1, b.stride(1) == 1),
+                   plan.epilogue, precision, plan.tma and _tma_readable(a, b), a.device)
+            config = _chosen(choose, key)
+            if config is None:  # first call of the key: the chooser times or picks, and launches
+                launch = functools.partial(
+                    matmul, a, b, out_dtype, bias=bias, epilogue=epilogue, approximate=approximate,
+                    pre=pre, store_pre=store_pre, store_act=store_act, row_dot=row_dot,
+                    residual=residual, layer_scale=layer_scale, sample_scale=sample_scale,
+                    rows_per_sample=rows_per_sample)
+                return choose(a, key, {c.name: functools.partial(launch, config=c) for c in cands})
+            if type(config) is not GemmConfig:  # another kernel won the key (the Hopper GEMM)
+                return config(a, b, out_dtype, bias=bias, epilogue=epilogue,
+                              approximate=approximate, pre=pre, store_pre=store_pre,
+                              store_act=store_act, row_dot=row_dot, residual=residual,
+                              layer_scale=layer_scale, sample_scale=sample_scale,
+                              rows_per_sample=rows_per_sample)
+        else:
+            config = cands[0]
+    ep = plan.epilogue
     if config.split_k > 1:
         if not ep.plain or store_pre or store_act or row_dot:
             raise ValueError(f"matmul: split-K config {config.name} takes no epilogue")
         return _split_k_matmul(a, b, out_dtype, config), None, None
     dev = a.device
-    bias, layer_scale, sample_scale = map(_unit, (bias, layer_scale, sample_scale))
+    # The epilogue indexes [N] / [B] vectors as PTR + i: unit stride needed, and a zero-stride
+    # ``expand`` would otherwise be read past its one element.
+    if bias is not None and bias.stride(0) != 1 and bias.numel() > 1:
+        bias = bias.contiguous()
+    if layer_scale is not None and layer_scale.stride(0) != 1 and layer_scale.numel() > 1:
+        layer_scale = layer_scale.contiguous()
+    if sample_scale is not None and sample_scale.stride(0) != 1 and sample_scale.numel() > 1:
+        sample_scale = sample_scale.contiguous()
     if pre is not None and pre.stride(1) != 1 and N > 1:
         pre = pre.contiguous()
     c = torch.empty((M, N), device=dev, dtype=out_dtype)
     aux = torch.empty((M, N), device=dev, dtype=a.dtype) if (store_pre or store_act) else None
-    rowdot = (torch.empty((triton.cdiv(N, config.block_n), M), device=dev, dtype=torch.float32)
+    rowdot = (torch.empty((cdiv(N, config.block_n), M), device=dev, dtype=torch.float32)
               if row_dot else None)
     if M == 0 or N == 0:
         if rowdot is not None:
@@ -307,19 +364,71 @@ def matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", p
     if aux is not None and pre is not None and aux.stride(0) != pre.stride(0):
         pre = pre.contiguous()
     pre_t = pre if pre is not None else (aux if store_pre else None)
-    stride_pm = next((t.stride(0) for t in (pre_t, aux) if t is not None), 0)
+    stride_pm = pre_t.stride(0) if pre_t is not None else (aux.stride(0) if aux is not None else 0)
+    grid, consts = plan.launch(config)
+    rs = residual.stride() if residual is not None else (0, 1)
     # Absent tensors go in as None: Triton specializes them away (the flags say so too).
-    grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n),)
     matmul_kernel[grid](
         a, b, c, bias, pre_t, aux if store_act else None, residual,
         layer_scale if ep.layer_scale else None, sample_scale, rowdot,
         M, N, K, rows_per_sample,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        stride_pm, *(residual.stride() if residual is not None else (0, 1)),
-        **matmul_constexprs(ep, config, precision, dot_fp32=interpreting()),
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), N, 1,
+        stride_pm, rs[0], rs[1], **consts)
     return c, aux, rowdot
+
+
+class _Plan:
+    """What a GEMM launch of one configuration (problem, dtypes, epilogue, precision, target)
+    decides before its tensors are seen: the epilogue, the candidate configs (fixed choice
+    first), whether the Hopper GEMM could read such operands at all, and per config the grid
+    and constexprs (made on first use). Kept: all of it is a pure function of the key."""
+    __slots__ = ("epilogue", "candidates", "tma", "_launches", "M", "N", "precision")
+
+    def __init__(self, M, N, K, dtype, flags, precision, target):
+        self.M, self.N, self.precision = M, N, precision
+        self.epilogue = Epilogue(*flags)
+        self.candidates = gemm_candidates(M, N, dtype, self.epilogue, precision, target, K)
+        self.tma = target is not None and target.arch == 90 and dtype in (torch.float16,
+                                                                           torch.bfloat16)
+        self._launches = {}
+
+    def launch(self, config):
+        hit = self._launches.get(config)
+        if hit is None:
+            consts = matmul_constexprs(self.epilogue, config, self.precision,
+                                       dot_fp32=interpreting())
+            hit = self._launches[config] = (
+                (cdiv(self.M, config.block_m) * cdiv(self.N, config.block_n),),
+                dict(consts, num_warps=config.num_warps, num_stages=config.num_stages))
+        return hit
+
+
+_PLANS = {}
+
+
+def _plan(M, N, K, dtype, flags, precision, target):
+    key = (M, N, K, dtype, flags, precision, target, interpreting())
+    hit = _PLANS.get(key)
+    if hit is None:
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        hit = _PLANS[key] = _Plan(M, N, K, dtype, flags, precision, target)
+    return hit
+
+
+def _tma_readable(a, b) -> bool:
+    """Whether the Hopper GEMM's TMA loads could read a and b (asked on sm_90, 16-bit only)."""
+    return not gemm_operand_reasons(("a", a), ("b", b))
+
+
+def _chosen(choose, key):
+    """What the chooser picked before for ``key``: one of this kernel's GemmConfigs, or another
+    launcher taking matmul's arguments (the Hopper GEMM with its config); None when the key is
+    new, or while a profiler records (the chooser's own run then labels the launch)."""
+    lookup = getattr(choose, "lookup", None)
+    if lookup is None or torch.autograd.profiler._is_profiler_enabled:
+        return None
+    return lookup(key)
 
 
 @on_tensor_device
@@ -332,7 +441,7 @@ def _split_k_matmul(a, b, out_dtype, config):
         if K == 0:
             part.zero_()
         else:
-            grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n), config.split_k)
+            grid = (cdiv(M, config.block_m) * cdiv(N, config.block_n), config.split_k)
             matmul_kernel[grid](
                 a, b, part, None, None, None, None, None, None, None, M, N, K, 1,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), N, 1, 0, 0, 1,
@@ -353,10 +462,10 @@ def colsum(x, sample_scale=None, rows_per_sample=1):
         return torch.zeros(N, device=x.device, dtype=torch.float32)
     sample_scale = _unit(sample_scale)
     BLOCK_M, BLOCK_N = colsum_block(gpu_target(x.device))
-    rows_per_chunk = BLOCK_M * max(1, triton.cdiv(triton.cdiv(M, BLOCK_M), 64))
-    chunks = triton.cdiv(M, rows_per_chunk)
+    rows_per_chunk = BLOCK_M * max(1, cdiv(cdiv(M, BLOCK_M), 64))
+    chunks = cdiv(M, rows_per_chunk)
     part = torch.empty((chunks, N), device=x.device, dtype=torch.float32)
-    colsum_kernel[(triton.cdiv(N, BLOCK_N), chunks)](
+    colsum_kernel[(cdiv(N, BLOCK_N), chunks)](
         x, sample_scale, part, M, N, rows_per_chunk,
         rows_per_sample, x.stride(0), x.stride(1),
         HAS_SAMPLE_SCALE=sample_scale is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4)

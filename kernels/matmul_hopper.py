@@ -22,9 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import gpu_target, interpreting, on_tensor_device
+from ._device import cdiv, gpu_target, interpreting, on_tensor_device
 from .gemm_epilogue import epilogue_store, grouped_tile
 from .matmul import Epilogue, GemmConfig, _unit, epilogue_constexprs
+from .tma_rules import gemm_operand_reasons
 
 try:  # triton >= 3.4 (host-side descriptors, launched as kernel arguments)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -136,21 +137,7 @@ def not_supported_reasons(dtype, target, *, triton_has_descriptors=None) -> list
     return reasons
 
 
-def tensor_reasons(*operands) -> list:
-    """TMA's limits on an operand: one unit stride (the descriptor's inner dimension), the other
-    (its row stride) a multiple of 16 bytes, a 16-byte aligned base, and something to multiply
-    (M, N, K > 0)."""
-    reasons = []
-    for name, t in operands:
-        row_stride = t.stride(0) if t.stride(1) == 1 else (t.stride(1) if t.stride(0) == 1
-                                                            else None)
-        if 0 in t.shape:
-            reasons.append(f"{name} is empty")
-        elif row_stride is None:
-            reasons.append(f"{name} has no unit stride: {tuple(t.stride())}")
-        elif (row_stride * t.element_size()) % 16 or t.data_ptr() % 16:
-            reasons.append(f"{name}'s strides {tuple(t.stride())} or base are not 16-byte aligned")
-    return reasons
+tensor_reasons = gemm_operand_reasons  # kernels/tma_rules.py
 
 
 def hopper_candidates(dtype, epilogue: Epilogue, target):
@@ -215,12 +202,12 @@ def hopper_matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="n
         pre = pre.contiguous()  # PRE and ACT share one row stride, unit columns
     pre_t = pre if pre is not None else (aux if store_pre else None)
     stride_pm = next((t.stride(0) for t in (pre_t, aux) if t is not None), 0)
-    rowdot = (torch.empty((triton.cdiv(N, config.block_n) * config.epilogue_subtiles, M),
+    rowdot = (torch.empty((cdiv(N, config.block_n) * config.epilogue_subtiles, M),
                           device=a.device,
                           dtype=torch.float32) if row_dot else None)
     a_desc, a_t = _descriptor(a, config.block_m, config.block_k)
     b_desc, b_t = _descriptor(b, config.block_k, config.block_n)
-    tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
+    tiles = cdiv(M, config.block_m) * cdiv(N, config.block_n)
     programs = min(tiles, target.sms if target is not None else 3)
     hopper_matmul_kernel[(programs,)](
         a_desc, b_desc, c, bias, pre_t, aux if store_act else None, residual,
@@ -232,10 +219,15 @@ def hopper_matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="n
     return c, aux, rowdot
 
 
-def hopper_launches(fields: dict, launches: dict) -> dict:
+def config_named(name: str):
+    """The Hopper config called ``name`` (a measured choice remembered by name), or None."""
+    return next((c for c in (WIDE, LARGE, DGELU) if c.name == name), None)
+
+
+def hopper_launches(key, launches: dict) -> dict:
     """{config name: launch} of the Hopper GEMM for the call whose kernels/matmul candidate
-    launches are ``launches`` (partials of matmul.matmul with a ``config``; ``fields``: the
-    tuning key fields matmul passes, with the epilogue). Empty where the kernel is not offered
+    launches are ``launches`` (partials of matmul.matmul with a ``config``; ``key``: the
+    launch's key, matmul.GemmKey's fields as a tuple). Empty where the kernel is not offered
     (not sm_90, no descriptors, not 16-bit, operands TMA cannot read) -- the reasons are
     :func:`not_supported_reasons` and :func:`tensor_reasons` -- and on CPU/the interpreter."""
     from . import matmul as _matmul
@@ -248,4 +240,4 @@ def hopper_launches(fields: dict, launches: dict) -> dict:
         return {}
     kw = {k: v for k, v in launch.keywords.items() if k != "config"}
     return {c.name: functools.partial(hopper_matmul, a, b, out_dtype, **kw, config=c)
-            for c in hopper_candidates(a.dtype, Epilogue(*fields["epilogue"]), target)}
+            for c in hopper_candidates(a.dtype, Epilogue(*key[7]), target)}

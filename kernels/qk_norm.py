@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import gpu_target, interpreting, on_tensor_device
+from ._device import cdiv, gpu_target, interpreting, next_power_of_2, on_tensor_device
 from .layer_norm import layer_norm_param_grad_reduce_kernel, reduce_config
 
 MAX_HEAD_DIM = 256  # the largest BLOCK_D bucket shipped (qk_norm_aot.py)
@@ -173,7 +173,7 @@ _MIN_BLOCK_D = 16
 
 
 def block_d(D: int) -> int:
-    return max(_MIN_BLOCK_D, triton.next_power_of_2(D))
+    return max(_MIN_BLOCK_D, next_power_of_2(D))
 
 
 def gpu_fwd_block_m(bd: int) -> int:
@@ -189,13 +189,13 @@ def gpu_bwd_block_m(bd: int, fp32_io: bool = False) -> int:
 
 def fwd_block_m(bd: int, M: int) -> int:
     if interpreting():  # few, large program instances: the interpreter pays per instance
-        return max(1, min(8192 // bd, triton.next_power_of_2(max(M, 1)), 64))
+        return max(1, min(8192 // bd, next_power_of_2(max(M, 1)), 64))
     return gpu_fwd_block_m(bd)
 
 
 def bwd_block_m(bd: int, M: int, fp32_io: bool = False) -> int:
     if interpreting():
-        return max(1, min(4096 // bd, triton.next_power_of_2(max(M, 1)), 32))
+        return max(1, min(4096 // bd, next_power_of_2(max(M, 1)), 32))
     return gpu_bwd_block_m(bd, fp32_io)
 
 
@@ -203,12 +203,12 @@ NUM_WARPS = 4
 
 
 def _bwd_programs(M: int, H: int, bm: int, device: torch.device) -> int:
-    tiles = triton.cdiv(M, bm)
+    tiles = cdiv(M, bm)
     if interpreting():
         # Several row programs, each walking two tiles or more: both reduction stages run.
-        return max(1, min(triton.cdiv(tiles, 2), 4))
+        return max(1, min(cdiv(tiles, 2), 4))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(tiles, triton.cdiv(4 * sms, H)))  # ~4 programs per SM over all heads
+    return max(1, min(tiles, cdiv(4 * sms, H)))  # ~4 programs per SM over all heads
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -243,7 +243,7 @@ def qk_norm_fwd(qkv, num_heads, q_weight, k_weight, q_bias, k_bias, rms, eps):
     if M > 0:
         bd = block_d(D)
         bm = fwd_block_m(bd, M)
-        qk_norm_fwd_kernel[(triton.cdiv(M, bm), H)](
+        qk_norm_fwd_kernel[(cdiv(M, bm), H)](
             x, y, qw, qb, kw, kb,  # absent parameters as None: the HAS_* flags drop their code
             M, H, D, x.stride(0), sqw, sqb, skw, skb, float(eps),
             IS_RMS=bool(rms), HAS_QW=qw is not None, HAS_QB=qb is not None,
@@ -273,8 +273,8 @@ def qk_norm_bwd(dy, qkv, num_heads, q_weight, k_weight, rms, eps, *, q_weight_gr
     bd = block_d(D)
     bm = bwd_block_m(bd, M, qkv.dtype == torch.float32)
     P = _bwd_programs(M, H, bm, device) if M > 0 else 1
-    rows_per_program = triton.cdiv(triton.cdiv(max(M, 1), P), bm) * bm
-    P = max(1, triton.cdiv(M, rows_per_program))
+    rows_per_program = cdiv(cdiv(max(M, 1), P), bm) * bm
+    P = max(1, cdiv(M, rows_per_program))
     part = torch.zeros((4, P, H, D), device=device, dtype=torch.float32) if M == 0 else \
         torch.empty((4, P, H, D), device=device, dtype=torch.float32)
     if M > 0:
@@ -297,13 +297,8 @@ def _reduce_partials(part, param):
     rows, C = (P, H * D) if param.dim() == 2 else (P * H, D)
     out = torch.empty(param.shape, device=part.device, dtype=param.dtype)
     block_p, block_n = reduce_config(rows, C, gpu_target(part.device))  # LayerNorm's own config
-    layer_norm_param_grad_reduce_kernel[(triton.cdiv(C, block_n), 1)](
+    layer_norm_param_grad_reduce_kernel[(cdiv(C, block_n), 1)](
         part, out, None, None, rows, C, HAS_OUT1=False, HAS_OUT2=False, BLOCK_P=block_p,
         BLOCK_N=block_n, num_warps=4)
     return out
 
-
-def aot_specs():
-    """Every shipped CUDA config as vit_fast.aot.AotSpec (listed in qk_norm_aot.py)."""
-    from .qk_norm_aot import aot_specs as specs
-    return specs()

@@ -25,6 +25,22 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _env_read_afresh():
+    """VIT_FAST_BACKEND is read once (vit_fast.dispatch): a test that sets it (monkeypatch)
+    calls dispatch.reload_env(); afterwards the next test reads the restored environment."""
+    yield
+    from vit_fast import dispatch
+    dispatch.reload_env()
+
+
+@pytest.fixture
+def no_interpreter(monkeypatch):
+    """As if TRITON_INTERPRET were unset when triton was imported (it is read once, then)."""
+    from vit_fast.kernels import _device
+    monkeypatch.setattr(_device, "_INTERPRET", False)
+
+
 @pytest.fixture
 def op_calls(monkeypatch):
     """Counts of fused functional op calls (converted modules look the ops up at call time)."""

@@ -7,7 +7,7 @@ architectures, every head dim, tile, dtype and launch option once)."""
 import dataclasses
 
 from aot_builds import covering_jobs, parametrize_jobs
-from vit_fast.kernels.attention import aot_specs
+from vit_fast.kernels.attention_aot import aot_specs
 
 SPECS = aot_specs()
 JOBS = covering_jobs(SPECS)
@@ -45,7 +45,7 @@ def _sm86_jobs():
 
 
 SM86_JOBS = _sm86_jobs()
-AOT_JOBS = ("attention", JOBS + SM86_JOBS)  # conftest.py starts them at collection
+AOT_JOBS = ("attention_aot", JOBS + SM86_JOBS)  # conftest.py starts them at collection
 
 
 def test_specs_cover_the_shipped_dtypes_head_dims_and_kernels():

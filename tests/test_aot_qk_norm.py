@@ -9,11 +9,11 @@ import dataclasses
 
 from aot_builds import covering_jobs, parametrize_jobs
 from vit_fast import support
-from vit_fast.kernels import qk_norm
+from vit_fast.kernels import qk_norm, qk_norm_aot
 
-SPECS = qk_norm.aot_specs()
+SPECS = qk_norm_aot.aot_specs()
 JOBS = covering_jobs(SPECS)
-AOT_JOBS = ("qk_norm", JOBS)  # conftest.py starts them at collection
+AOT_JOBS = ("qk_norm_aot", JOBS)  # conftest.py starts them at collection
 
 
 def test_specs_cover_every_bucket_dtype_and_kind_the_launchers_pick():

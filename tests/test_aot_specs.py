@@ -7,8 +7,8 @@ import inspect
 import pytest
 
 from aot_builds import ARCHS, archs_of, covering_jobs, family
-from vit_fast.kernels import (attention, gelu_elementwise_aot, gelu_mlp_aot, layer_norm,
-                              layer_norm_aot, matmul, qk_norm)
+from vit_fast.kernels import (attention, attention_aot, gelu_elementwise_aot, gelu_mlp_aot,
+                              layer_norm, layer_norm_aot, matmul, qk_norm_aot)
 
 
 def _launch_keywords(fn):
@@ -27,7 +27,7 @@ def _launch_keywords(fn):
     (layer_norm.residual_layer_norm_bwd, "residual_layer_norm_bwd_kernel", layer_norm_aot),
     (layer_norm.residual_layer_norm_bwd, "layer_norm_param_grad_reduce_kernel", layer_norm_aot),
     (matmul.colsum, "colsum_kernel", gelu_mlp_aot),
-    (attention.attention_bwd, "attention_bwd_delta_kernel", attention),
+    (attention.attention_bwd, "attention_bwd_delta_kernel", attention_aot),
 ])
 def test_specs_use_the_launchers_num_stages(launcher, kernel, spec_kernels):
     keywords = _launch_keywords(launcher)[kernel]
@@ -47,7 +47,7 @@ def test_weight_gradient_gemm_is_checked_with_both_output_dtypes():
 
 
 def test_attention_specs_cover_the_vit_head_dims():
-    specs = attention.aot_specs()
+    specs = attention_aot.aot_specs()
     for kernel in ("attention_fwd_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel",
                    "attention_bwd_delta_kernel"):
         for ptr in ("*fp16", "*bf16"):
@@ -56,8 +56,9 @@ def test_attention_specs_cover_the_vit_head_dims():
             assert {32, 48, 64, 80, 96, 112, 128, 256} <= dims, (kernel, ptr, sorted(dims))
 
 
-@pytest.mark.parametrize("module", [attention, gelu_mlp_aot, gelu_elementwise_aot, layer_norm_aot,
-                                    qk_norm], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+@pytest.mark.parametrize("module", [attention_aot, gelu_mlp_aot, gelu_elementwise_aot,
+                                    layer_norm_aot, qk_norm_aot],
+                         ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_the_tests_build_every_family_on_both_archs_and_every_value_once(module):
     """tests/aot_builds.covering_jobs, the subset tests/test_aot_*.py compile."""
     specs = {s.name: s for s in module.aot_specs()}

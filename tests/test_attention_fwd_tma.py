@@ -123,8 +123,8 @@ def test_every_offered_config_is_compiled(monkeypatch):
 def test_measured_selection_times_the_tma_forward(monkeypatch):
     B, N, H, D = 2, 13, 2, 16
     monkeypatch.setenv("VIT_FAST_TUNE", "1")
-    monkeypatch.setattr(attention_sdpa, "tma_alternative", lambda qkv, h, scale, dropout, segments:
-                        None if dropout or segments else lambda: tma.attention_fwd_tma(qkv, h, scale))
+    monkeypatch.setattr(attention_sdpa, "tma_offered",
+                        lambda qkv, h, scale, dropout, segments: not (dropout or segments))
     qkv = _strided_qkv(B, N, H, D, torch.float32).contiguous()
     timer = FakeTimer({"triton": 2.0, "triton_tma": 1.0})
     with vit_fast.use_backend("triton"), tuning.use_tuner(

@@ -8,6 +8,7 @@ from test_attention_triton import _probe_mask, _seed
 from tolerance import assert_close_by_rule
 from vit_fast import dispatch, functional, reference, use_backend
 from vit_fast.kernels import attention as kernels
+from vit_fast.kernels import attention_aot
 from vit_fast.kernels import attention_segments
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -349,7 +350,7 @@ def test_opcheck_with_segment_ids():
 
 
 def test_aot_specs_build_the_segment_variants_as_launched():
-    specs = [s for s in kernels.aot_specs() if "QKV" in s.signature]  # the reduce: no SEG
+    specs = [s for s in attention_aot.aot_specs() if "QKV" in s.signature]  # the reduce: no SEG
     for s in specs:
         if s.constants.get("HAS_SEGMENTS"):
             assert s.signature["SEG"] == "*i32" and s.signature["SPANS"] == "*i32", s.name
@@ -371,7 +372,7 @@ def test_segment_configs_the_launchers_pick_are_compiled_ahead(monkeypatch):
     compiled = {(s.kernel.fn.__name__, s.constants["BLOCK_M"], s.constants["BLOCK_N"], s.num_warps,
                  s.num_stages, s.constants["HEAD_DIM"], s.constants["HAS_DROPOUT"],
                  s.constants.get("WRITE_DQ", False))
-                for s in kernels.aot_specs() if s.constants.get("HAS_SEGMENTS") and "BLOCK_N" in s.constants}
+                for s in attention_aot.aot_specs() if s.constants.get("HAS_SEGMENTS") and "BLOCK_N" in s.constants}
     for head_dim in (32, 48, 64, 80, 96, 112, 128, 256):
         for n in (64, 197, 577):
             for kernel, fn in fn_names.items():

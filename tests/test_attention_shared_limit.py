@@ -4,6 +4,7 @@ there the launcher takes a smaller tile instead of failing to launch (and fallin
 import torch
 
 from vit_fast.kernels import attention as kernels
+from vit_fast.kernels import attention_aot
 from vit_fast.kernels import attention_config as configs
 
 A100, RTX_4090 = 166912, 101376  # shared_memory_per_block_optin
@@ -81,7 +82,7 @@ def test_every_tile_the_forward_can_pick_is_compiled_ahead_of_time():
     """attention_aot lists fwd_configs, not just the table: compile-check covers the small tiles."""
     built = {(max(64, s.constants["BLOCK_D"]), s.constants["HAS_DROPOUT"], s.constants["HAS_SEGMENTS"],
               (s.constants["BLOCK_M"], s.constants["BLOCK_N"], s.num_warps, s.num_stages))
-             for s in kernels.aot_specs() if s.kernel.fn.__name__ == "attention_fwd_kernel"}
+             for s in attention_aot.aot_specs() if s.kernel.fn.__name__ == "attention_fwd_kernel"}
     for key in [k for k in kernels._CUDA_CONFIGS if k[0] == "fwd"]:
         for dropout in (False, True):
             for segments in (False, True):

@@ -6,6 +6,7 @@ import torch
 from tolerance import assert_close_by_rule
 from vit_fast import reference
 from vit_fast.kernels import attention as kernels
+from vit_fast.kernels import attention_aot
 from vit_fast.ops.attention import fused_qkv_attention
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -236,7 +237,7 @@ def test_cuda_config_table_is_what_aot_compiles(monkeypatch):
     monkeypatch.setattr(kernels, "_interpreting", lambda: False)
     fn_names = {"fwd": "attention_fwd_kernel", "dkdv": "attention_bwd_dkdv_kernel",
                 "dq": "attention_bwd_dq_kernel", "dkdv_dq": "attention_bwd_dkdv_kernel"}
-    specs = kernels.aot_specs()
+    specs = attention_aot.aot_specs()
     compiled = {(s.kernel.fn.__name__, s.constants["BLOCK_M"], s.constants["BLOCK_N"], s.num_warps,
                  s.num_stages, max(64, s.constants["BLOCK_D"]), s.constants.get("HAS_DROPOUT", False),
                  s.signature["DQ"] if s.constants.get("WRITE_DQ") else "-", arch)

@@ -161,10 +161,10 @@ def test_triton_kernels_under_cpu_autocast(op, amp, monkeypatch):
     seen = []
     real = getattr(module, name)
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         seen.append({a.dtype for a in args if isinstance(a, torch.Tensor)})
         assert not torch.is_autocast_enabled("cpu"), "kernels must run with autocast off"
-        return real(*args)
+        return real(*args, **kwargs)
     monkeypatch.setattr(module, name, spy)
     t = _inputs()
     with torch.autocast("cpu", dtype=amp):

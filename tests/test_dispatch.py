@@ -3,11 +3,13 @@ import pytest
 import torch
 
 import vit_fast
+from vit_fast.kernels import _device
 from vit_fast import dispatch, support
 
 
 def test_default_policy_is_auto_and_cpu_takes_reference(monkeypatch):
     monkeypatch.delenv("VIT_FAST_BACKEND", raising=False)
+    dispatch.reload_env()
     assert dispatch.current_policy() == "auto"
     choice = dispatch.choose("fused_qkv_attention", [torch.randn(1, 2, 6)], head_dim=2)
     assert choice.backend == "reference"
@@ -16,6 +18,7 @@ def test_default_policy_is_auto_and_cpu_takes_reference(monkeypatch):
 
 def test_env_var_and_context_manager(monkeypatch):
     monkeypatch.setenv("VIT_FAST_BACKEND", "reference")
+    dispatch.reload_env()  # read once, on first use: a change at run time asks for a re-read
     assert dispatch.current_policy() == "reference"
     with vit_fast.use_backend("triton"):
         assert dispatch.current_policy() == "triton"
@@ -24,6 +27,7 @@ def test_env_var_and_context_manager(monkeypatch):
         assert dispatch.current_policy() == "triton"
     assert dispatch.current_policy() == "reference"
     monkeypatch.setenv("VIT_FAST_BACKEND", "fast")
+    dispatch.reload_env()
     with pytest.raises(ValueError, match="VIT_FAST_BACKEND"):
         dispatch.current_policy()
     with pytest.raises(ValueError, match="backend"):
@@ -32,7 +36,7 @@ def test_env_var_and_context_manager(monkeypatch):
 
 
 def test_forced_triton_on_cpu_without_interpreter_raises(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_device, "_INTERPRET", False)  # as if unset at import
     with vit_fast.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         vit_fast.fused_qkv_attention(torch.randn(1, 4, 3 * 2 * 8), 2)
 
@@ -111,7 +115,7 @@ def gpu(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", props)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_device, "_INTERPRET", False)  # as if unset at import
     monkeypatch.setattr(support, "_TRITON_DEVICE", {})
     monkeypatch.setattr(support, "_EXTENSION_DEVICE", {})
     monkeypatch.setattr(dispatch, "triton_missing_reason", lambda: None)
@@ -194,6 +198,6 @@ def test_fake_cuda_without_a_gpu_is_not_gated(monkeypatch):
     """FakeTensorMode CUDA tensors (the memory model) on a machine without a GPU: no device to
     query and nothing launches, so the gate stays out of the way."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_device, "_INTERPRET", False)  # as if unset at import
     assert support.triton_device_reason(0) is None and support.extension_device_reason(0) is None
     assert dispatch.choose("gelu_mlp", [FakeCudaTensor(index=0)]).backend == "triton"

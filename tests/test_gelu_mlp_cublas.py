@@ -6,14 +6,17 @@ import pytest
 import torch
 
 import vit_fast
+from vit_fast.kernels import _device
 from test_gelu_mlp_triton import NAMES, _grad_for, make_inputs
 from tolerance import assert_close_by_rule
 from vit_fast import reference, tuning
 from vit_fast.ops import gelu_mlp as triton_op
 from vit_fast.ops import gelu_mlp_cublas as cublas_op
+from vit_fast.ops import gelu_mlp_tuned as tuned_op
+from vit_fast.ops import residual_layer_norm_mlp as block_mlp_op
 
 IMPLS = {"triton": triton_op.gelu_mlp, "cublas": cublas_op.gelu_mlp,
-         "tuned": cublas_op.gelu_mlp_tuned}
+         "tuned": tuned_op.gelu_mlp_tuned}
 
 
 def run(impl, t, approximate, grad):
@@ -104,7 +107,7 @@ def test_triton_forward_feeds_cublas_backward():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("op", [cublas_op.gelu_mlp_cublas_op, cublas_op.gelu_mlp_tuned.op])
+@pytest.mark.parametrize("op", [cublas_op.gelu_mlp_cublas_op, tuned_op.gelu_mlp_tuned.op])
 def test_opcheck(op):
     t = make_inputs((2, 3), 64, 256, torch.float32, residual=True, layer_scale=True,
                     sample_scale=True)
@@ -127,7 +130,7 @@ def test_cublas_policy_runs_the_cublas_launchers(monkeypatch):
 
 
 def test_cublas_policy_on_cpu_without_interpreter_raises(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_device, "_INTERPRET", False)  # as if unset at import
     x = torch.randn(2, 8)
     with vit_fast.use_backend("cublas"), pytest.raises(RuntimeError, match="'cublas'"):
         vit_fast.gelu_mlp(x, torch.randn(16, 8), None, torch.randn(8, 16), None)
@@ -144,7 +147,7 @@ def test_block_with_cublas_policy_matches_triton_policy():
             out = blk(x)
         grads = torch.autograd.grad(out, [x, blk.mlp.fc1.weight, blk.ls2.gamma], torch.ones_like(out))
         outs[policy] = (out, *grads)
-    assert tuning.mlp_launchers("cublas")[0].__name__ == "gelu_mlp_cublas_fwd"
+    assert tuned_op.mlp_launchers("cublas")[0] is tuned_op.FWD["cublas"]
     for a, b in zip(outs["triton"], outs["cublas"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
@@ -156,8 +159,8 @@ def test_block_memory_ratio_holds_with_cublas_policy(monkeypatch):
         pytest.skip("fake CUDA tensors need a CUDA build of torch (this one is CPU-only)")
     from vit_fast.bench import memory
     policies = []
-    real = tuning.mlp_launchers
-    monkeypatch.setattr(tuning, "mlp_launchers",
+    real = tuned_op.mlp_launchers
+    monkeypatch.setattr(block_mlp_op, "mlp_launchers",
                         lambda policy=None: policies.append(vit_fast.dispatch.current_policy())
                         or real(policy))
     rows = {}

@@ -287,22 +287,41 @@ def _traced_elementwise(fn, numels):
     with an output of one of ``numels`` elements (custom vit_fast ops are the kernels, checked
     above); factories such as the zero gradients autograd materializes count as writes."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    seen = []
+    from triton.runtime.interpreter import InterpretedFunction
+    seen, launching = [], [0]
+    real_run = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):  # a kernel: the interpreter's own tensor traffic is not aten's
+        launching[0] += 1
+        try:
+            return real_run(self, *args, **kwargs)
+        finally:
+            launching[0] -= 1
 
     class Log(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
+            if launching[0]:
+                return out
             outs = [o for o in (out if isinstance(out, (tuple, list)) else [out])
                     if isinstance(o, torch.Tensor)]
             name = func.name()
+            # allocations write nothing (the kernels' outputs: the eager twins' internals are
+            # visible here, a custom op's were not)
             if (name.startswith("aten::") and not func.is_view
-                    and name.split("::")[1] not in ("mm", "addmm", "detach", "alias")
+                    and name.split("::")[1].split(".")[0] not in (
+                        "mm", "addmm", "detach", "alias", "empty", "empty_like", "new_empty",
+                        "empty_strided")
                     and len(outs) == 1 and outs[0].numel() in numels):
                 read = sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
                 seen.append((read, outs[0].numel() * outs[0].element_size()))
             return out
-    with Log():
-        fn()
+    InterpretedFunction.run = run
+    try:
+        with Log():
+            fn()
+    finally:
+        InterpretedFunction.run = real_run
     return sorted(seen)
 
 

@@ -115,7 +115,8 @@ def _spec_name(key):
     from vit_fast.kernels import attention
     kernel, dropout, short = key
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "0")  # the CUDA table, not the interpreter's tiles
+        from vit_fast.kernels import _device
+        mp.setattr(_device, "_INTERPRET", False)  # the CUDA table, not the interpreter's tiles
         bm, bn, warps, stages = attention._config(kernel, 32 if short else 197, 64, None, dropout)
     return (f"attention_{kernel}[bfloat16,D=64,BM={bm},BN={bn},w={warps},s={stages}"
             f"{',dropout' if dropout else ''}]")

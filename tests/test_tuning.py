@@ -7,7 +7,8 @@ import torch
 
 from test_gelu_mlp_triton import NAMES, make_inputs
 from vit_fast import reference, tuning
-from vit_fast.ops import gelu_mlp_cublas as cublas_op
+from vit_fast.ops import gelu_mlp_tuned as tuned_op
+from vit_fast.ops import residual_layer_norm_mlp as block_mlp_op
 
 
 class FakeTimer:
@@ -116,7 +117,7 @@ def _mlp_inputs(train=True):
 
 
 def _call_tuned(args):
-    return cublas_op.gelu_mlp_tuned(*args[:5], "none", *args[5:])
+    return tuned_op.gelu_mlp_tuned(*args[:5], "none", *args[5:])
 
 
 def test_tuned_op_takes_the_measured_winner_forward_and_backward(tmp_path, monkeypatch):
@@ -169,7 +170,7 @@ def test_reference_is_timed_only_when_asked_for(monkeypatch, env, timed_referenc
     timer = FakeTimer({"triton": 2.0, "cublas": 3.0, "kernels": 2.0, "reference": 1.0})
     args = _mlp_inputs()
     with tuning.use_tuner(tuning.Tuner(None, timer, measure_anywhere=True)):
-        out = tuning.gelu_mlp(*args[:5], "none", *args[5:])
+        out = tuned_op.gelu_mlp(*args[:5], "none", *args[5:])
         chosen = {r["op"]: r["choice"] for r in tuning.records()}
     assert ("reference" in timer.timed) == timed_reference
     if timed_reference:  # timed forward+backward, and the faster reference wins
@@ -226,8 +227,8 @@ def test_block_op_selects_inside_under_auto(monkeypatch):
             out = blk(x)
         return (out, *torch.autograd.grad(out, [x, blk.mlp.fc2.weight], torch.ones_like(out)))
     want = step()
-    orig = tuning.mlp_launchers
-    monkeypatch.setattr(tuning, "mlp_launchers", lambda policy=None: orig("auto"))
+    orig = tuned_op.mlp_launchers
+    monkeypatch.setattr(block_mlp_op, "mlp_launchers", lambda policy=None: orig("auto"))
     timer = FakeTimer({"triton": 3.0, "cublas": 1.0})
     with tuning.use_tuner(tuning.Tuner(None, timer, measure_anywhere=True)):
         got = step()

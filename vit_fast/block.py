@@ -5,9 +5,14 @@
     out = s + drop_path(ls2·MLP(LN2(s))),  s = x + drop_path(ls1·p)     residual_layer_norm_mlp
 
 The fused path reads the norms', qkv's, MLP's and LayerScales' parameters instead of calling those
-modules, so it runs only when nothing attached to them could notice (vit_fast/fusion.py). The
-decision is cached per configuration; :meth:`Block.why_not_fused` says why the plain path runs.
-The plain path is timm's Block.forward, also what TorchScript and torch.fx see.
+modules, so it runs only when nothing attached to them could notice (vit_fast/fusion.py).
+:meth:`Block.why_not_fused` says why the plain path runs. The plain path is timm's Block.forward,
+also what TorchScript and torch.fx see.
+
+A call looks its decisions up in a per-configuration plan (vit_fast/block_plan.py: one tuple,
+then the three fused ops); what the plan does not cover (an attention mask, q/k norms, the
+reference backend, torch.compile tracing) takes :meth:`Block._forward_general`, which decides as
+it goes.
 """
 from __future__ import annotations
 
@@ -20,31 +25,17 @@ from timm.layers import DropPath, register_notrace_module
 from timm.layers import LayerScale as _TimmLayerScale
 from timm.layers import Mlp as _TimmMlp
 
-from . import fused_block_ops
+from . import block_plan, fused_block_ops
+from .block_plan import _drop_path_scale
 from .fusion import FusedModule, forward_is
 from .segments import segment_attention_mask
-from .modules import (Attention, LayerNorm, LayerScale, Mlp, _gelu_approximate, _plain_layer_norm,
+from .layers import (Attention, LayerNorm, LayerScale, Mlp, _gelu_approximate, _plain_layer_norm,
                       _tracing)
 
 __all__ = ["Block"]
 
 _LAYER_SCALE_FORWARDS = (nn.Identity.forward, LayerScale.forward, _TimmLayerScale.forward)
 _DROP_PATH_FORWARDS = (nn.Identity.forward, DropPath.forward)
-
-
-def _drop_path_scale(drop_path, x):
-    """Per-sample keep mask / keep_prob [B] for a DropPath in training, else None.
-
-    Drawn exactly as timm's drop_path draws it (bernoulli_ over B values), so with the same seed
-    the fused Block drops the same samples as timm's Block.
-    """
-    if not isinstance(drop_path, DropPath) or not drop_path.training or drop_path.drop_prob == 0.:
-        return None
-    keep_prob = 1 - drop_path.drop_prob
-    mask = x.new_empty((x.shape[0],)).bernoulli_(keep_prob)
-    if keep_prob > 0.0 and drop_path.scale_by_keep:
-        mask.div_(keep_prob)
-    return mask
 
 
 def _layer_scale_gamma(ls):
@@ -149,17 +140,29 @@ class Block(FusedModule):
     def forward(self, x, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         if torch.jit.is_scripting():
             return self.forward_plain(x, attn_mask, is_causal)
+        if attn_mask is None and not is_causal:
+            plan = block_plan.lookup(self, x)
+            if plan is not None:
+                return plan(self, x, None)
+        return self._forward_general(x, attn_mask, is_causal)
+
+    def _forward_general(self, x, attn_mask, is_causal, segment_ids=None):
+        """The fused path deciding as it goes, or the plain path (what the plan does not take)."""
         if _tracing(x) or self.why_not_fused():
+            if segment_ids is not None:
+                attn_mask = segment_attention_mask(segment_ids)
             return self.forward_plain(x, attn_mask, is_causal)
-        return self._forward_fused(x, attn_mask, is_causal)
+        block_plan.forget(self)  # fusable again (a hook removed): the next call makes a plan
+        return self._forward_fused(x, attn_mask, is_causal, segment_ids)
 
     def forward_segments(self, x, segment_ids):
         """forward for a packed batch: segment_ids int [B, N], -1 = padding (vit_fast/segments.py).
         The fused path hands them to the attention op and never builds an N×N mask; the plain
         path runs timm's math with the equivalent dense mask."""
-        if _tracing(x) or self.why_not_fused():
-            return self.forward_plain(x, segment_attention_mask(segment_ids))
-        return self._forward_fused(x, None, False, segment_ids)
+        plan = block_plan.lookup(self, x)
+        if plan is not None:
+            return plan(self, x, segment_ids)
+        return self._forward_general(x, None, False, segment_ids)
 
     def forward_plain(self, x, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         """timm's Block.forward: every submodule called (scriptable, traceable)."""
@@ -182,8 +185,6 @@ class Block(FusedModule):
         a, mlp, n1, n2 = self.attn, self.mlp, self.norm1, self.norm2
         kernels = self._rebuilds_ln_outputs(x)
         amp = fused_block_ops.functional._autocast_dtype(x.device) if kernels else None
-        if amp is None:
-            fused_block_ops.clear_amp_weights()  # outside autocast: drop its weight casts
         qkv_w, qkv_b, fc1_w, fc1_b, fc2_w, fc2_b = (
             t if amp is None else fused_block_ops.amp_weight(t, amp)
             for t in (a.qkv.weight, a.qkv.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,

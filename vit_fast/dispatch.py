@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import torch
 
 from . import support
-from .fallback import FELL_BACK, warn_once
-from .kernels._device import LAUNCH_FAILURES, interpreting, is_build_failure
+from .fallback import FELL_BACK, remember, warn_once
+from .kernels._device import LAUNCH_FAILURES, SIMULATION, interpreting, is_build_failure
 from .support import KERNELS
 
 POLICIES = ("auto", "reference", "triton", "cublas")  # cublas: see vit_fast/tuning.py
@@ -47,6 +47,12 @@ class _PolicyStack(threading.local):
 
 
 _local = _PolicyStack()
+# Every use_backend() open in any thread, innermost last. The autograd engine runs a CUDA backward
+# (and a checkpoint's recomputation) on its own per-device threads, which do not see the user's
+# thread-local choice: code running there (inside a backward) takes the innermost open one.
+_OPEN: list = []
+# VIT_FAST_BACKEND, read once on first use (not on every call); reload_env() reads it again.
+_ENV: list = []
 
 
 def _check_policy(name):
@@ -55,29 +61,51 @@ def _check_policy(name):
     return name
 
 
-def current_policy() -> str:
-    """The policy in force: the innermost use_backend(), else VIT_FAST_BACKEND, else 'auto'."""
-    stack = _local.stack
-    if stack:
-        return stack[-1]
+def _env_policy() -> str:
     env = os.environ.get("VIT_FAST_BACKEND", "auto").strip().lower() or "auto"
     if env not in POLICIES:
         raise ValueError(f"VIT_FAST_BACKEND must be one of {POLICIES}, got {env!r}")
     return env
 
 
+def reload_env():
+    """Read VIT_FAST_BACKEND again (it is read once, when first needed: switch backends at run
+    time with use_backend())."""
+    _ENV.clear()
+
+
+def current_policy() -> str:
+    """The policy in force: the innermost use_backend() of this thread (inside a backward on
+    autograd's threads: the innermost open in any thread), else VIT_FAST_BACKEND, else 'auto'."""
+    stack = _local.stack
+    if stack:
+        return stack[-1]
+    if torch.compiler.is_compiling():
+        return _env_policy()  # traced: a graph guards on the variable it read
+    if _OPEN and torch._C._current_autograd_node() is not None:
+        return _OPEN[-1]
+    if not _ENV:
+        _ENV.append(_env_policy())
+    return _ENV[0]
+
+
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the enclosed calls with backend policy ``name`` ('auto', 'reference' or 'triton')."""
+    """Run the enclosed calls with backend policy ``name`` ('auto', 'reference' or 'triton'),
+    their backward and any recomputation of their forward (activation checkpointing) included."""
     _check_policy(name)
     # Each thread's stack exists from its first access (_PolicyStack.__init__): older Dynamo
     # (torch 2.11's) cannot trace setdefault on a threading.local's __dict__.
     stack = _local.stack
     stack.append(name)
+    _OPEN.append(name)
     try:
         yield
     finally:
         stack.pop()
+        _OPEN.reverse()
+        _OPEN.remove(name)  # the innermost of this name: this context's
+        _OPEN.reverse()
 
 
 _TRITON_MISSING = []  # the one cached answer of triton_missing_reason
@@ -130,6 +158,8 @@ def device_reasons(backend, tensors, policy="auto"):
         if reason is None and kind == "cuda":
             reason = support.extension_device_reason(device.index or 0)
         return [reason] if reason else []
+    if SIMULATION.target is not None:  # the host benchmark: CPU tensors stand in for a GPU's
+        return []
     reasons = []
     missing = triton_missing_reason()
     if missing:
@@ -198,8 +228,8 @@ def run(op: str, choice: Choice, kernel, reference):
     except Exception as exc:  # noqa: BLE001 - filtered just below
         if not is_build_failure(exc):
             raise
-        FELL_BACK[choice.key] = f"{type(exc).__name__}: {exc}"
         failure = exc
+        remember(choice.key, failure)
     warn_once(choice.key, failure, stacklevel=3)  # pointing at the functional op's caller
     return reference()
 

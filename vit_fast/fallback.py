@@ -27,7 +27,7 @@ import warnings
 
 import torch
 
-from .kernels._device import LAUNCH_FAILURES, is_build_failure
+from .kernels._device import LAUNCH_FAILURES, failure_recorded, is_build_failure
 
 # The one memory of failed kernels, for both paths (dispatch.run's forwards, the ops wrapped
 # here): failure key -> why its kernel failed; later calls with that key go to the reference.
@@ -45,6 +45,13 @@ def forget():
     FELL_BACK.clear()
     _WARNED.clear()
     LAUNCH_FAILURES.clear()
+    failure_recorded()
+
+
+def remember(key: tuple, failure: BaseException):
+    """Record that the kernel behind ``key`` = (op, device, ...) failed with ``failure``."""
+    FELL_BACK[key] = f"{type(failure).__name__}: {failure}"
+    failure_recorded()
 
 
 def warn_once(key: tuple, failure: BaseException, *, stacklevel: int = 1):
@@ -77,23 +84,23 @@ def reference_on_failure(op: str, reference, *, only_in_backward: bool = False):
     """Decorate a kernel op's body: on a build failure, ``reference(*same args)`` answers.
 
     only_in_backward: the op is a forward that dispatch.run already answers with the reference;
-    only its reruns inside a backward (the Block's LayerNorm recompute) fall back here."""
+    only its reruns inside a backward (the Block's LayerNorm recompute) fall back here.
+    Per call this costs one look at an (almost always empty) table: the try block is free."""
     def wrap(kernel_path):
         @functools.wraps(kernel_path)
         def run(*args, **kwargs):
-            key = (op, _device_of(args))
-            if only_in_backward and not in_backward():
-                return kernel_path(*args, **kwargs)
-            if key in FELL_BACK:
-                return reference(*args, **kwargs)
+            if FELL_BACK and (op, _device_of(args)) in FELL_BACK:
+                if not only_in_backward or in_backward():
+                    return reference(*args, **kwargs)
             try:
                 return kernel_path(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - filtered just below
-                if not is_build_failure(exc):
+                if not is_build_failure(exc) or (only_in_backward and not in_backward()):
                     raise
                 failure = exc
+            key = (op, _device_of(args))
             result = reference(*args, **kwargs)
-            FELL_BACK[key] = f"{type(failure).__name__}: {failure}"
+            remember(key, failure)
             warn_once(key, failure, stacklevel=2)
             return result
         # torch.library reads the op's schema from this signature and evaluates string

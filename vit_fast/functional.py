@@ -1,17 +1,24 @@
-"""The four public ops. Each checks its inputs, asks dispatch for a backend, and runs it.
+"""The public ops. Each checks its inputs, asks dispatch for a backend, and runs it.
 
 Contracts: docs/design.md ("Public op contracts"). Bad input raises ValueError/TypeError naming the
 argument before any backend runs, so every backend sees the same valid inputs.
+
+The host path (vit_fast/plans.py): a call's checks, backend choice, autocast rules and the choice
+between an op's eager twin and its registered custom op are made once per configuration -- the
+arguments' types, shapes, dtypes and devices, the other arguments' values, the policy and
+autocast -- and kept as a *plan*, a function that runs exactly what was decided. A repeat call
+builds one tuple and runs its plan. Under torch.compile every call takes the full path, so the
+checks and choices trace into the graph.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 
 import torch
 
-from . import dispatch, reference
+from . import dispatch, plans, reference
+from .errors import DtypeError
 from .segments import segment_ids_from_lengths  # noqa: F401  (public here too: README)
 
 __all__ = ["fused_qkv_attention", "qk_norm", "residual_layer_norm", "gelu_mlp", "patch_embed",
@@ -25,11 +32,6 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # --- input checks, shared by the four ops ------------------------------------------------------
-
-class DtypeError(TypeError, ValueError):
-    """A tensor of the wrong dtype. Both a TypeError and a ValueError (as numpy's AxisError is
-    both a ValueError and an IndexError), so either ``except`` a caller already has catches it."""
-
 
 def _check_tensor(op, name, t, *, optional=False, floating=True, min_dim=None, dim=None):
     if t is None:
@@ -72,9 +74,30 @@ def _check_same_dtype(op, ref_name, ref, **others):
                              "have one dtype (or run under torch.autocast, which casts them)")
 
 
+def _traced_float(v) -> bool:
+    """Whether v is a float torch.compile traces symbolically (a recompile with another value, or
+    automatic dynamic floats): checked by torch._check in the graph, where it is concrete,
+    never by math.isfinite (which dynamo cannot trace on a symbol)."""
+    return isinstance(v, torch.SymFloat) or (torch.compiler.is_compiling()
+                                             and isinstance(v, float))
+
+
 def _check_finite(op, name, v):
+    if _traced_float(v):
+        torch._check(v - v == 0, lambda: f"{op}: {name} must be finite")  # inf - inf, nan: nan
+        return
     if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
         raise ValueError(f"{op}: {name} must be a finite float, got {v!r}")
+
+
+def _check_eps(op, eps):
+    if _traced_float(eps):
+        torch._check(eps >= 0, lambda: f"{op}: eps must be a finite non-negative float")
+        torch._check(eps - eps == 0, lambda: f"{op}: eps must be a finite non-negative float")
+        return
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not math.isfinite(eps) \
+            or eps < 0:
+        raise ValueError(f"{op}: eps must be a finite non-negative float, got {eps!r}")
 
 
 def _check_sample_scale(op, sample_scale, x):
@@ -118,8 +141,35 @@ def _cast(dtype, *tensors):
                  else t for t in tensors)
 
 
-def _kernel_context(amp, device):
-    return torch.autocast(device.type, enabled=False) if amp is not None else contextlib.nullcontext()
+_PLANS = plans.Plans()
+
+
+def _planned(build, args, first):
+    """The result of the plan for ``args`` (``build(*args)`` makes it, validating them, the first
+    time a configuration is seen); ``first``: the tensor whose device autocast is read for."""
+    if torch.compiler.is_compiling():
+        return build(*args)(*args)
+    try:
+        key = (build, *map(plans.meta, args), *plans.state(first.device.type))
+        plan = _PLANS.get(key)
+    except (AttributeError, TypeError):  # not a tensor, or an unhashable argument: the checks say
+        return build(*args)(*args)
+    if plan is None:
+        plan = _PLANS.put(key, build(*args))
+    return plan(*args)
+
+
+def _run(op, choice, amp, device_type, kernel, ref, args):
+    """kernel(*args) with autocast off where it was on (or the reference, dispatch.run's rules)."""
+    if amp is None:
+        return dispatch.run(op, choice, lambda: kernel(*args), lambda: ref(*args))
+
+    def off():
+        # traced: torch.autocast, which dynamo records (a raw switch it would reject)
+        with (torch.autocast(device_type, enabled=False) if torch.compiler.is_compiling()
+              else plans.NoAutocast(device_type)):
+            return kernel(*args)
+    return dispatch.run(op, choice, off, lambda: ref(*args))
 
 
 # --- ops --------------------------------------------------------------------------------------
@@ -136,33 +186,54 @@ def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0, segment_id
     Tokens with a negative id are padding: their output rows are exactly 0 and their qkv rows get
     exactly 0 gradient. See segment_ids_from_lengths.
     """
+    return _planned(_attention_plan, (qkv, num_heads, scale, dropout_p, segment_ids), qkv)
+
+
+def _attention_plan(qkv, num_heads, scale, dropout_p, segment_ids):
     op = "fused_qkv_attention"
     _check_tensor(op, "qkv", qkv, dim=3)
     head_dim = _packed_head_dim(op, qkv, num_heads)
     if head_dim > dispatch.MAX_HEAD_DIM:
         raise ValueError(f"{op}: head_dim {head_dim} (qkv last dim / (3*num_heads)) is above the "
                          f"supported maximum {dispatch.MAX_HEAD_DIM}")
-    if scale is not None and not isinstance(scale, numbers.Real):
+    if scale is not None and not isinstance(scale, (numbers.Real, torch.SymFloat)):
         raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
     if scale is not None:
         _check_finite(op, "scale", scale)
-    if not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+    if _traced_float(dropout_p):
+        torch._check(dropout_p >= 0, lambda: f"{op}: dropout_p must be a float in [0, 1)")
+        torch._check(dropout_p < 1, lambda: f"{op}: dropout_p must be a float in [0, 1)")
+    elif not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
     _check_segment_ids(op, segment_ids, qkv)
-    scale = float(head_dim ** -0.5 if scale is None else scale)
+    scale_f = float(head_dim ** -0.5) if scale is None else scale
+    heads, p = int(num_heads), float(dropout_p) if isinstance(dropout_p, numbers.Real) else dropout_p
     amp = _autocast_dtype(qkv.device)
-    if amp is not None:
-        (qkv,) = _cast(amp, qkv)
-    choice = dispatch.choose(op, [qkv], head_dim=head_dim, dropout_p=dropout_p,
+    cast = _cast(amp, qkv)[0] if amp is not None else qkv
+    choice = dispatch.choose(op, [cast], head_dim=head_dim, dropout_p=dropout_p,
                              segmented=segment_ids is not None)
 
-    def kernel():
-        from .ops import attention
-        with _kernel_context(amp, qkv.device):
-            return attention.fused_qkv_attention(qkv, int(num_heads), scale, float(dropout_p),
-                                                 segment_ids)
-    return dispatch.run(op, choice, kernel, lambda: reference.fused_qkv_attention(
-        qkv, int(num_heads), scale=scale, dropout_p=dropout_p, segment_ids=segment_ids))
+    def ref(qkv, num_heads, scale, dropout_p, segment_ids):
+        return reference.fused_qkv_attention(qkv, heads, scale=scale_f, dropout_p=p,
+                                             segment_ids=segment_ids)
+    if choice.backend == "reference":
+        def plan(qkv, num_heads, scale, dropout_p, segment_ids):
+            if amp is not None:
+                (qkv,) = _cast(amp, qkv)
+            return ref(qkv, num_heads, scale, dropout_p, segment_ids)
+        return plan
+    from .ops import attention
+    fn = attention.AttentionFn.apply if plans.eager(qkv, segment_ids) else None
+
+    def kernel(qkv, num_heads, scale, dropout_p, segment_ids):
+        return attention.fused_qkv_attention(qkv, heads, scale_f, p, segment_ids, op=fn)
+
+    def plan(qkv, num_heads, scale, dropout_p, segment_ids):
+        if amp is not None:
+            (qkv,) = _cast(amp, qkv)
+        return _run(op, choice, amp, qkv.device.type, kernel, ref,
+                    (qkv, num_heads, scale, dropout_p, segment_ids))
+    return plan
 
 
 def _check_segment_ids(op, segment_ids, qkv):
@@ -193,14 +264,17 @@ def qk_norm(qkv, num_heads, q_weight, k_weight, q_bias=None, k_bias=None, *, kin
     Weights and biases: [D] (shared by the heads), [H, D] (per head) or None (no affine), one
     dtype for all of them: qkv's, or float32 under autocast. Statistics are fp32.
     """
+    return _planned(_qk_norm_plan, (qkv, num_heads, q_weight, k_weight, q_bias, k_bias, kind, eps),
+                    qkv)
+
+
+def _qk_norm_plan(qkv, num_heads, q_weight, k_weight, q_bias, k_bias, kind, eps):
     op = "qk_norm"
     _check_tensor(op, "qkv", qkv, dim=3)
     head_dim = _packed_head_dim(op, qkv, num_heads)
     if kind not in _QK_NORM_KINDS:
         raise ValueError(f"{op}: kind must be one of {_QK_NORM_KINDS}, got {kind!r}")
-    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not math.isfinite(eps) \
-            or eps < 0:
-        raise ValueError(f"{op}: eps must be a finite non-negative float, got {eps!r}")
+    _check_eps(op, eps)
     params = {"q_weight": q_weight, "k_weight": k_weight, "q_bias": q_bias, "k_bias": k_bias}
     for name, t in params.items():
         _check_tensor(op, name, t, optional=True)
@@ -216,17 +290,29 @@ def qk_norm(qkv, num_heads, q_weight, k_weight, q_bias=None, k_bias=None, *, kin
         _check_same_dtype(op, present[0][0], present[0][1], **dict(present[1:]))
         if amp is None:
             _check_same_dtype(op, "qkv", qkv, **dict(present))
-    if amp is not None:
-        (qkv,) = _cast(amp, qkv)
-    choice = dispatch.choose(op, [qkv, q_weight, k_weight, q_bias, k_bias], head_dim=head_dim)
+    cast = _cast(amp, qkv)[0] if amp is not None else qkv
+    choice = dispatch.choose(op, [cast, q_weight, k_weight, q_bias, k_bias], head_dim=head_dim)
+    heads, eps_f = int(num_heads), float(eps)
 
-    def kernel():
-        from .ops import qk_norm as qk
-        with _kernel_context(amp, qkv.device):
-            return qk.qk_norm(qkv, int(num_heads), q_weight, k_weight, q_bias, k_bias,
-                              kind == "rms", float(eps))
-    return dispatch.run(op, choice, kernel, lambda: reference.qk_norm(
-        qkv, int(num_heads), q_weight, k_weight, q_bias, k_bias, kind=kind, eps=float(eps)))
+    def ref(qkv, num_heads, q_weight, k_weight, q_bias, k_bias, kind, eps):
+        return reference.qk_norm(qkv, heads, q_weight, k_weight, q_bias, k_bias, kind=kind,
+                                 eps=eps_f)
+    if choice.backend == "reference":
+        def plan(qkv, *rest):
+            return ref(_cast(amp, qkv)[0] if amp is not None else qkv, *rest)
+        return plan
+    from .ops import qk_norm as qk
+    fn = qk.QkNormFn.apply if plans.eager(qkv, q_weight, k_weight, q_bias, k_bias) else None
+
+    def kernel(qkv, num_heads, q_weight, k_weight, q_bias, k_bias, kind, eps):
+        return qk.qk_norm(qkv, heads, q_weight, k_weight, q_bias, k_bias, kind == "rms", eps_f,
+                          op=fn)
+
+    def plan(qkv, *rest):
+        if amp is not None:
+            (qkv,) = _cast(amp, qkv)
+        return _run(op, choice, amp, qkv.device.type, kernel, ref, (qkv, *rest))
+    return plan
 
 
 def _packed_head_dim(op, qkv, num_heads):
@@ -246,6 +332,11 @@ def residual_layer_norm(x, weight, bias, eps, *, residual=None, layer_scale=None
     (drop-path keep mask already divided by the keep probability), B = x.shape[0].
     Statistics are fp32 whatever the input dtype.
     """
+    return _planned(_layer_norm_plan, (x, weight, bias, eps, residual, layer_scale, sample_scale),
+                    x)
+
+
+def _layer_norm_plan(x, weight, bias, eps, residual, layer_scale, sample_scale):
     op = "residual_layer_norm"
     _check_tensor(op, "x", x, min_dim=1)
     C = x.shape[-1]
@@ -259,25 +350,40 @@ def residual_layer_norm(x, weight, bias, eps, *, residual=None, layer_scale=None
     if (layer_scale is not None or sample_scale is not None) and residual is None:
         raise ValueError(f"{op}: layer_scale and sample_scale scale the branch added to residual; "
                          "pass residual too")
-    if not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"{op}: eps must be a finite non-negative float, got {eps!r}")
+    _check_eps(op, eps)
     _check_same_device(op, "x", x, weight=weight, bias=bias, residual=residual,
                        layer_scale=layer_scale, sample_scale=sample_scale)
     amp = _autocast_dtype(x.device)
-    if amp is not None:
-        x, weight, bias, residual, layer_scale, sample_scale = _cast(
-            torch.float32, x, weight, bias, residual, layer_scale, sample_scale)
     tensors = [x, weight, bias, residual, layer_scale, sample_scale]
+    if amp is not None:
+        tensors = list(_cast(torch.float32, *tensors))
     choice = dispatch.choose(op, tensors, dim=C)
+    eps_f = float(eps) if isinstance(eps, numbers.Real) else eps
 
-    def kernel():
-        from .ops import layer_norm
-        with _kernel_context(amp, x.device):
-            return layer_norm.residual_layer_norm(x, weight, bias, float(eps), residual,
-                                                  layer_scale, sample_scale)
-    return dispatch.run(op, choice, kernel, lambda: reference.residual_layer_norm(
-        x, weight, bias, float(eps), residual=residual, layer_scale=layer_scale,
-        sample_scale=sample_scale))
+    def ref(x, weight, bias, eps, residual, layer_scale, sample_scale):
+        return reference.residual_layer_norm(x, weight, bias, eps_f, residual=residual,
+                                             layer_scale=layer_scale, sample_scale=sample_scale)
+    if choice.backend == "reference":
+        def plan(x, weight, bias, eps, residual, layer_scale, sample_scale):
+            if amp is not None:
+                x, weight, bias, residual, layer_scale, sample_scale = _cast(
+                    torch.float32, x, weight, bias, residual, layer_scale, sample_scale)
+            return ref(x, weight, bias, eps, residual, layer_scale, sample_scale)
+        return plan
+    from .ops import layer_norm
+    fn = layer_norm.ResidualLayerNormFn.apply if plans.eager(*tensors) else None
+
+    def kernel(x, weight, bias, eps, residual, layer_scale, sample_scale):
+        return layer_norm.residual_layer_norm(x, weight, bias, eps_f, residual, layer_scale,
+                                              sample_scale, op=fn)
+
+    def plan(x, weight, bias, eps, residual, layer_scale, sample_scale):
+        if amp is not None:
+            x, weight, bias, residual, layer_scale, sample_scale = _cast(
+                torch.float32, x, weight, bias, residual, layer_scale, sample_scale)
+        return _run(op, choice, amp, x.device.type, kernel, ref,
+                    (x, weight, bias, eps, residual, layer_scale, sample_scale))
+    return plan
 
 
 def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, approximate="none", residual=None,
@@ -288,6 +394,12 @@ def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, approximate="none
     layout; biases may be None); residual [..., C_out]; layer_scale [C_out]; sample_scale [B].
     approximate: "none" (erf, nn.GELU's default) or "tanh".
     """
+    return _planned(_gelu_mlp_plan, (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate,
+                                     residual, layer_scale, sample_scale), x)
+
+
+def _gelu_mlp_plan(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
+                   layer_scale, sample_scale):
     op = "gelu_mlp"
     _check_tensor(op, "x", x, min_dim=1)
     _check_tensor(op, "fc1_weight", fc1_weight, dim=2)
@@ -319,26 +431,40 @@ def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, approximate="none
     _check_same_dtype(op, "x", x, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight,
                       fc2_bias=fc2_bias)
     amp = _autocast_dtype(x.device)
+    gemm = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     if amp is not None:
-        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias = _cast(
-            amp, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+        gemm = _cast(amp, *gemm)
         if residual is not None and any(t is not None and t.dtype != amp
                                         for t in (residual, layer_scale, sample_scale)):
             # Eager adds the low-precision branch to a wider residual stream in that wider dtype;
             # the kernels take one dtype, so the add runs unfused to keep the stream's precision.
-            branch = gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                              approximate=approximate)
-            return reference.add_branch(residual, branch, layer_scale, sample_scale)
-    tensors = [x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale, sample_scale]
-    choice = dispatch.choose(op, tensors)
-    def kernel():
-        from . import tuning  # triton, cublas, or chosen by measurement (auto)
-        with _kernel_context(amp, x.device):
-            return tuning.gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate,
-                                   residual, layer_scale, sample_scale)
-    return dispatch.run(op, choice, kernel, lambda: reference.gelu_mlp(
-        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate=approximate, residual=residual,
-        layer_scale=layer_scale, sample_scale=sample_scale))
+            def unfused(x, w1, b1, w2, b2, approximate, residual, layer_scale, sample_scale):
+                branch = gelu_mlp(*_cast(amp, x, w1, b1, w2, b2), approximate=approximate)
+                return reference.add_branch(residual, branch, layer_scale, sample_scale)
+            return unfused
+    choice = dispatch.choose(op, [*gemm, residual, layer_scale, sample_scale])
+
+    def ref(x, w1, b1, w2, b2, approximate, residual, layer_scale, sample_scale):
+        return reference.gelu_mlp(x, w1, b1, w2, b2, approximate=approximate, residual=residual,
+                                  layer_scale=layer_scale, sample_scale=sample_scale)
+    if choice.backend == "reference":
+        def plan(x, w1, b1, w2, b2, *rest):
+            if amp is not None:
+                x, w1, b1, w2, b2 = _cast(amp, x, w1, b1, w2, b2)
+            return ref(x, w1, b1, w2, b2, *rest)
+        return plan
+    from .ops import gelu_mlp_tuned  # triton, cublas, or chosen by measurement (auto)
+    eager = plans.eager(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale,
+                        sample_scale)
+
+    def kernel(*args):
+        return gelu_mlp_tuned.gelu_mlp(*args, eager=eager)
+
+    def plan(x, w1, b1, w2, b2, *rest):
+        if amp is not None:
+            x, w1, b1, w2, b2 = _cast(amp, x, w1, b1, w2, b2)
+        return _run(op, choice, amp, x.device.type, kernel, ref, (x, w1, b1, w2, b2, *rest))
+    return plan
 
 
 def patch_embed(images, weight, bias, *, patch_size, pos_embed=None, mean=None, std=None):
@@ -349,6 +475,11 @@ def patch_embed(images, weight, bias, *, patch_size, pos_embed=None, mean=None, 
     (Conv2d layout), bias: [D] or None, pos_embed: [1, Np, D] or None. H and W must be multiples of
     the patch (pad first for dynamic sizes, as PatchEmbed(dynamic_img_pad=True) does).
     """
+    return _planned(_patch_embed_plan, (images, weight, bias, patch_size, pos_embed, mean, std),
+                    images)
+
+
+def _patch_embed_plan(images, weight, bias, patch_size, pos_embed, mean, std):
     op = "patch_embed"
     _check_tensor(op, "images", images, floating=False, dim=4)
     _check_tensor(op, "weight", weight, dim=4)
@@ -357,6 +488,7 @@ def patch_embed(images, weight, bias, *, patch_size, pos_embed=None, mean=None, 
     if tuple(weight.shape[2:]) != (ph, pw):
         raise ValueError(f"{op}: weight's kernel {tuple(weight.shape[2:])} must equal patch_size "
                          f"{(ph, pw)}")
+    channel_vectors = None
     if images.dtype == torch.uint8:
         if mean is None or std is None:
             raise ValueError(f"{op}: uint8 images need mean and std (per channel) to normalize "
@@ -364,10 +496,7 @@ def patch_embed(images, weight, bias, *, patch_size, pos_embed=None, mean=None, 
         if images.shape[-1] != C:
             raise ValueError(f"{op}: uint8 images must be NHWC [B, H, W, {C}] (weight has {C} input "
                              f"channels), got {tuple(images.shape)}")
-        std_given = std
-        mean = _channel_vector(op, "mean", mean, C, images.device)
-        std = _channel_vector(op, "std", std, C, images.device)
-        _check_nonzero_std(op, std_given, std)
+        channel_vectors = _channel_vectors(op, mean, std, C, images.device)
         H, W = images.shape[1:3]
     else:
         if images.dtype not in _FLOAT_DTYPES:
@@ -393,20 +522,56 @@ def patch_embed(images, weight, bias, *, patch_size, pos_embed=None, mean=None, 
     _check_same_dtype(op, "weight", weight, bias=bias,
                       images=images if images.is_floating_point() else None)
     amp = _autocast_dtype(images.device)
+    conv = (images, weight, bias)
     if amp is not None:
-        images, weight, bias = _cast(amp, images, weight, bias)
+        conv = _cast(amp, *conv)
         if pos_embed is not None and pos_embed.dtype != amp:
             # conv(low precision) + a wider pos_embed is wider in eager: add it unfused.
-            out = patch_embed(images, weight, bias, patch_size=(ph, pw), mean=mean, std=std)
-            return out + pos_embed
-    choice = dispatch.choose(op, [images, weight, bias, pos_embed])
+            def unfused(images, weight, bias, patch_size, pos_embed, mean, std):
+                out = patch_embed(*_cast(amp, images, weight, bias), patch_size=(ph, pw),
+                                  mean=mean, std=std)
+                return out + pos_embed
+            return unfused
+    choice = dispatch.choose(op, [*conv, pos_embed])
 
-    def kernel():
-        from .ops import patch_embed as pe
-        with _kernel_context(amp, images.device):
-            return pe.patch_embed(images, weight, bias, (ph, pw), pos_embed, mean, std)
-    return dispatch.run(op, choice, kernel, lambda: reference.patch_embed(
-        images, weight, bias, patch_size=(ph, pw), pos_embed=pos_embed, mean=mean, std=std))
+    def ref(images, weight, bias, patch_size, pos_embed, mean, std):
+        mean, std = channel_vectors(mean, std) if channel_vectors else (mean, std)
+        return reference.patch_embed(images, weight, bias, patch_size=(ph, pw),
+                                     pos_embed=pos_embed, mean=mean, std=std)
+    if choice.backend == "reference":
+        def plan(images, weight, bias, *rest):
+            if amp is not None:
+                images, weight, bias = _cast(amp, images, weight, bias)
+            return ref(images, weight, bias, *rest)
+        return plan
+    from .ops import patch_embed as pe
+
+    def kernel(images, weight, bias, patch_size, pos_embed, mean, std):
+        mean, std = channel_vectors(mean, std) if channel_vectors else (mean, std)
+        return pe.patch_embed(images, weight, bias, (ph, pw), pos_embed, mean, std)
+
+    def plan(images, weight, bias, *rest):
+        if amp is not None:
+            images, weight, bias = _cast(amp, images, weight, bias)
+        return _run(op, choice, amp, images.device.type, kernel, ref, (images, weight, bias, *rest))
+    return plan
+
+
+def _channel_vectors(op, mean, std, C, device):
+    """(mean, std) -> their fp32 [C] tensors on ``device``, as a function of the call's mean and
+    std. Numbers (the usual constants) are checked and put on the device once, here: a call then
+    copies nothing from the host and reads nothing back (no sync; CUDA-graph safe). Tensors are
+    the call's data: converted per call, std == 0 checked on the device (_check_nonzero_std)."""
+    m, s = _channel_vector(op, "mean", mean, C, device), _channel_vector(op, "std", std, C, device)
+    _check_nonzero_std(op, std, s)
+    if not isinstance(mean, torch.Tensor) and not isinstance(std, torch.Tensor):
+        return lambda mean, std: (m, s)
+
+    def per_call(mean, std):
+        t = _channel_vector(op, "std", std, C, device)
+        _check_nonzero_std(op, std, t)
+        return _channel_vector(op, "mean", mean, C, device), t
+    return per_call
 
 
 def _check_nonzero_std(op, given, std):
@@ -419,7 +584,9 @@ def _check_nonzero_std(op, given, std):
             if any(v == 0 for v in values):
                 raise ValueError(f"{op}: std must be non-zero, got {given!r}")
             return
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or std.device.type != "cpu":
+        # on a GPU, reading the values back would stall the host (and break a CUDA graph):
+        # the check runs on the device and fails the stream instead
         torch._assert_async((std != 0).all(), f"{op}: std must be non-zero")
     elif bool((std == 0).any()):
         raise ValueError(f"{op}: std must be non-zero, got {std.tolist()}")

@@ -11,12 +11,10 @@ F.linear, which is the same math.
 
 Under torch.autocast the kernels run AMP's contract (FlashAttention's residual_in_fp32): the fp32
 residual stream and LayerNorm parameters as they are, the GEMM weights cast to the autocast dtype
-once per autocast region (:func:`amp_weight`: autocast's own weight cache, freed at the region's
-exit).
+once per autocast region (:class:`AmpWeights`, freed with the graphs that saved them).
 """
 from __future__ import annotations
 
-import threading
 import weakref
 
 import torch
@@ -26,81 +24,86 @@ from . import dispatch, functional
 
 __all__ = ["amp_weight", "kernel_reasons", "layer_norm_linear", "residual_layer_norm_mlp"]
 
-# Weight casts for AMP are autocast's own: amp_weight takes the cast from autocast's weight cache,
-# which holds it for the autocast region and drops it when the outermost region exits
-# (torch.autocast.__exit__ -> torch.clear_autocast_cache), so the casts live exactly as long as
-# eager's and eager ops on the same weight share them. PyTorch has no Python API to that cache and
-# no exit hook, so _autocast_cached reads the cast off an empty product autocast computes with it.
-# The thread-local dict (per thread like autocast's cache) only keeps weak references in front of
-# it: id(parameter) -> (weakref to it, its version, dtype, weakref to the cast), so a hit costs a
-# dict look-up and nothing here keeps a cast alive.
-_LOCAL = threading.local()
+class AmpWeights:
+    """GEMM weights cast to the autocast dtype once per autocast region, like autocast's own
+    weight cache: a cast is reused while the region lasts, the parameter is unchanged (its
+    version) and the cast is alive. Casts are held only weakly here: autograd's saved tensors
+    keep one for its backward, nothing keeps it after.
+
+    The region is told by a sentinel: one fp32 leaf per (device, dtype) whose cast autocast
+    itself caches -- read off an empty product that autocast computes with it -- and drops when
+    the outermost region exits (torch.clear_autocast_cache). While that cast is alive the region
+    is the same: one probe per region, instead of one per weight per call. Where autocast would
+    not cache (its cache off, e.g. checkpoint's recompute, or inference mode, which records no
+    graph to read the probe off) every call is a region of its own: each call casts."""
+
+    def __init__(self):
+        self._sentinels = {}  # (device, dtype) -> (sentinel leaf, weakref to its cast, token)
+        self._casts = {}  # id(param) -> (region token, weakref param, version, weakref cast)
+
+    def region(self, device, dtype):
+        if torch.is_inference_mode_enabled() or not torch.is_autocast_cache_enabled():
+            return object()
+        hit = self._sentinels.get((device, dtype))
+        if hit is not None and hit[1]() is not None:
+            return hit[2]
+        sentinel = hit[0] if hit is not None else torch.zeros(1, device=device,
+                                                              requires_grad=True)
+        with torch.enable_grad():
+            probe = sentinel.new_empty((0, 1), dtype=dtype, requires_grad=True)
+            cast = torch.matmul(probe, sentinel).grad_fn._saved_vec  # mv(probe, sentinel_cast)
+        token = object()
+        self._sentinels[(device, dtype)] = (sentinel, weakref.ref(cast), token)
+        return token
+
+    def cast(self, t, dtype, region):
+        """t in ``dtype`` (None and tensors already in it pass through)."""
+        if t is None or t.dtype == dtype:
+            return t
+        if not (t.is_leaf and t.dtype == torch.float32):
+            return t.to(dtype)  # autocast caches fp32 leaves only: the rest casts every time
+        key = id(t)
+        entry = self._casts.get(key)
+        if entry is not None and entry[0] is region and entry[2] == t._version \
+                and entry[1]() is t:
+            c = entry[3]()
+            if c is not None and c.dtype == dtype:
+                return c
+        c = t.to(dtype)
+        if len(self._casts) > 4096:  # entries of freed parameters: one per parameter ever cast
+            self._casts.clear()
+        self._casts[key] = (region, weakref.ref(t), t._version, weakref.ref(c))
+        return c
+
+    def live(self):
+        """The entries whose cast is still alive (held by a graph)."""
+        return {k: e for k, e in self._casts.items() if e[3]() is not None}
+
+    def clear(self):
+        self._casts.clear()
+
+
+AMP_WEIGHTS = AmpWeights()
 
 
 def _casts():
-    if not hasattr(_LOCAL, "casts"):
-        _LOCAL.casts = {}
-    return _LOCAL.casts
+    """The live entries (tests)."""
+    return AMP_WEIGHTS.live()
 
 
 def clear_amp_weights():
-    """Forget the weak entries (the casts themselves belong to autocast's cache)."""
-    _casts().clear()
-
-
-def _autocast_cached(t, dtype):
-    """t's cast from autocast's weight cache (made there if absent). matmul is on autocast's
-    lower-precision list on CPU and CUDA; multiplied by an empty probe that requires grad, t's
-    cast is what the product's backward saves and nothing is computed (a zero-size output)."""
-    with torch.enable_grad():
-        if t.dim() == 2:
-            probe = t.new_empty((t.shape[1], 0), dtype=dtype, requires_grad=True)
-            return torch.matmul(t, probe).grad_fn._saved_self  # mm(t_cast, probe)
-        probe = t.new_empty((0, t.shape[0]), dtype=dtype, requires_grad=True)
-        return torch.matmul(probe, t).grad_fn._saved_vec  # mv(probe, t_cast)
-
-
-def _cacheable(t, dtype):
-    """Where autocast itself caches a cast: a leaf fp32 parameter that requires grad, autocast on
-    for its device with ``dtype`` and the cache enabled (cache_enabled=False, e.g. checkpoint's
-    recompute, casts every time). Under inference_mode, which records no graph to read the cast
-    off, each call casts (each weight is used once per forward)."""
-    kind = t.device.type
-    return (t.is_leaf and t.requires_grad and t.dtype == torch.float32 and t.dim() in (1, 2)
-            and not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
-            and torch.is_autocast_enabled(kind)
-            and torch.get_autocast_dtype(kind) == dtype and torch.is_autocast_cache_enabled())
+    """Forget the weak entries (the casts themselves belong to the graphs that saved them)."""
+    AMP_WEIGHTS.clear()
 
 
 def amp_weight(t, dtype):
-    """t cast to the autocast dtype once per autocast region, shared with autocast's own cache
-    (freed when the region exits). None and tensors already in ``dtype`` pass through; where
-    autocast would not cache (see _cacheable; torch.compile traces the cast) it casts each call."""
+    """t cast to the autocast dtype once per autocast region (AmpWeights). None and tensors
+    already in ``dtype`` pass through; torch.compile traces the cast itself."""
     if t is None or t.dtype == dtype:
         return t
-    if not _cacheable(t, dtype):
+    if torch.compiler.is_compiling():
         return t.to(dtype)
-    casts = _casts()
-    hit = casts.get(id(t))
-    old = hit[3]() if hit is not None and hit[0]() is t and hit[2] == dtype else None
-    if old is not None and hit[1] == t._version:
-        return old
-    cast = _autocast_cached(t, dtype)
-    if cast is old:
-        # Updated in place inside the region (an optimizer step under autocast): autocast's
-        # cache still holds the old values; follow the update, uncached.
-        return t.to(dtype)
-    casts[id(t)] = (weakref.ref(t), t._version, dtype, weakref.ref(cast, _forget(id(t), casts)))
-    return cast
-
-
-def _forget(key, casts):
-    """A weakref callback that drops key's entry once its cast is freed (not a newer one)."""
-    def drop(ref):
-        entry = casts.get(key)
-        if entry is not None and entry[3] is ref:
-            del casts[key]
-    return drop
+    return AMP_WEIGHTS.cast(t, dtype, AMP_WEIGHTS.region(t.device, dtype))
 
 
 def kernel_reasons(x, ln_tensors, mlp_tensors):

@@ -18,7 +18,18 @@ import torch
 import torch.nn as nn
 from torch.nn.modules import module as _module_globals
 
-__all__ = ["FusedModule", "notice_reason", "forward_is"]
+__all__ = ["FusedModule", "notice_reason", "forward_is", "STRUCTURE"]
+
+
+class _Structure:
+    """A counter that moves whenever a fused module's structure may have changed: a submodule set,
+    added or deleted on it, a ``forward`` set on its instance, or its parameters moved or cast
+    (``.to()``, ``.half()``, ... run ``_apply``). Decisions cached per configuration hold it
+    (vit_fast/block_plan.py) and are remade when it moves."""
+    generation = 0
+
+
+STRUCTURE = _Structure()
 
 
 def _global_hooks() -> bool:
@@ -113,6 +124,25 @@ class FusedModule(nn.Module):
         reasons = self._compute_reasons()
         self.__dict__["_fusion_cache"] = (key, reasons)
         return reasons
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if isinstance(value, nn.Module) or name == "forward" or name.startswith("_forward") \
+                or name.startswith("_backward"):
+            STRUCTURE.generation += 1
+
+    def __delattr__(self, name):
+        super().__delattr__(name)
+        STRUCTURE.generation += 1
+
+    def add_module(self, name, module):  # register_module calls it too
+        super().add_module(name, module)
+        STRUCTURE.generation += 1
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        STRUCTURE.generation += 1
+        return out
 
     def __getstate__(self):
         # The cache holds module and class references; a copy re-derives it on its first call.

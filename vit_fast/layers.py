@@ -1,4 +1,6 @@
-"""Drop-in nn.Modules with timm 1.0.31's constructors, forward signatures and state_dict keys.
+"""The layers of vit_fast's drop-in modules (timm 1.0.31's constructors, forward signatures and
+state_dict keys): LayerNorm, LayerScale, Attention, Mlp, PatchEmbed. vit_fast.Block is built from
+them (vit_fast/block.py); vit_fast.modules is the public name of all six.
 
 A module holds parameters and calls the functional ops. It runs its plain submodules instead,
 for that call, when the fused op would not reproduce them or would skip something the user
@@ -31,7 +33,7 @@ from . import functional
 from .fusion import FusedModule, forward_is
 from .segments import segment_attention_mask
 
-__all__ = ["LayerNorm", "LayerScale", "Attention", "Mlp", "Block", "PatchEmbed"]
+__all__ = ["LayerNorm", "LayerScale", "Attention", "Mlp", "PatchEmbed"]
 
 
 class InputSizeError(ValueError, AssertionError):
@@ -388,5 +390,3 @@ class PatchEmbed(_TimmPatchEmbed, FusedModule):
             x = nchw_to(x, self.output_fmt)
         return self.norm(x)
 
-
-from .block import Block, _drop_path_scale  # noqa: E402,F401  (Block is built from the above)

@@ -56,9 +56,10 @@ def _empty_for_none(grads, like):
 
 
 def fused_qkv_attention_backward(dout, qkv, out, lse, num_heads, scale, dropout_p=0.0, seed=None,
-                                 segment_ids=None):
+                                 segment_ids=None, policy=None):
     """vit_fast::fused_qkv_attention_backward: dqkv (padding rows of segment_ids get 0). With
-    dropout, the kernels' own mask, redrawn from the forward's seed."""
+    dropout, the kernels' own mask, redrawn from the forward's seed. (policy: which kernels the
+    forward allowed; the reference has one way.)"""
     keep = None
     if dropout_p > 0.0:
         keep = attention_keep_mask(seed, qkv.shape[0], num_heads, qkv.shape[1], dropout_p)

@@ -11,6 +11,8 @@ import numbers
 
 import torch
 
+from .errors import DtypeError
+
 __all__ = ["segment_attention_mask", "segment_ids_from_lengths", "segment_ids_from_valid"]
 
 
@@ -39,7 +41,6 @@ def segment_ids_from_lengths(lengths, total_len=None, *, device=None, dtype=torc
 
     total_len defaults to the longest row. E.g. [[3, 2], [4]] -> [[0, 0, 0, 1, 1], [0, 0, 0, 0, -1]].
     """
-    from .functional import DtypeError  # functional re-exports this function
     op = "segment_ids_from_lengths"
     if not isinstance(lengths, (list, tuple)) or not all(isinstance(r, (list, tuple)) for r in lengths):
         raise TypeError(f"{op}: lengths must be a list (one per sample) of lists of ints, got "

@@ -1,12 +1,15 @@
 """Selection by measurement between implementations of one op (like cudnn.benchmark).
 
 On CUDA, the first call of each key -- (op, shapes, dtypes, options, device, versions) -- times
-every candidate (CUDA events, a warm-up then REPS runs, the median), keeps the fastest, and stores
-the choice in memory and in a JSON cache (``$VIT_FAST_CACHE_DIR/tuning.json``, default
-``~/.cache/vit_fast/tuning.json``) that later processes reload. The choice is fixed afterwards, so
-a run is reproducible. A candidate that raises is skipped (recorded with its error), and so is
-one whose result differs from the first candidate's that ran (vit_fast/agreement.py): the
-sm_90-only candidates (TMA attention forward, Hopper GEMM) can win only by computing the same.
+every candidate (CUDA events on the tensors' device, a warm-up then REPS runs, the median), keeps
+the fastest, and stores the choice in memory and in a JSON cache (``$VIT_FAST_CACHE_DIR/
+tuning.json``, default ``~/.cache/vit_fast/tuning.json``) that later processes reload. The choice
+is fixed afterwards, so a run is reproducible. A candidate that raises is skipped (recorded with
+its error; a build failure in a candidate is not a failure of the op: its launcher's failure is
+not recorded, so the op keeps its kernels), and so is one whose result differs from the first
+candidate's that ran (vit_fast/agreement.py): the sm_90-only candidates (TMA attention forward,
+Hopper GEMM) can win only by computing the same. Results are compared as they come and dropped:
+the measurement holds the first candidate's result and one other at a time.
 
 ``VIT_FAST_TUNE``:
 - ``1`` (default): measure. The candidates save the same tensors for backward (the Triton GEMM
@@ -16,22 +19,21 @@ sm_90-only candidates (TMA attention forward, Hopper GEMM) can win only by compu
 - ``0``: no timing: the first candidate of PRIORITY that runs.
 On CPU, under the Triton interpreter and while a CUDA graph is captured, PRIORITY applies too.
 
-The Triton GEMM's tile configs join the same measurement: kernels/matmul.gemm_candidates offers
-2-4 AOT-checked configs per launch, and ``choose_gemm_config`` times them per (shapes, dtypes,
-layout, epilogue, device, versions) key; under the interpreter the launcher uses its one CPU
-config, with tuning off the fixed table's (the first candidate).
+The host path: a key is a tuple the caller builds from what it has (shapes are torch.Size, which
+hash as tuples); a hit is one dict look-up and a call of the chosen candidate with the call's
+arguments (``Tuner.run(..., args=...)``: the candidates are functions of the arguments, built
+once, not closures per call). The text form of a key (records, the JSON cache) is made only when a
+key is first seen.
 
-Selection happens inside the custom ops (vit_fast::gelu_mlp_tuned and the Block's op), at run
-time: a torch.compile graph holds the op, not the choice. ``VIT_FAST_BACKEND=triton|cublas`` (or
-``use_backend``) bypasses selection. ``records()`` lists what was chosen and the times;
+The Triton GEMM's tile configs join the same measurement (``choose_gemm_config``); the MLP's
+implementations are chosen in vit_fast/ops/gelu_mlp_tuned.py and attention's in
+vit_fast/ops/attention_sdpa.py. ``records()`` lists what was chosen and the times;
 ``python -m vit_fast.tuning`` prints the cache. While a profiler records, each run of a chosen
 candidate is wrapped in a ``vit_fast.tune[op]: ...`` label with the choice and its times.
-Attention's candidates (the Triton kernel, PyTorch's flash SDPA) are in ops/attention_sdpa.py.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import statistics
@@ -41,6 +43,7 @@ from pathlib import Path
 import torch
 
 from .agreement import disagreement
+from .kernels import _device
 
 REPS = 5
 # With tuning off (and where nothing can be timed), the first candidate that runs. cuBLAS first:
@@ -62,7 +65,7 @@ _MODES = {"1": "measure", "on": "measure", "true": "measure", "0": "fixed", "off
 
 
 def mode() -> str:
-    """'measure', 'fixed' or 'speed', from VIT_FAST_TUNE."""
+    """'measure', 'fixed' or 'speed', from VIT_FAST_TUNE (read when a key is first seen)."""
     env = os.environ.get("VIT_FAST_TUNE", "1").strip().lower() or "1"
     if env not in _MODES:
         raise ValueError(f"VIT_FAST_TUNE must be one of {sorted(_MODES)}, got {env!r}")
@@ -74,19 +77,21 @@ def cache_path() -> Path:
     return Path(root) / "tuning.json"
 
 
-def cuda_event_timer(name, fn, reps=REPS):
+def cuda_event_timer(name, fn, reps=REPS, device=None):
     """Median milliseconds of ``fn()`` over ``reps`` runs, after one warm-up run (JIT compile,
-    cuBLAS heuristics), each timed with CUDA events on the current stream."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    cuBLAS heuristics), each timed with CUDA events on ``device``'s current stream (the device of
+    the tensors fn works on: Triton and torch launch there, so the events must be recorded there)."""
+    with torch.cuda.device(device if device is not None else torch.cuda.current_device()):
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 
@@ -106,29 +111,34 @@ def versions() -> str:
     return _VERSIONS[0]
 
 
-_DEVICE_NAMES = {}  # every call builds its key: keep the driver queries out of the hot path
+_DEVICE_NAMES = {}  # keys are built when first seen: keep the driver queries out of the hot path
 
 
 def device_name(device) -> str:
+    """'NVIDIA H100 80GB HBM3 sm_90 #1': the GPU model, its architecture and its index (two GPUs
+    of one model may still differ: clocks, MIG slices, what else runs on them)."""
     if device.type != "cuda":
         return device.type
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _DEVICE_NAMES:
         major, minor = torch.cuda.get_device_capability(index)
-        _DEVICE_NAMES[index] = f"{torch.cuda.get_device_name(index)} sm_{major}{minor}"
+        _DEVICE_NAMES[index] = f"{torch.cuda.get_device_name(index)} sm_{major}{minor} #{index}"
     return _DEVICE_NAMES[index]
 
 
+def _describe(name, t):
+    if t is None:
+        return f"{name}=None"
+    return f"{name}={str(t.dtype).replace('torch.', '')}{list(t.shape)}"
+
+
 def make_key(op, tensors: dict, **options) -> str:
-    """One string per (op, shapes, dtypes, options, device, versions)."""
+    """One string per (op, shapes, dtypes, options, device, versions): the text form of a key."""
     parts = [op]
     device = None
     for name, t in tensors.items():
-        if t is None:
-            parts.append(f"{name}=None")
-            continue
-        device = device or t.device
-        parts.append(f"{name}={str(t.dtype).replace('torch.', '')}{list(t.shape)}")
+        device = device or (t.device if t is not None else None)
+        parts.append(_describe(name, t))
     parts += [f"{k}={v}" for k, v in sorted(options.items())]
     parts += [f"device={device_name(device) if device is not None else 'none'}", versions()]
     return "|".join(parts)
@@ -143,9 +153,10 @@ class Tuner:
 
     def __init__(self, path=None, timer=None, measure_anywhere=False):
         self.path = Path(path) if path is not None else None
-        self.timer = timer or cuda_event_timer
+        self.timer = timer
         self.measure_anywhere = measure_anywhere
-        self._records = {}
+        self._records = {}  # text key -> record
+        self._fast = {}  # key as given -> (name, record)
         self._disk = None
         self._lock = threading.RLock()
 
@@ -173,80 +184,113 @@ class Tuner:
             pass
 
     def choice(self, key):
-        rec = self._records.get(key)
+        hit = self._fast.get(key)
+        if hit is not None:
+            return hit[0]
+        rec = self._records.get(key) if isinstance(key, str) else None
         return rec["choice"] if rec else None
 
     def records(self):
         return [dict(r, key=k) for k, r in self._records.items()]
 
-    def run(self, op, key, candidates: dict, *, measure: bool):
-        """(name, result) of the candidate chosen for ``key``; candidates: name -> fn(), in
-        priority order. The first call of a key chooses; later calls run the choice."""
+    def run(self, op, key, candidates: dict, *, measure: bool, args=(), describe=None,
+            device=None):
+        """(name, result) of the candidate chosen for ``key``; candidates: name -> fn(*args), in
+        priority order. The first call of a key chooses (in memory, from the JSON cache, by
+        measurement or by the fixed order); later calls run the choice. ``key`` is any hashable;
+        ``describe()`` gives its text form (records, the cache; default str keys as they are).
+        A remembered choice is run only if it is among this call's candidates: a key that does
+        not hold everything that changes the candidate set is chosen again, never a KeyError."""
+        hit = self._fast.get(key)
+        if hit is not None and hit[0] in candidates:
+            return hit[0], self._call(hit[1], candidates[hit[0]], args)
         with self._lock:
-            name = self.choice(key)
-            if name is None:
-                cached = self._load().get(key)
+            text = key if isinstance(key, str) else describe()
+            rec = self._records.get(text)
+            if rec is None or rec["choice"] not in candidates:
+                cached = self._load().get(text)
                 if cached and cached.get("choice") in candidates:
-                    self._records[key] = dict(cached, source="cache")
+                    rec = self._records[text] = dict(cached, source="cache")
                 elif measure:
-                    return self._measure(op, key, candidates)
+                    rec = self._measure(op, text, candidates, args, device)
                 else:
-                    return self._first_that_runs(op, key, candidates)
-                name = cached["choice"]
-        return name, self._call(key, candidates[name])
+                    name, result, rec = self._first_that_runs(op, text, candidates, args)
+                    self._fast[key] = (name, rec)
+                    return name, result
+            self._fast[key] = (rec["choice"], rec)
+        return rec["choice"], self._call(rec, candidates[rec["choice"]], args)
 
-    def _call(self, key, fn):
-        """fn(), under a profiler label that names the choice and its times while a profiler
-        records (torch.profiler / the Chrome trace of ``bench --profile``)."""
+    @staticmethod
+    def _call(record, fn, args):
+        """fn(*args), under a profiler label that names the choice and its times while a
+        profiler records (torch.profiler / the Chrome trace of ``bench --profile``)."""
         if not torch.autograd.profiler._is_profiler_enabled:
-            return fn()
-        with torch.profiler.record_function(profiler_label(self._records[key])):
-            return fn()
+            return fn(*args)
+        with torch.profiler.record_function(profiler_label(record)):
+            return fn(*args)
 
-    def _measure(self, op, key, candidates):
-        times, errors, results = {}, {}, {}
-        for name, fn in candidates.items():
-            try:
-                times[name] = float(self.timer(name, _keeping_result(fn, results, name)))
-            except Exception as exc:  # a candidate that cannot run is skipped
-                errors[name] = f"{type(exc).__name__}: {exc}"[:300]
-        # A candidate whose result disagrees with the first that ran (the fixed table's choice
-        # where it runs) is wrong, however fast: never chosen (a kernel never run on this GPU
-        # must not win by computing something else).
-        first = next(iter(times), None)
-        for name in list(times)[1:]:
-            why = disagreement(results.get(name), results.get(first))
-            if why:
-                del times[name]
-                errors[name] = f"result differs from {first}'s: {why}"
+    def _time(self, name, fn, device):
+        if self.timer is not None:
+            return self.timer(name, fn)
+        return cuda_event_timer(name, fn, device=device)
+
+    def _measure(self, op, key, candidates, args, device):
+        """Time each candidate; a result that disagrees with the first that ran is a candidate
+        that is wrong, however fast: never chosen (a kernel never run on this GPU must not win by
+        computing something else). Each result is compared as soon as its candidate was timed
+        and dropped, so at most two results are alive at once."""
+        times, errors = {}, {}
+        first = first_result = None
+        with _device.trial():  # a candidate's build failure is the candidate's, not the op's
+            for name, fn in candidates.items():
+                kept = []
+                try:
+                    times[name] = float(self._time(name, _keeping_last(fn, args, kept), device))
+                except Exception as exc:  # a candidate that cannot run is skipped
+                    errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+                    continue
+                if first is None:
+                    first, first_result = name, (kept[0] if kept else None)
+                    continue
+                why = disagreement(kept[0] if kept else None, first_result)
+                del kept
+                if why:
+                    del times[name]
+                    errors[name] = f"result differs from {first}'s: {why}"
+        del first_result
         if not times:
-            raise RuntimeError(f"vit_fast.tuning: no candidate of {op} ran: {errors}")
+            raise _device.KernelLaunchError(f"vit_fast.tuning: no candidate of {op} ran: {errors}")
         name = min(times, key=lambda n: (times[n], list(candidates).index(n)))
         record = {"op": op, "choice": name, "times_ms": times, "errors": errors}
         self._records[key] = dict(record, source="measured")
         self._save(key, record)
-        return name, self._call(key, candidates[name])
+        return self._records[key]
 
-    def _first_that_runs(self, op, key, candidates):
+    def _first_that_runs(self, op, key, candidates, args):
         errors = {}
         for name, fn in candidates.items():
-            self._records[key] = {"op": op, "choice": name, "times_ms": {}, "errors": errors,
-                                  "source": "fixed"}
+            rec = self._records[key] = {"op": op, "choice": name, "times_ms": {},
+                                        "errors": errors, "source": "fixed"}
             try:
-                result = self._call(key, fn)
+                with _device.trial() if len(candidates) > 1 else contextlib.nullcontext():
+                    result = self._call(rec, fn, args)
             except Exception as exc:
                 del self._records[key]
                 errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+                if len(candidates) == 1:
+                    raise
                 continue
-            return name, result
-        raise RuntimeError(f"vit_fast.tuning: no candidate of {op} ran: {errors}")
+            return name, result, rec
+        raise _device.KernelLaunchError(f"vit_fast.tuning: no candidate of {op} ran: {errors}")
 
 
-def _keeping_result(fn, results, name):
-    """fn, keeping its latest result in results[name] (the timer discards them)."""
+def _keeping_last(fn, args, kept):
+    """fn(*args) as a zero-argument callable for the timer, keeping only its latest result in
+    ``kept`` (the previous one is dropped before the next run starts)."""
     def run():
-        results[name] = fn()
-        return results[name]
+        kept.clear()
+        kept.append(fn(*args))
+        return kept[0]
     return run
 
 
@@ -295,136 +339,89 @@ def format_records(recs=None) -> str:
     return "\n".join(lines) or "no tuning records"
 
 
-def _measurable(x) -> bool:
-    from .kernels._device import interpreting
+def measurable(x) -> bool:
+    """Whether candidates for a call on x's device can be timed now (read when a key is first
+    seen, with the rest of the choice)."""
     if tuner().measure_anywhere:
         return mode() != "fixed"
-    return (x.is_cuda and mode() != "fixed" and not interpreting()
+    return (x.is_cuda and mode() != "fixed" and not _device.interpreting()
             and not torch.cuda.is_current_stream_capturing())
 
 
-def _ordered(op, candidates):
+def ordered(op, candidates):
+    """candidates in PRIORITY's order for op (those PRIORITY does not list are dropped)."""
     return {n: candidates[n] for n in PRIORITY[op] if n in candidates}
 
 
-def select(op, key, candidates, x):
+def select(op, key, candidates, x, args=(), describe=None):
     """The result of ``op``'s candidate chosen for ``key`` (measured on CUDA, else PRIORITY's
-    first that runs); x: the tensor whose device decides whether timing is possible."""
-    return tuner().run(op, key, _ordered(op, candidates), measure=_measurable(x))[1]
-
-
-# --- gelu_mlp ------------------------------------------------------------------------------------
-
-def _mlp_key(op, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale,
-             sample_scale, **options):
-    return make_key(op, dict(x=x, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight,
-                             fc2_bias=fc2_bias, residual=residual, layer_scale=layer_scale,
-                             sample_scale=sample_scale), **options)
-
-
-def gelu_mlp_tuned_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
-                       layer_scale, sample_scale, save_pre):
-    """kernels/gelu_mlp.gelu_mlp_fwd's contract; Triton or cuBLAS GEMMs, chosen per key."""
-    from .kernels.gelu_elementwise import gelu_mlp_cublas_fwd
-    from .kernels.gelu_mlp import gelu_mlp_fwd
-    args = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, layer_scale,
-            sample_scale, save_pre)
-    key = _mlp_key("gelu_mlp_fwd", *args[:5], *args[6:9], approximate=approximate,
-                   save_pre=save_pre)
-    cands = {"triton": lambda: gelu_mlp_fwd(*args, choose=choose_gemm_config),
-             "cublas": lambda: gelu_mlp_cublas_fwd(*args)}
-    return tuner().run("gelu_mlp_fwd", key, _ordered("gelu_mlp_fwd", cands),
-                       measure=_measurable(x))[1]
-
-
-def gelu_mlp_tuned_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale,
-                       *, approximate, has_residual, wanted):
-    """kernels/gelu_mlp.gelu_mlp_bwd's contract; Triton or cuBLAS GEMMs, chosen per key."""
-    from .kernels.gelu_elementwise import gelu_mlp_cublas_bwd
-    from .kernels.gelu_mlp import gelu_mlp_bwd
-    args = (grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale)
-    opts = dict(approximate=approximate, has_residual=has_residual, wanted=wanted)
-    key = make_key("gelu_mlp_bwd", dict(grad=grad, x=x, fc1_weight=fc1_weight,
-                                        fc2_weight=fc2_weight, fc2_bias=fc2_bias,
-                                        layer_scale=layer_scale, sample_scale=sample_scale),
-                   approximate=approximate, has_residual=has_residual, needs=tuple(wanted))
-    cands = {"triton": lambda: gelu_mlp_bwd(*args, **opts, choose=choose_gemm_config),
-             "cublas": lambda: gelu_mlp_cublas_bwd(*args, **opts)}
-    return tuner().run("gelu_mlp_bwd", key, _ordered("gelu_mlp_bwd", cands),
-                       measure=_measurable(x))[1]
-
-
-def choose_gemm_config(a, fields: dict, candidates: dict):
-    """kernels/matmul.matmul's ``choose``: the Triton GEMM's tile config for this launch key
-    (shapes, dtypes, layout, epilogue), timed on CUDA like the implementations above; the
-    candidates come in the fixed table's order, so with tuning off (or while a CUDA graph is
-    captured) the first -- the fixed table's choice -- runs. Returns the chosen launch's result.
-    On sm_90 the Hopper GEMM's configs (kernels/matmul_hopper.py) join last: timed, never the
-    fixed choice."""
-    from .kernels.matmul_hopper import hopper_launches
-    key = make_key("gemm", {"a": a}, **fields)
-    candidates = {**candidates, **hopper_launches(fields, candidates)}
-    return tuner().run("gemm", key, candidates, measure=_measurable(a))[1]
-
-
-def mlp_launchers(policy=None):
-    """(forward launcher, backward op) of the GELU MLP for a backend policy: what the Block's
-    residual->LayerNorm->MLP op runs. 'auto' selects inside, per key."""
-    from . import dispatch
-    from .ops import gelu_mlp_cublas  # noqa: F401  registers the cublas and tuned ops
-    policy = policy or dispatch.current_policy()
-    if policy == "triton":
-        from .kernels.gelu_mlp import gelu_mlp_fwd
-        return (functools.partial(gelu_mlp_fwd, choose=choose_gemm_config),
-                torch.ops.vit_fast.gelu_mlp_backward)
-    if policy == "cublas":
-        from .kernels.gelu_elementwise import gelu_mlp_cublas_fwd
-        return gelu_mlp_cublas_fwd, torch.ops.vit_fast.gelu_mlp_cublas_backward
-    return gelu_mlp_tuned_fwd, torch.ops.vit_fast.gelu_mlp_tuned_backward
-
-
-def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, layer_scale,
-             sample_scale):
-    """The kernel path of functional.gelu_mlp (inputs validated, autocast applied): the forced
-    implementation, else the tuned op; with VIT_FAST_TUNE=speed also the eager reference."""
-    from . import dispatch, reference
-    from .ops import gelu_mlp as triton_op
-    from .ops import gelu_mlp_cublas as cublas_op
-    args = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, layer_scale,
-            sample_scale)
-    policy = dispatch.current_policy()
-    if policy == "triton":
-        return triton_op.gelu_mlp(*args)
-    if policy == "cublas":
-        return cublas_op.gelu_mlp(*args)
-    if mode() != "speed" or torch.compiler.is_compiling() or not _measurable(x):
-        return cublas_op.gelu_mlp_tuned(*args)
-    tensors = [t for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale,
-                           sample_scale) if t is not None]
-    train = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-    def ref():
-        return reference.gelu_mlp(*args[:5], approximate=approximate, residual=residual,
-                                  layer_scale=layer_scale, sample_scale=sample_scale)
-
-    cands = {"kernels": lambda: cublas_op.gelu_mlp_tuned(*args), "reference": ref}
-    timed = {n: _with_backward(fn, tensors) if train else fn for n, fn in cands.items()}
-    key = _mlp_key("gelu_mlp", *args[:5], *args[6:], approximate=approximate, train=train)
+    first that runs); x: the tensor whose device decides whether timing is possible; candidates:
+    name -> fn(*args) (zero-argument closures with args=())."""
     t = tuner()
-    name = t.choice(key)
-    if name is None:  # time forward(+backward) of each, then run the winner for its graph
-        name, _ = t.run("gelu_mlp", key, timed, measure=True)
-    return cands[name]()
+    hit = t._fast.get(key)
+    if hit is not None and hit[0] in candidates:
+        return t._call(hit[1], candidates[hit[0]], args)
+    return t.run(op, key, ordered(op, candidates), measure=measurable(x), args=args,
+                 describe=describe, device=x.device)[1]
 
 
-def _with_backward(fn, tensors):
-    """fn's forward and backward, as one timed step (grads returned, not accumulated)."""
-    needs = [t for t in tensors if t.requires_grad]
+# --- the Triton GEMM's tile config ---------------------------------------------------------------
 
-    def step():
-        out = fn()
-        return torch.autograd.grad(out, needs, torch.ones_like(out))
-    return step
+def choose_gemm_config(a, key, candidates: dict):
+    """kernels/matmul.matmul's ``choose``: the chosen launch's result for this launch ``key``
+    (a kernels/matmul.GemmKey: shapes, dtypes, layout, epilogue, precision, whether TMA can read
+    the operands, device). candidates: {config name: launch} in the fixed table's order, so with
+    tuning off (or while a CUDA graph is captured) the first -- the fixed table's choice -- runs.
+    On sm_90 the Hopper GEMM's configs (kernels/matmul_hopper.py) join last: timed, never the
+    fixed choice. matmul asks :func:`chosen_gemm_config` first: a key seen before is launched
+    without building candidates."""
+    from .kernels.matmul_hopper import hopper_launches
+    candidates = {**candidates, **hopper_launches(key, candidates)}
+    return tuner().run("gemm", key, candidates, measure=measurable(a), device=a.device,
+                       describe=lambda: gemm_key_text(key))[1]
+
+
+_GEMM_DECISIONS = {}  # (tuner id, key) -> what matmul launches for a key chosen before
+
+
+def chosen_gemm_config(key):
+    """What was chosen before for ``key``: a matmul GemmConfig, or the Hopper GEMM bound to its
+    config (a launcher taking matmul's arguments); None when the key has not been seen."""
+    t = tuner()
+    hit = t._fast.get(key)
+    if hit is None:
+        return None
+    memo = (id(t), key)
+    decision = _GEMM_DECISIONS.get(memo)
+    if decision is None or decision[0] != hit[0]:
+        decision = _GEMM_DECISIONS[memo] = (hit[0], _gemm_decision(key, hit[0]))
+    return decision[1]
+
+
+def _gemm_decision(key, name):
+    import functools
+
+    from .kernels import matmul, matmul_hopper
+    key = matmul.GemmKey(*key)
+    target = _device.gpu_target(key.device)
+    for c in matmul.gemm_candidates(key.M, key.N, key.a, key.epilogue, key.precision, target,
+                                    key.K):
+        if c.name == name:
+            return c
+    config = matmul_hopper.config_named(name)
+    if config is None:  # a name this build does not know (an old cache): choose again
+        return None
+    return functools.partial(matmul_hopper.hopper_matmul, config=config)
+
+
+choose_gemm_config.lookup = chosen_gemm_config
+
+
+def gemm_key_text(key):
+    from .kernels.matmul import GemmKey
+    key = GemmKey(*key)
+    fields = ", ".join(f"{k}={v}" for k, v in key._asdict().items() if k != "device")
+    return f"gemm|{fields}|device={device_name(key.device)}|{versions()}"
 
 
 def main(argv=None):

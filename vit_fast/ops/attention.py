@@ -5,6 +5,9 @@ The forward op returns (out, lse); autograd saves exactly qkv, out and the fp32 
 (no N×N matrix), plus, with dropout, the 1-element int64 seed from which the backward op
 regenerates the dropout mask along with the probabilities, and, for packed batches, the int
 segment_ids [B, N] from which both ops rebuild the segment mask tile by tile.
+:data:`AttentionFn` is the eager twin (vit_fast/ops/autograd_twin.py). The policy in force at
+the forward (which implementations may run: SDPA only under ``auto``) is kept for the backward,
+whichever thread autograd runs it on.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from vit_fast import reference_grad
 from vit_fast.fallback import reference_on_failure
 
 from . import attention_sdpa, checks
+from .autograd_twin import twin
 
 _SEGMENT_DTYPES = (torch.int32, torch.int64)
 
@@ -61,6 +65,19 @@ def _check_bwd_args(dout, qkv, out, lse, num_heads, scale, dropout_p, seed, segm
     checks.tensor(op, "lse", lse, like=qkv, shape=(B, num_heads, N), dtype=torch.float32)
 
 
+_check_fwd_once = checks.once_per_signature(check_fwd_args)
+_check_bwd_once = checks.once_per_signature(_check_bwd_args)
+
+
+def forward(qkv: Tensor, num_heads: int, scale: float, dropout_p: float = 0.0,
+            seed: Optional[Tensor] = None,
+            segment_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(out, lse) from the kernel, or PyTorch's flash SDPA where eligible and measured faster
+    (attention_sdpa.py); segment_ids is a kernel-only argument: with it the kernel always runs."""
+    return attention_sdpa.attention_forward(qkv, num_heads, scale, dropout_p=dropout_p,
+                                            seed=seed, segment_ids=segment_ids)
+
+
 @torch.library.custom_op("vit_fast::fused_qkv_attention", mutates_args=())
 def fused_qkv_attention_op(qkv: Tensor, num_heads: int, scale: float, dropout_p: float = 0.0,
                            seed: Optional[Tensor] = None,
@@ -71,11 +88,8 @@ def fused_qkv_attention_op(qkv: Tensor, num_heads: int, scale: float, dropout_p:
     segment_ids (int32/int64 [B, N]) restricts each query to the keys of its own segment; rows
     of padding (negative id) are 0 in out.
     """
-    check_fwd_args(qkv, num_heads, scale, dropout_p, seed, segment_ids)
-    # the kernel, or PyTorch's flash SDPA where eligible and measured faster (attention_sdpa.py);
-    # segment_ids is a kernel-only argument: with it the kernel always runs
-    return attention_sdpa.attention_forward(qkv, num_heads, scale, dropout_p=dropout_p,
-                                            seed=seed, segment_ids=segment_ids)
+    _check_fwd_once(qkv, num_heads, scale, dropout_p, seed, segment_ids)
+    return forward(qkv, num_heads, scale, dropout_p, seed, segment_ids)
 
 
 @fused_qkv_attention_op.register_fake
@@ -87,18 +101,26 @@ def _(qkv, num_heads, scale, dropout_p=0.0, seed=None, segment_ids=None):
     return out, lse
 
 
-@torch.library.custom_op("vit_fast::fused_qkv_attention_backward", mutates_args=())
 @reference_on_failure("fused_qkv_attention", reference_grad.fused_qkv_attention_backward)
+def backward_kernels(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int,
+                     scale: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
+                     segment_ids: Optional[Tensor] = None, policy: Optional[str] = None) -> Tensor:
+    """dqkv [B, N, 3·H·D] from dout [B, N, H·D] and the forward's qkv, out, lse, dropout_p,
+    seed and segment_ids; policy: the forward's (default: the one in force)."""
+    return attention_sdpa.attention_backward(dout, qkv, out, lse, num_heads, scale,
+                                             dropout_p=dropout_p, seed=seed,
+                                             segment_ids=segment_ids, policy=policy)
+
+
+@torch.library.custom_op("vit_fast::fused_qkv_attention_backward", mutates_args=())
 def fused_qkv_attention_backward_op(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
                                     num_heads: int, scale: float, dropout_p: float = 0.0,
                                     seed: Optional[Tensor] = None,
                                     segment_ids: Optional[Tensor] = None) -> Tensor:
     """dqkv [B, N, 3·H·D] from dout [B, N, H·D] and the forward's qkv, out, lse, dropout_p,
     seed and segment_ids."""
-    _check_bwd_args(dout, qkv, out, lse, num_heads, scale, dropout_p, seed, segment_ids)
-    return attention_sdpa.attention_backward(dout, qkv, out, lse, num_heads, scale,
-                                             dropout_p=dropout_p, seed=seed,
-                                             segment_ids=segment_ids)
+    _check_bwd_once(dout, qkv, out, lse, num_heads, scale, dropout_p, seed, segment_ids)
+    return backward_kernels(dout, qkv, out, lse, num_heads, scale, dropout_p, seed, segment_ids)
 
 
 @fused_qkv_attention_backward_op.register_fake
@@ -120,16 +142,28 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, _dlse):
+    """The traced backward: the registered op, under the forward's policy."""
     if dout is None:  # out took no part in the loss
         return None, None, None, None, None, None
     qkv, out, lse, seed, segment_ids = ctx.saved_tensors
     with use_backend(ctx.policy):
         dqkv = fused_qkv_attention_backward_op(dout, qkv, out, lse, ctx.num_heads, ctx.scale,
-                                       ctx.dropout_p, seed, segment_ids)
+                                               ctx.dropout_p, seed, segment_ids)
+    return dqkv, None, None, None, None, None
+
+
+def _eager_backward(ctx, dout, _dlse):
+    """The eager twin's backward: the kernels, given the forward's policy."""
+    if dout is None:
+        return None, None, None, None, None, None
+    qkv, out, lse, seed, segment_ids = ctx.saved_tensors
+    dqkv = backward_kernels(dout, qkv, out, lse, ctx.num_heads, ctx.scale, ctx.dropout_p, seed,
+                            segment_ids, ctx.policy)
     return dqkv, None, None, None, None, None
 
 
 fused_qkv_attention_op.register_autograd(_backward, setup_context=_setup_context)
+AttentionFn = twin("AttentionFn", forward, _setup_context, _eager_backward)
 
 
 def dropout_seed(device: torch.device) -> Tensor:
@@ -139,13 +173,15 @@ def dropout_seed(device: torch.device) -> Tensor:
 
 
 def fused_qkv_attention(qkv: Tensor, num_heads: int, scale: float, dropout_p: float = 0.0,
-                        segment_ids: Optional[Tensor] = None) -> Tensor:
+                        segment_ids: Optional[Tensor] = None, *, op=None) -> Tensor:
     """softmax(q kᵀ·scale) v per head from timm's packed qkv [B, N, 3·H·D] -> [B, N, H·D],
     the probabilities dropped with probability dropout_p (a fresh mask per call), each query
     restricted to its own segment when segment_ids [B, N] is given.
 
     Inputs are validated, and scale resolved to a float, by vit_fast.functional.
+    op: the custom op (default) or AttentionFn.apply (eager, plain tensors).
     """
     dropout_p = float(dropout_p)
     seed = dropout_seed(qkv.device) if dropout_p > 0.0 else None
-    return fused_qkv_attention_op(qkv, num_heads, float(scale), dropout_p, seed, segment_ids)[0]
+    return (op or fused_qkv_attention_op)(qkv, num_heads, float(scale), dropout_p, seed,
+                                          segment_ids)[0]

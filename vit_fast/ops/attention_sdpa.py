@@ -34,7 +34,7 @@ from torch import Tensor
 
 from vit_fast import dispatch, tuning
 from vit_fast.kernels.attention import attention_bwd, attention_fwd, two_pass_alternative
-from vit_fast.kernels.attention_fwd_tma import tma_alternative
+from vit_fast.kernels.attention_fwd_tma import attention_fwd_tma, tma_offered
 
 
 def _heads(qkv, num_heads):
@@ -80,56 +80,98 @@ def sdpa_attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_
     return torch.stack([t.transpose(1, 2) for t in (dq, dk, dv)], dim=2).flatten(2)
 
 
-def sdpa_eligible(qkv, dropout_p, kernel_kwargs) -> bool:
-    if dispatch.current_policy() != "auto" or dropout_p != 0.0:
-        return False
-    if any(v is not None for v in kernel_kwargs.values()):  # e.g. segment ids: kernel only
+def sdpa_eligible(qkv, dropout_p, segmented, policy=None) -> bool:
+    """Whether PyTorch's flash SDPA may answer this call: under 'auto' only, without dropout
+    and without kernel-only arguments (segment ids), in flash's dtypes on CUDA."""
+    if (policy or dispatch.current_policy()) != "auto" or dropout_p != 0.0 or segmented:
         return False
     return not qkv.is_cuda or qkv.dtype in (torch.float16, torch.bfloat16)
 
 
-def _key(op, qkv, num_heads, scale):
-    return tuning.make_key(op, dict(qkv=qkv), num_heads=num_heads, scale=scale)
+def _kernel_fwd(qkv, num_heads, scale, dropout_p, seed, segment_ids):
+    return attention_fwd(qkv, num_heads, scale, dropout_p=dropout_p, seed=seed,
+                         segment_ids=segment_ids)
 
 
-def attention_forward(qkv, num_heads, scale, dropout_p=0.0, seed=None, **kernel_kwargs):
+def _tma_fwd(qkv, num_heads, scale, dropout_p, seed, segment_ids):
+    return attention_fwd_tma(qkv, num_heads, scale)
+
+
+def _sdpa_fwd(qkv, num_heads, scale, dropout_p, seed, segment_ids):
+    return sdpa_attention_fwd(qkv, num_heads, scale)
+
+
+def _kernel_bwd(dout, qkv, out, lse, num_heads, scale, dropout_p, seed, segment_ids):
+    return attention_bwd(dout, qkv, out, lse, num_heads, scale, dropout_p=dropout_p, seed=seed,
+                         segment_ids=segment_ids)
+
+
+def _two_pass_bwd(dout, qkv, out, lse, num_heads, scale, dropout_p, seed, segment_ids):
+    config = two_pass_alternative(qkv, num_heads, dropout_p != 0.0, segment_ids is not None)
+    return attention_bwd(dout, qkv, out, lse, num_heads, scale, dropout_p=dropout_p, seed=seed,
+                         segment_ids=segment_ids, config=config)
+
+
+def _sdpa_bwd(dout, qkv, out, lse, num_heads, scale, dropout_p, seed, segment_ids):
+    return sdpa_attention_bwd(dout, qkv, out, lse, num_heads, scale)
+
+
+_FWD_SETS = {}  # (tma, sdpa) -> the forward's candidates
+_BWD_SETS = {}  # (two_pass, sdpa) -> the backward's candidates
+
+
+def _candidates(sets, names, offered):
+    hit = sets.get(offered)
+    if hit is None:
+        hit = sets[offered] = {n: fn for (n, fn), ok in zip(names, (True, *offered)) if ok}
+    return hit
+
+
+def _fwd_key(qkv, num_heads, scale, dropout_p, segmented, policy):
+    """What the forward's choice depends on: the candidate set (TMA's alignment, SDPA's
+    eligibility under the policy) and the problem. One tuple: a repeat call costs its hash."""
+    eligible = sdpa_eligible(qkv, dropout_p, segmented, policy)
+    tma = tma_offered(qkv, num_heads, scale, dropout_p != 0.0, segmented)
+    return ("attention_fwd", qkv.shape, qkv.dtype, qkv.device, num_heads, scale, dropout_p != 0.0,
+            segmented, tma, eligible), tma, eligible
+
+
+def attention_forward(qkv, num_heads, scale, dropout_p=0.0, seed=None, segment_ids=None,
+                      policy=None):
     """kernels/attention.attention_fwd's contract: the kernel, its TMA variant (sm_90, plain
-    calls) or SDPA where eligible and chosen."""
-    def kernel():
-        return attention_fwd(qkv, num_heads, scale, dropout_p=dropout_p, seed=seed,
-                             **kernel_kwargs)
-    cands = {"triton": kernel}
-    tma = tma_alternative(qkv, num_heads, scale, dropout_p != 0.0,
-                          any(v is not None for v in kernel_kwargs.values()))
-    if tma is not None:  # same math and outputs, loads by TMA: only the speed differs
-        cands["triton_tma"] = tma
-    eligible = sdpa_eligible(qkv, dropout_p, kernel_kwargs)
-    if eligible:
-        cands["sdpa"] = lambda: sdpa_attention_fwd(qkv, num_heads, scale)
-    if len(cands) == 1:
-        return kernel()
-    # Without SDPA (another policy) a key of its own, so a cached "sdpa" is never looked up.
-    key = _key("attention_fwd", qkv, num_heads, scale) if eligible else tuning.make_key(
-        "attention_fwd", dict(qkv=qkv), num_heads=num_heads, scale=scale, sdpa=False)
-    return tuning.select("attention_fwd", key, cands, qkv)
+    calls) or SDPA where eligible and chosen. policy: the one in force (default: read it)."""
+    key, tma, eligible = _fwd_key(qkv, num_heads, scale, dropout_p, segment_ids is not None,
+                                  policy)
+    args = (qkv, num_heads, scale, dropout_p, seed, segment_ids)
+    if not (tma or eligible):
+        return _kernel_fwd(*args)
+    cands = _candidates(_FWD_SETS, (("triton", _kernel_fwd), ("triton_tma", _tma_fwd),
+                                    ("sdpa", _sdpa_fwd)), (tma, eligible))
+
+    def describe():
+        return tuning.make_key("attention_fwd", dict(qkv=qkv), num_heads=num_heads, scale=scale,
+                               **({} if eligible else {"sdpa": False}),
+                               **({"tma": True} if tma else {}))
+    return tuning.select("attention_fwd", key, cands, qkv, args, describe)
 
 
 def attention_backward(dout, qkv, out, lse, num_heads, scale, dropout_p=0.0, seed=None,
-                       **kernel_kwargs):
+                       segment_ids=None, policy=None):
     """kernels/attention.attention_bwd's contract: the kernel, or SDPA's backward where eligible
-    and chosen (independently of the forward: both read the same out and lse)."""
-    def kernel(config=None):
-        return attention_bwd(dout, qkv, out, lse, num_heads, scale, dropout_p=dropout_p,
-                             seed=seed, config=config, **kernel_kwargs)
-    cands = {"triton": kernel}
-    segments = kernel_kwargs.get("segment_ids") is not None
-    two_pass = two_pass_alternative(qkv, num_heads, dropout_p != 0.0, segments)
-    if two_pass is not None:  # same mask, same determinism: only the speed differs
-        cands["triton_two_pass"] = lambda: kernel(two_pass)
-    if sdpa_eligible(qkv, dropout_p, kernel_kwargs):
-        cands["sdpa"] = lambda: sdpa_attention_bwd(dout, qkv, out, lse, num_heads, scale)
-    if len(cands) == 1:
-        return kernel()
-    key = tuning.make_key("attention_bwd", dict(qkv=qkv), num_heads=num_heads, scale=scale,
-                          dropout=dropout_p != 0.0, segments=segments)
-    return tuning.select("attention_bwd", key, cands, qkv)
+    and chosen (independently of the forward: both read the same out and lse). policy: the
+    forward's (SDPA may run only where the forward's policy allowed it)."""
+    segmented = segment_ids is not None
+    args = (dout, qkv, out, lse, num_heads, scale, dropout_p, seed, segment_ids)
+    two_pass = two_pass_alternative(qkv, num_heads, dropout_p != 0.0, segmented) is not None
+    eligible = sdpa_eligible(qkv, dropout_p, segmented, policy)
+    if not (two_pass or eligible):
+        return _kernel_bwd(*args)
+    cands = _candidates(_BWD_SETS, (("triton", _kernel_bwd), ("triton_two_pass", _two_pass_bwd),
+                                    ("sdpa", _sdpa_bwd)), (two_pass, eligible))
+    key = ("attention_bwd", qkv.shape, qkv.dtype, qkv.device, num_heads, scale,
+           dropout_p != 0.0, segmented, two_pass, eligible)
+
+    def describe():
+        return tuning.make_key("attention_bwd", dict(qkv=qkv), num_heads=num_heads, scale=scale,
+                               dropout=dropout_p != 0.0, segments=segmented, sdpa=eligible)
+    return tuning.select("attention_bwd", key, cands, qkv, args, describe)

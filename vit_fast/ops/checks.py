@@ -10,6 +10,7 @@ no graph break.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -71,3 +72,29 @@ def sample_scale(op, t, x):
     if t is not None:
         value(op, x.dim() >= 2, f"sample_scale needs x with a batch dim, got {tuple(x.shape)}")
         tensor(op, "sample_scale", t, like=x, shape=(x.shape[0],))
+
+
+def _signature(a):
+    return (a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else a
+
+
+def once_per_signature(check):
+    """``check(*args)`` run once per signature of its arguments (each tensor's shape, dtype and
+    device; other values as they are), then skipped: a registered op's real implementation runs
+    its checks on every call (a compiled graph calls it each step), and most calls repeat one
+    signature. Arguments that cannot be hashed are checked every time."""
+    seen = set()
+
+    @functools.wraps(check)
+    def run(*args):
+        try:
+            sig = tuple(map(_signature, args))
+            if sig in seen:
+                return
+        except TypeError:  # an unhashable argument (a list): no memory
+            return check(*args)
+        check(*args)
+        if len(seen) > 4096:  # dynamic shapes: a bounded memory
+            seen.clear()
+        seen.add(sig)
+    return run

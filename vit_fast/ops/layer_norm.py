@@ -4,6 +4,9 @@ vit_fast::residual_layer_norm_backward, with fake and autograd registrations.
 The forward op returns (y, s, mean, rstd). Without a residual, s is x itself, and a custom op may
 not return an alias of its input, so the op returns an empty placeholder there and the public
 entry hands back x: autograd then adds the gradient that flows into s to dx by itself.
+
+:class:`ResidualLayerNormFn` is the op's eager twin (vit_fast/ops/autograd_twin.py): same forward,
+setup_context and backward; its backward launches the kernels directly.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from vit_fast import reference_grad
 from vit_fast.fallback import reference_on_failure
 
 from . import checks
+from .autograd_twin import twin, with_bwd
 
 
 def check_fwd_args(x, weight, bias, eps, residual=None, layer_scale=None, sample_scale=None,
@@ -34,16 +38,26 @@ def check_fwd_args(x, weight, bias, eps, residual=None, layer_scale=None, sample
     checks.eps(op, eps)
 
 
-@torch.library.custom_op("vit_fast::residual_layer_norm", mutates_args=())
+_check_fwd_once = checks.once_per_signature(check_fwd_args)
+
+
 @reference_on_failure("residual_layer_norm", reference_grad.residual_layer_norm,
                       only_in_backward=True)  # the Block's backward reruns it
-def _fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
             residual: Optional[Tensor], layer_scale: Optional[Tensor],
             sample_scale: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    check_fwd_args(x, weight, bias, eps, residual, layer_scale, sample_scale)
+    """(y, s or an empty placeholder, mean, rstd) from the kernel; arguments already checked."""
     y, s, mean, rstd = residual_layer_norm_fwd(x, weight, bias, eps, residual, layer_scale,
                                                sample_scale)
     return y, (s if s is not None else x.new_empty(0)), mean, rstd
+
+
+@torch.library.custom_op("vit_fast::residual_layer_norm", mutates_args=())
+def _fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+            residual: Optional[Tensor], layer_scale: Optional[Tensor],
+            sample_scale: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_fwd_once(x, weight, bias, eps, residual, layer_scale, sample_scale)
+    return forward(x, weight, bias, eps, residual, layer_scale, sample_scale)
 
 
 @_fwd_op.register_fake
@@ -56,23 +70,34 @@ def _(x, weight, bias, eps, residual, layer_scale, sample_scale):
     return y, s, stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("vit_fast::residual_layer_norm_backward", mutates_args=())
 @reference_on_failure("residual_layer_norm", reference_grad.residual_layer_norm_backward)
-def _bwd_op(dy: Tensor, ds: Optional[Tensor], s: Tensor, x: Optional[Tensor], mean: Tensor,
-            rstd: Tensor, weight: Optional[Tensor], layer_scale: Optional[Tensor],
-            sample_scale: Optional[Tensor], residual_dtype: Optional[torch.dtype],
-            bias_dtype: Optional[torch.dtype]) -> list[Tensor]:
+def backward_kernels(dy: Tensor, ds: Optional[Tensor], s: Tensor, x: Optional[Tensor],
+                     mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
+                     layer_scale: Optional[Tensor], sample_scale: Optional[Tensor],
+                     residual_dtype: Optional[torch.dtype],
+                     bias_dtype: Optional[torch.dtype]) -> list[Tensor]:
     """[dx, dresidual, dweight, dbias, dlayer_scale]; an absent gradient is an empty tensor.
 
     residual_dtype / bias_dtype: None when there is no residual / no bias gradient to compute.
     """
-    _check_bwd_args(dy, ds, s, x, mean, rstd, weight, layer_scale, sample_scale, residual_dtype,
-                    bias_dtype)
     grads = residual_layer_norm_bwd(
         dy, ds, s, mean, rstd, weight, has_residual=residual_dtype is not None,
         need_bias_grad=bias_dtype is not None, x=x, layer_scale=layer_scale,
         sample_scale=sample_scale, residual_dtype=residual_dtype, bias_dtype=bias_dtype)
-    return [g if g is not None else s.new_empty(0) for g in grads]
+    return list(grads)
+
+
+@torch.library.custom_op("vit_fast::residual_layer_norm_backward", mutates_args=())
+def _bwd_op(dy: Tensor, ds: Optional[Tensor], s: Tensor, x: Optional[Tensor], mean: Tensor,
+            rstd: Tensor, weight: Optional[Tensor], layer_scale: Optional[Tensor],
+            sample_scale: Optional[Tensor], residual_dtype: Optional[torch.dtype],
+            bias_dtype: Optional[torch.dtype]) -> list[Tensor]:
+    """backward_kernels as a registered op (its arguments checked)."""
+    _check_bwd_once(dy, ds, s, x, mean, rstd, weight, layer_scale, sample_scale, residual_dtype,
+                    bias_dtype)
+    grads = backward_kernels(dy, ds, s, x, mean, rstd, weight, layer_scale, sample_scale,
+                             residual_dtype, bias_dtype)
+    return [g if g is not None else s.new_empty(0) for g in grads]  # a custom op returns tensors
 
 
 def _check_bwd_args(dy, ds, s, x, mean, rstd, weight, layer_scale, sample_scale, residual_dtype,
@@ -93,6 +118,9 @@ def _check_bwd_args(dy, ds, s, x, mean, rstd, weight, layer_scale, sample_scale,
         checks.tensor(op, "layer_scale", layer_scale, like=s, shape=(C,), optional=True)
         checks.tensor(op, "x", x, like=s, shape=s.shape, optional=layer_scale is None)
         checks.sample_scale(op, sample_scale, s)
+
+
+_check_bwd_once = checks.once_per_signature(_check_bwd_args)
 
 
 @_bwd_op.register_fake
@@ -127,14 +155,49 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dy, ds, _dmean, _drstd):
+def _recompute_traced(x, weight, bias, eps, residual, layer_scale, sample_scale, out_dtype=None):
+    """The LayerNorm forward as the Block ops' backward reruns it (registered op), y in
+    out_dtype."""
+    y, s, mean, rstd = torch.ops.vit_fast.residual_layer_norm(x, weight, bias, eps, residual,
+                                                              layer_scale, sample_scale)
+    return (y.to(out_dtype) if out_dtype is not None else y), s, mean, rstd
+
+
+def _recompute_reference(x, weight, bias, eps, residual, layer_scale, sample_scale,
+                         out_dtype=None):
+    y, s, mean, rstd = reference_grad.residual_layer_norm(x, weight, bias, eps, residual,
+                                                          layer_scale, sample_scale)
+    return (y.to(out_dtype) if out_dtype is not None else y), s, mean, rstd
+
+
+@reference_on_failure("residual_layer_norm", _recompute_reference, only_in_backward=True)
+def _recompute_kernel(x, weight, bias, eps, residual, layer_scale, sample_scale, out_dtype=None):
+    """The same on the kernel, y written in out_dtype (the GEMM's) directly."""
+    return residual_layer_norm_fwd(x, weight, bias, eps, residual, layer_scale, sample_scale,
+                                   out_dtype=out_dtype)
+
+
+class EAGER:
+    """The sub-ops the backward calls: the kernels (eager twin). forward(..., out_dtype) is the
+    LayerNorm rerun (y written in out_dtype); backward returns None for an absent gradient."""
+    forward = staticmethod(lambda *args: _recompute_kernel(*args))
+    backward = staticmethod(lambda *args: backward_kernels(*args))
+
+
+class TRACED:
+    """The sub-ops the backward calls: the registered ops (custom op, traced by torch.compile)."""
+    forward = staticmethod(_recompute_traced)
+    backward = staticmethod(lambda *args: torch.ops.vit_fast.residual_layer_norm_backward(*args))
+
+
+def _backward(ctx, dy, ds, _dmean, _drstd, *, bwd=TRACED):
     s, x, mean, rstd, weight, layer_scale, sample_scale = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(s)
     if ds is not None and ds.numel() == 0:
         ds = None
     need = ctx.needs_input_grad
-    dx, dres, dw, db, dls = _bwd_op(
+    dx, dres, dw, db, dls = bwd.backward(
         dy, ds, s, x if layer_scale is not None else None, mean, rstd, weight, layer_scale,
         sample_scale, ctx.residual_dtype, ctx.bias_dtype if need[2] else None)
     dss = None
@@ -156,12 +219,15 @@ def sample_scale_grad(ds, x, layer_scale, sample_scale):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+ResidualLayerNormFn = twin("ResidualLayerNormFn", forward, _setup_context,
+                           with_bwd(_backward, EAGER))
 
 
-def residual_layer_norm(x, weight, bias, eps, residual, layer_scale, sample_scale):
-    """(y, s) as in vit_fast.functional.residual_layer_norm; inputs already validated there."""
+def residual_layer_norm(x, weight, bias, eps, residual, layer_scale, sample_scale, *, op=None):
+    """(y, s) as in vit_fast.functional.residual_layer_norm; inputs already validated there.
+    op: the custom op (default) or ResidualLayerNormFn.apply (eager, plain tensors)."""
     if residual is None:
         # s = x: the branch factors have nothing to scale.
         layer_scale = sample_scale = None
-    y, s, _, _ = _fwd_op(x, weight, bias, float(eps), residual, layer_scale, sample_scale)
+    y, s, _, _ = (op or _fwd_op)(x, weight, bias, float(eps), residual, layer_scale, sample_scale)
     return y, (s if residual is not None else x)

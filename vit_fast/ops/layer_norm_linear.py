@@ -15,6 +15,8 @@ plain Linear math and run as torch (cuBLAS) ops. One dtype for every tensor (dis
 except under AMP's contract (FlashAttention's residual_in_fp32): x and the LayerNorm parameters
 fp32 (the residual stream), weight and bias in the autocast dtype. The LayerNorm kernel then
 writes h directly in that dtype for the GEMM (no fp32 h, no cast kernel) and out has it too.
+
+:data:`LayerNormLinearFn` is the eager twin (vit_fast/ops/autograd_twin.py).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from vit_fast.fallback import reference_on_failure
 
 from . import checks
 from . import layer_norm as _ln  # registers vit_fast::residual_layer_norm(_backward)
+from .autograd_twin import twin, with_bwd
 
 
 AMP_DTYPES = (torch.bfloat16, torch.float16)
@@ -52,15 +55,40 @@ def _check_args(x, ln_weight, ln_bias, eps, weight, bias):
     checks.tensor(op, "bias", bias, like=x, dtype=dtype, shape=(weight.shape[0],), optional=True)
 
 
-@torch.library.custom_op("vit_fast::layer_norm_linear", mutates_args=())
+_check_once = checks.once_per_signature(_check_args)
+
+
 @reference_on_failure("layer_norm_linear", reference_grad.layer_norm_linear)
+def forward(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float,
+            weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(out [..., O], mean [M], rstd [M]) for x [..., C], weight [O, C], bias [O] or None."""
+    h, _, mean, rstd = residual_layer_norm_fwd(x, ln_weight, ln_bias, eps, out_dtype=weight.dtype)
+    return F.linear(h, weight, bias), mean, rstd
+
+
+def _without_stats(reference):
+    def run(*args):
+        return reference(*args)[0], None, None
+    return run
+
+
+@reference_on_failure("layer_norm_linear", _without_stats(reference_grad.layer_norm_linear))
+def forward_eager(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float,
+                  weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, None, None]:
+    """forward for the eager twin: (out, None, None), the statistics not even written (nothing
+    keeps them: the backward recomputes them with h)."""
+    h = residual_layer_norm_fwd(x, ln_weight, ln_bias, eps, out_dtype=weight.dtype,
+                                stats=False)[0]
+    return F.linear(h, weight, bias), None, None
+
+
+@torch.library.custom_op("vit_fast::layer_norm_linear", mutates_args=())
 def layer_norm_linear_op(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
                          eps: float, weight: Tensor, bias: Optional[Tensor]
                          ) -> tuple[Tensor, Tensor, Tensor]:
     """(out [..., O], mean [M], rstd [M]) for x [..., C], weight [O, C], bias [O] or None."""
-    _check_args(x, ln_weight, ln_bias, eps, weight, bias)
-    h, _, mean, rstd = residual_layer_norm_fwd(x, ln_weight, ln_bias, eps, out_dtype=weight.dtype)
-    return F.linear(h, weight, bias), mean, rstd
+    _check_once(x, ln_weight, ln_bias, eps, weight, bias)
+    return forward(x, ln_weight, ln_bias, eps, weight, bias)
 
 
 @layer_norm_linear_op.register_fake
@@ -78,13 +106,14 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, ln_weight, ln_bias, weight)  # mean, rstd: rebuilt with h
     ctx.eps = eps
     ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(mean, rstd)
+    if mean is not None:  # the eager twin returns no statistics
+        ctx.mark_non_differentiable(mean, rstd)
     # their gradients are never read: autograd would otherwise fill zero tensors for them
     # (a memset of each, pre's [M, hidden] included) before every backward
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout, _dmean, _drstd):
+def _backward(ctx, dout, _dmean, _drstd, *, bwd=_ln.TRACED):
     x, ln_weight, ln_bias, weight = ctx.saved_tensors
     need = ctx.needs_input_grad
     C, O = x.shape[-1], weight.shape[0]
@@ -92,17 +121,16 @@ def _backward(ctx, dout, _dmean, _drstd):
     dw = db = None
     # h and the statistics rebuilt from x by the forward's own kernel: the same bits the forward
     # multiplied and normalized with.
-    h, _, mean, rstd = torch.ops.vit_fast.residual_layer_norm(x, ln_weight, ln_bias, ctx.eps, None,
-                                                              None, None)
+    h, _, mean, rstd = bwd.forward(x, ln_weight, ln_bias, ctx.eps, None, None, None, weight.dtype)
     if need[4]:
-        dw = g.t().mm(h.to(weight.dtype).reshape(-1, C))  # .to: a no-op unless AMP
+        dw = g.t().mm(h.reshape(-1, C))
     del h
     if need[5] and ctx.has_bias:
         db = g.sum(0)
     dx = dlnw = dlnb = None
     if need[0] or need[1] or need[2]:
         dh = g.mm(weight).reshape(x.shape).to(x.dtype)  # AMP: the fp32 stream's LN backward
-        grads = torch.ops.vit_fast.residual_layer_norm_backward(
+        grads = bwd.backward(
             dh, None, x, None, mean, rstd, ln_weight, None, None, None,
             ln_bias.dtype if (ln_bias is not None and need[2]) else None)
         dx = grads[0]
@@ -112,8 +140,11 @@ def _backward(ctx, dout, _dmean, _drstd):
 
 
 layer_norm_linear_op.register_autograd(_backward, setup_context=_setup_context)
+LayerNormLinearFn = twin("LayerNormLinearFn", forward_eager, _setup_context,
+                         with_bwd(_backward, _ln.EAGER))
 
 
-def layer_norm_linear(x, ln_weight, ln_bias, eps, weight, bias) -> Tensor:
-    """LayerNorm(x)·ln_weight + ln_bias, then ·weightᵀ + bias; x [..., C] -> [..., O]."""
-    return layer_norm_linear_op(x, ln_weight, ln_bias, float(eps), weight, bias)[0]
+def layer_norm_linear(x, ln_weight, ln_bias, eps, weight, bias, *, op=None) -> Tensor:
+    """LayerNorm(x)·ln_weight + ln_bias, then ·weightᵀ + bias; x [..., C] -> [..., O].
+    op: the custom op (default) or LayerNormLinearFn.apply (eager, plain tensors)."""
+    return (op or layer_norm_linear_op)(x, ln_weight, ln_bias, float(eps), weight, bias)[0]

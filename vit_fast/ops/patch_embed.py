@@ -50,6 +50,9 @@ def _as_channel_vector(v, channels, device):
     """mean/std (sequence, scalar or tensor) as the fp32 [C] tensor on `device` the C++ op expects."""
     if v is None:
         return None
+    if isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.device == device \
+            and v.shape == (channels,):
+        return v  # already what the op takes (vit_fast.functional made it, once)
     t = torch.as_tensor(v, dtype=torch.float32, device=device)
     return t.expand(channels).contiguous() if t.dim() == 0 else t.reshape(channels)
 

@@ -4,6 +4,7 @@ with fake and autograd registrations.
 Autograd saves only the input qkv (the parameters are kept by their modules anyway): the
 backward recomputes the per-row statistics from it, so no fp32 statistics are stored. The
 output qkv is what fused_qkv_attention saves for its own backward.
+:data:`QkNormFn` is the eager twin (vit_fast/ops/autograd_twin.py).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import Tensor
 from vit_fast.kernels.qk_norm import MAX_HEAD_DIM, qk_norm_bwd, qk_norm_fwd
 
 from . import checks
+from .autograd_twin import twin
 
 
 def check_args(qkv, num_heads, q_weight, k_weight, q_bias, k_bias, eps, op="qk_norm"):
@@ -45,14 +47,24 @@ def check_args(qkv, num_heads, q_weight, k_weight, q_bias, k_bias, eps, op="qk_n
     checks.eps(op, eps)
 
 
+_check_once = checks.once_per_signature(check_args)
+
+
+def forward(qkv: Tensor, num_heads: int, q_weight: Optional[Tensor], k_weight: Optional[Tensor],
+            q_bias: Optional[Tensor], k_bias: Optional[Tensor], rms: bool, eps: float) -> Tensor:
+    """A new contiguous qkv [B, N, 3·H·D] with q and k normalized over head_dim (LayerNorm, or
+    RMSNorm when ``rms``), then ·weight + bias; v copied."""
+    return qk_norm_fwd(qkv, num_heads, q_weight, k_weight, q_bias, k_bias, rms, eps)
+
+
 @torch.library.custom_op("vit_fast::qk_norm", mutates_args=())
 def qk_norm_op(qkv: Tensor, num_heads: int, q_weight: Optional[Tensor], k_weight: Optional[Tensor],
                q_bias: Optional[Tensor], k_bias: Optional[Tensor], rms: bool,
                eps: float) -> Tensor:
     """A new contiguous qkv [B, N, 3·H·D] with q and k normalized over head_dim (LayerNorm, or
     RMSNorm when ``rms``), then ·weight + bias; v copied."""
-    check_args(qkv, num_heads, q_weight, k_weight, q_bias, k_bias, eps)
-    return qk_norm_fwd(qkv, num_heads, q_weight, k_weight, q_bias, k_bias, rms, eps)
+    _check_once(qkv, num_heads, q_weight, k_weight, q_bias, k_bias, eps)
+    return forward(qkv, num_heads, q_weight, k_weight, q_bias, k_bias, rms, eps)
 
 
 @qk_norm_op.register_fake
@@ -61,24 +73,36 @@ def _(qkv, num_heads, q_weight, k_weight, q_bias, k_bias, rms, eps):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("vit_fast::qk_norm_backward", mutates_args=())
-def qk_norm_backward_op(dy: Tensor, qkv: Tensor, num_heads: int, q_weight: Optional[Tensor],
-                        k_weight: Optional[Tensor], q_bias: Optional[Tensor],
-                        k_bias: Optional[Tensor], rms: bool, eps: float, q_weight_grad: bool,
-                        k_weight_grad: bool) -> list[Tensor]:
+def backward_kernels(dy: Tensor, qkv: Tensor, num_heads: int, q_weight: Optional[Tensor],
+                     k_weight: Optional[Tensor], q_bias: Optional[Tensor],
+                     k_bias: Optional[Tensor], rms: bool, eps: float, q_weight_grad: bool,
+                     k_weight_grad: bool) -> list[Tensor]:
     """[dqkv, dq_weight, dq_bias, dk_weight, dk_bias]: a weight's gradient when its *_grad flag
     is set, a bias's when the bias is passed; an absent gradient is an empty tensor."""
-    _check_bwd_args(dy, qkv, num_heads, q_weight, k_weight, q_bias, k_bias, eps)
     grads = qk_norm_bwd(dy, qkv, num_heads, q_weight, k_weight, rms, eps,
                         q_weight_grad=q_weight_grad, k_weight_grad=k_weight_grad,
                         q_bias=q_bias, k_bias=k_bias)
     return [g if g is not None else qkv.new_empty(0) for g in grads]
 
 
+@torch.library.custom_op("vit_fast::qk_norm_backward", mutates_args=())
+def qk_norm_backward_op(dy: Tensor, qkv: Tensor, num_heads: int, q_weight: Optional[Tensor],
+                        k_weight: Optional[Tensor], q_bias: Optional[Tensor],
+                        k_bias: Optional[Tensor], rms: bool, eps: float, q_weight_grad: bool,
+                        k_weight_grad: bool) -> list[Tensor]:
+    """backward_kernels as a registered op (its arguments checked)."""
+    _check_bwd_once(dy, qkv, num_heads, q_weight, k_weight, q_bias, k_bias, eps)
+    return backward_kernels(dy, qkv, num_heads, q_weight, k_weight, q_bias, k_bias, rms, eps,
+                            q_weight_grad, k_weight_grad)
+
+
 def _check_bwd_args(dy, qkv, num_heads, q_weight, k_weight, q_bias, k_bias, eps):
     op = "qk_norm_backward"
     check_args(qkv, num_heads, q_weight, k_weight, q_bias, k_bias, eps, op=op)
     checks.tensor(op, "dy", dy, like=qkv, shape=qkv.shape)
+
+
+_check_bwd_once = checks.once_per_signature(_check_bwd_args)
 
 
 @qk_norm_backward_op.register_fake
@@ -97,10 +121,11 @@ def _setup_context(ctx, inputs, output):
     ctx.num_heads, ctx.rms, ctx.eps = num_heads, rms, eps
 
 
-def _backward(ctx, dy):
+def _backward(ctx, dy, *, bwd=None):
+    """bwd: the backward to call (the eager twin's kernels), default the registered op."""
     qkv, q_weight, k_weight, q_bias, k_bias = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dqkv, dqw, dqb, dkw, dkb = qk_norm_backward_op(
+    dqkv, dqw, dqb, dkw, dkb = (bwd or qk_norm_backward_op)(
         dy, qkv, ctx.num_heads, q_weight, k_weight, q_bias if need[4] else None,
         k_bias if need[5] else None, ctx.rms, ctx.eps, q_weight is not None and need[2],
         k_weight is not None and need[3])
@@ -111,9 +136,12 @@ def _backward(ctx, dy):
 
 
 qk_norm_op.register_autograd(_backward, setup_context=_setup_context)
+QkNormFn = twin("QkNormFn", forward, _setup_context,
+                lambda ctx, dy: _backward(ctx, dy, bwd=backward_kernels))
 
 
-def qk_norm(qkv, num_heads, q_weight, k_weight, q_bias, k_bias, rms, eps):
-    """vit_fast.functional.qk_norm on the kernels; inputs already validated there."""
-    return qk_norm_op(qkv, int(num_heads), q_weight, k_weight, q_bias, k_bias, bool(rms),
-                      float(eps))
+def qk_norm(qkv, num_heads, q_weight, k_weight, q_bias, k_bias, rms, eps, *, op=None):
+    """vit_fast.functional.qk_norm on the kernels; inputs already validated there.
+    op: the custom op (default) or QkNormFn.apply (eager, plain tensors)."""
+    return (op or qk_norm_op)(qkv, int(num_heads), q_weight, k_weight, q_bias, k_bias, bool(rms),
+                              float(eps))

@@ -19,6 +19,8 @@ AMP's contract (FlashAttention's residual_in_fp32): residual, the LayerNorm para
 LayerScales fp32, the branch x and the MLP weights in the autocast dtype. The LayerNorm kernel
 keeps s in fp32 and writes h in the autocast dtype; fc2's epilogue adds into the fp32 stream (out
 fp32). These run the triton MLP launchers (the out_dtype they take).
+
+:data:`ResidualLayerNormMlpFn` is the eager twin (vit_fast/ops/autograd_twin.py).
 """
 from __future__ import annotations
 
@@ -27,7 +29,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vit_fast import tuning  # the MLP's launchers: triton, cublas or tuned
 from vit_fast.kernels.gelu_mlp import MlpGrads
 from vit_fast.kernels.gelu_mlp import gelu_mlp_fwd as _triton_mlp_fwd
 from vit_fast.kernels.layer_norm import residual_layer_norm_fwd
@@ -38,6 +39,8 @@ from vit_fast.fallback import reference_on_failure
 from . import checks
 from . import gelu_mlp as _mlp  # registers vit_fast::gelu_mlp_backward
 from . import layer_norm as _ln  # registers vit_fast::residual_layer_norm(_backward)
+from .autograd_twin import twin, with_bwd
+from .gelu_mlp_tuned import mlp_launchers  # the MLP's launchers: triton, cublas or tuned
 
 
 def _check_args(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps, fc1_weight,
@@ -76,8 +79,59 @@ def _amp(x, residual):
     return residual.dtype != x.dtype
 
 
-@torch.library.custom_op("vit_fast::residual_layer_norm_mlp", mutates_args=())
+_check_once = checks.once_per_signature(_check_args)
+
+
+def _forward(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps, fc1_weight,
+             fc1_bias, fc2_weight, fc2_bias, approximate, layer_scale2, sample_scale2, save_pre,
+             stats):
+    h, s, mean, rstd = residual_layer_norm_fwd(x, ln_weight, ln_bias, eps, residual, layer_scale1,
+                                               sample_scale1, out_dtype=fc1_weight.dtype,
+                                               stats=stats)
+    if _amp(x, residual):
+        out, pre = _triton_mlp_fwd(h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, s,
+                                   layer_scale2, sample_scale2, save_pre, out_dtype=s.dtype,
+                                   choose=_mlp.gemm_chooser())
+        return out, s, mean, rstd, pre
+    gelu_mlp_fwd = mlp_launchers()[0]
+    out, pre = gelu_mlp_fwd(h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, s,
+                            layer_scale2, sample_scale2, save_pre)
+    return out, s, mean, rstd, pre
+
+
 @reference_on_failure("residual_layer_norm_mlp", reference_grad.residual_layer_norm_mlp)
+def forward(x: Tensor, residual: Tensor, layer_scale1: Optional[Tensor],
+            sample_scale1: Optional[Tensor], ln_weight: Optional[Tensor],
+            ln_bias: Optional[Tensor], eps: float, fc1_weight: Tensor, fc1_bias: Optional[Tensor],
+            fc2_weight: Tensor, fc2_bias: Optional[Tensor], approximate: str,
+            layer_scale2: Optional[Tensor], sample_scale2: Optional[Tensor], save_pre: bool
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out [..., C], s [..., C], mean [M], rstd [M], pre [M, H] or empty when not save_pre)."""
+    return _forward(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps, fc1_weight,
+                    fc1_bias, fc2_weight, fc2_bias, approximate, layer_scale2, sample_scale2,
+                    save_pre, True)
+
+
+def _reference_without_stats(*args):
+    out, s, _, _, pre = reference_grad.residual_layer_norm_mlp(*args)
+    return out, s, None, None, pre
+
+
+@reference_on_failure("residual_layer_norm_mlp", _reference_without_stats)
+def forward_eager(x: Tensor, residual: Tensor, layer_scale1: Optional[Tensor],
+                  sample_scale1: Optional[Tensor], ln_weight: Optional[Tensor],
+                  ln_bias: Optional[Tensor], eps: float, fc1_weight: Tensor,
+                  fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
+                  approximate: str, layer_scale2: Optional[Tensor],
+                  sample_scale2: Optional[Tensor], save_pre: bool):
+    """forward for the eager twin: the statistics not written (the backward recomputes them with
+    h), (out, s, None, None, pre)."""
+    return _forward(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps, fc1_weight,
+                    fc1_bias, fc2_weight, fc2_bias, approximate, layer_scale2, sample_scale2,
+                    save_pre, False)
+
+
+@torch.library.custom_op("vit_fast::residual_layer_norm_mlp", mutates_args=())
 def residual_layer_norm_mlp_op(
         x: Tensor, residual: Tensor, layer_scale1: Optional[Tensor],
         sample_scale1: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
@@ -86,19 +140,11 @@ def residual_layer_norm_mlp_op(
         sample_scale2: Optional[Tensor], save_pre: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out [..., C], s [..., C], mean [M], rstd [M], pre [M, H] or empty when not save_pre)."""
-    _check_args(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps, fc1_weight,
+    _check_once(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps, fc1_weight,
                 fc1_bias, fc2_weight, fc2_bias, approximate, layer_scale2, sample_scale2)
-    h, s, mean, rstd = residual_layer_norm_fwd(x, ln_weight, ln_bias, eps, residual, layer_scale1,
-                                               sample_scale1, out_dtype=fc1_weight.dtype)
-    if _amp(x, residual):
-        out, pre = _triton_mlp_fwd(h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, s,
-                                   layer_scale2, sample_scale2, save_pre, out_dtype=s.dtype,
-                                   choose=_mlp.gemm_chooser())
-        return out, s, mean, rstd, pre
-    gelu_mlp_fwd = tuning.mlp_launchers()[0]
-    out, pre = gelu_mlp_fwd(h, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, s,
-                            layer_scale2, sample_scale2, save_pre)
-    return out, s, mean, rstd, pre
+    return forward(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps, fc1_weight,
+                   fc1_bias, fc2_weight, fc2_bias, approximate, layer_scale2, sample_scale2,
+                   save_pre)
 
 
 @residual_layer_norm_mlp_op.register_fake
@@ -121,13 +167,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(s, x if need_x else None, pre, ln_weight, ln_bias,
                           fc1_weight, fc2_weight, fc2_bias, ls1, ss1, ls2, ss2)
     ctx.eps, ctx.approximate = eps, approximate
-    # the forward's backward op: the same policy's, the triton one under AMP
+    # the forward's backward: the same policy's, the triton one under AMP (kept as both the
+    # kernels, for the eager twin, and the registered op, for a traced backward)
     ctx.amp = _amp(x, residual)
-    ctx.mlp_backward = (torch.ops.vit_fast.gelu_mlp_backward if ctx.amp
-                        else tuning.mlp_launchers()[1])
+    if ctx.amp:
+        ctx.mlp_backward = (_mlp.backward_kernels, torch.ops.vit_fast.gelu_mlp_backward)
+    else:
+        ctx.mlp_backward = mlp_launchers()[1:]
     ctx.has_fc1_bias = fc1_bias is not None
     ctx.residual_dtype = residual.dtype
-    ctx.mark_non_differentiable(s, mean, rstd, pre)
+    ctx.mark_non_differentiable(*(t for t in (s, mean, rstd, pre) if t is not None))
     # their gradients are never read: autograd would otherwise fill zero tensors for them
     # (a memset of each, pre's [M, hidden] included) before every backward
     ctx.set_materialize_grads(False)
@@ -151,7 +200,7 @@ def _gemm_grad(g, ls2, lp):
     return (g * k).to(lp), (ls2.float() / k).to(lp), k
 
 
-def _backward(ctx, dout, _ds, _dmean, _drstd, _dpre):
+def _backward(ctx, dout, _ds, _dmean, _drstd, _dpre, *, bwd=_ln.TRACED):
     (s, x, pre, ln_weight, ln_bias, fc1_weight, fc2_weight, fc2_bias, ls1, ss1, ls2,
      ss2) = ctx.saved_tensors
     if pre.dim() != 2:  # the forward's placeholder for "not saved" is 1-D
@@ -160,16 +209,15 @@ def _backward(ctx, dout, _ds, _dmean, _drstd, _dpre):
     need = ctx.needs_input_grad
     g = dout.contiguous()
     lp = fc1_weight.dtype  # the GEMMs' dtype (s's under one dtype, the autocast dtype under AMP)
-    h, _, mean, rstd = torch.ops.vit_fast.residual_layer_norm(s, ln_weight, ln_bias, ctx.eps, None,
-                                                              None, None)
-    h = h.to(lp)
+    h, _, mean, rstd = bwd.forward(s, ln_weight, ln_bias, ctx.eps, None, None, None, lp)
     wanted = MlpGrads(fc1_bias=need[8] and ctx.has_fc1_bias,
                       fc2_bias=need[10] and fc2_bias is not None,
                       layer_scale=need[12] and ls2 is not None,
                       sample_scale=need[13] and ss2 is not None)
 
     g_lp, ls_lp, k = _gemm_grad(g, ls2, lp)
-    dh, dw1, db1, dw2, db2, dls2, dss2 = ctx.mlp_backward(
+    mlp_backward = ctx.mlp_backward[0 if bwd is _ln.EAGER else 1]
+    dh, dw1, db1, dw2, db2, dls2, dss2 = mlp_backward(
         g_lp, h, fc1_weight, fc2_weight, fc2_bias, pre, ls_lp,
         ss2.to(lp) if ss2 is not None else None, approximate=ctx.approximate, has_residual=True,
         **_mlp.wanted_kwargs(wanted))
@@ -179,7 +227,7 @@ def _backward(ctx, dout, _ds, _dmean, _drstd, _dpre):
     dh = dh.to(s.dtype)
     x = x.to(s.dtype) if x is not None else None  # the LayerNorm backward reads the fp32 stream
     # s feeds both the LayerNorm and the output's residual add: the latter's gradient is dout.
-    dx, dres, dlnw, dlnb, dls1 = torch.ops.vit_fast.residual_layer_norm_backward(
+    dx, dres, dlnw, dlnb, dls1 = bwd.backward(
         dh, g, s, x if ls1 is not None else None, mean, rstd, ln_weight, ls1, ss1,
         ctx.residual_dtype, ln_bias.dtype if (ln_bias is not None and need[5]) else None)
     dss1 = _ln.sample_scale_grad(dres, x, ls1, ss1) if (need[3] and ss1 is not None) else None
@@ -194,15 +242,20 @@ def _backward(ctx, dout, _ds, _dmean, _drstd, _dpre):
 
 
 residual_layer_norm_mlp_op.register_autograd(_backward, setup_context=_setup_context)
+ResidualLayerNormMlpFn = twin("ResidualLayerNormMlpFn", forward_eager, _setup_context,
+                              with_bwd(_backward, _ln.EAGER))
 
 
 def residual_layer_norm_mlp(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, eps,
                             fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, layer_scale2,
-                            sample_scale2) -> Tensor:
-    """The Block's output from the attention branch x and the Block's input residual."""
-    tensors = (x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, fc1_weight, fc1_bias,
-               fc2_weight, fc2_bias, layer_scale2, sample_scale2)
-    save_pre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return residual_layer_norm_mlp_op(x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias,
-                                      float(eps), fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                      approximate, layer_scale2, sample_scale2, save_pre)[0]
+                            sample_scale2, *, op=None) -> Tensor:
+    """The Block's output from the attention branch x and the Block's input residual.
+    op: the custom op (default) or ResidualLayerNormMlpFn.apply (eager, plain tensors)."""
+    save_pre = torch.is_grad_enabled() and (
+        x.requires_grad or residual.requires_grad or fc1_weight.requires_grad
+        or any(t is not None and t.requires_grad for t in (
+            layer_scale1, sample_scale1, ln_weight, ln_bias, fc1_bias, fc2_weight, fc2_bias,
+            layer_scale2, sample_scale2)))
+    return (op or residual_layer_norm_mlp_op)(
+        x, residual, layer_scale1, sample_scale1, ln_weight, ln_bias, float(eps), fc1_weight,
+        fc1_bias, fc2_weight, fc2_bias, approximate, layer_scale2, sample_scale2, save_pre)[0]

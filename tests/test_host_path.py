@@ -1,0 +1,163 @@
+"""The host path (issue 26): what a Block call does on the CPU, decided once per configuration.
+
+- a repeat call of a fused Block -- forward and backward, on the path an sm_90 GPU takes, Triton
+  launches replaced by counting no-ops (vit_fast/bench/host.py) -- imports nothing, reads no
+  environment variable and runs none of the argument checks (they ran when the configuration
+  was first seen);
+- the per-configuration plan (vit_fast/block_plan.py) follows every change that could make the
+  fused path wrong: hooks, a swapped submodule, a forward set on an instance, a cast, a new
+  Parameter;
+- the eager twins (autograd.Function) and the registered custom ops give the same bits;
+- ``python -m vit_fast.bench host`` runs and reports what it counts.
+"""
+import builtins
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import vit_fast
+from vit_fast import block_plan
+from vit_fast.bench import host
+
+SHAPE = host.SHAPES["vit_s"]
+
+
+class _Counting:
+    """What the enclosed calls do: imports, environment reads, argument-check calls."""
+
+    def __init__(self, monkeypatch):
+        self.imports, self.env, self.checks = [], [], []
+        real_import = builtins.__import__
+
+        def counted_import(name, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if "vit_fast" in caller or os.sep + "kernels" + os.sep in caller:
+                self.imports.append(f"{name} (from {os.path.basename(caller)})")
+            return real_import(name, *args, **kwargs)
+        self._import = counted_import
+        outer = self
+
+        class Environ(type(os.environ)):
+            def __getitem__(self, key):
+                outer.env.append(key)
+                return super().__getitem__(key)
+
+        env = Environ(os.environ._data, os.environ.encodekey, os.environ.decodekey,
+                      os.environ.encodevalue, os.environ.decodevalue)
+        monkeypatch.setattr(os, "environ", env)
+
+    def __enter__(self):
+        def profile(frame, event, arg):
+            if event == "call":
+                name, path = frame.f_code.co_name, frame.f_code.co_filename
+                if path.endswith(os.path.join("ops", "checks.py")) or name.startswith("_check") \
+                        or name.startswith("check_"):
+                    self.checks.append(f"{os.path.basename(path)}:{name}")
+        builtins.__import__ = self._import
+        sys.setprofile(profile)
+        return self
+
+    def __exit__(self, *exc):
+        sys.setprofile(None)
+        builtins.__import__ = self._real_import
+
+
+@pytest.mark.parametrize("precision", ["amp", "fp32", "bf16"])
+def test_a_repeat_call_imports_reads_and_checks_nothing(monkeypatch, precision):
+    timm_block, ours = host.build_blocks(SHAPE, precision)
+    with host.gpu_path("sm_90") as launches:
+        step = host.make_step(ours, SHAPE, precision, "train")
+        step()
+        step()
+        launches[0] = 0
+        counting = _Counting(monkeypatch)
+        counting._real_import = builtins.__import__
+        with counting:
+            step()
+    assert ours.why_not_fused() == []
+    assert 10 <= launches[0] <= 20, launches[0]  # the kernels ran (as counted no-ops)
+    assert counting.imports == [], counting.imports
+    assert counting.env == [], counting.env
+    assert counting.checks == [], counting.checks
+
+
+def _block():
+    torch.manual_seed(0)
+    return vit_fast.Block(16, 2, qkv_bias=True, init_values=0.5)
+
+
+def _plan_used(block, x):
+    """Run block(x) and say whether its per-configuration plan ran it."""
+    calls = []
+    real = block_plan.BlockPlan.__call__
+
+    def spy(self, *args):
+        calls.append(1)
+        return real(self, *args)
+    block_plan.BlockPlan.__call__ = spy
+    try:
+        out = block(x)
+    finally:
+        block_plan.BlockPlan.__call__ = real
+    return bool(calls), out
+
+
+def test_the_plan_follows_what_could_change_the_fused_path():
+    block, x = _block(), torch.randn(2, 5, 16)
+    with vit_fast.use_backend("triton"), torch.no_grad():
+        assert _plan_used(block, x)[0]
+        fired = []
+        handle = block.mlp.fc1.register_forward_hook(lambda m, a, o: fired.append(1))
+        used, _ = _plan_used(block, x)
+        assert not used and fired == [1]  # a hook: the plain path, the hook fires
+        handle.remove()
+        block(x)  # fusable again: the general path drops the old decision
+        assert _plan_used(block, x)[0]
+        block.mlp.fc1.forward = lambda t: torch.zeros(*t.shape[:-1], 64)  # set on the instance
+        used, out = _plan_used(block, x)
+        assert not used
+        del block.mlp.fc1.forward
+        block(x)
+        assert _plan_used(block, x)[0]
+        block.attn.qkv = nn.Linear(16, 48, bias=False)  # a submodule swapped
+        used, out = _plan_used(block, x)
+        assert used
+        with vit_fast.use_backend("reference"):
+            torch.testing.assert_close(out, block(x))
+        block.mlp.fc2.weight = nn.Parameter(torch.zeros(16, 64))  # a new Parameter: used at once
+        block.mlp.fc2.bias = nn.Parameter(torch.zeros(16))
+        h = block.ls1(block.attn(block.norm1(x)))
+        torch.testing.assert_close(_plan_used(block, x)[1], x + h, rtol=1e-5, atol=1e-5)
+        block.to(torch.float64)  # .to(): the reference now (fp64 is not a kernel dtype)
+        used, out = _plan_used(block, x.double())
+        assert not used and out.dtype == torch.float64
+
+
+def test_eager_twins_and_registered_ops_give_the_same_bits():
+    """The plan's eager twins (autograd.Function) against the Block's general path, which calls
+    the registered custom ops: same kernels, same order, so the same bits, outputs and grads."""
+    block = _block().train()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    params = list(block.parameters())
+    with vit_fast.use_backend("triton"):
+        assert _plan_used(block, x)[0]
+        out = block(x)
+        got = torch.autograd.grad(out, [x, *params], torch.ones_like(out))
+        general = block._forward_general(x, None, False)
+        want = torch.autograd.grad(general, [x, *params], torch.ones_like(general))
+    assert torch.equal(out, general)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_host_benchmark_reports_its_counts(capsys):
+    rows = host.measure(SHAPE, "amp", "sm_90", modes=("train",), rounds=1, inner=1)
+    (row,) = rows
+    assert row["fused"] and row["timm_us"] > 0 and row["vit_fast_us"] > 0
+    assert 10 <= row["triton_launches"] <= 20
+    assert row["aten_ops_timm"] > 0 and row["aten_ops_vit_fast"] > 0
+    text = host.format_rows(rows)
+    assert "vit_s" in text and "train" in text

@@ -1,0 +1,451 @@
+"""``python -m vit_fast.bench host``: the CPU cost of one Block on the path a GPU takes.
+
+On a GPU a ViT-B Block runs in about 1.2 ms at batch 64 (H100), and the host must issue its
+launches faster than that or the GPU waits. This measures what the host pays per Block, on any
+machine, with or without a GPU:
+
+- CPU tensors stand in for the GPU's (kernels/_device.simulate_gpu): every decision the launchers,
+  the tuner and dispatch make is the one they make for ``--target`` (sm_80: 108 SMs, sm_90: 132);
+- every Triton launch is replaced by a counting no-op, so what is measured is vit_fast's own
+  Python and the aten ops around the kernels (cuBLAS GEMMs, allocations, autograd);
+- widths are scaled down (head_dim 8, a few tokens) so that aten's CPU compute is negligible and
+  both sides pay what a GPU host pays: dispatch, allocation and autograd per op. The op sequence
+  and every decision depend on the configuration (heads, qkv bias, LayerScale, precision), not on
+  the widths. Measured against timm's eager Block in the same process, interleaved round by
+  round, in thread CPU time (the autograd engine runs CPU graphs on the calling thread);
+- optionally the instructions executed per step under callgrind (deterministic: a change can be
+  gated on it where wall time is noisy), and Triton's own Python launch cost per launch
+  (``JITFunction.run`` up to the driver call, which this path skips by replacing the launch).
+
+All figures are "CPU" figures of this machine's host; the GPU kit (``gpu-check``) measures the
+host time per training step on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+TARGETS = {"sm_80": (108, 80), "sm_90": (132, 90)}
+MODES = ("forward", "train", "inference")
+PRECISIONS = ("fp32", "bf16", "amp")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Block configuration at host-benchmark widths (head_dim 8: aten's compute negligible)."""
+    name: str
+    heads: int
+    head_dim: int = 8
+    qkv_bias: bool = True
+    init_values: float = None  # LayerScale (DeiT-3, DINOv2) when set
+    batch: int = 2
+    tokens: int = 8
+
+    @property
+    def dim(self):
+        return self.heads * self.head_dim
+
+
+SHAPES = {
+    "vit_s": Shape("vit_s", heads=6),   # ViT-S/16's block: 6 heads, qkv bias, MLP ratio 4
+    "vit_b": Shape("vit_b", heads=12),  # ViT-B/16's block: 12 heads
+    "deit3_b": Shape("deit3_b", heads=12, init_values=1e-5),  # ViT-B + LayerScale
+}
+
+
+@contextlib.contextmanager
+def counting_launches():
+    """Every Triton kernel launch (compiled or interpreted) becomes a no-op that counts itself.
+    Yields the counter, a one-element list."""
+    from triton.runtime import interpreter, jit
+    count = [0]
+
+    def launch(self, *args, **kwargs):
+        count[0] += 1
+    patched = [(jit.JITFunction, "run"), (interpreter.InterpretedFunction, "run")]
+    saved = [(cls, name, cls.__dict__[name]) for cls, name in patched if name in cls.__dict__]
+    for cls, name, _ in saved:
+        setattr(cls, name, launch)
+    try:
+        yield count
+    finally:
+        for cls, name, fn in saved:
+            setattr(cls, name, fn)
+
+
+@contextlib.contextmanager
+def gpu_path(target="sm_90"):
+    """CPU tensors take the path of a ``target`` GPU; Triton launches count and do nothing;
+    the tuner takes its fixed table (nothing to time)."""
+    from vit_fast.kernels._device import Target, simulate_gpu
+    sms, arch = TARGETS[target]
+    with simulate_gpu(Target(sms, arch)), counting_launches() as count:
+        yield count
+
+
+def build_blocks(shape: Shape, precision: str, seed: int = 0):
+    """(timm's Block, vit_fast.Block) with the same weights, in the precision's parameter dtype."""
+    import timm.models.vision_transformer as tvit
+
+    import vit_fast
+    torch.manual_seed(seed)
+    kw = dict(dim=shape.dim, num_heads=shape.heads, qkv_bias=shape.qkv_bias,
+              init_values=shape.init_values)
+    timm_block, ours = tvit.Block(**kw), vit_fast.Block(**kw)
+    ours.load_state_dict(timm_block.state_dict())
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return timm_block.to(dtype), ours.to(dtype)
+
+
+def make_step(block, shape: Shape, precision: str, mode: str):
+    """One call of ``mode`` on ``block`` as a closure: forward (recording a graph), train
+    (forward + backward of x and every parameter, grads returned, not accumulated) or inference
+    (eval, inference_mode)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    x = torch.randn(shape.batch, shape.tokens, shape.dim, dtype=dtype,
+                    requires_grad=mode != "inference")
+    block.train(mode != "inference")
+    amp = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "amp"
+           else contextlib.nullcontext())
+    params = [p for p in block.parameters() if p.requires_grad]
+    grad_out = torch.ones_like(x)
+
+    def forward():
+        with amp:
+            return block(x)
+
+    if mode == "inference":
+        def step():
+            with torch.inference_mode():
+                return forward()
+    elif mode == "forward":
+        step = forward
+    else:
+        def step():
+            y = forward()
+            return torch.autograd.grad(y, [x, *params], grad_out.to(y.dtype))
+    return step
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One intra-op thread: a GPU host issues ops from one thread, and OpenMP workers waiting
+    for a busy core would be counted as the caller's spinning time."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def count_aten_ops(step) -> int:
+    """aten ops one call of step dispatches (views and autograd's own ops included: each costs
+    the host a dispatch, most of them a kernel launch on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "aten":
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+    with Count():
+        step()
+    return Count.n
+
+
+def _median_spread(values):
+    """(median, relative spread): the interquartile range over the median."""
+    q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
+    med = statistics.median(values)
+    return med, (q[2] - q[0]) / med if med else 0.0
+
+
+def time_interleaved(steps: dict, rounds=15, inner=10, warmup=5) -> dict:
+    """{name: [µs per call, one per round]}, the steps run in turn within each round so a load
+    change of the machine hits all of them alike; thread CPU time, gc paused while timed. A
+    round's figure is its fastest of ``inner`` calls: what a call costs when nothing else on the
+    machine evicted its caches meanwhile (on a shared machine the others only ever add)."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    out = {name: [] for name in steps}
+    clock = time.thread_time_ns
+    for _ in range(rounds):
+        gc.collect()
+        gc.disable()
+        try:
+            for name, step in steps.items():
+                best = None
+                for _ in range(inner):
+                    t0 = clock()
+                    step()
+                    t = clock() - t0
+                    best = t if best is None or t < best else best
+                out[name].append(best / 1e3)
+        finally:
+            gc.enable()
+    return out
+
+
+def measure(shape: Shape, precision: str, target: str = "sm_90", modes=MODES, rounds=15,
+            inner=10) -> list:
+    """Rows of {shape, precision, target, mode, timm_us, vit_fast_us, ratio, spreads, counts}."""
+    rows = []
+    timm_block, ours = build_blocks(shape, precision)
+    with one_thread(), gpu_path(target) as launches:
+        for mode in modes:
+            steps = {"timm": make_step(timm_block, shape, precision, mode),
+                     "vit_fast": make_step(ours, shape, precision, mode)}
+            times = time_interleaved(steps, rounds=rounds, inner=inner)
+            launches[0] = 0
+            steps["vit_fast"]()
+            triton = launches[0]
+            (t_med, t_spread), (v_med, v_spread) = (_median_spread(times[n]) for n in steps)
+            rows.append(dict(
+                shape=shape.name, precision=precision, target=target, mode=mode,
+                timm_us=t_med, vit_fast_us=v_med, ratio=v_med / t_med,
+                timm_spread=t_spread, vit_fast_spread=v_spread, triton_launches=triton,
+                aten_ops_timm=count_aten_ops(steps["timm"]),
+                aten_ops_vit_fast=count_aten_ops(steps["vit_fast"]),
+                fused=not ours.why_not_fused()))
+    return rows
+
+
+# --- instruction counts (callgrind) ----------------------------------------------------------
+
+_CALLGRIND_C = r"""
+#include <valgrind/callgrind.h>
+void vf_collect_on(void) { CALLGRIND_ZERO_STATS; CALLGRIND_TOGGLE_COLLECT; }
+void vf_collect_off(void) { CALLGRIND_TOGGLE_COLLECT; }
+"""
+
+
+def _callgrind_helper():
+    """Path of a tiny shared library whose two functions toggle callgrind's collection (the
+    client-request macros are no-ops outside valgrind), or None without gcc/valgrind headers."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None or not os.path.exists("/usr/include/valgrind/callgrind.h"):
+        return None
+    out = os.path.join(tempfile.gettempdir(), f"vit_fast_callgrind_{os.getuid()}.so")
+    if not os.path.exists(out):
+        src = out[:-3] + ".c"
+        with open(src, "w") as f:
+            f.write(_CALLGRIND_C)
+        if subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", out, src],
+                          capture_output=True).returncode != 0:
+            return None
+    return out
+
+
+def callgrind_available() -> bool:
+    return shutil.which("valgrind") is not None and _callgrind_helper() is not None
+
+
+def _instructions_child(impl, shape_name, precision, target, mode, steps):
+    """Run under valgrind: warm up, then collect ``steps`` calls of impl's step."""
+    import ctypes
+    lib = ctypes.CDLL(_callgrind_helper())
+    timm_block, ours = build_blocks(SHAPES[shape_name], precision)
+    block = ours if impl == "vit_fast" else timm_block
+    with one_thread(), gpu_path(target):
+        step = make_step(block, SHAPES[shape_name], precision, mode)
+        for _ in range(3):
+            step()
+        gc.collect()
+        gc.disable()
+        lib.vf_collect_on()
+        for _ in range(steps):
+            step()
+        lib.vf_collect_off()
+
+
+def instructions(impl, shape: Shape, precision, target="sm_90", mode="train", steps=5,
+                 keep=None):
+    """Instructions per call of impl's step, counted by callgrind (None if unavailable); keep: a
+    path to copy callgrind's output to (for callgrind_annotate)."""
+    if not callgrind_available():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "callgrind.out")
+        cmd = ["valgrind", "--tool=callgrind", "--collect-atstart=no", f"--callgrind-out-file={out}",
+               sys.executable, "-m", "vit_fast.bench.host", "--_child", impl, shape.name, precision,
+               target, mode, str(steps)]
+        env = dict(os.environ, PYTHONHASHSEED="0")
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if res.returncode != 0 or not os.path.exists(out):
+            raise RuntimeError(f"callgrind run failed: {res.stderr[-2000:]}")
+        if keep:
+            shutil.copy(out, keep)
+        with open(out) as f:
+            for line in f:
+                if line.startswith("summary:") or line.startswith("totals:"):
+                    return int(line.split()[1]) / steps
+    return None
+
+
+# --- Triton's own launch cost ----------------------------------------------------------------
+
+def triton_launch_us(reps=2000):
+    """µs of Python that ``kernel[grid](...)`` costs per launch in Triton's JITFunction.run for a
+    launch with a Block kernel's argument count (binder, specialization, cache key, launch
+    metadata), measured with a stand-in driver (no GPU: the compiled kernel's C launcher, which
+    a GPU adds, is not called), or None where the installed triton differs from what this stubs."""
+    try:
+        return _triton_launch_us(reps)
+    except Exception:  # noqa: BLE001 - a figure, not a feature: depends on triton's internals
+        return None
+
+
+def _triton_launch_us(reps):
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver as driver_mod
+
+    @triton.jit
+    def probe_kernel(X, Y, Z, W, B, M, N, K, s0, s1, s2, s3, s4, s5, eps,
+                     HAS_B: tl.constexpr, A: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        tl.store(Y + offs, tl.load(X + offs, mask=offs < M), mask=offs < M)
+
+    class StandIn:
+        """The parts of triton's CUDA driver JITFunction.run reads before launching."""
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    class Compiled:
+        """What run() finds in its cache after the first compile: launching does nothing."""
+        function = packed_metadata = None
+
+        def launch_metadata(self, *args):
+            return None
+
+        def run(self, *args):
+            return None
+
+    xs = [torch.empty(256) for _ in range(5)]
+    saved = driver_mod._active  # triton's own, or None (no GPU: none can be made here)
+    driver_mod.set_active(StandIn())
+    try:
+        def call():
+            probe_kernel[(4,)](*xs, 256, 64, 64, 1, 64, 64, 1, 64, 1, 1e-6, HAS_B=True, A=1,
+                               BLOCK=64)
+        with contextlib.suppress(Exception):
+            call()  # fills device_caches (the compile itself fails or not: no GPU)
+        caches = probe_kernel.device_caches[0]
+        caches[0].clear()
+        _orig_compile = probe_kernel._do_compile
+
+        def fake_compile(key, *args, **kwargs):
+            caches[0][key] = Compiled()
+            return caches[0][key]
+        probe_kernel._do_compile = fake_compile
+        call()
+        probe_kernel._do_compile = _orig_compile
+        t0 = time.thread_time_ns()
+        for _ in range(reps):
+            call()
+        return (time.thread_time_ns() - t0) / reps / 1e3
+    finally:
+        driver_mod._active = saved
+
+
+# --- command ----------------------------------------------------------------------------------
+
+def format_rows(rows, instr=None):
+    from .cli import fmt_table
+    instr = instr or {}
+
+    def noise(r):
+        worst = max(r["timm_spread"], r["vit_fast_spread"])
+        return "" if abs(r["ratio"] - 1) > worst else " (within noise)"
+    cols = [("shape", "shape"), ("precision", "precision"), ("mode", "mode"),
+            ("timm eager µs", lambda r: f"{r['timm_us']:.0f} ±{100 * r['timm_spread']:.0f}%"),
+            ("vit_fast µs", lambda r: f"{r['vit_fast_us']:.0f} ±{100 * r['vit_fast_spread']:.0f}%"),
+            ("vit_fast / eager", lambda r: f"{r['ratio']:.2f}x{noise(r)}"),
+            ("Triton launches", "triton_launches"),
+            ("aten ops eager / vit_fast", lambda r: f"{r['aten_ops_timm']} / {r['aten_ops_vit_fast']}")]
+    if instr:
+        cols.append(("instructions eager / vit_fast (callgrind)", lambda r: instr.get(
+            (r["shape"], r["precision"], r["mode"]), "-")))
+    return fmt_table(rows, cols)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--_child":
+        _instructions_child(argv[1], argv[2], argv[3], argv[4], argv[5], int(argv[6]))
+        return 0
+    p = argparse.ArgumentParser(prog="python -m vit_fast.bench host", description=__doc__.split(
+        "\n\n")[0])
+    p.add_argument("--target", default="sm_90", choices=sorted(TARGETS))
+    p.add_argument("--precision", default="amp,fp32", help="comma-separated: " + ", ".join(PRECISIONS))
+    p.add_argument("--amp", action="store_true", help="shorthand for --precision amp")
+    p.add_argument("--shape", default="vit_s,vit_b", help="comma-separated: " + ", ".join(SHAPES))
+    p.add_argument("--mode", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--inner", type=int, default=10)
+    p.add_argument("--callgrind", action="store_true",
+                   help="also count instructions per train step under callgrind (slow: minutes)")
+    p.add_argument("--json", help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    precisions = ["amp"] if args.amp else [v for v in args.precision.split(",") if v]
+    shapes = [SHAPES[s] for s in args.shape.split(",") if s]
+    modes = [m for m in args.mode.split(",") if m]
+    for v in precisions:
+        if v not in PRECISIONS:
+            p.error(f"--precision: {v!r} is not one of {PRECISIONS}")
+    rows = []
+    for shape in shapes:
+        for precision in precisions:
+            rows += measure(shape, precision, args.target, modes, args.rounds, args.inner)
+    instr = {}
+    if args.callgrind:
+        for shape in shapes:
+            for precision in precisions:
+                counts = [instructions(i, shape, precision, args.target) for i in ("timm", "vit_fast")]
+                if None not in counts:
+                    instr[(shape.name, precision, "train")] = (
+                        f"{counts[0] / 1e6:.2f} M / {counts[1] / 1e6:.2f} M "
+                        f"({counts[1] / counts[0]:.2f}x)")
+    launch = triton_launch_us()
+    print(format_rows(rows, instr))
+    print(f"CPU measured: thread CPU time per Block call on this machine, median over {args.rounds} "
+          f"interleaved rounds of each round's fastest of {args.inner} calls (± the interquartile "
+          f"range); path of {args.target} "
+          "(Triton launches counted, not run); widths scaled down (head_dim 8, batch 2, 8 tokens).")
+    if launch is not None:
+        print(f"Triton's Python launch path (JITFunction.run, stand-in driver): {launch:.1f} µs per "
+              "launch on this CPU, on top of the vit_fast column for each Triton launch.")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "triton_launch_us": launch,
+                       "instructions": {"/".join(k): v for k, v in instr.items()}}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
