@@ -44,8 +44,10 @@ def _column_pairs(t):
     of a GLU tile whose B columns interleave them. The pair sits in adjacent accumulator
     columns, which the MMA layouts keep in one thread."""
     if len(t.shape) == 1:
-        return tl.split(tl.reshape(t, (t.shape[0] // 2, 2)))
-    return tl.split(tl.reshape(t, (t.shape[0], t.shape[1] // 2, 2)))
+        pairs = tl.reshape(t, (t.shape[0] // 2, 2))
+    else:
+        pairs = tl.reshape(t, (t.shape[0], t.shape[1] // 2, 2))
+    return tl.split(pairs)
 
 
 @triton.jit
@@ -170,7 +172,10 @@ def _glu_store(acc, offs_m, offs_n, M, N, C, BIAS, PRE, stride_cm, stride_cn, st
         acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     gate, value = _column_pairs(acc)
     offs_h, _odd = _column_pairs(offs_n)
-    offs_h = offs_h // 2
+    # offs_h = offs_n[0]/2 + arange(HALF): said as hints, which the split hides from the
+    # compiler; without them every store is scalar.
+    HALF: tl.constexpr = offs_n.shape[0] // 2
+    offs_h = tl.max_contiguous(tl.multiple_of(offs_h // 2, HALF), HALF)
     H = N // 2
     mask = mask_m[:, None] & (offs_h < H)[None, :]
     # The activation of the pre-activations as rounded to their storage dtype: the backward's
@@ -197,27 +202,36 @@ def _dglu_store(acc, offs_m, offs_n, M, N, rows_per_sample, C, PRE, ACT, SSCALE,
     d = acc·ss[m // rows_per_sample]:
         C [M, 2H] <- d·value·silu'(gate) in columns [0, H), d·silu(gate) in [H, 2H);
         ACT [M, H] (contiguous) <- silu(gate)·value·ss when STORE_ACT (fc2's input, for dW2);
-        ROWDOT[rowdot_row, m] <- Σ_n acc·silu(gate)·value when ROW_DOT."""
+        ROWDOT[rowdot_row, m] <- Σ_n acc·silu(gate)·value when ROW_DOT.
+    """
     mask_m = offs_m < M
-    mask = mask_m[:, None] & (offs_n < N)[None, :]
-    rows64 = offs_m.to(tl.int64)
-    pre_ptrs = PRE + rows64[:, None] * stride_pm + offs_n[None, :]
-    gate = tl.load(pre_ptrs, mask=mask, other=0.0).to(tl.float32)
-    value = tl.load(pre_ptrs + N, mask=mask, other=0.0).to(tl.float32)
-    s, silu = _silu_parts(gate)
-    act = silu * value
-    if ROW_DOT:
-        tl.store(ROWDOT + rowdot_row.to(tl.int64) * M + offs_m, tl.sum(acc * act, axis=1),
-                 mask=mask_m)
+    BM: tl.constexpr = acc.shape[0]
+    HALF: tl.constexpr = acc.shape[1] // 2
+    parts = tl.split(tl.permute(tl.reshape(acc, (BM, 2, HALF)), (0, 2, 1)))
+    cols = tl.split(tl.permute(tl.reshape(offs_n, (2, HALF)), (1, 0)))
     if HAS_SAMPLE_SCALE:
         ss = tl.load(SSCALE + offs_m // rows_per_sample, mask=mask_m, other=0.0).to(tl.float32)
-        acc = acc * ss[:, None]
-        act = act * ss[:, None]
-    if STORE_ACT:
-        tl.store(ACT + rows64[:, None] * N + offs_n[None, :], act.to(ACT.dtype.element_ty),
-                 mask=mask)
-    c_ptrs = C + rows64[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    d_value = acc * silu
-    tl.store(c_ptrs + N * stride_cn, d_value.to(C.dtype.element_ty), mask=mask)
-    d_gate = acc * value * (s + silu * (1.0 - s))
-    tl.store(c_ptrs, d_gate.to(C.dtype.element_ty), mask=mask)
+    if ROW_DOT:
+        row_dot = tl.zeros((BM,), dtype=tl.float32)
+    rows64 = offs_m.to(tl.int64)
+    for i in tl.static_range(2):
+        d = parts[i]
+        cols_i = tl.max_contiguous(tl.multiple_of(cols[i], HALF), HALF)
+        mask = mask_m[:, None] & (cols_i < N)[None, :]
+        pre_ptrs = PRE + rows64[:, None] * stride_pm + cols_i[None, :]
+        s, silu = _silu_parts(tl.load(pre_ptrs, mask=mask, other=0.0).to(tl.float32))
+        value = tl.load(pre_ptrs + N, mask=mask, other=0.0).to(tl.float32)
+        act = silu * value
+        if ROW_DOT:
+            row_dot += tl.sum(d * act, axis=1)
+        if HAS_SAMPLE_SCALE:
+            d = d * ss[:, None]
+            act = act * ss[:, None]
+        if STORE_ACT:
+            tl.store(ACT + rows64[:, None] * N + cols_i[None, :], act.to(ACT.dtype.element_ty),
+                     mask=mask)
+        c_ptrs = C + rows64[:, None] * stride_cm + cols_i[None, :] * stride_cn
+        tl.store(c_ptrs + N * stride_cn, (d * silu).to(C.dtype.element_ty), mask=mask)
+        tl.store(c_ptrs, (d * value * (s + silu * (1.0 - s))).to(C.dtype.element_ty), mask=mask)
+    if ROW_DOT:
+        tl.store(ROWDOT + rowdot_row.to(tl.int64) * M + offs_m, row_dot, mask=mask_m)
