@@ -26,9 +26,10 @@ Backward, g = d_out [M, C_out], w2s = ls·W2 (weight-sized), ss = sample_scale[b
                 kernel (bit-identical, nothing of the norm saved), d_n, n_s, rowdot = g @ w2s with
                 epilogue "dident" (·ss), d_act = LayerNorm backward(d_n), d_pre = dglu(d_act, pre)
                 (elementwise);
-  then as gelu_mlp: E = gᵀ @ act_s, dW2 = ls·E, db2 = ls·Σ g·ss, dls = Σ_h W2∘E + b2·Σ g·ss,
-  dss = Σ_{m∈b} (rowdot + g·(ls·b2)); dx = d_pre @ W1 (gate | value order), dW1 = d_preᵀ @ x,
-  db1 = Σ_m d_pre. Deterministic: no atomics, per-tile sums reduced in a fixed order.
+  then as gelu_mlp: E = gᵀ @ act_s, dW2 = ls·E, db2 = ls·Σ g·ss,
+  dls = Σ_h W2∘E + b2·Σ g·ss, dss = Σ_{m∈b} (rowdot + g·(ls·b2)); dx = d_pre @ W1 (gate | value
+  order), dW1 = d_preᵀ @ x, db1 = Σ_m d_pre. Deterministic: no atomics, per-tile sums reduced in
+  a fixed order.
 
 Saved-for-backward contract (what an autograd op keeps): x, fc1_weight (as given), fc2_weight,
 fc2_bias, pre [M, 2H] (gate | value, x's dtype), norm_weight, norm_bias (and eps), layer_scale,
@@ -50,7 +51,9 @@ from .matmul import colsum, matmul
 
 class GluMlpGrads(NamedTuple):
     """Which optional gradients glu_mlp_bwd computes (dx, dW1 and dW2 always are). A wanted
-    gradient of an absent tensor (no bias, no norm, no residual branch to scale) is still None."""
+    gradient of an absent tensor (no norm, no fc2 bias, no residual branch to scale) is still
+    None; fc1's bias is not among the saved tensors, so ask for its gradient only when fc1 has
+    one."""
     fc1_bias: bool = True
     fc2_bias: bool = True
     norm_weight: bool = True
@@ -73,6 +76,9 @@ class GluMlpGradients(NamedTuple):
     sample_scale: torch.Tensor | None
 
 
+_FC1_FORMS = "fc1_weight: a [2H, C] tensor or a (gate, value) pair of [H, C] tensors"
+
+
 def _is_pair(t):
     return isinstance(t, (tuple, list))
 
@@ -82,7 +88,7 @@ def check_fc1(x, fc1_weight, fc1_bias, norm_weight=None, norm_bias=None, norm_ep
     C = x.shape[-1]
     if _is_pair(fc1_weight):
         if len(fc1_weight) != 2 or not all(isinstance(w, torch.Tensor) for w in fc1_weight):
-            raise TypeError("fc1_weight: a [2H, C] tensor or a (gate, value) pair of [H, C] tensors")
+            raise TypeError(_FC1_FORMS)
         gate, value = fc1_weight
         if gate.dim() != 2 or gate.shape != value.shape or gate.shape[1] != C:
             raise ValueError(f"fc1_weight: gate {tuple(gate.shape)} and value "
@@ -94,7 +100,7 @@ def check_fc1(x, fc1_weight, fc1_bias, norm_weight=None, norm_bias=None, norm_ep
                              "tensors (SwiGLU's fc1_g and fc1_x both have a bias or neither)")
     else:
         if not isinstance(fc1_weight, torch.Tensor):
-            raise TypeError("fc1_weight: a [2H, C] tensor or a (gate, value) pair of [H, C] tensors")
+            raise TypeError(_FC1_FORMS)
         if fc1_weight.dim() != 2 or fc1_weight.shape[0] % 2 or fc1_weight.shape[1] != C:
             raise ValueError(f"fc1_weight: packed gate/value weight must be [2H, {C}], got "
                              f"{tuple(fc1_weight.shape)}")
@@ -104,7 +110,7 @@ def check_fc1(x, fc1_weight, fc1_bias, norm_weight=None, norm_bias=None, norm_ep
             raise ValueError(f"fc1_bias: with a packed fc1_weight, None or a [{2 * H}] tensor")
     if norm_eps is None:
         if norm_weight is not None or norm_bias is not None:
-            raise ValueError("norm_eps: the hidden LayerNorm's parameters are given without its eps")
+            raise ValueError("norm_eps: the hidden LayerNorm's parameters come without its eps")
     else:
         if H > MAX_C:
             raise ValueError(f"fc1_weight: the hidden LayerNorm kernel takes H <= {MAX_C}, got {H}")
@@ -123,7 +129,7 @@ def _gate_value(t, gate_last):
 
 
 def _interleaved(t, gate_last):
-    """[2H, ...]: row 2j the gate of hidden unit j, 2j+1 its value (what the "glu" epilogue reads)."""
+    """[2H, ...]: row 2j the gate of hidden unit j, 2j+1 its value (the "glu" epilogue's B)."""
     gate, value = _gate_value(t, gate_last)
     return torch.stack((gate, value), dim=1).reshape(2 * gate.shape[0], *gate.shape[1:])
 

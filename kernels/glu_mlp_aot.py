@@ -25,7 +25,8 @@ from .matmul import Epilogue, gemm_candidates
 KINDS = {
     "glu_fwd": (Epilogue("glu", bias=True, store_pre=True), ("ak", "bk")),
     "dglu": (Epilogue("dglu", store_act=True, row_dot=True, sample_scale=True), ("ak", "bn")),
-    "glu_dident": (Epilogue("dident", store_act=True, row_dot=True, sample_scale=True), ("ak", "bn")),
+    "glu_dident": (Epilogue("dident", store_act=True, row_dot=True, sample_scale=True),
+                   ("ak", "bn")),
 }
 # fp32 runs tf32 dots when torch allows them for matmuls, exact FMA dots otherwise.
 PRECISIONS = (("bf16", "ieee"), ("fp16", "ieee"), ("fp32", "tf32"), ("fp32", "ieee"))
@@ -71,7 +72,7 @@ def amp_norm_bwd_specs(dtype):
                        for C in _WIDTHS for t in TARGETS):
         spec = bwd_spec(cfg, dtype)
         spec.signature["W"] = "*fp32"
-        spec.name = spec.name.replace("residual_layer_norm_bwd_", "residual_layer_norm_bwd_glu_amp_")
+        spec.name = spec.name.replace("_bwd_", "_bwd_glu_amp_", 1)
         for ptr, flag in (("DS", "HAS_DS"), ("DRES", "HAS_RESIDUAL"), ("X", "HAS_LAYER_SCALE"),
                           ("LS", "HAS_LAYER_SCALE"), ("SS", "HAS_SAMPLE_SCALE"),
                           ("DLS_PART", "HAS_LAYER_SCALE")):

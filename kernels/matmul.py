@@ -320,7 +320,8 @@ def matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", p
         pre = pre.contiguous()
     num, den = _C_COLUMNS.get(ep.kind, (1, 1))
     if den > 1 and N % den:
-        raise ValueError(f"matmul: epilogue {ep.kind!r} needs an even N (gate/value pairs), got {N}")
+        raise ValueError(f"matmul: epilogue {ep.kind!r} needs an even N (gate/value pairs), "
+                         f"got {N}")
     c = torch.empty((M, N * num // den), device=dev, dtype=out_dtype)
     aux = torch.empty((M, N), device=dev, dtype=a.dtype) if (store_pre or store_act) else None
     rowdot = (torch.empty((triton.cdiv(N, config.block_n), M), device=dev, dtype=torch.float32)

@@ -67,27 +67,30 @@ def _all_candidates(results):
     return choose
 
 
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
 @pytest.mark.parametrize("target", [Target(132, 90), Target(108, 80)], ids=["h100", "a100"])
 @pytest.mark.parametrize("dtype,stream,layout", [
     (torch.bfloat16, torch.bfloat16, "pair"), (torch.float16, torch.float32, "pair"),
     (torch.float32, torch.float32, "packed")], ids=["bf16", "fp16-amp", "fp32"])
-def test_glu_mlp_launches_are_compiled(monkeypatch, target, dtype, stream, layout):
+def test_glu_mlp_launches_are_compiled(monkeypatch, target, dtype, stream, layout, norm):
     t = _inputs(dtype, stream, layout)
     results = []
     choose = _all_candidates(results)
+    kw = dict(norm_weight=t["nw"], norm_bias=t["nb"], norm_eps=1e-6) if norm else {}
     with launches_on(monkeypatch, target) as seen:
         monkeypatch.setattr(glu_elementwise, "gpu_target", lambda device: target)
-        for norm in ({}, dict(norm_weight=t["nw"], norm_bias=t["nb"], norm_eps=1e-6)):
-            out, pre = glu_mlp.glu_mlp_fwd(t["x"], t["fc1"], t["b1"], t["w2"], t["b2"], t["res"],
-                                           t["ls"], t["ss"], True, out_dtype=stream,
-                                           choose=choose, **norm)
-            glu_mlp.glu_mlp_bwd(torch.randn_like(out).to(dtype), t["x"], t["fc1"], t["w2"],
-                                t["b2"], pre, t["ls"].to(dtype), t["ss"].to(dtype),
-                                has_residual=True, choose=choose, **norm)
+        out, pre = glu_mlp.glu_mlp_fwd(t["x"], t["fc1"], t["b1"], t["w2"], t["b2"], t["res"],
+                                       t["ls"], t["ss"], True, out_dtype=stream, choose=choose,
+                                       **kw)
+        glu_mlp.glu_mlp_bwd(torch.randn_like(out).to(dtype), t["x"], t["fc1"], t["w2"], t["b2"],
+                            pre, t["ls"].to(dtype), t["ss"].to(dtype), has_residual=True,
+                            choose=choose, **kw)
     assert_covered(seen)
     launched = {launch["kernel"] for launch in seen}
-    assert {"matmul_kernel", "glu_fwd_kernel", "glu_bwd_kernel", "residual_layer_norm_fwd_kernel",
-            "residual_layer_norm_bwd_kernel"} <= launched
+    assert "matmul_kernel" in launched
+    if norm:
+        assert {"glu_fwd_kernel", "glu_bwd_kernel", "residual_layer_norm_fwd_kernel",
+                "residual_layer_norm_bwd_kernel"} <= launched
     for outs in results:  # every candidate computes the same GEMM (fp32 accumulation)
         first = next(iter(outs.values()))
         for name, out in outs.items():

@@ -171,8 +171,8 @@ def glu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, gate_last=False, n
     x's dtype, as autocast runs it.
     """
     dtype = x.dtype if residual is None else result_dtype(x, residual, layer_scale, sample_scale)
-    x, fc2_weight, fc2_bias = (_up(t, upcast) for t in (x, fc2_weight, fc2_bias))
-    residual, layer_scale, sample_scale = (_up(t, upcast) for t in (residual, layer_scale, sample_scale))
+    x, fc2_weight, fc2_bias, residual, layer_scale, sample_scale = (
+        _up(t, upcast) for t in (x, fc2_weight, fc2_bias, residual, layer_scale, sample_scale))
     if isinstance(fc1_weight, (tuple, list)):
         biases = fc1_bias if fc1_bias is not None else (None, None)
         gate, value = (F.linear(x, _up(w, upcast), _up(b, upcast))
