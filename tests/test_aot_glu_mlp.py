@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from aot_builds import covering_jobs, parametrize_jobs
+from aot_builds import ARCHS, archs_of, covering_jobs, family, parametrize_jobs
 from test_aot_coverage import _mismatches, launches_on
 from vit_fast.kernels import (gelu_mlp_aot, glu_elementwise, glu_mlp, glu_mlp_aot, layer_norm_aot,
                               matmul)
@@ -30,6 +30,23 @@ def test_compiles_without_spills_and_with_tensor_cores(compiled, name, arch):
     assert r.ok and not r.spill_bytes and r.tensor_core_ops == want_tc, (
         f"{name} sm_{arch}: regs={r.registers} spills={r.spill_bytes} shared={r.shared_bytes} "
         f"tensor-core={r.tensor_core_ops!r} (want {want_tc!r})")
+
+
+def test_the_covering_builds_reach_every_family_and_value():
+    """tests/aot_builds.covering_jobs over this list (as tests/test_aot_specs.py checks the
+    other modules'): every family on both archs, every constexpr value and pointer dtype."""
+    jobs = covering_jobs(list(SPECS.values()))
+    assert len(set(jobs)) == len(jobs) < len(SPECS) * len(ARCHS)
+    built = [SPECS[name] for name, _ in jobs]
+    families = {(family(SPECS[n]), a) for n, a in jobs}
+    for spec in SPECS.values():
+        assert {(family(spec), a) for a in archs_of(spec)} <= families, spec.name
+        for name, value in spec.constants.items():
+            assert any(b.kernel is spec.kernel and b.constants.get(name, ...) == value
+                       for b in built), (spec.name, name, value)
+        for name, dtype in spec.signature.items():
+            assert any(b.kernel is spec.kernel and b.signature.get(name) == dtype
+                       for b in built), (spec.name, name, dtype)
 
 
 def assert_covered(launches):
