@@ -41,7 +41,7 @@ _GELU_KINDS = ("fc1_fwd", "dgelu")  # the tanh form changes their epilogue: its 
 def specialize_absent_inputs(sig, constants, epilogue):
     """The epilogue's optional pointers the launch passes as None become constexpr None in
     ``sig``/``constants``, as Triton specializes them (shared with matmul_hopper_aot)."""
-    present = {"BIAS": epilogue.bias, "PRE": epilogue.kind == "dgelu" or epilogue.store_pre,
+    present = {"BIAS": epilogue.bias, "PRE": epilogue.reads_pre or epilogue.store_pre,
                "ACT": epilogue.store_act, "RES": epilogue.residual,
                "LSCALE": epilogue.layer_scale, "SSCALE": epilogue.sample_scale,
                "ROWDOT": epilogue.row_dot}
@@ -60,12 +60,14 @@ def configs(kind, dtype, precision):
     return list(seen)
 
 
-def gemm_spec(kind, dtype, config, approximate="none", precision="ieee", out=None, stream=None):
+def gemm_spec(kind, dtype, config, approximate="none", precision="ieee", out=None, stream=None,
+              kinds=KINDS):
     """matmul_kernel as one MLP launch compiles: dtype the operands', out the output's (dW2 with
     LayerScale: fp32), stream the residual's and its scales' (AMP's fc2 adds into fp32). A
-    split-K config writes fp32 partials whatever the output dtype."""
+    split-K config writes fp32 partials whatever the output dtype. kinds: the launch kinds
+    (epilogue, unit strides) ``kind`` is one of (kernels/glu_mlp_aot.py passes its own)."""
     from vit_fast.aot import AotSpec
-    epilogue, unit = KINDS[kind]
+    epilogue, unit = kinds[kind]
     epilogue = epilogue._replace(approximate=approximate)
     out = "fp32" if config.split_k > 1 else out
     ptr = "*" + dtype

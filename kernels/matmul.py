@@ -1,5 +1,6 @@
-"""Tiled GEMM with fused epilogues (bias, GELU, dGELU, LayerScale + drop-path + residual), and a
-deterministic column sum. Used by the GELU-MLP forward and backward (``gelu_mlp.py``).
+"""Tiled GEMM with fused epilogues (bias, GELU, dGELU, SiLU-gated GLU and its backward, LayerScale +
+drop-path + residual), and a deterministic column sum. Used by the GELU-MLP and the GLU-MLP
+forward and backward (``gelu_mlp.py``, ``glu_mlp.py``).
 
 One kernel, constexpr flags per epilogue: every variant is the same tile loop, so the compiler
 drops what a launch does not use.
@@ -17,7 +18,10 @@ from ._device import cdiv, gpu_target, interpreting, on_tensor_device
 from .gemm_epilogue import _gelu_cdf, epilogue_store, grouped_tile  # noqa: F401  (_gelu_cdf: gelu_elementwise)
 from .tma_rules import gemm_operand_reasons
 
-EPILOGUE = {"none": 0, "gelu": 1, "dgelu": 2}
+EPILOGUE = {"none": 0, "gelu": 1, "dgelu": 2, "glu": 3, "dglu": 4, "dident": 5}
+# Output columns of C per GEMM column N: the GLU forward writes one per gate/value pair, its
+# backward a gate and a value gradient per hidden unit.
+_C_COLUMNS = {"glu": (1, 2), "dglu": (2, 1)}  # (numerator, denominator)
 
 
 @triton.jit
@@ -41,6 +45,15 @@ def matmul_kernel(
     2 dgelu: pre read from PRE; d_act = acc (·ss[m // rows_per_sample]);  C <- d_act·gelu'(pre);
              ACT <- gelu(pre)(·ss[...]) when STORE_ACT (recomputed for fc2's weight gradient);
              ROWDOT[pid_n, m] <- Σ_n∈tile acc·gelu(pre) when ROW_DOT (for the sample_scale grad).
+    3 glu:   B's columns interleave gate and value (column 2j the gate of hidden unit j, 2j+1 its
+             value; N = 2H, bias interleaved alike): C [M, H] <- silu(gate)·value;
+             PRE [M, 2H] <- gate | value (the halves side by side) when STORE_PRE.
+    4 dglu:  N = H; gate | value read from PRE [M, 2H]; d_act = acc (·ss[...]);
+             C [M, 2H] <- d_act·value·silu'(gate) | d_act·silu(gate);
+             ACT [M, H] (contiguous) <- silu(gate)·value(·ss[...]) when STORE_ACT;
+             ROWDOT as dgelu's with silu(gate)·value.
+    5 dident: dgelu with the identity as activation: C <- acc(·ss[...]), ACT <- PRE(·ss[...]),
+             ROWDOT[pid_n, m] <- Σ_n∈tile acc·PRE.
 
     Layouts: C [M, N] (strides stride_cm/cn, its dtype is the output dtype); BIAS, LSCALE [N];
     SSCALE [M // rows_per_sample]; PRE and ACT [M, N] with row stride stride_pm, unit column stride;
@@ -167,7 +180,7 @@ INTERPRET_COLSUM_BLOCK = (256, 256)
 
 class Epilogue(NamedTuple):
     """What matmul_kernel does after its mainloop: one field per constexpr flag (see its doc)."""
-    kind: str = "none"          # "none" | "gelu" | "dgelu"
+    kind: str = "none"          # "none" | "gelu" | "dgelu" | "glu" | "dglu" | "dident"
     approximate: str = "none"   # GELU form: "none" (erf) or "tanh"
     bias: bool = False
     store_pre: bool = False
@@ -181,6 +194,11 @@ class Epilogue(NamedTuple):
     def plain(self) -> bool:
         """Nothing after the mainloop but the store: the widest tiles fit in registers."""
         return self.kind == "none" and not (self.bias or self.residual or self.sample_scale)
+
+    @property
+    def reads_pre(self) -> bool:
+        """Whether the epilogue reads PRE (the backward kinds)."""
+        return self.kind in ("dgelu", "dglu", "dident")
 
 
 def _idle_sms(tiles, sms) -> bool:
@@ -234,7 +252,9 @@ def gemm_configs(M, N, dtype, epilogue: Epilogue, precision="ieee", target=None,
         return (EXACT_FP32,)
     if dtype == torch.float32:
         large, small, others = LARGE_TF32, SMALL_TF32, ()
-    elif epilogue.kind == "dgelu":
+    elif epilogue.reads_pre:
+        # The backward epilogues (dgelu, dglu, dident): dident's 128x128 and 64x128 tiles took
+        # 232-255 registers (triton 3.6-3.8), too close to spilling.
         large, small, others = NARROW_16, SMALL_16, ()
     else:
         large, small = LARGE_16, SMALL_16
@@ -297,6 +317,8 @@ def matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", p
     Returns (C [M, N] contiguous out_dtype, aux, rowdot): aux is the pre-activation written by
     epilogue "gelu" with store_pre, or gelu(pre)(·ss) written by "dgelu" with store_act (a's
     dtype), else None; rowdot is fp32 [N-tiles, M] when row_dot, else None.
+    The GLU kinds: "glu" returns C [M, N/2] (N even) and, with store_pre, aux = PRE [M, N];
+    "dglu" reads pre [M, 2N] and returns C [M, 2N] and, with store_act, aux [M, N].
 
     config: a GemmConfig to launch with; default the first of gemm_candidates. choose: called as
     choose(a, key, {config name: launch}) when there are several candidates, returns the chosen
@@ -318,8 +340,13 @@ def matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", p
                    plan.epilogue, precision, plan.tma and _tma_readable(a, b), a.device)
             config = _chosen(choose, key)
             if config is None:  # first call of the key: the chooser times or picks, and launches
+                # The Hopper kernel, whose configs vit_fast.tuning adds to launches of `matmul`
+                # (matmul_hopper.hopper_launches), allocates C as [M, N]: the GLU kinds' C is
+                # [M, N/2] or [M, 2N], so their launches go through _matmul_kernel_only, which
+                # it does not extend (tests/test_glu_mlp.py checks).
+                fn = _matmul_kernel_only if epilogue in _C_COLUMNS else matmul
                 launch = functools.partial(
-                    matmul, a, b, out_dtype, bias=bias, epilogue=epilogue, approximate=approximate,
+                    fn, a, b, out_dtype, bias=bias, epilogue=epilogue, approximate=approximate,
                     pre=pre, store_pre=store_pre, store_act=store_act, row_dot=row_dot,
                     residual=residual, layer_scale=layer_scale, sample_scale=sample_scale,
                     rows_per_sample=rows_per_sample)
@@ -348,7 +375,11 @@ def matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", p
         sample_scale = sample_scale.contiguous()
     if pre is not None and pre.stride(1) != 1 and N > 1:
         pre = pre.contiguous()
-    c = torch.empty((M, N), device=dev, dtype=out_dtype)
+    num, den = _C_COLUMNS.get(ep.kind, (1, 1))
+    if den > 1 and N % den:
+        raise ValueError(f"matmul: epilogue {ep.kind!r} needs an even N (gate/value pairs), "
+                         f"got {N}")
+    c = torch.empty((M, N * num // den), device=dev, dtype=out_dtype)
     aux = torch.empty((M, N), device=dev, dtype=a.dtype) if (store_pre or store_act) else None
     rowdot = (torch.empty((cdiv(N, config.block_n), M), device=dev, dtype=torch.float32)
               if row_dot else None)
@@ -360,8 +391,9 @@ def matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", p
         a = a.new_zeros((M, 1))
         b = b.new_zeros((1, N))
         K = 1
-    # PRE and ACT share one row stride in the kernel (stride_pm).
-    if aux is not None and pre is not None and aux.stride(0) != pre.stride(0):
+    # PRE and ACT share one row stride in the kernel (stride_pm); dglu's ACT is contiguous.
+    if (aux is not None and pre is not None and ep.kind != "dglu"
+            and aux.stride(0) != pre.stride(0)):
         pre = pre.contiguous()
     pre_t = pre if pre is not None else (aux if store_pre else None)
     stride_pm = pre_t.stride(0) if pre_t is not None else (aux.stride(0) if aux is not None else 0)
@@ -372,7 +404,7 @@ def matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", p
         a, b, c, bias, pre_t, aux if store_act else None, residual,
         layer_scale if ep.layer_scale else None, sample_scale, rowdot,
         M, N, K, rows_per_sample,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), N, 1,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), 1,
         stride_pm, rs[0], rs[1], **consts)
     return c, aux, rowdot
 
@@ -429,6 +461,11 @@ def _chosen(choose, key):
     if lookup is None or torch.autograd.profiler._is_profiler_enabled:
         return None
     return lookup(key)
+
+
+def _matmul_kernel_only(a, b, out_dtype, **kwargs):
+    """matmul itself, for candidate launches that must stay on matmul_kernel (see matmul)."""
+    return matmul(a, b, out_dtype, **kwargs)
 
 
 @on_tensor_device

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fused_qkv_attention", "qk_norm", "residual_layer_norm", "gelu_mlp", "patch_embed",
-           "add_branch", "result_dtype"]
+__all__ = ["fused_qkv_attention", "qk_norm", "residual_layer_norm", "gelu_mlp", "glu_mlp",
+           "patch_embed", "add_branch", "result_dtype"]
 
 
 def _up(t, upcast):
@@ -151,6 +151,40 @@ def gelu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, approximate="none
     residual, layer_scale, sample_scale = (_up(t, upcast) for t in (residual, layer_scale, sample_scale))
     out = F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias), approximate=approximate),
                    fc2_weight, fc2_bias)
+    if residual is not None:
+        out = add_branch(residual, out, layer_scale, sample_scale)
+    return out.to(dtype)
+
+
+def glu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, gate_last=False, norm_weight=None,
+            norm_bias=None, norm_eps=None, residual=None, layer_scale=None, sample_scale=None,
+            upcast=False):
+    """fc2(norm(silu(gate)·value)), timm's GluMlp with act_layer=nn.SiLU and its SwiGLU; then
+    residual + that·layer_scale·sample_scale[b] when residual is given (in the dtype torch
+    promotes that sum to).
+
+    fc1_weight: packed [2H, C] (GluMlp: fc1's output chunked into x1 | x2; the gate is x2 with
+    gate_last, else x1) or a (gate, value) pair of [H, C] weights (SwiGLU's fc1_g, fc1_x);
+    fc1_bias in the same form, or None. norm_eps not None: a LayerNorm over the H hidden units
+    (norm_weight, norm_bias [H] or None) between the gating and fc2 (EVA02's scale_mlp). Under
+    AMP its parameters are fp32 and x half: it normalizes in fp32 and fc2 reads its output in
+    x's dtype, as autocast runs it.
+    """
+    dtype = x.dtype if residual is None else result_dtype(x, residual, layer_scale, sample_scale)
+    x, fc2_weight, fc2_bias, residual, layer_scale, sample_scale = (
+        _up(t, upcast) for t in (x, fc2_weight, fc2_bias, residual, layer_scale, sample_scale))
+    if isinstance(fc1_weight, (tuple, list)):
+        biases = fc1_bias if fc1_bias is not None else (None, None)
+        gate, value = (F.linear(x, _up(w, upcast), _up(b, upcast))
+                       for w, b in zip(fc1_weight, biases))
+    else:
+        x1, x2 = F.linear(x, _up(fc1_weight, upcast), _up(fc1_bias, upcast)).chunk(2, dim=-1)
+        gate, value = (x2, x1) if gate_last else (x1, x2)
+    hidden = F.silu(gate) * value
+    if norm_eps is not None:
+        hidden, _ = residual_layer_norm(hidden, _up(norm_weight, upcast), _up(norm_bias, upcast),
+                                        norm_eps)
+    out = F.linear(hidden, fc2_weight, fc2_bias)
     if residual is not None:
         out = add_branch(residual, out, layer_scale, sample_scale)
     return out.to(dtype)
