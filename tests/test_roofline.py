@@ -232,15 +232,18 @@ def test_achievable_time_is_the_peak_roofline_scaled_per_class():
 
 def test_block_verdicts_eager_compile_and_both_vit_fast_variants():
     """Model verdicts for ViT-B/16, bf16, B=64, fwd+bwd: torch.compile saves traffic over eager
-    but not as much as vit_fast; the cuBLAS variant moves more bytes than the Triton GEMM one, and
-    is modelled no slower than eager on either GPU (the 'never slower than eager' default)."""
+    but not as much as vit_fast; the cuBLAS variant moves more bytes than the Triton GEMM one (its
+    GELU and residual epilogues are passes of their own: about as many bytes as torch.compile's
+    fusions), and is modelled no slower than eager on either GPU (the 'never slower than eager'
+    default)."""
     B, N, C, H, e = 64, 197, 768, 12, 2
     for ls in (False, True):
         ops = {impl: roofline.block_ops(impl, B, N, C, H, e, backward=True, layer_scale=ls)
                for impl in roofline.IMPLS}
         tot = {impl: roofline.total(seq) for impl, seq in ops.items()}
-        assert tot["vit_fast"].bytes < tot["vit_fast cublas"].bytes < tot["torch.compile"].bytes
-        assert tot["torch.compile"].bytes < tot["eager"].bytes
+        assert tot["vit_fast"].bytes < tot["torch.compile"].bytes < tot["eager"].bytes
+        assert tot["vit_fast"].bytes < tot["vit_fast cublas"].bytes < tot["eager"].bytes
+        assert abs(tot["vit_fast cublas"].bytes - tot["torch.compile"].bytes) < 0.05 * tot["eager"].bytes
         # same GEMMs and attention; only the small elementwise FLOP constants differ
         assert abs(tot["torch.compile"].flops - tot["eager"].flops) < 1e-3 * tot["eager"].flops
         assert tot["vit_fast cublas"].flops == tot["vit_fast"].flops

@@ -51,12 +51,15 @@ def efficiency_note() -> str:
 @dataclasses.dataclass(frozen=True)
 class Op:
     """One kernel launch (or one eager op): bytes read/written from HBM and FLOPs (model), and
-    its kernel class (a key of EFFICIENCY's rows), which sets the achievable FLOP/s."""
+    its kernel class (a key of EFFICIENCY's rows), which sets the achievable FLOP/s. ``dims``:
+    (M, N, K) of a GEMM, (B·H, N, D) of an attention kernel, () otherwise (the whole-model
+    predictor, vit_fast/bench/predict.py, reads tile counts from them)."""
     name: str
     read: int
     write: int
     flops: int = 0
     kind: str = "elementwise"
+    dims: tuple = ()
 
     @property
     def bytes(self) -> int:
