@@ -109,3 +109,20 @@ def get(key: str) -> Gpu:
         return GPUS[key]
     except KeyError:
         raise ValueError(f"gpu must be one of {sorted(GPUS)}, got {key!r}") from None
+
+
+# Words in torch.cuda.get_device_name / nvidia-smi names -> table key (first match wins).
+_NAME_KEYS = (("h100", "h100"), ("a100", "a100"), ("rtx 3090", "rtx3090"), ("rtx 4090", "rtx4090"),
+              ("rtx 5090", "rtx5090"), ("rtx pro 6000 blackwell max-q", "rtx_pro_6000_maxq"))
+
+
+def match(device_name) -> str | None:
+    """The table key of a device name ('NVIDIA H100 80GB HBM3' -> 'h100'), or None. Variants
+    the table does not list (H100 PCIe, 4090 D, the 600 W RTX PRO 6000) are not matched."""
+    name = (device_name or "").lower()
+    if any(v in name for v in ("pcie", "nvl", "4090 d", "laptop")):
+        return None
+    for words, key in _NAME_KEYS:
+        if words in name:
+            return key
+    return None

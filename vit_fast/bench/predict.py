@@ -4,15 +4,18 @@ host's launch work in it (predict_host.py). ``python -m vit_fast.bench predict``
 
 Per kernel (an :class:`~vit_fast.bench.roofline_time.Op` of predict_ops.py), on GPU ``g``:
 
-    compute = FLOPs / (peak · η_class)            (+ exp2 count / MUFU rate for attention)
+    compute = FLOPs / (peak · sustained · η_class)   (+ exp2 count / MUFU rate for attention)
     memory  = bytes / (bandwidth · η_mem)
-    time    = (compute^p + memory^p)^(1/p) / wave_efficiency + gap
+    time    = max(compute, memory) / wave_efficiency + gap
 
-- η_class: cuBLAS GEMM (``gemm``), FA2-class attention's tensor work (``attn``): fitted; vit_fast's
-  Triton GEMM: ``gemm · triton_gemm`` (an assumption, see EFFICIENCY_SOURCES); memory-bound
-  kernels have no compute term.
-- p (``sharp``): how a kernel near the ridge point mixes its compute and memory times; p → ∞ is
-  the roofline's max, p = 1 their sum. Fitted.
+- peak, bandwidth: the GPU table's datasheet figures (gpu_peaks.py); ``sustained``: the GPU's
+  measured large-matmul throughput over its datasheet peak (the same table), so that a fraction
+  fitted on one GPU carries to another through what cuBLAS measurably delivers there.
+- η_class: cuBLAS GEMM (``gemm``), FA2-class attention's tensor work (``attn``), every kernel's
+  DRAM traffic (``mem``): fitted on the RTX 4090 rows (predict_fit.py); vit_fast's Triton GEMM:
+  ``gemm · triton_gemm`` (an assumption, see EFFICIENCY_SOURCES); memory-bound kernels have no
+  compute term. A free exponent p in (compute^p + memory^p)^(1/p) went to the max (p → ∞) when
+  fitted, so the max it is.
 - attention: the exp2 of every score (one per score in the forward and in the backward's
   recompute: the math, and vit_fast's SASS, 1.03-1.06 MUFU.EX2 per score) issues on the MUFU
   pipe (16 per SM per clock), serialized with the MMAs as in FA2-class kernels (no ping-pong
@@ -65,7 +68,6 @@ EFFICIENCY_SOURCES = {
     "mem": "every kernel's bytes (aten, Inductor and vit_fast's Triton memory-bound kernels): "
            "fitted on the RTX 4090 rows; vit_fast's LayerNorm/GELU/epilogue builds use <= 128 "
            "registers, 0 spills (compile-check), enough occupancy to stream",
-    "sharp": "fitted on the RTX 4090 rows",
     "triton_gemm": "NOT backed: vit_fast's pointer-load Triton GEMM relative to cuBLAS, issue "
                    "17's estimate (0.7x on H100); no SASS figure bounds it (the hot loop's HGMMA "
                    "count is right; its losses are latency and per-tile prologue, not instruction "
