@@ -63,7 +63,7 @@ def throughput_parser():
     p.add_argument("--mode", default="infer", choices=["infer", "train"],
                    help="infer: eval forward; train: forward + backward + SGD step")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--iters", type=int, default=8, help="interleaved timing rounds")
+    p.add_argument("--iters", type=int, default=6, help="interleaved timing rounds")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cublas"],
                    help="vit_fast backend policy for the vit_fast rows")
     p.add_argument("--compile", action="store_true", help="also torch.compile each model")
@@ -115,7 +115,8 @@ def _gpu_predictions(rows, device):
     out = {}
     for r in rows:
         impl = _PROVIDER_IMPL.get(r["provider"])
-        if key is None or impl is None or r["dtype"] == "fp32" or r["model"] not in predict_ops.MODELS:
+        if (key is None or impl is None or r["dtype"] == "fp32"
+                or r["model"] not in predict_ops.MODELS):
             continue
         got = predict.predict(key, r["model"], r["batch"], r["mode"], (impl,),
                               precision=r["dtype"])[0]
@@ -245,7 +246,8 @@ def plot(rows, path, kind):
         b = [r["batch"] for r in rs]
         ax1.plot(b, [r["img_per_s"] for r in rs], marker="o", label=f"{model} {prov}")
         if rs[0]["memory_bytes"] is not None:
-            ax2.plot(b, [r["memory_bytes"] / 2**20 for r in rs], marker="o", label=f"{model} {prov}")
+            ax2.plot(b, [r["memory_bytes"] / 2**20 for r in rs], marker="o",
+                     label=f"{model} {prov}")
     ax1.set(xlabel="batch", ylabel="img/s", title=f"throughput ({kind} measured)")
     ax2.set(xlabel="batch", ylabel="MiB", title=f"peak CUDA memory ({kind} measured)"
             if rows[0]["memory_kind"] == "peak_cuda" else "no memory figure on a CPU")
@@ -356,6 +358,7 @@ def roofline_main(argv):
     print(rl.efficiency_note())
     from . import roofline_bound
     print(roofline_bound.report(B, N, C, H, e, layer_scale=args.layer_scale, head=head))
+    print(host_term_line(args, B, N, C, H, e))
     seg = []
     for ls in (False, True):
         for impl in ("eager", "vit_fast"):
@@ -394,6 +397,31 @@ def roofline_main(argv):
                       f"{r['H100 SXM'] * depth * 1e3:.2f} ms" for r in rows
                       if r["pass"] == "fwd+bwd"))
     return 0
+
+
+def host_term_line(args, B, N, C, H, e):
+    """The host term of one Block's forward+backward (issue 26): host µs on a GPU server from the
+    host benchmark (predict_host.py) against the block's roofline time on H100 SXM."""
+    from . import predict_host, predict_ops, roofline as rl
+    costs, label = predict_host.load()
+    assume = predict_host.HostAssumptions()
+    precision = "amp" if args.amp else ("fp32" if e == 4 else "bf16")
+    cost = costs[("fwd+bwd", precision)]
+    parts = []
+    for impl, name in (("eager", "eager"), ("vit_fast", "vit_fast"),
+                       ("vit_fast_cublas", "vit_fast cublas")):
+        if args.amp:
+            ops = predict_ops.block_ops(impl, B, N, C, H, e, backward=True,
+                                        layer_scale=args.layer_scale)
+        else:
+            ops = rl.block_ops(name, B, N, C, H, e, backward=True, layer_scale=args.layer_scale)
+        host = predict_host.block_host_us(impl, cost, len(ops), assume)
+        gpu = rl.time_s(ops, "H100 SXM") * 1e6
+        parts.append(f"{name} {host:,.0f} µs host vs {gpu:,.0f} µs GPU: "
+                     + ("host-bound" if host > gpu else "GPU-bound"))
+    return (f"Host term (model; one Block fwd+bwd, {precision}, H100 SXM; host per Block: "
+            f"{label}; x{assume.host_speed} on a GPU server + {assume.launch_us} µs per launch): "
+            + "; ".join(parts))
 
 
 def _roofline_amp_rows(args, B, N, C, H, e, hws):

@@ -106,7 +106,7 @@ def step_arrays(impl, s, batch, mode, gpu, host_costs, assume, attention="flash"
     predict_plan.py); their host cost is ``impl``'s."""
     segs = segments or predict_ops.step_segments(impl, s, batch, mode, attention=attention,
                                                  foreach=foreach, precision=precision)
-    precision = "amp" if precision == "amp" else "fp32"  # host costs: AMP, or a plain dtype
+    precision = "amp" if precision == "amp" else "bf16"  # host costs: AMP, or a plain l dtype
     key_fwd = ("inference", precision) if mode == "infer" else ("forward", precision)
     cost_fwd = host_costs[key_fwd]
     cost_all = host_costs[("fwd+bwd", precision)]
@@ -202,7 +202,8 @@ def predict(gpu, model, batch, mode, impls=predict_ops.IMPLS, *, img_size=224, e
                         precision=precision)
         r = simulate(a, g, eff, assume)
         rows.append({"gpu": g.key, "model": model, "img_size": img_size, "batch": batch,
-                     "mode": mode, "precision": precision, "impl": impl, "img_per_s": batch / r["step_s"],
+                     "mode": mode, "precision": precision, "impl": impl,
+                     "img_per_s": batch / r["step_s"],
                      "step_ms": r["step_s"] * 1e3, "gpu_busy_ms": r["gpu_busy_s"] * 1e3,
                      "host_ms": r["host_s"] * 1e3, "gpu_idle_ms": r["gpu_idle_s"] * 1e3,
                      "host_bound": r["host_bound"], "kernels": r["kernels"],

@@ -170,7 +170,8 @@ def summary(results) -> dict:
     out = {}
     for st in SETS:
         for impl in ("eager", "compile"):
-            errs = [abs(x["error"]) for x in results if x["row"].set == st and x["row"].impl == impl]
+            errs = [abs(x["error"]) for x in results
+                    if x["row"].set == st and x["row"].impl == impl]
             if errs:
                 out[(st, impl)] = {"n": len(errs), "median": statistics.median(errs),
                                    "worst": max(errs)}

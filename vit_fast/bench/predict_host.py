@@ -32,7 +32,7 @@ from pathlib import Path
 
 HOST_JSON = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "host-cpu.json"
 HOST_MODES = ("forward", "fwd+bwd", "inference")
-PRECISIONS = ("fp32", "amp")
+PRECISIONS = ("fp32", "bf16", "amp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +59,13 @@ class HostAssumptions:
 # vit_fast 3.5x / 2.7x that with 16 / 19 Triton launches, ~15 µs of Triton's Python per launch.
 # Forward and inference are not in the probe: taken as 0.4 and 0.3 of forward+backward for both
 # (assumed; an autograd backward is dispatched from C++ and costs less per op than the Python
-# forward). aten ops per Block: counted from this model's op lists (eager AMP: 15 forward, 34 fwd+bwd).
-_PROBE = {"fp32": (1100.0, 3.5, 16), "amp": (2250.0, 2.7, 19)}
+# forward). Kernels per eager Block: this model's op lists (bench roofline's launches column:
+# AMP 20 forward, 56 fwd+bwd with the weight casts; fp32/bf16 10 and 34). bf16 (no autocast) is
+# not in the probe: taken as fp32's (the same path, another dtype).
+_PROBE = {"fp32": (1100.0, 3.5, 16), "bf16": (1100.0, 3.5, 16), "amp": (2250.0, 2.7, 19)}
 _SHARE = {"fwd+bwd": 1.0, "forward": 0.4, "inference": 0.3}
-_ATEN_EAGER = {"fwd+bwd": 34, "forward": 15, "inference": 15}
+_ATEN_EAGER = {"amp": {"fwd+bwd": 56, "forward": 20, "inference": 20},
+               "fp32": {"fwd+bwd": 34, "forward": 10, "inference": 10}}
 
 
 def _default(mode, precision) -> HostCost:
@@ -70,7 +73,7 @@ def _default(mode, precision) -> HostCost:
     share = _SHARE[mode]
     return HostCost(eager * share, eager * ratio * share,
                     launches if mode == "fwd+bwd" else max(1, round(launches * 0.4)),
-                    _ATEN_EAGER[mode], 0, 15.0)
+                    _ATEN_EAGER["amp" if precision == "amp" else "fp32"][mode], 0, 15.0)
 
 
 DEFAULT_HOST = {(m, p): _default(m, p) for m in HOST_MODES for p in PRECISIONS}
@@ -99,7 +102,7 @@ def load(path=None) -> tuple:
 
 
 def block_host_us(impl, cost: HostCost, kernels: int, a: HostAssumptions) -> float:
-    """Host µs per Block (one mode) on the GPU server for ``impl`` launching ``kernels`` kernels."""
+    """Host µs per Block (one mode) on the GPU server for ``impl`` launching ``kernels``."""
     if impl == "compile":
         return kernels * a.compile_launch_us
     if impl == "eager":

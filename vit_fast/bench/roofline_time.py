@@ -43,7 +43,8 @@ KINDS = ("elementwise", "cublas_gemm", "triton_gemm", "attention", "attention_fa
 
 def efficiency_note() -> str:
     """One line per GPU: the achievable fractions the times use (model inputs)."""
-    return "\n".join(f"achievable fractions (model inputs), {hw}: "
+    return "\n".join(f"achievable fractions (uncalibrated model inputs; the calibrated whole-model "
+                     f"times are `bench predict`'s), {hw}: "
                      + ", ".join(f"{k} {v:.2f}" for k, v in EFFICIENCY[hw].items() if k != "elementwise")
                      for hw in HARDWARE)
 
