@@ -139,3 +139,34 @@ def test_gpu_rows_get_the_model_prediction_beside_them(monkeypatch):
         ("vit_small_patch16_224", 64, "vit_fast"): pytest.approx(want)}
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Tesla T4")
     assert cli._gpu_predictions(rows, "cuda") == ({}, None)
+
+
+def test_newcomer_report_has_the_three_gpu_parts_each_labelled():
+    """Without a GPU, after the CPU table: the GPU path's counted saved-for-backward bytes (bf16
+    and AMP), the host cost per Block against eager, and the model's prediction for --gpu."""
+    import argparse
+    args = argparse.Namespace(model=["vit_small_patch16_224"], gpu="a100", gpu_batch=[2, 64])
+    text = cli.newcomer_report(args)
+    assert "Host CPU per Block" in text and "vs eager" in text
+    assert "Model (not measured): vit_small_patch16_224 on A100 SXM4 80GB" in text
+    rows = [[c.strip() for c in line.split("|")[1:4]] for line in text.splitlines()
+            if line.startswith(("| train ", "| infer "))]
+    assert len(rows) == 2 * 2 * 4  # modes x batches x impls
+    assert {(m, b) for m, b, _ in rows} == {(m, b) for m in ("train", "infer") for b in ("2", "64")}
+    try:
+        import torch
+        cuda_build = torch.backends.cuda.is_built()
+    except Exception:
+        cuda_build = False
+    if cuda_build:
+        assert "Counted (fake CUDA tensors" in text and "AMP bf16" in text
+
+
+def test_cpu_ratios_inside_the_noise_floor_are_not_called():
+    from vit_fast.bench import throughput, timing
+    base = timing.summarize([1.00, 1.00, 1.00, 1.00])
+    other = timing.summarize([0.96, 0.96, 0.96, 0.96])  # 1.04x, no spread at all
+    assert throughput.verdict(base, other, "cpu")["verdict"] == "within noise"
+    assert throughput.verdict(base, other, "cuda")["verdict"] == "faster"
+    slow = timing.summarize([1.5, 1.5, 1.5, 1.5])
+    assert throughput.verdict(base, slow, "cpu")["verdict"] == "slower"

@@ -602,15 +602,11 @@ def predict_main(argv):
     if not args.plan:
         print(model_notes(g, eff, assume, label))
     if args.json:
+        import dataclasses
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "efficiency": dataclasses_asdict(eff), "host": label,
-                       "assumptions": dataclasses_asdict(assume)}, f, indent=2)
+            json.dump({"rows": rows, "efficiency": dataclasses.asdict(eff), "host": label,
+                       "assumptions": dataclasses.asdict(assume)}, f, indent=2)
     return 0
-
-
-def dataclasses_asdict(obj):
-    import dataclasses
-    return dataclasses.asdict(obj)
 
 
 def model_notes(g, eff, assume, host_label):
