@@ -145,10 +145,10 @@ def test_newcomer_report_has_the_three_gpu_parts_each_labelled():
     """Without a GPU, after the CPU table: the GPU path's counted saved-for-backward bytes (bf16
     and AMP), the host cost per Block against eager, and the model's prediction for --gpu."""
     import argparse
-    args = argparse.Namespace(model=["vit_small_patch16_224"], gpu="a100", gpu_batch=[2, 64])
+    args = argparse.Namespace(model=["vit_tiny_patch16_224"], gpu="a100", gpu_batch=[2, 64])
     text = cli.newcomer_report(args)
     assert "Host CPU per Block" in text and "vs eager" in text
-    assert "Model (not measured): vit_small_patch16_224 on A100 SXM4 80GB" in text
+    assert "Model (not measured): vit_tiny_patch16_224 on A100 SXM4 80GB" in text
     rows = [[c.strip() for c in line.split("|")[1:4]] for line in text.splitlines()
             if line.startswith(("| train ", "| infer "))]
     assert len(rows) == 2 * 2 * 4  # modes x batches x impls
