@@ -18,9 +18,9 @@ Per kernel (an :class:`~vit_fast.bench.roofline_time.Op` of predict_ops.py), on 
   fitted, so the max it is.
 - attention: the exp2 of every score (one per score in the forward and in the backward's
   recompute: the math, and vit_fast's SASS, 1.03-1.06 MUFU.EX2 per score) issues on the MUFU
-  pipe (16 per SM per clock), serialized with the MMAs as in FA2-class kernels (no ping-pong
-  between warpgroups); scores are counted on the 128 x 64 tiles (queries x keys) the kernel runs,
-  so N = 197 pads to 256 x 256.
+  pipe (16 per SM per clock at the listed boost), serialized with the MMAs as in FA2-class kernels
+  (no ping-pong between warpgroups); scores are counted on the 128 x 64 tiles (queries x keys)
+  the kernel runs, so N = 197 pads to 256 x 256.
 - wave efficiency: a GEMM's 128 x 128 output tiles over the SMs (tiles / (waves · SMs)).
 - gap: a fixed per-kernel GPU time (launch latency, tail), an assumption (``gap_us``).
 
@@ -50,9 +50,6 @@ class Efficiency:
     attn: float = 0.6          # FA2-class attention: fraction of the tensor peak for its MMAs
     triton_gemm: float = 0.7   # vit_fast's Triton GEMM, relative to cuBLAS (assumed)
     gap_us: float = 1.0        # per kernel (assumed)
-
-    def fitted(self) -> dict:
-        return {k: getattr(self, k) for k in FITTED_FIELDS}
 
 
 FITTED_FIELDS = ("gemm", "mem", "attn")

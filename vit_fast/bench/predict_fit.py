@@ -12,10 +12,13 @@ default mode). Sets:
   the 4090's fit, never refitted;
 - ``extra``: the RTX 4090 rows of torch 2.4.0 (compile at batch 256), also not fitted.
 
-The fit: the four FITTED_FIELDS of predict.Efficiency minimizing the sum of squared log errors of
-img/s over the ``fit`` rows, by Nelder-Mead in a transformed space (logit of each fraction, log of
-p - 1), from a fixed start, deterministic. :data:`FITTED` holds its result as committed; the test
-suite refits and checks it is still the optimum.
+The fit: the three FITTED_FIELDS of predict.Efficiency (gemm, mem, attn) minimizing the sum of
+squared log errors of img/s over the ``fit`` rows, by Nelder-Mead on the logit of each field
+within (0.05, 1.5), from a fixed start, then restarted once from its result: deterministic.
+:data:`FITTED` holds its result as committed; ``predict --calibrate`` refits and says whether it
+is still the same, and the test suite checks that it is a minimum (each field moved 1% costs).
+Fractions above 1 are allowed: they are fractions of datasheet (or measured-matmul) rates that a
+card's clocks and the L2 can beat.
 """
 from __future__ import annotations
 
