@@ -16,7 +16,7 @@ def test_throughput_table_json_csv_plot_profile(tmp_path, capsys):
     paths = {k: tmp_path / f"out.{k}" for k in ("json", "csv", "png")}
     trace = tmp_path / "trace.json"
     rc = cli.main(["--model", "test_vit", "--batch", "1,2", "--warmup", "0", "--iters", "1",
-                   "--mode", "train", "--no-progress", "--json", str(paths["json"]),
+                   "--mode", "train", "--no-progress", "--gpu-batch", "2", "--json", str(paths["json"]),
                    "--csv", str(paths["csv"]), "--plot", str(paths["png"]), "--profile", str(trace)])
     out = capsys.readouterr().out
     assert rc == 0
@@ -25,10 +25,15 @@ def test_throughput_table_json_csv_plot_profile(tmp_path, capsys):
     assert [(r["batch"], r["provider"]) for r in rows] == [
         (1, "timm eager"), (1, "vit_fast"), (2, "timm eager"), (2, "vit_fast")]
     for r in rows:
-        assert r["img_per_s"] > 0 and r["memory_kind"] == "saved_for_bwd" and r["memory_bytes"] > 0
+        assert r["img_per_s"] > 0 and r["memory_kind"] is None and r["rounds"] == 1
         # Same weights, fp32, reference path on CPU: the logits agree to fp32 round-off.
         assert r["max_logit_err"] < 1e-3 and r["top1_agree"] == 1.0
+        assert r["verdict"] in ("within noise", "faster", "slower") and r["noise_rel"] >= 0.05
     assert rows[0]["speedup"] == 1.0
+    # Without a GPU: the GPU path's counted memory, the host cost, and the model's part (no
+    # prediction for timm's tiny test_vit, which the model does not list)
+    assert "Counted (fake CUDA tensors" in out or "not counted" in out
+    assert "Host CPU per Block" in out and "no prediction for test_vit" in out
     assert len(list(csv.DictReader(paths["csv"].open()))) == 4
     assert paths["png"].stat().st_size > 1000
     assert json.loads(trace.read_text())["traceEvents"]
@@ -113,3 +118,55 @@ def test_bad_arguments_are_rejected():
         cli.main(["--mode", "sideways"])
     with pytest.raises(SystemExit):
         cli.main(["roofline", "--model", "resnet50"])
+
+
+def test_gpu_rows_get_the_model_prediction_beside_them(monkeypatch):
+    """With a GPU, each bf16/fp16 measured row of a model the performance model lists gets its
+    predicted img/s (the GPU matched by its name); fp32 rows and unknown GPUs get none."""
+    import torch
+
+    from vit_fast.bench import predict
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    rows = [{"model": "vit_small_patch16_224", "batch": 64, "mode": "train", "dtype": d,
+             "provider": p} for d in ("bf16", "fp32") for p in ("timm eager", "vit_fast")]
+    preds, key = cli._gpu_predictions(rows, "cuda")
+    assert key == "h100"
+    want = predict.predict("h100", "vit_small_patch16_224", 64, "train", ("vit_fast",),
+                           precision="bf16")[0]["img_per_s"]
+    assert preds == {("vit_small_patch16_224", 64, "timm eager"): pytest.approx(
+        predict.predict("h100", "vit_small_patch16_224", 64, "train", ("eager",),
+                        precision="bf16")[0]["img_per_s"]),
+        ("vit_small_patch16_224", 64, "vit_fast"): pytest.approx(want)}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Tesla T4")
+    assert cli._gpu_predictions(rows, "cuda") == ({}, None)
+
+
+def test_newcomer_report_has_the_three_gpu_parts_each_labelled():
+    """Without a GPU, after the CPU table: the GPU path's counted saved-for-backward bytes (bf16
+    and AMP), the host cost per Block against eager, and the model's prediction for --gpu."""
+    import argparse
+    args = argparse.Namespace(model=["vit_tiny_patch16_224"], gpu="a100", gpu_batch=[2, 64])
+    text = cli.newcomer_report(args)
+    assert "Host CPU per Block" in text and "vs eager" in text
+    assert "Model (not measured): vit_tiny_patch16_224 on A100 SXM4 80GB" in text
+    rows = [[c.strip() for c in line.split("|")[1:4]] for line in text.splitlines()
+            if line.startswith(("| train ", "| infer "))]
+    assert len(rows) == 2 * 2 * 4  # modes x batches x impls
+    assert {(m, b) for m, b, _ in rows} == {(m, b) for m in ("train", "infer") for b in ("2", "64")}
+    try:
+        import torch
+        cuda_build = torch.backends.cuda.is_built()
+    except Exception:
+        cuda_build = False
+    if cuda_build:
+        assert "Counted (fake CUDA tensors" in text and "AMP bf16" in text
+
+
+def test_cpu_ratios_inside_the_noise_floor_are_not_called():
+    from vit_fast.bench import throughput, timing
+    base = timing.summarize([1.00, 1.00, 1.00, 1.00])
+    other = timing.summarize([0.96, 0.96, 0.96, 0.96])  # 1.04x, no spread at all
+    assert throughput.verdict(base, other, "cpu")["verdict"] == "within noise"
+    assert throughput.verdict(base, other, "cuda")["verdict"] == "faster"
+    slow = timing.summarize([1.5, 1.5, 1.5, 1.5])
+    assert throughput.verdict(base, slow, "cpu")["verdict"] == "slower"

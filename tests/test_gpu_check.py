@@ -191,3 +191,23 @@ def test_summary_lists_what_measured_selection_chose():
     text = gpu_check_report.summary_markdown(res)
     assert "## Measured selection" in text
     assert "gelu_mlp: cublas (measured; triton 0.310 ms, cublas 0.240 ms)" in text
+
+
+def test_model_rows_carry_the_prediction_beside_the_measurement():
+    """On a GPU the table has the model's img/s and measured/model - 1 for each AMP model row
+    (the calibrated model, vit_fast/bench/predict.py); on a GPU the model's table lacks, a dash
+    and why."""
+    from vit_fast.bench import predict
+    stat = {"median_s": 0.025, "q25_s": 0.024, "q75_s": 0.026, "iqr_rel": 0.08,
+            "run_to_run_rel": 0.01, "n": 10}
+    row = {"model": "vit_base_patch16_224", "mode": "train", "batch": 64, "ratios": [],
+           "providers": {"timm eager": {**stat, "img_per_s": 2500.0},
+                         "vit_fast": {**stat, "img_per_s": 1200.0}}}
+    data = {"precision": "AMP bf16 (fp32 weights)", "device": "cuda", "rounds": 10, "rows": [row]}
+    text = "\n".join(gpu_check_report._models(data, "NVIDIA H100 80GB HBM3"))
+    want = predict.predict("h100", "vit_base_patch16_224", 64, "train", ("eager",))[0]["img_per_s"]
+    assert f"| {want:,.0f} " in text
+    assert f"{100 * (2500.0 / want - 1):+.0f}%" in text
+    assert "predict --gpu h100" in text
+    text = "\n".join(gpu_check_report._models(data, "NVIDIA Tesla T4"))
+    assert "not in vit_fast/bench/gpu_peaks.py" in text and "model img/s" in text

@@ -88,3 +88,6 @@ def test_roofline_command_prints_the_bound_and_the_blockers():
                 assert f"short of {want:.2f}x {ref}" in text
                 assert r["blockers"][ref][0][0] in text
     assert "hopper_gemm" in text
+    # issue 26's host term: host µs per Block on a GPU server against the block's GPU time
+    host = next(line for line in text.splitlines() if line.startswith("Host term (model"))
+    assert host.count("µs host vs") == 3 and "bound" in host

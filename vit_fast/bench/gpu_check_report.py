@@ -89,29 +89,55 @@ def _ops(d):
     return lines + [f"- skipped: {s}" for s in d.get("skipped", [])] + [""]
 
 
-def _models(d):
+_PROVIDER_IMPL = {"timm eager": "eager", "timm compile": "compile", "vit_fast": "vit_fast"}
+
+
+def predictions(rows, device_name):
+    """{(model, mode, batch, provider): img/s} by the calibrated model (vit_fast/bench/predict.py)
+    for the AMP rows of a GPU the model's table has; ({}, why) otherwise."""
+    from . import gpu_peaks, predict, predict_ops
+    key = gpu_peaks.match(device_name)
+    if key is None:
+        return {}, f"no model row: {device_name!r} is not in vit_fast/bench/gpu_peaks.py"
+    out = {}
+    for r in rows:
+        if r["model"] not in predict_ops.MODELS:
+            continue
+        for p in r["providers"]:
+            if p in _PROVIDER_IMPL:
+                got = predict.predict(key, r["model"], r["batch"], r["mode"], (_PROVIDER_IMPL[p],))
+                out[(r["model"], r["mode"], r["batch"], p)] = got[0]["img_per_s"]
+    return out, f"model: `python -m vit_fast.bench predict --gpu {key}` (AMP, calibrated on " \
+                "timm's RTX 4090 rows); measured/model - 1 is the model's error on this GPU"
+
+
+def _models(d, device_name=None):
     lines = [f"## Whole models ({d.get('precision')}, {d.get('device')}): median of {d.get('rounds')} "
              "interleaved rounds; accuracy of the eval forward vs fp32 timm eager", ""]
     rows = []
+    preds, why = predictions(d.get("rows", []), device_name or d.get("device", ""))
     for r in d.get("rows", []) + d.get("navit_rows", []):  # NaViT: baseline vit-pytorch eager
         ratio = {(x["provider"], x["baseline"]): x for x in r["ratios"]}
         eager = "vit-pytorch eager" if "vit-pytorch eager" in r["providers"] else "timm eager"
         for p, s in r["providers"].items():
             def vs(base, p=p):
                 return timing.fmt_ratio(ratio[(p, base)]) if (p, base) in ratio else "-"
+            pred = preds.get((r["model"], r["mode"], r["batch"], p))
             rows.append({"model": r["model"], "mode": r["mode"], "batch": r["batch"], "provider": p,
                          "img/s": f"{s['img_per_s']:,.1f}", "step": timing.fmt_time(s),
                          "vs eager": vs(eager), "vs timm compile": vs("timm compile"),
+                         "model img/s": f"{pred:,.0f}" if pred else "-",
+                         "measured/model": f"{100 * (s['img_per_s'] / pred - 1):+.0f}%" if pred else "-",
                          "peak step mem": _mib(s.get("peak_step_bytes")),
                          "max abs err": f"{s['max_abs_err']:.2e}" if "max_abs_err" in s else "-",
                          "top-1 agree": f"{100 * s['top1_agree']:.0f}%" if "top1_agree" in s else "-"})
     if rows:
         keys = ("model", "mode", "batch", "provider", "img/s", "step", "vs eager", "vs timm compile",
-                "peak step mem", "max abs err", "top-1 agree")
+                "model img/s", "measured/model", "peak step mem", "max abs err", "top-1 agree")
         lines += [fmt_table(rows, [(k, k) for k in keys]),
                   "", "peak step mem: CUDA memory a step allocates above what is resident before it "
                   "(all providers' weights). vs eager: timm eager, or vit-pytorch's own NaViT for "
-                  "the NaViT rows (max abs err: vs that NaViT under the same autocast)", ""]
+                  "the NaViT rows (max abs err: vs that NaViT under the same autocast). " + why, ""]
     return (lines + [f"- note: {s}" for s in d.get("notes", [])]
             + [f"- skipped: {s}" for s in d.get("skipped", [])] + [""])
 
@@ -129,9 +155,11 @@ def _tuning(steps):
 def summary_markdown(res):
     lines = _header(res) + ["## Steps", ""] + _steps(res)
     steps = res["steps"]
+    device = steps.get("environment", {}).get("data", {}).get("device")
     for name, render in (("install", _install), ("tests", _tests), ("ops", _ops), ("models", _models)):
         if steps.get(name, {}).get("data"):
-            lines += render(steps[name]["data"])
+            data = steps[name]["data"]
+            lines += render(data, device) if name == "models" else render(data)
     lines += _tuning(steps)
     skipped = [f"{n}: {s['status']}" for n, s in steps.items() if not s["status"].startswith("done")]
     lines += ["## Not done", ""] + ([f"- {s}" for s in skipped] or ["- every step ran to the end"])

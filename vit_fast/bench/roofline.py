@@ -51,7 +51,7 @@ def tokens(model: str) -> int:
 def attention_fwd(B, N, H, D, e) -> Op:
     """attention_fwd_kernel: reads q, k, v from packed qkv; writes out and the fp32 lse."""
     return Op("attention_fwd", B * N * 3 * H * D * e, B * N * H * D * e + B * H * N * F32,
-              4 * B * H * N * N * D, "attention")
+              4 * B * H * N * N * D, "attention", (B * H, N, D))
 
 
 def attention_bwd(B, N, H, D, e, plan=None) -> list:
@@ -72,13 +72,15 @@ def attention_bwd(B, N, H, D, e, plan=None) -> list:
     ops = [Op("attention_bwd_delta", 2 * row, stats, 2 * B * N * H * D)]
     if plan[0] == "split":
         return ops + [
-            Op("attention_bwd_dkdv", qkv + row + 2 * stats, 2 * row, 8 * B * H * N * N * D, "attention"),
-            Op("attention_bwd_dq", qkv + row + 2 * stats, row, 6 * B * H * N * N * D, "attention"),
+            Op("attention_bwd_dkdv", qkv + row + 2 * stats, 2 * row, 8 * B * H * N * N * D,
+               "attention", (B * H, N, D)),
+            Op("attention_bwd_dq", qkv + row + 2 * stats, row, 6 * B * H * N * N * D, "attention",
+               (B * H, N, D)),
         ]
     key_blocks = plan[2]
     partials = row if key_blocks == 1 else key_blocks * B * N * H * D * F32
     ops.append(Op("attention_bwd_dkdv_dq", qkv + row + 2 * stats, 2 * row + partials,
-                  10 * B * H * N * N * D, "attention"))
+                  10 * B * H * N * N * D, "attention", (B * H, N, D)))
     if key_blocks > 1:
         ops.append(Op("attention_bwd_dq_reduce", partials, row, key_blocks * B * N * H * D))
     return ops
@@ -122,7 +124,7 @@ def matmul(M, N, K, e, *, out_e=None, name="matmul", bias=False, read_pre=False,
     read = (M * K + K * N) * e + N * e * (int(bias) + int(layer_scale)) + samples * e
     read += M * N * e * (int(read_pre) + int(residual))
     write = M * N * out_e + M * N * e * (int(store_pre) + int(store_act)) + rowdot_tiles * M * F32
-    return Op(name, read, write, 2 * M * N * K + epilogue_flops * M * N, kind)
+    return Op(name, read, write, 2 * M * N * K + epilogue_flops * M * N, kind, (M, N, K))
 
 
 def colsum(M, N, e, chunks, *, samples=0, name="colsum") -> Op:
@@ -258,7 +260,7 @@ def flash_sdpa_bwd(B, N, H, D, e) -> list:
     row, stats = B * N * H * D * e, B * H * N * F32
     return [Op("sdpa_flash_bwd_delta", 2 * row, stats, 2 * B * N * H * D),
             Op("sdpa_flash_bwd", 4 * row + 2 * stats, 2 * row + 2 * B * N * H * D * F32,
-               10 * B * H * N * N * D, "attention"),
+               10 * B * H * N * N * D, "attention", (B * H, N, D)),
             Op("sdpa_flash_bwd_dq_convert", B * N * H * D * F32, row, B * N * H * D)]
 
 
@@ -302,9 +304,11 @@ def block_ops(impl, B, N, C, H, e, *, backward, layer_scale=False, mlp_ratio=4.0
         return fwd + bwd
     if impl != "eager":
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    # Flash SDPA writes its output in [B, N, H, D] memory order, so timm's transpose(1, 2).reshape
+    # is a view (no copy); its backward stacks dq, dk, dv ([3, B, H, N, D]) and copies that into
+    # the [B, N, 3C] layout of qkv (aten stack + clone, as a traced timm Block runs them).
     fwd = [eager_layer_norm_fwd(M, C, e, "layer_norm1"), eager_linear(M, 3 * C, C, e, "qkv_linear"),
-           flash_sdpa_fwd(B, N, H, D, e),
-           elementwise("transpose_copy", MC, e, 1), eager_linear(M, C, C, e, "proj_linear")]
+           flash_sdpa_fwd(B, N, H, D, e), eager_linear(M, C, C, e, "proj_linear")]
     fwd += [elementwise("mul_ls1", MC, e, 1, extra_read=C * e)] if ls else []
     fwd += [elementwise("add_residual1", MC, e, 2), eager_layer_norm_fwd(M, C, e, "layer_norm2"),
             eager_linear(M, Hd, C, e, "fc1_linear"), elementwise("gelu", M * Hd, e, 1, flops_per=20),
@@ -324,9 +328,8 @@ def block_ops(impl, B, N, C, H, e, *, backward, layer_scale=False, mlp_ratio=4.0
     if ls:
         bwd += _eager_mul_bwd("ls1", MC, C, e)
     bwd += [*eager_linear_bwd(M, C, C, e, "proj_linear"),
-            elementwise("transpose_copy_bwd", MC, e, 1),
             *flash_sdpa_bwd(B, N, H, D, e),
-            elementwise("stack_dqkv", 3 * MC, e, 1),
+            elementwise("stack_dqkv", 3 * MC, e, 1), elementwise("clone_dqkv", 3 * MC, e, 1),
             *eager_linear_bwd(M, 3 * C, C, e, "qkv_linear"),
             *eager_layer_norm_bwd(M, C, e, "layer_norm1"),
             elementwise("add_grad_x", MC, e, 2)]
@@ -342,8 +345,7 @@ def compiled_block_ops(B, N, C, H, e, *, backward, layer_scale=False, mlp_ratio=
     M, D, Hd = B * N, C // H, int(C * mlp_ratio)
     MC, ls = M * C, int(layer_scale)
     fwd = [eager_layer_norm_fwd(M, C, e, "layer_norm1"), eager_linear(M, 3 * C, C, e, "qkv_linear"),
-           flash_sdpa_fwd(B, N, H, D, e), elementwise("transpose_copy", MC, e, 1),
-           eager_linear(M, C, C, e, "proj_linear"),
+           flash_sdpa_fwd(B, N, H, D, e), eager_linear(M, C, C, e, "proj_linear"),
            Op("fused_ls1_residual_layer_norm2", 2 * MC * e + (2 + ls) * C * e,
               2 * MC * e + 2 * M * F32, 12 * MC),
            eager_linear(M, Hd, C, e, "fc1_linear"), elementwise("gelu", M * Hd, e, 1, flops_per=20),
@@ -364,7 +366,8 @@ def compiled_block_ops(B, N, C, H, e, *, backward, layer_scale=False, mlp_ratio=
            elementwise("gelu_bwd", M * Hd, e, 2, flops_per=25),
            *eager_linear_bwd(M, Hd, C, e, "fc1_linear"), *ln_bwd("layer_norm2", 2),
            *ls_bwd("ls1"), *eager_linear_bwd(M, C, C, e, "proj_linear"),
-           elementwise("transpose_copy_bwd", MC, e, 1), *flash_sdpa_bwd(B, N, H, D, e),
+           *flash_sdpa_bwd(B, N, H, D, e),
+           # Inductor writes the stacked dq, dk, dv straight in qkv's layout: one copy, not two
            elementwise("stack_dqkv", 3 * MC, e, 1), *eager_linear_bwd(M, 3 * C, C, e, "qkv_linear"),
            *ln_bwd("layer_norm1", 2)]
     return fwd + bwd

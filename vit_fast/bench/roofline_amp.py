@@ -62,7 +62,7 @@ def fc2_fwd(M, C, Hd, l, *, layer_scale=False, samples=0) -> Op:
     LayerScale and drop-path scale read by the epilogue, the output written in fp32."""
     read = (M * Hd + Hd * C + C) * l + M * C * F32 + C * F32 * int(layer_scale) + samples * F32
     return Op("mlp_fc2_residual_amp", read, M * C * F32, 2 * M * C * Hd + 3 * M * C,
-              "triton_gemm")
+              "triton_gemm", (M, C, Hd))
 
 
 def vit_fast_ops(B, N, C, H, l, *, backward, layer_scale=False, mlp_ratio=4.0):
@@ -117,7 +117,7 @@ def eager_ops(B, N, C, H, l, *, backward, layer_scale=False, mlp_ratio=4.0):
     fwd = [*weight_casts(C, Hd, l, grads=False),
            rl.eager_layer_norm_fwd(M, C, F32, "layer_norm1"), to_dtype("ln1_out_to_lp", MC, F32, l),
            rl.eager_linear(M, 3 * C, C, l, "qkv_linear"), rl.flash_sdpa_fwd(B, N, H, D, l),
-           rl.elementwise("transpose_copy", MC, l, 1), rl.eager_linear(M, C, C, l, "proj_linear"),
+           rl.eager_linear(M, C, C, l, "proj_linear"),
            *ls_fwd("ls1"), Op("add_residual1", MC * (F32 + branch), MC * F32, MC),
            rl.eager_layer_norm_fwd(M, C, F32, "layer_norm2"), to_dtype("ln2_out_to_lp", MC, F32, l),
            rl.eager_linear(M, Hd, C, l, "fc1_linear"),
@@ -133,8 +133,8 @@ def eager_ops(B, N, C, H, l, *, backward, layer_scale=False, mlp_ratio=4.0):
            *rl.eager_layer_norm_bwd(M, C, F32, "layer_norm2"),
            rl.elementwise("add_grad_x1", MC, F32, 2),
            *ls_bwd("ls1"), *rl.eager_linear_bwd(M, C, C, l, "proj_linear"),
-           rl.elementwise("transpose_copy_bwd", MC, l, 1), *rl.flash_sdpa_bwd(B, N, H, D, l),
-           rl.elementwise("stack_dqkv", 3 * MC, l, 1),
+           *rl.flash_sdpa_bwd(B, N, H, D, l),
+           rl.elementwise("stack_dqkv", 3 * MC, l, 1), rl.elementwise("clone_dqkv", 3 * MC, l, 1),
            *rl.eager_linear_bwd(M, 3 * C, C, l, "qkv_linear"),
            to_dtype("grad_ln1_out_to_fp32", MC, l, F32),
            *rl.eager_layer_norm_bwd(M, C, F32, "layer_norm1"),

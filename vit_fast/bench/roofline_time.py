@@ -43,7 +43,8 @@ KINDS = ("elementwise", "cublas_gemm", "triton_gemm", "attention", "attention_fa
 
 def efficiency_note() -> str:
     """One line per GPU: the achievable fractions the times use (model inputs)."""
-    return "\n".join(f"achievable fractions (model inputs), {hw}: "
+    return "\n".join(f"achievable fractions (uncalibrated model inputs; the calibrated whole-model "
+                     f"times are `bench predict`'s), {hw}: "
                      + ", ".join(f"{k} {v:.2f}" for k, v in EFFICIENCY[hw].items() if k != "elementwise")
                      for hw in HARDWARE)
 
@@ -51,12 +52,15 @@ def efficiency_note() -> str:
 @dataclasses.dataclass(frozen=True)
 class Op:
     """One kernel launch (or one eager op): bytes read/written from HBM and FLOPs (model), and
-    its kernel class (a key of EFFICIENCY's rows), which sets the achievable FLOP/s."""
+    its kernel class (a key of EFFICIENCY's rows), which sets the achievable FLOP/s. ``dims``:
+    (M, N, K) of a GEMM, (B·H, N, D) of an attention kernel, () otherwise (the whole-model
+    predictor, vit_fast/bench/predict.py, reads tile counts from them)."""
     name: str
     read: int
     write: int
     flops: int = 0
     kind: str = "elementwise"
+    dims: tuple = ()
 
     @property
     def bytes(self) -> int:

@@ -1,10 +1,16 @@
-"""Side-by-side throughput of timm eager vs vit_fast (and torch.compile of each), one process.
+"""Side-by-side throughput of timm eager vs vit_fast (and torch.compile of each), one process, and
+what `make bench` tells a newcomer without a GPU.
 
 Both models are the same weights: vit_fast's is ``vit_fast.convert`` of a deep copy of timm's.
-Timing: warm-up iterations, then the median of timed iterations (CUDA: synchronized). Accuracy:
-an eval forward of each model in the benchmark dtype against the fp32 timm model on the same
-images (max |logit error|, top-1 agreement). Memory: peak CUDA memory of the timed loop, or on CPU
-the bytes a training forward saves for backward (unique storages, see memory.py).
+Timing: the providers of one (model, batch) are timed interleaved, round by round in a rotating
+order (timing.py), so load on this shared machine hits them alike; each ratio to timm eager comes
+with its noise band and is called "within noise" inside it (see :func:`verdict`). Accuracy: an
+eval forward of each model in the benchmark dtype against the fp32 timm model on the same images
+(max |logit error|, top-1 agreement). Memory: peak CUDA memory of a step on a GPU.
+
+Without a GPU, :func:`newcomer_sections` adds what the GPU path would do: the saved-for-backward
+bytes counted on fake CUDA tensors (memory.py), the host cost per Block (predict_host.py) and the
+calibrated model's prediction for a named GPU (predict.py), each labelled.
 """
 from __future__ import annotations
 
@@ -92,26 +98,37 @@ def accuracy(model, ref_logits, images):
     return err, top1
 
 
-def saved_bytes(model, images):
-    from .memory import count_saved
-    was_training = model.training
-    model.train()
-    x = images.detach().requires_grad_(images.is_floating_point())
-    with count_saved(list(model.parameters())) as saved:
-        model(x)
-    model.train(was_training)
-    return saved.bytes
+# A ratio inside this band is never called faster or slower on a CPU: this machine is shared
+# (2 cores, six sessions), and rounds a few percent apart flip from run to run even interleaved.
+CPU_NOISE_FLOOR = 0.05
+
+
+def verdict(base, other, device):
+    """timing.compare, with the noise band widened to the samples' spread (half the two IQRs)
+    and, on a CPU, to CPU_NOISE_FLOOR: a ratio is called only when two runs would agree."""
+    from . import timing
+    c = timing.compare(base, other)
+    spread = (base["iqr_rel"] + other["iqr_rel"]) / 2
+    noise = max(c["noise_rel"] if c["noise_rel"] == c["noise_rel"] else 0.0, spread,
+                CPU_NOISE_FLOOR if torch.device(device).type == "cpu" else 0.0)
+    c["noise_rel"] = noise
+    c["verdict"] = ("within noise" if abs(c["speedup"] - 1) <= noise else
+                    "faster" if c["speedup"] > 1 else "slower")
+    return c
 
 
 def run(models=("vit_small_patch16_224",), batches=(8,), dtype="fp32", device="cpu", mode="infer",
-        warmup=2, iters=5, compile_=False, progress=True):
-    """One row per (model, batch, provider); speedup is against 'timm eager' of the same row group."""
+        warmup=1, iters=8, compile_=False, progress=True):
+    """One row per (model, batch, provider), the providers of a (model, batch) timed interleaved
+    over ``iters`` rounds; speedup and verdict are against 'timm eager' of the same group."""
     from tqdm import tqdm
+
+    from . import timing
     device = torch.device(device)
     dt = DTYPES[dtype]
     n_prov = 4 if compile_ else 2
-    bar = tqdm(total=len(models) * len(batches) * n_prov * (warmup + iters), desc="bench",
-               unit="it", disable=not progress, leave=False)
+    bar = tqdm(total=len(models) * len(batches) * n_prov, desc="bench", unit="provider",
+               disable=not progress, leave=False)
     rows = []
     for name in models:
         for batch in batches:
@@ -124,24 +141,66 @@ def run(models=("vit_small_patch16_224",), batches=(8,), dtype="fp32", device="c
             images = images32.to(dt)
             with torch.no_grad():
                 ref_logits = ref(images32).float()
-            base = None
+            acc, steps, mem = {}, {}, {}
             for prov, model in providers.items():
                 bar.set_postfix_str(f"{name} b={batch} {prov}")
                 # Before timing: a train step's SGD update would move the weights off the reference.
-                err, top1 = accuracy(model, ref_logits, images)
-                step = make_step(model, mode, images, labels)
+                acc[prov] = accuracy(model, ref_logits, images)
+                steps[prov] = make_step(model, mode, images, labels)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                sec = time_step(step, device, warmup, iters, bar)
-                mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                       else saved_bytes(model, images))
-                ips = batch / sec
-                base = ips if prov == "timm eager" else base
+                    steps[prov]()
+                    _sync(device)
+                    mem[prov] = torch.cuda.max_memory_allocated(device)
+                bar.update(1)
+            samples = timing.time_interleaved(steps, device, iters, warmup)
+            stats = {p: timing.summarize(v) for p, v in samples.items()}
+            for prov, st in stats.items():
+                c = verdict(stats["timm eager"], st, device)
                 rows.append({"model": name, "batch": batch, "dtype": dtype, "device": device.type,
-                             "mode": mode, "provider": prov, "img_per_s": ips,
-                             "speedup": ips / base if base else float("nan"),
-                             "max_logit_err": err, "top1_agree": top1,
-                             "memory_kind": "peak_cuda" if device.type == "cuda" else "saved_for_bwd",
-                             "memory_bytes": mem, "median_s": sec})
+                             "mode": mode, "provider": prov, "img_per_s": batch / st["median_s"],
+                             "speedup": c["speedup"], "verdict": c["verdict"],
+                             "noise_rel": c["noise_rel"], "median_s": st["median_s"],
+                             "iqr_rel": st["iqr_rel"], "rounds": st["n"],
+                             "max_logit_err": acc[prov][0], "top1_agree": acc[prov][1],
+                             "memory_kind": "peak_cuda" if device.type == "cuda" else None,
+                             "memory_bytes": mem.get(prov)})
     bar.close()
+    return rows
+
+
+# --- what the GPU path would do (no GPU needed) -------------------------------------------------
+
+def counted_saved(model, batch):
+    """memory.measure on fake CUDA tensors, one block, bf16 and AMP bf16: (rows, notes)."""
+    from . import memory
+    rows, notes = memory.measure(model, batch, torch.bfloat16, "fake-cuda", ("block",))
+    amp_rows, amp_notes = memory.measure(model, batch, torch.bfloat16, "fake-cuda", ("block",),
+                                         amp=True)
+    return rows + amp_rows, notes + amp_notes
+
+
+def host_rows(host_json=None):
+    """Host µs per Block (this CPU, the GPU path): rows per (mode, precision), and the label."""
+    from . import predict_host
+    costs, label = predict_host.load(host_json)
+    rows = []
+    for (mode, precision), c in sorted(costs.items()):
+        rows.append({"mode": mode, "precision": precision, "eager_us": c.eager_us,
+                     "vit_fast_us": c.vit_fast_us,
+                     "vit_fast_launch_us": c.vit_fast_us + c.triton_launches * c.triton_launch_us,
+                     "ratio": (c.vit_fast_us + c.triton_launches * c.triton_launch_us) / c.eager_us,
+                     "triton_launches": c.triton_launches})
+    return rows, label
+
+
+def predicted_rows(gpu, model, batches, modes=("train", "infer"), precision="amp",
+                   host_json=None):
+    """The calibrated model's rows for ``gpu`` (predict.predict), every impl."""
+    from . import predict, predict_host
+    costs, _ = predict_host.load(host_json)
+    rows = []
+    for mode in modes:
+        for b in batches:
+            rows += predict.predict(gpu, model, b, mode, host_costs=costs, precision=precision)
     return rows
