@@ -69,7 +69,7 @@ class _Counting:
 def test_a_repeat_call_imports_reads_and_checks_nothing(monkeypatch, precision):
     timm_block, ours = host.build_blocks(SHAPE, precision)
     with host.gpu_path("sm_90") as launches:
-        step = host.make_step(ours, SHAPE, precision, "train")
+        step = host.make_step(ours, SHAPE, precision, "fwd+bwd")
         step()
         step()
         launches[0] = 0
@@ -154,10 +154,16 @@ def test_eager_twins_and_registered_ops_give_the_same_bits():
 
 
 def test_host_benchmark_reports_its_counts(capsys):
-    rows = host.measure(SHAPE, "amp", "sm_90", modes=("train",), rounds=1, inner=1)
+    rows = host.measure(SHAPE, "amp", "sm_90", modes=("fwd+bwd",), rounds=1, inner=1)
     (row,) = rows
     assert row["fused"] and row["timm_us"] > 0 and row["vit_fast_us"] > 0
     assert 10 <= row["triton_launches"] <= 20
     assert row["aten_ops_timm"] > 0 and row["aten_ops_vit_fast"] > 0
     text = host.format_rows(rows)
-    assert "vit_s" in text and "train" in text
+    assert "vit_s" in text and "fwd+bwd" in text
+    out = host.results(rows, 15.0, {}, "python -m vit_fast.bench host")
+    from vit_fast.bench import predict_host
+    fields = [f.name for f in __import__("dataclasses").fields(predict_host.HostCost)]
+    (r,) = out["rows"]
+    assert r["mode"] in predict_host.HOST_MODES and r["precision"] in predict_host.PRECISIONS
+    predict_host.HostCost(**{f: r[f] for f in fields})  # the model reads what the bench writes

@@ -68,7 +68,7 @@ def study_rows(dtype, dims=(64, 128), arch=90):
 def main(argv=None) -> int:
     import torch
 
-    from vit_fast.bench.cli import fmt_table
+    from vit_fast.bench.tables import fmt_table
     p = argparse.ArgumentParser(prog="python -m vit_fast.bench.attention_fwd_study")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--dims", default="64,128", help="head dims, comma-separated")

@@ -19,25 +19,12 @@ import os
 import subprocess
 import sys
 
-SUBCOMMANDS = ("memory", "roofline", "compile-check", "results", "gpu-check", "navit", "predict")
+SUBCOMMANDS = ("memory", "roofline", "compile-check", "results", "gpu-check", "navit", "predict",
+               "host")
 
 
-def fmt_table(rows, columns, title=None):
-    """Plain-text table (also valid Markdown): columns = [(header, key or callable)]."""
-    cells = [[str(h) for h, _ in columns]]
-    for r in rows:
-        cells.append([str(k(r) if callable(k) else r[k]) for _, k in columns])
-    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
-    lines = [] if title is None else [title]
-    for j, c in enumerate(cells):
-        lines.append("| " + " | ".join(v.ljust(w) for v, w in zip(c, widths)) + " |")
-        if j == 0:
-            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
-
-
-def _mib(n):
-    return f"{n / 2**20:,.1f} MiB"
+from .tables import fmt_table  # noqa: E402,F401  (the reports' tables; re-exported)
+from .tables import mib as _mib  # noqa: E402,F401
 
 
 def _csv_list(kind):
@@ -723,6 +710,9 @@ def main(argv=None):
         if cmd == "navit":
             from .navit import main as navit_main
             return navit_main(rest)
+        if cmd == "host":
+            from .host import main as host_main
+            return host_main(rest)
         return {"memory": memory_main, "roofline": roofline_main,
                 "compile-check": compile_check_main, "results": results_main,
                 "predict": predict_main}[cmd](rest)

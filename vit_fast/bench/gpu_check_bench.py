@@ -15,6 +15,7 @@ import time
 import torch
 
 from . import timing
+from .timing import peak_step_bytes as _peak_step_bytes
 
 # name -> (width, heads, tokens, batch): ViT-S/B/L at 224 px, ViT-B at 384 px.
 OP_SHAPES = {"ViT-S": (384, 6, 197, 64), "ViT-B": (768, 12, 197, 64), "ViT-L": (1024, 16, 197, 32),
@@ -179,17 +180,6 @@ def _amp(step, device):
         with torch.autocast(device.type, dtype=torch.bfloat16):
             return step()
     return run
-
-
-def _peak_step_bytes(step, device):
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    step()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from . import timing
-from .cli import fmt_table
+from .tables import fmt_table
 
 
 def _mib(n):

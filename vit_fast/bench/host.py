@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 TARGETS = {"sm_80": (108, 80), "sm_90": (132, 90)}
-MODES = ("forward", "train", "inference")
+MODES = ("forward", "fwd+bwd", "inference")
 PRECISIONS = ("fp32", "bf16", "amp")
 
 
@@ -110,7 +110,7 @@ def build_blocks(shape: Shape, precision: str, seed: int = 0):
 
 
 def make_step(block, shape: Shape, precision: str, mode: str):
-    """One call of ``mode`` on ``block`` as a closure: forward (recording a graph), train
+    """One call of ``mode`` on ``block`` as a closure: forward (recording a graph), fwd+bwd
     (forward + backward of x and every parameter, grads returned, not accumulated) or inference
     (eval, inference_mode)."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -256,7 +256,7 @@ def callgrind_available() -> bool:
     return shutil.which("valgrind") is not None and _callgrind_helper() is not None
 
 
-def _instructions_child(impl, shape_name, precision, target, mode, steps):
+def _instructions_child(impl, shape_name, precision, target, mode, steps):  # noqa: PLR0913
     """Run under valgrind: warm up, then collect ``steps`` calls of impl's step."""
     import ctypes
     lib = ctypes.CDLL(_callgrind_helper())
@@ -274,7 +274,7 @@ def _instructions_child(impl, shape_name, precision, target, mode, steps):
         lib.vf_collect_off()
 
 
-def instructions(impl, shape: Shape, precision, target="sm_90", mode="train", steps=5,
+def instructions(impl, shape: Shape, precision, target="sm_90", mode="fwd+bwd", steps=5,
                  keep=None):
     """Instructions per call of impl's step, counted by callgrind (None if unavailable); keep: a
     path to copy callgrind's output to (for callgrind_annotate)."""
@@ -376,7 +376,7 @@ def _triton_launch_us(reps):
 # --- command ----------------------------------------------------------------------------------
 
 def format_rows(rows, instr=None):
-    from .cli import fmt_table
+    from .tables import fmt_table
     instr = instr or {}
 
     def noise(r):
@@ -409,8 +409,11 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--inner", type=int, default=10)
     p.add_argument("--callgrind", action="store_true",
-                   help="also count instructions per train step under callgrind (slow: minutes)")
+                   help="also count instructions per fwd+bwd step under callgrind (slow: minutes)")
     p.add_argument("--json", help="write the rows as JSON here")
+    p.add_argument("--save", action="store_true",
+                   help=f"write the last --shape's rows to {os.path.relpath(RESULTS_JSON)} (the "
+                        "performance model's host term: python -m vit_fast.bench predict)")
     args = p.parse_args(argv)
     precisions = ["amp"] if args.amp else [v for v in args.precision.split(",") if v]
     shapes = [SHAPES[s] for s in args.shape.split(",") if s]
@@ -428,7 +431,7 @@ def main(argv=None):
             for precision in precisions:
                 counts = [instructions(i, shape, precision, args.target) for i in ("timm", "vit_fast")]
                 if None not in counts:
-                    instr[(shape.name, precision, "train")] = (
+                    instr[(shape.name, precision, "fwd+bwd")] = (
                         f"{counts[0] / 1e6:.2f} M / {counts[1] / 1e6:.2f} M "
                         f"({counts[1] / counts[0]:.2f}x)")
     launch = triton_launch_us()
@@ -440,11 +443,38 @@ def main(argv=None):
     if launch is not None:
         print(f"Triton's Python launch path (JITFunction.run, stand-in driver): {launch:.1f} µs per "
               "launch on this CPU, on top of the vit_fast column for each Triton launch.")
+    command = "python -m vit_fast.bench host " + " ".join(argv)
+    out = results(rows, launch, instr, command)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "triton_launch_us": launch,
-                       "instructions": {"/".join(k): v for k, v in instr.items()}}, f, indent=1)
+            json.dump(out, f, indent=1)
+    if args.save:
+        last = shapes[-1].name
+        out = dict(out, rows=[r for r in out["rows"] if r["shape"] == last])
+        RESULTS_JSON.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {RESULTS_JSON} ({last}'s rows)")
     return 0
+
+
+RESULTS_JSON = (__import__("pathlib").Path(__file__).resolve().parents[2] / "benchmarks" /
+                "results" / "host-cpu.json")
+
+
+def results(rows, launch_us, instr, command):
+    """The rows in the schema vit_fast/bench/predict_host.py reads (benchmarks/results/README.md):
+    per (mode, precision) eager_us, vit_fast_us, launches, and Triton's per-launch µs."""
+    return {"command": command, "machine": "CPU (thread time; see vit_fast/bench/host.py)",
+            "instructions": {"/".join(k): v for k, v in instr.items()},
+            "rows": [dict(mode=r["mode"], precision=r["precision"], shape=r["shape"],
+                          target=r["target"], eager_us=round(r["timm_us"], 1),
+                          vit_fast_us=round(r["vit_fast_us"], 1),
+                          triton_launches=r["triton_launches"],
+                          aten_ops_eager=r["aten_ops_timm"],
+                          aten_ops_vit_fast=r["aten_ops_vit_fast"],
+                          triton_launch_us=round(launch_us, 1) if launch_us else 15.0,
+                          eager_spread=round(r["timm_spread"], 3),
+                          vit_fast_spread=round(r["vit_fast_spread"], 3))
+                     for r in rows]}
 
 
 if __name__ == "__main__":

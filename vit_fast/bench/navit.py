@@ -144,7 +144,7 @@ def gpu_kit_case(device, settings, dry_run, backend="triton"):
     import vit_fast
 
     from . import timing
-    from .gpu_check_bench import _peak_step_bytes
+    from .timing import peak_step_bytes as _peak_step_bytes
     from .throughput import make_step
     config = TINY if dry_run else SMALL
     layout = packed_sizes(SIZES if not dry_run else ((16, 16), (24, 16)), 2 if dry_run else 32)
@@ -197,7 +197,8 @@ def add_gpu_kit_rows(rec, device, settings, dry_run, backend="triton"):
 
 
 def main(argv):
-    from .cli import _mib, fmt_table
+    from .tables import fmt_table
+    from .tables import mib as _mib
     p = argparse.ArgumentParser(prog="python -m vit_fast.bench navit",
                                 description="Packed NaViT batch of mixed resolutions: vit-pytorch "
                                 "eager vs vit_fast (CPU img/s measured; bytes saved for backward "

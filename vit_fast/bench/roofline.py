@@ -87,13 +87,14 @@ def attention_bwd(B, N, H, D, e, plan=None) -> list:
 
 
 def layer_norm_fwd(M, C, e, *, residual=False, layer_scale=False, samples=0, weight=True,
-                   bias=True) -> Op:
+                   bias=True, stats=True) -> Op:
     """residual_layer_norm_fwd_kernel: reads x (+ residual, layer_scale, sample_scale[samples]) and
-    weight/bias; writes y (+ s with a residual) and fp32 mean/rstd."""
+    weight/bias; writes y (+ s with a residual) and, with ``stats``, fp32 mean/rstd (the Block's
+    forward ops write none: their backward recomputes them)."""
     read = M * C * e * (2 if residual else 1) + C * e * (int(weight) + int(bias))
     if residual:
         read += C * e * int(layer_scale) + samples * e
-    write = M * C * e * (2 if residual else 1) + 2 * M * F32
+    write = M * C * e * (2 if residual else 1) + 2 * M * F32 * int(stats)
     return Op("layer_norm_fwd", read, write, 10 * M * C)
 
 
@@ -281,9 +282,10 @@ def block_ops(impl, B, N, C, H, e, *, backward, layer_scale=False, mlp_ratio=4.0
         cublas = impl == "vit_fast cublas"
         mlp_fwd = gelu_mlp_cublas_fwd if cublas else gelu_mlp_fwd
         mlp_bwd = gelu_mlp_cublas_bwd if cublas else gelu_mlp_bwd
-        fwd = [layer_norm_fwd(M, C, e), eager_linear(M, 3 * C, C, e, "qkv_linear"),
+        fwd = [layer_norm_fwd(M, C, e, stats=False), eager_linear(M, 3 * C, C, e, "qkv_linear"),
                attention_fwd(B, N, H, D, e), eager_linear(M, C, C, e, "proj_linear"),
-               dataclasses.replace(layer_norm_fwd(M, C, e, residual=True, layer_scale=ls),
+               dataclasses.replace(layer_norm_fwd(M, C, e, residual=True, layer_scale=ls,
+                                                  stats=False),
                                    name="residual_layer_norm_fwd"),
                *mlp_fwd(M, C, Hd, e, train=backward, layer_scale=ls)]
         if not backward:

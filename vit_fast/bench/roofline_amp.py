@@ -10,10 +10,11 @@ Two implementations of one pre-norm ViT block, forward and backward:
   gradient back to its input's dtype (an extra pass per cast) and the weight gradients to fp32.
 - ``vit_fast``: the Block's AMP path (vit_fast/ops/layer_norm_linear.py,
   residual_layer_norm_mlp.py): the LayerNorm kernels read the fp32 stream and write the
-  normalized activations in ``l``; s stays fp32; fc2's epilogue adds into the fp32 stream; the
-  weights are cast once per step. Its backward as the code runs it today: each LayerNorm output
-  is rebuilt by the fp32 LayerNorm op and then cast to ``l``; the stream's gradient is cast to
-  ``l`` for the MLP backward and its result back to fp32 for the fp32 LayerNorm backward.
+  normalized activations in ``l`` (the forward writes no statistics: nothing keeps them); s stays
+  fp32; fc2's epilogue adds into the fp32 stream; the weights are cast once per step. Its
+  backward as the code runs it today: each LayerNorm output is rebuilt from the fp32 stream by
+  the same kernel, written in ``l`` directly; the stream's gradient is cast to ``l`` for the MLP
+  backward and its result back to fp32 for the fp32 LayerNorm backward.
 tests/test_roofline.py checks the mixed-dtype kernels byte-exactly against the interpreter and
 the activation-sized casts against the ops a traced AMP Block runs. Weight-sized ops of C
 elements (LayerScale's power-of-two split) are left out.
@@ -45,12 +46,12 @@ def weight_casts(C, Hd, l, *, grads) -> list:
     return ops
 
 
-def layer_norm_fwd(M, C, l, *, residual=False, layer_scale=False, samples=0) -> Op:
+def layer_norm_fwd(M, C, l, *, residual=False, layer_scale=False, samples=0, stats=True) -> Op:
     """residual_layer_norm_fwd_kernel under AMP: reads the fp32 stream (x, or the residual plus
     the l branch · fp32 LayerScale · fp32 drop-path scale), fp32 weight/bias; writes y in l (and
-    s in fp32) and the fp32 statistics."""
+    s in fp32) and, with ``stats``, the fp32 statistics."""
     read = M * C * F32 + 2 * C * F32
-    write = M * C * l + 2 * M * F32
+    write = M * C * l + 2 * M * F32 * int(stats)
     if residual:
         read += M * C * l + C * F32 * int(layer_scale) + samples * F32
         write += M * C * F32
@@ -68,10 +69,11 @@ def fc2_fwd(M, C, Hd, l, *, layer_scale=False, samples=0) -> Op:
 def vit_fast_ops(B, N, C, H, l, *, backward, layer_scale=False, mlp_ratio=4.0):
     M, D, Hd, MC, ls = B * N, C // H, int(C * mlp_ratio), B * N * C, layer_scale
     fwd = [*weight_casts(C, Hd, l, grads=False),
-           dataclasses.replace(layer_norm_fwd(M, C, l), name="layer_norm1_fwd_amp"),
+           dataclasses.replace(layer_norm_fwd(M, C, l, stats=False), name="layer_norm1_fwd_amp"),
            rl.eager_linear(M, 3 * C, C, l, "qkv_linear"), rl.attention_fwd(B, N, H, D, l),
            rl.eager_linear(M, C, C, l, "proj_linear"),
-           dataclasses.replace(layer_norm_fwd(M, C, l, residual=True, layer_scale=ls),
+           dataclasses.replace(layer_norm_fwd(M, C, l, residual=True, layer_scale=ls,
+                                              stats=False),
                                name="residual_layer_norm2_fwd_amp"),
            rl.matmul(M, Hd, C, l, name="mlp_fc1_gelu", bias=True, store_pre=backward,
                      epilogue_flops=20),
@@ -80,8 +82,7 @@ def vit_fast_ops(B, N, C, H, l, *, backward, layer_scale=False, mlp_ratio=4.0):
         return fwd
     P = rl._ln_programs(M, C)
     g_lp = ([Op("mul_grad_ls2_pow2", MC * F32 + C * F32, MC * F32, MC)] if ls else [])
-    bwd = [dataclasses.replace(rl.layer_norm_fwd(M, C, F32), name="layer_norm2_rebuild_fp32"),
-           to_dtype("rebuilt_h2_to_lp", MC, F32, l),
+    bwd = [dataclasses.replace(layer_norm_fwd(M, C, l), name="layer_norm2_rebuild_amp"),
            *g_lp, to_dtype("grad_out_to_lp", MC, F32, l),
            *rl.gelu_mlp_bwd(M, C, Hd, l, layer_scale=ls),
            to_dtype("grad_h2_to_fp32", MC, l, F32),
@@ -90,8 +91,7 @@ def vit_fast_ops(B, N, C, H, l, *, backward, layer_scale=False, mlp_ratio=4.0):
            to_dtype("grad_branch_to_lp", MC, F32, l),
            *rl.eager_linear_bwd(M, C, C, l, "proj_linear"),
            *rl.attention_bwd(B, N, H, D, l),
-           dataclasses.replace(rl.layer_norm_fwd(M, C, F32), name="layer_norm1_rebuild_fp32"),
-           to_dtype("rebuilt_h1_to_lp", MC, F32, l),
+           dataclasses.replace(layer_norm_fwd(M, C, l), name="layer_norm1_rebuild_amp"),
            *rl.eager_linear_bwd(M, 3 * C, C, l, "qkv_linear"),
            to_dtype("grad_h1_to_fp32", MC, l, F32),
            *rl.layer_norm_bwd(M, C, F32, P),

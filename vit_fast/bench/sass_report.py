@@ -189,7 +189,7 @@ def report_rows(archs=(90,), match=None, limit=None):
 
 
 def main(archs, match=None, limit=None) -> int:
-    from .cli import fmt_table
+    from .tables import fmt_table
 
     def per(key):
         return lambda r: "-" if r[key] is None else f"{r[key]:.2f}"

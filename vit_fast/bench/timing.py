@@ -114,3 +114,16 @@ def fmt_time(s):
     med = s["median_s"]
     unit, scale = ("ms", 1e3) if med >= 1e-3 else ("µs", 1e6)
     return f"{med * scale:,.1f} {unit} ±{100 * s['iqr_rel'] / 2:.0f}%"
+
+
+def peak_step_bytes(step, device):
+    """Bytes a step allocates above what was allocated before it, at its peak (CUDA; None
+    elsewhere)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
