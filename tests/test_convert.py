@@ -116,3 +116,13 @@ def test_convert_leaves_blocks_it_cannot_fuse_with_reason():
     vit_fast.convert(model)
     left = dict(model.vit_fast_summary.left)
     assert "GluMlp" in left["blocks.0"]
+
+
+def test_documented_why_not_fused_spelling_works():
+    """README: ``vit_fast.convert.why_not_fused(model)`` (vit_fast.convert is the function)."""
+    model = vit_fast.convert(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1,
+                                               img_size=32, patch_size=16))
+    assert vit_fast.convert.why_not_fused(model) == {}
+    model.blocks[0].norm1.register_forward_hook(lambda m, a, out: out)
+    assert vit_fast.convert.why_not_fused(model) == {"blocks.0": ["norm1 has forward hooks"]}
+    assert vit_fast.convert.ConversionSummary is type(model.vit_fast_summary)
