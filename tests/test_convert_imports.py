@@ -9,7 +9,8 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "vit_fast"
 CONVERSION = {"convert", "convert_vit_pytorch", "convert_transformers", "convert_navit", "navit",
               "naflexvit", "record", "transformers_autograd", "adopt", "reclass", "timm_blocks",
-              "vit_pytorch_match", "vit_pytorch_modules"}
+              "vit_pytorch_match", "vit_pytorch_forms", "vit_pytorch_probe",
+              "vit_pytorch_modules"}
 
 
 def _graph():

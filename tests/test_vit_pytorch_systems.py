@@ -255,8 +255,8 @@ def test_copied_vit_pytorch_code_in_a_user_module_converts():
 def test_probe_runs_once_per_kind_of_layer(monkeypatch):
     from vit_fast import vit_pytorch_match
     calls = []
-    real = vit_pytorch_match._probe_attention
-    monkeypatch.setattr(vit_pytorch_match, "_probe_attention",
+    real = vit_pytorch_match.probe_attention
+    monkeypatch.setattr(vit_pytorch_match, "probe_attention",
                         lambda m, form: (calls.append(1), real(m, form))[1])
     vit_pytorch_match._VERDICTS.clear()
     torch.manual_seed(0)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .convert_navit import is_navit
-from .vit_pytorch_match import (attention_form, canonical_layer_loop, feed_forward_form,
-                                looks_like_attention, looks_like_feed_forward)
+from .vit_pytorch_forms import looks_like_attention, looks_like_feed_forward
+from .vit_pytorch_match import attention_form, canonical_layer_loop, feed_forward_form
 from .vit_pytorch_modules import FusedAttention, FusedFeedForward, FusedTransformer, fused_class
 
 __all__ = ["convert_vit_pytorch"]

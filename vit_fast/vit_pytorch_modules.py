@@ -29,7 +29,7 @@ from . import functional
 from .fusion import FusedModule, notice_reason
 from .fusion import _global_hooks as global_hooks
 from .reclass import class_from_key, subclass_keeping_name
-from .vit_pytorch_match import (RMS_EPS, attention_structure_reason,
+from .vit_pytorch_forms import (RMS_EPS, attention_structure_reason,
                                 feed_forward_structure_reason)
 
 __all__ = ["FusedAttention", "FusedFeedForward", "FusedTransformer", "fused_class"]
