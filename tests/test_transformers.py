@@ -389,4 +389,4 @@ def test_second_convert_lists_the_layers_as_already_converted():
     again = vit_fast.convert(model).vit_fast_summary
     assert sorted(again.already) == sorted(first.swapped) and len(again.already) == 2
     assert not again.swapped and not again.left, str(again)
-    assert "has no timm Block" not in str(again) and "2 already converted" in str(again)
+    assert "has no transformer block" not in str(again) and "2 already converted" in str(again)

@@ -252,3 +252,13 @@ def test_why_not_fused_names_what_hooks_hold_eager():
     assert any("attend has forward hooks" in r for r in reasons["transformer.layers.1.0"]), reasons
     handle.remove()
     assert not vit_fast.convert.why_not_fused(model)
+
+
+def test_why_not_fused_names_active_feed_forward_dropout():
+    model = vit_fast.convert(_build("vit_cls_dropout"))
+    model.train()
+    reasons = vit_fast.convert.why_not_fused(model)
+    assert "dropout is active" in reasons["transformer.layers.0.1"][0], reasons
+    assert "transformer" not in reasons  # the pair stays fused, its MLP eager
+    model.eval()
+    assert not vit_fast.convert.why_not_fused(model)

@@ -32,20 +32,28 @@ def register_block_converter(block_class, converter):
     _CONVERTERS[key] = converter
 
 
-def _named(module, *words):
-    name = type(module).__name__.lower()
-    return any(w in name for w in words)
+_QKV = {"qkv", "q_proj", "to_qkv", "qkv_proj", "kv"}
+
+
+def _is_attention(m):
+    """An attention module: named so, or holding q/k/v projections. (Channel attention in
+    convolutional blocks -- SE, ECA, timm's ``attn`` slot in ByobNet -- holds neither.)"""
+    children = set(m._modules)
+    return ("attention" in type(m).__name__.lower() or bool(children & _QKV)
+            or {"q", "k"} <= children)
 
 
 def is_transformer_block(module) -> bool:
     """A timm module that is a transformer block: a ``...Block`` / ``...Layer`` class with an
-    attention inside (not a convolutional block)."""
+    attention inside, or any block of vision_transformer.py (ParallelScalingBlock computes its
+    attention inline)."""
     kind = type(module)
-    if not kind.__module__.startswith("timm.") or not ("Block" in kind.__name__
-                                                       or kind.__name__.endswith("Layer")):
+    name = kind.__name__
+    if not kind.__module__.startswith("timm.") or not ("Block" in name or name.endswith("Layer")):
         return False
-    return any(name.rpartition(".")[2] == "attn" or _named(sub, "attention", "attn")
-               for name, sub in module.named_modules() if sub is not module)
+    if kind.__module__ == "timm.models.vision_transformer" and name.endswith("Block"):
+        return True
+    return any(_is_attention(sub) for sub in module.modules() if sub is not module)
 
 
 # --- why a block stays timm's ---------------------------------------------------------------

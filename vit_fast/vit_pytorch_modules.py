@@ -123,7 +123,11 @@ class FusedFeedForward(FusedModule):
         return [why] if why else []
 
     def why_not_fused(self):
-        return self.fusion_reasons()
+        """Why forward runs the original net now; [] when it takes the fused path."""
+        reasons = list(self.fusion_reasons())
+        if self.dropout_active():
+            reasons.append("dropout is active (training, p > 0): net runs eagerly with its draws")
+        return reasons
 
     def dropout_active(self):
         return any(type(m) is nn.Dropout and m.training and m.p > 0 for m in self.net)
@@ -165,8 +169,9 @@ class FusedTransformer(nn.Module):
                 return attached
         if ff._vit_fast_form.norm is None:
             return f"layers.{i}.1 has no LayerNorm to fuse with the residual add"
+        # ff's active dropout does not stop the pair: ff.mlp then runs net's own layers.
         reasons = (attn.why_not_fused() if x is None else attn.call_reasons(x)) \
-            + ff.why_not_fused()
+            + ff.fusion_reasons()
         return f"layer {i}: {reasons[0]}" if reasons else ""
 
     def _final_norm_reason(self):
