@@ -189,6 +189,7 @@ def test_a_registered_block_converter_replaces_or_explains():
         timm_blocks.register_block_converter(
             "timm.models.eva.EvaBlock", lambda block, m: "rotary position embeddings: not yet")
         vit_fast.convert(model)
-        assert dict(model.vit_fast_summary.left)["blocks.1"] == "rotary position embeddings: not yet"
+        left = dict(model.vit_fast_summary.left)
+        assert left["blocks.1"] == "rotary position embeddings: not yet"
     finally:
         timm_blocks._CONVERTERS.clear()

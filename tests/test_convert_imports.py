@@ -1,4 +1,4 @@
-"""No import circles among the conversion layer's modules (issue 27: convert <-> convert_vit_pytorch).
+"""No import circles through the conversion modules (issue 27: convert <-> convert_vit_pytorch).
 
 The graph is read from the source, lazy imports inside functions included: a function-level
 ``from .convert import _adopt`` is a circle that only shows when that function first runs.

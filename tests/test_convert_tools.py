@@ -484,7 +484,8 @@ def test_hooks_registered_before_convert_keep_firing(site, kind):
 def test_kwargs_and_always_called_hooks_move_too():
     model = _vit()
     seen = []
-    model.blocks[0].register_forward_pre_hook(lambda m, a, kw: seen.append("pre_kw"), with_kwargs=True)
+    model.blocks[0].register_forward_pre_hook(lambda m, a, kw: seen.append("pre_kw"),
+                                              with_kwargs=True)
     model.blocks[0].register_forward_hook(lambda m, a, kw, out: seen.append("kw"), with_kwargs=True)
     model.blocks[0].register_forward_hook(lambda m, a, out: seen.append("always"), always_call=True)
     state_hook = model.blocks[0].register_state_dict_post_hook(

@@ -217,7 +217,8 @@ def test_hooks_fire_and_change_the_result_as_in_vit_pytorch(site, kind, when):
         if kind == "forward":
             return sub.register_forward_hook(lambda m, a, out: (calls.append(site), out * 1.5)[1])
         if kind == "pre":
-            return sub.register_forward_pre_hook(lambda m, a: (calls.append(site), (a[0] * 0.5,))[1])
+            return sub.register_forward_pre_hook(
+                lambda m, a: (calls.append(site), (a[0] * 0.5,))[1])
         return sub.register_full_backward_hook(
             lambda m, gin, gout: (calls.append(site), tuple(2 * g for g in gin))[1])
 

@@ -25,7 +25,7 @@ from . import dispatch
 
 __all__ = ["AttentionForm", "FeedForwardForm", "attention_structure_reason", "structural_form",
            "feed_forward_structure_reason", "feed_forward_indices", "looks_like_attention",
-           "looks_like_feed_forward", "RMS_EPS"]
+           "looks_like_feed_forward", "RMS_EPS", "MAX_NET_LAYERS"]
 
 # vit-pytorch's RMSNorm is F.normalize(x)·sqrt(D)·gamma = x·rsqrt(mean(x²))·gamma: qk_norm's rms
 # with eps 0; a tiny eps keeps an all-zero q or k finite, as F.normalize's clamp does.
@@ -35,7 +35,7 @@ RMS_EPS = 1e-24
 @dataclass(frozen=True)
 class AttentionForm:
     """Where one attention module keeps each piece of out(softmax(q kᵀ·scale)·v)."""
-    qkv: str                    # "to_qkv" | "qkv": Linear dim -> 3·heads·dim_head, laid out (3, H, D)
+    qkv: str                    # "to_qkv" | "qkv": Linear dim -> 3·H·D, laid out (3, H, D)
     heads: str                  # attribute with the head count: "heads" | "num_heads"
     scale: object               # attribute name holding the scale, or the constant (float)
     norm: object                # "norm" (a LayerNorm on the input) or None
@@ -104,8 +104,8 @@ def _named_form_reason(m, children, params):
         return ("separate to_q / to_kv projections: cross-attention to a context (or a query "
                 "layout vit_fast does not read); stays eager")
     if any("window" in n or "rel_pos" in n or "pos_bias" in n for n in names):
-        return ("windowed attention or a position bias on the scores; not one fused softmax(q kᵀ)·v "
-                "over all tokens; stays eager")
+        return ("windowed attention or a position bias on the scores; not one fused "
+                "softmax(q kᵀ)·v over all tokens; stays eager")
     return ""
 
 
@@ -198,10 +198,20 @@ def structural_form(m):
 
 
 _FF_ACTIVATIONS = {nn.GELU}
+MAX_NET_LAYERS = 6
+
+
+def _net_layout(layers):
+    """(LayerNorm index or None, indices of the three non-dropout layers after it)."""
+    i = 1 if layers and isinstance(layers[0], nn.LayerNorm) else 0
+    core = [j for j in range(i, len(layers)) if type(layers[j]) is not nn.Dropout]
+    return (0 if i else None), core
 
 
 def feed_forward_structure_reason(m):
-    """Why ``m`` is not a feed-forward net(x) gelu_mlp can run ('' when it is)."""
+    """Why ``m`` is not a feed-forward net(x) gelu_mlp can run ('' when it is). Dropouts may sit
+    anywhere after the LayerNorm: inactive they are the identity, and while one is active the
+    module runs its own net."""
     children = dict(m.named_children())
     if set(children) != {"net"} or dict(m.named_parameters(recurse=False)):
         return "not a feed-forward holding only its ``net``"
@@ -209,31 +219,26 @@ def feed_forward_structure_reason(m):
     if type(net) is not nn.Sequential:
         return f"net is {type(net).__name__}, not an nn.Sequential"
     layers = list(net)
+    if len(layers) > MAX_NET_LAYERS:  # the fused path watches net.0 .. net.5 for hooks
+        return (f"net has {len(layers)} layers (at most {MAX_NET_LAYERS}: LayerNorm, Linear, "
+                "activation, Linear, dropouts)")
     if _has_conv(net):
         return "a convolutional feed-forward (Conv layers in net); stays eager"
-    kinds = [type(layer) for layer in layers]
-    i = 1 if kinds and issubclass(kinds[0], nn.LayerNorm) else 0
-    body = kinds[i:]
-    dropouts = [k for k in body if k is nn.Dropout]
-    core = [k for k in body if k is not nn.Dropout]
-    if len(core) != 3 or not (issubclass(core[0], nn.Linear) and issubclass(core[2], nn.Linear)):
-        return ("net is not [LayerNorm], Linear, activation, [Dropout], Linear, [Dropout] "
-                f"({', '.join(k.__name__ for k in kinds)})")
-    if len(dropouts) > 2 or (body and body[0] is nn.Dropout):
-        return "net's dropouts are not after the activation and the last Linear"
-    act = layers[i + 1]
+    norm, core = _net_layout(layers)
+    if len(core) != 3 or not all(isinstance(layers[j], nn.Linear) for j in (core[0], core[2])):
+        return ("net is not [LayerNorm], Linear, activation, Linear with dropouts "
+                f"({', '.join(type(layer).__name__ for layer in layers)})")
+    fc1, act, fc2 = (layers[j] for j in core)
     if type(act) not in _FF_ACTIVATIONS:
         return (f"activation {type(act).__name__}: the fused MLP (gelu_mlp) has GELU epilogues "
                 "only (erf, tanh); the feed-forward runs eagerly")
     if act.approximate not in ("none", "tanh"):
         return f"GELU approximate={act.approximate!r} has no gelu_mlp epilogue"
-    fc1 = layers[i]
-    fc2 = layers[i + 2] if kinds[i + 2] is not nn.Dropout else layers[i + 3]
     if not (_plain_linear(fc1) and _plain_linear(fc2)):
         return "net's Linears are not plain nn.Linear (an adapter?)"
     if fc2.in_features != fc1.out_features:
         return "net's Linears do not chain"
-    if i and not _plain_layer_norm(layers[0], fc1.in_features):
+    if norm is not None and not _plain_layer_norm(layers[norm], fc1.in_features):
         return f"net[0] is not a plain nn.LayerNorm({fc1.in_features})"
     return ""
 
@@ -241,10 +246,9 @@ def feed_forward_structure_reason(m):
 def feed_forward_indices(m):
     """The FeedForwardForm of a module feed_forward_structure_reason accepted."""
     layers = list(m.net)
-    i = 1 if isinstance(layers[0], nn.LayerNorm) else 0
-    fc2 = i + 2 if type(layers[i + 2]) is not nn.Dropout else i + 3
-    return FeedForwardForm(norm=0 if i else None, fc1=i, act=i + 1, fc2=fc2,
-                           approximate=layers[i + 1].approximate)
+    norm, (fc1, act, fc2) = _net_layout(layers)
+    return FeedForwardForm(norm=norm, fc1=fc1, act=act, fc2=fc2,
+                           approximate=layers[act].approximate)
 
 
 def looks_like_attention(m) -> bool:

@@ -29,7 +29,7 @@ from . import functional
 from .fusion import FusedModule, notice_reason
 from .fusion import _global_hooks as global_hooks
 from .reclass import class_from_key, subclass_keeping_name
-from .vit_pytorch_forms import (RMS_EPS, attention_structure_reason,
+from .vit_pytorch_forms import (MAX_NET_LAYERS, RMS_EPS, attention_structure_reason,
                                 feed_forward_structure_reason)
 
 __all__ = ["FusedAttention", "FusedFeedForward", "FusedTransformer", "fused_class"]
@@ -116,7 +116,7 @@ class FusedFeedForward(FusedModule):
     """Mixin over a feed-forward holding ``net`` = [LayerNorm], Linear, GELU, [Dropout], Linear,
     [Dropout]; ``_vit_fast_form`` (a FeedForwardForm) gives the indices."""
 
-    bypassed_paths = ("net",) + tuple(f"net.{i}" for i in range(6))
+    bypassed_paths = ("net",) + tuple(f"net.{i}" for i in range(MAX_NET_LAYERS))
 
     def _structure_reasons(self):
         why = feed_forward_structure_reason(self)
@@ -137,7 +137,7 @@ class FusedFeedForward(FusedModule):
         Sequential's own layers while a dropout is active (their random draws)."""
         form, net = self._vit_fast_form, self.net
         if self.dropout_active():
-            out = net[form.fc1:](h)
+            out = net[0 if form.norm is None else form.norm + 1:](h)  # everything after the LN
             return out if residual is None else residual + out
         fc1, fc2 = net[form.fc1], net[form.fc2]
         return functional.gelu_mlp(h, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
