@@ -112,8 +112,8 @@ def _generic_words(block):
 
 _KNOWN = {
     # class key: (what it is, words(block, model) -> the features vit_fast does not fuse yet)
-    "timm.models.eva.EvaBlock": ("timm's EvaBlock (EVA02, DINOv3, RoPE-ViT, PE-core, NaFlexViT with "
-                                 "RoPE)", _eva_words),
+    "timm.models.eva.EvaBlock": (
+        "timm's EvaBlock (EVA02, DINOv3, RoPE-ViT, PE-core, NaFlexViT with RoPE)", _eva_words),
     "timm.models.eva.EvaBlockPostNorm": ("timm's EvaBlockPostNorm (post-norm EVA)",
                                          lambda b, m: ["norms after the branches (post-norm)"]
                                          + _eva_words(b, m)),
