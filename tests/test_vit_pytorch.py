@@ -263,3 +263,10 @@ def test_why_not_fused_names_active_feed_forward_dropout():
     assert "transformer" not in reasons  # the pair stays fused, its MLP eager
     model.eval()
     assert not vit_fast.convert.why_not_fused(model)
+
+
+def test_second_convert_lists_every_converted_module_as_already():
+    model = vit_fast.convert(_small())
+    first = model.vit_fast_summary
+    again = vit_fast.convert(model).vit_fast_summary
+    assert sorted(again.already) == sorted(first.swapped) and not again.swapped, str(again)

@@ -56,7 +56,8 @@ def _convert_modules(model, summary):
             summary.already.append(name)
             skip.append(name)
             continue
-        if is_navit(m) or (_library(m) and type(m).__module__.startswith("vit_fast")):
+        if is_navit(m) or (_library(m) and type(m).__module__.startswith("vit_fast")
+                           and not isinstance(m, FusedTransformer)):
             skip.append(name)  # NaViT (convert_navit.py), or modules vit_fast made
             continue
         if _library(m):
