@@ -103,7 +103,7 @@ def test_convert_options_and_nothing_to_convert():
     before = copy.deepcopy(plain.state_dict())
     assert vit_fast.convert(plain) is plain
     assert not plain.vit_fast_summary.swapped
-    assert "no timm Block" in str(plain.vit_fast_summary)
+    assert "has no transformer block" in str(plain.vit_fast_summary)
     assert all(torch.equal(v, before[k]) for k, v in plain.state_dict().items())
     with pytest.raises(TypeError, match="model"):
         vit_fast.convert("vit_tiny")
@@ -116,3 +116,80 @@ def test_convert_leaves_blocks_it_cannot_fuse_with_reason():
     vit_fast.convert(model)
     left = dict(model.vit_fast_summary.left)
     assert "GluMlp" in left["blocks.0"]
+
+
+def test_documented_why_not_fused_spelling_works():
+    """README: ``vit_fast.convert.why_not_fused(model)`` (vit_fast.convert is the function)."""
+    model = vit_fast.convert(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1,
+                                               img_size=32, patch_size=16))
+    assert vit_fast.convert.why_not_fused(model) == {}
+    model.blocks[0].norm1.register_forward_hook(lambda m, a, out: out)
+    assert vit_fast.convert.why_not_fused(model) == {"blocks.0": ["norm1 has forward hooks"]}
+    assert vit_fast.convert.ConversionSummary is type(model.vit_fast_summary)
+
+
+# --- timm's other transformer blocks: named, with the reason (issue 28, item 6) ------------------
+
+TINY = dict(embed_dim=32, depth=2, num_heads=2, num_classes=5)
+OTHER_BLOCKS = {
+    # model: (kwargs, input size, words the reason must contain, blocks it names)
+    "eva02_small_patch14_224": (dict(img_size=28), 28, ["EvaBlock", "rotary position embeddings",
+                                                        "gated MLP"], 2),
+    "eva02_base_patch14_224": (dict(img_size=28), 28, ["rotary position embeddings",
+                                                       "separate q/k/v", "SwiGLU",
+                                                       "LayerNorm inside the MLP"], 2),
+    "vit_small_patch16_dinov3": (dict(img_size=32), 32, ["EvaBlock", "RotaryEmbeddingDinoV3"], 2),
+    "vit_base_patch16_rope_mixed_224": (dict(img_size=32), 32, ["RotaryEmbeddingMixed"], 2),
+    "vit_pe_core_tiny_patch16_384": (dict(img_size=32), 32, ["rotary position embeddings"], 2),
+    "beit_base_patch16_224": (dict(img_size=32), 32, ["BEiT's Block", "relative position bias"], 2),
+    "cait_xxs24_224": (dict(img_size=32, depth_token_only=1), 32, ["talking-heads"], 3),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_BLOCKS))
+def test_blocks_left_as_timm_are_named_with_the_reason(name):
+    kw, size, words, count = OTHER_BLOCKS[name]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **TINY, **kw).eval()
+    original = copy.deepcopy(model)
+    vit_fast.convert(model)
+    summary = model.vit_fast_summary
+    left = dict(summary.left)
+    blocks = [n for n in left if "blocks" in n]
+    assert len(blocks) == count, str(summary)
+    assert all(w in left["blocks.0"] for w in words), left["blocks.0"]
+    assert f"left {len(summary.left)}" in str(summary) and len(summary.left) >= count
+    assert not any(n.startswith("blocks.0.") for n in left)  # the block, not its parts
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_registered_block_converter_replaces_or_explains():
+    from timm.models.eva import EvaBlock
+
+    from vit_fast import timm_blocks
+
+    class Wrapped(nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, x, **kw):
+            return self.block(x, **kw)
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_dinov3", pretrained=False, img_size=32, **TINY)
+    try:
+        timm_blocks.register_block_converter(EvaBlock, lambda block, m: Wrapped(block))
+        vit_fast.convert(model)
+        assert all(isinstance(b, Wrapped) for b in model.blocks)
+        assert "blocks.0" in model.vit_fast_summary.swapped
+        model = timm.create_model("vit_small_patch16_dinov3", pretrained=False, img_size=32, **TINY)
+        timm_blocks.register_block_converter(
+            "timm.models.eva.EvaBlock", lambda block, m: "rotary position embeddings: not yet")
+        vit_fast.convert(model)
+        left = dict(model.vit_fast_summary.left)
+        assert left["blocks.1"] == "rotary position embeddings: not yet"
+    finally:
+        timm_blocks._CONVERTERS.clear()

@@ -284,7 +284,7 @@ def test_convert_keeps_each_submodule_mode_and_is_idempotent():
     first = converted.vit_fast_summary
     again = vit_fast.convert(converted).vit_fast_summary
     assert sorted(again.already) == sorted(n for n in first.swapped if n.startswith(("blocks.", "patch")))
-    assert not again.swapped and "has no timm Block" not in str(again)
+    assert not again.swapped and "has no transformer block" not in str(again)
     assert "already blocks.0" in str(again)
     assert {n: m.training for n, m in converted.named_modules()} == modes
     torch.manual_seed(0)
@@ -455,3 +455,44 @@ def test_fused_path_runs_unless_something_is_attached(monkeypatch):
         handle.remove()
         converted(X)
         assert len(calls) == 5
+
+
+# --- hooks registered before convert (issue 27, item 9) ------------------------------------------
+
+BEFORE_SITES = ["blocks.0", "blocks.0.attn", "blocks.0.mlp", "blocks.0.ls1", "patch_embed", "norm"]
+
+
+@pytest.mark.parametrize("kind", ["forward", "pre", "backward"])
+@pytest.mark.parametrize("site", BEFORE_SITES)
+def test_hooks_registered_before_convert_keep_firing(site, kind):
+    """convert replaces these modules: their hooks move along, and their handles still work."""
+    timm_model, copied = _vit(), _vit()
+    calls_t, calls_c = [], []
+    _attach(timm_model, site, kind, calls_t)
+    handle = _attach(copied, site, kind, calls_c)
+    converted = vit_fast.convert(copied)
+    assert type(converted.get_submodule(site)).__module__.startswith("vit_fast"), site
+    _same_in_both_modes(timm_model, converted)
+    assert calls_c == calls_t and calls_c
+    handle.remove()
+    calls_c.clear()
+    _run(converted, False)
+    assert not calls_c, "the handle returned before convert no longer removes the hook"
+    assert not why_not_fused(converted).get("blocks.0")
+
+
+def test_kwargs_and_always_called_hooks_move_too():
+    model = _vit()
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda m, a, kw: seen.append("pre_kw"),
+                                              with_kwargs=True)
+    model.blocks[0].register_forward_hook(lambda m, a, kw, out: seen.append("kw"), with_kwargs=True)
+    model.blocks[0].register_forward_hook(lambda m, a, out: seen.append("always"), always_call=True)
+    state_hook = model.blocks[0].register_state_dict_post_hook(
+        lambda m, sd, prefix, local: seen.append("state"))
+    vit_fast.convert(model)
+    model.eval()(X)
+    assert seen == ["pre_kw", "kw", "always"]
+    model.state_dict()
+    assert seen[-1] == "state"
+    state_hook.remove()

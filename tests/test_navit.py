@@ -409,3 +409,14 @@ def test_gpu_kit_navit_rows_dry_run_and_report(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "vit_pytorch", None)  # as if not installed
     navit.add_gpu_kit_rows(rec, torch.device("cpu"), {"rounds": 2, "warmup": 0}, dry_run=True)
     assert "vit-pytorch is not installed" in rec.data["skipped"][-1]
+
+
+def test_naflexvit_rope_blocks_are_named_with_the_reason():
+    from timm.models.naflexvit import NaFlexVitCfg
+    torch.manual_seed(0)
+    model = NaFlexVit(NaFlexVitCfg(embed_dim=24, depth=2, num_heads=3, patch_size=4,
+                                   rope_type="axial", global_pool="avg"), num_classes=5)
+    left = dict(vit_fast.convert(model).vit_fast_summary.left)
+    assert "rotary position embeddings" in left["blocks.0"] and "NaFlexViT" in left["blocks.1"]
+    assert "padding mask" in left["blocks"]
+    assert type(model) is NaFlexVit  # not converted: its blocks stay timm's

@@ -380,3 +380,13 @@ def test_transformers_4_layers_are_left(monkeypatch):
     assert summary.swapped == [] and len(summary.left) == 2
     assert all("transformers >= 5" in why for _, why in summary.left)
     assert not any(isinstance(m, ct._FusedLayerMixin) for m in model.modules())
+
+
+def test_second_convert_lists_the_layers_as_already_converted():
+    """issue 27, item 12 (minor): converting again says what is already converted."""
+    model = vit_fast.convert(_build("vit"))
+    first = model.vit_fast_summary
+    again = vit_fast.convert(model).vit_fast_summary
+    assert sorted(again.already) == sorted(first.swapped) and len(again.already) == 2
+    assert not again.swapped and not again.left, str(again)
+    assert "has no transformer block" not in str(again) and "2 already converted" in str(again)

@@ -1,12 +1,21 @@
 """Swap vit_fast modules into an existing model, in place, weights kept.
 
 The new modules take over the old ones' submodules (the same nn.Linear / nn.LayerNorm / Conv2d
-objects), so parameters, their device, dtype, requires_grad, optimizer references and every
-submodule's own train/eval mode are kept, and state_dict keys do not change. Converting twice is
-a no-op whose summary lists what is already converted.
+objects) and hooks (vit_fast/adopt.py), so parameters, their device, dtype, requires_grad,
+optimizer references, every submodule's own train/eval mode and the handles of hooks registered
+before convert are kept, and state_dict keys do not change. Converting twice is a no-op whose
+summary lists what is already converted.
 
-A swapped module takes its fused path only while nothing attached to it (hooks, adapters,
+What is converted: timm's vision_transformer Block and PatchEmbed (here); timm's other
+transformer blocks through vit_fast/timm_blocks.py (a converter registered for the class, or the
+reason it stays timm's); NaViT / NaFlexVit (convert_navit.py); vit-pytorch's attention, feed-forward
+and transformer modules, recognised by what they compute (convert_vit_pytorch.py); Hugging Face
+ViT-family encoder layers (convert_transformers.py).
+
+A converted module takes its fused path only while nothing attached to it (hooks, adapters,
 parametrizations...) would notice; ``why_not_fused(model)`` lists, live, what runs plain and why.
+It is also reachable as ``vit_fast.convert.why_not_fused`` (``vit_fast.convert`` is this
+function), as is ``vit_fast.convert.ConversionSummary``.
 """
 from __future__ import annotations
 
@@ -14,14 +23,19 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from . import modules
+from . import modules, timm_blocks
+from .adopt import adopt
+from .convert_navit import convert_packed
+from .convert_transformers import convert_transformers, is_transformers_model
+from .convert_vit_pytorch import convert_vit_pytorch
+from .fusion import FusedModule
 
 __all__ = ["convert", "ConversionSummary", "why_not_fused"]
 
 
 @dataclass
 class ConversionSummary:
-    swapped: list = field(default_factory=list)   # qualified names of replaced modules
+    swapped: list = field(default_factory=list)   # qualified names of converted modules
     left: list = field(default_factory=list)      # (qualified name, why it was left as it is)
     already: list = field(default_factory=list)   # vit_fast modules found in place (convert again)
     not_fused: list = field(default_factory=list)  # (name, reasons): swapped, but plain for now
@@ -38,13 +52,17 @@ class ConversionSummary:
         return "\n".join(lines)
 
 
+def _reports(m):
+    """Whether ``m`` is a converted module that can say why it runs plain."""
+    return isinstance(m, FusedModule) or getattr(type(m), "vit_fast_reports", False)
+
+
 def why_not_fused(model: nn.Module) -> dict:
-    """{qualified name: reasons} of the vit_fast modules in ``model`` that run their plain
+    """{qualified name: reasons} of the converted modules in ``model`` that run their plain
     submodules right now (hooks, adapters, parametrizations, active dropout...)."""
     found = {}
     for name, m in model.named_modules():
-        if isinstance(m, (modules.Block, modules.Attention, modules.Mlp, modules.PatchEmbed)) or (
-                type(m).__name__ == "FusedNaViTTransformer"):
+        if _reports(m):
             reasons = m.why_not_fused()
             if reasons:
                 found[name] = reasons
@@ -62,41 +80,11 @@ def _timm_classes():
     return Block, Attention, Mlp, LayerScale, PatchEmbed
 
 
-def _other_timm_block(module):
-    """A block of timm's vision_transformer other than Block (parallel, res-post, ...)."""
-    kind = type(module)
-    return kind.__module__ == "timm.models.vision_transformer" and kind.__name__.endswith("Block")
-
-
-def _adopt(cls, old, replace=None):
-    """A new ``cls`` module built around ``old``'s submodules and parameters, in their order.
-
-    No parameter is created or copied: the same objects move over, so state_dict keys and the
-    order of parameters() (which optimizers and checkpoints rely on) stay as they were.
-    ``replace`` maps a submodule name to the module that takes its place.
-    """
-    replace = replace or {}
-    new = cls.__new__(cls)
-    nn.Module.__init__(new)
-    for name, param in old._parameters.items():
-        new.register_parameter(name, param)
-    for name, buf in old._buffers.items():
-        new.register_buffer(name, buf, persistent=name not in old._non_persistent_buffers_set)
-    for name, module in old._modules.items():
-        setattr(new, name, replace.get(name, module))
-    # Plain attributes (num_heads, scale, patch_size, a ``gate`` of None...) come along too.
-    plain = {k: v for k, v in vars(old).items() if not k.startswith("_") and k != "training"}
-    for key, value in plain.items():
-        setattr(new, key, value)
-    new.training = old.training  # this module's mode only: children keep their own
-    return new
-
-
 def _convert_attention(old):
     TimmAttention = _timm_classes()[1]
     if isinstance(old, modules.Attention) or type(old) is not TimmAttention:
         return old
-    new = _adopt(modules.Attention, old)
+    new = adopt(modules.Attention, old)
     new.qk_scale = None  # timm's fused path uses head_dim**-0.5 whatever ``scale`` says
     return new
 
@@ -105,51 +93,40 @@ def _convert_mlp(old):
     TimmMlp = _timm_classes()[2]
     if type(old) is not TimmMlp:
         return old
-    return _adopt(modules.Mlp, old)
+    return adopt(modules.Mlp, old)
 
 
 def _convert_layer_scale(old):
     TimmLayerScale = _timm_classes()[3]
     if type(old) is not TimmLayerScale:
         return old
-    return _adopt(modules.LayerScale, old)
+    return adopt(modules.LayerScale, old)
 
 
 def _convert_block(old):
-    return _adopt(modules.Block, old, {
+    return adopt(modules.Block, old, {
         "attn": _convert_attention(old.attn), "mlp": _convert_mlp(old.mlp),
         "ls1": _convert_layer_scale(old.ls1), "ls2": _convert_layer_scale(old.ls2)})
 
 
-def _convert_layer_norm(old):
-    return _adopt(modules.LayerNorm, old)
+def _inside(name, prefixes):
+    return any(name.startswith(p + ".") for p in prefixes)
 
 
-def _convert_patch_embed(old):
-    return _adopt(modules.PatchEmbed, old)
-
-
-def convert(model: nn.Module, *, blocks: bool = True, patch_embed: bool = True) -> nn.Module:
-    """Swap timm's Blocks (and PatchEmbed) in ``model`` for vit_fast's, in place.
-
-    Works on timm's VisionTransformer and its relatives that use its Block (deit, dinov2 with
-    LayerScale, register-token and CLIP models...). Returns ``model``; what was swapped and what
-    was left, with the reason, is in ``model.vit_fast_summary`` (a ConversionSummary), as of
-    this call. Each submodule keeps its own train/eval mode; converting again changes nothing.
-    A swapped Block runs its plain submodules for as long as something attached to them would
-    notice the fused path (hooks, adapters, pruning...): ``why_not_fused(model)`` lists those.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
+def _convert_timm(model, summary, blocks, patch_embed):
+    """timm's Blocks and PatchEmbed, and every other timm transformer block (converted by a
+    registered converter, or named in summary.left with the reason): the replacements to make."""
     TimmBlock, _, _, _, TimmPatchEmbed = _timm_classes()
-    from .convert_vit_pytorch import VitPytorchTransformer
-    summary = ConversionSummary()
-    replacements = []
+    replacements, handled = [], []
     for name, module in model.named_modules():
-        if isinstance(module, (modules.Block, modules.PatchEmbed, VitPytorchTransformer)):
+        if _inside(name, handled):
+            continue  # inside a block already swapped or reported
+        if isinstance(module, (modules.Block, modules.PatchEmbed)):
             summary.already.append(name)
+            handled.append(name)
             continue
         if type(module) is TimmBlock:
+            handled.append(name)
             if not blocks:
                 summary.left.append((name, "blocks=False"))
                 continue
@@ -160,43 +137,79 @@ def convert(model: nn.Module, *, blocks: bool = True, patch_embed: bool = True) 
             else:
                 summary.left.append((name, why))
         elif isinstance(module, TimmBlock):
+            handled.append(name)
             summary.left.append((name, f"{type(module).__name__} subclasses timm's Block with its "
                                        "own forward; not swapped"))
         elif type(module) is TimmPatchEmbed:
             if patch_embed:
-                replacements.append((name, _convert_patch_embed(module)))
+                replacements.append((name, adopt(modules.PatchEmbed, module)))
             else:
                 summary.left.append((name, "patch_embed=False"))
         elif isinstance(module, TimmPatchEmbed):
             summary.left.append((name, f"{type(module).__name__} subclasses timm's PatchEmbed; "
                                        "not swapped"))
-        elif _other_timm_block(module):
-            summary.left.append((name, f"timm's {type(module).__name__} is not the Block vit_fast "
-                                       "fuses; left as it is"))
+        elif timm_blocks.is_transformer_block(module):
+            handled.append(name)
+            if not blocks:
+                summary.left.append((name, "blocks=False"))
+                continue
+            new, why = timm_blocks.convert_or_reason(module, model)
+            if new is not None:
+                replacements.append((name, new))
+            else:
+                summary.left.append((name, why))
     if any(isinstance(new, modules.Block) for _, new in replacements):
         # A ViT's own norms (timm: norm_pre, norm, fc_norm) run as the fused LayerNorm op too;
         # only in a model whose Blocks were swapped, never in an arbitrary network.
-        replacements += [(name, _convert_layer_norm(m)) for name, m in model.named_children()
+        replacements += [(name, adopt(modules.LayerNorm, m)) for name, m in model.named_children()
                          if _is_plain_layer_norm(m)]
+    return replacements
+
+
+def _replace(model, summary, replacements):
     for name, new in replacements:
         parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         if not attr:
             raise ValueError("convert: pass the model that contains the Block, not a Block itself")
+        parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, new)
         summary.swapped.append(name)
+
+
+def convert(model: nn.Module, *, blocks: bool = True, patch_embed: bool = True) -> nn.Module:
+    """Swap the transformer blocks (and timm's PatchEmbed) in ``model`` for vit_fast's, in place.
+
+    Works on timm's VisionTransformer and its relatives that use its Block (deit, dinov2 with
+    LayerScale, register-token and CLIP models...), NaFlexVit, vit-pytorch models (attention and
+    feed-forward modules recognised by what they compute, NaViT) and Hugging Face ViT / DeiT /
+    DINOv2 / CLIP / SigLIP vision encoders. Returns ``model``; what was swapped and what was
+    left, with the reason, is in ``model.vit_fast_summary`` (a ConversionSummary), as of this
+    call. Each submodule keeps its own train/eval mode and its hooks; converting again changes
+    nothing. A converted module runs its plain submodules for as long as something attached to
+    them would notice the fused path (hooks, adapters, pruning...): ``why_not_fused(model)``
+    (also ``vit_fast.convert.why_not_fused``) lists those.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
+    summary = ConversionSummary()
+    replacements = _convert_timm(model, summary, blocks, patch_embed)
+    _replace(model, summary, replacements)
     if blocks:
-        from .convert_navit import convert_packed
         convert_packed(model, summary)  # vit-pytorch NaViT, timm NaFlexVit: segment ids, no mask
-        from .convert_vit_pytorch import convert_vit_pytorch, is_vit_pytorch_model
-        if is_vit_pytorch_model(model):  # lucidrains' vit-pytorch ViT / SimpleViT
-            convert_vit_pytorch(model, summary)
-        from .convert_transformers import convert_transformers, is_transformers_model
+        convert_vit_pytorch(model, summary)  # vit-pytorch's modules, by what they compute
         if is_transformers_model(model):  # Hugging Face ViT, DeiT, DINOv2, CLIP/SigLIP vision
             convert_transformers(model, summary)
-    summary.not_fused = [(name, new.why_not_fused()) for name, new in replacements
-                         if isinstance(new, modules.Block) and new.why_not_fused()]
-    if not summary.swapped and not summary.left and not summary.already:
-        summary.left.append(("", f"{type(model).__name__} has no timm Block or PatchEmbed to swap"))
+    summary.not_fused[:0] = [(name, new.why_not_fused()) for name, new in replacements
+                             if isinstance(new, modules.Block) and new.why_not_fused()]
+    if not (summary.swapped or summary.left or summary.already or summary.fused):
+        summary.left.append(("", f"{type(model).__name__} has no transformer block vit_fast "
+                                 "converts (timm Block or PatchEmbed, vit-pytorch attention / "
+                                 "feed-forward, transformers ViT-family layers)"))
     model.vit_fast_summary = summary
     return model
+
+
+# The README's spelling: ``vit_fast.convert`` is this function (the package exports it under the
+# module's name), so what the module offers beside it hangs off the function too.
+convert.why_not_fused = why_not_fused
+convert.ConversionSummary = ConversionSummary

@@ -12,10 +12,11 @@ import torch.nn as nn
 
 from . import modules
 
-__all__ = ["convert_packed"]
+__all__ = ["convert_packed", "is_navit"]
 
 
-def _is_navit(module):
+def is_navit(module):
+    """Whether ``module`` is (a subclass of) vit-pytorch's NaViT, without importing vit-pytorch."""
     kind = type(module)
     return any(k.__module__ == "vit_pytorch.na_vit" and k.__name__ == "NaViT" for k in kind.__mro__)
 
@@ -79,7 +80,7 @@ def convert_packed(model: nn.Module, summary) -> None:
     from timm.models.naflexvit import NaFlexVit
     for name, module in list(model.named_modules()):
         prefix = f"{name}." if name else ""
-        if _is_navit(module):
+        if is_navit(module):
             _convert_navit(prefix, module, summary)
         elif isinstance(module, NaFlexVit):
             _convert_naflexvit(prefix, module, summary)

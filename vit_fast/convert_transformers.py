@@ -10,11 +10,12 @@ neither. A converted layer runs it as vit_fast's Block does: LN1, one qkv GEMM, 
 attention, proj, one residual_layer_norm (residual + LayerScale + drop-path + LN2), one gelu_mlp with
 the residual in its epilogue.
 
-Conversion changes only the layer's class, to a subclass made here (``VitFast<Layer>``): the
-module object, its submodules, Parameters, hooks and train/eval mode are the same, so optimizers,
-state_dict keys, save_pretrained/from_pretrained and transformers' output capture (its forward
-hooks on the layer and attention classes, matched by isinstance) are unchanged. transformers keeps
-q, k and v as three Linears; the fused path concatenates their weights on each forward (a 3·C²
+Conversion changes only the layer's class, to a subclass made here (named as the layer's class,
+so lookups by class name still match; ``VitFast<Layer>`` is its qualname): the module object,
+its submodules, Parameters, hooks and train/eval mode are the same, so optimizers, state_dict
+keys, save_pretrained/from_pretrained and transformers' output capture (its forward hooks on the
+layer and attention classes, matched by isinstance) are unchanged. transformers keeps q, k and v
+as three Linears; the fused path concatenates their weights on each forward (a 3·C²
 copy, small next to the GEMM that reads B·N·C activations, and autograd sends the gradient back
 to the three original Parameters, which stay the only ones). That copy is saved for the qkv GEMM's
 backward in place of nothing: 3·C² elements per layer.
@@ -297,16 +298,20 @@ _FUSED_CLASSES = {}
 
 
 def _fused_class(cls):
-    """VitFast<cls>: the mixin's forward over transformers' layer class (made once per class).
+    """The mixin's forward over transformers' layer class (made once per class).
 
     A subclass keeps isinstance true for transformers' output capture and gradient checkpointing
-    (its __init_subclass__ wraps this forward, and only the outermost wrapper checkpoints). It is
-    reachable as vit_fast.convert_transformers.VitFast<cls> so a pickled model loads again.
+    (its __init_subclass__ wraps this forward, and only the outermost wrapper checkpoints). Its
+    __name__ is the layer's own (``ViTLayer``): _no_split_modules, accelerate's device maps and
+    FSDP's transformer_layer_cls_to_wrap match layers by class name. Its __qualname__ is
+    VitFast<cls>, reachable as vit_fast.convert_transformers.VitFast<cls> so a pickled model
+    loads again.
     """
     name = f"VitFast{cls.__name__}"
     if name not in _FUSED_CLASSES:
-        fused = type(name, (_FusedLayerMixin, cls), {"__module__": __name__, "__qualname__": name,
-                                                     "__doc__": f"{cls.__name__}, fused by vit_fast."})
+        fused = type(cls.__name__, (_FusedLayerMixin, cls), {
+            "__module__": __name__, "__qualname__": name,
+            "__doc__": f"{cls.__name__}, fused by vit_fast."})
         _FUSED_CLASSES[name] = fused
     return _FUSED_CLASSES[name]
 
@@ -329,7 +334,10 @@ def convert_transformers(model: nn.Module, summary) -> None:
     too_old = int(version.split(".")[0]) < 5
     for name, module in model.named_modules():
         layout = _layout_of(module)
-        if isinstance(module, _FusedLayerMixin) or layout is None:
+        if isinstance(module, _FusedLayerMixin):
+            summary.already.append(name)
+            continue
+        if layout is None:
             continue
         # 4.x layers return tuples and take other arguments (CLIP's causal_attention_mask...),
         # some with the same submodule names: refuse them by version, not by layout alone.

@@ -70,3 +70,9 @@ class FusedNaFlexVit(NaFlexVit):
             out["attn_mask"] = SegmentIds(
                 segment_ids_from_valid(out["patch_valid"], self.num_prefix_tokens).to(x.device))
         return out
+
+
+# Lookups by class name (FSDP's transformer_layer_cls_to_wrap, accelerate's no-split lists) and
+# print(model) see timm's names; __qualname__ keeps ours, so pickle finds these classes.
+NaFlexBlock.__name__ = "Block"
+FusedNaFlexVit.__name__ = NaFlexVit.__name__

@@ -149,6 +149,8 @@ class FusedNaViTTransformer(na_vit.Transformer):
     padding) and then runs the fused ops; with ``mask``/``attn_mask`` it is vit-pytorch's forward.
     """
 
+    vit_fast_reports = True  # convert.why_not_fused asks it
+
     def why_not_fused(self):
         """Why a segment_ids call runs the eager layers now: a layer swapped since convert (an
         adapter), or something attached that would notice the fused path skip it (hooks, a
@@ -228,3 +230,9 @@ class FusedNaViT(na_vit.NaViT):
         rows = [b * queries + i for b, n in enumerate(packed.num_images) for i in range(n)]
         x = x.reshape(B * queries, -1)[torch.tensor(rows, device=x.device)]
         return self.mlp_head(self.to_latent(x))
+
+
+# Lookups by class name (FSDP's transformer_layer_cls_to_wrap, accelerate's no-split lists) and
+# print(model) see vit-pytorch's names; __qualname__ keeps ours, so pickle finds these classes.
+FusedNaViTTransformer.__name__ = na_vit.Transformer.__name__
+FusedNaViT.__name__ = na_vit.NaViT.__name__

@@ -44,15 +44,17 @@ def _attention_modules(model):
     """(name, module, capture site) of every attention whose softmax can be captured, in order.
 
     The capture site is (submodule, "input" | "output"): timm's and vit_fast's Attention pass the
-    probabilities into ``attn_drop``; the vit-pytorch layout (after convert) out of ``attend``.
+    probabilities into ``attn_drop``; a converted vit-pytorch attention out of ``attend`` (whose
+    hook alone sends that module down vit-pytorch's own eager forward).
     """
     from timm.layers import Attention as TimmAttention
-    from .convert_vit_pytorch import VitPytorchAttention
+
+    from .vit_pytorch_modules import FusedAttention
     found = []
     for name, m in model.named_modules():
         if isinstance(m, (modules.Attention, TimmAttention)):
             found.append((name, m, (m.attn_drop, "input")))
-        elif isinstance(m, VitPytorchAttention):
+        elif isinstance(m, FusedAttention) and isinstance(getattr(m, "attend", None), nn.Softmax):
             found.append((name, m, (m.attend, "output")))
     return found
 
