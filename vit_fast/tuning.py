@@ -357,7 +357,7 @@ def select(op, key, candidates, x, args=(), describe=None):
     """The result of ``op``'s candidate chosen for ``key`` (measured on CUDA, else PRIORITY's
     first that runs); x: the tensor whose device decides whether timing is possible; candidates:
     name -> fn(*args) (zero-argument closures with args=())."""
-    t = tuner()
+    t = _TUNER[-1]
     hit = t._fast.get(key)
     if hit is not None and hit[0] in candidates:
         return t._call(hit[1], candidates[hit[0]], args)
@@ -387,7 +387,7 @@ _GEMM_DECISIONS = {}  # (tuner id, key) -> what matmul launches for a key chosen
 def chosen_gemm_config(key):
     """What was chosen before for ``key``: a matmul GemmConfig, or the Hopper GEMM bound to its
     config (a launcher taking matmul's arguments); None when the key has not been seen."""
-    t = tuner()
+    t = _TUNER[-1]
     hit = t._fast.get(key)
     if hit is None:
         return None

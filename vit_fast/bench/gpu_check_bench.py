@@ -288,6 +288,15 @@ def run_models(out_dir, device, quick, dry_run, deadline):
         rec.add("rows", row)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if deadline - time.time() < 60:  # host per step, CUDA graphs, tuning memory (gpu_check_host)
+        rec.add("skipped", "host/graphs/tuning memory: past the step's budget")
+    else:
+        from .gpu_check_host import add_rows
+        try:
+            add_rows(rec, device, settings, *models[0], kw)
+        except Exception as exc:  # one broken case must not hide the others
+            rec.add("skipped", f"host/graphs/tuning memory: failed ({type(exc).__name__}: "
+                               f"{str(exc)[:300]})")
     if deadline - time.time() < 15:  # packed NaViT vs vit-pytorch eager (bench/navit.py)
         rec.add("skipped", "NaViT: past the step's budget")
     else:

@@ -138,8 +138,29 @@ def _models(d, device_name=None):
                   "", "peak step mem: CUDA memory a step allocates above what is resident before it "
                   "(all providers' weights). vs eager: timm eager, or vit-pytorch's own NaViT for "
                   "the NaViT rows (max abs err: vs that NaViT under the same autocast). " + why, ""]
-    return (lines + [f"- note: {s}" for s in d.get("notes", [])]
+    return (lines + _host(d.get("host_rows", [])) + [f"- note: {s}" for s in d.get("notes", [])]
             + [f"- skipped: {s}" for s in d.get("skipped", [])] + [""])
+
+
+def _host(rows):
+    """The host side of a training step (gpu_check_host.py): tuning memory, host CPU per step,
+    CUDA graphs."""
+    lines = []
+    for r in rows:
+        what = f"{r['model']}, batch {r['batch']}"
+        if r["measure"] == "tuning memory":
+            lines.append(f"- tuning step ({what}): {_mib(r['first_step_peak_bytes'])} at the first "
+                         f"step's peak, {_mib(r['later_step_peak_bytes'])} later: "
+                         f"{_mib(r['tuning_extra_bytes'])} extra for {r['tuned_keys']} keys")
+        elif r["measure"].startswith("host CPU"):
+            lines.append(f"- host CPU per AMP training step ({what}, GPU kept busy): vit_fast "
+                         f"{r['vit_fast']:,.0f} µs, timm eager {r['timm eager']:,.0f} µs")
+        else:
+            s = r["providers"]
+            lines.append(f"- CUDA graphs ({what}, make_graphed_callables): eager step "
+                         f"{timing.fmt_time(s['eager'])}, graphed {timing.fmt_time(s['graphed'])} "
+                         f"({timing.fmt_ratio(r['ratio'])})")
+    return lines + ([""] if lines else [])
 
 
 def _tuning(steps):
