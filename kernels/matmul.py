@@ -69,8 +69,10 @@ def matmul_kernel(
         per_split = tl.cdiv(k_hi, SPLIT_K)
         k_lo = tl.program_id(1) * per_split
         k_hi = tl.minimum(k_lo + per_split, k_hi)
-        a_ptrs += k_lo * BLOCK_K * stride_ak
-        b_ptrs += k_lo * BLOCK_K * stride_bk
+        # int64: a split-K GEMM reduces over a long K (weight gradients over all tokens), where
+        # k_lo·BLOCK_K·stride passes 2^31
+        a_ptrs += k_lo.to(tl.int64) * BLOCK_K * stride_ak
+        b_ptrs += k_lo.to(tl.int64) * BLOCK_K * stride_bk
         C += tl.program_id(1).to(tl.int64) * M * N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_lo, k_hi):
