@@ -430,6 +430,8 @@ def test_export_deepcopy_pickle_save_load():
 def test_compiled_model_sees_hooks_added_later():
     timm_model, converted = _pair()
     timm_model.eval()
+    with torch.no_grad():
+        converted.eval()(X)  # called eagerly before compiling, as an earlier test may have done
     compiled = torch.compile(converted.eval(), fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(X), timm_model(X), rtol=1e-5, atol=1e-5)
