@@ -34,12 +34,17 @@ __all__ = ["amp_weight", "kernel_reasons", "layer_norm_linear", "residual_layer_
 # The thread-local dict (per thread like autocast's cache) only keeps weak references in front of
 # it: id(parameter) -> (weakref to it, its version, dtype, weakref to the cast), so a hit costs a
 # dict look-up and nothing here keeps a cast alive.
-_LOCAL = threading.local()
+class _Local(threading.local):
+    # casts made per thread on first access, not by the first call: an attribute set while Dynamo
+    # traces is state it guards on, and the next call recompiled
+    def __init__(self):
+        self.casts = {}
+
+
+_LOCAL = _Local()
 
 
 def _casts():
-    if not hasattr(_LOCAL, "casts"):
-        _LOCAL.casts = {}
     return _LOCAL.casts
 
 
