@@ -87,11 +87,13 @@ def _tracked_tree(dst: Path):
     files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
                            check=True).stdout.decode().split("\0")
     for rel in filter(None, files):
-        if (ROOT / rel).is_file():
-            target = dst / rel
+        src, target = ROOT / rel, dst / rel
+        if src.is_symlink():  # vit_fast/kernels -> ../kernels stays a link
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, target)
-    (dst / "vit_fast" / "kernels").symlink_to("../kernels")
+            target.symlink_to(os.readlink(src))
+        elif src.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
 
 
 def _dev_requirements():
