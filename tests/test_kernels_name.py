@@ -83,7 +83,7 @@ def hub_kernels(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
          "--target", str(target), spec], capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, PIP_CONSTRAINT=""))
+        env=dict(os.environ, PIP_CONSTRAINT=os.devnull))
     if proc.returncode != 0:
         pytest.skip(f"pip could not fetch {spec} (no package index here?): {proc.stderr[-300:]}; "
                     "the stand-in test above covers the shadowing")
