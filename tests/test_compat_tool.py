@@ -21,7 +21,7 @@ def compat(monkeypatch, tmp_path):
 
     def run(cmd, log, cwd=None, env=None, check=True):
         mod.commands.append([str(c) for c in cmd])
-        if "pytest" in cmd:
+        if _is_pytest(mod.commands[-1]):
             with open(log, "a") as f:
                 f.write("1100 passed, 12 skipped in 3000.00s\n")
         return 0
@@ -33,9 +33,13 @@ def compat(monkeypatch, tmp_path):
     return mod
 
 
+def _is_pytest(cmd):
+    return cmd[1:3] == ["-m", "pytest"]
+
+
 def _pytest_command(mod):
-    (cmd,) = [c for c in mod.commands if "pytest" in c]
-    return cmd[cmd.index("pytest") + 1:]
+    (cmd,) = [c for c in mod.commands if _is_pytest(c)]
+    return cmd[3:]
 
 
 def test_the_whole_suite_runs_as_make_test_runs_it(compat):
