@@ -162,7 +162,8 @@ def attention_bwd_dq_reduce_kernel(
         if HAS_SEGMENTS:
             lo, hi = _segment_span(SPANS, b, kb, N, KEY_BLOCK)
             read = read & ((rows >= lo) & (rows < hi))[:, None]
-        dq += tl.load(part + kb * stride_part_kb, mask=read, other=0.0)
+        # int64: PART holds n_key_blocks copies of dq, past 2^31 elements at large B·N
+        dq += tl.load(part + tl.cast(kb, tl.int64) * stride_part_kb, mask=read, other=0.0)
     _store_rows(DQKV + b.to(tl.int64) * stride_dqkv_b + h * HEAD_DIM, start_m, N, stride_dqkv_n,
                 dq.to(DQKV.dtype.element_ty), HEAD_DIM, BLOCK_M, BLOCK_D)
 

@@ -83,8 +83,10 @@ def matmul_kernel(
         per_split = tl.cdiv(k_hi, SPLIT_K)
         k_lo = tl.program_id(1) * per_split
         k_hi = tl.minimum(k_lo + per_split, k_hi)
-        a_ptrs += k_lo * BLOCK_K * stride_ak
-        b_ptrs += k_lo * BLOCK_K * stride_bk
+        # int64: a split-K GEMM reduces over a long K (weight gradients over all tokens), where
+        # k_lo·BLOCK_K·stride passes 2^31
+        a_ptrs += k_lo.to(tl.int64) * BLOCK_K * stride_ak
+        b_ptrs += k_lo.to(tl.int64) * BLOCK_K * stride_bk
         C += tl.program_id(1).to(tl.int64) * M * N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_lo, k_hi):
@@ -291,10 +293,18 @@ def colsum_block(target=None):
 
 
 def input_precision(dtype) -> str:
-    # fp32 inputs use tf32 only when the user allowed it for matmuls, as torch does.
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
-        return "tf32"
-    return "ieee"
+    """The tl.dot input precision for a GEMM on ``dtype`` inputs: "tf32" for fp32 when the user
+    allowed tf32 for CUDA matmuls, as torch's own matmul then does, else "ieee". A pure read of
+    torch's setting (no side effect, no device query): callers may decide once per configuration.
+
+    torch.backends.cuda.matmul.fp32_precision is read, not allow_tf32: it reflects both of torch's
+    APIs (allow_tf32 / set_float32_matmul_precision write it; a "none" there is resolved from
+    torch.backends.fp32_precision), while reading allow_tf32 raises RuntimeError once a user has
+    set the new API (torch >= 2.9). The interpreter computes fp32 dots in IEEE whatever is asked.
+    """
+    if dtype != torch.float32 or interpreting():
+        return "ieee"
+    return "tf32" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "ieee"
 
 
 def _precision(dtype) -> str:

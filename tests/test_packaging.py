@@ -127,7 +127,45 @@ def test_sdist_has_every_extension_source(tmp_path):
             assert included in names or f"csrc/{inc}" in names, (rel, inc)
     assert {"pyproject.toml", "setup.py", "kernels/attention.py", "kernels/_device.py",
             "vit_fast/__init__.py"} <= names
+    assert "kernels/__init__.py" not in names
     assert not any(n.endswith((".so", "_C_build.json")) for n in names)
+
+
+def test_the_wheel_ships_kernels_as_vit_fast_kernels(tmp_path):
+    """What a wheel gets from package-dir (setup.py build_py, no compiler): every kernels/*.py
+    under vit_fast/kernels/ as files, no top-level `kernels` (the PyPI package's name,
+    tests/test_kernels_name.py), and vit_fast.kernels imports from there."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
+        shutil.copy(ROOT / name, src / name)
+    ignore = shutil.ignore_patterns("*.so", "__pycache__", "_C_build.json")
+    for name in ("csrc", "vit_fast", "kernels"):
+        shutil.copytree(ROOT / name, src / name, symlinks=True, ignore=ignore)
+    lib = tmp_path / "lib"
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(lib)],
+                          cwd=src, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    shipped = lib / "vit_fast" / "kernels"
+    assert shipped.is_dir() and not shipped.is_symlink()
+    assert {p.name for p in shipped.glob("*.py")} == {p.name for p in (ROOT / "kernels").glob("*.py")}
+    assert not (lib / "kernels").exists()
+    code = "import vit_fast.kernels.attention as a, vit_fast.kernels.matmul; print(a.__file__)"
+    env = dict(os.environ, PYTHONPATH=str(lib))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(shipped / "attention.py")
+
+
+def test_the_checkout_maps_vit_fast_kernels_by_a_link():
+    """kernels/ has no __init__.py (it must not shadow PyPI's `kernels`); setuptools' editable
+    finder maps no package without one, so the checkout links vit_fast/kernels -> ../kernels."""
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+    link = ROOT / "vit_fast" / "kernels"
+    assert link.is_symlink() and os.readlink(link) == os.path.join("..", "kernels")
+    import vit_fast.kernels.attention as a
+    assert Path(a.__file__).resolve() == (ROOT / "kernels" / "attention.py").resolve()
 
 
 def _built_library():

@@ -66,25 +66,22 @@ def forward_is(m, *forwards) -> bool:
     return any(type(m).forward is f for f in forwards)
 
 
-_SPLIT_PATHS = {}  # class -> its bypassed_paths split at the dots
-
-
-def _split_paths(cls):
-    paths = _SPLIT_PATHS.get(cls)
-    if paths is None:
-        paths = _SPLIT_PATHS[cls] = tuple(tuple(p.split(".")) for p in cls.bypassed_paths)
-    return paths
-
-
 class FusedModule(nn.Module):
     """Mixin for modules with a fused path that skips calling some submodules."""
 
     # Dotted names of the submodules the fused path reads but does not call.
     bypassed_paths: tuple = ()
+    _split_bypassed_paths: tuple = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # Split once per class, when it is defined: a cache filled on the first call would be
+        # module state that Dynamo guards on and that changes while it traces (a recompile).
+        cls._split_bypassed_paths = tuple(tuple(p.split(".")) for p in cls.bypassed_paths)
 
     def _bypassed_modules(self):
         found = []
-        for path in _split_paths(type(self)):
+        for path in self._split_bypassed_paths:
             m = self
             for name in path:
                 m = m._modules.get(name) if m is not None else None
