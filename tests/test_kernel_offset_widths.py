@@ -32,6 +32,10 @@ ALLOWED = {
     ("qk_norm_fwd_kernel", "h * stride_kb"): "h < H, stride_kb <= D: a [H, D] bias",
     ("qk_norm_bwd_kernel", "h * stride_qw"): "h < H, stride_qw <= D: a [H, D] weight",
     ("qk_norm_bwd_kernel", "h * stride_kw"): "h < H, stride_kw <= D: a [H, D] weight",
+    # The GLU epilogues' column offset inside one row: columns < 2H and C is the launcher's own
+    # row-major output (stride_cn == 1), so the product stays below the row length.
+    ("_glu_store", "offs_h[None, :] * stride_cn"): "offs_h < H, stride_cn == 1: a row of C",
+    ("_dglu_store", "cols_i[None, :] * stride_cn"): "cols_i < H, stride_cn == 1: a row of C",
 }
 
 

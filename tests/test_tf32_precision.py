@@ -8,6 +8,7 @@ sets the new one, reading the legacy flag raises RuntimeError ("mix of the legac
 import pytest
 import torch
 
+from vit_fast.kernels import _device
 from vit_fast.kernels import matmul as matmul_mod
 
 
@@ -23,7 +24,7 @@ def torch_precision():
 @pytest.fixture
 def compiled(monkeypatch):
     """input_precision as on a GPU: the interpreter always computes in IEEE fp32."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(_device, "_INTERPRET", False)
 
 
 SETTINGS = {  # how a user asks for tf32 (or not), and what the GEMM must then use for fp32
@@ -51,7 +52,7 @@ def test_fp32_input_precision_follows_torch(setting, torch_precision, compiled):
 
 
 def test_interpreter_computes_fp32_in_ieee(torch_precision, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_device, "_INTERPRET", True)
     torch.backends.cuda.matmul.fp32_precision = "tf32"
     assert matmul_mod.input_precision(torch.float32) == "ieee"
 
