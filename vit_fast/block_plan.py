@@ -27,6 +27,7 @@ torch.compile tracing -- takes Block's general path.
 from __future__ import annotations
 
 import itertools
+import weakref
 
 import torch
 import torch.nn as nn
@@ -68,7 +69,8 @@ class BlockPlan:
     access through nn.Module.__getattr__ is a Python call each)."""
     __slots__ = ("amp", "eager", "heads", "default_scale", "norm_skip", "proj_direct",
                  "proj_drop_skip", "leaf_dicts", "approximate", "no_autocast", "drop_path",
-                 "lnl", "attn", "mlp_block", "save_pre")
+                 "lnl", "attn", "mlp_block", "save_pre", "policy", "warming", "step",
+                 "__weakref__")
 
     def forward_set(self) -> bool:
         """Whether a ``forward`` was set on a skipped module's instance since the plan was made."""
@@ -82,6 +84,23 @@ class BlockPlan:
                                mm["fc2"]._parameters)
         qw, qb = qkv_p["weight"], qkv_p["bias"]
         w1, b1, w2, b2 = fc1_p["weight"], fc1_p["bias"], fc2_p["weight"], fc2_p["bias"]
+        n1p, n2p = n1._parameters, n2._parameters
+        drop = am["attn_drop"].p if a.training else 0.0
+        scale = self.default_scale if a.qk_scale is None else float(a.qk_scale)
+        step = self.step
+        if step is not None:
+            pp = am["proj"]._parameters
+            params = (n1p["weight"], n1p["bias"], qw, qb, pp["weight"], pp["bias"],
+                      mods["ls1"]._parameters.get("gamma"), n2p["weight"], n2p["bias"], w1, b1,
+                      w2, b2, mods["ls2"]._parameters.get("gamma"))
+            pd = am["proj_drop"]
+            if not step.holds(params):  # a parameter replaced: warm up again
+                self.step, self.warming = None, True
+            elif not pd.training or pd.p == 0:  # (proj_drop's dropout is not in the step)
+                seed = _dropout_seed(x.device) if drop > 0.0 else None
+                ss1, ss2 = self._drop_path_scales(mods, x)
+                return step.forward(x, params, (float(n1.eps), float(n2.eps), scale, float(drop)),
+                                    ss1, ss2, seed, segment_ids)
         amp = self.amp
         if amp is not None:
             cast = AMP_WEIGHTS.cast
@@ -91,10 +110,7 @@ class BlockPlan:
                               cast(w2, amp, region), cast(b2, amp, region))
             torch.set_autocast_enabled(self.no_autocast, False)
         try:
-            n1p = n1._parameters
             qkv = self.lnl(x, n1p["weight"], n1p["bias"], float(n1.eps), qw, qb)[0]
-            drop = am["attn_drop"].p if a.training else 0.0
-            scale = self.default_scale if a.qk_scale is None else float(a.qk_scale)
             seed = _dropout_seed(x.device) if drop > 0.0 else None
             o = self.attn(qkv, self.heads, scale, float(drop), seed, segment_ids)[0]
         finally:
@@ -114,13 +130,8 @@ class BlockPlan:
         if not (self.proj_drop_skip and (not pd.training or pd.p == 0)):
             p = pd(p)
         # Drop-path masks drawn in timm's order: after the attention branch's dropouts.
-        if self.drop_path:
-            ss1 = _drop_path_scale(mods["drop_path1"], x)
-            ss2 = _drop_path_scale(mods["drop_path2"], x)
-        else:
-            ss1 = ss2 = None
+        ss1, ss2 = self._drop_path_scales(mods, x)
         ls1, ls2 = mods["ls1"]._parameters.get("gamma"), mods["ls2"]._parameters.get("gamma")
-        n2p = n2._parameters
         args = (p, x, ls1, ss1, n2p["weight"], n2p["bias"], float(n2.eps), w1, b1, w2, b2,
                 self.approximate, ls2, ss2)
         if self.save_pre:
@@ -132,10 +143,45 @@ class BlockPlan:
         if amp is not None:
             torch.set_autocast_enabled(self.no_autocast, False)
         try:
-            return self.mlp_block(*args, save_pre)[0]
+            out = self.mlp_block(*args, save_pre)[0]
         finally:
             if amp is not None:
                 torch.set_autocast_enabled(self.no_autocast, True)
+        if self.warming:
+            self._warm_up(block, qkv)
+        return out
+
+    def _drop_path_scales(self, mods, x):
+        if not self.drop_path:
+            return None, None
+        return _drop_path_scale(mods["drop_path1"], x), _drop_path_scale(mods["drop_path2"], x)
+
+    def _warm_up(self, block, qkv):
+        """After a call on the general path: once its backward has run too (kernels built,
+        tuning choices made), the next calls take the one-node step (vit_fast/block_step.py)."""
+        node = qkv.grad_fn
+        if node is None:  # nothing to differentiate: the forward was the whole call
+            self._make_step(block)
+        else:  # a hook per call while warming: a graph may be dropped without a backward
+            plan = weakref.ref(self)
+            block_ref = weakref.ref(block)
+
+            def backward_done(grad_inputs, grad_outputs):
+                me, blk = plan(), block_ref()
+                if me is not None and blk is not None and me.warming:
+                    me._make_step(blk)
+            before = RemovableHandle.next_id
+            node.register_hook(backward_done)
+            # The hook's handle moved the counter the lookup key holds (hooks registered
+            # anywhere): this one changes nothing the plan depends on.
+            cached = block.__dict__.get("_block_plan")
+            if cached is not None and cached[1] is self and cached[0][-1] == before:
+                block.__dict__["_block_plan"] = (cached[0][:-1] + (RemovableHandle.next_id,), self)
+
+    def _make_step(self, block):
+        from .block_step import BlockStep
+        self.warming = False
+        self.step = BlockStep.make(block, self)
 
 
 _FORWARD = itertools.repeat("forward")
@@ -204,6 +250,11 @@ def build(block, x):
     plan.leaf_dicts = tuple(m.__dict__ for _, m in block._bypassed() if m is not None) + tuple(
         m.__dict__ for m in (a.norm, a.proj, a.proj_drop))
     _ops(plan)
+    plan.policy = plans.state(x.device.type)[0]
+    plan.step = None
+    # The one-node step (vit_fast/block_step.py) takes the calls once the configuration has run
+    # on the general path, if everything it skips is a no-op.
+    plan.warming = plan.eager and plan.norm_skip and plan.proj_direct and plan.proj_drop_skip
     return plan
 
 

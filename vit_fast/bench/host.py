@@ -6,16 +6,18 @@ machine, with or without a GPU:
 
 - CPU tensors stand in for the GPU's (kernels/_device.simulate_gpu): every decision the launchers,
   the tuner and dispatch make is the one they make for ``--target`` (sm_80: 108 SMs, sm_90: 132);
-- every Triton launch is replaced by a counting no-op, so what is measured is vit_fast's own
-  Python and the aten ops around the kernels (cuBLAS GEMMs, allocations, autograd);
-- widths are scaled down (head_dim 8, a few tokens) so that aten's CPU compute is negligible and
+- every Triton launch is replaced by a counting no-op at ``kernel[grid]``, so what is measured is
+  vit_fast's own Python and the aten ops around the kernels (cuBLAS GEMMs, allocations,
+  autograd); Triton's Python from the subscript to the driver call is measured apart, per launch;
+- widths are scaled down (head_dim 1, a few tokens) so that aten's CPU compute is negligible and
   both sides pay what a GPU host pays: dispatch, allocation and autograd per op. The op sequence
   and every decision depend on the configuration (heads, qkv bias, LayerScale, precision), not on
   the widths. Measured against timm's eager Block in the same process, interleaved round by
   round, in thread CPU time (the autograd engine runs CPU graphs on the calling thread);
 - optionally the instructions executed per step under callgrind (deterministic: a change can be
   gated on it where wall time is noisy), and Triton's own Python launch cost per launch
-  (``JITFunction.run`` up to the driver call, which this path skips by replacing the launch).
+  (``kernel[grid](...)``: the subscript's proxy, ``JITFunction.run`` up to the driver call,
+  which this path skips by replacing the launch).
 
 All figures are "CPU" figures of this machine's host; the GPU kit (``gpu-check``) measures the
 host time per training step on a GPU.
@@ -44,10 +46,13 @@ PRECISIONS = ("fp32", "bf16", "amp")
 
 @dataclass(frozen=True)
 class Shape:
-    """A Block configuration at host-benchmark widths (head_dim 8: aten's compute negligible)."""
+    """A Block configuration at host-benchmark widths. head_dim 1: at head_dim 8 the CPU's GEMMs
+    (MKL sgemm) were over a third of the instructions counted -- compute, which a GPU host does
+    not pay; at 1 a GEMM costs what its dispatch costs. The heads, the MLP ratio, the biases and
+    LayerScale are the model's: they decide the launches and the launch configs."""
     name: str
     heads: int
-    head_dim: int = 8
+    head_dim: int = 1
     qkv_bias: bool = True
     init_values: float = None  # LayerScale (DeiT-3, DINOv2) when set
     batch: int = 2
@@ -68,16 +73,29 @@ SHAPES = {
 @contextlib.contextmanager
 def counting_launches():
     """Every Triton kernel launch (compiled or interpreted) becomes a no-op that counts itself.
-    Yields the counter, a one-element list."""
+    Yields the counter, a one-element list.
+
+    ``kernel[grid]`` returns the counter itself: Triton's own launch path starts at that
+    subscript (the proxy it returns, its keyword packing, ``run``), and all of it is what
+    :func:`triton_launch_us` measures per launch -- counted once, there, not also in the
+    vit_fast column. What the caller does to build the launch's arguments stays in the column."""
     from triton.runtime import interpreter, jit
     count = [0]
 
-    def launch(self, *args, **kwargs):
+    def launched(*args, **kwargs):
         count[0] += 1
-    patched = [(jit.JITFunction, "run"), (interpreter.InterpretedFunction, "run")]
-    saved = [(cls, name, cls.__dict__[name]) for cls, name in patched if name in cls.__dict__]
-    for cls, name, _ in saved:
-        setattr(cls, name, launch)
+
+    def subscript(self, grid):
+        return launched
+
+    def launch(self, *args, **kwargs):  # a direct ``run`` (no subscript)
+        count[0] += 1
+    patched = [(jit.KernelInterface, "__getitem__", subscript), (jit.JITFunction, "run", launch),
+               (interpreter.InterpretedFunction, "run", launch)]
+    saved = [(cls, name, cls.__dict__[name]) for cls, name, _ in patched if name in cls.__dict__]
+    for cls, name, fn in patched:
+        if name in cls.__dict__:
+            setattr(cls, name, fn)
     try:
         yield count
     finally:
@@ -230,18 +248,21 @@ def measure(shape: Shape, precision: str, target: str = "sm_90", modes=MODES, ro
 
 _CALLGRIND_C = r"""
 #include <valgrind/callgrind.h>
-void vf_collect_on(void) { CALLGRIND_ZERO_STATS; CALLGRIND_TOGGLE_COLLECT; }
+void vf_collect_on(void) { CALLGRIND_START_INSTRUMENTATION; CALLGRIND_ZERO_STATS;
+                           CALLGRIND_TOGGLE_COLLECT; }
 void vf_collect_off(void) { CALLGRIND_TOGGLE_COLLECT; }
 """
 
 
 def _callgrind_helper():
-    """Path of a tiny shared library whose two functions toggle callgrind's collection (the
-    client-request macros are no-ops outside valgrind), or None without gcc/valgrind headers."""
+    """Path of a tiny shared library whose two functions switch callgrind's instrumentation and
+    collection on and off (the client-request macros are no-ops outside valgrind), or None
+    without gcc/valgrind headers. Uninstrumented, the start-up (imports) runs several times
+    faster under valgrind."""
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None or not os.path.exists("/usr/include/valgrind/callgrind.h"):
         return None
-    out = os.path.join(tempfile.gettempdir(), f"vit_fast_callgrind_{os.getuid()}.so")
+    out = os.path.join(tempfile.gettempdir(), f"vit_fast_callgrind3_{os.getuid()}.so")
     if not os.path.exists(out):
         src = out[:-3] + ".c"
         with open(src, "w") as f:
@@ -282,7 +303,8 @@ def instructions(impl, shape: Shape, precision, target="sm_90", mode="fwd+bwd", 
         return None
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "callgrind.out")
-        cmd = ["valgrind", "--tool=callgrind", "--collect-atstart=no", f"--callgrind-out-file={out}",
+        cmd = ["valgrind", "--tool=callgrind", "--collect-atstart=no", "--instr-atstart=no",
+               f"--callgrind-out-file={out}",
                sys.executable, "-m", "vit_fast.bench.host", "--_child", impl, shape.name, precision,
                target, mode, str(steps)]
         env = dict(os.environ, PYTHONHASHSEED="0")
@@ -439,7 +461,7 @@ def main(argv=None):
     print(f"CPU measured: thread CPU time per Block call on this machine, median over {args.rounds} "
           f"interleaved rounds of each round's fastest of {args.inner} calls (± the interquartile "
           f"range); path of {args.target} "
-          "(Triton launches counted, not run); widths scaled down (head_dim 8, batch 2, 8 tokens).")
+          "(Triton launches counted, not run); widths scaled down (head_dim 1, batch 2, 8 tokens).")
     if launch is not None:
         print(f"Triton's Python launch path (JITFunction.run, stand-in driver): {launch:.1f} µs per "
               "launch on this CPU, on top of the vit_fast column for each Triton launch.")

@@ -182,7 +182,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _gemm_grad(g, ls2, lp):
+def gemm_grad(g, ls2, lp):
     """(g, ls2 in the GEMMs' dtype lp, k): what fc2's backward reads; k [C] or None.
 
     Under AMP, eager casts the gradient of fc2's output, g·ls2, to lp; folding ls2 into fc2's
@@ -215,7 +215,7 @@ def _backward(ctx, dout, _ds, _dmean, _drstd, _dpre, *, bwd=_ln.TRACED):
                       layer_scale=need[12] and ls2 is not None,
                       sample_scale=need[13] and ss2 is not None)
 
-    g_lp, ls_lp, k = _gemm_grad(g, ls2, lp)
+    g_lp, ls_lp, k = gemm_grad(g, ls2, lp)
     mlp_backward = ctx.mlp_backward[0 if bwd is _ln.EAGER else 1]
     dh, dw1, db1, dw2, db2, dls2, dss2 = mlp_backward(
         g_lp, h, fc1_weight, fc2_weight, fc2_bias, pre, ls_lp,

@@ -1,0 +1,159 @@
+"""The one-node step (vit_fast/block_step.py): once a fused Block's configuration has run forward
+and backward on the general path, its calls take one autograd node with the same kernels, the same
+order and the same casts -- so the same bits as the general path (the registered custom ops), in
+every configuration the step takes, and the general path again whenever it would not be exact."""
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+import vit_fast
+from vit_fast.block_step import BlockFn
+
+
+def _block(init_values=0.5, attn_drop=0.0, drop_path=0.0):
+    torch.manual_seed(0)
+    return vit_fast.Block(16, 2, qkv_bias=True, init_values=init_values, attn_drop=attn_drop,
+                          drop_path=drop_path).train()
+
+
+def _plan(block):
+    cached = block.__dict__.get("_block_plan")
+    return None if cached is None else cached[1]
+
+
+def _nodes(out):
+    """The autograd node the output hangs from, by its class name."""
+    return type(out.grad_fn).__name__
+
+
+def _call(block, x, seed, amp=False, segment_ids=None, general=False):
+    """Output and gradients of x and every parameter, with torch's generator at ``seed`` (the
+    dropout seed and drop-path masks are drawn from it)."""
+    torch.manual_seed(seed)
+    params = list(block.parameters())
+    x = x.detach().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        if general:
+            out = block._forward_general(x, None, False, segment_ids)
+        elif segment_ids is not None:
+            out = block.forward_segments(x, segment_ids)
+        else:
+            out = block(x)
+    weight = torch.arange(out.numel(), dtype=torch.float32).reshape(out.shape).sin()
+    grads = torch.autograd.grad((out.float() * weight).sum(), [x, *params])
+    return out, grads
+
+
+def _assert_same(a, b):
+    out_a, grads_a = a
+    out_b, grads_b = b
+    assert torch.equal(out_a, out_b)
+    for ga, gb in zip(grads_a, grads_b):
+        assert torch.equal(ga, gb)
+
+
+CASES = {
+    "fp32": dict(),
+    "fp32 no LayerScale": dict(init_values=None),
+    "amp": dict(amp=True),
+    "dropout and drop-path": dict(attn_drop=0.25, drop_path=0.3),
+    "segments": dict(segments=True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_step_gives_the_general_paths_bits(case):
+    kw = dict(CASES[case])
+    amp, segments = kw.pop("amp", False), kw.pop("segments", False)
+    block = _block(**kw)
+    x = torch.randn(2, 6, 16)
+    seg = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 0, 0, 0, 0, 0]]) if segments else None
+    with vit_fast.use_backend("triton"):
+        first = _call(block, x, 1, amp, seg)  # the general path; its backward makes the step
+        assert _plan(block).step is not None
+        stepped = _call(block, x, 1, amp, seg)
+        general = _call(block, x, 1, amp, seg, general=True)
+    assert _nodes(stepped[0]) == BlockFn.__name__ + "Backward"
+    _assert_same(stepped, general)
+    _assert_same(stepped, first)
+
+
+def test_a_replaced_parameter_takes_the_general_path_until_it_has_run():
+    block, x = _block(), torch.randn(2, 5, 16)
+    step_node = BlockFn.__name__ + "Backward"
+    with vit_fast.use_backend("triton"):
+        _call(block, x, 0)
+        assert _nodes(_call(block, x, 0)[0]) == step_node
+        block.mlp.fc2.weight = nn.Parameter(torch.randn(16, 64) * 0.1)
+        replaced = _call(block, x, 0)
+        assert _nodes(replaced[0]) != step_node
+        stepped = _call(block, x, 0)  # warmed up again by the call before
+        assert _nodes(stepped[0]) == step_node
+        _assert_same(stepped, replaced)
+        with torch.no_grad():
+            block.mlp.fc2.weight.data = torch.randn(16, 64) * 0.1  # .data swapped: new storage
+        swapped = _call(block, x, 0)
+        assert _nodes(swapped[0]) != step_node
+        stepped = _call(block, x, 0)
+        assert _nodes(stepped[0]) == step_node
+        _assert_same(stepped, swapped)
+        _assert_same(stepped, _call(block, x, 0, general=True))
+
+
+def test_an_optimizer_step_keeps_the_step_and_its_math():
+    block, x = _block(), torch.randn(2, 5, 16)
+    opt = torch.optim.SGD(block.parameters(), lr=0.1)
+    with vit_fast.use_backend("triton"):
+        for _ in range(2):
+            out, grads = _call(block, x, 0)
+            for p, g in zip(block.parameters(), grads[1:]):
+                p.grad = g
+            opt.step()
+        assert _nodes(out) == BlockFn.__name__ + "Backward"
+        _assert_same(_call(block, x, 0), _call(block, x, 0, general=True))
+
+
+def test_a_hook_added_after_the_step_fires():
+    block, x = _block(), torch.randn(2, 5, 16)
+    with vit_fast.use_backend("triton"):
+        _call(block, x, 0)
+        fired = []
+        handle = block.mlp.fc1.register_forward_hook(lambda m, a, o: fired.append(1))
+        _call(block, x, 0)
+        assert fired == [1]
+        handle.remove()
+
+
+def test_inference_takes_the_step_at_once_and_checkpointing_recomputes_it():
+    block, x = _block(), torch.randn(2, 5, 16)
+    with vit_fast.use_backend("triton"):
+        with torch.no_grad():
+            want = block(x)
+            assert _plan(block).step is not None  # nothing to differentiate: made after forward
+            assert torch.equal(block(x), want)
+        xs = x.clone().requires_grad_()
+        out = checkpoint(block, xs, use_reentrant=False)
+        out.sum().backward()
+        ref = _call(block, x, 0, general=True)
+    assert torch.equal(out, ref[0])
+    direct = x.clone().requires_grad_()
+    with vit_fast.use_backend("triton"):
+        block(direct).sum().backward()
+    assert torch.equal(xs.grad, direct.grad)
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
+def test_the_step_saves_what_the_general_path_saves(amp):
+    from vit_fast.bench.memory import count_saved
+    block, x = _block(drop_path=0.2), torch.randn(2, 6, 16, requires_grad=True)
+    counted = []
+    with vit_fast.use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        for _ in range(2):
+            with count_saved(block.parameters()) as saved:
+                out = block(x)
+            out.float().sum().backward()
+            counted.append((_nodes(out), saved.bytes))
+    (general, general_bytes), (step, step_bytes) = counted
+    assert general != step == BlockFn.__name__ + "Backward"
+    assert step_bytes == general_bytes > 0

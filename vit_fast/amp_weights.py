@@ -1,0 +1,67 @@
+"""GEMM weights cast to the autocast dtype once per autocast region, as autocast's own weight
+cache casts them: what the fused Block runs under AMP (vit_fast/fused_block_ops.py,
+vit_fast/block_step.py)."""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+
+class AmpWeights:
+    """GEMM weights cast to the autocast dtype once per autocast region, like autocast's own
+    weight cache: a cast is reused while the region lasts, the parameter is unchanged (its
+    version) and the cast is alive. Casts are held only weakly here: autograd's saved tensors
+    keep one for its backward, nothing keeps it after.
+
+    The region is told by a sentinel: one fp32 leaf per (device, dtype) whose cast autocast
+    itself caches -- read off an empty product that autocast computes with it -- and drops when
+    the outermost region exits (torch.clear_autocast_cache). While that cast is alive the region
+    is the same: one probe per region, instead of one per weight per call. Where autocast would
+    not cache (its cache off, e.g. checkpoint's recompute, or inference mode, which records no
+    graph to read the probe off) every call is a region of its own: each call casts."""
+
+    def __init__(self):
+        self._sentinels = {}  # (device, dtype) -> (sentinel leaf, weakref to its cast, token)
+        self._casts = {}  # id(param) -> (region token, weakref param, version, weakref cast)
+
+    def region(self, device, dtype):
+        if torch.is_inference_mode_enabled() or not torch.is_autocast_cache_enabled():
+            return object()
+        hit = self._sentinels.get((device, dtype))
+        if hit is not None and hit[1]() is not None:
+            return hit[2]
+        sentinel = hit[0] if hit is not None else torch.zeros(1, device=device,
+                                                              requires_grad=True)
+        with torch.enable_grad():
+            probe = sentinel.new_empty((0, 1), dtype=dtype, requires_grad=True)
+            cast = torch.matmul(probe, sentinel).grad_fn._saved_vec  # mv(probe, sentinel_cast)
+        token = object()
+        self._sentinels[(device, dtype)] = (sentinel, weakref.ref(cast), token)
+        return token
+
+    def cast(self, t, dtype, region):
+        """t in ``dtype`` (None and tensors already in it pass through)."""
+        if t is None or t.dtype == dtype:
+            return t
+        if not (t.is_leaf and t.dtype == torch.float32):
+            return t.to(dtype)  # autocast caches fp32 leaves only: the rest casts every time
+        key = id(t)
+        entry = self._casts.get(key)
+        if entry is not None and entry[0] is region and entry[2] == t._version \
+                and entry[1]() is t:
+            c = entry[3]()
+            if c is not None and c.dtype == dtype:
+                return c
+        c = t.to(dtype)
+        if len(self._casts) > 4096:  # entries of freed parameters: one per parameter ever cast
+            self._casts.clear()
+        self._casts[key] = (region, weakref.ref(t), t._version, weakref.ref(c))
+        return c
+
+    def live(self):
+        """The entries whose cast is still alive (held by a graph)."""
+        return {k: e for k, e in self._casts.items() if e[3]() is not None}
+
+    def clear(self):
+        self._casts.clear()
