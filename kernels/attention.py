@@ -41,13 +41,17 @@ import triton.language as tl
 
 from ._device import interpreting as _interpreting
 from ._device import gpu_target, on_tensor_device
-from .attention_bwd import (attention_bwd_delta_kernel, attention_bwd_dkdv_kernel,
-                            attention_bwd_dq_kernel, attention_bwd_dq_reduce_kernel)
+from .attention_bwd import (_bias_head, attention_bwd_dbias_kernel, attention_bwd_delta_kernel,
+                            attention_bwd_dkdv_kernel, attention_bwd_dq_kernel,
+                            attention_bwd_dq_reduce_kernel)
 from .attention_config import (_CUDA_CONFIGS, _DELTA_BLOCK_M, _FUSED_ARCHS, _MAX_DQ_PARTIALS,
-                               _REDUCE_BLOCK_M, _SHORT_N, _block_d, fwd_config, shipped_config)
+                               _REDUCE_BLOCK_M, _SHORT_N, _block_d, dbias_config, dbias_groups,
+                               fwd_config, shipped_config)
 from .attention_dropout import _dropout_keep, _keep_threshold
 from .attention_segments import _int32_ids, _segment_mask, _segment_rows, _segment_tile, segment_args
-from .attention_tiles import _LN2, LOG2E, _load_rows, _operand, _store_rows, _tile_of_head
+from .attention_tiles import (_LN2, LOG2E, _bias_tile, _load_rows, _operand, _store_rows,
+                              _tile_of_head)
+from .layer_norm import layer_norm_param_grad_reduce_kernel, reduce_config
 
 
 @triton.jit
@@ -55,29 +59,40 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_m, start_n, N, bh, stride_
               keep_from, seg_row, q_ids, HEAD_DIM: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
-              DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              bias_base=None, stride_bias_m=0, HAS_BIAS: tl.constexpr = False):
     """One step of the online softmax: the keys start_n.. loaded and folded into (acc, l_i, m_i)."""
     k = _load_rows(k_base, start_n, N, stride_n, HEAD_DIM, BLOCK_N, BLOCK_D)
     v = _load_rows(v_base, start_n, N, stride_n, HEAD_DIM, BLOCK_N, BLOCK_D)
+    bias = None
+    if HAS_BIAS:
+        bias = _bias_tile(bias_base, start_m, start_n, N, stride_bias_m, BLOCK_M, BLOCK_N)
     return _fwd_fold(acc, l_i, m_i, q, k, v, start_m, start_n, N, bh, qk_scale, seed, keep_from,
                      seg_row, q_ids, BLOCK_M, BLOCK_N, HAS_DROPOUT, HAS_SEGMENTS, DOT_FP32,
-                     DOT_PRECISION)
+                     DOT_PRECISION, bias, HAS_BIAS)
 
 
 @triton.jit
 def _fwd_fold(acc, l_i, m_i, q, k, v, start_m, start_n, N, bh, qk_scale, seed, keep_from, seg_row,
               q_ids, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              HAS_SEGMENTS: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              HAS_SEGMENTS: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              bias=None, HAS_BIAS: tl.constexpr = False):
     """The keys start_n.. (k, v: [BLOCK_N, BLOCK_D] tiles in the I/O dtype, keys past N and the
     head-dim padding read as 0, however they were loaded) folded into (acc, l_i, m_i).
 
     qk_scale > 0 here, so the row max of the scaled logits is qk_scale times that of the raw
     ones, and each probability is exp2(qk·qk_scale − m): one FFMA per score for scale and shift.
+    With HAS_BIAS, bias is the tile's [BLOCK_M, BLOCK_N] additive bias already times log2(e)
+    (_bias_tile): the logits are scaled and biased first, and the rest runs at scale 1.
     """
     io_dtype = v.dtype
     k = _operand(k, DOT_FP32)
     v = _operand(v, DOT_FP32)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    scale = qk_scale
+    if HAS_BIAS:
+        qk = qk * qk_scale + bias
+        scale = 1.0
     if HAS_SEGMENTS:
         # Keys of other segments, padding and keys past N (read as id -1) all get -inf.
         k_ids = _segment_rows(seg_row, start_n, N, BLOCK_N)
@@ -87,14 +102,16 @@ def _fwd_fold(acc, l_i, m_i, q, k, v, start_m, start_n, N, bh, qk_scale, seed, k
         # takes or skips together); it always holds a real key, so m_new is finite and
         # exp2(-inf) = 0 keeps the recurrence clean.
         qk = tl.where((start_n + tl.arange(0, BLOCK_N))[None, :] < N, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
     m_shift = m_new
     if HAS_SEGMENTS:
         # A row that has met no key of its segment yet (or never will: padding) has m = -inf;
         # shifting by 0 there makes exp2 give 0 instead of exp2(-inf + inf) = NaN.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    elif HAS_BIAS:  # the same for a bias that is -inf over a row's first key tiles (a mask)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_shift)
-    p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
+    p = tl.math.exp2(qk * scale - m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if HAS_DROPOUT:
         # The normalizer above takes every key; only the product with V is dropped, and its
@@ -120,11 +137,16 @@ def attention_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    BIAS=None,  # [B or 1, H, N, N] fp32 additive bias, unit key stride; None without
+    stride_bias_b=0, stride_bias_h=0, stride_bias_m=0,  # stride_bias_b 0: shared over the batch
+    HAS_BIAS: tl.constexpr = False,
 ):
     """One program = one BLOCK_M tile of queries of one (b, h); K/V of that head stream past it
     (_fwd_tile), the key mask applied on the last tile only. With segments, only the key tiles
-    of the tile's span, each masked to the query's segment."""
+    of the tile's span, each masked to the query's segment. With a bias, each score tile gets
+    its tile of the bias before the softmax."""
     b, h, bh, start_m = _tile_of_head(N, H, BLOCK_M)
+    bias_base = _bias_head(BIAS, b, h, stride_bias_b, stride_bias_h, HAS_BIAS)
     q_base = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
     k_base = q_base + H * HEAD_DIM
     v_base = q_base + 2 * H * HEAD_DIM
@@ -146,7 +168,8 @@ def attention_fwd_kernel(
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_m, start_n, N, bh,
                                   stride_qkv_n, qk_scale, seed, keep_from, seg_row, q_ids,
                                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_DROPOUT,
-                                  HAS_SEGMENTS, DOT_FP32, DOT_PRECISION)
+                                  HAS_SEGMENTS, DOT_FP32, DOT_PRECISION, bias_base, stride_bias_m,
+                                  HAS_BIAS)
     _fwd_finish(acc, l_i, m_i, O, LSE, b, h, bh, start_m, N, stride_o_b, stride_o_n, dropout_p,
                 HEAD_DIM, BLOCK_D, BLOCK_M, HAS_DROPOUT, HAS_SEGMENTS)
 
@@ -189,7 +212,7 @@ def _shared_limit(device: torch.device):
 
 
 def _config(kernel: str, n: int, head_dim: int, dtype: torch.dtype, dropout: bool = False,
-            segments: bool = False, shared_limit=None):
+            segments: bool = False, shared_limit=None, bias: bool = False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one launch; a forward's fits shared_limit."""
     if _interpreting():
         # Interpreter cost is mostly per tile op, so few large tiles win; but a product of more
@@ -201,20 +224,21 @@ def _config(kernel: str, n: int, head_dim: int, dtype: torch.dtype, dropout: boo
         return t, t, 4, 1
     key = (kernel, max(64, _block_d(head_dim)), n <= _SHORT_N)
     if kernel == "fwd":
-        return fwd_config(key, dropout, segments, shared_limit)
-    return shipped_config(key, dropout, segments)
+        return fwd_config(key, dropout, segments, shared_limit, bias)
+    return shipped_config(key, dropout, segments, bias)
 
 
 def bwd_plan(n: int, head_dim: int, dtype: torch.dtype, dropout: bool = False,
-             segments: bool = False, arch=None, fused: bool = True):
+             segments: bool = False, arch=None, fused: bool = True, bias: bool = False):
     """The backward's launch structure on a GPU of compute capability arch (e.g. 90; None:
     the interpreter's tiles): ("fused", dkdv_dq config, n_key_blocks) when the dK/dV pass also
     writes dq (directly when n_key_blocks == 1, else as partials for the reduce), or ("split",
     dkdv config, dq config) for the two-pass path (long sequences, other GPUs, fused=False)."""
     def config(kernel):
         if arch is None:
-            return _config(kernel, n, head_dim, dtype, dropout, segments)
-        return shipped_config((kernel, max(64, _block_d(head_dim)), n <= _SHORT_N), dropout, segments)
+            return _config(kernel, n, head_dim, dtype, dropout, segments, bias=bias)
+        return shipped_config((kernel, max(64, _block_d(head_dim)), n <= _SHORT_N), dropout,
+                              segments, bias)
     if fused and (arch is None or (arch in _FUSED_ARCHS and ("dkdv_dq", max(64, _block_d(head_dim)),
                                                              n <= _SHORT_N) in _CUDA_CONFIGS)):
         fused = config("dkdv_dq")
@@ -272,15 +296,48 @@ def _dropout_args(qkv: torch.Tensor, dropout_p: float, seed):
     return seed, float(dropout_p), True
 
 
+_NO_BIAS = dict(BIAS=None, stride_bias_b=0, stride_bias_h=0, stride_bias_m=0, HAS_BIAS=False)
+_MAX_BIAS_N = 46340  # the kernels index within one head's [N, N] bias in int32
+
+
+def _bias_args(bias, qkv: torch.Tensor, num_heads: int) -> dict:
+    """The kernels' bias arguments: bias [H, N, N] (shared by the batch) or [1 or B, H, N, N],
+    any float dtype, read as fp32 with unit key stride (a copy only when it is not that)."""
+    if bias is None:
+        return _NO_BIAS
+    B, N = qkv.shape[0], qkv.shape[1]
+    if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+        raise TypeError(f"bias must be a floating-point tensor, got {type(bias).__name__}"
+                        + (f" of {bias.dtype}" if isinstance(bias, torch.Tensor) else ""))
+    if bias.device != qkv.device:
+        raise ValueError(f"bias is on {bias.device}, qkv on {qkv.device}")
+    shape = tuple(bias.shape)
+    if not (shape == (num_heads, N, N) or (len(shape) == 4 and shape[0] in (1, B)
+                                           and shape[1:] == (num_heads, N, N))):
+        raise ValueError(f"bias must be [H, N, N] = [{num_heads}, {N}, {N}] or [1 or B, H, N, N] "
+                         f"(B = {B}), got {list(shape)}")
+    if N > _MAX_BIAS_N:
+        raise ValueError(f"bias: sequences up to {_MAX_BIAS_N} tokens, got {N}")
+    b32 = bias.float()
+    if b32.stride(-1) != 1:
+        b32 = b32.contiguous()
+    shared = b32.dim() == 3 or shape[0] == 1
+    return dict(BIAS=b32, stride_bias_b=0 if shared else b32.stride(0),
+                stride_bias_h=b32.stride(-3), stride_bias_m=b32.stride(-2), HAS_BIAS=True)
+
+
 @on_tensor_device
 def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, dropout_p: float = 0.0,
-                  seed=None, segment_ids=None, config=None):
+                  seed=None, segment_ids=None, config=None, bias=None):
     """out [B, N, H·D] (qkv's dtype) and lse [B, H, N] fp32 from packed qkv [B, N, 3·H·D].
 
     dropout_p > 0 drops attention probabilities with the mask that seed (int64 [1], qkv's
     device) determines; the backward, given the same seed, regenerates it. lse is undropped.
     segment_ids (int [B, N], qkv's device) keeps each query to its own segment's keys
     (attention_segments.py); padding rows (negative id) get out 0 and lse +inf.
+    bias ([H, N, N] shared by the batch, or [1 or B, H, N, N]; any float dtype, read as fp32)
+    is added to the scaled logits before the softmax, as BEiT's relative position bias (lse
+    includes it); the backward takes the same bias.
 
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages) to override the table (tests use it to
     exercise tile shapes the default would not).
@@ -288,6 +345,7 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, dropout_p:
     _check_shipped(qkv)
     seed, dropout_p, has_dropout = _dropout_args(qkv, dropout_p, seed)
     qkv = _last_dim_contiguous(qkv)
+    bias_args = _bias_args(bias, qkv, num_heads)
     B, N, three_c = qkv.shape
     head_dim = three_c // (3 * num_heads)
     if scale <= 0:
@@ -307,13 +365,15 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, dropout_p:
         return out, lse.fill_(float("-inf"))
     block_m, block_n, warps, stages = config or _config("fwd", N, head_dim, qkv.dtype, has_dropout,
                                                         segment_ids is not None,
-                                                        _shared_limit(qkv.device))
+                                                        _shared_limit(qkv.device),
+                                                        bias=bias is not None)
     grid = (triton.cdiv(N, block_m) * B * num_heads,)
     attention_fwd_kernel[grid](
         qkv, out, lse, seed, N, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0),
         out.stride(1), float(scale) * LOG2E, dropout_p, **segment_args(segment_ids, block_m, block_n),
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_DROPOUT=has_dropout, num_warps=warps, num_stages=stages, **_dot_args(qkv.dtype))
+        HAS_DROPOUT=has_dropout, num_warps=warps, num_stages=stages, **_dot_args(qkv.dtype),
+        **bias_args)
     return out, lse
 
 
@@ -326,20 +386,28 @@ def _dq_partials(key_blocks: int, B: int, N: int, C: int, device) -> torch.Tenso
 @on_tensor_device
 def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                   num_heads: int, scale: float, *, dropout_p: float = 0.0, seed=None,
-                  segment_ids=None, config=None):
+                  segment_ids=None, config=None, bias=None, bias_grad: bool = False):
     """dqkv [B, N, 3·H·D] (qkv's dtype, contiguous) from dout [B, N, H·D] and the forward's
-    qkv, out, lse, dropout_p, seed and segment_ids. config overrides bwd_plan as in
+    qkv, out, lse, dropout_p, seed, segment_ids and bias. config overrides bwd_plan as in
     attention_fwd: (dkdv config, dq config) runs the two passes, (dkdv config, None) the fused
-    pass with that config."""
+    pass with that config.
+
+    With bias_grad (needs bias) it returns (dqkv, dbias): dbias the gradient of the bias, in
+    its shape and dtype, Σ_b dS (attention_bwd_dbias_kernel; no atomics, bitwise reproducible).
+    Nothing N×N is saved for it; while it runs it takes fp32 partials of G·H·N² (bias_grad_groups).
+    """
     _check_shipped(qkv)
     seed, dropout_p, has_dropout = _dropout_args(qkv, dropout_p, seed)
     qkv, out, dout = _last_dim_contiguous(qkv), _last_dim_contiguous(out), _last_dim_contiguous(dout)
     lse = lse.contiguous()
+    bias_args = _bias_args(bias, qkv, num_heads)
+    if bias_grad and bias is None:
+        raise ValueError("bias_grad needs the forward's bias")
     B, N, three_c = qkv.shape
     head_dim = three_c // (3 * num_heads)
     dqkv = torch.empty(B, N, three_c, device=qkv.device, dtype=qkv.dtype)
     if dqkv.numel() == 0:
-        return dqkv
+        return (dqkv, torch.zeros_like(bias)) if bias_grad else dqkv
     block_d = _block_d(head_dim)
     delta = torch.empty_like(lse)
     dm = min(_DELTA_BLOCK_M, max(16, triton.next_power_of_2(N))) if _interpreting() else _DELTA_BLOCK_M
@@ -351,7 +419,7 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     if config is None:
         target = gpu_target(qkv.device)
         plan = bwd_plan(N, head_dim, qkv.dtype, has_dropout, seg is not None,
-                        target.arch if target else None)
+                        target.arch if target else None, bias=bias is not None)
     elif config[1] is None:
         plan = ("fused", config[0], triton.cdiv(N, config[0][1]))
     else:
@@ -375,19 +443,65 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
                       stride_dq_n=part.stride(2), WRITE_DQ=True)
     attention_bwd_dkdv_kernel[(triton.cdiv(N, block_n) * B * num_heads,)](
         *args, **kv_segments, **dq_out, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-        num_stages=stages, **dot)
+        num_stages=stages, **dot, **bias_args)
     if plan[0] == "split":
         block_m, block_n, warps, stages = plan[2]
         attention_bwd_dq_kernel[(triton.cdiv(N, block_m) * B * num_heads,)](
             *args, **segment_args(seg, block_m, block_n), BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=warps, num_stages=stages, **dot)
+            num_warps=warps, num_stages=stages, **dot, **bias_args)
     elif plan[2] > 1:
         rm = min(_REDUCE_BLOCK_M, max(16, triton.next_power_of_2(N))) if _interpreting() else _REDUCE_BLOCK_M
         attention_bwd_dq_reduce_kernel[(triton.cdiv(N, rm) * B * num_heads,)](
             part, dqkv, N, num_heads, plan[2], part.stride(0), part.stride(1), part.stride(2),
             dqkv.stride(0), dqkv.stride(1), kv_segments["SPANS"], HEAD_DIM=head_dim,
             BLOCK_D=block_d, BLOCK_M=rm, KEY_BLOCK=block_n, HAS_SEGMENTS=seg is not None)
+    if bias_grad:
+        return dqkv, _bias_grad(qkv, dout, lse, delta, seed, num_heads, scale, dropout_p, bias,
+                                bias_args, seg, dot)
     return dqkv
+
+
+def _shared_bias(bias: torch.Tensor) -> bool:
+    return bias.dim() == 3 or bias.shape[0] == 1
+
+
+def bias_grad_groups(qkv: torch.Tensor, num_heads: int, bias: torch.Tensor, config) -> int:
+    """The bias gradient's batch groups G for this call (its fp32 partials: G·H·N² values)."""
+    N = qkv.shape[1]
+    target = gpu_target(qkv.device)
+    tiles = triton.cdiv(N, config[0]) * triton.cdiv(N, config[1])
+    return dbias_groups(qkv.shape[0], tiles, num_heads, _shared_bias(bias),
+                        target.sms if target else None)
+
+
+def _bias_grad(qkv, dout, lse, delta, seed, num_heads, scale, dropout_p, bias, bias_args, seg, dot):
+    """dbias (bias's shape and dtype) for attention_bwd: program (tile, h, group) sums dS over
+    its batch group into fp32 partials [G, H, N, N], which a shared bias then sums over G in a
+    fixed order (layer_norm's reduce kernel)."""
+    B, N = qkv.shape[0], qkv.shape[1]
+    H = num_heads
+    head_dim = qkv.shape[-1] // (3 * H)
+    cfg = (_config("dq", N, head_dim, qkv.dtype) if _interpreting()
+           else dbias_config(head_dim, dot["HAS_DROPOUT"], seg is not None))
+    block_m, block_n, warps, stages = cfg
+    groups = bias_grad_groups(qkv, H, bias, cfg)
+    part = torch.empty(groups, H, N, N, device=qkv.device, dtype=torch.float32)
+    grid = (triton.cdiv(N, block_m) * triton.cdiv(N, block_n), H, groups)
+    attention_bwd_dbias_kernel[grid](
+        qkv, dout, lse, delta, bias_args["BIAS"], part, seed, N, H, B, triton.cdiv(B, groups),
+        qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), bias_args["stride_bias_b"],
+        bias_args["stride_bias_h"], bias_args["stride_bias_m"], float(scale) * LOG2E, dropout_p,
+        **segment_args(seg, block_m, block_n), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        num_stages=stages, **dot)
+    if groups == 1 or not _shared_bias(bias):  # one partial per bias: nothing to sum
+        return part.reshape(bias.shape).to(bias.dtype)
+    out = torch.empty(bias.shape, device=bias.device, dtype=bias.dtype)
+    C = H * N * N
+    block_p, block_c = reduce_config(groups, C, gpu_target(qkv.device))
+    layer_norm_param_grad_reduce_kernel[(triton.cdiv(C, block_c), 1)](
+        part, out, None, None, groups, C, HAS_OUT1=False, HAS_OUT2=False, BLOCK_P=block_p,
+        BLOCK_N=block_c, num_warps=4)
+    return out
 
 
 def aot_specs():

@@ -71,6 +71,9 @@ _CUDA_SEGMENT_CONFIGS = {
     ("dkdv", 128, False): (32, 64, 8, 2),
     ("dkdv", 128, True): (32, 64, 8, 2),
 }
+# Builds with a bias (HAS_BIAS=True), keyed on (table key, dropout, segments), ahead of every
+# other table; entries absent: the bias build takes the tile the same call without a bias takes.
+_CUDA_BIAS_CONFIGS = {}
 # Builds with both segments and dropout, ahead of both tables. None: no fused build; the short
 # 64-bucket one needs 255 registers on triton 3.8 and spills on 3.6 (sm_90), at 4 and 8 warps;
 # the long one spills 1 B on triton 3.9 at head dim 48 (sm_90).
@@ -106,10 +109,12 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def shipped_config(key, dropout: bool = False, segments: bool = False):
+def shipped_config(key, dropout: bool = False, segments: bool = False, bias: bool = False):
     """The CUDA table's (BLOCK_M, BLOCK_N, num_warps, num_stages) for key = (kernel, BLOCK_D
-    bucket, short), with the segment and dropout overrides that apply; None: that variant has
-    no build (a fused entry whose calls take the two passes)."""
+    bucket, short), with the bias, segment and dropout overrides that apply; None: that variant
+    has no build (a fused entry whose calls take the two passes)."""
+    if bias and (key, dropout, segments) in _CUDA_BIAS_CONFIGS:
+        return _CUDA_BIAS_CONFIGS[(key, dropout, segments)]
     if segments and dropout and key in _CUDA_SEGMENT_DROPOUT_CONFIGS:
         return _CUDA_SEGMENT_DROPOUT_CONFIGS[key]
     if segments and key in _CUDA_SEGMENT_CONFIGS:
@@ -128,7 +133,8 @@ _CUDA_FWD_SMALLER = {
 }
 
 
-def fwd_shared_bytes(config, block_d: int, elem_bytes: int = 2, segments: bool = False) -> int:
+def fwd_shared_bytes(config, block_d: int, elem_bytes: int = 2, segments: bool = False,
+                     bias: bool = False) -> int:
     """Shared memory of a forward build on the mma.sync GPUs (sm_80, sm_86, sm_89, sm_120), in
     bytes: the Q tile, num_stages - 1 pipeline buffers of the K and V tiles, and the P tile's
     trip from the accumulator to the operand layout; with segments, room for the key tile's int32
@@ -138,19 +144,51 @@ def fwd_shared_bytes(config, block_d: int, elem_bytes: int = 2, segments: bool =
     sm_80 and sm_86. (sm_90's wgmma builds take more, but every sm_90 GPU allows 227 KB.)"""
     block_m, block_n, _, stages = config
     ids = 4 * (stages - 1) * block_n if segments else 0
+    ids += _bias_shared_bytes(config) if bias else 0
     return elem_bytes * (block_m * block_d + 2 * (stages - 1) * block_n * block_d + block_m * block_n) + ids
 
 
-def fwd_configs(key, dropout: bool = False, segments: bool = False):
+def _bias_shared_bytes(config) -> int:
+    """What a bias build's forward adds to fwd_shared_bytes (measured: see tests/test_attention_bias.py)."""
+    return 0
+
+
+def fwd_configs(key, dropout: bool = False, segments: bool = False, bias: bool = False):
     """Every forward config the launcher can pick for key, in order of preference."""
-    first = shipped_config(key, dropout, segments)
+    first = shipped_config(key, dropout, segments, bias)
     return [first] + [c for c in _CUDA_FWD_SMALLER.get(key, []) if c != first]
 
 
-def fwd_config(key, dropout: bool = False, segments: bool = False, shared_limit=None):
+def fwd_config(key, dropout: bool = False, segments: bool = False, shared_limit=None,
+               bias: bool = False):
     """The first of fwd_configs that fits shared_limit bytes per block (None: no limit known).
     When none fits, the smallest: its launch failure falls back to the reference."""
-    configs = fwd_configs(key, dropout, segments)
-    fits = [c for c in configs
-            if shared_limit is None or fwd_shared_bytes(c, key[1], segments=segments) <= shared_limit]
+    configs = fwd_configs(key, dropout, segments, bias)
+    fits = [c for c in configs if shared_limit is None
+            or fwd_shared_bytes(c, key[1], segments=segments, bias=bias) <= shared_limit]
     return fits[0] if fits else configs[-1]
+
+
+# The bias gradient (attention_bwd_dbias_kernel): a BLOCK_M × BLOCK_N tile of dS per program,
+# rebuilt for each batch row (S and dP: two products), keyed on the head-dim bucket.
+_CUDA_DBIAS_CONFIGS = {64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 32, 8, 1)}
+# Programs the bias gradient aims for per SM: a bias shared by the batch splits the batch into
+# as many groups as it takes to reach this (each group one fp32 [H, N, N] partial).
+_DBIAS_PROGRAMS_PER_SM = 4
+
+
+def dbias_config(head_dim: int, dropout: bool = False, segments: bool = False):
+    """The CUDA (BLOCK_M, BLOCK_N, num_warps, num_stages) of attention_bwd_dbias_kernel."""
+    return _CUDA_DBIAS_CONFIGS[max(64, _block_d(head_dim))]
+
+
+def dbias_groups(batch: int, tiles: int, heads: int, shared: bool, sms=None) -> int:
+    """How many batch groups the bias gradient runs (its fp32 partials: groups × [H, N, N]).
+    A per-batch bias: one per batch row. A shared one: enough for _DBIAS_PROGRAMS_PER_SM
+    programs per SM over tiles × heads (sms None, the interpreter: 2, so the reduce runs), at
+    most the batch: the partials stay under (4·SMs·BLOCK_M·BLOCK_N + H·N²)·4 bytes whatever B."""
+    if not shared:
+        return batch
+    want = 2 if sms is None else triton.cdiv(_DBIAS_PROGRAMS_PER_SM * sms, tiles * heads)
+    per_group = triton.cdiv(batch, max(1, min(batch, want)))
+    return triton.cdiv(batch, per_group)  # no group left empty
