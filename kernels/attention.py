@@ -491,7 +491,7 @@ def _bias_grad(qkv, dout, lse, delta, seed, num_heads, scale, dropout_p, bias, b
         qkv, dout, lse, delta, bias_args["BIAS"], part, seed, N, H, B, triton.cdiv(B, groups),
         qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), bias_args["stride_bias_b"],
         bias_args["stride_bias_h"], bias_args["stride_bias_m"], float(scale) * LOG2E, dropout_p,
-        **segment_args(seg, block_m, block_n), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        1.0 / (1.0 - dropout_p), seg, BLOCK_M=block_m, BLOCK_N=block_n, HAS_SEGMENTS=seg is not None, num_warps=warps,
         num_stages=stages, **dot)
     if groups == 1 or not _shared_bias(bias):  # one partial per bias: nothing to sum
         return part.reshape(bias.shape).to(bias.dtype)

@@ -258,8 +258,8 @@ def attention_bwd_dbias_kernel(
     stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n,
     stride_bias_b, stride_bias_h, stride_bias_m,
     qk_scale, dropout_p,
+    keep_scale,  # 1 / (1 - dropout_p), from the host: the division's slow path spilled on sm_80
     SEG,    # [B, N] int32 segment ids; None without
-    SPANS,  # [B, cdiv(N, BLOCK_M), 2] int32: the keys each query tile visits (as the dQ pass)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -271,7 +271,9 @@ def attention_bwd_dbias_kernel(
     of each (two products, as the dQ pass does) and adding its dS into one fp32 register tile,
     stored once: no atomics, no per-batch N×N tensor. A bias shared by the batch launches few
     groups (their [G, H, N, N] partials are then summed in a fixed order); a per-batch bias one
-    group per row (rows_per_group 1, DBIAS its gradient)."""
+    group per row (rows_per_group 1, DBIAS its gradient). With segments every tile is visited
+    and masked exactly (no span skipping: a branch around the loads would stop them being
+    pipelined across batch rows, and spilled)."""
     n_key_tiles = tl.cdiv(N, BLOCK_N)
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -281,40 +283,44 @@ def attention_bwd_dbias_kernel(
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     key_ok = (start_n + tl.arange(0, BLOCK_N)) < N
+    seed, keep_from = 0, 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+        keep_from = _keep_threshold(dropout_p)
     ds_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     b_end = tl.minimum(B, (g + 1) * rows_per_group)
-    for b in range(g * rows_per_group, b_end):
-        b = tl.cast(b, tl.int32)  # a Python int under the interpreter
-        bh = b * H + h
-        seed, keep_from, keep_scale, seg_row, q_ids, lo, hi = _bwd_setup(
-            SEED, dropout_p, SEG, SPANS, b, start_m, N, BLOCK_M, HAS_DROPOUT, HAS_SEGMENTS)
-        # With segments, a key tile outside this query tile's span meets none of its queries.
-        if (start_n >= lo) & (start_n < hi):
-            q_base = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
-            q = _operand(_load_rows(q_base, start_m, N, stride_qkv_n, HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
-            k = _operand(_load_rows(q_base + H * HEAD_DIM, start_n, N, stride_qkv_n, HEAD_DIM,
-                                    BLOCK_N, BLOCK_D), DOT_FP32)
-            v = _operand(_load_rows(q_base + 2 * H * HEAD_DIM, start_n, N, stride_qkv_n, HEAD_DIM,
-                                    BLOCK_N, BLOCK_D), DOT_FP32)
-            do = _operand(_load_rows(DO + b.to(tl.int64) * stride_do_b + h * HEAD_DIM, start_m, N,
-                                     stride_do_n, HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
-            lse2 = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0) * _LOG2E
-            delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            s += _bias_tile(_bias_head(BIAS, b, h, stride_bias_b, stride_bias_h, True), start_m,
-                            start_n, N, stride_bias_m, BLOCK_M, BLOCK_N)
-            # Padded keys get p = 0 (exp2(0 - lse) may overflow); padded queries load q, dO, lse
-            # and Δ as 0, so their dS is 0 · ... = 0.
-            if HAS_SEGMENTS:
-                k_ids = _segment_rows(seg_row, start_n, N, BLOCK_N)
-                p = tl.where(_segment_mask(q_ids, k_ids), tl.math.exp2(s - lse2[:, None]), 0.0)
-            else:
-                p = tl.where(key_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            if HAS_DROPOUT:
-                keep = _dropout_keep(seed, start_m, start_n, bh, keep_from, BLOCK_M, BLOCK_N)
-                dp = tl.where(keep, dp * keep_scale, 0.0)
-            ds_sum += p * (dp - delta[:, None])
+    # The loop runs over bh = b·H + h, not b: with b as the induction variable and bh derived,
+    # ptxas (CUDA 12.8/13) gave the dropout builds 32 registers and a 3.7 KB stack frame.
+    for bh in range(g * rows_per_group * H + h, b_end * H, H):
+        bh = tl.cast(bh, tl.int32)  # a Python int under the interpreter
+        b = bh // H
+        q_base = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
+        q = _operand(_load_rows(q_base, start_m, N, stride_qkv_n, HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
+        k = _operand(_load_rows(q_base + H * HEAD_DIM, start_n, N, stride_qkv_n, HEAD_DIM,
+                                BLOCK_N, BLOCK_D), DOT_FP32)
+        v = _operand(_load_rows(q_base + 2 * H * HEAD_DIM, start_n, N, stride_qkv_n, HEAD_DIM,
+                                BLOCK_N, BLOCK_D), DOT_FP32)
+        do = _operand(_load_rows(DO + b.to(tl.int64) * stride_do_b + h * HEAD_DIM, start_m, N,
+                                 stride_do_n, HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
+        lse2 = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0) * _LOG2E
+        delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s += _bias_tile(_bias_head(BIAS, b, h, stride_bias_b, stride_bias_h, True), start_m,
+                        start_n, N, stride_bias_m, BLOCK_M, BLOCK_N)
+        # Padded keys get p = 0 (exp2(0 - lse) may overflow); padded queries load q, dO, lse and
+        # Δ as 0, so their dS is 0. With segments, pairs of other segments and padding get 0.
+        if HAS_SEGMENTS:
+            seg_row = SEG + b.to(tl.int64) * N
+            same = _segment_mask(_segment_rows(seg_row, start_m, N, BLOCK_M),
+                                 _segment_rows(seg_row, start_n, N, BLOCK_N))
+            p = tl.where(same, tl.math.exp2(s - lse2[:, None]), 0.0)
+        else:
+            p = tl.where(key_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, start_m, start_n, bh, keep_from, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        ds_sum += p * (dp - delta[:, None])
     cols = start_n + tl.arange(0, BLOCK_N)
     out = DBIAS + (g * H + h).to(tl.int64) * N * N
     tl.store(out + rows[:, None] * N + cols[None, :], ds_sum,

@@ -73,7 +73,22 @@ _CUDA_SEGMENT_CONFIGS = {
 }
 # Builds with a bias (HAS_BIAS=True), keyed on (table key, dropout, segments), ahead of every
 # other table; entries absent: the bias build takes the tile the same call without a bias takes.
-_CUDA_BIAS_CONFIGS = {}
+# The forward pipelines the fp32 bias tile beside K and V (4·(stages − 1)·BLOCK_M·BLOCK_N bytes of
+# shared memory, _bias_shared_bytes), and the score tile gains a term: the long forwards take
+# 32-key tiles over 8 warps (the 64-key ones spilled, sm_80 and sm_90, or took 180 KB on sm_80);
+# the dQ pass and the fused pass whose 4-warp tiles spilled take 8 warps.
+_LONG_FWD_BIAS = (128, 32, 8, 3)
+_CUDA_BIAS_CONFIGS = {
+    **{(("fwd", bucket, False), dropout, segments): _LONG_FWD_BIAS
+       for bucket in (64, 128) for dropout in (False, True) for segments in (False, True)},
+    (("fwd", 128, True), True, False): (64, 64, 8, 2),
+    (("dq", 64, False), False, False): (128, 32, 8, 3),
+    (("dq", 64, False), False, True): (128, 32, 8, 3),
+    (("dkdv_dq", 64, True), False, True): (64, 64, 8, 2),
+}
+# Bias forwards for GPUs with 99 KB of shared memory per block (sm_86, sm_89, sm_120): the long
+# 128-bucket tile takes 104 KB there; two stages take 72 KB.
+_CUDA_BIAS_FWD_SMALLER = {("fwd", 128, False): [(128, 32, 8, 2)]}
 # Builds with both segments and dropout, ahead of both tables. None: no fused build; the short
 # 64-bucket one needs 255 registers on triton 3.8 and spills on 3.6 (sm_90), at 4 and 8 warps;
 # the long one spills 1 B on triton 3.9 at head dim 48 (sm_90).
@@ -149,14 +164,17 @@ def fwd_shared_bytes(config, block_d: int, elem_bytes: int = 2, segments: bool =
 
 
 def _bias_shared_bytes(config) -> int:
-    """What a bias build's forward adds to fwd_shared_bytes (measured: see tests/test_attention_bias.py)."""
-    return 0
+    """What a bias build's forward adds to fwd_shared_bytes: the fp32 bias tile in each pipeline
+    buffer (equal to what triton 3.8 allocates for the bias builds on sm_80)."""
+    block_m, block_n, _, stages = config
+    return 4 * (stages - 1) * block_m * block_n
 
 
 def fwd_configs(key, dropout: bool = False, segments: bool = False, bias: bool = False):
     """Every forward config the launcher can pick for key, in order of preference."""
     first = shipped_config(key, dropout, segments, bias)
-    return [first] + [c for c in _CUDA_FWD_SMALLER.get(key, []) if c != first]
+    smaller = (_CUDA_BIAS_FWD_SMALLER if bias else _CUDA_FWD_SMALLER).get(key, [])
+    return [first] + [c for c in smaller if c != first]
 
 
 def fwd_config(key, dropout: bool = False, segments: bool = False, shared_limit=None,
@@ -171,7 +189,9 @@ def fwd_config(key, dropout: bool = False, segments: bool = False, shared_limit=
 
 # The bias gradient (attention_bwd_dbias_kernel): a BLOCK_M × BLOCK_N tile of dS per program,
 # rebuilt for each batch row (S and dP: two products), keyed on the head-dim bucket.
-_CUDA_DBIAS_CONFIGS = {64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 32, 8, 1)}
+# 64 x 64 tiles spilled on sm_80 in every bucket; at head dim 128 so did 64 x 32 (4 and 8 warps)
+# and 32 x 32 over two stages with dropout, while three stages fit (0 spills, sm_80 and sm_90).
+_CUDA_DBIAS_CONFIGS = {64: (64, 32, 4, 2), 128: (32, 32, 8, 3), 256: (32, 32, 8, 2)}
 # Programs the bias gradient aims for per SM: a bias shared by the batch splits the batch into
 # as many groups as it takes to reach this (each group one fp32 [H, N, N] partial).
 _DBIAS_PROGRAMS_PER_SM = 4
