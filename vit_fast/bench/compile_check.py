@@ -9,6 +9,7 @@ import importlib
 import re
 
 MODULES = ("attention_aot", "layer_norm_aot", "gelu_mlp_aot", "gelu_elementwise_aot", "qk_norm_aot",
+           "rope_aot",
            "matmul_hopper_aot")
 
 
