@@ -139,7 +139,8 @@ def rope_bwd_kernel(
             cos_p = tl.load(COS + s_off + partner[None, :], mask=turned, other=1.0)
         src = DY + b * stride_dy_b + n[:, None].to(tl.int64) * stride_dy_n
         dst = DX + (b * N + n[:, None]) * (3 * H * D)
-        fwd = X + b * stride_x_b + n[:, None].to(tl.int64) * stride_x_n
+        if NEED_GRAD:
+            fwd = X + b * stride_x_b + n[:, None].to(tl.int64) * stride_x_n
         for slot in tl.static_range(2):
             off = (slot * H + h) * D
             dy = tl.load(src + off + cols[None, :], mask=mask, other=0.0).to(tl.float32)

@@ -241,3 +241,21 @@ def test_cuda_bias_configs_are_what_aot_compiles(monkeypatch):
                             bd = kernels._block_d(head_dim)
                             assert attention_config.fwd_shared_bytes(
                                 cfg, bd, segments=segments, bias=True) <= MIN_TRITON_SHARED_BYTES
+
+
+def test_reference_gradient_fallback_matches_the_kernels():
+    """vit_fast.reference_grad.biased_qkv_attention_backward (the backward's fallback) answers
+    what attention_bwd answers, from the same saved tensors."""
+    from vit_fast import reference_grad
+    B, N, H, D, p = 2, 13, 2, 16, 0.2
+    qkv, bias = torch.randn(B, N, 3 * H * D), _bias("1H", B, H, N, F32)
+    seed = torch.tensor([99], dtype=torch.int64)
+    grad = torch.randn(B, N, H * D)
+    out, lse = kernels.attention_fwd(qkv, H, 0.25, bias=bias, dropout_p=p, seed=seed)
+    want = kernels.attention_bwd(grad, qkv, out, lse, H, 0.25, bias=bias, bias_grad=True,
+                                 dropout_p=p, seed=seed)
+    got = reference_grad.biased_qkv_attention_backward(grad, qkv, out, lse, bias, H, 0.25, p, seed,
+                                                       bias_grad=True)
+    for w, g in zip(want, got):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
