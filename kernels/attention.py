@@ -16,6 +16,11 @@ pairs in different segments are -inf before the softmax (fp32), so P_ij = 0 ther
 formula above; a padding query (negative id) meets no key, its out row is 0 and its lse +inf,
 which keeps its backward terms 0. Each program visits only the tiles of the other side that
 share a segment id range with its own (the span the launcher computes).
+With a bias (HAS_BIAS; BEiT's relative position bias) the logits are q kᵀ·s + bias_ij, in fp32,
+before the softmax: P, lse and every formula above take them as they are. The bias's gradient is
+the logits' gradient dS summed over the batch rows the bias is shared by, which
+attention_bwd_dbias_kernel rebuilds per tile (S and dP again: two products) and sums in fixed
+batch order into per-group fp32 partials, reduced in a fixed order: no atomics, no N×N saved.
 
 P is never stored: the forward streams K/V tiles past a query tile with an online softmax
 (running max m and sum l, in base 2 so that exp2 can be used: s·log2(e) is folded into the
@@ -29,6 +34,7 @@ Layouts (row-major, last dim stride 1; B and N dims may have any stride):
     dqkv [B, N, 3·H·D]   same layout as qkv (contiguous)
     seed [1]             int64, on qkv's device: the Philox key of one call's dropout mask
     seg  [B, N]          int32 segment ids (contiguous), spans: see attention_segments.py
+    bias [B or 1, H, N, N] fp32, unit key stride, any other strides (batch stride 0: shared)
 Head dims that are not powers of two are padded with masked loads to BLOCK_D = next power of
 two (at least 16, what tl.dot needs). All accumulation is fp32. The backward has no atomics:
 dk/dv are owned by one program per key block, and dq either by one program per query block (long
