@@ -254,7 +254,8 @@ def bwd_plan(n: int, head_dim: int, dtype: torch.dtype, dropout: bool = False,
     return "split", config("dkdv"), config("dq")
 
 
-def two_pass_alternative(qkv: torch.Tensor, num_heads: int, dropout: bool, segments: bool):
+def two_pass_alternative(qkv: torch.Tensor, num_heads: int, dropout: bool, segments: bool,
+                         bias: bool = False):
     """attention_bwd's config for the two passes where this GPU's plan is the fused pass with
     dq partials, else None. The model (bench roofline) and the SASS disagree on which is faster
     at ViT lengths (the partials' traffic against two products and the repeated per-score work
@@ -263,10 +264,11 @@ def two_pass_alternative(qkv: torch.Tensor, num_heads: int, dropout: bool, segme
     if target is None or qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
         return None
     n, head_dim = qkv.shape[1], qkv.shape[-1] // (3 * num_heads)
-    plan = bwd_plan(n, head_dim, qkv.dtype, dropout, segments, target.arch)
+    plan = bwd_plan(n, head_dim, qkv.dtype, dropout, segments, target.arch, bias=bias)
     if plan[0] != "fused" or plan[2] == 1:  # one key tile: no partials, nothing to weigh
         return None
-    return bwd_plan(n, head_dim, qkv.dtype, dropout, segments, target.arch, fused=False)[1:]
+    return bwd_plan(n, head_dim, qkv.dtype, dropout, segments, target.arch, fused=False,
+                    bias=bias)[1:]
 
 
 def _dot_args(dtype: torch.dtype):
