@@ -84,7 +84,13 @@ _CUDA_BIAS_CONFIGS = {
     (("fwd", 128, True), True, False): (64, 64, 8, 2),
     (("dq", 64, False), False, False): (128, 32, 8, 3),
     (("dq", 64, False), False, True): (128, 32, 8, 3),
+    # 4 warps spilled at head dims 80-112 on sm_80 with segments and dropout
+    (("dq", 128, False), True, True): (64, 32, 8, 2),
+    (("dq", 128, True), True, True): (64, 32, 8, 2),
     (("dkdv_dq", 64, True), False, True): (64, 64, 8, 2),
+    # The long 64-bucket dK/dV with dropout spilled at head dim 48 on sm_80 (32 x 128 over 8
+    # warps, 2 or 3 stages): the short build's tile, as with segments and dropout.
+    (("dkdv", 64, False), True, False): (32, 64, 4, 1),
 }
 # Bias forwards for GPUs with 99 KB of shared memory per block (sm_86, sm_89, sm_120): the long
 # 128-bucket tile takes 104 KB there; two stages take 72 KB.
