@@ -138,19 +138,17 @@ def test_without_bias_the_launchers_are_unchanged():
 
 
 @pytest.mark.parametrize("bad,err", [
-    (lambda b: b[0], ValueError),                       # [N, N]
-    (lambda b: b[:, :-1], ValueError),                  # [H, N - 1, N]
-    (lambda b: b.expand(3, -1, -1, -1), ValueError),    # [3, H, N, N] with B = 2
-    (lambda b: b[None].repeat(2, 1, 1, 1)[:1].to(torch.int64), TypeError),
+    (lambda b: b[0], ValueError),                          # [N, N]
+    (lambda b: b[:, :-1], ValueError),                     # [H, N - 1, N]
+    (lambda b: b[None].expand(3, -1, -1, -1), ValueError),  # [3, H, N, N] with B = 2
+    (lambda b: b.to(torch.int64), TypeError),
     (lambda b: b.tolist(), TypeError),
     (lambda b: b.to("meta"), ValueError),
 ], ids=["2-D", "short", "batch", "int", "list", "device"])
 def test_bad_bias_raises_naming_it(bad, err):
     qkv = torch.randn(2, 5, 3 * 2 * 8)
-    bias = torch.randn(2, 5, 5)
-    bad_bias = bad(bias[None] if "expand" in bad.__code__.co_names else bias)
     with pytest.raises(err, match="bias"):
-        kernels.attention_fwd(qkv, 2, 0.3, bias=bad_bias)
+        kernels.attention_fwd(qkv, 2, 0.3, bias=bad(torch.randn(2, 5, 5)))
 
 
 def test_bias_grad_needs_the_bias():
