@@ -36,3 +36,32 @@ def test_compiles_without_spills(compiled, name, arch):
     r = compiled[(name, arch)]
     assert not isinstance(r, str), f"{name} sm_{arch}: {r}"
     assert r.ok, dataclasses.asdict(r)
+
+
+def test_rope_launches_on_a_gpu_are_compiled(monkeypatch):
+    """The launchers under the interpreter with an H100's and an A100's configs: every launch
+    they make (the rope kernels and the gradient's reduce) is one of the AOT specs."""
+    import torch
+    from test_aot_coverage import _mismatches, launches_on
+    from vit_fast.kernels import layer_norm_aot
+    from vit_fast.kernels._device import Target
+    specs = SPECS + layer_norm_aot.aot_specs()
+    monkeypatch.setattr(rope, "interpreting", lambda: False)
+    for target in (Target(132, 90), Target(108, 80)):
+        monkeypatch.setattr(rope, "gpu_target", lambda device, t=target: t)
+        with launches_on(monkeypatch, target) as seen:
+            for dtype, half, lead in ((torch.float16, False, ()), (torch.bfloat16, True, (2, 1)),
+                                      (torch.float32, True, (2,))):
+                qkv = torch.randn(2, 9, 3 * 2 * 40).to(dtype)
+                sin, cos = torch.randn(*lead, 8, 40), torch.randn(*lead, 8, 40)
+                out = rope.rope_fwd(qkv, 2, sin, cos, num_prefix_tokens=1, half=half)
+                rope.rope_bwd(out, 2, sin, cos, num_prefix_tokens=1, half=half)
+                rope.rope_bwd(out, 2, sin, cos, num_prefix_tokens=1, half=half,
+                              sin_cos_grad=True, qkv=qkv)
+                rope.rope_bwd(out, 2, sin, cos, num_prefix_tokens=1, half=half,
+                              sin_cos_grad=True, out=out)
+        assert {s["kernel"] for s in seen} == {"rope_fwd_kernel", "rope_bwd_kernel",
+                                               "layer_norm_param_grad_reduce_kernel"}
+        for launch in seen:
+            candidates = [s for s in specs if s.kernel.fn.__name__ == launch["kernel"]]
+            assert any(not _mismatches(launch, s) for s in candidates), launch["kernel"]

@@ -257,3 +257,32 @@ def test_reference_gradient_fallback_matches_the_kernels():
     for w, g in zip(want, got):
         assert g.shape == w.shape and g.dtype == w.dtype
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_bias_launches_on_a_gpu_are_compiled(monkeypatch):
+    """attention_fwd / attention_bwd with a bias under the interpreter with an H100's and an
+    A100's configs: every launch (forward, Δ, dK/dV (fused or not), dQ or the dq reduce, the
+    bias gradient and its reduce) is one of the AOT specs, flags and pointer dtypes included."""
+    from test_aot_coverage import _mismatches, launches_on
+    from vit_fast.kernels import layer_norm_aot
+    from vit_fast.kernels._device import Target
+    specs = kernels.aot_specs() + layer_norm_aot.aot_specs()
+    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+    for target in (Target(132, 90), Target(108, 80)):
+        monkeypatch.setattr(kernels, "gpu_target", lambda device, t=target: t)
+        with launches_on(monkeypatch, target) as seen:
+            B, N, H, D = 2, 80, 1, 64
+            qkv = torch.randn(B, N, 3 * H * D).to(F16)
+            grad = torch.randn(B, N, H * D).to(F16)
+            for bias in (torch.randn(1, H, N, N), torch.randn(B, H, N, N).to(F16)):
+                out, lse = kernels.attention_fwd(qkv, H, 0.125, bias=bias)
+                kernels.attention_bwd(grad, qkv, out, lse, H, 0.125, bias=bias, bias_grad=True)
+        names = {s["kernel"] for s in seen}
+        assert {"attention_fwd_kernel", "attention_bwd_dbias_kernel",
+                "layer_norm_param_grad_reduce_kernel"} <= names
+        for launch in seen:
+            if launch["kernel"] == "attention_bwd_dbias_kernel":
+                assert launch["args"]["DOT_PRECISION"] == "tf32"
+            candidates = [s for s in specs if s.kernel.fn.__name__ == launch["kernel"]]
+            assert any(not _mismatches(launch, s) for s in candidates), \
+                (launch["kernel"], {k: v for k, v in launch["args"].items() if not torch.is_tensor(v)})
