@@ -91,8 +91,13 @@ _CUDA_BIAS_CONFIGS = {
     # The long 64-bucket dK/dV with dropout spilled at head dim 48 on sm_80 (32 x 128 over 8
     # warps, 2 or 3 stages): the short build's tile, as with segments and dropout.
     (("dkdv", 64, False), True, False): (32, 64, 4, 1),
-    # ... and with segments and a bias it spilled a byte on triton 3.6 (sm_80): the short tile.
-    (("dkdv", 64, False), False, True): (32, 64, 4, 2),
+    # With segments and a bias the 64-bucket dK/dV tiles (32 x 128 long, 32 x 64 short, 4 warps)
+    # spilled a byte on triton 3.6 (sm_80), and one stage spilled on 3.8 at head dim 32: 8 warps.
+    (("dkdv", 64, False), False, True): (32, 64, 8, 2),
+    (("dkdv", 64, True), False, True): (32, 64, 8, 2),
+    # No fused build: the long one with segments and a bias spilled a byte on triton 3.6 (sm_90,
+    # head dim 48, fp32 dq partials); those calls take the two passes.
+    (("dkdv_dq", 64, False), False, True): None,
 }
 # Bias forwards for GPUs with 99 KB of shared memory per block (sm_86, sm_89, sm_120): the long
 # 128-bucket tile takes 104 KB there; two stages take 72 KB.
