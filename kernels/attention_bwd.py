@@ -7,7 +7,7 @@ import triton.language as tl
 
 from .attention_dropout import _dropout_keep, _keep_threshold
 from .attention_segments import _segment_mask, _segment_rows, _segment_span, _segment_tile
-from .attention_tiles import _LOG2E, _load_rows, _operand, _store_rows, _tile_of_head
+from .attention_tiles import _LOG2E, _bias_tile, _load_rows, _operand, _store_rows, _tile_of_head
 
 
 @triton.jit
@@ -27,6 +27,15 @@ def attention_bwd_delta_kernel(
                     HEAD_DIM, BLOCK_M, BLOCK_D).to(tl.float32)
     rows = start_m + tl.arange(0, BLOCK_M)
     tl.store(DELTA + bh.to(tl.int64) * N + rows, tl.sum(o * do, 1), mask=rows < N)
+
+
+@triton.jit
+def _bias_head(BIAS, b, h, stride_bias_b, stride_bias_h, HAS_BIAS: tl.constexpr):
+    """Where head h of batch row b's [N, N] bias starts (BIAS itself, None, without a bias)."""
+    base = BIAS
+    if HAS_BIAS:
+        base = BIAS + b.to(tl.int64) * stride_bias_b + h.to(tl.int64) * stride_bias_h
+    return base
 
 
 @triton.jit
@@ -66,6 +75,8 @@ def attention_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WRITE_DQ: tl.constexpr = False,
+    BIAS=None,  # [B or 1, H, N, N] fp32, the forward's additive bias; None without
+    stride_bias_b=0, stride_bias_h=0, stride_bias_m=0, HAS_BIAS: tl.constexpr = False,
 ):
     """One program = one BLOCK_N tile of keys of one (b, h): dk, dv accumulate over all queries
     (with segments: the query tiles of its span). With WRITE_DQ it also writes, per query tile,
@@ -81,6 +92,7 @@ def attention_bwd_dkdv_kernel(
     do_base = DO + b.to(tl.int64) * stride_do_b + h * HEAD_DIM
     row_base = bh.to(tl.int64) * N
     dtype = QKV.dtype.element_ty
+    bias_base = _bias_head(BIAS, b, h, stride_bias_b, stride_bias_h, HAS_BIAS)
 
     k = _operand(_load_rows(q_base + H * HEAD_DIM, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
     v = _operand(_load_rows(q_base + 2 * H * HEAD_DIM, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
@@ -100,6 +112,8 @@ def attention_bwd_dkdv_kernel(
         lse2 = tl.load(LSE + row_base + rows, mask=rows < N, other=0.0) * _LOG2E
         delta = tl.load(DELTA + row_base + rows, mask=rows < N, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            s_t += _bias_tile(bias_base, start_m, start_n, N, stride_bias_m, BLOCK_M, BLOCK_N, True)
         # Padded query rows need no mask: their q, dO, lse and Δ load as 0, so p = 1 there and
         # every term they add to dv (p·dO) and dk (p·(dP − Δ)·q) is exactly 0.
         p_t = tl.math.exp2(s_t - lse2[None, :])
@@ -184,6 +198,8 @@ def attention_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    BIAS=None,  # [B or 1, H, N, N] fp32, the forward's additive bias; None without
+    stride_bias_b=0, stride_bias_h=0, stride_bias_m=0, HAS_BIAS: tl.constexpr = False,
 ):
     """One program = one BLOCK_M tile of queries of one (b, h): dq accumulates over all keys
     (with segments: the key tiles of its span). The path for long sequences, where the fused
@@ -193,6 +209,7 @@ def attention_bwd_dq_kernel(
     k_base = q_base + H * HEAD_DIM
     v_base = q_base + 2 * H * HEAD_DIM
     dtype = QKV.dtype.element_ty
+    bias_base = _bias_head(BIAS, b, h, stride_bias_b, stride_bias_h, HAS_BIAS)
 
     q = _operand(_load_rows(q_base, start_m, N, stride_qkv_n, HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
     do = _operand(_load_rows(DO + b.to(tl.int64) * stride_do_b + h * HEAD_DIM, start_m, N, stride_do_n,
@@ -209,6 +226,8 @@ def attention_bwd_dq_kernel(
         k = _operand(_load_rows(k_base, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
         v = _operand(_load_rows(v_base, start_n, N, stride_qkv_n, HEAD_DIM, BLOCK_N, BLOCK_D), DOT_FP32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            s += _bias_tile(bias_base, start_m, start_n, N, stride_bias_m, BLOCK_M, BLOCK_N)
         # Padded keys are zero vectors, so their ds·k terms vanish, except that exp2(0 - lse)
         # overflows when every logit of the row is below about -88 and inf·0 is NaN: mask them.
         if HAS_SEGMENTS:  # the same, and keys of other segments (padding queries: lse = +inf)
@@ -225,3 +244,85 @@ def attention_bwd_dq_kernel(
     dq_base = DQKV + b.to(tl.int64) * stride_dqkv_b + h * HEAD_DIM
     _store_rows(dq_base, start_m, N, stride_dqkv_n, (dq * sm_scale).to(DQKV.dtype.element_ty),
                 HEAD_DIM, BLOCK_M, BLOCK_D)
+
+
+@triton.jit
+def attention_bwd_dbias_kernel(
+    QKV,    # [B, N, 3*H*D]
+    DO,     # [B, N, H*D]
+    LSE,    # [B, H, N] fp32, contiguous
+    DELTA,  # [B, H, N] fp32, contiguous
+    BIAS,   # [B or 1, H, N, N] fp32, the forward's bias (unit key stride)
+    DBIAS,  # [G, H, N, N] fp32, contiguous: group g's sum of dS over its batch rows
+    SEED,   # [1] int64, the forward's dropout key; None without dropout
+    N, H, B, rows_per_group,
+    stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n,
+    stride_bias_b, stride_bias_h, stride_bias_m,
+    qk_scale, dropout_p,
+    keep_scale,  # 1 / (1 - dropout_p), from the host: the division's slow path spilled on sm_80
+    SEG,    # [B, N] int32 segment ids; None without
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_SEGMENTS: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """The bias gradient: the logit gradient dS = P ∘ (dP − Δ) summed over batch rows.
+
+    Program (tile, h, g) owns the BLOCK_M × BLOCK_N tile `tile` (query tile major) of head h and
+    walks the batch rows [g·rows_per_group, (g+1)·rows_per_group) in order, rebuilding S and dP
+    of each (two products, as the dQ pass does) and adding its dS into one fp32 register tile,
+    stored once: no atomics, no per-batch N×N tensor. A bias shared by the batch launches few
+    groups (their [G, H, N, N] partials are then summed in a fixed order); a per-batch bias one
+    group per row (rows_per_group 1, DBIAS its gradient). With segments every tile is visited
+    and masked exactly (no span skipping: a branch around the loads would stop them being
+    pipelined across batch rows, and spilled)."""
+    n_key_tiles = tl.cdiv(N, BLOCK_N)
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    g = tl.program_id(2)
+    start_m = (tile // n_key_tiles) * BLOCK_M
+    start_n = (tile % n_key_tiles) * BLOCK_N
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    key_ok = (start_n + tl.arange(0, BLOCK_N)) < N
+    seed, keep_from = 0, 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+        keep_from = _keep_threshold(dropout_p)
+    ds_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    b_end = tl.minimum(B, (g + 1) * rows_per_group)
+    # The loop runs over bh = b·H + h, not b: with b as the induction variable and bh derived,
+    # ptxas (CUDA 12.8/13) gave the dropout builds 32 registers and a 3.7 KB stack frame.
+    for bh in range(g * rows_per_group * H + h, b_end * H, H):
+        bh = tl.cast(bh, tl.int32)  # a Python int under the interpreter
+        b = bh // H
+        q_base = QKV + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
+        q = _operand(_load_rows(q_base, start_m, N, stride_qkv_n, HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
+        k = _operand(_load_rows(q_base + H * HEAD_DIM, start_n, N, stride_qkv_n, HEAD_DIM,
+                                BLOCK_N, BLOCK_D), DOT_FP32)
+        v = _operand(_load_rows(q_base + 2 * H * HEAD_DIM, start_n, N, stride_qkv_n, HEAD_DIM,
+                                BLOCK_N, BLOCK_D), DOT_FP32)
+        do = _operand(_load_rows(DO + b.to(tl.int64) * stride_do_b + h * HEAD_DIM, start_m, N,
+                                 stride_do_n, HEAD_DIM, BLOCK_M, BLOCK_D), DOT_FP32)
+        lse2 = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0) * _LOG2E
+        delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s += _bias_tile(_bias_head(BIAS, b, h, stride_bias_b, stride_bias_h, True), start_m,
+                        start_n, N, stride_bias_m, BLOCK_M, BLOCK_N)
+        # Padded keys get p = 0 (exp2(0 - lse) may overflow); padded queries load q, dO, lse and
+        # Δ as 0, so their dS is 0. With segments, pairs of other segments and padding get 0.
+        if HAS_SEGMENTS:
+            seg_row = SEG + b.to(tl.int64) * N
+            same = _segment_mask(_segment_rows(seg_row, start_m, N, BLOCK_M),
+                                 _segment_rows(seg_row, start_n, N, BLOCK_N))
+            p = tl.where(same, tl.math.exp2(s - lse2[:, None]), 0.0)
+        else:
+            p = tl.where(key_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, start_m, start_n, bh, keep_from, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        ds_sum += p * (dp - delta[:, None])
+    cols = start_n + tl.arange(0, BLOCK_N)
+    out = DBIAS + (g * H + h).to(tl.int64) * N * N
+    tl.store(out + rows[:, None] * N + cols[None, :], ds_sum,
+             mask=row_ok[:, None] & key_ok[None, :])

@@ -2,7 +2,7 @@
 generated from, attention_aot.py), as pure functions of the table key, so what runs is exactly
 what was compiled and checked. The launchers (attention.py) add the interpreter's tiles, the
 device's shared-memory limit and the backward's launch structure (bwd_plan)."""
-from ._device import next_power_of_2
+from ._device import cdiv, next_power_of_2
 
 # ---------------------------------------------------------------------------------------------
 # Configs. On CUDA a table keyed on (head-dim bucket, short sequence), every entry of which is
@@ -71,6 +71,37 @@ _CUDA_SEGMENT_CONFIGS = {
     ("dkdv", 128, False): (32, 64, 8, 2),
     ("dkdv", 128, True): (32, 64, 8, 2),
 }
+# Builds with a bias (HAS_BIAS=True), keyed on (table key, dropout, segments), ahead of every
+# other table; entries absent: the bias build takes the tile the same call without a bias takes.
+# The forward pipelines the fp32 bias tile beside K and V (4·(stages − 1)·BLOCK_M·BLOCK_N bytes of
+# shared memory, _bias_shared_bytes), and the score tile gains a term: the long forwards take
+# 32-key tiles over 8 warps (the 64-key ones spilled, sm_80 and sm_90, or took 180 KB on sm_80);
+# the dQ pass and the fused pass whose 4-warp tiles spilled take 8 warps.
+_LONG_FWD_BIAS = (128, 32, 8, 3)
+_CUDA_BIAS_CONFIGS = {
+    **{(("fwd", bucket, False), dropout, segments): _LONG_FWD_BIAS
+       for bucket in (64, 128) for dropout in (False, True) for segments in (False, True)},
+    (("fwd", 128, True), True, False): (64, 64, 8, 2),
+    (("dq", 64, False), False, False): (128, 32, 8, 3),
+    (("dq", 64, False), False, True): (128, 32, 8, 3),
+    # 4 warps spilled at head dims 80-112 on sm_80 with segments and dropout
+    (("dq", 128, False), True, True): (64, 32, 8, 2),
+    (("dq", 128, True), True, True): (64, 32, 8, 2),
+    (("dkdv_dq", 64, True), False, True): (64, 64, 8, 2),
+    # The long 64-bucket dK/dV with dropout spilled at head dim 48 on sm_80 (32 x 128 over 8
+    # warps, 2 or 3 stages): the short build's tile, as with segments and dropout.
+    (("dkdv", 64, False), True, False): (32, 64, 4, 1),
+    # With segments and a bias the 64-bucket dK/dV tiles (32 x 128 long, 32 x 64 short, 4 warps)
+    # spilled a byte on triton 3.6 (sm_80), and one stage spilled on 3.8 at head dim 32: 8 warps.
+    (("dkdv", 64, False), False, True): (32, 64, 8, 2),
+    (("dkdv", 64, True), False, True): (32, 64, 8, 2),
+    # No fused build: the long one with segments and a bias spilled a byte on triton 3.6 (sm_90,
+    # head dim 48, fp32 dq partials); those calls take the two passes.
+    (("dkdv_dq", 64, False), False, True): None,
+}
+# Bias forwards for GPUs with 99 KB of shared memory per block (sm_86, sm_89, sm_120): the long
+# 128-bucket tile takes 104 KB there; two stages take 72 KB.
+_CUDA_BIAS_FWD_SMALLER = {("fwd", 128, False): [(128, 32, 8, 2)]}
 # Builds with both segments and dropout, ahead of both tables. None: no fused build; the short
 # 64-bucket one needs 255 registers on triton 3.8 and spills on 3.6 (sm_90), at 4 and 8 warps;
 # the long one spills 1 B on triton 3.9 at head dim 48 (sm_90).
@@ -106,10 +137,12 @@ def _block_d(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))
 
 
-def shipped_config(key, dropout: bool = False, segments: bool = False):
+def shipped_config(key, dropout: bool = False, segments: bool = False, bias: bool = False):
     """The CUDA table's (BLOCK_M, BLOCK_N, num_warps, num_stages) for key = (kernel, BLOCK_D
-    bucket, short), with the segment and dropout overrides that apply; None: that variant has
-    no build (a fused entry whose calls take the two passes)."""
+    bucket, short), with the bias, segment and dropout overrides that apply; None: that variant
+    has no build (a fused entry whose calls take the two passes)."""
+    if bias and (key, dropout, segments) in _CUDA_BIAS_CONFIGS:
+        return _CUDA_BIAS_CONFIGS[(key, dropout, segments)]
     if segments and dropout and key in _CUDA_SEGMENT_DROPOUT_CONFIGS:
         return _CUDA_SEGMENT_DROPOUT_CONFIGS[key]
     if segments and key in _CUDA_SEGMENT_CONFIGS:
@@ -128,7 +161,8 @@ _CUDA_FWD_SMALLER = {
 }
 
 
-def fwd_shared_bytes(config, block_d: int, elem_bytes: int = 2, segments: bool = False) -> int:
+def fwd_shared_bytes(config, block_d: int, elem_bytes: int = 2, segments: bool = False,
+                     bias: bool = False) -> int:
     """Shared memory of a forward build on the mma.sync GPUs (sm_80, sm_86, sm_89, sm_120), in
     bytes: the Q tile, num_stages - 1 pipeline buffers of the K and V tiles, and the P tile's
     trip from the accumulator to the operand layout; with segments, room for the key tile's int32
@@ -138,19 +172,56 @@ def fwd_shared_bytes(config, block_d: int, elem_bytes: int = 2, segments: bool =
     sm_80 and sm_86. (sm_90's wgmma builds take more, but every sm_90 GPU allows 227 KB.)"""
     block_m, block_n, _, stages = config
     ids = 4 * (stages - 1) * block_n if segments else 0
+    ids += _bias_shared_bytes(config) if bias else 0
     return elem_bytes * (block_m * block_d + 2 * (stages - 1) * block_n * block_d + block_m * block_n) + ids
 
 
-def fwd_configs(key, dropout: bool = False, segments: bool = False):
+def _bias_shared_bytes(config) -> int:
+    """What a bias build's forward adds to fwd_shared_bytes: the fp32 bias tile in each pipeline
+    buffer (equal to what triton 3.8 allocates for the bias builds on sm_80)."""
+    block_m, block_n, _, stages = config
+    return 4 * (stages - 1) * block_m * block_n
+
+
+def fwd_configs(key, dropout: bool = False, segments: bool = False, bias: bool = False):
     """Every forward config the launcher can pick for key, in order of preference."""
-    first = shipped_config(key, dropout, segments)
-    return [first] + [c for c in _CUDA_FWD_SMALLER.get(key, []) if c != first]
+    first = shipped_config(key, dropout, segments, bias)
+    smaller = (_CUDA_BIAS_FWD_SMALLER if bias else _CUDA_FWD_SMALLER).get(key, [])
+    return [first] + [c for c in smaller if c != first]
 
 
-def fwd_config(key, dropout: bool = False, segments: bool = False, shared_limit=None):
+def fwd_config(key, dropout: bool = False, segments: bool = False, shared_limit=None,
+               bias: bool = False):
     """The first of fwd_configs that fits shared_limit bytes per block (None: no limit known).
     When none fits, the smallest: its launch failure falls back to the reference."""
-    configs = fwd_configs(key, dropout, segments)
-    fits = [c for c in configs
-            if shared_limit is None or fwd_shared_bytes(c, key[1], segments=segments) <= shared_limit]
+    configs = fwd_configs(key, dropout, segments, bias)
+    fits = [c for c in configs if shared_limit is None
+            or fwd_shared_bytes(c, key[1], segments=segments, bias=bias) <= shared_limit]
     return fits[0] if fits else configs[-1]
+
+
+# The bias gradient (attention_bwd_dbias_kernel): a BLOCK_M × BLOCK_N tile of dS per program,
+# rebuilt for each batch row (S and dP: two products), keyed on the head-dim bucket.
+# 64 x 64 tiles spilled on sm_80 in every bucket; at head dim 128 so did 64 x 32 (4 and 8 warps)
+# and 32 x 32 over two stages with dropout, while three stages fit (0 spills, sm_80 and sm_90).
+_CUDA_DBIAS_CONFIGS = {64: (64, 32, 4, 2), 128: (32, 32, 8, 3), 256: (32, 32, 8, 2)}
+# Programs the bias gradient aims for per SM: a bias shared by the batch splits the batch into
+# as many groups as it takes to reach this (each group one fp32 [H, N, N] partial).
+_DBIAS_PROGRAMS_PER_SM = 4
+
+
+def dbias_config(head_dim: int, dropout: bool = False, segments: bool = False):
+    """The CUDA (BLOCK_M, BLOCK_N, num_warps, num_stages) of attention_bwd_dbias_kernel."""
+    return _CUDA_DBIAS_CONFIGS[max(64, _block_d(head_dim))]
+
+
+def dbias_groups(batch: int, tiles: int, heads: int, shared: bool, sms=None) -> int:
+    """How many batch groups the bias gradient runs (its fp32 partials: groups × [H, N, N]).
+    A per-batch bias: one per batch row. A shared one: enough for _DBIAS_PROGRAMS_PER_SM
+    programs per SM over tiles × heads (sms None, the interpreter: 2, so the reduce runs), at
+    most the batch: the partials stay under (4·SMs·BLOCK_M·BLOCK_N + H·N²)·4 bytes whatever B."""
+    if not shared:
+        return batch
+    want = 2 if sms is None else cdiv(_DBIAS_PROGRAMS_PER_SM * sms, tiles * heads)
+    per_group = cdiv(batch, max(1, min(batch, want)))
+    return cdiv(batch, per_group)  # no group left empty

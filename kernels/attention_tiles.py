@@ -50,3 +50,23 @@ def _tile_of_head(N, H, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     bh = pid // num_tiles
     return bh // H, bh % H, bh, (pid % num_tiles) * BLOCK
+
+
+@triton.jit
+def _bias_tile(base, start_m, start_n, N, stride_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               TRANSPOSED: tl.constexpr = False):
+    """The additive bias of queries start_m.. × keys start_n.. of one head (base = its [N, N]
+    slice, row stride stride_m, unit key stride), in fp32 and times log2(e) to join the base-2
+    logits; [BLOCK_M, BLOCK_N], or [BLOCK_N, BLOCK_M] when TRANSPOSED (the dK/dV kernel's keys ×
+    queries tiles, loaded so rather than transposed after). Entries past N read as 0: their
+    logits are masked (padded keys) or add nothing (padded queries) as without a bias. Offsets
+    within the head are int32: the launcher takes N <= 46340 (N² < 2^31)."""
+    rows = start_m + tl.arange(0, BLOCK_M)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    if TRANSPOSED:
+        ptrs = base + cols[:, None] + rows[None, :] * stride_m
+        mask = (cols[:, None] < N) & (rows[None, :] < N)
+    else:
+        ptrs = base + rows[:, None] * stride_m + cols[None, :]
+        mask = (rows[:, None] < N) & (cols[None, :] < N)
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * _LOG2E

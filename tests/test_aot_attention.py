@@ -21,12 +21,12 @@ def _fwd_config_of(spec):
 def _picked_at(limit):
     """The forward builds the launcher picks on a GPU allowing ``limit`` bytes per block."""
     from vit_fast.kernels.attention_config import _CUDA_CONFIGS, fwd_config
-    picked = {(key[1], dropout, segments, fwd_config(key, dropout, segments, limit))
+    picked = {(key[1], dropout, segments, bias, fwd_config(key, dropout, segments, limit, bias))
               for key in _CUDA_CONFIGS if key[0] == "fwd"
-              for dropout in (False, True) for segments in (False, True)}
+              for dropout in (False, True) for segments in (False, True) for bias in (False, True)}
     return [s for s in SPECS if s.kernel.fn.__name__ == "attention_fwd_kernel"
             and (max(64, s.constants["BLOCK_D"]), s.constants["HAS_DROPOUT"],
-                 s.constants["HAS_SEGMENTS"], _fwd_config_of(s)) in picked]
+                 s.constants["HAS_SEGMENTS"], s.constants["HAS_BIAS"], _fwd_config_of(s)) in picked]
 
 
 def _sm86_jobs():
@@ -38,7 +38,7 @@ def _sm86_jobs():
         if s.signature["QKV"] != "*bf16":
             continue
         k = (max(64, s.constants["BLOCK_D"]), s.constants["HAS_DROPOUT"], s.constants["HAS_SEGMENTS"],
-             _fwd_config_of(s))
+             s.constants["HAS_BIAS"], _fwd_config_of(s))
         if k not in largest or s.constants["HEAD_DIM"] > largest[k].constants["HEAD_DIM"]:
             largest[k] = s
     return [(s.name, 86) for s in largest.values()]
@@ -96,7 +96,7 @@ def test_forward_builds_picked_at_the_99KB_limit_fit_it_on_sm86(compiled):
     from vit_fast.aot import SHARED_LIMIT
     from vit_fast.support import MIN_TRITON_SHARED_BYTES
     assert SHARED_LIMIT[86] == MIN_TRITON_SHARED_BYTES
-    assert len(SM86_JOBS) >= 3 * 4  # every bucket x dropout/segments variant
+    assert len(SM86_JOBS) >= 3 * 8  # every bucket x dropout/segments/bias variant
     for name, arch in SM86_JOBS:
         r = compiled[(name, arch)]
         assert not isinstance(r, str), f"{name} sm_86 failed to compile: {r}"
@@ -114,7 +114,8 @@ def test_shared_memory_model_bounds_the_forward_builds(compiled):
         if spec.kernel.fn.__name__ != "attention_fwd_kernel" or arch == 90 or isinstance(r, str):
             continue
         bound = fwd_shared_bytes(_fwd_config_of(spec), spec.constants["BLOCK_D"],
-                                 segments=spec.constants["HAS_SEGMENTS"])
+                                 segments=spec.constants["HAS_SEGMENTS"],
+                                 bias=spec.constants["HAS_BIAS"])
         assert r.shared_bytes <= bound, (name, arch, r.shared_bytes, bound)
         checked += 1
     assert checked >= len(SM86_JOBS)

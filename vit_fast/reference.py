@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fused_qkv_attention", "qk_norm", "residual_layer_norm", "gelu_mlp", "glu_mlp",
-           "patch_embed", "add_branch", "result_dtype"]
+__all__ = ["fused_qkv_attention", "biased_qkv_attention", "qk_norm", "rotary_qk",
+           "residual_layer_norm", "gelu_mlp", "glu_mlp", "patch_embed", "add_branch",
+           "result_dtype"]
 
 
 def _up(t, upcast):
@@ -82,6 +83,67 @@ def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0, segment_id
     if segment_ids is not None:
         out = torch.where((segment_ids >= 0)[:, None, :, None], out, out.new_zeros(()))
     return out.transpose(1, 2).reshape(B, N, num_heads * head_dim).to(dtype)
+
+
+def biased_qkv_attention(qkv, num_heads, bias, *, scale=None, dropout_p=0.0, segment_ids=None,
+                         upcast=False, dropout_keep=None):
+    """fused_qkv_attention with an additive bias on the scaled logits, as timm's BEiT adds its
+    relative position bias: softmax(q kᵀ·scale + bias) v per head.
+
+    bias: [H, N, N] (shared by the batch) or [1 or B, H, N, N]; added in the logits' dtype
+    (qkv's, float64 with upcast). segment_ids, dropout_p and dropout_keep as in
+    fused_qkv_attention (padding rows of segment_ids come out 0).
+    """
+    dtype = qkv.dtype
+    qkv, bias = _up(qkv, upcast), _up(bias, upcast)
+    B, N, three_c = qkv.shape
+    head_dim = three_c // (3 * num_heads)
+    scale = head_dim ** -0.5 if scale is None else scale
+    q, k, v = qkv.reshape(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    logits = (q * scale) @ k.transpose(-2, -1) + bias.to(q.dtype)
+    if segment_ids is not None:  # as fused_qkv_attention: no row is empty, padding rows zeroed
+        same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+        logits = logits.masked_fill(~same, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if dropout_p > 0.0:
+        probs = (F.dropout(probs, p=dropout_p) if dropout_keep is None
+                 else probs * dropout_keep / (1.0 - dropout_p))
+    out = probs @ v
+    if segment_ids is not None:
+        out = torch.where((segment_ids >= 0)[:, None, :, None], out, out.new_zeros(()))
+    return out.transpose(1, 2).reshape(B, N, num_heads * head_dim).to(dtype)
+
+
+def rotary_qk(qkv, num_heads, sin, cos, *, num_prefix_tokens=0, half=False, upcast=False):
+    """timm's packed qkv [B, N, 3·H·D] with rotary position embeddings applied to q and k as
+    timm's EvaAttention / AttentionRope apply them (apply_rot_embed_cat), v as it was.
+
+    Tokens n >= num_prefix_tokens are rotated with sin/cos row n - num_prefix_tokens; the prefix
+    (class, register) tokens pass through. sin, cos: [..., N - num_prefix_tokens, D],
+    broadcasting against [B, H, N - num_prefix_tokens, D] (timm's shapes: [N', D] axial,
+    [H, N', D] mixed, [B, 1, N', D] NaFlexViT). half=False: the interleaved layout,
+    rot(x) = [-x1, x0, -x3, x2, ...]; half=True: the half-split one, rot(x) = [-x_hi, x_lo].
+    y = x·cos + rot(x)·sin in at least float32 (float64 with upcast), cast to qkv's dtype.
+    """
+    dtype = qkv.dtype
+    math_dtype = torch.float64 if upcast else torch.promote_types(dtype, torch.float32)
+    B, N, three_c = qkv.shape
+    head_dim = three_c // (3 * num_heads)
+    x = qkv.to(math_dtype).reshape(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    sin, cos = sin.to(math_dtype), cos.to(math_dtype)
+    npt = num_prefix_tokens
+
+    def rotate(t):  # t: [B, H, N', D]
+        if half:
+            lo, hi = t.chunk(2, dim=-1)
+            turned = torch.cat([-hi, lo], dim=-1)
+        else:
+            turned = torch.stack([-t[..., 1::2], t[..., ::2]], -1).reshape(t.shape)
+        return t * cos + turned * sin
+
+    q, k = (torch.cat([t[:, :, :npt], rotate(t[:, :, npt:])], dim=2) for t in (x[0], x[1]))
+    out = torch.stack([q, k, x[2]]).permute(1, 3, 0, 2, 4).reshape(B, N, three_c)
+    return out.to(dtype)
 
 
 def qk_norm(qkv, num_heads, q_weight, k_weight, q_bias=None, k_bias=None, *, kind="layer",

@@ -71,6 +71,39 @@ def fused_qkv_attention_backward(dout, qkv, out, lse, num_heads, scale, dropout_
     return dq.to(qkv.dtype)
 
 
+def biased_qkv_attention_backward(dout, qkv, out, lse, bias, num_heads, scale, dropout_p=0.0,
+                                  seed=None, segment_ids=None, bias_grad=False):
+    """kernels.attention.attention_bwd with a bias, recomputed: dqkv, and (dqkv, dbias) with
+    bias_grad (dbias in bias's shape and dtype). With dropout, the kernels' own mask."""
+    keep = None
+    if dropout_p > 0.0:
+        keep = attention_keep_mask(seed, qkv.shape[0], num_heads, qkv.shape[1], dropout_p)
+    with _autograd():
+        q, b = _leaf(qkv), _leaf(bias)
+        o = reference.biased_qkv_attention(q, num_heads, b, scale=scale, dropout_p=dropout_p,
+                                           segment_ids=segment_ids, dropout_keep=keep)
+        dq, db = torch.autograd.grad(o, (q, b), dout.float())
+    return (dq.to(qkv.dtype), db.to(bias.dtype)) if bias_grad else dq.to(qkv.dtype)
+
+
+def rotary_qk_backward(dout, num_heads, sin, cos, num_prefix_tokens=0, half=False,
+                       sin_cos_grad=False, qkv=None):
+    """kernels.rope.rope_bwd recomputed: (dqkv, dsin, dcos), the last two None without
+    sin_cos_grad (which needs the forward's input qkv here)."""
+    if sin_cos_grad and qkv is None:
+        raise ValueError("rotary_qk_backward: sin_cos_grad needs the forward's input qkv")
+    with _autograd():
+        x = _leaf(qkv) if qkv is not None else dout.detach().float().new_zeros(dout.shape).requires_grad_()
+        s, c = (_leaf(sin), _leaf(cos)) if sin_cos_grad else (sin.float(), cos.float())
+        y = reference.rotary_qk(x, num_heads, s, c, num_prefix_tokens=num_prefix_tokens, half=half)
+        wanted = (x, s, c) if sin_cos_grad else (x,)
+        grads = torch.autograd.grad(y, wanted, dout.float())
+    dx = grads[0].to(dout.dtype)
+    if not sin_cos_grad:
+        return dx, None, None
+    return dx, grads[1].to(sin.dtype), grads[2].to(cos.dtype)
+
+
 def residual_layer_norm_backward(dy, ds, s, x, mean, rstd, weight, layer_scale, sample_scale,
                                  residual_dtype, bias_dtype):
     """vit_fast::residual_layer_norm_backward: [dx, dresidual, dweight, dbias, dlayer_scale]."""

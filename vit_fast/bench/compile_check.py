@@ -9,7 +9,7 @@ import importlib
 import re
 
 MODULES = ("attention_aot", "layer_norm_aot", "gelu_mlp_aot", "gelu_elementwise_aot", "qk_norm_aot",
-           "matmul_hopper_aot", "glu_mlp_aot")
+           "rope_aot", "matmul_hopper_aot", "glu_mlp_aot")
 
 
 def collect_specs(modules=MODULES, match=None):
