@@ -184,7 +184,15 @@ def residual_epilogue(y, bias, layer_scale, sample_scale, residual, rows_per_sam
 
 
 def _rows_per_sample(x):
-    return 1 if x.dim() < 2 else x[0].numel() // max(1, x.shape[-1])
+    """Rows of x [B, ..., C] per sample: the product of its middle dims (no view of x[0]: a
+    view is an aten call)."""
+    shape = x.shape
+    if len(shape) < 2:
+        return 1
+    rows = 1
+    for d in shape[1:-1]:
+        rows *= d
+    return rows
 
 
 def _mm_fp32(a, b):

@@ -157,3 +157,21 @@ def test_the_step_saves_what_the_general_path_saves(amp):
     (general, general_bytes), (step, step_bytes) = counted
     assert general != step == BlockFn.__name__ + "Backward"
     assert step_bytes == general_bytes > 0
+
+
+def test_a_copy_or_a_pickle_of_a_stepping_block_makes_its_own_plan():
+    import copy
+    import io
+    block, x = _block(), torch.randn(2, 5, 16)
+    with vit_fast.use_backend("triton"):
+        want = _call(block, x, 0)
+        _call(block, x, 0)
+        assert _plan(block).step is not None
+        twin = copy.deepcopy(block)
+        buf = io.BytesIO()
+        torch.save(block, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        for other in (twin, loaded):
+            assert _plan(other) is None
+            _assert_same(_call(other, x, 0), want)

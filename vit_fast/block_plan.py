@@ -94,7 +94,7 @@ class BlockPlan:
                       mods["ls1"]._parameters.get("gamma"), n2p["weight"], n2p["bias"], w1, b1,
                       w2, b2, mods["ls2"]._parameters.get("gamma"))
             pd = am["proj_drop"]
-            if not step.holds(params):  # a parameter replaced: warm up again
+            if not step.takes(x, params):  # a parameter replaced (or x strided): warm up again
                 self.step, self.warming = None, True
             elif not pd.training or pd.p == 0:  # (proj_drop's dropout is not in the step)
                 seed = _dropout_seed(x.device) if drop > 0.0 else None
@@ -148,7 +148,7 @@ class BlockPlan:
             if amp is not None:
                 torch.set_autocast_enabled(self.no_autocast, True)
         if self.warming:
-            self._warm_up(block, qkv)
+            self._warm_up(block, x, qkv)
         return out
 
     def _drop_path_scales(self, mods, x):
@@ -156,12 +156,13 @@ class BlockPlan:
             return None, None
         return _drop_path_scale(mods["drop_path1"], x), _drop_path_scale(mods["drop_path2"], x)
 
-    def _warm_up(self, block, qkv):
+    def _warm_up(self, block, x, qkv):
         """After a call on the general path: once its backward has run too (kernels built,
         tuning choices made), the next calls take the one-node step (vit_fast/block_step.py)."""
         node = qkv.grad_fn
+        shape = (x.shape, x.dtype, x.device)
         if node is None:  # nothing to differentiate: the forward was the whole call
-            self._make_step(block)
+            self._make_step(block, *shape)
         else:  # a hook per call while warming: a graph may be dropped without a backward
             plan = weakref.ref(self)
             block_ref = weakref.ref(block)
@@ -169,7 +170,7 @@ class BlockPlan:
             def backward_done(grad_inputs, grad_outputs):
                 me, blk = plan(), block_ref()
                 if me is not None and blk is not None and me.warming:
-                    me._make_step(blk)
+                    me._make_step(blk, *shape)
             before = RemovableHandle.next_id
             node.register_hook(backward_done)
             # The hook's handle moved the counter the lookup key holds (hooks registered
@@ -178,10 +179,10 @@ class BlockPlan:
             if cached is not None and cached[1] is self and cached[0][-1] == before:
                 block.__dict__["_block_plan"] = (cached[0][:-1] + (RemovableHandle.next_id,), self)
 
-    def _make_step(self, block):
+    def _make_step(self, block, x_shape, x_dtype, device):
         from .block_step import BlockStep
         self.warming = False
-        self.step = BlockStep.make(block, self)
+        self.step = BlockStep.make(block, self, tuple(x_shape), x_dtype, device)
 
 
 _FORWARD = itertools.repeat("forward")

@@ -23,50 +23,167 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import tuning
 from .amp_weights import AmpWeights
+from .kernels import attention_bound as _attn
+from .kernels import layer_norm_bound as _ln
 from .kernels.gelu_mlp import gelu_mlp_fwd as _triton_mlp_fwd
-from .kernels.layer_norm import residual_layer_norm_bwd, residual_layer_norm_fwd
-from .ops import attention as _attention
+from .ops import attention_sdpa as _attention
 from .ops import gelu_mlp as _mlp
-from .ops.attention_sdpa import attention_forward
+from .ops import gelu_mlp_tuned as _tuned
 from .ops.gelu_mlp_tuned import mlp_launchers
 from .ops.layer_norm import sample_scale_grad
 from .ops.residual_layer_norm_mlp import gemm_grad
 
 
 class BlockStep:
-    """What one configuration of the fused Block runs (made by :meth:`make` from its BlockPlan):
-    the MLP and attention implementations of the plan's policy, AMP's dtype, and the parameters
-    it was made with, by storage (:meth:`holds`)."""
+    """What one configuration of the fused Block runs (made by :meth:`make` from its BlockPlan
+    and the shape it was planned for): the LayerNorm launches bound to that shape
+    (kernels/layer_norm_bound.py), the attention and MLP implementations the plan's policy and
+    the tuner chose for it (looked up once per variant: dropout, segments, drop-path, which
+    gradients), AMP's dtype, and the parameters it was made with, by storage (:meth:`takes`)."""
     __slots__ = ("heads", "approximate", "amp", "policy", "mlp_fwd", "mlp_bwd", "chooser",
-                 "ptrs")
+                 "ptrs", "tuner", "x_shape", "lp", "ln1", "ln2", "ln_stats", "ln2_stats",
+                 "ln_bwd", "attn_fwd", "attn_bwd", "mlp_choice", "x_dtype", "device")
 
-    def __init__(self, heads, approximate, amp, policy, ptrs):
-        self.heads, self.approximate, self.amp, self.policy = heads, approximate, amp, policy
-        self.ptrs = ptrs
-        if amp is not None:  # AMP's contract: the Triton MLP writes into the fp32 stream
+    def __init__(self, plan, ptrs, x_shape, x_dtype, lp, device):
+        self.heads, self.approximate, self.amp, self.policy = (plan.heads, plan.approximate,
+                                                               plan.amp, plan.policy)
+        self.ptrs, self.tuner, self.x_shape, self.lp = ptrs, tuning.tuner(), x_shape, lp
+        if self.amp is not None:  # AMP's contract: the Triton MLP writes into the fp32 stream
             self.mlp_fwd, self.mlp_bwd = _triton_mlp_fwd, _mlp.backward_kernels
             self.chooser = _mlp.gemm_chooser()
         else:
-            self.mlp_fwd, self.mlp_bwd = mlp_launchers(policy)[:2]
+            self.mlp_fwd, self.mlp_bwd = mlp_launchers(self.policy)[:2]
             self.chooser = None
+        self.ln1 = _ln.bind_fwd(x_shape, device, lp)
+        self.ln2 = {}  # (layer scale, drop-path) -> the bound residual LayerNorm
+        self.ln_stats = _ln.bind_stats(x_shape, device, lp)
+        self.ln2_stats = self.ln_stats  # same rows, same dtypes: the backward's recomputes
+        self.ln_bwd = {}  # (which LayerNorm, its options) -> the bound backward
+        self.attn_fwd, self.attn_bwd, self.mlp_choice = {}, {}, {}
+        self.x_dtype, self.device = x_dtype, device
 
     @classmethod
-    def make(cls, block, plan):
-        """The step of ``plan``'s configuration, with ``block``'s parameters as they are now."""
-        return cls(plan.heads, plan.approximate, plan.amp, plan.policy,
-                   _storages(_block_params(block)))
+    def make(cls, block, plan, x_shape, x_dtype, device):
+        """The step of ``plan``'s configuration for inputs of ``x_shape`` (the plan's), with
+        ``block``'s parameters as they are now; None where the bound launches do not apply
+        (LayerNorms without weight or bias, a parameter vector that is not unit-stride, no
+        rows)."""
+        params = _block_params(block)
+        n1w, n1b, qw = params[0], params[1], params[2]
+        vectors = (n1w, n1b, params[6], params[7], params[8], params[13])
+        if (any(t is None for t in (n1w, n1b, params[7], params[8]))
+                or any(t is not None and t.stride(-1) != 1 for t in vectors)
+                or 0 in x_shape):
+            return None
+        lp = plan.amp if plan.amp is not None else qw.dtype
+        return cls(plan, _storages(params), x_shape, x_dtype, lp, device)
 
-    def holds(self, params) -> bool:
-        """Whether ``params`` are the tensors the step was made with, by storage: a parameter
-        replaced, or its ``.data`` swapped (whatever its shape, dtype or layout now), is not.
-        Updates in place (optimizers) keep the storage."""
-        return _storages(params) == self.ptrs
+    def takes(self, x, params) -> bool:
+        """Whether this call is the step's: x contiguous (the bound launches read rows), the
+        tuner it looked its choices up in still in force, no profiler recording (the tuner's
+        labels), and ``params`` the tensors it was made with, by storage: a parameter replaced,
+        or its ``.data`` swapped (whatever its shape, dtype or layout now), is not. Updates in
+        place (optimizers) keep the storage."""
+        return (x.is_contiguous() and tuning.tuner() is self.tuner
+                and not torch.autograd.profiler._is_profiler_enabled
+                and _storages(params) == self.ptrs)
 
     def forward(self, x, params, scalars, ss1, ss2, seed, segment_ids):
         """The Block's output; params = (n1w, n1b, qw, qb, pw, pb, ls1, n2w, n2b, w1, b1, w2, b2,
         ls2) as the modules hold them (fp32 under AMP); scalars = (eps1, eps2, scale, drop)."""
         return BlockFn.apply(self, scalars, ss1, ss2, seed, segment_ids, x, *params)
+
+    # -- what each variant runs, looked up once -------------------------------------------
+
+    def residual_ln(self, ls1, ss1):
+        key = (ls1 is not None, ss1 is not None)
+        bound = self.ln2.get(key)
+        if bound is None:
+            bound = self.ln2[key] = _ln.bind_fwd(self.x_shape, self.device, self.lp, self.x_dtype,
+                                                 *key)
+        return bound
+
+    def ln_backward(self, which, key):
+        bound = self.ln_bwd.get((which, key))
+        if bound is None:
+            if which == 2:  # the residual LayerNorm: (bias grad, bias dtype, ls1 dtype, ss1)
+                bias_grad, bias_dtype, ls_dtype, has_ss = key
+                bound = _ln.bind_bwd(self.x_shape, self.device, self.x_dtype, has_ds=True,
+                                     residual_dtype=self.x_dtype, layer_scale=ls_dtype,
+                                     sample_scale=has_ss, bias_grad=bias_grad,
+                                     bias_dtype=bias_dtype)
+            else:  # LN1: (bias grad, bias dtype)
+                bound = _ln.bind_bwd(self.x_shape, self.device, self.x_dtype, has_ds=False,
+                                     bias_grad=key[0], bias_dtype=key[1])
+            self.ln_bwd[(which, key)] = bound
+        return bound
+
+    def attention_fwd(self, qkv, scale, drop, seed, segment_ids):
+        key = (scale, drop, segment_ids is not None)
+        fn = self.attn_fwd.get(key)
+        if fn is None:
+            chosen = _attention.forward_choice(qkv, self.heads, scale, drop, key[2], self.policy)
+            if chosen is None:  # still open: choose through the op (next time it is known)
+                return _attention.attention_forward(qkv, self.heads, scale, drop, seed,
+                                                    segment_ids, self.policy)
+            fn = self.attn_fwd[key] = self._bound_attention(chosen, key, _attn.bind_fwd)
+        if type(fn) is _attn.AttentionFwd:
+            return fn(qkv, scale, drop, seed)
+        return fn(qkv, self.heads, scale, drop, seed, segment_ids)
+
+    def attention_bwd(self, do, qkv, o, lse, scale, drop, seed, segment_ids):
+        key = (scale, drop, segment_ids is not None)
+        fn = self.attn_bwd.get(key)
+        if fn is None:
+            chosen = _attention.backward_choice(qkv, self.heads, scale, drop, key[2], self.policy)
+            if chosen is None:
+                return _attention.attention_backward(do, qkv, o, lse, self.heads, scale, drop,
+                                                     seed, segment_ids, self.policy)
+            fn = self.attn_bwd[key] = self._bound_attention(chosen, key, _attn.bind_bwd)
+        if type(fn) is _attn.AttentionBwd:
+            return fn(do, qkv, o, lse, scale, drop, seed)
+        return fn(do, qkv, o, lse, self.heads, scale, drop, seed, segment_ids)
+
+    def _bound_attention(self, chosen, key, bind):
+        """The kernel's launch bound to this configuration where the kernel was chosen and the
+        call is a plain one (no segments, a positive scale); else the chosen implementation."""
+        name, fn = chosen
+        scale, drop, segmented = key
+        if name != "triton" or segmented or not scale > 0:
+            return fn
+        C = self.x_shape[-1]
+        return bind((*self.x_shape[:-1], 3 * C), self.heads, self.lp, drop != 0.0, self.device)
+
+    def mlp_forward(self, args):
+        """The fp32/bf16 MLP forward (not AMP's): under 'auto' the implementation the tuner
+        chose for the key, looked up once per (LayerScale, drop-path) variant."""
+        if self.policy != "auto":
+            return self.mlp_fwd(*args)
+        key = ("fwd", args[7] is None, args[8] is None)
+        fn = self.mlp_choice.get(key)
+        if fn is None:
+            fn = _tuned.forward_choice(*args)
+            if fn is None:
+                return self.mlp_fwd(*args)
+            self.mlp_choice[key] = fn
+        return fn(*args)
+
+    def mlp_backward(self, args, wanted):
+        """(dx, dW1, db1, dW2, db2, dls, dss), None or empty where not wanted."""
+        if self.amp is None and self.policy == "auto":
+            key = ("bwd", wanted, args[6] is None, args[7] is None)
+            fn = self.mlp_choice.get(key)
+            if fn is None:
+                fn = _tuned.backward_choice(*args, approximate=self.approximate,
+                                            has_residual=True, wanted=wanted)
+                if fn is not None:
+                    self.mlp_choice[key] = fn
+            if fn is not None:
+                return fn(*args)
+        return self.mlp_bwd(*args, approximate=self.approximate, has_residual=True,
+                            **_mlp.wanted_kwargs(wanted))
 
 
 def _block_params(block):
@@ -75,6 +192,11 @@ def _block_params(block):
             a.proj.bias, block.ls1._parameters.get("gamma"), block.norm2.weight, block.norm2.bias,
             mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
             block.ls2._parameters.get("gamma"))
+
+
+def _as(t, dtype):
+    """t in dtype: a call of .to() costs a dispatch even when it has nothing to do (fp32)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _storages(params):
@@ -114,19 +236,17 @@ class BlockFn(torch.autograd.Function):
             params = _amp_casts(amp, params)
         n1w, n1b, qw, qb, pw, pb, ls1, n2w, n2b, w1, b1, w2, b2, ls2 = params
         lp = qw.dtype  # the GEMMs' dtype
-        y1 = residual_layer_norm_fwd(x, n1w, n1b, eps1, out_dtype=lp, stats=False)[0]
+        y1 = step.ln1(x, n1w, n1b, eps1)[0]
         qkv = F.linear(y1, qw, qb)
         del y1
-        o, lse = attention_forward(qkv, step.heads, scale, drop, seed, segment_ids, step.policy)
+        o, lse = step.attention_fwd(qkv, scale, drop, seed, segment_ids)
         p = F.linear(o, pw, pb)
-        h, s = residual_layer_norm_fwd(p, n2w, n2b, eps2, x, ls1, ss1, out_dtype=lp,
-                                       stats=False)[:2]
-        save_pre = True
+        h, s = step.residual_ln(ls1, ss1)(p, n2w, n2b, eps2, x, ls1, ss1)
         if amp is not None:
-            out, pre = step.mlp_fwd(h, w1, b1, w2, b2, step.approximate, s, ls2, ss2, save_pre,
+            out, pre = step.mlp_fwd(h, w1, b1, w2, b2, step.approximate, s, ls2, ss2, True,
                                     out_dtype=s.dtype, choose=step.chooser)
         else:
-            out, pre = step.mlp_fwd(h, w1, b1, w2, b2, step.approximate, s, ls2, ss2, save_pre)
+            out, pre = step.mlp_forward((h, w1, b1, w2, b2, step.approximate, s, ls2, ss2, True))
         need_p = ls1 is not None or (ss1 is not None and ss1.requires_grad)
         ctx.save_for_backward(x, qkv, o, lse, s, pre, p if need_p else None, n1w, n1b, qw, pw,
                               n2w, n2b, w1, w2, b2, ls1, ls2, ss1, ss2, seed, segment_ids)
@@ -152,48 +272,45 @@ class BlockFn(torch.autograd.Function):
 
         # residual -> LN2 -> MLP (vit_fast/ops/residual_layer_norm_mlp.py's backward)
         g = dout.contiguous()
-        h, _, mean, rstd = residual_layer_norm_fwd(s, n2w, n2b, eps2, out_dtype=lp)
+        h, mean, rstd = step.ln2_stats(s, n2w, n2b, eps2)
         wanted = _mlp.MlpGrads(fc1_bias=need[_B1] and has_b1, fc2_bias=need[_B2] and b2 is not None,
                                layer_scale=need[_LS2] and ls2 is not None,
                                sample_scale=need[_SS2] and ss2 is not None)
         g_lp, ls_lp, k = gemm_grad(g, ls2, lp)
-        dh, dw1, db1, dw2, db2, dls2, dss2 = step.mlp_bwd(
-            g_lp, h, w1, w2, b2, pre, ls_lp, ss2.to(lp) if ss2 is not None else None,
-            approximate=step.approximate, has_residual=True, **_mlp.wanted_kwargs(wanted))
+        dh, dw1, db1, dw2, db2, dls2, dss2 = step.mlp_backward(
+            (g_lp, h, w1, w2, b2, pre, ls_lp, _as(ss2, lp) if ss2 is not None else None), wanted)
         del h
         if k is not None and dls2 is not None and dls2.numel():
             dls2 = dls2.float() / k  # exact: k is a power of two
-        p32 = p.to(s.dtype) if p is not None else None
-        dp, dres, dn2w, dn2b, dls1 = residual_layer_norm_bwd(
-            dh.to(s.dtype), g, s, mean, rstd, n2w, has_residual=True,
-            need_bias_grad=n2b is not None and need[_N2B], x=p32 if ls1 is not None else None,
-            layer_scale=ls1, sample_scale=ss1, residual_dtype=x.dtype, bias_dtype=n2b_dtype)
+        p32 = _as(p, s.dtype) if p is not None else None
+        ln2_bwd = step.ln_backward(2, (need[_N2B], n2b_dtype, ls1.dtype if ls1 is not None
+                                       else None, ss1 is not None))
+        dp, dres, dn2w, dn2b, dls1 = ln2_bwd(_as(dh, s.dtype), g, s, mean, rstd, n2w, p32, ls1,
+                                             ss1)
         dss1 = sample_scale_grad(dres, p32, ls1, ss1) if (need[_SS1] and ss1 is not None) else None
         del dh, g, g_lp
 
         # proj (F.linear's backward, in the GEMMs' dtype)
-        gp = dp.to(lp).reshape(-1, C)
+        gp = _as(dp, lp).reshape(-1, C)
         dpw = gp.t().mm(o.reshape(-1, C)) if need[_PW] else None
         dpb = gp.sum(0) if (has_pb and need[_PB]) else None
         do = gp.mm(pw).reshape(o.shape)
         del gp, dp
 
         # attention
-        dqkv = _attention.backward_kernels(do, qkv, o, lse, step.heads, scale, drop, seed,
-                                           segment_ids, step.policy)
+        dqkv = step.attention_bwd(do, qkv, o, lse, scale, drop, seed, segment_ids)
         del do
 
         # LN1 -> qkv (vit_fast/ops/layer_norm_linear.py's backward)
         g3 = dqkv.reshape(-1, 3 * C)
-        y1, _, mean, rstd = residual_layer_norm_fwd(x, n1w, n1b, eps1, out_dtype=lp)
+        y1, mean, rstd = step.ln_stats(x, n1w, n1b, eps1)
         dqw = g3.t().mm(y1.reshape(-1, C)) if need[_QW] else None
         del y1
         dqb = g3.sum(0) if (has_qb and need[_QB]) else None
-        dy1 = g3.mm(qw).reshape(x.shape).to(x.dtype)
+        dy1 = _as(g3.mm(qw).reshape(x.shape), x.dtype)
         del g3, dqkv
-        dx, _, dn1w, dn1b, _ = residual_layer_norm_bwd(
-            dy1, None, x, mean, rstd, n1w, has_residual=False,
-            need_bias_grad=n1b is not None and need[_N1B], bias_dtype=n1b_dtype)
+        dx, _, dn1w, dn1b, _ = step.ln_backward(1, (need[_N1B], n1b_dtype))(
+            dy1, None, x, mean, rstd, n1w)
         dx.add_(dres)
 
         def kept(grad, i):

@@ -142,7 +142,10 @@ class FusedModule(nn.Module):
         return out
 
     def __getstate__(self):
-        # The cache holds module and class references; a copy re-derives it on its first call.
+        # The caches hold module and class references (the Block's plan and step: launch
+        # decisions, the tuner it looked its choices up in); a copy re-derives them on its first
+        # call.
         state = self.__dict__.copy()
         state.pop("_fusion_cache", None)
+        state.pop("_block_plan", None)
         return state

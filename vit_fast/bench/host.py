@@ -463,7 +463,7 @@ def main(argv=None):
           f"range); path of {args.target} "
           "(Triton launches counted, not run); widths scaled down (head_dim 1, batch 2, 8 tokens).")
     if launch is not None:
-        print(f"Triton's Python launch path (JITFunction.run, stand-in driver): {launch:.1f} µs per "
+        print(f"Triton's Python launch path (kernel[grid](...) to the driver call, stand-in driver): {launch:.1f} µs per "
               "launch on this CPU, on top of the vit_fast column for each Triton launch.")
     command = "python -m vit_fast.bench host " + " ".join(argv)
     out = results(rows, launch, instr, command)

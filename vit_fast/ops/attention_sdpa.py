@@ -155,6 +155,41 @@ def attention_forward(qkv, num_heads, scale, dropout_p=0.0, seed=None, segment_i
     return tuning.select("attention_fwd", key, cands, qkv, args, describe)
 
 
+def forward_choice(qkv, num_heads, scale, dropout_p, segmented, policy):
+    """The implementation attention_forward runs for this configuration, once chosen:
+    (name, fn(qkv, num_heads, scale, dropout_p, seed, segment_ids)), name "triton" for the
+    kernel; None while the choice is open (what a caller holding one configuration,
+    vit_fast/block_step.py, calls from then on)."""
+    key, tma, eligible = _fwd_key(qkv, num_heads, scale, dropout_p, segmented, policy)
+    if not (tma or eligible):
+        return "triton", _kernel_fwd
+    name = tuning.tuner().choice(key)
+    fn = None if name is None else _candidates(
+        _FWD_SETS, (("triton", _kernel_fwd), ("triton_tma", _tma_fwd), ("sdpa", _sdpa_fwd)),
+        (tma, eligible)).get(name)
+    return None if fn is None else (name, fn)
+
+
+def backward_choice(qkv, num_heads, scale, dropout_p, segmented, policy):
+    """As :func:`forward_choice`, for attention_backward: (name, fn(dout, qkv, out, lse,
+    num_heads, scale, dropout_p, seed, segment_ids)), or None while the choice is open."""
+    key, two_pass, eligible = _bwd_key(qkv, num_heads, scale, dropout_p, segmented, policy)
+    if not (two_pass or eligible):
+        return "triton", _kernel_bwd
+    name = tuning.tuner().choice(key)
+    fn = None if name is None else _candidates(
+        _BWD_SETS, (("triton", _kernel_bwd), ("triton_two_pass", _two_pass_bwd),
+                    ("sdpa", _sdpa_bwd)), (two_pass, eligible)).get(name)
+    return None if fn is None else (name, fn)
+
+
+def _bwd_key(qkv, num_heads, scale, dropout_p, segmented, policy):
+    two_pass = two_pass_alternative(qkv, num_heads, dropout_p != 0.0, segmented) is not None
+    eligible = sdpa_eligible(qkv, dropout_p, segmented, policy)
+    return ("attention_bwd", qkv.shape, qkv.dtype, qkv.device, num_heads, scale,
+            dropout_p != 0.0, segmented, two_pass, eligible), two_pass, eligible
+
+
 def attention_backward(dout, qkv, out, lse, num_heads, scale, dropout_p=0.0, seed=None,
                        segment_ids=None, policy=None):
     """kernels/attention.attention_bwd's contract: the kernel, or SDPA's backward where eligible
@@ -162,14 +197,11 @@ def attention_backward(dout, qkv, out, lse, num_heads, scale, dropout_p=0.0, see
     forward's (SDPA may run only where the forward's policy allowed it)."""
     segmented = segment_ids is not None
     args = (dout, qkv, out, lse, num_heads, scale, dropout_p, seed, segment_ids)
-    two_pass = two_pass_alternative(qkv, num_heads, dropout_p != 0.0, segmented) is not None
-    eligible = sdpa_eligible(qkv, dropout_p, segmented, policy)
+    key, two_pass, eligible = _bwd_key(qkv, num_heads, scale, dropout_p, segmented, policy)
     if not (two_pass or eligible):
         return _kernel_bwd(*args)
     cands = _candidates(_BWD_SETS, (("triton", _kernel_bwd), ("triton_two_pass", _two_pass_bwd),
                                     ("sdpa", _sdpa_bwd)), (two_pass, eligible))
-    key = ("attention_bwd", qkv.shape, qkv.dtype, qkv.device, num_heads, scale,
-           dropout_p != 0.0, segmented, two_pass, eligible)
 
     def describe():
         return tuning.make_key("attention_bwd", dict(qkv=qkv), num_heads=num_heads, scale=scale,

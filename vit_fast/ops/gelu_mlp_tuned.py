@@ -54,9 +54,7 @@ def gelu_mlp_tuned_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximat
     """kernels/gelu_mlp.gelu_mlp_fwd's contract; Triton or cuBLAS GEMMs, chosen per key."""
     args = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, layer_scale,
             sample_scale, save_pre)
-    key = ("gelu_mlp_fwd", x.shape, x.dtype, x.device, fc1_weight.shape, fc2_weight.shape,
-           fc1_weight.dtype, fc1_bias is None, fc2_bias is None, _sig(residual),
-           layer_scale is None, sample_scale is None, approximate, save_pre)
+    key = _fwd_key(*args)
 
     def describe():
         return tuning.make_key("gelu_mlp_fwd", dict(
@@ -69,10 +67,8 @@ def gelu_mlp_tuned_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximat
 def gelu_mlp_tuned_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale,
                        *, approximate, has_residual, wanted):
     """kernels/gelu_mlp.gelu_mlp_bwd's contract; Triton or cuBLAS GEMMs, chosen per key."""
-    key = ("gelu_mlp_bwd", grad.shape, grad.dtype, x.shape, x.dtype, x.device, fc1_weight.shape,
-           fc2_weight.shape, fc1_weight.dtype, _sig(fc2_bias), _sig(layer_scale),
-           _sig(sample_scale), approximate, has_residual, tuple(wanted))
     args = (grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale)
+    key = _bwd_key(*args, approximate, has_residual, wanted)
     cands = {name: _bound(fn, approximate, has_residual, wanted) for name, fn in BWD.items()}
 
     def describe():
@@ -81,6 +77,36 @@ def gelu_mlp_tuned_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_sca
             layer_scale=layer_scale, sample_scale=sample_scale), approximate=approximate,
             has_residual=has_residual, needs=tuple(wanted))
     return tuning.select("gelu_mlp_bwd", key, cands, x, args, describe)
+
+
+def _fwd_key(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, layer_scale,
+             sample_scale, save_pre):
+    return ("gelu_mlp_fwd", x.shape, x.dtype, x.device, fc1_weight.shape, fc2_weight.shape,
+            fc1_weight.dtype, fc1_bias is None, fc2_bias is None, _sig(residual),
+            layer_scale is None, sample_scale is None, approximate, save_pre)
+
+
+def _bwd_key(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale,
+             approximate, has_residual, wanted):
+    return ("gelu_mlp_bwd", grad.shape, grad.dtype, x.shape, x.dtype, x.device, fc1_weight.shape,
+            fc2_weight.shape, fc1_weight.dtype, _sig(fc2_bias), _sig(layer_scale),
+            _sig(sample_scale), approximate, has_residual, tuple(wanted))
+
+
+def forward_choice(*args):
+    """The implementation gelu_mlp_tuned_fwd(*args) runs, once its key has been chosen (a
+    function of the same arguments), or None while the choice is open: what a caller that holds
+    one configuration (vit_fast/block_step.py) calls from then on, without the key."""
+    name = tuning.tuner().choice(_fwd_key(*args))
+    return FWD.get(name) if name is not None else None
+
+
+def backward_choice(*args, approximate, has_residual, wanted):
+    """As :func:`forward_choice`, for gelu_mlp_tuned_bwd: a function of its positional arguments,
+    the keyword options bound."""
+    name = tuning.tuner().choice(_bwd_key(*args, approximate, has_residual, wanted))
+    fn = BWD.get(name) if name is not None else None
+    return None if fn is None else _bound(fn, approximate, has_residual, wanted)
 
 
 _BOUND = {}  # (fn, options) -> fn with the backward's keyword options bound (made once)

@@ -1,0 +1,143 @@
+"""The residual LayerNorm launchers bound to one configuration, for the Block's one-node step.
+
+residual_layer_norm_fwd / _bwd (layer_norm.py) take any layout and decide per call: row strides,
+unit-stride vectors, the launch config, which partials to stack. The Block's step
+(vit_fast/block_step.py) calls them with the same shapes, dtypes and flags every time, on tensors
+it allocated itself (contiguous) or parameters it checked once. :func:`bind_fwd` and
+:func:`bind_bwd` make those decisions once -- with the launchers' own config functions, so the
+launch is the same -- and return a callable that only allocates and launches.
+
+What the caller guarantees on every call (the step checks x per call and the parameters when it
+is made): the tensors have the bound shapes and dtypes, rows are contiguous, vectors are
+unit-stride, and the device is current (the step's forward enters the device once; autograd's
+backward thread runs on it).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._device import gpu_target
+from .layer_norm import (_bwd_launch, _fwd_launch, layer_norm_param_grad_reduce_kernel,
+                         residual_layer_norm_bwd_kernel, residual_layer_norm_fwd_kernel)
+
+_F32 = torch.float32
+
+
+class LayerNormFwd:
+    """residual_layer_norm_fwd(x, weight, bias, eps, residual, layer_scale, sample_scale,
+    out_dtype, stats=False) for one configuration: returns (y, s); s is None without a
+    residual. Weight and bias are present (LayerNorm's affine)."""
+    __slots__ = ("grid", "consts", "M", "C", "rows_per_sample", "y_dtype", "s_dtype")
+
+    def __call__(self, x, weight, bias, eps, residual=None, layer_scale=None, sample_scale=None):
+        y = torch.empty_like(x, dtype=self.y_dtype)
+        s = None if residual is None else torch.empty_like(residual, dtype=self.s_dtype)
+        C = self.C
+        residual_layer_norm_fwd_kernel[self.grid](
+            x, residual, layer_scale, sample_scale, weight, bias, y, s, None, None,
+            self.M, C, C, C, self.rows_per_sample, eps, **self.consts)
+        return y, s
+
+
+def bind_fwd(x_shape, device, out_dtype, residual_dtype=None, layer_scale=False,
+             sample_scale=False) -> LayerNormFwd:
+    """The forward of [..., C] rows (x_shape) on ``device``, y in out_dtype; with
+    residual_dtype, s = residual + x·layer_scale·sample_scale in that dtype. No statistics."""
+    C = x_shape[-1]
+    M = 1
+    for d in x_shape[:-1]:
+        M *= d
+    has_res = residual_dtype is not None
+    bound = LayerNormFwd()
+    bound.grid, bound.consts = _fwd_launch(M, C, gpu_target(device), has_res,
+                                           has_res and layer_scale, has_res and sample_scale,
+                                           True, True, False)
+    bound.M, bound.C = M, C
+    bound.rows_per_sample = max(M // x_shape[0], 1) if (sample_scale and len(x_shape) > 1) else 1
+    bound.y_dtype, bound.s_dtype = out_dtype, residual_dtype
+    return bound
+
+
+class LayerNormStats:
+    """residual_layer_norm_fwd without a residual, with statistics (the backward's recompute):
+    returns (y, mean, rstd)."""
+    __slots__ = ("grid", "consts", "M", "C", "y_dtype", "stats_shape")
+
+    def __call__(self, x, weight, bias, eps):
+        y = torch.empty_like(x, dtype=self.y_dtype)
+        mean = x.new_empty(self.stats_shape, dtype=_F32)
+        rstd = x.new_empty(self.stats_shape, dtype=_F32)
+        C = self.C
+        residual_layer_norm_fwd_kernel[self.grid](
+            x, None, None, None, weight, bias, y, None, mean, rstd, self.M, C, C, 0, 1, eps,
+            **self.consts)
+        return y, mean, rstd
+
+
+def bind_stats(x_shape, device, out_dtype) -> LayerNormStats:
+    """LayerNorm of [..., C] rows with weight and bias, y in out_dtype, mean/rstd fp32 [M]."""
+    C = x_shape[-1]
+    M = 1
+    for d in x_shape[:-1]:
+        M *= d
+    bound = LayerNormStats()
+    bound.grid, bound.consts = _fwd_launch(M, C, gpu_target(device), False, False, False, True,
+                                           True, True)
+    bound.M, bound.C, bound.y_dtype, bound.stats_shape = M, C, out_dtype, (M,)
+    return bound
+
+
+class LayerNormBwd:
+    """residual_layer_norm_bwd for one configuration: (dx, dresidual, dweight, dbias,
+    dlayer_scale), None where not bound. dx in s's dtype; the parameter gradients in their
+    parameter's dtype (allocated like the parameter: unit-stride [C])."""
+    __slots__ = ("programs", "rows_per_program", "consts", "reduce_grid", "reduce_consts", "M",
+                 "C", "K", "part_shape", "rows_per_sample", "res_dtype", "has_ds", "has_res",
+                 "has_ls", "has_ss", "bias_grad", "bias_dtype")
+
+    def __call__(self, dy, ds, s, mean, rstd, weight, x=None, layer_scale=None,
+                 sample_scale=None):
+        dx = torch.empty_like(s)
+        dres = torch.empty_like(s, dtype=self.res_dtype) if self.has_res else None
+        part = s.new_empty(self.part_shape, dtype=_F32)
+        dw = torch.empty_like(weight)
+        db = torch.empty_like(weight, dtype=self.bias_dtype) if self.bias_grad else None
+        dls = torch.empty_like(layer_scale) if self.has_ls else None
+        db_part = part[1] if self.bias_grad else None
+        dls_part = part[self.K - 1] if self.has_ls else None
+        C = self.C
+        residual_layer_norm_bwd_kernel[(self.programs,)](
+            dy, ds, s, x, mean, rstd, weight, layer_scale, sample_scale, dx, dres, part[0],
+            db_part, dls_part, self.M, C, C, C, C, C, self.rows_per_program,
+            self.rows_per_sample, **self.consts)
+        outs = [g for g in (dw, db, dls) if g is not None]
+        layer_norm_param_grad_reduce_kernel[self.reduce_grid](
+            part, *outs, *[None] * (3 - self.K), self.programs, C, **self.reduce_consts)
+        return dx, dres, dw, db, dls
+
+
+def bind_bwd(s_shape, device, s_dtype, *, has_ds, residual_dtype=None, layer_scale=None,
+             sample_scale=False, bias_grad=True, bias_dtype=None) -> LayerNormBwd:
+    """The backward of LayerNorm (weight present) over [..., C] rows: with residual_dtype the
+    residual form (dresidual in that dtype; has_ds: a gradient of s comes in too), layer_scale
+    (its dtype) / sample_scale as the forward had them; bias_grad: dbias wanted (bias_dtype)."""
+    C = s_shape[-1]
+    M = 1
+    for d in s_shape[:-1]:
+        M *= d
+    has_res = residual_dtype is not None
+    has_ls = has_res and layer_scale is not None
+    has_ss = has_res and sample_scale
+    K = 1 + bool(bias_grad) + has_ls
+    bound = LayerNormBwd()
+    (bound.programs, bound.rows_per_program, bound.consts, bound.reduce_grid,
+     bound.reduce_consts) = _bwd_launch(M, C, gpu_target(device), K, has_ds and has_res,
+                                        has_res, has_ls, has_ss, True, bool(bias_grad))
+    bound.M, bound.C, bound.K = M, C, K
+    bound.part_shape = (K, bound.programs, C)
+    bound.rows_per_sample = max(M // s_shape[0], 1) if (has_ss and len(s_shape) > 1) else 1
+    bound.res_dtype = residual_dtype
+    bound.has_ds, bound.has_res, bound.has_ls, bound.has_ss = (has_ds and has_res, has_res,
+                                                               has_ls, has_ss)
+    bound.bias_grad, bound.bias_dtype = bool(bias_grad), bias_dtype or s_dtype
+    return bound

@@ -1,0 +1,70 @@
+"""The launchers bound to one configuration (kernels/layer_norm_bound.py,
+kernels/attention_bound.py), which the Block's one-node step calls: the same kernels, configs and
+plan as the general launchers, so the same bits -- in every backward structure the attention's plan
+can take (the two passes, the fused pass with one key tile and with dq partials)."""
+import pytest
+import torch
+
+from vit_fast.kernels import attention, attention_bound, layer_norm, layer_norm_bound
+
+FUSED_PARTIALS = ("fused", (16, 16, 4, 1), 3)
+FUSED_ONE = ("fused", (16, 64, 4, 1), 1)
+SPLIT = ("split", (16, 16, 4, 1), (16, 16, 4, 1))
+
+
+@pytest.mark.parametrize("plan", [FUSED_PARTIALS, FUSED_ONE, SPLIT], ids=["partials", "one", "split"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_bound_attention_matches_the_launchers(monkeypatch, plan, dropout):
+    monkeypatch.setattr(attention, "_LAUNCHES", {})
+    monkeypatch.setattr(attention, "bwd_plan", lambda *a, **k: plan)
+    torch.manual_seed(0)
+    B, N, H, D = 2, 37, 2, 16
+    qkv = torch.randn(B, N, 3 * H * D)
+    seed = torch.tensor([7], dtype=torch.int64) if dropout else None
+    grad = torch.randn(B, N, H * D)
+    want_out, want_lse = attention.attention_fwd(qkv, H, 0.3, dropout_p=dropout, seed=seed)
+    want = attention.attention_bwd(grad, qkv, want_out, want_lse, H, 0.3, dropout_p=dropout,
+                                   seed=seed)
+    fwd = attention_bound.bind_fwd(qkv.shape, H, qkv.dtype, dropout > 0, qkv.device)
+    bwd = attention_bound.bind_bwd(qkv.shape, H, qkv.dtype, dropout > 0, qkv.device)
+    assert bwd.plan == plan[0]
+    out, lse = fwd(qkv, 0.3, dropout, seed)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    assert torch.equal(bwd(grad, qkv, out, lse, 0.3, dropout, seed), want)
+    # out and dout read with their own strides (SDPA's forward hands a view of its output)
+    rows = torch.empty(B, N, 2 * H * D)[..., :H * D].copy_(out)
+    cols = torch.empty(B, H * D, N).transpose(1, 2).copy_(grad)
+    assert torch.equal(bwd(cols, qkv, rows, lse, 0.3, dropout, seed), want)
+
+
+@pytest.mark.parametrize("ls, ss, bias_grad", [(False, False, True), (True, True, True),
+                                               (True, False, False)])
+def test_bound_layer_norm_matches_the_launchers(ls, ss, bias_grad):
+    torch.manual_seed(0)
+    B, N, C = 3, 7, 24
+    x, res = torch.randn(B, N, C), torch.randn(B, N, C)
+    w, b = torch.randn(C), torch.randn(C)
+    lsv = torch.randn(C) if ls else None
+    ssv = torch.rand(B) if ss else None
+    want_y, want_s = layer_norm.residual_layer_norm_fwd(x, w, b, 1e-5, res, lsv, ssv,
+                                                        stats=False)[:2]
+    y, s = layer_norm_bound.bind_fwd(x.shape, x.device, x.dtype, res.dtype, ls, ss)(
+        x, w, b, 1e-5, res, lsv, ssv)
+    assert torch.equal(y, want_y) and torch.equal(s, want_s)
+    want = layer_norm.residual_layer_norm_fwd(s, w, b, 1e-5)
+    got = layer_norm_bound.bind_stats(s.shape, s.device, s.dtype)(s, w, b, 1e-5)
+    for g, t in zip(got, (want[0], want[2], want[3])):
+        assert torch.equal(g, t)
+    dy, ds = torch.randn(B, N, C), torch.randn(B, N, C)
+    want = layer_norm.residual_layer_norm_bwd(dy, ds, s, got[1], got[2], w, has_residual=True,
+                                              need_bias_grad=bias_grad, x=x if ls else None,
+                                              layer_scale=lsv, sample_scale=ssv,
+                                              residual_dtype=res.dtype)
+    bound = layer_norm_bound.bind_bwd(s.shape, s.device, s.dtype, has_ds=True,
+                                      residual_dtype=res.dtype,
+                                      layer_scale=lsv.dtype if ls else None, sample_scale=ss,
+                                      bias_grad=bias_grad)
+    got = bound(dy, ds, s, got[1], got[2], w, x if ls else None, lsv, ssv)
+    for g, t in zip(got, want):
+        assert (g is None) == (t is None)
+        assert g is None or torch.equal(g, t)
