@@ -92,7 +92,13 @@ class BlockStep:
 
     def forward(self, x, params, scalars, ss1, ss2, seed, segment_ids):
         """The Block's output; params = (n1w, n1b, qw, qb, pw, pb, ls1, n2w, n2b, w1, b1, w2, b2,
-        ls2) as the modules hold them (fp32 under AMP); scalars = (eps1, eps2, scale, drop)."""
+        ls2) as the modules hold them (fp32 under AMP); scalars = (eps1, eps2, scale, drop).
+        The bound launches go to the current device: x's is entered when it is another (the
+        backward runs on autograd's thread for x's device, where it is current)."""
+        index = self.device.index if self.device.type == "cuda" else None
+        if index is not None and torch._C._cuda_getDevice() != index:
+            with torch.cuda.device(index):
+                return BlockFn.apply(self, scalars, ss1, ss2, seed, segment_ids, x, *params)
         return BlockFn.apply(self, scalars, ss1, ss2, seed, segment_ids, x, *params)
 
     # -- what each variant runs, looked up once -------------------------------------------
