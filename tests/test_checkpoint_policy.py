@@ -166,12 +166,13 @@ def test_two_threads_checkpoint_under_their_own_policies(env_policy):
     gradients of its own policy."""
     env_policy("auto")
     want = {p: _plain_grads(p) for p in ("reference", "triton")}
+    made = {p: _block_and_input() for p in want}  # here: torch's generator is the process's
     got, errors = {}, []
     forwards_done = threading.Barrier(2, timeout=60)
 
     def run(policy):
         try:
-            block, x = _block_and_input()
+            block, x = made[policy]
             with vit_fast.use_backend(policy):
                 out = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
                 forwards_done.wait()  # both contexts open at once
