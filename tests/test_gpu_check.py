@@ -233,6 +233,7 @@ def test_the_kit_runs_the_cuda_tests_with_the_sync_check_on(tmp_path, monkeypatc
 
     def fake_run(cmd, log_path, timeout_s, env=None, cwd=None):
         seen.append((list(map(str, cmd)), env))
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         Path(log_path).write_text("")
         return 0, 0.1
     monkeypatch.setattr(gpu_check_setup, "run_logged", fake_run)
