@@ -190,3 +190,41 @@ def test_two_threads_checkpoint_under_their_own_policies(env_policy):
     for policy, ref in want.items():
         for g, r in zip(got[policy], ref):
             torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+def test_a_backward_on_another_thread_reads_no_policy(monkeypatch, env_policy):
+    """What lets use_backend() be per thread: a backward (autograd's device thread on CUDA, here
+    a new thread) never falls back to that thread's default policy -- every op keeps its
+    forward's in its autograd context. Each read of the policy stack inside a backward that finds
+    it empty is recorded."""
+    env_policy("reference")
+    empty_reads = []
+
+    class Spy(type(dispatch._local)):
+        @property
+        def stack(self):
+            got = self.__dict__["stack"]
+            if not got and torch._C._current_autograd_node() is not None:
+                empty_reads.append(threading.current_thread().name)
+            return got
+
+        @stack.setter
+        def stack(self, value):
+            self.__dict__["stack"] = value
+    monkeypatch.setattr(dispatch, "_local", Spy())
+    torch.manual_seed(0)
+    block = vit_fast.Block(40, 2, qkv_bias=True, init_values=0.1)
+    x = torch.randn(2, 17, 40, requires_grad=True)
+    w = torch.randn(40, requires_grad=True)
+    fc1, fc2 = torch.randn(56, 40, requires_grad=True), torch.randn(40, 56, requires_grad=True)
+    with vit_fast.use_backend("triton"):
+        y = block(x)
+        z = vit_fast.residual_layer_norm(y, w, w, 1e-6, residual=x)
+        z = z[0] if isinstance(z, tuple) else z
+        loss = vit_fast.gelu_mlp(z, fc1, None, fc2, None).sum()
+        loss = loss + vit_fast.fused_qkv_attention(torch.cat([y, y, y], -1), 2).sum()
+    t = threading.Thread(target=loss.backward)
+    t.start()
+    t.join()
+    assert x.grad is not None and fc1.grad is not None
+    assert empty_reads == []
