@@ -228,3 +228,32 @@ def test_a_backward_on_another_thread_reads_no_policy(monkeypatch, env_policy):
     t.join()
     assert x.grad is not None and fc1.grad is not None
     assert empty_reads == []
+
+
+def test_install_binds_once_and_keeps_torchs_names():
+    """install() runs on import; again it changes nothing (no function bound twice), the
+    reentrant node keeps torch's name, and a torch without the places warns, binding nothing."""
+    from torch.utils import checkpoint as tc
+    from vit_fast import checkpoint_replay
+    before = (tc.CheckpointFunction, tc._checkpoint_without_reentrant_generator_impl
+              if hasattr(tc, "_checkpoint_without_reentrant_generator_impl")
+              else tc._checkpoint_without_reentrant_generator)
+    checkpoint_replay.install()
+    after = (tc.CheckpointFunction, tc._checkpoint_without_reentrant_generator_impl
+             if hasattr(tc, "_checkpoint_without_reentrant_generator_impl")
+             else tc._checkpoint_without_reentrant_generator)
+    assert before == after and after[0] is checkpoint_replay.CheckpointFunction
+    assert after[1].vit_fast_binds_policies and not getattr(after[1].__wrapped__,
+                                                            "vit_fast_binds_policies", False)
+    x = torch.randn(3, requires_grad=True)
+    out = tc.checkpoint(torch.sin, x, use_reentrant=True)
+    assert type(out.grad_fn).__name__ == "CheckpointFunctionBackward"
+
+
+def test_install_on_a_torch_without_the_places_warns(monkeypatch):
+    from torch.utils import checkpoint as tc
+    from vit_fast import checkpoint_replay
+    for name in checkpoint_replay._GENERATORS:
+        monkeypatch.delattr(tc, name, raising=False)
+    with pytest.warns(RuntimeWarning, match="recomputation runs under the backend policy"):
+        checkpoint_replay.install()

@@ -24,6 +24,8 @@ higher-order op without calling either, and reads the policy from VIT_FAST_BACKE
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.utils.checkpoint as torch_checkpoint
 
@@ -74,15 +76,19 @@ def _bound_generator(generator):
 
 
 def install():
-    """Bind the policies of a checkpointed forward to its recomputation (idempotent). Raises
-    RuntimeError where this torch's checkpoint has neither place (a torch newer than vit_fast):
-    the recomputation would run under other policies than the forward."""
+    """Bind the policies of a checkpointed forward to its recomputation (idempotent). Warns,
+    and binds nothing, where this torch's checkpoint has neither place (a torch newer than
+    vit_fast knows): vit_fast still imports, but a recomputation after its use_backend() closed
+    may run other ops than its forward."""
     name = next((n for n in _GENERATORS if hasattr(torch_checkpoint, n)), None)
     if name is None or not hasattr(torch_checkpoint, "CheckpointFunction"):
-        raise RuntimeError(
-            "vit_fast: torch.utils.checkpoint has neither of "
-            f"{_GENERATORS} or no CheckpointFunction (torch {torch.__version__}): a checkpointed "
-            "forward's recomputation could not keep that forward's backend policy")
+        warnings.warn(
+            f"vit_fast: torch {torch.__version__}'s torch.utils.checkpoint has none of "
+            f"{_GENERATORS} or no CheckpointFunction: a checkpointed forward's recomputation "
+            "runs under the backend policy in force where it runs, not the forward's (keep "
+            "use_backend() open around the backward, on the thread that runs it)",
+            RuntimeWarning, stacklevel=2)
+        return
     generator = getattr(torch_checkpoint, name)
     if not getattr(generator, "vit_fast_binds_policies", False):
         setattr(torch_checkpoint, name, _bound_generator(generator))
