@@ -51,6 +51,10 @@ def test_dry_run_cuda_tests_skip_with_the_reason(dry_run):
     assert tests["counts"].get("skipped", 0) > 50 and "passed" not in tests["counts"]
     assert set(tests["per_file"]) == {p.stem for p in (ROOT / "tests" / "cuda").glob("test_*.py")}
     assert all("no CUDA device" in r for r in tests["skip_reasons"])
+    # the sync check is asked for (VIT_FAST_SYNC_CHECK=1) and, every test skipping, says so
+    assert tests["command"].startswith("VIT_FAST_SYNC_CHECK=1 ")
+    assert tests["host_syncs"] == {"checked": 0, "syncs": []}
+    assert "- host syncs after warm-up: not checked" in (out / "summary.md").read_text()
 
 
 def test_dry_run_times_every_op_and_both_model_modes(dry_run):
@@ -211,3 +215,103 @@ def test_model_rows_carry_the_prediction_beside_the_measurement():
     assert "predict --gpu h100" in text
     text = "\n".join(gpu_check_report._models(data, "NVIDIA Tesla T4"))
     assert "not in vit_fast/bench/gpu_peaks.py" in text and "model img/s" in text
+
+
+# --- host syncs after warm-up (issue 27, item 8) -----------------------------------------------
+
+def _sync_check_module():
+    """tests/cuda/sync_check.py (tests/cuda is not on this file's import path)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sync_check", ROOT / "tests" / "cuda" / "sync_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_kit_runs_the_cuda_tests_with_the_sync_check_on(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_run(cmd, log_path, timeout_s, env=None, cwd=None):
+        seen.append((list(map(str, cmd)), env))
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(log_path).write_text("")
+        return 0, 0.1
+    monkeypatch.setattr(gpu_check_setup, "run_logged", fake_run)
+    res = gpu_check_setup.run_tests(tmp_path, dry_run=False, quick=True, timeout_s=10)
+    (cmd, env), = seen
+    flag = _sync_check_module().ENV
+    assert flag == gpu_check_setup.SYNC_CHECK_ENV
+    assert env[flag] == "1" and env["TRITON_INTERPRET"] == "0"
+    assert f"{flag}=1" in res["command"] and "tests/cuda" in cmd
+
+
+def test_parse_junit_counts_the_sync_checked_tests_and_the_host_syncs(tmp_path):
+    sync = _sync_check_module()
+    block = 'classname="tests.cuda.test_cuda_block"'
+    prop = f'<properties><property name="{sync.PROPERTY}" value="1" /></properties>'
+    msg = f"AssertionError: {sync.MESSAGE} at vit_fast/ops/x.py:3 (f): called a synchronizing CUDA operation"
+    (tmp_path / "j.xml").write_text(
+        f'<testsuites><testsuite name="pytest" tests="4"><testcase {block} name="test_a">{prop}</testcase>'
+        f'<testcase {block} name="test_b">{prop}<failure message="{msg}"/></testcase>'
+        f'<testcase {block} name="test_c"><failure message="dx: max err"/></testcase>'
+        f'<testcase {block} name="test_d"><skipped message="no CUDA device"/></testcase>'
+        '</testsuite></testsuites>')
+    r = gpu_check_setup.parse_junit(tmp_path / "j.xml")
+    assert r["host_syncs"] == {"checked": 2, "syncs": [
+        {"test": "test_cuda_block::test_b", "message": msg}]}
+
+
+def _tests_step(data):
+    return {"kit": {"quick": False, "dry_run": False, "started": "now", "command": "gpu-check",
+                    "budget_s": 1}, "artifacts": {},
+            "steps": {"tests": {"status": "done", "seconds": 1, "budget_s": 1, "data": {
+                "command": "VIT_FAST_SYNC_CHECK=1 TRITON_INTERPRET=0 -m pytest tests/cuda",
+                "counts": {"passed": 3}, "per_file": {}, **data}}}}
+
+
+def test_summary_has_a_host_syncs_line():
+    text = gpu_check_report.summary_markdown(_tests_step({"host_syncs": {"checked": 3, "syncs": []}}))
+    assert "- host syncs after warm-up: none in 3 tests checked" in text
+    sync = {"test": "test_cuda_patch_embed::test_uint8_images[bf16]",
+            "message": "AssertionError: host sync after warm-up at vit_fast/ops/pe.py:9 (f): ..."}
+    text = gpu_check_report.summary_markdown(
+        _tests_step({"host_syncs": {"checked": 3, "syncs": [sync]}}))
+    assert "- **host syncs after warm-up: 1** in 3 tests checked" in text
+    assert "test_uint8_images[bf16]`: host sync after warm-up at vit_fast/ops/pe.py:9" in text
+    text = gpu_check_report.summary_markdown(_tests_step({"host_syncs": {"checked": 0, "syncs": []}}))
+    assert "- host syncs after warm-up: not checked (no test ran its kernels)" in text
+
+
+def test_a_kernel_step_warms_up_then_runs_under_sync_debug_error(monkeypatch):
+    """No GPU here: torch.cuda's sync-debug switch and the generators' fork are recorded
+    stand-ins. The step runs once to warm up, then under 'error'; the mode before is restored;
+    a sync in the checked run is an AssertionError naming the place; the test is marked."""
+    import contextlib
+    import types
+    sync = _sync_check_module()
+    modes, calls = [0], []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: modes[-1])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(torch.random, "fork_rng", lambda **kw: contextlib.nullcontext())
+    item = types.SimpleNamespace(user_properties=[])
+    sync.RUNNING[:] = [item]
+
+    def step():
+        calls.append(modes[-1])
+        return len(calls)
+    monkeypatch.delenv(sync.ENV, raising=False)
+    assert sync.kernel_step(step, "cuda:0") == 1 and calls == [0] and modes == [0]
+    monkeypatch.setenv(sync.ENV, "1")
+    assert sync.kernel_step(step, "cpu") == 2 and modes == [0]  # CPU: nothing to check
+    calls.clear()
+    assert sync.kernel_step(step, "cuda:0") == 2
+    assert calls == [0, "error"] and modes[-1] == 0
+    assert item.user_properties == [(sync.PROPERTY, "1")]
+
+    def syncing():
+        if modes[-1] == "error":
+            raise RuntimeError("called a synchronizing CUDA operation")
+    with pytest.raises(AssertionError, match=r"^host sync after warm-up at tests/test_gpu_check\.py:\d+ \(syncing\)"):
+        sync.kernel_step(syncing, "cuda:0")
+    assert modes[-1] == 0
+    sync.RUNNING.clear()

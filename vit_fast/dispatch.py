@@ -46,11 +46,11 @@ class _PolicyStack(threading.local):
         self.stack = []  # innermost use_backend() last
 
 
+# One stack per thread: another thread's use_backend() is never seen. A backward, which autograd
+# runs on its own per-device thread on CUDA, needs none: each op keeps its forward's policy (its
+# autograd context), and a checkpoint's recomputation reruns the forward under the policies that
+# forward saw (vit_fast/checkpoint_replay.py: policy_scope() then in_scope()).
 _local = _PolicyStack()
-# Every use_backend() open in any thread, innermost last. The autograd engine runs a CUDA backward
-# (and a checkpoint's recomputation) on its own per-device threads, which do not see the user's
-# thread-local choice: code running there (inside a backward) takes the innermost open one.
-_OPEN: list = []
 # VIT_FAST_BACKEND, read once on first use (not on every call); reload_env() reads it again.
 _ENV: list = []
 
@@ -75,15 +75,13 @@ def reload_env():
 
 
 def current_policy() -> str:
-    """The policy in force: the innermost use_backend() of this thread (inside a backward on
-    autograd's threads: the innermost open in any thread), else VIT_FAST_BACKEND, else 'auto'."""
+    """The policy in force: the innermost use_backend() of this thread, else VIT_FAST_BACKEND,
+    else 'auto'."""
     stack = _local.stack
     if stack:
         return stack[-1]
     if torch.compiler.is_compiling():
         return _env_policy()  # traced: a graph guards on the variable it read
-    if _OPEN and torch._C._current_autograd_node() is not None:
-        return _OPEN[-1]
     if not _ENV:
         _ENV.append(_env_policy())
     return _ENV[0]
@@ -98,14 +96,30 @@ def use_backend(name: str):
     # (torch 2.11's) cannot trace setdefault on a threading.local's __dict__.
     stack = _local.stack
     stack.append(name)
-    _OPEN.append(name)
     try:
         yield
     finally:
         stack.pop()
-        _OPEN.reverse()
-        _OPEN.remove(name)  # the innermost of this name: this context's
-        _OPEN.reverse()
+
+
+def policy_scope() -> tuple:
+    """This thread's open use_backend() policies, innermost last: what a recomputation of the
+    code running now must see again (:func:`in_scope`). The default policy is not in it: it is
+    read where the recomputation runs, as it was read here."""
+    return tuple(_local.stack)
+
+
+@contextlib.contextmanager
+def in_scope(scope: tuple):
+    """Run the enclosed code under exactly the policies of ``scope`` (from :func:`policy_scope`),
+    whatever this thread has open: the contexts open around a recomputation (a backward called
+    inside another use_backend(), say) belong to other code."""
+    saved = _local.stack
+    _local.stack = list(scope)
+    try:
+        yield
+    finally:
+        _local.stack = saved
 
 
 _TRITON_MISSING = []  # the one cached answer of triton_missing_reason

@@ -16,11 +16,16 @@ by truncation, not round-to-nearest-even as compiled kernels do, which made bf16
 Blocks at ViT widths miss the rule by a little (2026-11-25: Block S/16 bf16 dfc2.weight 0.816 vs
 bound 0.803; AMP bf16 output 1.15e-2 vs 9.2e-3; gelu_mlp AMP bf16 dfc2_weight 2.0 vs 1.16);
 tests/conftest.py now patches that cast to round to nearest even (tests/interpreter_rounding.py).
+
+VIT_FAST_SYNC_CHECK=1 (the GPU kit sets it) runs each test's kernel step again after its warm-up
+under torch.cuda.set_sync_debug_mode("error"): a host sync fails the test (tests/cuda/sync_check.py).
 """
 import os
 
 import pytest
 import torch
+
+import sync_check
 
 DEVICE = os.environ.get("VIT_FAST_CUDA_TESTS_DEVICE", "cuda")
 
@@ -51,3 +56,13 @@ def _needs_cuda():
 @pytest.fixture
 def device():
     return torch.device(DEVICE)
+
+
+@pytest.fixture(autouse=True)
+def _sync_check(request):
+    """Tells tests/cuda/sync_check.py which test runs: under VIT_FAST_SYNC_CHECK=1 its kernel
+    steps (sync_check.kernel_step: cuda_helpers.run for the kernels, the Block's and the model's
+    runs) warm up, then run under sync-debug mode 'error', and the test is marked checked."""
+    sync_check.RUNNING[:] = [request.node]
+    yield
+    sync_check.RUNNING.clear()

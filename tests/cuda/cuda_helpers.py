@@ -8,6 +8,7 @@ import torch
 import vit_fast
 from vit_fast import dispatch
 
+import sync_check
 from tolerance import assert_close_by_rule
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -43,7 +44,16 @@ def run(fn, inputs, grad_names, backend, out_grads=None, *, upcast=False, autoca
 
     out_grads: one fp32 tensor per output (drawn here when None, and returned for the next runs).
     upcast: run on float64 copies of the inputs (the ground truth). autocast: a dtype to run
-    under torch.autocast (the inputs then stay fp32, as under AMP)."""
+    under torch.autocast (the inputs then stay fp32, as under AMP). Any backend but the reference
+    is a kernel step: checked for host syncs after a warm-up under VIT_FAST_SYNC_CHECK=1."""
+    def step():
+        return _run(fn, inputs, grad_names, backend, out_grads, upcast, autocast)
+    if backend == "reference":
+        return step()
+    return sync_check.kernel_step(step, next(iter(inputs.values())).device)
+
+
+def _run(fn, inputs, grad_names, backend, out_grads, upcast, autocast):
     t = {}
     for k, v in inputs.items():
         if isinstance(v, torch.Tensor) and v.is_floating_point():

@@ -8,6 +8,7 @@ import torch
 import vit_fast
 from vit_fast.modules import Block
 
+import sync_check
 from cuda_helpers import BF16, DTYPES, F16, F32, TOKENS, VIT, dtype_id
 from tolerance import assert_close_by_rule
 
@@ -27,6 +28,14 @@ def _block(device, shape, dtype, **kw):
 
 
 def _run(block, x, gy, backend, autocast=None, seed=3):
+    """The Block's output, dx and parameter gradients under ``backend`` (the kernels' run checked
+    for host syncs after a warm-up under VIT_FAST_SYNC_CHECK=1)."""
+    def step():
+        return _step(block, x, gy, backend, autocast, seed)
+    return step() if backend == "reference" else sync_check.kernel_step(step, x.device)
+
+
+def _step(block, x, gy, backend, autocast, seed):
     block.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_()
     torch.manual_seed(seed)  # the same drop-path draws in every run

@@ -12,6 +12,8 @@ import torch
 
 import vit_fast
 
+import sync_check
+
 pytestmark = pytest.mark.cuda
 
 
@@ -85,16 +87,10 @@ def test_training_step_does_not_sync_after_warm_up(device, uint8):
                                         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
         for _ in range(2):
             embed()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with sync_check.no_host_sync():  # always, not only under VIT_FAST_SYNC_CHECK=1
             embed()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
         return
     for _ in range(2):
         _step(model, opt, images, labels)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with sync_check.no_host_sync():
         _step(model, opt, images, labels)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")

@@ -7,6 +7,7 @@ import torch
 
 import vit_fast
 
+import sync_check
 from cuda_helpers import BF16, F16, dtype_id
 from tolerance import assert_close_by_rule
 
@@ -17,6 +18,14 @@ CHECKED = ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.
 
 
 def _run(model, images, labels, backend, autocast=None):
+    """The logits and CHECKED's gradients under ``backend`` (the kernels' step checked for host
+    syncs after a warm-up under VIT_FAST_SYNC_CHECK=1)."""
+    def step():
+        return _step(model, images, labels, backend, autocast)
+    return step() if backend == "reference" else sync_check.kernel_step(step, images.device)
+
+
+def _step(model, images, labels, backend, autocast):
     model.zero_grad(set_to_none=True)
     ctx = torch.autocast(images.device.type, dtype=autocast, enabled=autocast is not None)
     with vit_fast.use_backend(backend), ctx:

@@ -7,7 +7,9 @@ and DIR/summary.md again as soon as it ends (a run cut off still leaves its data
 1. environment  GPU name, SM count, capability, driver; torch/triton/timm/numpy/nvcc versions
 2. install      `pip install --no-deps --no-build-isolation -e .` on the machine's own torch/timm,
                 the extension built for the GPU's arch (checked with cuobjdump), an import probe
-3. tests        `pytest -m cuda tests/cuda` with the compiled kernels (junit: pytest-junit.xml)
+3. tests        `pytest -m cuda tests/cuda` with the compiled kernels (junit: pytest-junit.xml),
+                each test's kernel step again after its warm-up under sync-debug mode "error"
+                (VIT_FAST_SYNC_CHECK=1, tests/cuda/sync_check.py): the host syncs it finds
 4. ops          per-op forward and forward+backward times vs the eager ops (and SDPA)
 5. models       ViT-S/B/L AMP bf16 training step and inference vs timm eager and torch.compile;
                 a packed NaViT batch vs vit-pytorch eager (bench/navit.py; skipped without vit-pytorch)
@@ -176,7 +178,9 @@ class Kit:
             return f"stopped at its {budget:.0f} s budget (partial counts kept)", data
         c = data.get("counts", {})
         bad = c.get("failed", 0) + c.get("error", 0)
-        return (f"done, {bad} failed" if bad else "done"), data
+        syncs = len(data.get("host_syncs", {}).get("syncs", []))
+        return (f"done, {bad} failed" + (f" ({syncs} on a host sync)" if syncs else "")
+                if bad else "done"), data
 
     def _child_step(self, name, budget):
         cmd = [sys.executable, "-m", "vit_fast.bench", "gpu-check", "--step", name,

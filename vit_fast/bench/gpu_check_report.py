@@ -66,11 +66,28 @@ def _tests(d):
     cols = [("file", "file")] + [(k, (lambda k: lambda r: r.get(k, 0))(k))
                                  for k in ("passed", "failed", "error", "skipped")]
     lines += [fmt_table(rows, cols), ""]
+    lines += _host_syncs(d.get("host_syncs"))
     for reason, n in d.get("skip_reasons", {}).items():
         lines.append(f"- skipped ({n}): {reason}")
     for f in d.get("failures", [])[:40]:
         lines.append(f"- **{f['kind']}** `{f['test']}`: {f['message']}")
     return lines + [""]
+
+
+def _host_syncs(h):
+    """The host-syncs line: each cuda test's kernel step run again after its warm-up under
+    torch.cuda.set_sync_debug_mode("error") (tests/cuda/sync_check.py)."""
+    if h is None:
+        return []
+    if not h["checked"]:
+        return ["- host syncs after warm-up: not checked (no test ran its kernels)"]
+    if not h["syncs"]:
+        return [f"- host syncs after warm-up: none in {h['checked']} tests checked "
+                "(torch.cuda.set_sync_debug_mode(\"error\") after each test's warm-up)"]
+    lines = [f"- **host syncs after warm-up: {len(h['syncs'])}** in {h['checked']} tests checked "
+             "(torch.cuda.set_sync_debug_mode(\"error\") after each test's warm-up):"]
+    return lines + [f"  - `{s['test']}`: {s['message'].removeprefix('AssertionError: ')}"
+                    for s in h["syncs"]]
 
 
 def _ops(d):

@@ -266,6 +266,12 @@ def install(out_dir, env_info, dry_run, timeout_s):
 # --- 3. the cuda tests -----------------------------------------------------------------------
 
 QUICK_DESELECT = "not N257 and not N577 and not N1025 and not p14 and not 384px"
+# Set for the cuda tests: each test's kernel step runs once to warm up, then again under
+# torch.cuda.set_sync_debug_mode("error") (tests/cuda/sync_check.py, which names the same
+# variable, the junit property of a checked test and the message of a sync).
+SYNC_CHECK_ENV = "VIT_FAST_SYNC_CHECK"
+SYNC_CHECK_PROPERTY = "sync_checked"
+SYNC_MESSAGE = "host sync after warm-up"
 
 
 def _xdist_workers(dry_run):
@@ -287,9 +293,10 @@ def run_tests(out_dir, dry_run, quick, timeout_s):
         cmd += ["-n", str(workers)]
     # The cuda tests check the compiled kernels; in a dry run there is no GPU: they skip, and the
     # interpreter flag keeps tests/conftest.py's default.
-    env = dict(os.environ, TRITON_INTERPRET="1" if dry_run else "0")
+    env = dict(os.environ, TRITON_INTERPRET="1" if dry_run else "0", **{SYNC_CHECK_ENV: "1"})
     rc, sec = run_logged(cmd, out_dir / "logs" / "pytest.log", timeout_s, env)
-    res = {"command": ("TRITON_INTERPRET=%s " % env["TRITON_INTERPRET"]) + " ".join(map(str, cmd[1:])),
+    res = {"command": (f"{SYNC_CHECK_ENV}=1 TRITON_INTERPRET={env['TRITON_INTERPRET']} "
+                       + " ".join(map(str, cmd[1:]))),
            "rc": rc, "seconds": round(sec, 1), "timed_out": rc is None, "quick_filter": quick,
            "xdist_workers": workers}
     res.update(parse_junit(junit))
@@ -301,23 +308,31 @@ def run_tests(out_dir, dry_run, quick, timeout_s):
 
 
 def parse_junit(path):
-    """Counts per outcome and per file, failures with their first message line, skip reasons."""
+    """Counts per outcome and per file, failures with their first message line, skip reasons,
+    and the host syncs: how many tests ran a kernel step under sync-debug mode (their junit
+    property) and the failures that are a sync there."""
     if not Path(path).exists():
         return {"junit": None}
     root = ET.parse(path).getroot()
     per_file = collections.defaultdict(collections.Counter)
     failures, skips = [], collections.Counter()
+    syncs = {"checked": 0, "syncs": []}
     for case in root.iter("testcase"):
         if case.get("name") is None:  # the empty entry an interrupted (SIGINT) run leaves
             continue
         file = case.get("classname", "?").split(".")[-1]
+        test = f"{file}::{case.get('name')}"
+        syncs["checked"] += any(p.get("name") == SYNC_CHECK_PROPERTY
+                                for p in case.iter("property"))
         outcome = "passed"
         for child in case:
             if child.tag in ("failure", "error"):
                 outcome = "failed" if child.tag == "failure" else "error"
                 msg = (child.get("message") or child.text or "").strip().splitlines()
-                failures.append({"test": f"{file}::{case.get('name')}", "kind": outcome,
+                failures.append({"test": test, "kind": outcome,
                                  "message": (msg[0] if msg else "")[:300]})
+                if msg and SYNC_MESSAGE in msg[0]:
+                    syncs["syncs"].append({"test": test, "message": msg[0][:300]})
             elif child.tag == "skipped":
                 outcome = "skipped"
                 skips[(child.get("message") or "").replace("\n", " ")[:200]] += 1
@@ -327,4 +342,4 @@ def parse_junit(path):
         total.update(c)
     return {"junit": str(Path(path).name), "counts": dict(total),
             "per_file": {f: dict(c) for f, c in sorted(per_file.items())},
-            "failures": failures, "skip_reasons": dict(skips)}
+            "failures": failures, "skip_reasons": dict(skips), "host_syncs": syncs}
