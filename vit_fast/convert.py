@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from . import beit_block, eva_block  # noqa: F401  (register their converters in timm_blocks)
 from . import modules, timm_blocks
 from .adopt import adopt
 from .convert_navit import convert_packed
