@@ -1,0 +1,62 @@
+"""timm's EvaBlock converted fused (vit_fast/eva_block.py): tiny DINOv3, EVA02 small and base,
+RoPE-ViT axial and mixed (learnable frequencies) and PE-core match timm's outputs and gradients
+in fp32, on the reference backend and on the Triton kernels under the interpreter, in train
+(dropout 0) and eval; hooks and unhandled configurations keep timm's path with the reason."""
+import pytest
+import torch
+
+import vit_fast
+from block_match import check, pair
+from vit_fast.eva_block import EvaBlock
+
+MODELS = {
+    # name: (timm model, extra kwargs, the ops its blocks must run)
+    "dinov3": ("vit_small_patch16_dinov3", {}, {"rotary_qk", "gelu_mlp"}),  # half-split, 4 regs
+    "eva02_small": ("eva02_small_patch14_224", {}, {"rotary_qk", "glu_mlp"}),  # packed GluMlp
+    "eva02_base": ("eva02_base_patch14_224", {}, {"rotary_qk", "glu_mlp"}),  # q/k/v, SwiGLU+LN
+    "rope_axial": ("vit_base_patch16_rope_224", {}, {"rotary_qk", "gelu_mlp"}),
+    "rope_mixed": ("vit_base_patch16_rope_mixed_224", {}, {"rotary_qk", "gelu_mlp"}),
+    "pe_core": ("vit_pe_core_tiny_patch16_384", {}, {"rotary_qk", "gelu_mlp"}),
+}
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_converted_eva_models_match_timm(model, backend, train, monkeypatch):
+    name, kwargs, ops = MODELS[model]
+    calls, ours = check(name, backend, train, EvaBlock, monkeypatch, **kwargs)
+    assert ops <= set(calls), calls
+
+
+def test_eva02_base_keeps_its_k_projection_without_bias():
+    theirs, ours, _ = pair("eva02_base_patch14_224")
+    attn = ours.blocks[0].attn
+    assert attn.qkv is None and attn.k_proj.bias is None and attn.q_proj.bias is not None
+    assert "blocks.0.attn.k_proj.bias" not in ours.state_dict()
+
+
+def test_mixed_rope_frequencies_get_their_gradient():
+    theirs, ours, _ = pair("vit_base_patch16_rope_mixed_224")
+    with vit_fast.use_backend("triton"):
+        ours.forward_features(torch.randn(1, 3, 32, 32)).square().sum().backward()
+    freqs = [p for n, p in ours.named_parameters() if n.startswith("rope.")]
+    assert freqs and all(p.grad is not None and p.grad.abs().sum() > 0 for p in freqs)
+
+
+def test_a_hook_keeps_timms_path_and_fires():
+    theirs, ours, _ = pair("vit_small_patch16_dinov3")
+    seen = []
+    ours.blocks[0].attn.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    assert vit_fast.convert.why_not_fused(ours) .get("blocks.0") == ["attn has forward hooks"]
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_features(x), theirs.forward_features(x))
+    assert seen
+
+
+def test_an_unhandled_configuration_stays_timms_with_the_reason():
+    theirs, ours, summary = pair("vit_base_patch16_rope_224", qk_norm=True)
+    left = dict(summary.left)
+    assert "q/k norms" in left["blocks.0"] and "EvaBlock" in left["blocks.0"], str(summary)
+    assert type(ours.blocks[0]) is type(theirs.blocks[0])
