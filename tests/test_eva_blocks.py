@@ -60,3 +60,16 @@ def test_an_unhandled_configuration_stays_timms_with_the_reason():
     left = dict(summary.left)
     assert "q/k norms" in left["blocks.0"] and "EvaBlock" in left["blocks.0"], str(summary)
     assert type(ours.blocks[0]) is type(theirs.blocks[0])
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_dinov3", "eva02_small_patch14_224"])
+def test_bench_memory_counts_the_eva_block_with_its_rope(name):
+    """`bench memory --model <eva> --scope block`: the block is called with the model's rope;
+    the kernel path saves less than timm's and no [.., N, N] tensor (fake CUDA, counted)."""
+    from vit_fast.bench.memory import measure
+    rows, notes = measure(name, batch=2, what=("block",))
+    assert not notes, notes
+    by = {r["impl"]: r for r in rows}
+    assert by["vit_fast"]["ratio"] < 0.7, rows
+    n = by["vit_fast"]["shapes"][0][0][1]  # x [B, N, C]
+    assert not any(len(s) >= 2 and s[-1] == s[-2] == n for s, _ in by["vit_fast"]["shapes"])
