@@ -334,10 +334,3 @@ def _sum_partials(part, like, B, H, Bs, Hs, groups):
         part, outs[0], outs[1], None, rows, C, HAS_OUT1=True, HAS_OUT2=False, BLOCK_P=block_p,
         BLOCK_N=block_c, num_warps=4)
     return outs
-
-
-def aot_specs():
-    """Every shipped CUDA config as vit_fast.aot.AotSpec (listed in rope_aot.py)."""
-    from .rope_aot import aot_specs as specs
-    return specs()
-

@@ -8,11 +8,11 @@ what the launchers pick on a GPU.
 import dataclasses
 
 from aot_builds import covering_jobs, parametrize_jobs
-from vit_fast.kernels import rope
+from vit_fast.kernels import rope, rope_aot
 
-SPECS = rope.aot_specs()
+SPECS = rope_aot.aot_specs()
 JOBS = covering_jobs(SPECS)
-AOT_JOBS = ("rope", JOBS)  # conftest.py starts them at collection
+AOT_JOBS = ("rope_aot", JOBS)  # conftest.py starts them at collection
 
 
 def test_specs_cover_every_bucket_dtype_layout_and_variant_the_launchers_pick():
