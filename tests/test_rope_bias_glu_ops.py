@@ -153,3 +153,25 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="norm_eps"):
         F.glu_mlp(torch.randn(3, 4), torch.randn(6, 4), None, torch.randn(4, 3), None,
                   norm_weight=torch.ones(3))
+
+
+def _opcheck_args(which):
+    B, H, D, N = 2, 2, 8, 5
+    qkv = torch.randn(B, N, 3 * H * D, requires_grad=True)
+    if which == "rotary_qk":
+        sin, cos = _angles((N - 1,), D, True)
+        return qkv, H, sin.requires_grad_(), cos.requires_grad_(), 1, True
+    if which == "biased_qkv_attention":
+        return qkv, H, D ** -0.5, 0.0, None, None, torch.randn(H, N, N, requires_grad=True)
+    x = torch.randn(3, 6, requires_grad=True)
+    wg, wv = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6, requires_grad=True)
+    w2, nw = torch.randn(6, 4, requires_grad=True), torch.rand(4, requires_grad=True)
+    return x, wg, wv, None, None, w2, None, None, None, None, False, nw, None, 1e-6, True
+
+
+@pytest.mark.parametrize("which", ["rotary_qk", "biased_qkv_attention", "glu_mlp"])
+def test_opcheck_of_the_new_custom_ops(which):
+    """Schemas, fake implementations and autograd registrations agree with the kernels
+    (torch.library.opcheck: what torch.compile and export rely on). It found the glu_mlp
+    backward returning a pair's gate and value gradients as views of one tensor."""
+    torch.library.opcheck(getattr(torch.ops.vit_fast, which).default, _opcheck_args(which))

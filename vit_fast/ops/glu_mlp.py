@@ -156,10 +156,23 @@ def glu_mlp_backward_op(grad: Tensor, x: Tensor, fc1_weight: Tensor,
     """backward_kernels as a registered op."""
     checks.tensor("glu_mlp_backward", "grad", grad, like=x,
                   shape=(*x.shape[:-1], fc2_weight.shape[0]))
-    return backward_kernels(grad, x, fc1_weight, fc1_value_weight, fc2_weight, fc2_bias, pre,
-                            layer_scale, sample_scale, has_residual, gate_last, norm_weight,
-                            norm_bias, norm_eps, want_fc1_bias, want_fc2_bias, want_norm_weight,
-                            want_norm_bias, want_layer_scale, want_sample_scale)
+    grads = backward_kernels(grad, x, fc1_weight, fc1_value_weight, fc2_weight, fc2_bias, pre,
+                             layer_scale, sample_scale, has_residual, gate_last, norm_weight,
+                             norm_bias, norm_eps, want_fc1_bias, want_fc2_bias, want_norm_weight,
+                             want_norm_bias, want_layer_scale, want_sample_scale)
+    return _unaliased(grads)
+
+
+def _unaliased(grads):
+    """A pair's gate and value gradients are halves of one [2H, ...] result: a custom op's
+    outputs may not alias each other, so a later one sharing an earlier one's storage is copied
+    (weight-sized; the eager twin returns the views)."""
+    seen, out = set(), []
+    for t in grads:
+        key = t.untyped_storage().data_ptr() if t.numel() else None
+        out.append(t.clone() if key is not None and key in seen else t)
+        seen.add(key)
+    return out
 
 
 @glu_mlp_backward_op.register_fake
