@@ -48,7 +48,7 @@ def check(name, backend, train, block_class, monkeypatch, **kwargs):
     assert list(ours.state_dict()) == list(theirs.state_dict())
     theirs.train(train), ours.train(train)
     calls = {}
-    for op in ("fused_qkv_attention", "rotary_qk", "gelu_mlp", "glu_mlp"):
+    for op in ("fused_qkv_attention", "qk_norm", "rotary_qk", "gelu_mlp", "glu_mlp"):
         real = getattr(functional, op)
 
         def counted(*a, _real=real, _op=op, **kw):

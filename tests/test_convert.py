@@ -135,8 +135,8 @@ OTHER_BLOCKS = {
     # model: (kwargs, input size, words the reason must contain, blocks it names). EvaBlock and
     # BEiT's Block convert fused (tests/test_eva_blocks.py, tests/test_beit_blocks.py) except in
     # the configurations below, which their converters name.
-    "vit_base_patch16_rope_224": (dict(img_size=32, qk_norm=True), 32,
-                                  ["EvaBlock", "attn.q_norm", "q/k norms"], 2),
+    "vit_base_patch16_rope_224": (dict(img_size=32, use_post_norm=True, qk_norm=False), 32,
+                                  ["EvaBlockPostNorm", "rotary position embeddings"], 2),
     "eva02_small_patch14_224": (dict(img_size=28, num_kv_heads=1, attn_type="rope",
                                      qkv_fused=False), 28, ["grouped-query attention"], 2),
     "vit_pe_core_tiny_patch16_384": (dict(img_size=32, use_post_norm=True, qk_norm=False), 32,

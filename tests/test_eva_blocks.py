@@ -17,6 +17,8 @@ MODELS = {
     "rope_axial": ("vit_base_patch16_rope_224", {}, {"rotary_qk", "gelu_mlp"}),
     "rope_mixed": ("vit_base_patch16_rope_mixed_224", {}, {"rotary_qk", "gelu_mlp"}),
     "pe_core": ("vit_pe_core_tiny_patch16_384", {}, {"rotary_qk", "gelu_mlp"}),
+    "rope_qk_norm": ("vit_base_patch16_rope_224", {"qk_norm": True},
+                     {"qk_norm", "rotary_qk", "gelu_mlp"}),  # norm, then rope (timm's order)
 }
 
 
@@ -56,10 +58,21 @@ def test_a_hook_keeps_timms_path_and_fires():
 
 
 def test_an_unhandled_configuration_stays_timms_with_the_reason():
-    theirs, ours, summary = pair("vit_base_patch16_rope_224", qk_norm=True)
+    theirs, ours, summary = pair("vit_base_patch16_rope_224", attn_type="rope", qkv_fused=False,
+                                 num_kv_heads=1)
     left = dict(summary.left)
-    assert "q/k norms" in left["blocks.0"] and "EvaBlock" in left["blocks.0"], str(summary)
+    assert "grouped-query" in left["blocks.0"] and "EvaBlock" in left["blocks.0"], str(summary)
     assert type(ours.blocks[0]) is type(theirs.blocks[0])
+
+
+def test_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) through the converted blocks (the new ops are registered
+    custom ops with fake implementations), kernels under the interpreter."""
+    theirs, ours, _ = pair("eva02_base_patch14_224")
+    x = torch.randn(2, 3, 32, 32)
+    with vit_fast.use_backend("triton"):
+        out = torch.compile(ours.forward_features, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(out, theirs.forward_features(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["vit_small_patch16_dinov3", "eva02_small_patch14_224"])

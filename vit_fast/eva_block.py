@@ -25,7 +25,7 @@ from timm.models.eva import EvaBlock as _TimmEvaBlock
 from . import functional, timm_blocks, timm_branches
 from .adopt import adopt
 from .fusion import FusedModule, forward_is
-from .layers import _tracing
+from .layers import _qk_norm_kind, _tracing
 
 __all__ = ["EvaBlock", "convert_eva_block"]
 
@@ -54,10 +54,10 @@ class EvaBlock(FusedModule):
             reasons.append("a gated attention output (attn.gate reads LN1's output)")
         if getattr(attn, "num_kv_heads", attn.num_heads) != attn.num_heads:
             reasons.append("grouped-query attention (fewer k/v heads than q heads)")
-        for n in ("q_norm", "k_norm"):
-            if not forward_is(getattr(attn, n), nn.Identity.forward):
-                reasons.append(f"attn.{n} is {type(getattr(attn, n)).__name__}: q/k norms before "
-                               "the rotary embedding are not fused here yet")
+        if _qk_norm(attn) is None:
+            reasons.append(f"attn.q_norm / k_norm are {type(attn.q_norm).__name__} / "
+                           f"{type(attn.k_norm).__name__}: the fused qk_norm takes a LayerNorm or "
+                           "RmsNorm over head_dim, the same kind for both")
         if attn.head_dim % 2:
             reasons.append(f"head_dim {attn.head_dim} is odd (rotary pairs need an even one)")
         return reasons + timm_branches.mlp_reasons(self.mlp)
@@ -94,6 +94,13 @@ class EvaBlock(FusedModule):
         attn, n1, n2 = self.attn, self.norm1, self.norm2
         h = functional.residual_layer_norm(x, n1.weight, n1.bias, n1.eps)[0]
         qkv = timm_branches.packed_qkv(attn, h)
+        norm = _qk_norm(attn)
+        if norm:  # timm's order: q/k norm, then the rotary embedding
+            kind, eps = norm
+            qn, kn = attn.q_norm, attn.k_norm
+            qkv = functional.qk_norm(qkv, attn.num_heads, qn.weight, kn.weight,
+                                     getattr(qn, "bias", None), getattr(kn, "bias", None),
+                                     kind=kind, eps=eps)
         if rope is not None:
             sin, cos = rope.tensor_split(2, -1)
             qkv = functional.rotary_qk(qkv, attn.num_heads, sin, cos,
@@ -109,6 +116,15 @@ class EvaBlock(FusedModule):
                                                layer_scale=g1, sample_scale=ss1)
         ss2 = timm_branches.drop_path_scale(self.drop_path2, x)
         return timm_branches.mlp_branch(self.mlp, h2, s, self.gamma_2, ss2)
+
+
+def _qk_norm(attn):
+    """() without q/k norms, (kind, eps) of functional.qk_norm reproducing them, or None."""
+    q, k = attn.q_norm, attn.k_norm
+    if forward_is(q, nn.Identity.forward) and forward_is(k, nn.Identity.forward):
+        return ()
+    kind = _qk_norm_kind(q, attn.head_dim)
+    return kind if kind is not None and kind == _qk_norm_kind(k, attn.head_dim) else None
 
 
 def convert_eva_block(block, model):
