@@ -86,3 +86,14 @@ def test_bench_memory_counts_the_eva_block_with_its_rope(name):
     assert by["vit_fast"]["ratio"] < 0.7, rows
     n = by["vit_fast"]["shapes"][0][0][1]  # x [B, N, C]
     assert not any(len(s) >= 2 and s[-1] == s[-2] == n for s, _ in by["vit_fast"]["shapes"])
+
+
+def test_converting_again_names_the_blocks_already_converted():
+    theirs, ours, _ = pair("eva02_small_patch14_224")
+    ours.blocks[0].mlp.fc2.register_forward_hook(lambda m, a, out: None)
+    summary = vit_fast.convert(ours).vit_fast_summary
+    assert "blocks.0" in summary.already and not summary.swapped and not summary.left
+    model = pair("eva02_small_patch14_224")[0]
+    model.blocks[0].mlp.fc2.register_forward_hook(lambda m, a, out: None)
+    summary = vit_fast.convert(model).vit_fast_summary
+    assert dict(summary.not_fused)["blocks.0"] == ["mlp.fc2 has forward hooks"], str(summary)

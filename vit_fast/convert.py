@@ -53,6 +53,11 @@ class ConversionSummary:
         return "\n".join(lines)
 
 
+# vit_fast's blocks (what a second convert finds in place, and names as already converted)
+_BLOCKS = (modules.Block, eva_block.EvaBlock, beit_block.BeitBlock)
+_CONVERTED = (*_BLOCKS, modules.PatchEmbed)
+
+
 def _reports(m):
     """Whether ``m`` is a converted module that can say why it runs plain."""
     return isinstance(m, FusedModule) or getattr(type(m), "vit_fast_reports", False)
@@ -122,7 +127,7 @@ def _convert_timm(model, summary, blocks, patch_embed):
     for name, module in model.named_modules():
         if _inside(name, handled):
             continue  # inside a block already swapped or reported
-        if isinstance(module, (modules.Block, modules.PatchEmbed)):
+        if isinstance(module, _CONVERTED):
             summary.already.append(name)
             handled.append(name)
             continue
@@ -201,7 +206,7 @@ def convert(model: nn.Module, *, blocks: bool = True, patch_embed: bool = True) 
         if is_transformers_model(model):  # Hugging Face ViT, DeiT, DINOv2, CLIP/SigLIP vision
             convert_transformers(model, summary)
     summary.not_fused[:0] = [(name, new.why_not_fused()) for name, new in replacements
-                             if isinstance(new, modules.Block) and new.why_not_fused()]
+                             if isinstance(new, _BLOCKS) and new.why_not_fused()]
     if not (summary.swapped or summary.left or summary.already or summary.fused):
         summary.left.append(("", f"{type(model).__name__} has no transformer block vit_fast "
                                  "converts (timm Block or PatchEmbed, vit-pytorch attention / "
