@@ -70,3 +70,27 @@ def check(name, backend, train, block_class, monkeypatch, **kwargs):
         if r is not None:
             torch.testing.assert_close(got[2][n], r, rtol=1e-4, atol=2e-5, msg=lambda m: f"{n}: {m}")
     return calls, ours
+
+
+def check_amp(name, **kwargs):
+    """Under CPU autocast (bf16) on the Triton kernels: the output and every gradient within
+    docs/design.md's tolerance rule, timm's own autocast run as the same-dtype reference and timm
+    in float64 as the truth."""
+    from tolerance import assert_close_by_rule
+    theirs, ours, _ = pair(name, **kwargs)
+    t64 = copy.deepcopy(theirs).double()
+    x = torch.randn(2, 3, 32, 32)
+    y64 = t64.forward_features(x.double())
+    y64.square().sum().backward()
+    runs = []
+    for model, backend in ((theirs, "reference"), (ours, "triton")):
+        with vit_fast.use_backend(backend), torch.autocast("cpu", torch.bfloat16):
+            y = model.forward_features(x)
+        y.float().square().sum().backward()
+        runs.append((y.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (same, same_g), (got, got_g) = runs
+    assert_close_by_rule(got.to(torch.bfloat16), same.to(torch.bfloat16), y64, "output")
+    for n, p in t64.named_parameters():
+        if p.grad is not None:
+            assert_close_by_rule(got_g[n].to(torch.bfloat16), same_g[n].to(torch.bfloat16),
+                                 p.grad, f"d {n}")

@@ -32,3 +32,8 @@ def test_swiglu_beit_block_fuses_the_gated_mlp(monkeypatch):
     calls, _ = check("beit_base_patch16_224", "triton", True, BeitBlock, monkeypatch,
                      init_values=0.1, swiglu_mlp=True, scale_mlp=True)
     assert "glu_mlp" in calls
+
+
+def test_autocast_bf16_within_the_tolerance_rule():
+    from block_match import check_amp
+    check_amp("beit_base_patch16_224", init_values=0.1)

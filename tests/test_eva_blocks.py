@@ -97,3 +97,9 @@ def test_converting_again_names_the_blocks_already_converted():
     model.blocks[0].mlp.fc2.register_forward_hook(lambda m, a, out: None)
     summary = vit_fast.convert(model).vit_fast_summary
     assert dict(summary.not_fused)["blocks.0"] == ["mlp.fc2 has forward hooks"], str(summary)
+
+
+@pytest.mark.parametrize("name", ["eva02_small_patch14_224", "vit_small_patch16_dinov3"])
+def test_autocast_bf16_within_the_tolerance_rule(name):
+    from block_match import check_amp
+    check_amp(name)
