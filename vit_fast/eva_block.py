@@ -26,6 +26,8 @@ from . import functional, timm_blocks, timm_branches
 from .adopt import adopt
 from .fusion import FusedModule, forward_is
 from .layers import _qk_norm_kind, _tracing
+from .naflexvit import SegmentIds
+from .segments import segment_attention_mask
 
 __all__ = ["EvaBlock", "convert_eva_block"]
 
@@ -78,19 +80,28 @@ class EvaBlock(FusedModule):
         """Why forward runs timm's submodules now; [] when it takes the fused path."""
         return self.fusion_reasons() or timm_branches.mlp_call_reasons(self.mlp)
 
+    # A converted NaFlexVit hands this block segment ids (vit_fast/naflexvit.py's SegmentIds)
+    # where timm passes its padding mask.
+    vit_fast_segments = True
+
     def forward(self, x, rope: Optional[torch.Tensor] = None,
                 attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        segment_ids = None
+        if isinstance(attn_mask, SegmentIds):
+            segment_ids, attn_mask = attn_mask.ids, None
         if (torch.jit.is_scripting() or attn_mask is not None or is_causal or _tracing(x)
                 or self.why_not_fused()):
+            if segment_ids is not None:  # timm's math on the equivalent dense mask
+                attn_mask = segment_attention_mask(segment_ids)
             return self.forward_plain(x, rope, attn_mask, is_causal)
-        return self._forward_fused(x, rope)
+        return self._forward_fused(x, rope, segment_ids)
 
     def forward_plain(self, x, rope: Optional[torch.Tensor] = None,
                       attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         """timm's EvaBlock.forward: every submodule called."""
         return _TimmEvaBlock.forward(self, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
 
-    def _forward_fused(self, x, rope):
+    def _forward_fused(self, x, rope, segment_ids=None):
         attn, n1, n2 = self.attn, self.norm1, self.norm2
         h = functional.residual_layer_norm(x, n1.weight, n1.bias, n1.eps)[0]
         qkv = timm_branches.packed_qkv(attn, h)
@@ -108,7 +119,8 @@ class EvaBlock(FusedModule):
                                        half=bool(getattr(attn, "rotate_half", False)))
         # timm's fused path (SDPA) scales by head_dim**-0.5, as the op does by default
         o = functional.fused_qkv_attention(
-            qkv, attn.num_heads, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+            qkv, attn.num_heads, dropout_p=attn.attn_drop.p if attn.training else 0.0,
+            segment_ids=segment_ids)
         p = attn.proj_drop(attn.proj(attn.norm(o)))
         ss1 = timm_branches.drop_path_scale(self.drop_path1, x)  # timm's order: after attn
         g1 = self.gamma_1
