@@ -46,11 +46,13 @@ def test_mixed_rope_frequencies_get_their_gradient():
     assert freqs and all(p.grad is not None and p.grad.abs().sum() > 0 for p in freqs)
 
 
-def test_a_hook_keeps_timms_path_and_fires():
+@pytest.mark.parametrize("where", ["attn", "attn.proj"])  # proj: gamma_1 is folded into it
+def test_a_hook_keeps_timms_path_and_fires(where):
     theirs, ours, _ = pair("vit_small_patch16_dinov3")
     seen = []
-    ours.blocks[0].attn.register_forward_hook(lambda m, a, out: seen.append(out.shape))
-    assert vit_fast.convert.why_not_fused(ours) .get("blocks.0") == ["attn has forward hooks"]
+    ours.blocks[0].get_submodule(where).register_forward_hook(
+        lambda m, a, out: seen.append(out.shape))
+    assert vit_fast.convert.why_not_fused(ours).get("blocks.0") == [f"{where} has forward hooks"]
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours.forward_features(x), theirs.forward_features(x))

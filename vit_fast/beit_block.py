@@ -32,7 +32,8 @@ class BeitBlock(FusedModule):
     """BEiT's Block, fused where it can be. Built by :func:`convert_beit_block` around a timm
     block (its submodules and parameters taken over, not copied)."""
 
-    bypassed_paths = ("norm1", "attn", "attn.qkv", "attn.attn_drop", "drop_path1", "norm2",
+    bypassed_paths = ("norm1", "attn", "attn.qkv", "attn.attn_drop", "attn.proj", "drop_path1",
+                      "norm2",
                       "mlp", *timm_branches.MLP_PATHS, "drop_path2")
 
     def _class_reasons(self):
@@ -88,10 +89,11 @@ class BeitBlock(FusedModule):
         o = functional.fused_qkv_attention(
             qkv, attn.num_heads, dropout_p=attn.attn_drop.p if attn.training else 0.0,
             bias=bias)
-        p = attn.proj_drop(attn.proj(o))
+        # gamma_1 folded into proj (dropout is per element, so it commutes with the scale)
+        p = attn.proj_drop(timm_branches.scaled_projection(attn.proj, o, self.gamma_1))
         ss1 = timm_branches.drop_path_scale(self.drop_path1, x)
         h2, s = functional.residual_layer_norm(p, n2.weight, n2.bias, n2.eps, residual=x,
-                                               layer_scale=self.gamma_1, sample_scale=ss1)
+                                               sample_scale=ss1)
         ss2 = timm_branches.drop_path_scale(self.drop_path2, x)
         return timm_branches.mlp_branch(self.mlp, h2, s, self.gamma_2, ss2)
 

@@ -3,7 +3,8 @@ its converter (registered with vit_fast/timm_blocks.py).
 
     h   = LN1(x);  qkv = h Wᵀ + b          (fused qkv, or q/k/v projections concatenated)
     qkv = rotary_qk(qkv, sin, cos)         (q, k of the non-prefix tokens rotated; timm's rope)
-    s   = x + drop_path(gamma_1·proj(norm(attention(qkv))))   residual_layer_norm gives LN2(s)
+    s   = x + drop_path(proj'(norm(attention(qkv))))  proj' = proj with gamma_1 folded in;
+                                                    residual_layer_norm gives LN2(s)
     out = s + drop_path(gamma_2·MLP(LN2(s)))                  gelu_mlp / glu_mlp with the residual
 
 ``rope`` is what timm's Eva passes each block: cat([sin, cos], -1) of shape [N', 2D] (axial),
@@ -40,7 +41,7 @@ class EvaBlock(FusedModule):
     block (its submodules and parameters taken over, not copied)."""
 
     bypassed_paths = ("norm1", "attn", *_QKV_PATHS, "attn.q_norm", "attn.k_norm",
-                      "attn.attn_drop", "attn.gate", "drop_path1", "norm2", "mlp",
+                      "attn.attn_drop", "attn.gate", "attn.proj", "drop_path1", "norm2", "mlp",
                       *timm_branches.MLP_PATHS, "drop_path2")
 
     def _class_reasons(self):
@@ -69,7 +70,7 @@ class EvaBlock(FusedModule):
         if reasons:
             return reasons
         return (timm_branches.structure_reasons(self, None)
-                + timm_branches.linear_reasons(self, _QKV_PATHS))
+                + timm_branches.linear_reasons(self, (*_QKV_PATHS, "attn.proj")))
 
     def fusable(self):
         """(True, '') when the kinds of layers allow the fused path, else (False, why)."""
@@ -121,11 +122,11 @@ class EvaBlock(FusedModule):
         o = functional.fused_qkv_attention(
             qkv, attn.num_heads, dropout_p=attn.attn_drop.p if attn.training else 0.0,
             segment_ids=segment_ids)
-        p = attn.proj_drop(attn.proj(attn.norm(o)))
+        # gamma_1 folded into proj (dropout is per element, so it commutes with the scale)
+        p = attn.proj_drop(timm_branches.scaled_projection(attn.proj, attn.norm(o), self.gamma_1))
         ss1 = timm_branches.drop_path_scale(self.drop_path1, x)  # timm's order: after attn
-        g1 = self.gamma_1
         h2, s = functional.residual_layer_norm(p, n2.weight, n2.bias, n2.eps, residual=x,
-                                               layer_scale=g1, sample_scale=ss1)
+                                               sample_scale=ss1)
         ss2 = timm_branches.drop_path_scale(self.drop_path2, x)
         return timm_branches.mlp_branch(self.mlp, h2, s, self.gamma_2, ss2)
 

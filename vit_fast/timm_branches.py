@@ -20,7 +20,7 @@ from .fusion import forward_is
 from .layers import _gelu_approximate, _plain_layer_norm
 
 __all__ = ["MLP_PATHS", "norm_reasons", "mlp_reasons", "mlp_call_reasons", "linear_reasons",
-           "packed_qkv", "mlp_branch", "drop_path_scale"]
+           "packed_qkv", "scaled_projection", "mlp_branch", "drop_path_scale"]
 
 # The MLP submodules a fused block reads instead of calling, for every MLP kind below.
 MLP_PATHS = tuple(f"mlp.{p}" for p in ("fc1", "fc1_g", "fc1_x", "act", "drop1", "norm", "fc2",
@@ -130,6 +130,17 @@ def packed_qkv(attn, x):
         bias = torch.cat([b if b is not None else p.weight.new_zeros(p.out_features)
                           for b, p in zip(biases, (q, k, v))])
     return TF.linear(x, weight, bias)
+
+
+def scaled_projection(proj, o, gamma):
+    """proj(o)·gamma, LayerScale folded into proj's weight and bias (weight-sized products):
+    the residual LayerNorm that adds the branch then has no layer_scale, so it keeps no copy of
+    the branch for gamma's gradient (autograd takes that through the products instead)."""
+    weight, bias = proj.weight, proj.bias
+    if gamma is not None:
+        weight = weight * gamma[:, None]
+        bias = None if bias is None else bias * gamma
+    return TF.linear(o, weight, bias)
 
 
 def mlp_branch(mlp, h, residual, layer_scale, sample_scale):
