@@ -37,3 +37,10 @@ def test_swiglu_beit_block_fuses_the_gated_mlp(monkeypatch):
 def test_autocast_bf16_within_the_tolerance_rule():
     from block_match import check_amp
     check_amp("beit_base_patch16_224", init_values=0.1)
+
+
+@pytest.mark.parametrize("own_table", [False, True])
+def test_the_models_shared_relative_position_bias(own_table, monkeypatch):
+    """BEiT's use_shared_rel_pos_bias: the model's bias, alone or added to each block's own."""
+    check("beit_base_patch16_224", "triton", True, BeitBlock, monkeypatch, init_values=0.1,
+          use_shared_rel_pos_bias=True, use_rel_pos_bias=own_table)

@@ -105,3 +105,12 @@ def test_converting_again_names_the_blocks_already_converted():
 def test_autocast_bf16_within_the_tolerance_rule(name):
     from block_match import check_amp
     check_amp(name)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("eva02_small_patch14_224", dict(scale_attn_inner=True)),  # attn.norm before proj
+    ("vit_base_patch16_rope_224", dict(attn_only_layer_scale=True, init_values=0.1)),  # no gamma_2
+    ("eva02_base_patch16_clip_224", {}),
+], ids=["scale_attn_inner", "attn_only_layer_scale", "eva02_clip"])
+def test_more_eva_configurations_on_the_kernels(name, kwargs, monkeypatch):
+    check(name, "triton", True, EvaBlock, monkeypatch, **kwargs)
