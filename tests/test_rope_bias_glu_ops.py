@@ -175,3 +175,20 @@ def test_opcheck_of_the_new_custom_ops(which):
     (torch.library.opcheck: what torch.compile and export rely on). It found the glu_mlp
     backward returning a pair's gate and value gradients as views of one tensor."""
     torch.library.opcheck(getattr(torch.ops.vit_fast, which).default, _opcheck_args(which))
+
+
+def test_the_registered_ops_check_their_own_arguments():
+    """Called directly (torch.ops.vit_fast.*), bad shapes raise naming the argument before any
+    kernel reads past a tensor's end."""
+    ops = torch.ops.vit_fast
+    qkv = torch.randn(2, 5, 3 * 2 * 8)
+    sin, cos = _angles((4,), 8, False)
+    with pytest.raises(ValueError, match="sin"):
+        ops.rotary_qk(qkv, 2, sin[:3], cos[:3], 1, False)
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        ops.rotary_qk(torch.randn(2, 5, 3 * 2 * 7), 2, sin[:, :7], cos[:, :7], 1, False)
+    with pytest.raises(ValueError, match="bias"):
+        ops.biased_qkv_attention(qkv, 2, 0.3, 0.0, None, None, torch.randn(2, 5, 6))
+    with pytest.raises(ValueError, match="fc2_weight"):
+        ops.glu_mlp(torch.randn(3, 6), torch.randn(8, 6), None, None, None, torch.randn(6, 5),
+                    None, None, None, None, False, None, None, None, False)
