@@ -114,3 +114,20 @@ def test_autocast_bf16_within_the_tolerance_rule(name):
 ], ids=["scale_attn_inner", "attn_only_layer_scale", "eva02_clip"])
 def test_more_eva_configurations_on_the_kernels(name, kwargs, monkeypatch):
     check(name, "triton", True, EvaBlock, monkeypatch, **kwargs)
+
+
+def test_an_adapter_on_a_projection_keeps_timms_path():
+    """A Linear subclass with its own forward (LoRA style) on a projection the fused path reads
+    instead of calling: that block runs timm's forward, and says why."""
+    class Adapted(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    theirs, ours, _ = pair("eva02_base_patch14_224")  # separate q/k/v projections
+    for m in (theirs, ours):
+        m.blocks[0].attn.k_proj.__class__ = Adapted
+    assert vit_fast.convert.why_not_fused(ours)["blocks.0"] == [
+        "attn.k_proj is Adapted with its own forward (an adapter?)"]
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_features(x), theirs.forward_features(x))

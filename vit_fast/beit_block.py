@@ -47,7 +47,7 @@ class BeitBlock(FusedModule):
         reasons = self._class_reasons()
         if reasons:
             return reasons
-        return (timm_branches.structure_reasons(self, None)
+        return (timm_branches.structure_reasons(self)
                 + timm_branches.linear_reasons(self, ("attn.qkv", "attn.proj")))
 
     def fusable(self):

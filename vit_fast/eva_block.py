@@ -69,7 +69,7 @@ class EvaBlock(FusedModule):
         reasons = self._class_reasons()
         if reasons:
             return reasons
-        return (timm_branches.structure_reasons(self, None)
+        return (timm_branches.structure_reasons(self)
                 + timm_branches.linear_reasons(self, (*_QKV_PATHS, "attn.proj")))
 
     def fusable(self):

@@ -78,20 +78,23 @@ def mlp_reasons(mlp):
 
 
 def linear_reasons(block, paths):
-    """Adapters: a Linear the block reads whose class has its own forward (LoRA...)."""
+    """Adapters: a Linear the block reads whose class has its own forward (LoRA...). A path
+    that is not there (timm sets the unused projections to None) is skipped."""
     reasons = []
     for path in paths:
-        m = block.get_submodule(path) if _has(block, path) else None
+        m = _submodule(block, path)
         if m is not None and not forward_is(m, nn.Linear.forward):
             reasons.append(f"{path} is {type(m).__name__} with its own forward (an adapter?)")
     return reasons
 
 
-def _has(block, path):
-    try:
-        return block.get_submodule(path) is not None
-    except AttributeError:
-        return False
+def _submodule(block, path):
+    m = block
+    for name in path.split("."):
+        m = getattr(m, name, None)
+        if m is None:
+            return None
+    return m
 
 
 def mlp_call_reasons(mlp):
@@ -100,7 +103,7 @@ def mlp_call_reasons(mlp):
             for d in [getattr(mlp, n)] if d.training and d.p > 0]
 
 
-def structure_reasons(block, dim):
+def structure_reasons(block):
     """What could change after convert: drop-path kinds, the MLP's dropout kinds, adapters."""
     reasons = []
     for n in ("drop_path1", "drop_path2"):
