@@ -132,16 +132,15 @@ def test_documented_why_not_fused_spelling_works():
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, num_classes=5)
 OTHER_BLOCKS = {
-    # model: (kwargs, input size, words the reason must contain, blocks it names)
-    "eva02_small_patch14_224": (dict(img_size=28), 28, ["EvaBlock", "rotary position embeddings",
-                                                        "gated MLP"], 2),
-    "eva02_base_patch14_224": (dict(img_size=28), 28, ["rotary position embeddings",
-                                                       "separate q/k/v", "SwiGLU",
-                                                       "LayerNorm inside the MLP"], 2),
-    "vit_small_patch16_dinov3": (dict(img_size=32), 32, ["EvaBlock", "RotaryEmbeddingDinoV3"], 2),
-    "vit_base_patch16_rope_mixed_224": (dict(img_size=32), 32, ["RotaryEmbeddingMixed"], 2),
-    "vit_pe_core_tiny_patch16_384": (dict(img_size=32), 32, ["rotary position embeddings"], 2),
-    "beit_base_patch16_224": (dict(img_size=32), 32, ["BEiT's Block", "relative position bias"], 2),
+    # model: (kwargs, input size, words the reason must contain, blocks it names). EvaBlock and
+    # BEiT's Block convert fused (tests/test_eva_blocks.py, tests/test_beit_blocks.py) except in
+    # the configurations below, which their converters name.
+    "vit_base_patch16_rope_224": (dict(img_size=32, use_post_norm=True, qk_norm=False), 32,
+                                  ["EvaBlockPostNorm", "rotary position embeddings"], 2),
+    "eva02_small_patch14_224": (dict(img_size=28, num_kv_heads=1, attn_type="rope",
+                                     qkv_fused=False), 28, ["grouped-query attention"], 2),
+    "vit_pe_core_tiny_patch16_384": (dict(img_size=32, use_post_norm=True, qk_norm=False), 32,
+                                     ["EvaBlockPostNorm", "post-norm"], 2),
     "cait_xxs24_224": (dict(img_size=32, depth_token_only=1), 32, ["talking-heads"], 3),
 }
 
@@ -180,6 +179,7 @@ def test_a_registered_block_converter_replaces_or_explains():
 
     torch.manual_seed(0)
     model = timm.create_model("vit_small_patch16_dinov3", pretrained=False, img_size=32, **TINY)
+    registered = dict(timm_blocks._CONVERTERS)  # vit_fast's own (EvaBlock, BEiT), restored below
     try:
         timm_blocks.register_block_converter(EvaBlock, lambda block, m: Wrapped(block))
         vit_fast.convert(model)
@@ -193,3 +193,4 @@ def test_a_registered_block_converter_replaces_or_explains():
         assert left["blocks.1"] == "rotary position embeddings: not yet"
     finally:
         timm_blocks._CONVERTERS.clear()
+        timm_blocks._CONVERTERS.update(registered)

@@ -411,12 +411,19 @@ def test_gpu_kit_navit_rows_dry_run_and_report(tmp_path, monkeypatch):
     assert "vit-pytorch is not installed" in rec.data["skipped"][-1]
 
 
-def test_naflexvit_rope_blocks_are_named_with_the_reason():
+def test_naflexvit_rope_blocks_convert_and_take_segment_ids():
+    """RoPE blocks (timm's EvaBlock) convert to vit_fast.EvaBlock, which takes the segment ids
+    (tests/test_naflexvit_rope.py matches outputs and gradients); a configuration its converter
+    does not handle (grouped-query attention) keeps the model's mask, named with the reason."""
     from timm.models.naflexvit import NaFlexVitCfg
     torch.manual_seed(0)
     model = NaFlexVit(NaFlexVitCfg(embed_dim=24, depth=2, num_heads=3, patch_size=4,
                                    rope_type="axial", global_pool="avg"), num_classes=5)
+    summary = vit_fast.convert(model).vit_fast_summary
+    assert not summary.left and type(model) is FusedNaFlexVit, str(summary)
+    model = NaFlexVit(NaFlexVitCfg(embed_dim=24, depth=2, num_heads=3, patch_size=4,
+                                   rope_type="axial", global_pool="avg", attn_type="rope",
+                                   num_kv_heads=1, qkv_fused=False), num_classes=5)
     left = dict(vit_fast.convert(model).vit_fast_summary.left)
-    assert "rotary position embeddings" in left["blocks.0"] and "NaFlexViT" in left["blocks.1"]
-    assert "padding mask" in left["blocks"]
-    assert type(model) is NaFlexVit  # not converted: its blocks stay timm's
+    assert "grouped-query" in left["blocks.0"] and "padding mask" in left["blocks"], left
+    assert type(model) is NaFlexVit

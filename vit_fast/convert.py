@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from . import beit_block, eva_block  # noqa: F401  (register their converters in timm_blocks)
 from . import modules, timm_blocks
 from .adopt import adopt
 from .convert_navit import convert_packed
@@ -50,6 +51,11 @@ class ConversionSummary:
         lines += [f"  left    {name}: {why}" for name, why in self.left]
         lines += [f"  plain   {name}: {'; '.join(why)}" for name, why in self.not_fused]
         return "\n".join(lines)
+
+
+# vit_fast's blocks (what a second convert finds in place, and names as already converted)
+_BLOCKS = (modules.Block, eva_block.EvaBlock, beit_block.BeitBlock)
+_CONVERTED = (*_BLOCKS, modules.PatchEmbed)
 
 
 def _reports(m):
@@ -121,7 +127,7 @@ def _convert_timm(model, summary, blocks, patch_embed):
     for name, module in model.named_modules():
         if _inside(name, handled):
             continue  # inside a block already swapped or reported
-        if isinstance(module, (modules.Block, modules.PatchEmbed)):
+        if isinstance(module, _CONVERTED):
             summary.already.append(name)
             handled.append(name)
             continue
@@ -200,7 +206,7 @@ def convert(model: nn.Module, *, blocks: bool = True, patch_embed: bool = True) 
         if is_transformers_model(model):  # Hugging Face ViT, DeiT, DINOv2, CLIP/SigLIP vision
             convert_transformers(model, summary)
     summary.not_fused[:0] = [(name, new.why_not_fused()) for name, new in replacements
-                             if isinstance(new, modules.Block) and new.why_not_fused()]
+                             if isinstance(new, _BLOCKS) and new.why_not_fused()]
     if not (summary.swapped or summary.left or summary.already or summary.fused):
         summary.left.append(("", f"{type(model).__name__} has no transformer block vit_fast "
                                  "converts (timm Block or PatchEmbed, vit-pytorch attention / "

@@ -52,6 +52,7 @@ def _convert_navit(prefix, model, summary):
 def _convert_naflexvit(prefix, model, summary):
     from timm.models.naflexvit import NaFlexVit
 
+    from .eva_block import EvaBlock
     from .naflexvit import FusedNaFlexVit, NaFlexBlock
     if isinstance(model, FusedNaFlexVit):
         summary.already.append(prefix + "blocks")
@@ -60,14 +61,16 @@ def _convert_naflexvit(prefix, model, summary):
     why = ""
     if type(model) is not NaFlexVit:
         why = f"{type(model).__name__} subclasses NaFlexVit; not converted"
-    elif not blocks or not all(type(b) is modules.Block for b in blocks):
-        why = ("not every block is a swapped vit_fast Block (EVA / RoPE / custom blocks, or "
-               "blocks=False): the model keeps timm's N×N padding mask")
+    elif not blocks or not all(type(b) in (modules.Block, EvaBlock) for b in blocks):
+        why = ("not every block is a swapped vit_fast Block or EvaBlock (custom blocks, blocks "
+               "a converter left as timm's, or blocks=False): the model keeps timm's N×N "
+               "padding mask")
     if why:
         summary.left.append((prefix + "blocks", why))
         return
     for block in blocks:
-        block.__class__ = NaFlexBlock
+        if type(block) is modules.Block:
+            block.__class__ = NaFlexBlock  # EvaBlock takes the segment ids as it is
     model.__class__ = FusedNaFlexVit
     summary.fused.append((prefix + "blocks", FusedNaFlexVit.vit_fast_fused))
     if model.attn_pool is not None:

@@ -22,7 +22,7 @@ from .errors import DtypeError
 from .segments import segment_ids_from_lengths  # noqa: F401  (public here too: README)
 
 __all__ = ["fused_qkv_attention", "qk_norm", "residual_layer_norm", "gelu_mlp", "patch_embed",
-           "segment_ids_from_lengths"]
+           "segment_ids_from_lengths", "rotary_qk", "glu_mlp"]
 
 _APPROXIMATE = ("none", "tanh")
 _QK_NORM_KINDS = ("layer", "rms")
@@ -174,7 +174,8 @@ def _run(op, choice, amp, device_type, kernel, ref, args):
 
 # --- ops --------------------------------------------------------------------------------------
 
-def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0, segment_ids=None):
+def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0, segment_ids=None,
+                        bias=None):
     """softmax(q kᵀ·scale) v per head from timm's packed qkv.
 
     qkv: [B, N, 3·H·D], last dim laid out (3, H, D) like timm's ``qkv`` Linear output.
@@ -185,7 +186,13 @@ def fused_qkv_attention(qkv, num_heads, *, scale=None, dropout_p=0.0, segment_id
     (NaViT, NaFlexViT): query i attends to key j iff segment_ids[b, i] == segment_ids[b, j] >= 0.
     Tokens with a negative id are padding: their output rows are exactly 0 and their qkv rows get
     exactly 0 gradient. See segment_ids_from_lengths.
+    bias: optional float [H, N, N] (shared by the batch, BEiT's relative position bias) or
+    [1 or B, H, N, N], added to the scaled logits: softmax(q kᵀ·scale + bias) v. It gets its
+    gradient (summed over the batch) when it requires one 
     """
+    if bias is not None:
+        return _planned(_biased_attention_plan,
+                        (qkv, num_heads, scale, dropout_p, segment_ids, bias), qkv)
     return _planned(_attention_plan, (qkv, num_heads, scale, dropout_p, segment_ids), qkv)
 
 
@@ -597,3 +604,249 @@ def _channel_vector(op, name, v, C, device):
     if t.numel() != C:
         raise ValueError(f"{op}: {name} must have one value per channel ({C}), got {t.numel()}")
     return t
+
+
+# --- rotary embeddings, the attention bias and the gated MLP (issue 28) ------------------------
+
+def rotary_qk(qkv, num_heads, sin, cos, *, num_prefix_tokens=0, half=False):
+    """timm's packed qkv [B, N, 3·H·D] with rotary position embeddings applied to q and k as
+    timm's EvaAttention / AttentionRope apply them (apply_rot_embed_cat), v copied: a new qkv of
+    the same layout, ready for :func:`fused_qkv_attention`.
+
+    Tokens n >= num_prefix_tokens are rotated with row n - num_prefix_tokens of sin and cos;
+    the prefix (class, register) tokens pass through. sin, cos: [N', D], [H, N', D] or
+    [B or 1, H or 1, N', D] with N' = N - num_prefix_tokens (timm's rope tensor is
+    ``cat([sin, cos], -1)``: pass its two halves). half=False: the interleaved layout
+    (rot(x) = [-x1, x0, -x3, x2, ...]), half=True: the half-split one. The rotation runs in fp32.
+    sin and cos get gradients when they require them (timm's mixed RoPE).
+    """
+    return _planned(_rotary_qk_plan,
+                    (qkv, num_heads, sin, cos, num_prefix_tokens, half), qkv)
+
+
+def glu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, gate_last=False, norm_weight=None,
+            norm_bias=None, norm_eps=None, residual=None, layer_scale=None, sample_scale=None):
+    """fc2(norm(silu(gate)·value)), timm's GluMlp(act_layer=nn.SiLU) and SwiGLU; then, when
+    residual is given, residual + that·layer_scale·sample_scale[b].
+
+    fc1_weight: packed [2H, C] (GluMlp: fc1's output chunked into x1 | x2; the gate is x2 with
+    gate_last, else x1) or a (gate, value) pair of [H, C] weights (SwiGLU's fc1_g, fc1_x);
+    fc1_bias in the same form, or None. norm_eps not None: a LayerNorm over the H hidden units
+    (norm_weight, norm_bias [H] or None) between the gating and fc2 (EVA02 base's scale_mlp).
+    """
+    op = "glu_mlp"
+    w1, w1v = _fc1_pair(op, "fc1_weight", fc1_weight)
+    b1, b1v = _fc1_pair(op, "fc1_bias", fc1_bias) if fc1_bias is not None else (None, None)
+    if fc1_bias is not None and (w1v is None) != (b1v is None):
+        raise ValueError(f"{op}: fc1_bias must have fc1_weight's form (a tensor for a packed "
+                         "weight, a (gate, value) pair for a pair)")
+    # the pairs travel as separate arguments: a plan's key holds tensors by their metadata
+    return _planned(_glu_mlp_plan,
+                    (x, w1, w1v, b1, b1v, fc2_weight, fc2_bias, gate_last, norm_weight,
+                     norm_bias, norm_eps, residual, layer_scale, sample_scale), x)
+
+
+def _biased_attention_plan(qkv, num_heads, scale, dropout_p, segment_ids, bias):
+    op = "fused_qkv_attention"
+    _check_tensor(op, "qkv", qkv, dim=3)
+    head_dim = _packed_head_dim(op, qkv, num_heads)
+    if scale is not None:
+        if not isinstance(scale, numbers.Real):
+            raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
+        _check_finite(op, "scale", scale)
+    if not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    _check_segment_ids(op, segment_ids, qkv)
+    _check_tensor(op, "bias", bias)
+    B, N = qkv.shape[0], qkv.shape[1]
+    shape = tuple(bias.shape)
+    if not (shape == (num_heads, N, N) or (len(shape) == 4 and shape[0] in (1, B)
+                                           and shape[1:] == (num_heads, N, N))):
+        raise ValueError(f"{op}: bias must be [H, N, N] = [{num_heads}, {N}, {N}] or "
+                         f"[1 or B, H, N, N] (B = {B}), got {list(shape)}")
+    _check_same_device(op, "qkv", qkv, bias=bias)
+    scale_f = float(head_dim ** -0.5) if scale is None else float(scale)
+    heads, p = int(num_heads), float(dropout_p)
+    amp = _autocast_dtype(qkv.device)
+    cast = _cast(amp, qkv)[0] if amp is not None else qkv
+    # the bias is read as fp32 whatever its dtype: only qkv's dtype matters to the kernel
+    choice = dispatch.choose(op, [cast], head_dim=head_dim, dropout_p=dropout_p,
+                             segmented=segment_ids is not None, biased=True)
+
+    def ref(qkv, num_heads, scale, dropout_p, segment_ids, bias):
+        return reference.biased_qkv_attention(qkv, heads, bias, scale=scale_f, dropout_p=p,
+                                              segment_ids=segment_ids)
+
+    def cast_qkv(qkv):
+        return _cast(amp, qkv)[0] if amp is not None else qkv
+    if choice.backend == "reference":
+        def plan(qkv, *rest):
+            return ref(cast_qkv(qkv), *rest)
+        return plan
+    from .ops import attention_bias
+    fn = attention_bias.BiasedAttentionFn.apply if plans.eager(qkv, segment_ids, bias) else None
+
+    def kernel(qkv, num_heads, scale, dropout_p, segment_ids, bias):
+        return attention_bias.biased_qkv_attention(qkv, heads, scale_f, p, segment_ids, bias,
+                                                   op=fn)
+
+    def plan(qkv, *rest):
+        qkv = cast_qkv(qkv)
+        return _run(op, choice, amp, qkv.device.type, kernel, ref, (qkv, *rest))
+    return plan
+
+
+def _rotary_qk_plan(qkv, num_heads, sin, cos, num_prefix_tokens, half):
+    op = "rotary_qk"
+    _check_tensor(op, "qkv", qkv, dim=3)
+    head_dim = _packed_head_dim(op, qkv, num_heads)
+    if head_dim % 2:
+        raise ValueError(f"{op}: head_dim must be even to rotate pairs, got {head_dim}")
+    N = qkv.shape[1]
+    if not isinstance(num_prefix_tokens, numbers.Integral) or isinstance(num_prefix_tokens, bool) \
+            or not 0 <= num_prefix_tokens <= N:
+        raise ValueError(f"{op}: num_prefix_tokens must be an int in [0, N={N}], "
+                         f"got {num_prefix_tokens!r}")
+    if not isinstance(half, bool):
+        raise TypeError(f"{op}: half must be a bool, got {type(half).__name__}")
+    rest = N - int(num_prefix_tokens)
+    for name, t in (("sin", sin), ("cos", cos)):
+        _check_tensor(op, name, t)
+        lead = (1,) * (4 - t.dim()) + tuple(t.shape) if t.dim() <= 4 else None
+        if lead is None or t.dim() < 2 or lead[0] not in (1, qkv.shape[0]) \
+                or lead[1] not in (1, num_heads) or lead[2:] != (rest, head_dim):
+            raise ValueError(f"{op}: {name} must be [N', D], [H, N', D] or [B, H, N', D] with "
+                             f"N' = N - num_prefix_tokens = {rest}, D = {head_dim}, H = "
+                             f"{num_heads}, B = {qkv.shape[0]} (each of H, B may be 1), "
+                             f"got {tuple(t.shape)}")
+    if sin.shape != cos.shape:
+        raise ValueError(f"{op}: sin {tuple(sin.shape)} and cos {tuple(cos.shape)} must have one "
+                         "shape")
+    _check_same_device(op, "qkv", qkv, sin=sin, cos=cos)
+    heads, npt = int(num_heads), int(num_prefix_tokens)
+    amp = _autocast_dtype(qkv.device)
+
+    def cast_qkv(qkv):  # q and k feed the attention's GEMMs: autocast's dtype, as eager's are
+        return _cast(amp, qkv)[0] if amp is not None else qkv
+    choice = dispatch.choose(op, [cast_qkv(qkv)], head_dim=head_dim)
+
+    def ref(qkv, num_heads, sin, cos, num_prefix_tokens, half):
+        return reference.rotary_qk(qkv, heads, sin, cos, num_prefix_tokens=npt, half=half)
+    if choice.backend == "reference":
+        def plan(qkv, *rest):
+            return ref(cast_qkv(qkv), *rest)
+        return plan
+    from .ops import rotary_qk as rope
+    fn = rope.RotaryFn.apply if plans.eager(qkv, sin, cos) else None
+
+    def kernel(qkv, num_heads, sin, cos, num_prefix_tokens, half):
+        return rope.rotary_qk(qkv, heads, sin, cos, npt, half, op=fn)
+
+    def plan(qkv, *rest):
+        qkv = cast_qkv(qkv)
+        return _run(op, choice, amp, qkv.device.type, kernel, ref, (qkv, *rest))
+    return plan
+
+
+def _fc1_pair(op, name, t):
+    """(first, second or None) of a packed tensor or a (gate, value) pair."""
+    if isinstance(t, (tuple, list)):
+        if len(t) != 2:
+            raise ValueError(f"{op}: {name} as a pair must be (gate, value), got {len(t)} items")
+        return tuple(t)
+    return t, None
+
+
+def _glu_mlp_plan(x, w1, w1v, b1, b1v, fc2_weight, fc2_bias, gate_last, norm_weight, norm_bias,
+                  norm_eps, residual, layer_scale, sample_scale):
+    op = "glu_mlp"
+    _check_tensor(op, "x", x, min_dim=1)
+    pair = w1v is not None
+    C = x.shape[-1]
+    for name, t in (("fc1_weight", w1), ("fc1_weight[1]", w1v if pair else w1)):
+        _check_tensor(op, name, t, dim=2)
+        if t.shape[1] != C:
+            raise ValueError(f"{op}: {name} must be [hidden, {C}] to match x [..., {C}], "
+                             f"got {tuple(t.shape)}")
+    if pair and w1.shape != w1v.shape:
+        raise ValueError(f"{op}: fc1_weight's gate {tuple(w1.shape)} and value "
+                         f"{tuple(w1v.shape)} must have one shape")
+    if not pair and w1.shape[0] % 2:
+        raise ValueError(f"{op}: a packed fc1_weight must be [2·hidden, C], got {tuple(w1.shape)}")
+    H = w1.shape[0] if pair else w1.shape[0] // 2
+    for name, t, n in (("fc1_bias", b1, H if pair else 2 * H), ("fc1_bias[1]", b1v, H)):
+        _check_tensor(op, name, t, optional=True, dim=1)
+        _check_shape(op, name, t, (n,))
+    if pair and (b1 is None) != (b1v is None):
+        raise ValueError(f"{op}: fc1_bias as a pair has both biases or neither")
+    _check_tensor(op, "fc2_weight", fc2_weight, dim=2)
+    if fc2_weight.shape[1] != H:
+        raise ValueError(f"{op}: fc2_weight must be [out, {H}] to match fc1, got "
+                         f"{tuple(fc2_weight.shape)}")
+    Co = fc2_weight.shape[0]
+    for name, t, n in (("fc2_bias", fc2_bias, Co), ("layer_scale", layer_scale, Co),
+                       ("norm_weight", norm_weight, H), ("norm_bias", norm_bias, H)):
+        _check_tensor(op, name, t, optional=True, dim=1)
+        _check_shape(op, name, t, (n,))
+    if norm_eps is None and (norm_weight is not None or norm_bias is not None):
+        raise ValueError(f"{op}: norm_weight/norm_bias need norm_eps (the hidden LayerNorm's eps)")
+    if norm_eps is not None:
+        _check_eps(op, norm_eps)
+    if not isinstance(gate_last, bool):
+        raise TypeError(f"{op}: gate_last must be a bool, got {type(gate_last).__name__}")
+    _check_tensor(op, "residual", residual, optional=True)
+    _check_shape(op, "residual", residual, tuple(x.shape[:-1]) + (Co,))
+    _check_tensor(op, "sample_scale", sample_scale, optional=True)
+    _check_sample_scale(op, sample_scale, x)
+    if (layer_scale is not None or sample_scale is not None) and residual is None:
+        raise ValueError(f"{op}: layer_scale and sample_scale scale the branch added to residual; "
+                         "pass residual too")
+    gemm = dict(fc1_weight=w1, fc1_value_weight=w1v, fc1_bias=b1, fc1_value_bias=b1v,
+                fc2_weight=fc2_weight, fc2_bias=fc2_bias)
+    _check_same_device(op, "x", x, **gemm, norm_weight=norm_weight, norm_bias=norm_bias,
+                       residual=residual, layer_scale=layer_scale, sample_scale=sample_scale)
+    _check_same_dtype(op, "x", x, **gemm)
+    eps_f = None if norm_eps is None else float(norm_eps)
+    amp = _autocast_dtype(x.device)
+
+    def fc1(w1, w1v):
+        return w1 if w1v is None else (w1, w1v)
+
+    def ref(x, w1, w1v, b1, b1v, w2, b2, gate_last, nw, nb, eps, residual, layer_scale,
+            sample_scale):
+        return reference.glu_mlp(x, fc1(w1, w1v), None if b1 is None else fc1(b1, b1v), w2, b2,
+                                 gate_last=gate_last, norm_weight=nw, norm_bias=nb,
+                                 norm_eps=eps_f, residual=residual, layer_scale=layer_scale,
+                                 sample_scale=sample_scale)
+
+    def cast_gemm(*gemm):  # x, w1, w1v, b1, b1v, w2, b2
+        return gemm if amp is None else _cast(amp, *gemm)
+    if amp is not None and residual is not None and any(
+            t is not None and t.dtype != amp for t in (residual, layer_scale, sample_scale)):
+        # as gelu_mlp: a low-precision branch added to a wider stream adds in the wider dtype
+        def unfused(x, w1, w1v, b1, b1v, w2, b2, gate_last, nw, nb, eps, residual, layer_scale,
+                    sample_scale):
+            branch = glu_mlp(x, fc1(w1, w1v), None if b1 is None else fc1(b1, b1v), w2, b2,
+                             gate_last=gate_last, norm_weight=nw, norm_bias=nb, norm_eps=eps)
+            return reference.add_branch(residual, branch, layer_scale, sample_scale)
+        return unfused
+    tensors = [*cast_gemm(x, w1, w1v, b1, b1v, fc2_weight, fc2_bias), residual, layer_scale,
+               sample_scale]
+    choice = dispatch.choose(op, tensors, norm=(norm_weight, norm_bias),
+                             hidden=H if norm_eps is not None else 0)
+    if choice.backend == "reference":
+        def plan(*args):
+            return ref(*cast_gemm(*args[:7]), *args[7:])
+        return plan
+    from .ops import glu_mlp as glu
+    fn = glu.GluMlpFn.apply if plans.eager(*tensors, norm_weight, norm_bias) else None
+
+    def kernel(x, w1, w1v, b1, b1v, w2, b2, gate_last, nw, nb, eps, residual, layer_scale,
+               sample_scale):
+        return glu.glu_mlp(x, fc1(w1, w1v), None if b1 is None else fc1(b1, b1v), w2, b2,
+                           gate_last, nw, nb, eps_f, residual, layer_scale, sample_scale, op=fn)
+
+    def plan(*args):
+        args = (*cast_gemm(*args[:7]), *args[7:])
+        return _run(op, choice, amp, x.device.type, kernel, ref, args)
+    return plan

@@ -14,8 +14,9 @@ of the pooling and of every key, and forward_features' padding rows are not mean
 Only the mask changes hands: timm's own forward, forward_features, forward_intermediates, patch
 dropout and gradient checkpointing run as they are. The segment ids travel where timm passes the
 mask (the ``attn_mask`` argument of each Block), wrapped in :class:`SegmentIds`, which only the
-converted Blocks (:class:`NaFlexBlock`) accept; a model whose Blocks are not all converted (EVA /
-RoPE blocks) keeps timm's mask.
+converted Blocks (:class:`NaFlexBlock`, and vit_fast.EvaBlock for NaFlexViT with RoPE, which
+also gets timm's per-sample rope tensor as before) accept; a model whose blocks are not all
+converted keeps timm's mask.
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ class SegmentIds:
 class NaFlexBlock(Block):
     """vit_fast's Block that also takes :class:`SegmentIds` as ``attn_mask``."""
 
+    vit_fast_segments = True
+
     def forward(self, x, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         if isinstance(attn_mask, SegmentIds):
             return self.forward_segments(x, attn_mask.ids)
@@ -59,7 +62,9 @@ class FusedNaFlexVit(NaFlexVit):
     vit_fast_fused = "segment attention from patch_valid (no N×N mask)"
 
     def takes_segment_ids(self) -> bool:
-        return len(self.blocks) > 0 and all(isinstance(b, NaFlexBlock) for b in self.blocks)
+        # NaFlexBlock, or another converted block that takes SegmentIds (vit_fast.EvaBlock)
+        return len(self.blocks) > 0 and all(getattr(type(b), "vit_fast_segments", False)
+                                            for b in self.blocks)
 
     def _forward_embeds(self, x, patch_coord, patch_valid, attn_mask):
         segmented = attn_mask is None and patch_valid is not None and self.takes_segment_ids()

@@ -99,11 +99,38 @@ class QkNormKernel(Kernel):
         return reasons
 
 
+class RopeKernel(Kernel):
+    """qkv in a kernel dtype; sin/cos are read as fp32 whatever their float dtype."""
+
+    def not_supported_reasons(self, tensors, head_dim=0, **options):
+        reasons = _dtype_reasons(tensors[:1])
+        if head_dim > MAX_HEAD_DIM:
+            reasons.append(f"head_dim {head_dim} > {MAX_HEAD_DIM}")
+        return reasons
+
+
+class GluMlpKernel(Kernel):
+    """The GEMM operands in one kernel dtype; the hidden LayerNorm's parameters in it or fp32
+    (autocast), its width within the LayerNorm kernel's."""
+
+    def not_supported_reasons(self, tensors, norm=(), hidden=0, **options):
+        reasons = _dtype_reasons([t for t in tensors if t is not None])
+        dtypes = {t.dtype for t in norm if t is not None}
+        if dtypes - {tensors[0].dtype, torch.float32}:
+            reasons.append(f"hidden LayerNorm parameters of {sorted(map(str, dtypes))}: the "
+                           "kernel takes x's dtype or float32")
+        if hidden > MAX_LAYER_NORM_DIM:
+            reasons.append(f"hidden LayerNorm over {hidden} > {MAX_LAYER_NORM_DIM} units")
+        return reasons
+
+
 KERNELS = {
     "fused_qkv_attention": AttentionKernel("fused_qkv_attention", "triton", ("attention",)),
     "qk_norm": QkNormKernel("qk_norm", "triton", ("qk_norm",)),
     "residual_layer_norm": LayerNormKernel("residual_layer_norm", "triton", ("layer_norm",)),
     "gelu_mlp": Kernel("gelu_mlp", "triton", ("gelu_mlp", "matmul")),
+    "rotary_qk": RopeKernel("rotary_qk", "triton", ("rope",)),
+    "glu_mlp": GluMlpKernel("glu_mlp", "triton", ("glu_mlp", "matmul", "glu_elementwise", "layer_norm")),
     "patch_embed": Kernel("patch_embed", "extension"),
 }
 

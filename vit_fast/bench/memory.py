@@ -121,7 +121,10 @@ def _run_fake(module, x_shape, dtype, amp=False, backend="triton"):
     with FakeTensorMode(), vit_fast.use_backend(backend), flash_sdpa():
         params = {k: torch.empty(v.shape, device="cuda", dtype=store).requires_grad_(v.requires_grad)
                   for k, v in module.named_parameters()}
-        buffers = {k: torch.empty(v.shape, device="cuda", dtype=v.dtype) for k, v in module.named_buffers()}
+        # float buffers (EVA/BEiT's k_bias, a rope table) in the parameters' dtype, as .to() casts them
+        buffers = {k: torch.empty(v.shape, device="cuda",
+                                  dtype=store if v.is_floating_point() else v.dtype)
+                   for k, v in module.named_buffers()}
         x = torch.empty(x_shape, device="cuda", dtype=store, requires_grad=True)
         with count_saved(params.values()) as saved, _autocast("cuda", dtype, amp):
             functional_call(module, {**params, **buffers}, (x,))
@@ -135,6 +138,32 @@ def _run_cpu(module, x_shape, dtype, amp=False, backend=None):
     with count_saved(list(module.parameters())) as saved, _autocast("cpu", dtype, amp):
         module(x)
     return saved
+
+
+class BlockWithRope(nn.Module):
+    """A rotary-embedding block (timm's EvaBlock: EVA02, DINOv3, RoPE-ViT, PE-core) called as its
+    model calls it: with the model's rope tensor (cat([sin, cos], -1), a buffer here: counted as
+    the model's rope module makes it, not as block input)."""
+
+    def __init__(self, block, rope):
+        super().__init__()
+        self.block = block
+        self.register_buffer("rope", rope)
+
+    def forward(self, x):
+        return self.block(x, rope=self.rope)
+
+
+def _first_block(model):
+    """The model's first block as a module of x alone (with its rope, for EvaBlock models)."""
+    block = copy.deepcopy(model.blocks[0])
+    rope = getattr(model, "rope", None)
+    if rope is None:
+        return nn.Sequential(block)
+    embed = rope.get_embed(shape=model.patch_embed.grid_size).detach()
+    if embed.dim() == 4 and embed.shape[0] == len(model.blocks):  # mixed: one table per block
+        embed = embed[0]
+    return BlockWithRope(block, embed)
 
 
 def measure(model_name="vit_base_patch16_224", batch=64, dtype=torch.bfloat16, method="fake-cuda",
@@ -159,7 +188,7 @@ def measure(model_name="vit_base_patch16_224", batch=64, dtype=torch.bfloat16, m
     img = model.patch_embed.img_size
     for scope in what:
         if scope == "block":  # the model's first block, on its own: input [B, N, C]
-            timm_mod, shape = nn.Sequential(copy.deepcopy(model.blocks[0])), (batch, N, C)
+            timm_mod, shape = _first_block(model), (batch, N, C)
         elif scope == "model":
             timm_mod, shape = model, (batch, 3, img[0], img[1])
         else:
