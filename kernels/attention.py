@@ -538,6 +538,7 @@ def bias_grad_groups(qkv: torch.Tensor, num_heads: int, bias: torch.Tensor, conf
                         target.sms if target else None)
 
 
+@on_tensor_device
 def _bias_grad(qkv, dout, lse, delta, seed, num_heads, scale, dropout_p, bias, bias_args, seg, dot):
     """dbias (bias's shape and dtype) for attention_bwd: program (tile, h, group) sums dS over
     its batch group into fp32 partials [G, H, N, N], which a shared bias then sums over G in a

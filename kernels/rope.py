@@ -319,6 +319,7 @@ def rope_bwd(dout: torch.Tensor, num_heads: int, sin: torch.Tensor, cos: torch.T
     return (dx, *_sum_partials(part, sin_in, B, H, Bs, Hs, groups))
 
 
+@on_tensor_device
 def _sum_partials(part, like, B, H, Bs, Hs, groups):
     """dsin, dcos in like's shape and dtype from the [2, ·, ·, N'·D] partials: summed over the
     leading dims that like broadcasts over, in a fixed order (layer_norm's reduce kernel)."""

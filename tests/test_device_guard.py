@@ -69,6 +69,22 @@ def test_every_launcher_is_guarded():
             "matmul", "colsum"} <= set(launchers)
 
 
+def test_bound_launchers_run_only_inside_the_step_that_enters_the_device():
+    """kernels/*_bound.py launch without the guard (their callables skip per-call work): only the
+    Block's one-node step calls them, and its forward enters x's device (the backward runs on
+    autograd's thread for that device, where it is current)."""
+    root = Path(__file__).resolve().parent.parent
+    users = set()
+    for path in [*KERNEL_FILES, *sorted((root / "vit_fast").rglob("*.py"))]:
+        text = path.read_text()
+        if "_bound import" in text or "import layer_norm_bound" in text \
+                or "import attention_bound" in text:
+            users.add(path.name)
+    assert users == {"block_step.py"}, users
+    step = (root / "vit_fast" / "block_step.py").read_text()
+    assert "torch.cuda.device(index)" in step
+
+
 def test_public_launchers_carry_the_guard():
     from vit_fast.kernels import attention, gelu_mlp, layer_norm, matmul
     for fn in (attention.attention_fwd, attention.attention_bwd, layer_norm.residual_layer_norm_fwd,
