@@ -66,6 +66,31 @@ def gelu_mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, res
     return out.reshape(*x.shape[:-1], c_out), (pre if save_pre else x.new_empty(0))
 
 
+def fc2_side_grads(g, g_sum, e, rowdot, x, fc2_weight, fc2_bias, ls, ss, needs_fc2_bias,
+                   needs_layer_scale, needs_sample_scale):
+    """(d_fc2_bias, d_layer_scale, d_sample_scale) of out = residual + (act·W2ᵀ + b2)·ls·ss[b]
+    (the GELU and the gated MLP's backward alike), each None where not needed: g [M, C_out] the
+    output's gradient, g_sum = Σ_m g·ss (fp32 [C_out]), e = gᵀ·(act·ss) (fp32 when ls is given),
+    rowdot the fc2 GEMM epilogue's per-row partial dots [tiles, M], x the MLP input [B, ..., C]."""
+    d_b2 = None
+    if needs_fc2_bias and fc2_bias is not None:
+        d_b2 = (g_sum if ls is None else g_sum * ls.float()).to(fc2_bias.dtype)
+    d_ls = None
+    if needs_layer_scale:
+        d_ls = (fc2_weight.float() * e).sum(1)
+        if fc2_bias is not None:
+            d_ls = d_ls + fc2_bias.float() * g_sum
+        d_ls = d_ls.to(ls.dtype)
+    d_ss = None
+    if needs_sample_scale:
+        per_row = rowdot.sum(0)
+        if fc2_bias is not None:
+            lsb = fc2_bias.float() * (ls.float() if ls is not None else 1.0)
+            per_row = per_row + g.float() @ lsb
+        d_ss = per_row.reshape(x.shape[0], math.prod(x.shape[1:-1])).sum(1).to(ss.dtype)
+    return d_b2, d_ls, d_ss
+
+
 @on_tensor_device
 def gelu_mlp_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sample_scale, *,
                  approximate, has_residual, wanted=MlpGrads(), choose=None):
@@ -94,22 +119,8 @@ def gelu_mlp_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sa
     del act_s
     d_w2 = e if ls is None else (e * ls.float()[:, None]).to(dtype)
     g_sum = colsum(g, ss, rps) if (needs_fc2_bias or needs_layer_scale) else None
-    d_b2 = None
-    if needs_fc2_bias and fc2_bias is not None:
-        d_b2 = (g_sum if ls is None else g_sum * ls.float()).to(fc2_bias.dtype)
-    d_ls = None
-    if needs_layer_scale:
-        d_ls = (fc2_weight.float() * e).sum(1)
-        if fc2_bias is not None:
-            d_ls = d_ls + fc2_bias.float() * g_sum
-        d_ls = d_ls.to(ls.dtype)
-    d_ss = None
-    if needs_sample_scale:
-        per_row = rowdot.sum(0)
-        if fc2_bias is not None:
-            lsb = fc2_bias.float() * (ls.float() if ls is not None else 1.0)
-            per_row = per_row + g.float() @ lsb
-        d_ss = per_row.reshape(x.shape[0], math.prod(x.shape[1:-1])).sum(1).to(ss.dtype)
+    d_b2, d_ls, d_ss = fc2_side_grads(g, g_sum, e, rowdot, x, fc2_weight, fc2_bias, ls, ss,
+                                      needs_fc2_bias, needs_layer_scale, needs_sample_scale)
     d_x, _, _ = matmul(d_pre, fc1_weight, dtype, choose=choose)
     d_w1, _, _ = matmul(d_pre.t(), x2, dtype, choose=choose)
     d_b1 = colsum(d_pre).to(dtype) if needs_fc1_bias else None

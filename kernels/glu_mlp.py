@@ -37,13 +37,12 @@ sample_scale. fc1's bias is not needed (it is in pre); no statistic of the norm 
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
 from ._device import on_tensor_device
-from .gelu_mlp import _rows, _rows_per_sample
+from .gelu_mlp import _rows, _rows_per_sample, fc2_side_grads
 from .glu_elementwise import glu_backward, glu_forward
 from .layer_norm import MAX_C, residual_layer_norm_bwd, residual_layer_norm_fwd
 from .matmul import colsum, matmul
@@ -237,22 +236,8 @@ def glu_mlp_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sam
     del act_s
     d_w2 = e if ls is None else (e * ls.float()[:, None]).to(dtype)
     g_sum = colsum(g, ss, rps) if (wanted.fc2_bias or needs_layer_scale) else None
-    d_b2 = None
-    if wanted.fc2_bias and fc2_bias is not None:
-        d_b2 = (g_sum if ls is None else g_sum * ls.float()).to(fc2_bias.dtype)
-    d_ls = None
-    if needs_layer_scale:
-        d_ls = (fc2_weight.float() * e).sum(1)
-        if fc2_bias is not None:
-            d_ls = d_ls + fc2_bias.float() * g_sum
-        d_ls = d_ls.to(ls.dtype)
-    d_ss = None
-    if needs_sample_scale:
-        per_row = rowdot.sum(0)
-        if fc2_bias is not None:
-            lsb = fc2_bias.float() * (ls.float() if ls is not None else 1.0)
-            per_row = per_row + g.float() @ lsb
-        d_ss = per_row.reshape(x.shape[0], math.prod(x.shape[1:-1])).sum(1).to(ss.dtype)
+    d_b2, d_ls, d_ss = fc2_side_grads(g, g_sum, e, rowdot, x, fc2_weight, fc2_bias, ls, ss,
+                                      wanted.fc2_bias, needs_layer_scale, needs_sample_scale)
     d_x, _, _ = matmul(d_pre, _gate_first(fc1_weight, gate_last), dtype, choose=choose)
     d_w1, _, _ = matmul(d_pre.t(), x2, dtype, choose=choose)
     d_b1 = _as_given(colsum(d_pre).to(dtype), fc1_weight, gate_last) if wanted.fc1_bias else None
