@@ -167,3 +167,25 @@ def test_host_benchmark_reports_its_counts(capsys):
     (r,) = out["rows"]
     assert r["mode"] in predict_host.HOST_MODES and r["precision"] in predict_host.PRECISIONS
     predict_host.HostCost(**{f: r[f] for f in fields})  # the model reads what the bench writes
+
+
+def test_the_plan_takes_the_kernels_attention_only_where_dispatch_would(monkeypatch):
+    """Where dispatch sends the attention to the reference (on a GPU: fp32 attention, no build is
+    shipped), the Block's plan must not call the attention kernel: the call takes the general
+    path, whose Attention.attend asks dispatch. Emulated on CPU by a reason the kernel gives."""
+    from vit_fast import support
+    from vit_fast.ops import attention_sdpa
+    block, x = _block(), torch.randn(2, 5, 16, requires_grad=True)
+    with vit_fast.use_backend("triton"):
+        want = block._forward_general(x, None, False)
+    monkeypatch.setattr(support.AttentionKernel, "option_reasons",
+                        lambda self, floats, **options: ["no build for this call (test)"])
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the attention kernel ran where dispatch chose the reference")
+    monkeypatch.setattr(attention_sdpa, "attention_fwd", no_kernel)
+    with vit_fast.use_backend("triton"):
+        for _ in range(3):  # the plan, its warm-up and the step alike
+            out = block(x)
+            out.sum().backward()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
