@@ -229,6 +229,8 @@ def build(block, x):
         return None  # q/k norms and materialized attention: the general path's Attention.attend
     if not block._rebuilds_ln_outputs(x):
         return None  # the reference: the general path (its ops are planned too)
+    if not _attention_kernel(block, x):
+        return None  # the attention's reference (fp32 on CUDA): the general path asks dispatch
     ln = [block.norm1.weight, block.norm1.bias, block.norm2.weight, block.norm2.bias,
           a.qkv.weight, a.qkv.bias, block.ls1._parameters.get("gamma"),
           block.ls2._parameters.get("gamma")]
@@ -257,6 +259,17 @@ def build(block, x):
     # on the general path, if everything it skips is a no-op.
     plan.warming = plan.eager and plan.norm_skip and plan.proj_direct and plan.proj_drop_skip
     return plan
+
+
+def _attention_kernel(block, x) -> bool:
+    """Whether dispatch runs this Block's attention as the kernel (the plan calls it directly):
+    qkv comes out in the autocast dtype, else in the qkv weight's."""
+    from . import dispatch, functional
+    a = block.attn
+    dtype = functional._autocast_dtype(x.device) or a.qkv.weight.dtype
+    qkv = torch.empty(0, device=x.device, dtype=dtype)
+    return dispatch.choose("fused_qkv_attention", [qkv], head_dim=a.head_dim, dropout_p=0.0,
+                           segmented=False).backend == "triton"
 
 
 def _ops(plan):
