@@ -169,25 +169,34 @@ def test_host_benchmark_reports_its_counts(capsys):
     predict_host.HostCost(**{f: r[f] for f in fields})  # the model reads what the bench writes
 
 
-def test_the_plan_takes_the_kernels_attention_only_where_dispatch_would(monkeypatch):
+@pytest.mark.parametrize("drops", [(0.0, 0.0), (0.25, 0.2)], ids=["plain", "dropout+drop-path"])
+def test_the_plan_takes_the_kernels_attention_only_where_dispatch_would(monkeypatch, drops):
     """Where dispatch sends the attention to the reference (on a GPU: fp32 attention, no build is
-    shipped), the Block's plan must not call the attention kernel: the call takes the general
-    path, whose Attention.attend asks dispatch. Emulated on CPU by a reason the kernel gives."""
+    shipped), the Block's plan must not call the attention kernel: it calls the public op, which
+    asks dispatch, and draws the same random numbers as the general path. Emulated on CPU by a
+    reason the kernel gives."""
     from vit_fast import plans, support
     from vit_fast.ops import attention_sdpa
-    block, x = _block(), torch.randn(2, 5, 16, requires_grad=True)
+    torch.manual_seed(0)
+    block = vit_fast.Block(16, 2, qkv_bias=True, init_values=0.5, attn_drop=drops[0],
+                           drop_path=drops[1]).train()
+    x = torch.randn(2, 5, 16, requires_grad=True)
     monkeypatch.setattr(support.AttentionKernel, "option_reasons",
                         lambda self, floats, **options: ["no build for this call (test)"])
     # decisions already made for this configuration in this process are not this test's
     monkeypatch.setattr(plans.FAILURES, "generation", plans.FAILURES.generation + 10**6)
     with vit_fast.use_backend("triton"):
+        torch.manual_seed(1)
         want = block._forward_general(x, None, False)
 
     def no_kernel(*args, **kwargs):
         raise AssertionError("the attention kernel ran where dispatch chose the reference")
     monkeypatch.setattr(attention_sdpa, "attention_fwd", no_kernel)
     with vit_fast.use_backend("triton"):
-        for _ in range(3):  # the plan, its warm-up and the step alike
+        for _ in range(3):  # the plan, and no step made from it
+            torch.manual_seed(1)
             out = block(x)
             out.sum().backward()
+    assert block.__dict__["_block_plan"][1] is not None  # the plan ran it...
+    assert block.__dict__["_block_plan"][1].step is None  # ...with the public attention
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

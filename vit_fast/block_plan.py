@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.hooks import RemovableHandle
 
-from . import plans
+from . import dispatch, functional, plans
 from .fused_block_ops import AMP_WEIGHTS
 from .fusion import STRUCTURE, forward_is
 
@@ -70,6 +70,7 @@ class BlockPlan:
     __slots__ = ("amp", "eager", "heads", "default_scale", "norm_skip", "proj_direct",
                  "proj_drop_skip", "leaf_dicts", "approximate", "no_autocast", "drop_path",
                  "lnl", "attn", "mlp_block", "save_pre", "policy", "warming", "step",
+                 "attn_kernel",
                  "__weakref__")
 
     def forward_set(self) -> bool:
@@ -111,7 +112,7 @@ class BlockPlan:
             torch.set_autocast_enabled(self.no_autocast, False)
         try:
             qkv = self.lnl(x, n1p["weight"], n1p["bias"], float(n1.eps), qw, qb)[0]
-            seed = _dropout_seed(x.device) if drop > 0.0 else None
+            seed = _dropout_seed(x.device) if drop > 0.0 and self.attn_kernel else None
             o = self.attn(qkv, self.heads, scale, float(drop), seed, segment_ids)[0]
         finally:
             if amp is not None:
@@ -229,8 +230,6 @@ def build(block, x):
         return None  # q/k norms and materialized attention: the general path's Attention.attend
     if not block._rebuilds_ln_outputs(x):
         return None  # the reference: the general path (its ops are planned too)
-    if not _attention_kernel(block, x):
-        return None  # the attention's reference (fp32 on CUDA): the general path asks dispatch
     ln = [block.norm1.weight, block.norm1.bias, block.norm2.weight, block.norm2.bias,
           a.qkv.weight, a.qkv.bias, block.ls1._parameters.get("gamma"),
           block.ls2._parameters.get("gamma")]
@@ -253,18 +252,30 @@ def build(block, x):
     plan.leaf_dicts = tuple(m.__dict__ for _, m in block._bypassed() if m is not None) + tuple(
         m.__dict__ for m in (a.norm, a.proj, a.proj_drop))
     _ops(plan)
+    # Where dispatch sends the attention to the reference (fp32 on CUDA: no build is shipped),
+    # the plan calls it through the public op, which draws its own dropout mask.
+    plan.attn_kernel = _attention_kernel(block, x)
+    if not plan.attn_kernel:
+        plan.attn = _public_attention
     plan.policy = plans.state(x.device.type)[0]
     plan.step = None
     # The one-node step (vit_fast/block_step.py) takes the calls once the configuration has run
     # on the general path, if everything it skips is a no-op.
-    plan.warming = plan.eager and plan.norm_skip and plan.proj_direct and plan.proj_drop_skip
+    plan.warming = (plan.eager and plan.attn_kernel and plan.norm_skip and plan.proj_direct
+                    and plan.proj_drop_skip)
     return plan
+
+
+def _public_attention(qkv, num_heads, scale, dropout_p, seed, segment_ids):
+    """The attention as the public op runs it (dispatch's choice, the reference's own dropout
+    mask: seed unused), shaped as the kernel op's (out, lse) for the plan."""
+    return functional.fused_qkv_attention(qkv, num_heads, scale=scale, dropout_p=dropout_p,
+                                          segment_ids=segment_ids), None
 
 
 def _attention_kernel(block, x) -> bool:
     """Whether dispatch runs this Block's attention as the kernel (the plan calls it directly):
     qkv comes out in the autocast dtype, else in the qkv weight's."""
-    from . import dispatch, functional
     a = block.attn
     dtype = functional._autocast_dtype(x.device) or a.qkv.weight.dtype
     qkv = torch.empty(0, device=x.device, dtype=dtype)

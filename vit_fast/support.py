@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels._device import SIMULATION
+
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Limits the kernels state (tests/test_dispatch.py checks these against kernels/*.py).
@@ -63,13 +65,19 @@ class Kernel:
         return []
 
 
+def _on_gpu(t) -> bool:
+    """A CUDA tensor, or a CPU tensor standing in for one while the host benchmark takes the
+    path a GPU takes (kernels/_device.simulate_gpu)."""
+    return t.device.type == "cuda" or SIMULATION.target is not None
+
+
 class AttentionKernel(Kernel):
     def option_reasons(self, floats, head_dim=0, **options):
         # segmented=True (segment_ids given) is supported by every build: no reason for it.
         reasons = []
         if head_dim > MAX_HEAD_DIM:
             reasons.append(f"head_dim {head_dim} > {MAX_HEAD_DIM}")
-        if any(t.dtype == torch.float32 and t.device.type == "cuda" for t in floats):
+        if any(t.dtype == torch.float32 and _on_gpu(t) for t in floats):
             # IEEE fp32 dots spill at every tile shape on sm_80/sm_90 and tf32 misses the
             # tolerance rule: no fp32 attention build is shipped (fp32 runs in the interpreter).
             reasons.append("float32 attention on CUDA: no spill-free fp32 build is shipped")
