@@ -424,7 +424,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m vit_fast.bench host", description=__doc__.split(
         "\n\n")[0])
     p.add_argument("--target", default="sm_90", choices=sorted(TARGETS))
-    p.add_argument("--precision", default="amp,fp32", help="comma-separated: " + ", ".join(PRECISIONS))
+    p.add_argument("--precision", default="amp,bf16,fp32", help="comma-separated: " + ", ".join(PRECISIONS))
     p.add_argument("--amp", action="store_true", help="shorthand for --precision amp")
     p.add_argument("--shape", default="vit_s,vit_b", help="comma-separated: " + ", ".join(SHAPES))
     p.add_argument("--mode", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))

@@ -14,9 +14,9 @@ Steps (each on top of the previous):
   launch path included), no other change.
 - ``cublas``: every GEMM on cuBLAS (VIT_FAST_BACKEND=cublas: the MLP's GELU and residual
   epilogues as Triton passes); the library backs the GEMMs.
-- ``amp_casts``: the AMP backward's six activation-sized casts folded into the kernels around
-  them (LayerNorm rebuilds write the autocast dtype; LayerNorm backwards read the GEMM's l
-  gradient and write the stream gradient in fp32 and its l copy for the next GEMM).
+- ``amp_casts``: the AMP backward's activation-sized casts still in the op list (four: the
+  LayerNorm rebuilds already write the autocast dtype) folded into the kernels around
+  them (LayerNorm backwards read the GEMM's l gradient and write the stream gradient in fp32 and its l copy for the next GEMM).
 - ``grad_add``: LayerNorm 1's backward adds the stream gradient (no separate add pass).
 - ``bias_grads``: the bias column sums (fc1, fc2, qkv, proj) as per-program partials of the
   kernel that writes each gradient (GELU backward, LayerNorm backwards), not passes of their own.
@@ -53,7 +53,7 @@ _CASTS = {"rebuilt_h1_to_lp", "rebuilt_h2_to_lp", "grad_out_to_lp", "grad_h2_to_
 
 
 def _fold_amp_casts(ops, M, C, l):
-    """Drop the six casts; the rebuilds write l; each LayerNorm backward reads its dh in l (not
+    """Drop the casts (those of _CASTS still in the op list); the rebuilds write l; each LayerNorm backward reads its dh in l (not
     fp32) and writes the stream gradient's l copy beside the fp32 one."""
     MC, out = M * C, []
     for op in ops:
