@@ -16,7 +16,8 @@ Steps (each on top of the previous):
   epilogues as Triton passes); the library backs the GEMMs.
 - ``amp_casts``: the AMP backward's activation-sized casts still in the op list (four: the
   LayerNorm rebuilds already write the autocast dtype) folded into the kernels around
-  them (LayerNorm backwards read the GEMM's l gradient and write the stream gradient in fp32 and its l copy for the next GEMM).
+  them (LayerNorm backwards read the GEMM's l gradient and write the stream gradient in fp32
+  and its l copy for the next GEMM).
 - ``grad_add``: LayerNorm 1's backward adds the stream gradient (no separate add pass).
 - ``bias_grads``: the bias column sums (fc1, fc2, qkv, proj) as per-program partials of the
   kernel that writes each gradient (GELU backward, LayerNorm backwards), not passes of their own.
