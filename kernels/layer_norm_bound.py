@@ -14,6 +14,8 @@ backward thread runs on it).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._device import gpu_target
@@ -44,9 +46,7 @@ def bind_fwd(x_shape, device, out_dtype, residual_dtype=None, layer_scale=False,
     """The forward of [..., C] rows (x_shape) on ``device``, y in out_dtype; with
     residual_dtype, s = residual + x·layer_scale·sample_scale in that dtype. No statistics."""
     C = x_shape[-1]
-    M = 1
-    for d in x_shape[:-1]:
-        M *= d
+    M = math.prod(x_shape[:-1])
     has_res = residual_dtype is not None
     bound = LayerNormFwd()
     bound.grid, bound.consts = _fwd_launch(M, C, gpu_target(device), has_res,
@@ -77,9 +77,7 @@ class LayerNormStats:
 def bind_stats(x_shape, device, out_dtype) -> LayerNormStats:
     """LayerNorm of [..., C] rows with weight and bias, y in out_dtype, mean/rstd fp32 [M]."""
     C = x_shape[-1]
-    M = 1
-    for d in x_shape[:-1]:
-        M *= d
+    M = math.prod(x_shape[:-1])
     bound = LayerNormStats()
     bound.grid, bound.consts = _fwd_launch(M, C, gpu_target(device), False, False, False, True,
                                            True, True)
@@ -122,9 +120,7 @@ def bind_bwd(s_shape, device, s_dtype, *, has_ds, residual_dtype=None, layer_sca
     residual form (dresidual in that dtype; has_ds: a gradient of s comes in too), layer_scale
     (its dtype) / sample_scale as the forward had them; bias_grad: dbias wanted (bias_dtype)."""
     C = s_shape[-1]
-    M = 1
-    for d in s_shape[:-1]:
-        M *= d
+    M = math.prod(s_shape[:-1])
     has_res = residual_dtype is not None
     has_ls = has_res and layer_scale is not None
     has_ss = has_res and sample_scale

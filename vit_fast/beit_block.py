@@ -22,6 +22,7 @@ from timm.models.beit import Block as _TimmBeitBlock
 
 from . import functional, timm_blocks, timm_branches
 from .adopt import adopt
+from .block_plan import drop_path_scale
 from .fusion import FusedModule
 from .layers import _tracing
 
@@ -91,10 +92,10 @@ class BeitBlock(FusedModule):
             bias=bias)
         # gamma_1 folded into proj (dropout is per element, so it commutes with the scale)
         p = attn.proj_drop(timm_branches.scaled_projection(attn.proj, o, self.gamma_1))
-        ss1 = timm_branches.drop_path_scale(self.drop_path1, x)
+        ss1 = drop_path_scale(self.drop_path1, x)
         h2, s = functional.residual_layer_norm(p, n2.weight, n2.bias, n2.eps, residual=x,
                                                sample_scale=ss1)
-        ss2 = timm_branches.drop_path_scale(self.drop_path2, x)
+        ss2 = drop_path_scale(self.drop_path2, x)
         return timm_branches.mlp_branch(self.mlp, h2, s, self.gamma_2, ss2)
 
 

@@ -26,7 +26,7 @@ from timm.layers import LayerScale as _TimmLayerScale
 from timm.layers import Mlp as _TimmMlp
 
 from . import block_plan, fused_block_ops
-from .block_plan import _drop_path_scale
+from .block_plan import drop_path_scale
 from .fusion import FusedModule, forward_is
 from .segments import segment_attention_mask
 from .layers import (Attention, LayerNorm, LayerScale, Mlp, _gelu_approximate, _plain_layer_norm,
@@ -193,8 +193,8 @@ class Block(FusedModule):
                                                 kernels=kernels)
         p = a.proj_drop(a.proj(a.norm(a.attend(qkv, attn_mask, is_causal, segment_ids))))
         # Drop-path masks drawn in timm's order: after the attention branch's dropouts.
-        ss1 = _drop_path_scale(self.drop_path1, x)
-        ss2 = _drop_path_scale(self.drop_path2, x)
+        ss1 = drop_path_scale(self.drop_path1, x)
+        ss2 = drop_path_scale(self.drop_path2, x)
         return fused_block_ops.residual_layer_norm_mlp(
             p, x, _layer_scale_gamma(self.ls1), ss1, n2.weight, n2.bias, n2.eps, fc1_w, fc1_b,
             fc2_w, fc2_b, _gelu_approximate(mlp.act),

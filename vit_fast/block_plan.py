@@ -155,7 +155,7 @@ class BlockPlan:
     def _drop_path_scales(self, mods, x):
         if not self.drop_path:
             return None, None
-        return _drop_path_scale(mods["drop_path1"], x), _drop_path_scale(mods["drop_path2"], x)
+        return drop_path_scale(mods["drop_path1"], x), drop_path_scale(mods["drop_path2"], x)
 
     def _warm_up(self, block, x, qkv):
         """After a call on the general path: once its backward has run too (kernels built,
@@ -194,7 +194,7 @@ def _dropout_seed(device):
     return dropout_seed(device)
 
 
-def _drop_path_scale(drop_path, x):
+def drop_path_scale(drop_path, x):
     """Per-sample keep mask / keep_prob [B] for a DropPath in training, else None.
 
     Drawn exactly as timm's drop_path draws it (bernoulli_ over B values), so with the same seed

@@ -43,7 +43,7 @@ class BlockStep:
     the tuner chose for it (looked up once per variant: dropout, segments, drop-path, which
     gradients), AMP's dtype, and the parameters it was made with, by storage (:meth:`takes`)."""
     __slots__ = ("heads", "approximate", "amp", "policy", "mlp_fwd", "mlp_bwd", "chooser",
-                 "ptrs", "tuner", "x_shape", "lp", "ln1", "ln2", "ln_stats", "ln2_stats",
+                 "ptrs", "tuner", "x_shape", "lp", "ln1", "ln2", "ln_stats",
                  "ln_bwd", "attn_fwd", "attn_bwd", "mlp_choice", "x_dtype", "device")
 
     def __init__(self, plan, ptrs, x_shape, x_dtype, lp, device):
@@ -59,7 +59,6 @@ class BlockStep:
         self.ln1 = _ln.bind_fwd(x_shape, device, lp)
         self.ln2 = {}  # (layer scale, drop-path) -> the bound residual LayerNorm
         self.ln_stats = _ln.bind_stats(x_shape, device, lp)
-        self.ln2_stats = self.ln_stats  # same rows, same dtypes: the backward's recomputes
         self.ln_bwd = {}  # (which LayerNorm, its options) -> the bound backward
         self.attn_fwd, self.attn_bwd, self.mlp_choice = {}, {}, {}
         self.x_dtype, self.device = x_dtype, device
@@ -278,7 +277,7 @@ class BlockFn(torch.autograd.Function):
 
         # residual -> LN2 -> MLP (vit_fast/ops/residual_layer_norm_mlp.py's backward)
         g = dout.contiguous()
-        h, mean, rstd = step.ln2_stats(s, n2w, n2b, eps2)
+        h, mean, rstd = step.ln_stats(s, n2w, n2b, eps2)  # LN2's rows: x's shape and dtype
         wanted = _mlp.MlpGrads(fc1_bias=need[_B1] and has_b1, fc2_bias=need[_B2] and b2 is not None,
                                layer_scale=need[_LS2] and ls2 is not None,
                                sample_scale=need[_SS2] and ss2 is not None)

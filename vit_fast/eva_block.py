@@ -25,6 +25,7 @@ from timm.models.eva import EvaBlock as _TimmEvaBlock
 
 from . import functional, timm_blocks, timm_branches
 from .adopt import adopt
+from .block_plan import drop_path_scale
 from .fusion import FusedModule, forward_is
 from .layers import _qk_norm_kind, _tracing
 from .naflexvit import SegmentIds
@@ -124,10 +125,10 @@ class EvaBlock(FusedModule):
             segment_ids=segment_ids)
         # gamma_1 folded into proj (dropout is per element, so it commutes with the scale)
         p = attn.proj_drop(timm_branches.scaled_projection(attn.proj, attn.norm(o), self.gamma_1))
-        ss1 = timm_branches.drop_path_scale(self.drop_path1, x)  # timm's order: after attn
+        ss1 = drop_path_scale(self.drop_path1, x)  # timm's order: after attn
         h2, s = functional.residual_layer_norm(p, n2.weight, n2.bias, n2.eps, residual=x,
                                                sample_scale=ss1)
-        ss2 = timm_branches.drop_path_scale(self.drop_path2, x)
+        ss2 = drop_path_scale(self.drop_path2, x)
         return timm_branches.mlp_branch(self.mlp, h2, s, self.gamma_2, ss2)
 
 

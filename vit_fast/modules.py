@@ -6,7 +6,7 @@ for that call, when the fused op would not reproduce them or would skip somethin
 attached (hooks, an adapter, a parametrization: vit_fast/fusion.py); ``why_not_fused()`` says
 why.
 """
-from .block import Block, _drop_path_scale  # noqa: F401  (tests draw timm's masks with it)
+from .block import Block, drop_path_scale as _drop_path_scale  # noqa: F401  (tests draw timm's masks with it)
 from .layers import (Attention, InputSizeError, LayerNorm, LayerScale, Mlp,  # noqa: F401
                      PatchEmbed, _gelu_approximate, _plain_layer_norm, _qk_norm_kind, _tracing)
 

@@ -162,16 +162,3 @@ def mlp_branch(mlp, h, residual, layer_scale, sample_scale):
                                   **extra)
     return functional.glu_mlp(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
                               gate_last=bool(mlp.gate_last), **extra)
-
-
-def drop_path_scale(drop_path, x):
-    """Per-sample keep mask / keep_prob [B] for a DropPath in training, else None: drawn as
-    timm's drop_path draws it (bernoulli_ over B values), so one seed drops the same samples."""
-    prob = getattr(drop_path, "drop_prob", 0.0)
-    if not prob or not drop_path.training:
-        return None
-    keep = 1 - prob
-    mask = x.new_empty((x.shape[0],)).bernoulli_(keep)
-    if keep > 0.0 and drop_path.scale_by_keep:
-        mask.div_(keep)
-    return mask
