@@ -175,3 +175,18 @@ def test_a_copy_or_a_pickle_of_a_stepping_block_makes_its_own_plan():
         for other in (twin, loaded):
             assert _plan(other) is None
             _assert_same(_call(other, x, 0), want)
+
+
+def test_a_strided_input_takes_the_general_path_and_keeps_the_step():
+    block = _block()
+    x = torch.randn(2, 16, 5).transpose(1, 2)  # [2, 5, 16], not contiguous
+    with vit_fast.use_backend("triton"):
+        _call(block, x.contiguous(), 0)
+        step = _plan(block).step
+        assert step is not None
+        strided = _call(block, x, 0)
+        assert _nodes(strided[0]) != BlockFn.__name__ + "Backward"
+        assert _plan(block).step is step  # kept for the next contiguous call
+        stepped = _call(block, x.contiguous(), 0)
+        assert _nodes(stepped[0]) == BlockFn.__name__ + "Backward"
+    _assert_same(stepped, strided)

@@ -95,9 +95,9 @@ class BlockPlan:
                       mods["ls1"]._parameters.get("gamma"), n2p["weight"], n2p["bias"], w1, b1,
                       w2, b2, mods["ls2"]._parameters.get("gamma"))
             pd = am["proj_drop"]
-            if not step.takes(x, params):  # a parameter replaced (or x strided): warm up again
+            if not step.holds(params):  # a parameter replaced: warm up again
                 self.step, self.warming = None, True
-            elif not pd.training or pd.p == 0:  # (proj_drop's dropout is not in the step)
+            elif step.takes(x) and (not pd.training or pd.p == 0):  # (proj_drop: not in the step)
                 seed = _dropout_seed(x.device) if drop > 0.0 else None
                 ss1, ss2 = self._drop_path_scales(mods, x)
                 return step.forward(x, params, (float(n1.eps), float(n2.eps), scale, float(drop)),

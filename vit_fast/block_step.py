@@ -41,7 +41,7 @@ class BlockStep:
     and the shape it was planned for): the LayerNorm launches bound to that shape
     (kernels/layer_norm_bound.py), the attention and MLP implementations the plan's policy and
     the tuner chose for it (looked up once per variant: dropout, segments, drop-path, which
-    gradients), AMP's dtype, and the parameters it was made with, by storage (:meth:`takes`)."""
+    gradients), AMP's dtype, and the parameters it was made with, by storage (:meth:`holds`)."""
     __slots__ = ("heads", "approximate", "amp", "policy", "mlp_fwd", "mlp_bwd", "chooser",
                  "ptrs", "tuner", "x_shape", "lp", "ln1", "ln2", "ln_stats",
                  "ln_bwd", "attn_fwd", "attn_bwd", "mlp_choice", "x_dtype", "device")
@@ -79,15 +79,18 @@ class BlockStep:
         lp = plan.amp if plan.amp is not None else qw.dtype
         return cls(plan, _storages(params), x_shape, x_dtype, lp, device)
 
-    def takes(self, x, params) -> bool:
-        """Whether this call is the step's: x contiguous (the bound launches read rows), the
-        tuner it looked its choices up in still in force, no profiler recording (the tuner's
-        labels), and ``params`` the tensors it was made with, by storage: a parameter replaced,
-        or its ``.data`` swapped (whatever its shape, dtype or layout now), is not. Updates in
-        place (optimizers) keep the storage."""
+    def holds(self, params) -> bool:
+        """Whether ``params`` are the tensors the step was made with, by storage: a parameter
+        replaced, or its ``.data`` swapped (whatever its shape, dtype or layout now), is not.
+        Updates in place (optimizers) keep the storage."""
+        return _storages(params) == self.ptrs
+
+    def takes(self, x) -> bool:
+        """Whether this call can be the step's: x contiguous (the bound launches read rows), the
+        tuner it looked its choices up in in force, no profiler recording (the tuner's labels).
+        Where not, the call takes the general path and the step stays for the next."""
         return (x.is_contiguous() and tuning.tuner() is self.tuner
-                and not torch.autograd.profiler._is_profiler_enabled
-                and _storages(params) == self.ptrs)
+                and not torch.autograd.profiler._is_profiler_enabled)
 
     def forward(self, x, params, scalars, ss1, ss2, seed, segment_ids):
         """The Block's output; params = (n1w, n1b, qw, qb, pw, pb, ls1, n2w, n2b, w1, b1, w2, b2,
