@@ -32,9 +32,15 @@ class _Counting:
         self.imports, self.env, self.checks = [], [], []
         real_import = builtins.__import__
 
+        # vit_fast's own files (its package and the kernels folder it maps), by path: a venv
+        # that merely lives under a folder named vit_fast-* (make compat's) is not vit_fast.
+        import vit_fast.kernels
+        roots = tuple(os.path.realpath(d) + os.sep
+                      for d in (*vit_fast.__path__, *vit_fast.kernels.__path__))
+
         def counted_import(name, *args, **kwargs):
-            caller = sys._getframe(1).f_code.co_filename
-            if "vit_fast" in caller or os.sep + "kernels" + os.sep in caller:
+            caller = os.path.realpath(sys._getframe(1).f_code.co_filename)
+            if caller.startswith(roots):
                 self.imports.append(f"{name} (from {os.path.basename(caller)})")
             return real_import(name, *args, **kwargs)
         self._import = counted_import
