@@ -22,6 +22,7 @@ import torch
 
 from ._device import on_tensor_device
 from .matmul import colsum, matmul
+from .matmul_bound import bind, bind_colsum
 
 
 class MlpGrads(NamedTuple):
@@ -43,6 +44,62 @@ def _rows(t, C):
     return t.reshape(math.prod(t.shape[:-1]), C)
 
 
+class Gemms:
+    """The MLP's GEMM and column-sum launches: through matmul / colsum per call (the chooser
+    asked each time), or, with ``bound`` (a dict this object's owner keeps for one configuration),
+    each bound on its first call to that call's configuration (kernels/matmul_bound.py) and then
+    only allocated and launched; matmul itself where a launch cannot be bound (see bind)."""
+    __slots__ = ("choose", "bound")
+
+    def __init__(self, choose=None, bound=None):
+        self.choose, self.bound = choose, bound
+
+    def fc1(self, x2, w1, b1, approximate, save_pre):
+        """(gelu(x2 @ w1ᵀ + b1), pre or None)"""
+        return self._run("fc1", x2, w1, False, True, x2.dtype, bias=b1, epilogue="gelu",
+                         approximate=approximate, store_pre=save_pre)
+
+    def fc2(self, act, w2, out_dtype, b2, res2, ls, ss, rps):
+        """res2 + (act @ w2ᵀ + b2)·ls·ss[b] (res2 None: act @ w2ᵀ + b2)"""
+        return self._run("fc2", act, w2, False, True, out_dtype, bias=b2, residual=res2,
+                         layer_scale=ls, sample_scale=ss, rows_per_sample=rps)[0]
+
+    def dgelu(self, g, w2s, pre, approximate, row_dot, ss, rps):
+        """(d_pre, gelu(pre)·ss, rowdot): see matmul_kernel's dgelu epilogue."""
+        return self._run("dgelu", g, w2s, False, False, g.dtype, epilogue="dgelu",
+                         approximate=approximate, pre=pre, store_act=True, row_dot=row_dot,
+                         sample_scale=ss, rows_per_sample=rps)
+
+    def tn(self, name, a, b, out_dtype):
+        """aᵀ @ b (the weight gradients: a [M, N_out], b [M, K_out])"""
+        return self._run(name, a, b, True, False, out_dtype)[0]
+
+    def nn(self, name, a, b, out_dtype):
+        """a @ b"""
+        return self._run(name, a, b, False, False, out_dtype)[0]
+
+    def colsum(self, name, x, ss=None, rps=1):
+        if self.bound is None:
+            return colsum(x, ss, rps)
+        fn = self.bound.get(name)
+        if fn is None:
+            fn = self.bound[name] = bind_colsum(x, ss, rps) or False
+        return fn(x, ss) if fn else colsum(x, ss, rps)
+
+    def _run(self, name, a, b, a_t, b_t, out_dtype, **kw):
+        if self.bound is not None:
+            fn = self.bound.get(name)
+            if fn is None:
+                fn = self.bound[name] = bind(a.t() if a_t else a, b.t() if b_t else b,
+                                             out_dtype, choose=self.choose, a_t=a_t, b_t=b_t,
+                                             **kw) or False
+            if fn:
+                return fn(a, b, kw.get("bias"), kw.get("pre"), kw.get("residual"),
+                          kw.get("layer_scale"), kw.get("sample_scale"))
+        return matmul(a.t() if a_t else a, b.t() if b_t else b, out_dtype, choose=self.choose,
+                      **kw)
+
+
 @on_tensor_device
 def gelu_mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
                  layer_scale, sample_scale, save_pre, *, out_dtype=None, choose=None):
@@ -52,17 +109,23 @@ def gelu_mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, res
     Returns (out [..., C_out] in out_dtype (default x's dtype), pre [M, H] when save_pre else an
     empty tensor). AMP passes an fp32 residual and out_dtype: fc2's epilogue adds into the stream.
     """
+    return mlp_forward(Gemms(choose), x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate,
+                       residual, layer_scale, sample_scale, save_pre, out_dtype)
+
+
+def mlp_forward(gemms, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual,
+                layer_scale, sample_scale, save_pre, out_dtype=None):
+    """gelu_mlp_fwd with its launches made by ``gemms`` (a :class:`Gemms`), on the current
+    device."""
     C = x.shape[-1]
     c_out = fc2_weight.shape[0]
     x2 = _rows(x, C)
     if residual is None:  # the contract scales only the residual branch
         layer_scale = sample_scale = None
-    act, pre, _ = matmul(x2, fc1_weight.t(), x.dtype, bias=fc1_bias, epilogue="gelu",
-                         approximate=approximate, store_pre=save_pre, choose=choose)
+    act, pre, _ = gemms.fc1(x2, fc1_weight, fc1_bias, approximate, save_pre)
     res2 = _rows(residual, c_out) if residual is not None else None
-    out, _, _ = matmul(act, fc2_weight.t(), out_dtype or x.dtype, bias=fc2_bias, residual=res2,
-                       layer_scale=layer_scale, sample_scale=sample_scale,
-                       rows_per_sample=_rows_per_sample(x), choose=choose)
+    out = gemms.fc2(act, fc2_weight, out_dtype or x.dtype, fc2_bias, res2, layer_scale,
+                    sample_scale, _rows_per_sample(x))
     return out.reshape(*x.shape[:-1], c_out), (pre if save_pre else x.new_empty(0))
 
 
@@ -98,6 +161,14 @@ def gelu_mlp_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sa
     d_sample_scale); the optional ones not in ``wanted`` (MlpGrads) are None. pre is fwd's
     saved [M, H]. dresidual is grad itself and is left to the caller.
     """
+    return mlp_backward(Gemms(choose), grad, x, fc1_weight, fc2_weight, fc2_bias, pre,
+                        layer_scale, sample_scale, approximate, has_residual, wanted)
+
+
+def mlp_backward(gemms, grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale,
+                 sample_scale, approximate, has_residual, wanted):
+    """gelu_mlp_bwd with its launches made by ``gemms`` (a :class:`Gemms`), on the current
+    device."""
     C = x.shape[-1]
     c_out = fc2_weight.shape[0]
     dtype = x.dtype
@@ -112,16 +183,14 @@ def gelu_mlp_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale, sa
 
     # LayerScale folded into fc2's weight (weight-sized, cheap) so the dGELU GEMM reads g as is.
     w2s = fc2_weight if ls is None else (fc2_weight.float() * ls.float()[:, None]).to(dtype)
-    d_pre, act_s, rowdot = matmul(g, w2s, dtype, epilogue="dgelu", approximate=approximate,
-                                  pre=pre, store_act=True, row_dot=needs_sample_scale,
-                                  sample_scale=ss, rows_per_sample=rps, choose=choose)
-    e, _, _ = matmul(g.t(), act_s, torch.float32 if ls is not None else dtype, choose=choose)
+    d_pre, act_s, rowdot = gemms.dgelu(g, w2s, pre, approximate, needs_sample_scale, ss, rps)
+    e = gemms.tn("e", g, act_s, torch.float32 if ls is not None else dtype)
     del act_s
     d_w2 = e if ls is None else (e * ls.float()[:, None]).to(dtype)
-    g_sum = colsum(g, ss, rps) if (needs_fc2_bias or needs_layer_scale) else None
+    g_sum = gemms.colsum("g_sum", g, ss, rps) if (needs_fc2_bias or needs_layer_scale) else None
     d_b2, d_ls, d_ss = fc2_side_grads(g, g_sum, e, rowdot, x, fc2_weight, fc2_bias, ls, ss,
                                       needs_fc2_bias, needs_layer_scale, needs_sample_scale)
-    d_x, _, _ = matmul(d_pre, fc1_weight, dtype, choose=choose)
-    d_w1, _, _ = matmul(d_pre.t(), x2, dtype, choose=choose)
-    d_b1 = colsum(d_pre).to(dtype) if needs_fc1_bias else None
+    d_x = gemms.nn("dx", d_pre, fc1_weight, dtype)
+    d_w1 = gemms.tn("dw1", d_pre, x2, dtype)
+    d_b1 = gemms.colsum("d_b1", d_pre).to(dtype) if needs_fc1_bias else None
     return d_x.reshape(x.shape), d_w1, d_b1, d_w2, d_b2, d_ls, d_ss

@@ -346,8 +346,7 @@ def matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", p
     if config is None:
         cands = plan.candidates
         if choose is not None and len(cands) > 1 and M and N:
-            key = (M, N, K, a.dtype, b.dtype, out_dtype, (a.stride(1) == 1, b.stride(1) == 1),
-                   plan.epilogue, precision, plan.tma and _tma_readable(a, b), a.device)
+            key = launch_key(a, b, out_dtype, plan, precision)
             config = _chosen(choose, key)
             if config is None:  # first call of the key: the chooser times or picks, and launches
                 # The Hopper kernel, whose configs vit_fast.tuning adds to launches of `matmul`
@@ -458,6 +457,13 @@ def _plan(M, N, K, dtype, flags, precision, target):
     return hit
 
 
+def launch_key(a, b, out_dtype, plan, precision):
+    """The chooser's key of a launch (a GemmKey's fields as a plain tuple)."""
+    return (a.shape[0], b.shape[1], a.shape[1], a.dtype, b.dtype, out_dtype,
+            (a.stride(1) == 1, b.stride(1) == 1), plan.epilogue, precision,
+            plan.tma and _tma_readable(a, b), a.device)
+
+
 def _tma_readable(a, b) -> bool:
     """Whether the Hopper GEMM's TMA loads could read a and b (asked on sm_90, 16-bit only): the
     common case (one unit stride, 16-byte rows and bases) inline, the rest as tma_rules says."""
@@ -513,14 +519,21 @@ def colsum(x, sample_scale=None, rows_per_sample=1):
     if M == 0 or N == 0:
         return torch.zeros(N, device=x.device, dtype=torch.float32)
     sample_scale = _unit(sample_scale)
-    BLOCK_M, BLOCK_N = colsum_block(gpu_target(x.device))
-    rows_per_chunk = BLOCK_M * max(1, cdiv(cdiv(M, BLOCK_M), 64))
-    chunks = cdiv(M, rows_per_chunk)
-    part = torch.empty((chunks, N), device=x.device, dtype=torch.float32)
-    colsum_kernel[(cdiv(N, BLOCK_N), chunks)](
-        x, sample_scale, part, M, N, rows_per_chunk,
-        rows_per_sample, x.stride(0), x.stride(1),
-        HAS_SAMPLE_SCALE=sample_scale is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4)
+    grid, rows_per_chunk, consts = colsum_launch(M, N, gpu_target(x.device),
+                                                 sample_scale is not None)
+    part = torch.empty((grid[1], N), device=x.device, dtype=torch.float32)
+    colsum_kernel[grid](x, sample_scale, part, M, N, rows_per_chunk, rows_per_sample,
+                        x.stride(0), x.stride(1), **consts)
     # torch's reduction over a fixed shape is deterministic; the partials are few rows.
     return part.sum(0)
+
+
+def colsum_launch(M, N, target, has_sample_scale):
+    """colsum's (grid, rows per chunk, constexprs) for x [M, N]: fixed chunks of whole BLOCK_M
+    tiles, at most ~64 of them (their partials are summed in a fixed order)."""
+    BLOCK_M, BLOCK_N = colsum_block(target)
+    rows_per_chunk = BLOCK_M * max(1, cdiv(cdiv(M, BLOCK_M), 64))
+    grid = (cdiv(N, BLOCK_N), cdiv(M, rows_per_chunk))
+    return grid, rows_per_chunk, dict(HAS_SAMPLE_SCALE=has_sample_scale, BLOCK_M=BLOCK_M,
+                                      BLOCK_N=BLOCK_N, num_warps=4)
 

@@ -68,3 +68,57 @@ def test_bound_layer_norm_matches_the_launchers(ls, ss, bias_grad):
     for g, t in zip(got, want):
         assert (g is None) == (t is None)
         assert g is None or torch.equal(g, t)
+
+
+@pytest.mark.parametrize("ls, ss", [(False, False), (True, True)])
+def test_bound_mlp_matches_the_launchers(ls, ss):
+    """The GELU MLP with every GEMM and column sum bound (kernels/gelu_mlp.Gemms with a dict, as
+    the step keeps it) gives the bits of the per-call launches, on its first call (binding) and
+    on the next (bound only), and every launch did bind."""
+    from vit_fast.kernels import gelu_mlp, matmul_bound
+    torch.manual_seed(0)
+    B, N, C, H = 2, 9, 24, 40
+    x, res = torch.randn(B, N, C), torch.randn(B, N, C)
+    w1, b1, w2, b2 = torch.randn(H, C), torch.randn(H), torch.randn(C, H), torch.randn(C)
+    lsv = torch.randn(C) if ls else None
+    ssv = torch.rand(B) if ss else None
+    args = (x, w1, b1, w2, b2, "none", res, lsv, ssv, True)
+    want_out, want_pre = gelu_mlp.gelu_mlp_fwd(*args)
+    g = torch.randn(B, N, C)
+    wanted = gelu_mlp.MlpGrads()
+    want = gelu_mlp.gelu_mlp_bwd(g, x, w1, w2, b2, want_pre, lsv, ssv, approximate="none",
+                                 has_residual=True, wanted=wanted)
+    fwd, bwd = gelu_mlp.Gemms(None, {}), gelu_mlp.Gemms(None, {})
+    for _ in range(2):
+        out, pre = gelu_mlp.mlp_forward(fwd, *args)
+        assert torch.equal(out, want_out) and torch.equal(pre, want_pre)
+        got = gelu_mlp.mlp_backward(bwd, g, x, w1, w2, b2, pre, lsv, ssv, "none", True, wanted)
+        for a, b in zip(got, want):
+            assert (a is None) == (b is None)
+            assert a is None or torch.equal(a, b)
+    assert sorted(fwd.bound) == ["fc1", "fc2"]
+    assert sorted(bwd.bound) == ["d_b1", "dgelu", "dw1", "dx", "e", "g_sum"]
+    kinds = (matmul_bound.GemmLaunch, matmul_bound.ColsumLaunch)
+    assert all(isinstance(v, kinds) for v in (*fwd.bound.values(), *bwd.bound.values()))
+
+
+def test_bind_refuses_what_matmul_does_otherwise():
+    """bind answers None where matmul would not make one matmul_kernel launch of a chosen config
+    -- the caller then calls matmul -- and a launch that binds reads its operands' strides."""
+    from vit_fast.kernels import matmul, matmul_bound
+    a, b = torch.randn(9, 16), torch.randn(16, 12)
+    assert matmul_bound.bind(a, b, a.dtype) is not None
+    assert matmul_bound.bind(a[:0], b, a.dtype) is None  # empty: no launch
+    assert matmul_bound.bind(a[:, :0], b[:0], a.dtype) is None  # empty reduction: zeros
+    assert matmul_bound.bind(a, b, a.dtype, epilogue="glu") is None  # GLU: C is not [M, N]
+    strided = torch.randn(24)[::2]
+    assert matmul_bound.bind(a, b, a.dtype, bias=strided) is None
+    never = type("Never", (), {"lookup": staticmethod(lambda key: None)})()
+    # a chooser that has not answered the key yet: unbound (matmul chooses, then launches)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(matmul, "gemm_candidates", lambda *args: (matmul.INTERPRET_CONFIG,) * 2)
+        mp.setattr(matmul, "_PLANS", {})
+        assert matmul_bound.bind(a, b, a.dtype, choose=never) is None
+    bound = matmul_bound.bind(a, b, a.dtype)
+    bt = torch.randn(12, 16).t()  # another layout than the one bound: read as it is
+    assert torch.equal(bound(a, bt)[0], matmul.matmul(a, bt, a.dtype)[0])
