@@ -2,8 +2,9 @@
 
 - a repeat call of a fused Block -- forward and backward, on the path an sm_90 GPU takes, Triton
   launches replaced by counting no-ops (vit_fast/bench/host.py) -- imports nothing, reads no
-  environment variable and runs none of the argument checks (they ran when the configuration
-  was first seen);
+  environment variable, runs none of the argument checks (they ran when the configuration
+  was first seen) and launches no GEMM through matmul's per-call decisions (the step's are
+  bound: kernels/matmul_bound.py);
 - the per-configuration plan (vit_fast/block_plan.py) follows every change that could make the
   fused path wrong: hooks, a swapped submodule, a forward set on an instance, a cast, a new
   Parameter;
@@ -29,7 +30,7 @@ class _Counting:
     """What the enclosed calls do: imports, environment reads, argument-check calls."""
 
     def __init__(self, monkeypatch):
-        self.imports, self.env, self.checks = [], [], []
+        self.imports, self.env, self.checks, self.unbound = [], [], [], []
         real_import = builtins.__import__
 
         # vit_fast's own files (its package and the kernels folder it maps), by path: a venv
@@ -56,9 +57,15 @@ class _Counting:
         monkeypatch.setattr(os, "environ", env)
 
     def __enter__(self):
+        from vit_fast.kernels import matmul
+        # (the cuBLAS MLP, bf16's fixed choice on sm_90, still calls colsum per call)
+        per_call = {matmul.matmul.__wrapped__.__code__}
+
         def profile(frame, event, arg):
             if event == "call":
                 name, path = frame.f_code.co_name, frame.f_code.co_filename
+                if frame.f_code in per_call:
+                    self.unbound.append(name)
                 if path.endswith(os.path.join("ops", "checks.py")) or name.startswith("_check") \
                         or name.startswith("check_"):
                     self.checks.append(f"{os.path.basename(path)}:{name}")
@@ -88,6 +95,8 @@ def test_a_repeat_call_imports_reads_and_checks_nothing(monkeypatch, precision):
     assert counting.imports == [], counting.imports
     assert counting.env == [], counting.env
     assert counting.checks == [], counting.checks
+    if precision != "fp32":  # fp32 on a GPU: reference attention, so the general path (no step)
+        assert counting.unbound == [], counting.unbound  # the step's MLP launches are bound
 
 
 def _block():

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from . import tuning
 from .amp_weights import AmpWeights
 from .kernels import attention_bound as _attn
+from .kernels import gelu_mlp as _gm
 from .kernels import layer_norm_bound as _ln
 from .kernels.gelu_mlp import gelu_mlp_fwd as _triton_mlp_fwd
 from .ops import attention_sdpa as _attention
@@ -42,9 +43,9 @@ class BlockStep:
     (kernels/layer_norm_bound.py), the attention and MLP implementations the plan's policy and
     the tuner chose for it (looked up once per variant: dropout, segments, drop-path, which
     gradients), AMP's dtype, and the parameters it was made with, by storage (:meth:`holds`)."""
-    __slots__ = ("heads", "approximate", "amp", "policy", "mlp_fwd", "mlp_bwd", "chooser",
+    __slots__ = ("heads", "approximate", "amp", "policy", "mlp_fwd", "mlp_bwd",
                  "ptrs", "tuner", "x_shape", "lp", "ln1", "ln2", "ln_stats",
-                 "ln_bwd", "attn_fwd", "attn_bwd", "mlp_choice", "x_dtype", "device")
+                 "ln_bwd", "attn_fwd", "attn_bwd", "mlp_choice", "x_dtype", "device", "casts")
 
     def __init__(self, plan, ptrs, x_shape, x_dtype, lp, device):
         self.heads, self.approximate, self.amp, self.policy = (plan.heads, plan.approximate,
@@ -52,16 +53,15 @@ class BlockStep:
         self.ptrs, self.tuner, self.x_shape, self.lp = ptrs, tuning.tuner(), x_shape, lp
         if self.amp is not None:  # AMP's contract: the Triton MLP writes into the fp32 stream
             self.mlp_fwd, self.mlp_bwd = _triton_mlp_fwd, _mlp.backward_kernels
-            self.chooser = _mlp.gemm_chooser()
         else:
             self.mlp_fwd, self.mlp_bwd = mlp_launchers(self.policy)[:2]
-            self.chooser = None
         self.ln1 = _ln.bind_fwd(x_shape, device, lp)
         self.ln2 = {}  # (layer scale, drop-path) -> the bound residual LayerNorm
         self.ln_stats = _ln.bind_stats(x_shape, device, lp)
         self.ln_bwd = {}  # (which LayerNorm, its options) -> the bound backward
         self.attn_fwd, self.attn_bwd, self.mlp_choice = {}, {}, {}
         self.x_dtype, self.device = x_dtype, device
+        self.casts = None  # AMP: the GEMM parameters' casts of the last region (AmpWeights)
 
     @classmethod
     def make(cls, block, plan, x_shape, x_dtype, device):
@@ -164,34 +164,56 @@ class BlockStep:
         C = self.x_shape[-1]
         return bind((*self.x_shape[:-1], 3 * C), self.heads, self.lp, drop != 0.0, self.device)
 
-    def mlp_forward(self, args):
-        """The fp32/bf16 MLP forward (not AMP's): under 'auto' the implementation the tuner
-        chose for the key, looked up once per (LayerScale, drop-path) variant."""
-        if self.policy != "auto":
-            return self.mlp_fwd(*args)
-        key = ("fwd", args[7] is None, args[8] is None)
-        fn = self.mlp_choice.get(key)
-        if fn is None:
-            fn = _tuned.forward_choice(*args)
-            if fn is None:
-                return self.mlp_fwd(*args)
-            self.mlp_choice[key] = fn
-        return fn(*args)
+    def mlp_forward(self, h, w1, b1, w2, b2, s, ls2, ss2):
+        """(out, pre) of the MLP implementation for this variant (LayerScale, drop-path): the
+        Triton MLP with its launches bound to the variant (AMP's contract; the policy 'triton';
+        under 'auto' where the tuner chose it), else the implementation chosen for the key."""
+        key = ("fwd", ls2 is None, ss2 is None)
+        impl = self.mlp_choice.get(key)
+        args = (h, w1, b1, w2, b2, self.approximate, s, ls2, ss2, True)
+        if impl is None:
+            fn = self.mlp_fwd
+            if self.amp is None and self.policy == "auto":
+                fn = _tuned.forward_choice(*args)
+                if fn is None:  # still open: choose through the op (next time it is known)
+                    return self.mlp_fwd(*args)
+            impl = self.mlp_choice[key] = self._gemms() if fn in _TRITON_FWD else fn
+        if type(impl) is _gm.Gemms:
+            return _gm.mlp_forward(impl, *args, s.dtype if self.amp is not None else None)
+        return impl(*args)
 
     def mlp_backward(self, args, wanted):
-        """(dx, dW1, db1, dW2, db2, dls, dss), None or empty where not wanted."""
-        if self.amp is None and self.policy == "auto":
-            key = ("bwd", wanted, args[6] is None, args[7] is None)
-            fn = self.mlp_choice.get(key)
-            if fn is None:
+        """(dx, dW1, db1, dW2, db2, dls, dss), None or empty where not wanted; the
+        implementation as :meth:`mlp_forward` chooses it, for the backward's key."""
+        key = ("bwd", wanted, args[6] is None, args[7] is None)
+        impl = self.mlp_choice.get(key)
+        if impl is None:
+            fn = self.mlp_bwd
+            if self.amp is None and self.policy == "auto":
                 fn = _tuned.backward_choice(*args, approximate=self.approximate,
                                             has_residual=True, wanted=wanted)
-                if fn is not None:
-                    self.mlp_choice[key] = fn
-            if fn is not None:
-                return fn(*args)
-        return self.mlp_bwd(*args, approximate=self.approximate, has_residual=True,
-                            **_mlp.wanted_kwargs(wanted))
+                if fn is None:
+                    return self.mlp_bwd(*args, approximate=self.approximate, has_residual=True,
+                                        **_mlp.wanted_kwargs(wanted))
+            impl = self.mlp_choice[key] = (self._gemms() if getattr(fn, "impl", fn) in _TRITON_BWD
+                                           else fn)
+        if type(impl) is _gm.Gemms:
+            return _gm.mlp_backward(impl, *args, self.approximate, True, wanted)
+        if impl is self.mlp_bwd:
+            return impl(*args, approximate=self.approximate, has_residual=True,
+                        **_mlp.wanted_kwargs(wanted))
+        return impl(*args)
+
+    @staticmethod
+    def _gemms():
+        """The Triton MLP's launches, each bound on its first call (kernels/gelu_mlp.Gemms)."""
+        return _gm.Gemms(_mlp.gemm_chooser(), {})
+
+
+# The Triton MLP's launchers, by which the step knows to run it with bound launches: the
+# functions its policies and the tuner's choices name (all launch with vit_fast.tuning's chooser).
+_TRITON_FWD = (_triton_mlp_fwd, _tuned.FWD["triton"])
+_TRITON_BWD = (_mlp.backward_kernels, _tuned.BWD["triton"])
 
 
 def _block_params(block):

@@ -118,6 +118,7 @@ def _bound(fn, approximate, has_residual, wanted):
     if hit is None:
         def hit(*args):
             return fn(*args, approximate=approximate, has_residual=has_residual, wanted=wanted)
+        hit.impl = fn  # which implementation (vit_fast/block_step.py binds the Triton one's)
         _BOUND[k] = hit
     return hit
 
