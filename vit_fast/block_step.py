@@ -238,15 +238,13 @@ def _storages(params):
 _CASTS = AmpWeights()
 
 
-def _amp_casts(amp, params):
+def _amp_casts(step, amp, params):
     """The GEMM weights in the autocast dtype, cast once per autocast region (as the general
-    path's AmpWeights casts them), the rest as they are."""
+    path's AmpWeights casts them; the step keeps the group's entry), the rest as they are."""
     n1w, n1b, qw, qb, pw, pb, ls1, n2w, n2b, w1, b1, w2, b2, ls2 = params
-    region = _CASTS.region(qw.device, amp)
-    cast = _CASTS.cast
-    return (n1w, n1b, cast(qw, amp, region), cast(qb, amp, region), cast(pw, amp, region),
-            cast(pb, amp, region), ls1, n2w, n2b, cast(w1, amp, region), cast(b1, amp, region),
-            cast(w2, amp, region), cast(b2, amp, region), ls2)
+    qw, qb, pw, pb, w1, b1, w2, b2 = _CASTS.cast_group((qw, qb, pw, pb, w1, b1, w2, b2), amp,
+                                                       _CASTS.region(qw.device, amp), step)
+    return n1w, n1b, qw, qb, pw, pb, ls1, n2w, n2b, w1, b1, w2, b2, ls2
 
 
 # Positions of the inputs of BlockFn.apply (for ctx.needs_input_grad).
@@ -263,7 +261,7 @@ class BlockFn(torch.autograd.Function):
         eps1, eps2, scale, drop = scalars
         amp = step.amp
         if amp is not None:
-            params = _amp_casts(amp, params)
+            params = _amp_casts(step, amp, params)
         n1w, n1b, qw, qb, pw, pb, ls1, n2w, n2b, w1, b1, w2, b2, ls2 = params
         lp = qw.dtype  # the GEMMs' dtype
         y1 = step.ln1(x, n1w, n1b, eps1)[0]
@@ -272,11 +270,7 @@ class BlockFn(torch.autograd.Function):
         o, lse = step.attention_fwd(qkv, scale, drop, seed, segment_ids)
         p = F.linear(o, pw, pb)
         h, s = step.residual_ln(ls1, ss1)(p, n2w, n2b, eps2, x, ls1, ss1)
-        if amp is not None:
-            out, pre = step.mlp_fwd(h, w1, b1, w2, b2, step.approximate, s, ls2, ss2, True,
-                                    out_dtype=s.dtype, choose=step.chooser)
-        else:
-            out, pre = step.mlp_forward((h, w1, b1, w2, b2, step.approximate, s, ls2, ss2, True))
+        out, pre = step.mlp_forward(h, w1, b1, w2, b2, s, ls2, ss2)
         need_p = ls1 is not None or (ss1 is not None and ss1.requires_grad)
         ctx.save_for_backward(x, qkv, o, lse, s, pre, p if need_p else None, n1w, n1b, qw, pw,
                               n2w, n2b, w1, w2, b2, ls1, ls2, ss1, ss2, seed, segment_ids)
