@@ -209,3 +209,37 @@ def test_amp_block_under_inference_mode():
         with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
             want = blk(x)
     assert torch.equal(got, want)
+
+
+def test_amp_cast_group_reuses_like_the_per_weight_cache():
+    """AmpWeights.cast_group (the Block step's eight GEMM parameters as one entry): the casts of
+    the region are reused while every parameter is the same at the same version and every cast
+    is alive; a new region, an optimizer step, another tensor or a freed cast casts afresh; a
+    tensor that is not an fp32 leaf is cast per call, as autocast does."""
+    from vit_fast.amp_weights import AmpWeights
+    cache, bf = AmpWeights(), torch.bfloat16
+    holder = type("Holder", (), {"casts": None})()
+    w, b = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4))
+    with torch.autocast("cpu", dtype=bf):
+        region = cache.region(w.device, bf)
+        first = cache.cast_group((w, None, b), bf, region, holder)
+        assert first[1] is None and first[0].dtype == bf and torch.equal(first[2], b.to(bf))
+        again = cache.cast_group((w, None, b), bf, cache.region(w.device, bf), holder)
+        assert again[0] is first[0] and again[2] is first[2]
+        with torch.no_grad():
+            w.add_(1.0)
+        stepped = cache.cast_group((w, None, b), bf, region, holder)
+        assert stepped[0] is not first[0] and torch.equal(stepped[0], w.detach().to(bf))
+        other = torch.nn.Parameter(w.detach().clone())
+        assert cache.cast_group((other, None, b), bf, region, holder)[0] is not stepped[0]
+        kept = cache.cast_group((w, None, b), bf, region, holder)
+        del first, again, stepped, kept
+        gc.collect()
+        fresh = cache.cast_group((w, None, b), bf, region, holder)  # the casts were freed
+        assert torch.equal(fresh[0], w.detach().to(bf))
+        derived = w * 1.0  # not a leaf: cast every call
+        assert cache.cast_group((derived, None, b), bf, region, holder)[0] is not \
+            cache.cast_group((derived, None, b), bf, region, holder)[0]
+    with torch.autocast("cpu", dtype=bf):  # another region
+        assert cache.cast_group((w, None, b), bf, cache.region(w.device, bf), holder)[0] \
+            is not fresh[0]
