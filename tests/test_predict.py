@@ -4,6 +4,7 @@ published rows and the what-if plan. Model checks, no GPU."""
 import dataclasses
 import json
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,20 @@ def test_gpu_table_peaks_are_the_datasheet_arithmetic():
     assert 1.0 < g.sustained < 1.3
     with pytest.raises(ValueError, match="gpu"):
         gpu_peaks.get("v100")
+
+
+def test_measured_matmul_names_its_source_for_every_gpu():
+    """The 300 W Max-Q's matmul is its published cuBLAS measurement (no zzc0721 entry), and the
+    same rule (tensor rates = datasheet x measured / datasheet) holds for it as for the rest."""
+    g = gpu_peaks.get("rtx_pro_6000_maxq")
+    # results/bench.csv and results/bench_mma_session.csv: cublas_tc at 4096^3, the best size
+    assert g.matmul_entries == (238.58, 237.93)
+    assert "waynehacking8/blackwell-tensorcore-kernels" in g.matmul_source
+    assert g.matmul_source in gpu_peaks.MATMUL_SOURCE and "300 W" in g.source
+    assert 0.5 < g.sustained < 0.6
+    for other in gpu_peaks.GPUS.values():
+        if other.key != g.key:
+            assert other.matmul_source == gpu_peaks.ZZC_SOURCE and other.matmul_entries
 
 
 @pytest.mark.parametrize("name,key", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H100 PCIe", None),
@@ -229,3 +244,45 @@ def test_efficiency_sources_cover_every_field():
     fields = {f.name for f in dataclasses.fields(predict.Efficiency)}
     assert fields == set(predict.EFFICIENCY_SOURCES)
     assert "NOT backed" in predict.EFFICIENCY_SOURCES["triton_gemm"]
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_per_gpu() -> dict:
+    """The calibration section's per-GPU table: {(gpu, torch, set, impl): (rows, median, worst)}."""
+    text = README.read_text()
+    text = text[text.index("#### Calibration: `python -m vit_fast.bench predict --calibrate`"):]
+    lines = text[text.index("\nper GPU\n"):].splitlines()[4:]
+    out = {}
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        c = [x.strip() for x in line.strip("|").split("|")]
+        out[(c[0], c[1], c[3], c[4])] = (int(c[5]), float(c[6].rstrip("%")),
+                                         float(c[7].rstrip("%")))
+    return out
+
+
+def test_readme_calibration_medians_are_the_models():
+    """The README's per-GPU medians are what the committed model gives now (held-out rows never
+    refitted), and the goal status the README states: the Max-Q within 10% eager and compile and
+    its ViT-B compile/eager within 0.05; the 5090 still over."""
+    res = predict_fit.evaluate()
+    got = {}
+    for x in res:
+        r = x["row"]
+        got.setdefault((r.gpu, r.torch, r.set, r.impl), []).append(abs(x["error"]))
+    readme = _readme_per_gpu()
+    assert set(readme) == set(got)
+    for k, errs in got.items():
+        n, median, worst = readme[k]
+        assert n == len(errs), k
+        assert median == pytest.approx(100 * statistics.median(errs), abs=0.051), k
+        assert worst == pytest.approx(100 * max(errs), abs=0.051), k
+    for impl in ("eager", "compile"):
+        assert statistics.median(got[("rtx_pro_6000_maxq", "2.9.1", "check", impl)]) <= 0.10
+        assert statistics.median(got[("rtx5090", "2.9.1", "check", impl)]) > 0.10
+    vit_b = [q for q in predict_fit.ratios(res) if q["gpu"] == "rtx_pro_6000_maxq"
+             and q["model"] in ("vit_base_patch16_224", "deit3_base_patch16_224")]
+    assert len(vit_b) == 2 and all(abs(q["diff"]) <= 0.05 for q in vit_b)

@@ -653,11 +653,12 @@ def calibration_report(eff, assume, costs):
     import statistics
     per_gpu = {}
     for x in res:
-        per_gpu.setdefault((x["row"].gpu, x["row"].torch, x["row"].mode, x["row"].set), []).append(
-            abs(x["error"]))
+        per_gpu.setdefault((x["row"].gpu, x["row"].torch, x["row"].mode, x["row"].set,
+                            x["row"].impl), []).append(abs(x["error"]))
     lines.append(fmt_table([{"k": k, "v": v} for k, v in per_gpu.items()], [
         ("GPU", lambda r: r["k"][0]), ("torch", lambda r: r["k"][1]), ("mode", lambda r: r["k"][2]),
-        ("set", lambda r: r["k"][3]), ("rows", lambda r: len(r["v"])),
+        ("set", lambda r: r["k"][3]), ("impl", lambda r: r["k"][4]),
+        ("rows", lambda r: len(r["v"])),
         ("median |error|", lambda r: f"{100 * statistics.median(r['v']):.1f}%"),
         ("worst |error|", lambda r: f"{100 * max(r['v']):.1f}%")], title="per GPU"))
     lines.append("")

@@ -10,17 +10,21 @@ fractions fitted on published measurements (vit_fast/bench/predict_fit.py).
   rate; data-centre and RTX PRO parts at the full rate. Peak = SMs x this x boost clock.
 - ``boost_mhz``: the clock the vendor's peak figures are computed at (data-centre parts: the
   clock of the peak TFLOPS figure; GeForce/RTX PRO: the listed boost clock). Sustained clocks
-  under a power limit can be lower (the model has no power model: see the RTX PRO Max-Q row).
+  under a power limit can be lower: the model has no power model, but a card's measured matmul
+  (below) carries the clock it holds under its cap (the RTX PRO Max-Q row).
 - ``mem_gbs``: DRAM bandwidth, GB/s (10^9 B/s).
 - MUFU (exp2) throughput: 16 results per SM per clock on every architecture here (CUDA C
   Programming Guide, "Arithmetic Instructions" throughput table, compute capability 8.x-12.0).
-- ``matmul_tflops``: a *measurement*, not a datasheet figure: the best of torch.matmul fp16/bf16
-  over square sizes 1024-10240 (cuBLAS), as published per GPU in
-  github.com/zzc0721/torch-performance-test-data, database.md (the median over its entries for
-  that exact GPU, 24/32/80 GB originals only). Its ratio to the datasheet peak, ``sustained``, is
-  what the card's clocks and cuBLAS deliver on large GEMMs (GeForce cards boost above the listed
-  clock: > 1; H100: 0.8); the model's tensor rates are the datasheet peak times it. None where no
-  entry exists (the Max-Q): 1.0 is used and the rows say so.
+- ``matmul_tflops``: a *measurement*, not a datasheet figure: the best cuBLAS fp16/bf16 GEMM
+  (fp32 accumulation) over square sizes, as published per GPU: by default torch.matmul over
+  1024-10240 in github.com/zzc0721/torch-performance-test-data, database.md (the median over its
+  entries for that exact GPU, 24/32/80 GB originals only); where that database has no entry, a
+  GPU names its own source in ``matmul_source`` (the 300 W Max-Q: cublasGemmEx fp16 in / fp32
+  accumulate, the same library call torch.matmul makes, best over 512-8192). Its ratio to the
+  datasheet peak, ``sustained``, is what the card's clocks (its power limit included) and cuBLAS
+  deliver on large GEMMs (GeForce cards boost above the listed clock: > 1; H100: 0.8; the 300 W
+  Max-Q: 0.54); the model's tensor rates are the datasheet peak times it, for every GPU. None
+  where no measurement is published: 1.0 is used and the rows say so.
 """
 from __future__ import annotations
 
@@ -28,8 +32,16 @@ import dataclasses
 import statistics
 
 MUFU_PER_CLK_SM = 16
-MATMUL_SOURCE = ("github.com/zzc0721/torch-performance-test-data database.md (torch.matmul, "
-                 "best of fp16/bf16 over square sizes 1024-10240, TFLOP/s)")
+ZZC_SOURCE = ("github.com/zzc0721/torch-performance-test-data database.md (torch.matmul, best of "
+              "fp16/bf16 over square sizes 1024-10240, TFLOP/s)")
+MAXQ_MATMUL_SOURCE = (
+    "github.com/waynehacking8/blackwell-tensorcore-kernels results/bench.csv, 'cublas_tc' rows "
+    "(cublasGemmEx fp16 in / fp32 accumulate, CUDA 12.8, 'NVIDIA RTX PRO 6000 Blackwell Max-Q "
+    "Workstation Edition'): 140.7, 214.5, 238.6, 229.1 TFLOP/s at 1024, 2048, 4096, 8192 (best "
+    "238.6); a second session, results/bench_mma_session.csv: 136.0, 214.9, 237.9, 229.0 (best "
+    "237.9); results/mma_ablation.md reproduces 229.0-229.5 at 8192 in five runs, and "
+    "results/clock_state_mma_session.txt logs the 300 W cap reached (300.07 W at 1695 MHz)")
+MATMUL_SOURCE = ("per GPU: " + ZZC_SOURCE + "; rtx_pro_6000_maxq: " + MAXQ_MATMUL_SOURCE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +55,8 @@ class Gpu:
     mem_gbs: float
     l2_mb: int
     source: str
-    matmul_entries: tuple = ()  # measured torch.matmul TFLOP/s, one per published entry
+    matmul_entries: tuple = ()  # measured cuBLAS GEMM TFLOP/s, one per published entry
+    matmul_source: str = ZZC_SOURCE  # where matmul_entries come from
 
     @property
     def matmul_tflops(self):
@@ -99,10 +112,14 @@ GPUS = {g.key: g for g in (
     Gpu("rtx_pro_6000_maxq", "RTX PRO 6000 Blackwell Max-Q", 120, 188, 2288, 1024, 1792, 128,
         "NVIDIA RTX PRO 6000 Blackwell Max-Q Workstation Edition datasheet: 188 SMs, 300 W, "
         "3,511 AI TOPS (FP4, sparse) = 439 dense FP16 TFLOPS; FP32 accumulate at the full rate "
-        "on RTX PRO (the 600 W editions measure 410-418 bf16 TFLOP/s in the matmul table, above "
-        "the 251 a half rate would allow); boost 2288 MHz (listings; 2617 MHz at 600 W); 1792 "
-        "GB/s GDDR7, 128 MB L2. No matmul entry for the 300 W Max-Q: its sustained clock under "
-        "load is unpublished"),
+        "on RTX PRO (the 600 W editions measure 410-418 bf16 TFLOP/s in the zzc0721 matmul "
+        "table, above the 251 a half rate would allow; on this card an mma.sync probe measures "
+        "1023.8 FP32-accumulate FLOP/clk/SM, waynehacking8/blackwell-tensorcore-kernels "
+        "results/mma_rate_probe.csv); boost 2288 MHz (listings; 2617 MHz at 600 W); 1792 GB/s "
+        "GDDR7, 128 MB L2. Measured matmul (no zzc0721 entry for the 300 W card): "
+        "cublasGemmEx at its 300 W cap, best 238.6 and 237.9 TFLOP/s in two sessions (4096^3), 0.54 of the datasheet "
+        "rate (waynehacking8/blackwell-tensorcore-kernels, matmul column note)",
+        (238.58, 237.93), MAXQ_MATMUL_SOURCE),
 )}
 
 
