@@ -190,3 +190,90 @@ def test_a_strided_input_takes_the_general_path_and_keeps_the_step():
         stepped = _call(block, x.contiguous(), 0)
         assert _nodes(stepped[0]) == BlockFn.__name__ + "Backward"
     _assert_same(stepped, strided)
+
+
+@pytest.fixture
+def reference_attention(monkeypatch):
+    """Dispatch sends the attention to the reference, as it does for fp32 on a GPU (no fp32
+    attention build ships): the Block's plan then runs it through the public op."""
+    from vit_fast import dispatch
+    real = dispatch.not_supported_reasons
+
+    def reasons(op, tensors, **options):
+        if op == "fused_qkv_attention":
+            return ["test: the attention on the reference, as fp32 on a GPU"]
+        return real(op, tensors, **options)
+    monkeypatch.setattr(dispatch, "not_supported_reasons", reasons)
+    from vit_fast import functional, plans
+    monkeypatch.setattr(functional, "_PLANS", plans.Plans())  # decisions made before: remade
+
+
+PUBLIC_CASES = {
+    "LayerScale": dict(),
+    "no LayerScale": dict(init_values=None),
+    "drop-path": dict(drop_path=0.3),
+    "segments": dict(segments=True),
+}
+
+
+@pytest.mark.parametrize("case", list(PUBLIC_CASES))
+def test_the_step_with_the_public_attention_gives_the_general_paths_bits(reference_attention,
+                                                                         case):
+    """Where the attention is the reference's (fp32 on a GPU), the step runs it through the
+    public op with a graph of its own: the general path's bits, forward and every gradient."""
+    kw = dict(PUBLIC_CASES[case])
+    segments = kw.pop("segments", False)
+    block = _block(**kw)
+    x = torch.randn(2, 6, 16)
+    seg = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 0, 0, 0, 0, 0]]) if segments else None
+    with vit_fast.use_backend("triton"):
+        first = _call(block, x, 1, segment_ids=seg)
+        assert _plan(block).step is not None and _plan(block).step.attn_public
+        stepped = _call(block, x, 1, segment_ids=seg)
+        general = _call(block, x, 1, segment_ids=seg, general=True)
+    assert _nodes(stepped[0]) == BlockFn.__name__ + "Backward"
+    _assert_same(stepped, general)
+    _assert_same(stepped, first)
+
+
+def test_the_public_attention_step_leaves_dropout_and_hooks_to_the_general_path(
+        reference_attention):
+    """The reference draws its dropout mask in the call's order and saved-tensor hooks cannot
+    reach the public attention's own graph: those calls take the general path, the step stays."""
+    from torch.autograd.graph import saved_tensors_hooks
+    block = _block(attn_drop=0.25)
+    x = torch.randn(2, 6, 16)
+    with vit_fast.use_backend("triton"):
+        _call(block, x, 1)
+        step = _plan(block).step
+        assert step is not None and step.attn_public
+        dropped = _call(block, x, 1)
+        assert _nodes(dropped[0]) != BlockFn.__name__ + "Backward"
+        assert _plan(block).step is step
+        _assert_same(dropped, _call(block, x, 1, general=True))
+        block = _block()
+        _call(block, x, 1)
+        step = _plan(block).step
+        with saved_tensors_hooks(lambda t: t, lambda t: t):
+            hooked = block(x.requires_grad_())
+        assert _nodes(hooked) != BlockFn.__name__ + "Backward"
+        assert _nodes(block(x)) == BlockFn.__name__ + "Backward"
+        assert _plan(block).step is step
+        block.eval()
+        with torch.no_grad():  # inference: the public op straight, no graph of its own
+            assert torch.equal(block(x), block._forward_general(x, None, False, None))
+
+
+def test_the_public_attention_step_backward_twice_only_with_retain_graph(reference_attention):
+    block, x = _block(), torch.randn(2, 6, 16)
+    with vit_fast.use_backend("triton"):
+        _call(block, x, 0)
+        xs = x.clone().requires_grad_()
+        out = block(xs)
+        assert _nodes(out) == BlockFn.__name__ + "Backward"
+        out.sum().backward(retain_graph=True)
+        once = xs.grad.clone()
+        out.sum().backward()
+        assert torch.equal(xs.grad, 2 * once)
+        with pytest.raises(RuntimeError, match="second time"):
+            out.sum().backward()

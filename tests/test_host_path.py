@@ -95,8 +95,7 @@ def test_a_repeat_call_imports_reads_and_checks_nothing(monkeypatch, precision):
     assert counting.imports == [], counting.imports
     assert counting.env == [], counting.env
     assert counting.checks == [], counting.checks
-    if precision != "fp32":  # fp32 on a GPU: reference attention, so the general path (no step)
-        assert counting.unbound == [], counting.unbound  # the step's MLP launches are bound
+    assert counting.unbound == [], counting.unbound  # the step's MLP launches are bound
 
 
 def _block():
@@ -208,10 +207,11 @@ def test_the_plan_takes_the_kernels_attention_only_where_dispatch_would(monkeypa
         raise AssertionError("the attention kernel ran where dispatch chose the reference")
     monkeypatch.setattr(attention_sdpa, "attention_fwd", no_kernel)
     with vit_fast.use_backend("triton"):
-        for _ in range(3):  # the plan, and no step made from it
+        for _ in range(3):  # the plan, then its step: both with the public attention
             torch.manual_seed(1)
             out = block(x)
             out.sum().backward()
-    assert block.__dict__["_block_plan"][1] is not None  # the plan ran it...
-    assert block.__dict__["_block_plan"][1].step is None  # ...with the public attention
+    plan = block.__dict__["_block_plan"][1]
+    assert plan is not None and not plan.attn_kernel  # the plan ran it with the public op...
+    assert plan.step is not None and plan.step.attn_public  # ...and so does its step
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

@@ -97,7 +97,8 @@ class BlockPlan:
             pd = am["proj_drop"]
             if not step.holds(params):  # a parameter replaced: warm up again
                 self.step, self.warming = None, True
-            elif step.takes(x) and (not pd.training or pd.p == 0):  # (proj_drop: not in the step)
+            elif (step.takes(x) and (not pd.training or pd.p == 0)  # (proj_drop: not in the step)
+                  and (drop == 0.0 or self.attn_kernel)):  # (the reference's dropout: its order)
                 seed = _dropout_seed(x.device) if drop > 0.0 else None
                 ss1, ss2 = self._drop_path_scales(mods, x)
                 return step.forward(x, params, (float(n1.eps), float(n2.eps), scale, float(drop)),
@@ -261,8 +262,7 @@ def build(block, x):
     plan.step = None
     # The one-node step (vit_fast/block_step.py) takes the calls once the configuration has run
     # on the general path, if everything it skips is a no-op.
-    plan.warming = (plan.eager and plan.attn_kernel and plan.norm_skip and plan.proj_direct
-                    and plan.proj_drop_skip)
+    plan.warming = plan.eager and plan.norm_skip and plan.proj_direct and plan.proj_drop_skip
     return plan
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import tuning
+from . import functional, tuning
 from .amp_weights import AmpWeights
 from .kernels import attention_bound as _attn
 from .kernels import gelu_mlp as _gm
@@ -43,7 +43,7 @@ class BlockStep:
     (kernels/layer_norm_bound.py), the attention and MLP implementations the plan's policy and
     the tuner chose for it (looked up once per variant: dropout, segments, drop-path, which
     gradients), AMP's dtype, and the parameters it was made with, by storage (:meth:`holds`)."""
-    __slots__ = ("heads", "approximate", "amp", "policy", "mlp_fwd", "mlp_bwd",
+    __slots__ = ("heads", "approximate", "amp", "policy", "mlp_fwd", "mlp_bwd", "attn_public",
                  "ptrs", "tuner", "x_shape", "lp", "ln1", "ln2", "ln_stats",
                  "ln_bwd", "attn_fwd", "attn_bwd", "mlp_choice", "x_dtype", "device", "casts")
 
@@ -62,6 +62,9 @@ class BlockStep:
         self.attn_fwd, self.attn_bwd, self.mlp_choice = {}, {}, {}
         self.x_dtype, self.device = x_dtype, device
         self.casts = None  # AMP: the GEMM parameters' casts of the last region (AmpWeights)
+        # Where dispatch sends the attention to the reference (fp32 on CUDA), the step runs it
+        # as the general path does, through the public op (:meth:`public_attention`).
+        self.attn_public = not plan.attn_kernel
 
     @classmethod
     def make(cls, block, plan, x_shape, x_dtype, device):
@@ -88,9 +91,12 @@ class BlockStep:
     def takes(self, x) -> bool:
         """Whether this call can be the step's: x contiguous (the bound launches read rows), the
         tuner it looked its choices up in in force, no profiler recording (the tuner's labels).
+        With the public attention, no saved-tensor hooks either (checkpoint, offloading): its
+        graph is kept on the node, out of their reach.
         Where not, the call takes the general path and the step stays for the next."""
         return (x.is_contiguous() and tuning.tuner() is self.tuner
-                and not torch.autograd.profiler._is_profiler_enabled)
+                and not torch.autograd.profiler._is_profiler_enabled
+                and not (self.attn_public and _saved_tensor_hooks(False) is not None))
 
     def forward(self, x, params, scalars, ss1, ss2, seed, segment_ids):
         """The Block's output; params = (n1w, n1b, qw, qb, pw, pb, ls1, n2w, n2b, w1, b1, w2, b2,
@@ -127,6 +133,21 @@ class BlockStep:
                                      bias_grad=key[0], bias_dtype=key[1])
             self.ln_bwd[(which, key)] = bound
         return bound
+
+    def public_attention(self, qkv, scale, segment_ids, grad):
+        """(o, graph): the attention as the general path runs it where dispatch sends it to the
+        reference -- the public op, dispatch's choice (SDPA) -- without dropout (the plan gives
+        the step no call with it: the reference draws its mask in the call's order). With
+        ``grad``, the op records a graph of its own from a detached qkv: graph = (that qkv, o as
+        recorded), for :func:`_public_attention_grad`; else None."""
+        if not grad:
+            return functional.fused_qkv_attention(qkv, self.heads, scale=scale,
+                                                  segment_ids=segment_ids), None
+        with torch.enable_grad():
+            leaf = qkv.detach().requires_grad_()
+            o = functional.fused_qkv_attention(leaf, self.heads, scale=scale,
+                                               segment_ids=segment_ids)
+        return o.detach(), (leaf, o)
 
     def attention_fwd(self, qkv, scale, drop, seed, segment_ids):
         key = (scale, drop, segment_ids is not None)
@@ -247,6 +268,34 @@ def _amp_casts(step, amp, params):
     return n1w, n1b, qw, qb, pw, pb, ls1, n2w, n2b, w1, b1, w2, b2, ls2
 
 
+def _saved_tensor_hooks(ignore_is_tracing):
+    """The innermost saved-tensor hooks in force (None: none)."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(ignore_is_tracing)
+
+
+def _public_attention_grad(ctx, do):
+    """dqkv through the public attention's own graph (BlockStep.public_attention), kept for
+    another backward only when this one keeps the graph (retain_graph): else freed here, as the
+    node's saved tensors are."""
+    if ctx.attn_graph is None:
+        raise RuntimeError("Trying to backward through the fused Block's attention a second time "
+                           "(or directly access saved tensors after they have already been "
+                           "freed): specify retain_graph=True the first time")
+    leaf, o = ctx.attn_graph
+    keep = _keep_graph()
+    dqkv = torch.autograd.grad(o, leaf, do, retain_graph=keep)[0]
+    if not keep:
+        ctx.attn_graph = None
+    return dqkv
+
+
+def _keep_graph():
+    """Whether the running backward keeps its graph (retain_graph); True where this torch cannot
+    tell (the graph is then kept until the node is freed)."""
+    fn = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if fn is None else fn()
+
+
 # Positions of the inputs of BlockFn.apply (for ctx.needs_input_grad).
 _X, _N1W, _N1B, _QW, _QB, _PW, _PB, _LS1, _N2W, _N2B, _W1, _B1, _W2, _B2, _LS2 = range(6, 21)
 _SS1, _SS2 = 2, 3
@@ -267,7 +316,12 @@ class BlockFn(torch.autograd.Function):
         y1 = step.ln1(x, n1w, n1b, eps1)[0]
         qkv = F.linear(y1, qw, qb)
         del y1
-        o, lse = step.attention_fwd(qkv, scale, drop, seed, segment_ids)
+        if step.attn_public:
+            o, ctx.attn_graph = step.public_attention(qkv, scale, segment_ids,
+                                                      any(ctx.needs_input_grad))
+            lse = None
+        else:
+            o, lse = step.attention_fwd(qkv, scale, drop, seed, segment_ids)
         p = F.linear(o, pw, pb)
         h, s = step.residual_ln(ls1, ss1)(p, n2w, n2b, eps2, x, ls1, ss1)
         out, pre = step.mlp_forward(h, w1, b1, w2, b2, s, ls2, ss2)
@@ -322,7 +376,10 @@ class BlockFn(torch.autograd.Function):
         del gp, dp
 
         # attention
-        dqkv = step.attention_bwd(do, qkv, o, lse, scale, drop, seed, segment_ids)
+        if step.attn_public:
+            dqkv = _public_attention_grad(ctx, do)
+        else:
+            dqkv = step.attention_bwd(do, qkv, o, lse, scale, drop, seed, segment_ids)
         del do
 
         # LN1 -> qkv (vit_fast/ops/layer_norm_linear.py's backward)
