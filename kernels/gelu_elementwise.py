@@ -221,9 +221,11 @@ def gelu_mlp_cublas_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approxima
 
 
 def gelu_mlp_cublas_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_scale,
-                        sample_scale, *, approximate, has_residual, wanted=MlpGrads()):
+                        sample_scale, *, approximate, has_residual, wanted=MlpGrads(), gemms=None):
     """Same arguments and results as kernels.gelu_mlp.gelu_mlp_bwd (dx, dW1, db1, dW2, db2, dls,
-    dss; the optional ones not in ``wanted`` are None)."""
+    dss; the optional ones not in ``wanted`` are None). gemms: a kernels.gelu_mlp.Gemms whose
+    column sums the two colsum launches take (bound ones: the Block's step), else colsum."""
+    colsum_of = gemms.colsum if gemms is not None else _colsum_named
     ls, ss = (layer_scale, sample_scale) if has_residual else (None, None)
     rps, dtype = _rows_per_sample(x), x.dtype
     x2, g = x.reshape(-1, x.shape[-1]), grad.reshape(-1, fc2_weight.shape[0])
@@ -237,7 +239,7 @@ def gelu_mlp_cublas_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_sc
     e = _mm_fp32(g.t(), act_s)
     del act_s
     d_w2 = (e if ls is None else e * ls.float()[:, None]).to(fc2_weight.dtype)
-    g_sum = colsum(g, ss, rps) if (needs_fc2_bias or needs_layer_scale) else None
+    g_sum = colsum_of("g_sum", g, ss, rps) if (needs_fc2_bias or needs_layer_scale) else None
     lsf = ls.float() if ls is not None else None
     d_b2 = d_ls = d_ss = None
     if needs_fc2_bias and fc2_bias is not None:
@@ -251,5 +253,10 @@ def gelu_mlp_cublas_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_sc
         d_ss = rowdot.reshape(-1, rps).sum(1).to(ss.dtype)
     d_x = torch.mm(d_pre, fc1_weight)
     d_w1 = torch.mm(d_pre.t(), x2)
-    d_b1 = colsum(d_pre).to(dtype) if needs_fc1_bias else None
+    d_b1 = colsum_of("d_b1", d_pre).to(dtype) if needs_fc1_bias else None
     return d_x.reshape(x.shape), d_w1, d_b1, d_w2, d_b2, d_ls, d_ss
+
+
+def _colsum_named(name, x, sample_scale=None, rows_per_sample=1):
+    """colsum under Gemms.colsum's signature (the name keys a bound launch; unused here)."""
+    return colsum(x, sample_scale, rows_per_sample)

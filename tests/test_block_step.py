@@ -59,6 +59,7 @@ CASES = {
     "amp": dict(amp=True),
     "dropout and drop-path": dict(attn_drop=0.25, drop_path=0.3),
     "segments": dict(segments=True),
+    "cuBLAS MLP, drop-path": dict(backend="cublas", drop_path=0.3),
 }
 
 
@@ -66,10 +67,11 @@ CASES = {
 def test_the_step_gives_the_general_paths_bits(case):
     kw = dict(CASES[case])
     amp, segments = kw.pop("amp", False), kw.pop("segments", False)
+    backend = kw.pop("backend", "triton")
     block = _block(**kw)
     x = torch.randn(2, 6, 16)
     seg = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 0, 0, 0, 0, 0]]) if segments else None
-    with vit_fast.use_backend("triton"):
+    with vit_fast.use_backend(backend):
         first = _call(block, x, 1, amp, seg)  # the general path; its backward makes the step
         assert _plan(block).step is not None
         stepped = _call(block, x, 1, amp, seg)

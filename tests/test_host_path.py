@@ -3,8 +3,8 @@
 - a repeat call of a fused Block -- forward and backward, on the path an sm_90 GPU takes, Triton
   launches replaced by counting no-ops (vit_fast/bench/host.py) -- imports nothing, reads no
   environment variable, runs none of the argument checks (they ran when the configuration
-  was first seen) and launches no GEMM through matmul's per-call decisions (the step's are
-  bound: kernels/matmul_bound.py);
+  was first seen) and launches no GEMM or column sum through matmul's per-call decisions (the
+  step's are bound: kernels/matmul_bound.py);
 - the per-configuration plan (vit_fast/block_plan.py) follows every change that could make the
   fused path wrong: hooks, a swapped submodule, a forward set on an instance, a cast, a new
   Parameter;
@@ -58,8 +58,7 @@ class _Counting:
 
     def __enter__(self):
         from vit_fast.kernels import matmul
-        # (the cuBLAS MLP, bf16's fixed choice on sm_90, still calls colsum per call)
-        per_call = {matmul.matmul.__wrapped__.__code__}
+        per_call = {matmul.matmul.__wrapped__.__code__, matmul.colsum.__wrapped__.__code__}
 
         def profile(frame, event, arg):
             if event == "call":

@@ -2,7 +2,9 @@
 
     y1      = LN1(x)                          kernel; not saved (the backward rebuilds it)
     qkv     = y1·Wqkvᵀ + bqkv                 cuBLAS
-    o, lse  = attention(qkv)                  the kernel, or the alternative chosen for the key
+    o, lse  = attention(qkv)                  the kernel, or the alternative chosen for the key;
+                                              where dispatch sends it to the reference (fp32 on
+                                              a GPU) the public op, with a graph of its own
     p       = o·Wpᵀ + bp                      cuBLAS
     h, s    = LN2(s),  s = x + ls1·ss1·p      kernel; h not saved
     out     = s + ls2·ss2·MLP(h)              the MLP implementation chosen for the key
@@ -12,7 +14,9 @@ four autograd nodes, each op re-entering its launchers' per-call logic, plus und
 autograd casts. Once a configuration has run forward and backward there (kernels built, tuning
 choices made), :class:`BlockStep` runs it as one node: the same launchers, kernels and configs,
 the same roundings and casts, called straight down from one forward and one backward with
-everything that depends only on the configuration decided when the step is made.
+everything that depends only on the configuration decided when the step is made: the LayerNorm,
+attention and MLP launches bound to it (kernels/layer_norm_bound.py, attention_bound.py,
+matmul_bound.py through kernels/gelu_mlp.Gemms), AMP's weight casts kept per autocast region.
 
 Saved for backward, as the three ops save it: x, qkv, o, lse, s, the fc1 pre-activation, the
 attention branch p only when ls1 or ss1 needs it, the GEMM weights (under AMP their casts) and
@@ -28,6 +32,7 @@ from .amp_weights import AmpWeights
 from .kernels import attention_bound as _attn
 from .kernels import gelu_mlp as _gm
 from .kernels import layer_norm_bound as _ln
+from .kernels.gelu_elementwise import gelu_mlp_cublas_bwd as _cublas_mlp_bwd
 from .kernels.gelu_mlp import gelu_mlp_fwd as _triton_mlp_fwd
 from .ops import attention_sdpa as _attention
 from .ops import gelu_mlp as _mlp
@@ -216,10 +221,15 @@ class BlockStep:
                 if fn is None:
                     return self.mlp_bwd(*args, approximate=self.approximate, has_residual=True,
                                         **_mlp.wanted_kwargs(wanted))
-            impl = self.mlp_choice[key] = (self._gemms() if getattr(fn, "impl", fn) in _TRITON_BWD
+            base = getattr(fn, "impl", fn)
+            impl = self.mlp_choice[key] = (self._gemms() if base in _TRITON_BWD else
+                                           ("cublas", self._gemms()) if base in _CUBLAS_BWD
                                            else fn)
         if type(impl) is _gm.Gemms:
             return _gm.mlp_backward(impl, *args, self.approximate, True, wanted)
+        if type(impl) is tuple:  # the cuBLAS MLP, its column sums bound
+            return _cublas_mlp_bwd(*args, approximate=self.approximate, has_residual=True,
+                                   wanted=wanted, gemms=impl[1])
         if impl is self.mlp_bwd:
             return impl(*args, approximate=self.approximate, has_residual=True,
                         **_mlp.wanted_kwargs(wanted))
@@ -235,6 +245,9 @@ class BlockStep:
 # functions its policies and the tuner's choices name (all launch with vit_fast.tuning's chooser).
 _TRITON_FWD = (_triton_mlp_fwd, _tuned.FWD["triton"])
 _TRITON_BWD = (_mlp.backward_kernels, _tuned.BWD["triton"])
+# The cuBLAS MLP's backward (the policy 'cublas', the tuner's cuBLAS choice): its two column sums
+# bound (kernels/gelu_elementwise.gelu_mlp_cublas_bwd's gemms).
+_CUBLAS_BWD = (mlp_launchers("cublas")[1], _tuned.BWD["cublas"])
 
 
 def _block_params(block):
