@@ -387,10 +387,16 @@ def _triton_launch_us(reps):
         probe_kernel._do_compile = fake_compile
         call()
         probe_kernel._do_compile = _orig_compile
-        t0 = time.thread_time_ns()
-        for _ in range(reps):
-            call()
-        return (time.thread_time_ns() - t0) / reps / 1e3
+        # The fastest of five batches: this shared machine's stalls only ever add time (the step
+        # timings take each round's fastest call for the same reason).
+        batch = max(1, reps // 5)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.thread_time_ns()
+            for _ in range(batch):
+                call()
+            best = min(best, (time.thread_time_ns() - t0) / batch / 1e3)
+        return best
     finally:
         driver_mod._active = saved
 
