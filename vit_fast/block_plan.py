@@ -59,8 +59,11 @@ def lookup(block, x):
 
 
 def forget(block):
-    """Drop block's plan (the general path found it fusable again: a hook was removed)."""
-    block.__dict__.pop("_block_plan", None)
+    """Drop block's plan (the general path found it fusable again: a hook was removed). Not while
+    torch.compile traces: no plan is used there (lookup), and torch 2.11's dynamo cannot trace a
+    pop from a module's __dict__ (a graph break in every compiled Block)."""
+    if not torch.compiler.is_compiling():
+        block.__dict__.pop("_block_plan", None)
 
 
 class BlockPlan:

@@ -84,7 +84,9 @@ def _traced_float(v) -> bool:
 
 def _check_finite(op, name, v):
     if _traced_float(v):
-        torch._check(v - v == 0, lambda: f"{op}: {name} must be finite")  # inf - inf, nan: nan
+        # The messages name no argument: torch 2.11's dynamo cannot trace a message that reads a
+        # variable from outside the lambda (a graph break), so the traced checks name only the value.
+        torch._check(v - v == 0, lambda: "vit_fast: a float argument must be finite")  # inf - inf
         return
     if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
         raise ValueError(f"{op}: {name} must be a finite float, got {v!r}")
@@ -92,8 +94,8 @@ def _check_finite(op, name, v):
 
 def _check_eps(op, eps):
     if _traced_float(eps):
-        torch._check(eps >= 0, lambda: f"{op}: eps must be a finite non-negative float")
-        torch._check(eps - eps == 0, lambda: f"{op}: eps must be a finite non-negative float")
+        torch._check(eps >= 0, lambda: "vit_fast: eps must be a finite non-negative float")
+        torch._check(eps - eps == 0, lambda: "vit_fast: eps must be a finite non-negative float")
         return
     if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not math.isfinite(eps) \
             or eps < 0:
@@ -208,8 +210,8 @@ def _attention_plan(qkv, num_heads, scale, dropout_p, segment_ids):
     if scale is not None:
         _check_finite(op, "scale", scale)
     if _traced_float(dropout_p):
-        torch._check(dropout_p >= 0, lambda: f"{op}: dropout_p must be a float in [0, 1)")
-        torch._check(dropout_p < 1, lambda: f"{op}: dropout_p must be a float in [0, 1)")
+        torch._check(dropout_p >= 0, lambda: "vit_fast: dropout_p must be a float in [0, 1)")
+        torch._check(dropout_p < 1, lambda: "vit_fast: dropout_p must be a float in [0, 1)")
     elif not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
     _check_segment_ids(op, segment_ids, qkv)
@@ -542,7 +544,7 @@ def _patch_embed_plan(images, weight, bias, patch_size, pos_embed, mean, std):
     choice = dispatch.choose(op, [*conv, pos_embed])
 
     def ref(images, weight, bias, patch_size, pos_embed, mean, std):
-        mean, std = channel_vectors(mean, std) if channel_vectors else (mean, std)
+        mean, std = channel_vectors(mean, std) if channel_vectors is not None else (mean, std)
         return reference.patch_embed(images, weight, bias, patch_size=(ph, pw),
                                      pos_embed=pos_embed, mean=mean, std=std)
     if choice.backend == "reference":
@@ -554,7 +556,7 @@ def _patch_embed_plan(images, weight, bias, patch_size, pos_embed, mean, std):
     from .ops import patch_embed as pe
 
     def kernel(images, weight, bias, patch_size, pos_embed, mean, std):
-        mean, std = channel_vectors(mean, std) if channel_vectors else (mean, std)
+        mean, std = channel_vectors(mean, std) if channel_vectors is not None else (mean, std)
         return pe.patch_embed(images, weight, bias, (ph, pw), pos_embed, mean, std)
 
     def plan(images, weight, bias, *rest):
