@@ -337,12 +337,8 @@ def matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", p
     """
     M, K = a.shape
     N = b.shape[1]
-    flags = (epilogue, approximate, bias is not None, store_pre, store_act, row_dot,
-             residual is not None, residual is not None and layer_scale is not None,
-             sample_scale is not None)
-    target = gpu_target(a.device)
-    precision = "ieee" if a.dtype != torch.float32 else input_precision(a.dtype)
-    plan = _plan(M, N, K, a.dtype, flags, precision, target)
+    plan, precision = launch_plan(a, b, epilogue, approximate, bias, store_pre, store_act,
+                                  row_dot, residual, layer_scale, sample_scale)
     if config is None:
         cands = plan.candidates
         if choose is not None and len(cands) > 1 and M and N:
@@ -455,6 +451,18 @@ def _plan(M, N, K, dtype, flags, precision, target):
             _PLANS.clear()
         hit = _PLANS[key] = _Plan(M, N, K, dtype, flags, precision, target)
     return hit
+
+
+def launch_plan(a, b, epilogue, approximate, bias, store_pre, store_act, row_dot, residual,
+                layer_scale, sample_scale):
+    """(the _Plan, the dot precision) of a launch of matmul's arguments (kernels/matmul_bound.py
+    binds with the same)."""
+    flags = (epilogue, approximate, bias is not None, store_pre, store_act, row_dot,
+             residual is not None, residual is not None and layer_scale is not None,
+             sample_scale is not None)
+    precision = "ieee" if a.dtype != torch.float32 else input_precision(a.dtype)
+    return (_plan(a.shape[0], b.shape[1], a.shape[1], a.dtype, flags, precision,
+                  gpu_target(a.device)), precision)
 
 
 def launch_key(a, b, out_dtype, plan, precision):

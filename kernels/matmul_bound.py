@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from ._device import cdiv, gpu_target
-from .matmul import (_C_COLUMNS, GemmConfig, _chosen, _plan, colsum_kernel, colsum_launch,
-                     input_precision, launch_key, matmul_kernel)
+from .matmul import (_C_COLUMNS, GemmConfig, _chosen, colsum_kernel, colsum_launch, launch_key,
+                     launch_plan, matmul_kernel)
 
 _F32 = torch.float32
 
@@ -70,11 +70,8 @@ def bind(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", pre
         return None
     if pre is not None and pre.stride() != (N, 1):
         return None
-    flags = (epilogue, approximate, bias is not None, store_pre, store_act, row_dot,
-             residual is not None, residual is not None and layer_scale is not None,
-             sample_scale is not None)
-    precision = "ieee" if a.dtype != torch.float32 else input_precision(a.dtype)
-    plan = _plan(M, N, K, a.dtype, flags, precision, gpu_target(a.device))
+    plan, precision = launch_plan(a, b, epilogue, approximate, bias, store_pre, store_act,
+                                  row_dot, residual, layer_scale, sample_scale)
     config = plan.candidates[0]
     if choose is not None and len(plan.candidates) > 1:
         config = _chosen(choose, launch_key(a, b, out_dtype, plan, precision))
