@@ -174,12 +174,38 @@ def test_host_benchmark_reports_its_counts(capsys):
     assert row["aten_ops_timm"] > 0 and row["aten_ops_vit_fast"] > 0
     text = host.format_rows(rows)
     assert "vit_s" in text and "fwd+bwd" in text
-    out = host.results(rows, 15.0, {}, "python -m vit_fast.bench host")
+    counted = {("vit_s", "amp", "fwd+bwd"): (host.Instructions(4e6, 1.5e6),
+                                             host.Instructions(2.5e6, 0.5e6))}
+    text = host.format_rows(rows, counted)
+    assert "4.00 M / 2.50 M (0.62x)" in text and "2.50 M / 2.00 M (0.80x)" in text
+    out = host.results(rows, 15.0, counted, "python -m vit_fast.bench host")
     from vit_fast.bench import predict_host
     fields = [f.name for f in __import__("dataclasses").fields(predict_host.HostCost)]
     (r,) = out["rows"]
     assert r["mode"] in predict_host.HOST_MODES and r["precision"] in predict_host.PRECISIONS
-    predict_host.HostCost(**{f: r[f] for f in fields})  # the model reads what the bench writes
+    assert (r["eager_host_share"], r["vit_fast_host_share"]) == (0.625, 0.8)
+    cost = predict_host.HostCost(**{f: r[f] for f in fields})  # the model reads what the bench writes
+    assert cost.eager_host_us == pytest.approx(0.625 * r["eager_us"])
+    assert cost.vit_fast_host_us == pytest.approx(0.8 * r["vit_fast_us"])
+
+
+# callgrind_annotate --inclusive=yes lines: count, share, file:function [object]
+_ANNOTATED = """\
+4,000,000 (100.0%)  PROGRAM TOTALS
+1,000,000 (25.00%)  ???:at::native::addmm_impl_cpu_(at::Tensor&, at::Tensor const&) [libtorch_cpu.so]
+  400,000 (10.00%)  ???:at::native::addmm_impl_cpu_(at::Tensor&, at::Tensor const&)'2 [libtorch_cpu.so]
+  300,000 ( 7.50%)  ???:at::native::_scaled_dot_product_flash_attention_cpu(at::Tensor const&) [libtorch_cpu.so]
+  200,000 ( 5.00%)  ???:at::native::_scaled_dot_product_flash_attention_cpu_backward(at::Tensor const&) [libtorch_cpu.so]
+  900,000 (22.50%)  ???:at::_ops::addmm::call(at::Tensor const&) [libtorch_cpu.so]
+   50,000 ( 1.25%)  ???:at::native::cpublas::gemm(long) [libtorch_cpu.so]
+"""
+
+
+def test_cpu_compute_is_the_gemm_and_attention_bodies():
+    """What the host figure leaves out: the inclusive counts of the CPU's GEMM and flash-attention
+    bodies, each once (not their recursion entries, not their callers, not what they call)."""
+    assert host.cpu_compute_instructions(_ANNOTATED) == 1_500_000
+    assert host.Instructions(4e6, 1.5e6).host == 2.5e6
 
 
 @pytest.mark.parametrize("drops", [(0.0, 0.0), (0.25, 0.2)], ids=["plain", "dropout+drop-path"])

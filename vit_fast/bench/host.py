@@ -9,10 +9,13 @@ machine, with or without a GPU:
 - every Triton launch is replaced by a counting no-op at ``kernel[grid]``, so what is measured is
   vit_fast's own Python and the aten ops around the kernels (cuBLAS GEMMs, allocations,
   autograd); Triton's Python from the subscript to the driver call is measured apart, per launch;
-- widths are scaled down (head_dim 1, a few tokens) so that aten's CPU compute is negligible and
-  both sides pay what a GPU host pays: dispatch, allocation and autograd per op. The op sequence
-  and every decision depend on the configuration (heads, qkv bias, LayerScale, precision), not on
-  the widths. Measured against timm's eager Block in the same process, interleaved round by
+- widths are scaled down (head_dim 1, a few tokens) so that both sides pay mostly what a GPU host
+  pays: dispatch, allocation and autograd per op. The op sequence and every decision depend on
+  the configuration (heads, qkv bias, LayerScale, precision), not on the widths. The CPU still
+  computes what a GPU would run as kernels -- its bf16 GEMMs are scalar dot loops and its flash
+  attention sets up per-call buffers, over a third of eager's instructions under AMP -- so the
+  callgrind count also reports each side without those functions (:data:`CPU_COMPUTE`), and
+  the thread times include them. Measured against timm's eager Block in the same process, interleaved round by
   round, in thread CPU time (the autograd engine runs CPU graphs on the calling thread);
 - optionally the instructions executed per step under callgrind (deterministic: a change can be
   gated on it where wall time is noisy), and Triton's own Python launch cost per launch
@@ -29,6 +32,7 @@ import contextlib
 import gc
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -46,9 +50,10 @@ PRECISIONS = ("fp32", "bf16", "amp")
 
 @dataclass(frozen=True)
 class Shape:
-    """A Block configuration at host-benchmark widths. head_dim 1: at head_dim 8 the CPU's GEMMs
-    (MKL sgemm) were over a third of the instructions counted -- compute, which a GPU host does
-    not pay; at 1 a GEMM costs what its dispatch costs. The heads, the MLP ratio, the biases and
+    """A Block configuration at host-benchmark widths. head_dim 1: at head_dim 8 the CPU's fp32
+    GEMMs (MKL sgemm) were over a third of the instructions counted -- compute, which a GPU host
+    does not pay; at 1 an fp32 GEMM costs little more than its dispatch (bf16 GEMMs still
+    compute in scalar loops: see CPU_COMPUTE). The heads, the MLP ratio, the biases and
     LayerScale are the model's: they decide the launches and the launch configs."""
     name: str
     heads: int
@@ -274,7 +279,8 @@ def _callgrind_helper():
 
 
 def callgrind_available() -> bool:
-    return shutil.which("valgrind") is not None and _callgrind_helper() is not None
+    return (shutil.which("valgrind") is not None and shutil.which("callgrind_annotate") is not None
+            and _callgrind_helper() is not None)
 
 
 def _instructions_child(impl, shape_name, precision, target, mode, steps):  # noqa: PLR0913
@@ -295,10 +301,50 @@ def _instructions_child(impl, shape_name, precision, target, mode, steps):  # no
         lib.vf_collect_off()
 
 
+# The native CPU functions whose body a GPU runs as a kernel: the GEMMs' BLAS call (every
+# mm/addmm/linear reaches it) and the CPU's flash attention (SDPA, forward and backward). Their
+# instructions are compute -- at these widths mostly bf16 dot loops and the attention's per-call
+# buffers -- which a GPU host does not execute (it launches cuBLAS / SDPA's kernel instead). They
+# are counted apart so the host figure can leave them out; none calls another, so their inclusive
+# counts add up without overlap. What a GPU host pays inside cuBLAS's or SDPA's host code is left
+# out with them, on both sides (eager calls them more often, so this favours eager).
+CPU_COMPUTE = ("at::native::addmm_impl_cpu_(",
+               "at::native::_scaled_dot_product_flash_attention_cpu(",
+               "at::native::_scaled_dot_product_flash_attention_cpu_backward(")
+
+
+@dataclass(frozen=True)
+class Instructions:
+    """Instructions per step under callgrind: all of them, and those inside CPU_COMPUTE."""
+    total: float
+    cpu_compute: float
+
+    @property
+    def host(self) -> float:
+        """What a GPU host executes of it: the total less the CPU's compute."""
+        return self.total - self.cpu_compute
+
+
+def cpu_compute_instructions(annotated: str) -> int:
+    """Inclusive instructions of the CPU_COMPUTE functions in ``callgrind_annotate
+    --inclusive=yes`` output (recursion entries, named ``f'2``, are inside ``f`` already)."""
+    total = 0
+    for line in annotated.splitlines():
+        m = re.match(r"\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+\S*?:(.*)$", line)
+        if m is None or not m.group(2).startswith(CPU_COMPUTE):
+            continue
+        name = m.group(2).split(" [")[0]
+        if re.search(r"'\d+$", name):
+            continue
+        total += int(m.group(1).replace(",", ""))
+    return total
+
+
 def instructions(impl, shape: Shape, precision, target="sm_90", mode="fwd+bwd", steps=5,
                  keep=None):
-    """Instructions per call of impl's step, counted by callgrind (None if unavailable); keep: a
-    path to copy callgrind's output to (for callgrind_annotate)."""
+    """Instructions per call of impl's step, counted by callgrind (None if unavailable), with
+    those of the CPU's compute (:data:`CPU_COMPUTE`); keep: a path to copy callgrind's output to
+    (for callgrind_annotate)."""
     if not callgrind_available():
         return None
     with tempfile.TemporaryDirectory() as tmp:
@@ -313,11 +359,17 @@ def instructions(impl, shape: Shape, precision, target="sm_90", mode="fwd+bwd", 
             raise RuntimeError(f"callgrind run failed: {res.stderr[-2000:]}")
         if keep:
             shutil.copy(out, keep)
+        total = None
         with open(out) as f:
             for line in f:
                 if line.startswith("summary:") or line.startswith("totals:"):
-                    return int(line.split()[1]) / steps
-    return None
+                    total = int(line.split()[1])
+                    break
+        if total is None:
+            return None
+        annotated = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100",
+                                    out], capture_output=True, text=True, check=True).stdout
+        return Instructions(total / steps, cpu_compute_instructions(annotated) / steps)
 
 
 # --- Triton's own launch cost ----------------------------------------------------------------
@@ -417,9 +469,30 @@ def format_rows(rows, instr=None):
             ("Triton launches", "triton_launches"),
             ("aten ops eager / vit_fast", lambda r: f"{r['aten_ops_timm']} / {r['aten_ops_vit_fast']}")]
     if instr:
-        cols.append(("instructions eager / vit_fast (callgrind)", lambda r: instr.get(
-            (r["shape"], r["precision"], r["mode"]), "-")))
+        def counted(attr):
+            def cell(r):
+                pair = instr.get((r["shape"], r["precision"], r["mode"]))
+                if pair is None:
+                    return "-"
+                e, v = (getattr(c, attr) for c in pair)
+                return f"{e / 1e6:.2f} M / {v / 1e6:.2f} M ({v / e:.2f}x)"
+            return cell
+        cols += [("instructions eager / vit_fast (callgrind)", counted("total")),
+                 ("less the CPU's compute", counted("host"))]
     return fmt_table(rows, cols)
+
+
+def count_instructions(shapes, precisions, modes, target, workers=2) -> dict:
+    """{(shape, precision, mode): (timm's Instructions, vit_fast's)}, each a callgrind run of
+    its own (single-threaded under valgrind: ``workers`` of them at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+    keys = [(shape, precision, mode) for shape in shapes for precision in precisions
+            for mode in modes]
+    with ThreadPoolExecutor(workers) as pool:
+        runs = {(k, impl): pool.submit(instructions, impl, k[0], k[1], target, k[2])
+                for k in keys for impl in ("timm", "vit_fast")}
+        counts = {k: (runs[k, "timm"].result(), runs[k, "vit_fast"].result()) for k in keys}
+    return {(s.name, p, m): pair for (s, p, m), pair in counts.items() if None not in pair}
 
 
 def main(argv=None):
@@ -437,7 +510,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--inner", type=int, default=10)
     p.add_argument("--callgrind", action="store_true",
-                   help="also count instructions per fwd+bwd step under callgrind (slow: minutes)")
+                   help="also count instructions per step under callgrind, every mode (slow: about "
+                        "a minute a run, two runs at a time)")
     p.add_argument("--json", help="write the rows as JSON here")
     p.add_argument("--save", action="store_true",
                    help=f"write the last --shape's rows to {os.path.relpath(RESULTS_JSON)} (the "
@@ -453,21 +527,16 @@ def main(argv=None):
     for shape in shapes:
         for precision in precisions:
             rows += measure(shape, precision, args.target, modes, args.rounds, args.inner)
-    instr = {}
-    if args.callgrind:
-        for shape in shapes:
-            for precision in precisions:
-                counts = [instructions(i, shape, precision, args.target) for i in ("timm", "vit_fast")]
-                if None not in counts:
-                    instr[(shape.name, precision, "fwd+bwd")] = (
-                        f"{counts[0] / 1e6:.2f} M / {counts[1] / 1e6:.2f} M "
-                        f"({counts[1] / counts[0]:.2f}x)")
+    instr = count_instructions(shapes, precisions, modes, args.target) if args.callgrind else {}
     launch = triton_launch_us()
     print(format_rows(rows, instr))
     print(f"CPU measured: thread CPU time per Block call on this machine, median over {args.rounds} "
           f"interleaved rounds of each round's fastest of {args.inner} calls (± the interquartile "
           f"range); path of {args.target} "
-          "(Triton launches counted, not run); widths scaled down (head_dim 1, batch 2, 8 tokens).")
+          "(Triton launches counted, not run); widths scaled down (head_dim 1, batch 2, 8 tokens)"
+          + ("; callgrind: instructions per call, and the same less the CPU's own compute (its "
+             "GEMMs' BLAS and flash-attention bodies, which a GPU runs as kernels; the times "
+             "include it)." if instr else "."))
     if launch is not None:
         print(f"Triton's Python launch path (kernel[grid](...) to the driver call, stand-in driver): {launch:.1f} µs per "
               "launch on this CPU, on top of the vit_fast column for each Triton launch.")
@@ -490,9 +559,19 @@ RESULTS_JSON = (__import__("pathlib").Path(__file__).resolve().parents[2] / "ben
 
 def results(rows, launch_us, instr, command):
     """The rows in the schema vit_fast/bench/predict_host.py reads (benchmarks/results/README.md):
-    per (mode, precision) eager_us, vit_fast_us, launches, and Triton's per-launch µs."""
+    per (mode, precision) eager_us, vit_fast_us, launches, Triton's per-launch µs and, where
+    callgrind counted the row, each side's host share (its instructions less the CPU's compute,
+    over all of them)."""
+    def shares(r):
+        pair = instr.get((r["shape"], r["precision"], r["mode"]))
+        if pair is None:
+            return {}
+        return dict(eager_host_share=round(pair[0].host / pair[0].total, 3),
+                    vit_fast_host_share=round(pair[1].host / pair[1].total, 3))
     return {"command": command, "machine": "CPU (thread time; see vit_fast/bench/host.py)",
-            "instructions": {"/".join(k): v for k, v in instr.items()},
+            "instructions": {"/".join(k): {side: dict(total=round(c.total), cpu_compute=round(
+                c.cpu_compute)) for side, c in zip(("eager", "vit_fast"), pair)}
+                for k, pair in instr.items()},
             "rows": [dict(mode=r["mode"], precision=r["precision"], shape=r["shape"],
                           target=r["target"], eager_us=round(r["timm_us"], 1),
                           vit_fast_us=round(r["vit_fast_us"], 1),
@@ -501,7 +580,7 @@ def results(rows, launch_us, instr, command):
                           aten_ops_vit_fast=r["aten_ops_vit_fast"],
                           triton_launch_us=round(launch_us, 1) if launch_us else 15.0,
                           eager_spread=round(r["timm_spread"], 3),
-                          vit_fast_spread=round(r["vit_fast_spread"], 3))
+                          vit_fast_spread=round(r["vit_fast_spread"], 3), **shares(r))
                      for r in rows]}
 
 
