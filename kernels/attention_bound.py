@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ._device import cdiv, gpu_target, interpreting, next_power_of_2
+from .direct_launch import DirectLaunch
 from .attention import (_NO_BIAS, _NO_SEGMENTS, LOG2E, _bwd_launch, _dq_partials, _fwd_launch,
                         _REDUCE_BLOCK_M, attention_bwd_delta_kernel, attention_bwd_dkdv_kernel,
                         attention_bwd_dq_kernel, attention_bwd_dq_reduce_kernel,
@@ -25,15 +26,14 @@ _F32 = torch.float32
 class AttentionFwd:
     """attention_fwd(qkv, num_heads, scale, dropout_p=, seed=) for one configuration:
     (out [B, N, H·D], lse [B, H, N] fp32)."""
-    __slots__ = ("grid", "kwargs", "B", "N", "H", "C", "stride_b", "stride_n")
+    __slots__ = ("launch", "B", "N", "H", "C", "stride_b", "stride_n")
 
     def __call__(self, qkv, scale, dropout_p, seed):
         B, N, H, C = self.B, self.N, self.H, self.C
         out = torch.empty(B, N, C, dtype=qkv.dtype, device=qkv.device)
         lse = torch.empty(B, H, N, dtype=_F32, device=qkv.device)
-        attention_fwd_kernel[self.grid](
-            qkv, out, lse, seed, N, H, self.stride_b, self.stride_n, N * C, C, scale * LOG2E,
-            dropout_p, **self.kwargs)
+        self.launch(qkv, out, lse, seed, N, H, self.stride_b, self.stride_n, N * C, C,
+                    scale * LOG2E, dropout_p)
         return out, lse
 
 
@@ -43,9 +43,8 @@ def bind_fwd(qkv_shape, num_heads, dtype, dropout, device) -> AttentionFwd:
     B, N, three_c = qkv_shape
     head_dim = three_c // (3 * num_heads)
     bound = AttentionFwd()
-    bound.grid, consts = _fwd_launch(B, N, num_heads, head_dim, dtype, dropout, False, False,
-                                     device)
-    bound.kwargs = {**_NO_SEGMENTS, **consts, **_NO_BIAS}
+    grid, consts = _fwd_launch(B, N, num_heads, head_dim, dtype, dropout, False, False, device)
+    bound.launch = DirectLaunch(attention_fwd_kernel, grid, {**_NO_SEGMENTS, **consts, **_NO_BIAS})
     bound.B, bound.N, bound.H, bound.C = B, N, num_heads, three_c // 3
     bound.stride_b, bound.stride_n = N * three_c, three_c
     return bound
@@ -54,8 +53,7 @@ def bind_fwd(qkv_shape, num_heads, dtype, dropout, device) -> AttentionFwd:
 class AttentionBwd:
     """attention_bwd(dout, qkv, out, lse, num_heads, scale, dropout_p=, seed=) for one
     configuration: dqkv [B, N, 3·H·D] (contiguous, qkv's dtype)."""
-    __slots__ = ("plan", "delta_grid", "delta_consts", "dkdv_grid", "dkdv_kwargs", "dq_grid",
-                 "dq_kwargs", "reduce_grid", "reduce_kwargs", "B", "N", "H", "C3", "partials")
+    __slots__ = ("plan", "delta", "dkdv", "dq", "reduce", "B", "N", "H", "C3", "partials")
 
     def __call__(self, dout, qkv, out, lse, scale, dropout_p, seed):
         N, H, C3 = self.N, self.H, self.C3
@@ -68,8 +66,7 @@ class AttentionBwd:
         if sd[2] != 1:
             dout = dout.contiguous()
             sd = dout.stride()
-        attention_bwd_delta_kernel[self.delta_grid](
-            out, dout, delta, N, H, so[0], so[1], sd[0], sd[1], **self.delta_consts)
+        self.delta(out, dout, delta, N, H, so[0], so[1], sd[0], sd[1])
         args = (qkv, dout, lse, delta, dqkv, seed, N, H, N * C3, C3, sd[0], sd[1], N * C3, C3,
                 scale, scale * LOG2E, dropout_p)
         part = None
@@ -81,13 +78,12 @@ class AttentionBwd:
             dq = dict(DQ=dqkv, stride_dq_kb=0, stride_dq_b=N * C3, stride_dq_n=C3)
         else:
             dq = _NO_DQ
-        attention_bwd_dkdv_kernel[self.dkdv_grid](*args, **dq, **self.dkdv_kwargs)
+        self.dkdv(*args, **dq)
         if self.plan == "split":
-            attention_bwd_dq_kernel[self.dq_grid](*args, **self.dq_kwargs)
+            self.dq(*args)
         elif part is not None:
-            attention_bwd_dq_reduce_kernel[self.reduce_grid](
-                part, dqkv, N, H, self.partials, part.stride(0), part.stride(1), part.stride(2),
-                N * C3, C3, None, **self.reduce_kwargs)
+            self.reduce(part, dqkv, N, H, self.partials, part.stride(0), part.stride(1),
+                        part.stride(2), N * C3, C3, None)
         return dqkv
 
 
@@ -103,25 +99,27 @@ def bind_bwd(qkv_shape, num_heads, dtype, dropout, device) -> AttentionBwd:
     plan, delta_grid, delta_consts, dot = _bwd_launch(B, N, num_heads, head_dim, dtype, dropout,
                                                       False, False, gpu_target(device), None)
     bound = AttentionBwd()
-    bound.plan, bound.delta_grid, bound.delta_consts = plan[0], delta_grid, delta_consts
+    bound.plan = plan[0]
+    bound.delta = DirectLaunch(attention_bwd_delta_kernel, delta_grid, delta_consts)
     bound.B, bound.N, bound.H, bound.C3 = B, N, num_heads, three_c
     block_m, block_n, warps, stages = plan[1]
-    bound.dkdv_grid = (cdiv(N, block_n) * B * num_heads,)
-    bound.dkdv_kwargs = dict(_NO_SEGMENTS, WRITE_DQ=plan[0] == "fused", BLOCK_M=block_m,
-                             BLOCK_N=block_n, num_warps=warps, num_stages=stages, **dot,
-                             **_NO_BIAS)
+    bound.dkdv = DirectLaunch(attention_bwd_dkdv_kernel, (cdiv(N, block_n) * B * num_heads,),
+                              dict(_NO_SEGMENTS, WRITE_DQ=plan[0] == "fused", BLOCK_M=block_m,
+                                   BLOCK_N=block_n, num_warps=warps, num_stages=stages, **dot,
+                                   **_NO_BIAS))
     bound.partials = plan[2] if (plan[0] == "fused" and plan[2] > 1) else 0
-    bound.dq_grid = bound.dq_kwargs = bound.reduce_grid = bound.reduce_kwargs = None
+    bound.dq = bound.reduce = None
     if plan[0] == "split":
         block_m, block_n, warps, stages = plan[2]
-        bound.dq_grid = (cdiv(N, block_m) * B * num_heads,)
-        bound.dq_kwargs = dict(_NO_SEGMENTS, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-                               num_stages=stages, **dot, **_NO_BIAS)
+        bound.dq = DirectLaunch(attention_bwd_dq_kernel, (cdiv(N, block_m) * B * num_heads,),
+                                dict(_NO_SEGMENTS, BLOCK_M=block_m, BLOCK_N=block_n,
+                                     num_warps=warps, num_stages=stages, **dot, **_NO_BIAS))
     elif bound.partials:
         rm = _reduce_rows(N)
-        bound.reduce_grid = (cdiv(N, rm) * B * num_heads,)
-        bound.reduce_kwargs = dict(HEAD_DIM=head_dim, BLOCK_D=dot["BLOCK_D"], BLOCK_M=rm,
-                                   KEY_BLOCK=plan[1][1], HAS_SEGMENTS=False)
+        bound.reduce = DirectLaunch(attention_bwd_dq_reduce_kernel,
+                                    (cdiv(N, rm) * B * num_heads,),
+                                    dict(HEAD_DIM=head_dim, BLOCK_D=dot["BLOCK_D"], BLOCK_M=rm,
+                                         KEY_BLOCK=plan[1][1], HAS_SEGMENTS=False))
     return bound
 
 

@@ -19,6 +19,7 @@ import math
 import torch
 
 from ._device import gpu_target
+from .direct_launch import DirectLaunch
 from .layer_norm import (_bwd_launch, _fwd_launch, layer_norm_param_grad_reduce_kernel,
                          residual_layer_norm_bwd_kernel, residual_layer_norm_fwd_kernel)
 
@@ -29,15 +30,14 @@ class LayerNormFwd:
     """residual_layer_norm_fwd(x, weight, bias, eps, residual, layer_scale, sample_scale,
     out_dtype, stats=False) for one configuration: returns (y, s); s is None without a
     residual. Weight and bias are present (LayerNorm's affine)."""
-    __slots__ = ("grid", "consts", "M", "C", "rows_per_sample", "y_dtype", "s_dtype")
+    __slots__ = ("launch", "M", "C", "rows_per_sample", "y_dtype", "s_dtype")
 
     def __call__(self, x, weight, bias, eps, residual=None, layer_scale=None, sample_scale=None):
         y = torch.empty_like(x, dtype=self.y_dtype)
         s = None if residual is None else torch.empty_like(residual, dtype=self.s_dtype)
         C = self.C
-        residual_layer_norm_fwd_kernel[self.grid](
-            x, residual, layer_scale, sample_scale, weight, bias, y, s, None, None,
-            self.M, C, C, C, self.rows_per_sample, eps, **self.consts)
+        self.launch(x, residual, layer_scale, sample_scale, weight, bias, y, s, None, None,
+                    self.M, C, C, C, self.rows_per_sample, eps)
         return y, s
 
 
@@ -49,9 +49,9 @@ def bind_fwd(x_shape, device, out_dtype, residual_dtype=None, layer_scale=False,
     M = math.prod(x_shape[:-1])
     has_res = residual_dtype is not None
     bound = LayerNormFwd()
-    bound.grid, bound.consts = _fwd_launch(M, C, gpu_target(device), has_res,
-                                           has_res and layer_scale, has_res and sample_scale,
-                                           True, True, False)
+    bound.launch = DirectLaunch(residual_layer_norm_fwd_kernel, *_fwd_launch(
+        M, C, gpu_target(device), has_res, has_res and layer_scale, has_res and sample_scale,
+        True, True, False))
     bound.M, bound.C = M, C
     bound.rows_per_sample = max(M // x_shape[0], 1) if (sample_scale and len(x_shape) > 1) else 1
     bound.y_dtype, bound.s_dtype = out_dtype, residual_dtype
@@ -61,16 +61,15 @@ def bind_fwd(x_shape, device, out_dtype, residual_dtype=None, layer_scale=False,
 class LayerNormStats:
     """residual_layer_norm_fwd without a residual, with statistics (the backward's recompute):
     returns (y, mean, rstd)."""
-    __slots__ = ("grid", "consts", "M", "C", "y_dtype", "stats_shape")
+    __slots__ = ("launch", "M", "C", "y_dtype", "stats_shape")
 
     def __call__(self, x, weight, bias, eps):
         y = torch.empty_like(x, dtype=self.y_dtype)
         mean = x.new_empty(self.stats_shape, dtype=_F32)
         rstd = x.new_empty(self.stats_shape, dtype=_F32)
         C = self.C
-        residual_layer_norm_fwd_kernel[self.grid](
-            x, None, None, None, weight, bias, y, None, mean, rstd, self.M, C, C, 0, 1, eps,
-            **self.consts)
+        self.launch(x, None, None, None, weight, bias, y, None, mean, rstd, self.M, C, C, 0, 1,
+                    eps)
         return y, mean, rstd
 
 
@@ -79,8 +78,8 @@ def bind_stats(x_shape, device, out_dtype) -> LayerNormStats:
     C = x_shape[-1]
     M = math.prod(x_shape[:-1])
     bound = LayerNormStats()
-    bound.grid, bound.consts = _fwd_launch(M, C, gpu_target(device), False, False, False, True,
-                                           True, True)
+    bound.launch = DirectLaunch(residual_layer_norm_fwd_kernel, *_fwd_launch(
+        M, C, gpu_target(device), False, False, False, True, True, True))
     bound.M, bound.C, bound.y_dtype, bound.stats_shape = M, C, out_dtype, (M,)
     return bound
 
@@ -89,8 +88,7 @@ class LayerNormBwd:
     """residual_layer_norm_bwd for one configuration: (dx, dresidual, dweight, dbias,
     dlayer_scale), None where not bound. dx in s's dtype; the parameter gradients in their
     parameter's dtype (allocated like the parameter: unit-stride [C])."""
-    __slots__ = ("programs", "rows_per_program", "consts", "reduce_grid", "reduce_consts", "M",
-                 "C", "K", "part_shape", "rows_per_sample", "res_dtype", "has_ds", "has_res",
+    __slots__ = ("programs", "rows_per_program", "launch", "reduce", "M", "C", "K", "part_shape", "rows_per_sample", "res_dtype", "has_ds", "has_res",
                  "has_ls", "has_ss", "bias_grad", "bias_dtype")
 
     def __call__(self, dy, ds, s, mean, rstd, weight, x=None, layer_scale=None,
@@ -104,13 +102,11 @@ class LayerNormBwd:
         db_part = part[1] if self.bias_grad else None
         dls_part = part[self.K - 1] if self.has_ls else None
         C = self.C
-        residual_layer_norm_bwd_kernel[(self.programs,)](
-            dy, ds, s, x, mean, rstd, weight, layer_scale, sample_scale, dx, dres, part[0],
-            db_part, dls_part, self.M, C, C, C, C, C, self.rows_per_program,
-            self.rows_per_sample, **self.consts)
+        self.launch(dy, ds, s, x, mean, rstd, weight, layer_scale, sample_scale, dx, dres,
+                    part[0], db_part, dls_part, self.M, C, C, C, C, C, self.rows_per_program,
+                    self.rows_per_sample)
         outs = [g for g in (dw, db, dls) if g is not None]
-        layer_norm_param_grad_reduce_kernel[self.reduce_grid](
-            part, *outs, *[None] * (3 - self.K), self.programs, C, **self.reduce_consts)
+        self.reduce(part, *outs, *[None] * (3 - self.K), self.programs, C)
         return dx, dres, dw, db, dls
 
 
@@ -126,9 +122,11 @@ def bind_bwd(s_shape, device, s_dtype, *, has_ds, residual_dtype=None, layer_sca
     has_ss = has_res and sample_scale
     K = 1 + bool(bias_grad) + has_ls
     bound = LayerNormBwd()
-    (bound.programs, bound.rows_per_program, bound.consts, bound.reduce_grid,
-     bound.reduce_consts) = _bwd_launch(M, C, gpu_target(device), K, has_ds and has_res,
-                                        has_res, has_ls, has_ss, True, bool(bias_grad))
+    bound.programs, bound.rows_per_program, consts, reduce_grid, reduce_consts = _bwd_launch(
+        M, C, gpu_target(device), K, has_ds and has_res, has_res, has_ls, has_ss, True,
+        bool(bias_grad))
+    bound.launch = DirectLaunch(residual_layer_norm_bwd_kernel, (bound.programs,), consts)
+    bound.reduce = DirectLaunch(layer_norm_param_grad_reduce_kernel, reduce_grid, reduce_consts)
     bound.M, bound.C, bound.K = M, C, K
     bound.part_shape = (K, bound.programs, C)
     bound.rows_per_sample = max(M // s_shape[0], 1) if (has_ss and len(s_shape) > 1) else 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ._device import cdiv, gpu_target
+from .direct_launch import DirectLaunch
 from .matmul import (_C_COLUMNS, GemmConfig, _chosen, colsum_kernel, colsum_launch, launch_key,
                      launch_plan, matmul_kernel)
 
@@ -28,7 +29,7 @@ class GemmLaunch:
     """matmul(a, b, out_dtype, ...) for one configuration: returns (C, aux, rowdot) as matmul
     does. ``a_t`` / ``b_t``: the call passes that operand untransposed (a weight [N, K] for
     b = weightᵀ, a [K, M] tensor for a = tᵀ); its strides are read swapped, no view made."""
-    __slots__ = ("grid", "consts", "M", "N", "K", "c_shape", "out_dtype", "aux", "store_act",
+    __slots__ = ("launch", "M", "N", "K", "c_shape", "out_dtype", "aux", "store_act",
                  "pre_from_aux", "rowdot_shape", "rows_per_sample", "a_t", "b_t")
 
     def __call__(self, a, b, bias=None, pre=None, residual=None, layer_scale=None,
@@ -45,11 +46,11 @@ class GemmLaunch:
             pre = pre.contiguous()
         rs = residual.stride() if residual is not None else (0, 1)
         N = self.N
-        matmul_kernel[self.grid](
+        self.launch(
             a, b, c, bias, aux if self.pre_from_aux else pre, aux if self.store_act else None,
             residual, layer_scale, sample_scale, rowdot, self.M, N, self.K,
             self.rows_per_sample, sa[0], sa[1], sb[0], sb[1], N, 1,
-            N if (pre is not None or self.aux) else 0, rs[0], rs[1], **self.consts)
+            N if (pre is not None or self.aux) else 0, rs[0], rs[1])
         return c, aux, rowdot
 
 
@@ -78,7 +79,7 @@ def bind(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", pre
     if type(config) is not GemmConfig or config.split_k > 1:
         return None
     bound = GemmLaunch()
-    bound.grid, bound.consts = plan.launch(config)
+    bound.launch = DirectLaunch(matmul_kernel, *plan.launch(config))
     bound.M, bound.N, bound.K = M, N, K
     bound.c_shape, bound.out_dtype = (M, N), out_dtype
     bound.aux, bound.store_act = store_pre or store_act, store_act
@@ -91,13 +92,13 @@ def bind(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", pre
 
 class ColsumLaunch:
     """colsum(x, sample_scale, rows_per_sample) for one configuration (x [M, N] rows)."""
-    __slots__ = ("grid", "consts", "M", "N", "rows_per_chunk", "rows_per_sample", "part_shape")
+    __slots__ = ("launch", "M", "N", "rows_per_chunk", "rows_per_sample", "part_shape")
 
     def __call__(self, x, sample_scale=None):
         part = x.new_empty(self.part_shape, dtype=_F32)
         s = x.stride()
-        colsum_kernel[self.grid](x, sample_scale, part, self.M, self.N, self.rows_per_chunk,
-                                 self.rows_per_sample, s[0], s[1], **self.consts)
+        self.launch(x, sample_scale, part, self.M, self.N, self.rows_per_chunk,
+                    self.rows_per_sample, s[0], s[1])
         return part.sum(0)
 
 
@@ -109,8 +110,9 @@ def bind_colsum(x, sample_scale=None, rows_per_sample=1):
                          and sample_scale.stride(0) != 1):
         return None
     bound = ColsumLaunch()
-    bound.grid, bound.rows_per_chunk, bound.consts = colsum_launch(
-        M, N, gpu_target(x.device), sample_scale is not None)
+    grid, bound.rows_per_chunk, consts = colsum_launch(M, N, gpu_target(x.device),
+                                                       sample_scale is not None)
+    bound.launch = DirectLaunch(colsum_kernel, grid, consts)
     bound.M, bound.N = M, N
-    bound.rows_per_sample, bound.part_shape = rows_per_sample, (bound.grid[1], N)
+    bound.rows_per_sample, bound.part_shape = rows_per_sample, (grid[1], N)
     return bound
