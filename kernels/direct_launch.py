@@ -26,7 +26,10 @@ dtypes and flags every time, so all of it but the stream and the launcher call c
   no pre-run hook installed. Any other call goes through ``kernel[grid]``, which finds or compiles
   the kernel it needs.
 - ``VIT_FAST_DIRECT_LAUNCH=0`` in the environment (read at import) keeps every call on
-  ``kernel[grid]``; so does Triton's interpreter, which has no compiled kernel.
+  ``kernel[grid]``; so does Triton's interpreter, which has no compiled kernel. Triton's own
+  compile options read from its knobs per call (``TRITON_DEBUG``, instrumentation) are taken as
+  they were at the recorded call: set them before the first step, as their environment
+  variables are.
 
 Launch metadata is built by Triton only for launch hooks, so the direct call passes None for it
 and for the hooks. The launch cost that remains is the compiled kernel's launcher itself (its
@@ -198,7 +201,8 @@ def _generate(kernel, args, kwargs, layout, grid, device, compiled, run, get_dev
     env = {"_vf_run": run, "_vf_device": get_device, "_vf_stream": get_stream,
            "_vf_DEVICE": device, "_vf_FUNCTION": compiled.function,
            "_vf_PACKED": compiled.packed_metadata, "_vf_G": grid,
-           "_vf_RT": names["RT"], "_vf_KERNEL": names["KERNEL"]}
+           "_vf_RT": names["RT"], "_vf_KERNEL": names["KERNEL"],
+           "_vf_COMPILED": compiled}  # held: Triton unloads a compiled kernel's module when freed
     hooked = hooked.replace("RT.", "_vf_RT.").replace("KERNEL.", "_vf_KERNEL.")
     checks = ["_vf_device() == _vf_DEVICE"]
     for name, value in [*zip(positional, args), *kwargs.items()]:
