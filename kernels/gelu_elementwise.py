@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ._device import cdiv, gpu_target, on_tensor_device
+from .direct_launch import DirectLaunch
 from .gelu_mlp import MlpGrads
 from .matmul import _gelu_cdf, colsum
 
@@ -140,14 +141,35 @@ def residual_epilogue_kernel(Y, BIAS, LSCALE, SSCALE, RES, OUT, M, N, rows_per_s
 
 # --- launchers ---------------------------------------------------------------------------------
 
+# The launches of the configurations seen (a few per model: shapes, flags, GPU), each made past
+# Triton's per-call launch path once it is compiled (kernels/direct_launch.py). Cleared when it
+# grows past _MAX_LAUNCHES (varying shapes: NaFlex batches), which only costs re-recording.
+_LAUNCHES = {}
+_MAX_LAUNCHES = 256
+
+
+def _launch(key, kernel, grid, consts):
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        if len(_LAUNCHES) >= _MAX_LAUNCHES:
+            _LAUNCHES.clear()
+        launch = _LAUNCHES[key] = DirectLaunch(kernel, grid, consts)
+    return launch
+
+
 @on_tensor_device
 def gelu_forward(pre, act, approximate):
     """act <- gelu(pre); both contiguous, same shape and dtype (act may be pre itself)."""
     n = pre.numel()
     if n:
-        block = elementwise_blocks(gpu_target(pre.device)).fwd
-        gelu_fwd_kernel[(cdiv(n, block),)](pre, act, n, APPROX_TANH=approximate == "tanh",
-                                                  BLOCK=block, num_warps=NUM_WARPS)
+        target = gpu_target(pre.device)
+        launch = _LAUNCHES.get(("fwd", n, approximate, target))
+        if launch is None:
+            block = elementwise_blocks(target).fwd
+            launch = _launch(("fwd", n, approximate, target), gelu_fwd_kernel, (cdiv(n, block),),
+                             dict(APPROX_TANH=approximate == "tanh", BLOCK=block,
+                                  num_warps=NUM_WARPS))
+        launch(pre, act, n)
     return act
 
 
@@ -160,12 +182,17 @@ def gelu_backward(d_act, pre, approximate, sample_scale=None, rows_per_sample=1,
     act_s = torch.empty_like(pre) if store_act else None
     rowdot = torch.zeros(M, device=pre.device, dtype=torch.float32) if row_dot else None
     if M and N:
-        bm, bn = elementwise_blocks(gpu_target(pre.device)).bwd
-        # Absent tensors go in as None: Triton specializes them away (the flags say so too).
-        gelu_bwd_kernel[(cdiv(M, bm),)](
-            d_act, pre, d_act, act_s, sample_scale, rowdot, M, N, rows_per_sample,
-            APPROX_TANH=approximate == "tanh", HAS_SAMPLE_SCALE=sample_scale is not None,
-            STORE_ACT=store_act, ROW_DOT=row_dot, BLOCK_M=bm, BLOCK_N=bn, num_warps=NUM_WARPS)
+        target = gpu_target(pre.device)
+        key = ("bwd", M, N, approximate, sample_scale is not None, store_act, row_dot, target)
+        launch = _LAUNCHES.get(key)
+        if launch is None:
+            bm, bn = elementwise_blocks(target).bwd
+            # Absent tensors go in as None: Triton specializes them away (the flags say so too).
+            launch = _launch(key, gelu_bwd_kernel, (cdiv(M, bm),), dict(
+                APPROX_TANH=approximate == "tanh", HAS_SAMPLE_SCALE=sample_scale is not None,
+                STORE_ACT=store_act, ROW_DOT=row_dot, BLOCK_M=bm, BLOCK_N=bn,
+                num_warps=NUM_WARPS))
+        launch(d_act, pre, d_act, act_s, sample_scale, rowdot, M, N, rows_per_sample)
     return act_s, rowdot
 
 
@@ -174,12 +201,18 @@ def residual_epilogue(y, bias, layer_scale, sample_scale, residual, rows_per_sam
     """In place y <- residual + (y + bias)·layer_scale·sample_scale[b]; y [M, N] contiguous."""
     M, N = y.shape
     if M and N:
-        bm, bn = elementwise_blocks(gpu_target(y.device)).epilogue
-        residual_epilogue_kernel[(cdiv(M, bm), cdiv(N, bn))](
-            y, bias, layer_scale, sample_scale, residual, y, M, N, rows_per_sample,
-            residual.stride(0), residual.stride(1), HAS_BIAS=bias is not None,
-            HAS_LAYER_SCALE=layer_scale is not None, HAS_SAMPLE_SCALE=sample_scale is not None,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=NUM_WARPS)
+        target = gpu_target(y.device)
+        key = ("epilogue", M, N, bias is not None, layer_scale is not None,
+               sample_scale is not None, target)
+        launch = _LAUNCHES.get(key)
+        if launch is None:
+            bm, bn = elementwise_blocks(target).epilogue
+            launch = _launch(key, residual_epilogue_kernel, (cdiv(M, bm), cdiv(N, bn)), dict(
+                HAS_BIAS=bias is not None, HAS_LAYER_SCALE=layer_scale is not None,
+                HAS_SAMPLE_SCALE=sample_scale is not None, BLOCK_M=bm, BLOCK_N=bn,
+                num_warps=NUM_WARPS))
+        launch(y, bias, layer_scale, sample_scale, residual, y, M, N, rows_per_sample,
+               residual.stride(0), residual.stride(1))
     return y
 
 
