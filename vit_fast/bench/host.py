@@ -507,7 +507,7 @@ def format_rows(rows, instr=None):
             ("timm eager µs", lambda r: f"{r['timm_us']:.0f} ±{100 * r['timm_spread']:.0f}%"),
             ("vit_fast µs", lambda r: f"{r['vit_fast_us']:.0f} ±{100 * r['vit_fast_spread']:.0f}%"),
             ("vit_fast / eager", lambda r: f"{r['ratio']:.2f}x{noise(r)}"),
-            ("Triton launches", "triton_launches"),
+            ("Triton launches", lambda r: f"{r['triton_launches']} ({r['direct_launches']} direct)"),
             ("aten ops eager / vit_fast", lambda r: f"{r['aten_ops_timm']} / {r['aten_ops_vit_fast']}")]
     if instr:
         def counted(attr):
@@ -580,7 +580,9 @@ def main(argv=None):
              "include it)." if instr else "."))
     if launch is not None:
         print(f"Triton's Python launch path (kernel[grid](...) to the driver call, stand-in driver): {launch:.1f} µs per "
-              "launch on this CPU, on top of the vit_fast column for each Triton launch.")
+              "launch on this CPU, on top of the vit_fast column for each Triton launch made "
+              "through it; a direct launch (kernels/direct_launch.py) skips it: what it runs is "
+              "in the column, but for the compiled kernel's launcher.")
     command = "python -m vit_fast.bench host " + " ".join(argv)
     out = results(rows, launch, instr, command)
     if args.json:
@@ -617,6 +619,7 @@ def results(rows, launch_us, instr, command):
                           target=r["target"], eager_us=round(r["timm_us"], 1),
                           vit_fast_us=round(r["vit_fast_us"], 1),
                           triton_launches=r["triton_launches"],
+                          direct_launches=r["direct_launches"],
                           aten_ops_eager=r["aten_ops_timm"],
                           aten_ops_vit_fast=r["aten_ops_vit_fast"],
                           triton_launch_us=round(launch_us, 1) if launch_us else 15.0,

@@ -120,7 +120,8 @@ def step_arrays(impl, s, batch, mode, gpu, host_costs, assume, attention="flash"
                 cost_all, eager_us=cost_all.eager_host_us - cost_fwd.eager_host_us,
                 vit_fast_us=cost_all.vit_fast_host_us - cost_fwd.vit_fast_host_us,
                 eager_host_share=1.0, vit_fast_host_share=1.0,
-                triton_launches=max(cost_all.triton_launches - cost_fwd.triton_launches, 0))
+                triton_launches=max(cost_all.triton_launches - cost_fwd.triton_launches, 0),
+                direct_launches=max(cost_all.direct_launches - cost_fwd.direct_launches, 0))
             per = predict_host.block_host_us(impl, bwd, n, assume) / n
         else:
             per = predict_host.per_op_us(impl, cost_fwd, assume)

@@ -9,8 +9,9 @@ issue 26) when it exists, else from :data:`DEFAULT_HOST` (the lead's quick probe
 On the GPU server, per kernel the model charges (see :func:`block_host_us`):
 - eager: ``host_speed`` x eager_us spread over the Block's kernels, plus the CUDA driver's launch
   cost per kernel (``launch_us``), which the CPU measurement does not contain;
-- vit_fast: ``host_speed`` x (vit_fast_us + triton_launches x triton_launch_us) plus
-  ``launch_us`` per kernel; vit_fast_cublas is charged the same Python path;
+- vit_fast: ``host_speed`` x (vit_fast_us + triton_launch_us per launch through Triton's
+  ``kernel[grid]`` + ``launcher_python_us`` per direct launch) plus ``launch_us`` per kernel;
+  vit_fast_cublas is charged the same Python path;
 - compile: Inductor's generated wrapper, ``compile_launch_us`` per kernel, no Python per op;
 - stem, head, loss, optimizer: ``host_speed`` x the eager µs per aten op, per kernel.
 
@@ -22,7 +23,10 @@ overrides the first):
   its thread CPU time;
 - ``launch_us`` 2.5: cudaLaunchKernel's host cost per kernel;
 - ``compile_launch_us`` 4.0: per kernel from Inductor's wrapper (its launcher, no dispatcher);
-- ``sync_us`` 10: the step's final synchronize (timm's benchmark syncs every step).
+- ``sync_us`` 10: the step's final synchronize (timm's benchmark syncs every step);
+- ``launcher_python_us`` 1.0: what a direct launch (kernels/direct_launch.py) still runs in Python
+  on this machine per launch -- Triton's compiled-kernel launcher wrapper (its scratch-buffer
+  checks) before the C launch -- which needs the CUDA driver, so it cannot be measured here.
 """
 from __future__ import annotations
 
@@ -49,6 +53,9 @@ class HostCost:
     # thread µs are scaled by this share. 1.0 where the row was not counted.
     eager_host_share: float = 1.0
     vit_fast_host_share: float = 1.0
+    # Of triton_launches, those made past Triton's launch path (kernels/direct_launch.py): they
+    # pay the compiled launcher's Python wrapper instead of triton_launch_us.
+    direct_launches: int = 0
 
     @property
     def eager_host_us(self) -> float:
@@ -65,6 +72,7 @@ class HostAssumptions:
     launch_us: float = 2.5
     compile_launch_us: float = 4.0
     sync_us: float = 10.0
+    launcher_python_us: float = 1.0
 
 
 # The lead's quick probe (issue 26; CPU thread time, one Block at tiny widths, sm_90 path, Triton
@@ -121,9 +129,17 @@ def block_host_us(impl, cost: HostCost, kernels: int, a: HostAssumptions) -> flo
     if impl == "eager":
         return a.host_speed * cost.eager_host_us + kernels * a.launch_us
     if impl in ("vit_fast", "vit_fast_cublas"):
-        python = cost.vit_fast_host_us + cost.triton_launches * cost.triton_launch_us
-        return a.host_speed * python + kernels * a.launch_us
+        return a.host_speed * python_us(cost, a) + kernels * a.launch_us
     raise ValueError(f"impl {impl!r} has no host model")
+
+
+def python_us(cost: HostCost, a: HostAssumptions) -> float:
+    """vit_fast's Python per Block on the machine that measured it: its own host work (less the
+    CPU's compute), Triton's launch path for each launch through ``kernel[grid]``, and the
+    compiled launcher's Python wrapper for each direct one."""
+    through_triton = cost.triton_launches - cost.direct_launches
+    return (cost.vit_fast_host_us + through_triton * cost.triton_launch_us
+            + cost.direct_launches * a.launcher_python_us)
 
 
 def per_op_us(impl, cost: HostCost, a: HostAssumptions) -> float:

@@ -189,11 +189,12 @@ def host_rows(host_json=None):
     costs, label = predict_host.load(host_json)
     rows = []
     for (mode, precision), c in sorted(costs.items()):
-        launched = c.vit_fast_host_us + c.triton_launches * c.triton_launch_us
+        launched = predict_host.python_us(c, predict_host.HostAssumptions())
         rows.append({"mode": mode, "precision": precision, "eager_us": c.eager_us,
                      "vit_fast_us": c.vit_fast_us, "eager_host_us": c.eager_host_us,
                      "vit_fast_host_us": c.vit_fast_host_us, "vit_fast_launch_us": launched,
-                     "ratio": launched / c.eager_host_us, "triton_launches": c.triton_launches})
+                     "ratio": launched / c.eager_host_us, "triton_launches": c.triton_launches,
+                     "direct_launches": c.direct_launches})
     return rows, label
 
 
