@@ -141,9 +141,9 @@ def residual_epilogue_kernel(Y, BIAS, LSCALE, SSCALE, RES, OUT, M, N, rows_per_s
 
 # --- launchers ---------------------------------------------------------------------------------
 
-# The launches of the configurations seen (a few per model: shapes, flags, GPU), each made past
-# Triton's per-call launch path once it is compiled (kernels/direct_launch.py). Cleared when it
-# grows past _MAX_LAUNCHES (varying shapes: NaFlex batches), which only costs re-recording.
+# The launches of the configurations seen (a few per model: shapes, flags, GPU and device), each
+# made past Triton's per-call launch path once it is compiled (kernels/direct_launch.py). Cleared
+# when it grows past _MAX_LAUNCHES (varying shapes: NaFlex batches), which only costs re-recording.
 _LAUNCHES = {}
 _MAX_LAUNCHES = 256
 
@@ -163,10 +163,11 @@ def gelu_forward(pre, act, approximate):
     n = pre.numel()
     if n:
         target = gpu_target(pre.device)
-        launch = _LAUNCHES.get(("fwd", n, approximate, target))
+        key = ("fwd", n, approximate, target, pre.get_device())
+        launch = _LAUNCHES.get(key)
         if launch is None:
             block = elementwise_blocks(target).fwd
-            launch = _launch(("fwd", n, approximate, target), gelu_fwd_kernel, (cdiv(n, block),),
+            launch = _launch(key, gelu_fwd_kernel, (cdiv(n, block),),
                              dict(APPROX_TANH=approximate == "tanh", BLOCK=block,
                                   num_warps=NUM_WARPS))
         launch(pre, act, n)
@@ -183,7 +184,8 @@ def gelu_backward(d_act, pre, approximate, sample_scale=None, rows_per_sample=1,
     rowdot = torch.zeros(M, device=pre.device, dtype=torch.float32) if row_dot else None
     if M and N:
         target = gpu_target(pre.device)
-        key = ("bwd", M, N, approximate, sample_scale is not None, store_act, row_dot, target)
+        key = ("bwd", M, N, approximate, sample_scale is not None, store_act, row_dot, target,
+               pre.get_device())
         launch = _LAUNCHES.get(key)
         if launch is None:
             bm, bn = elementwise_blocks(target).bwd
@@ -203,7 +205,7 @@ def residual_epilogue(y, bias, layer_scale, sample_scale, residual, rows_per_sam
     if M and N:
         target = gpu_target(y.device)
         key = ("epilogue", M, N, bias is not None, layer_scale is not None,
-               sample_scale is not None, target)
+               sample_scale is not None, target, y.get_device())
         launch = _LAUNCHES.get(key)
         if launch is None:
             bm, bn = elementwise_blocks(target).epilogue
