@@ -21,7 +21,7 @@ dtypes and flags every time, so all of it but the stream and the launcher call c
   call stays ``kernel[grid]``.
 - Per call, the direct path is taken only when the arguments have the specialization of the
   recorded call: every tensor the same dtype and the same 16-byte alignment, every None still
-  None, every integer or flag the same value (Triton specializes on them), every float a float;
+  None, every integer or flag an equal value (Triton specializes on them), every float a float;
   the same current device; no launch hook (a profiler's ``knobs.runtime.launch_enter_hook``) and
   no pre-run hook installed. Any other call goes through ``kernel[grid]``, which finds or compiles
   the kernel it needs.
@@ -52,10 +52,14 @@ _LEAD = 9
 
 
 def _driver():
-    """(current device, current stream of a device): the functions Triton's driver launches with."""
+    """(current device, current stream of a device): the functions Triton's driver launches with
+    (torch.cuda.current_device's own C call where Triton's is that Python wrapper)."""
     from triton.runtime import driver
     active = driver.active
-    return active.get_current_device, active.get_current_stream
+    device = active.get_current_device
+    if device is torch.cuda.current_device:
+        device = torch._C._cuda_getDevice
+    return device, active.get_current_stream
 
 
 def _hook_check(kernel):
@@ -173,23 +177,32 @@ def _build(launch, args, kwargs, compiled, run, passed):
     return None
 
 
-def _check(name, value, env):
-    """The test that ``name`` (a parameter of the generated function) has ``value``'s
-    specialization in Triton's terms, or None for a kind this does not handle."""
-    key = f"_vf_{name}"
-    if isinstance(value, torch.Tensor):
-        env[f"{key}_type"], env[f"{key}_dtype"] = type(value), value.dtype
-        aligned = value.data_ptr() % 16 == 0
-        return (f"type({name}) is {key}_type and {name}.dtype is {key}_dtype and "
-                f"({name}.data_ptr() % 16 == 0) is {aligned}")
-    if value is None:
-        return f"{name} is None"
-    if type(value) in (int, bool):
-        env[key] = value
-        return f"type({name}) is {type(value).__name__} and {name} == {key}"
-    if type(value) is float:
-        return f"type({name}) is float"
-    return None
+def _checks(named, env):
+    """Tests that the call's arguments (``named``: (parameter name in the generated function,
+    recorded value)) have the recorded specialization in Triton's terms -- tensors their dtype
+    and 16-byte alignment, Nones None, integers and flags their values (compared as one tuple:
+    the bound launchers pass the same Python types every call), floats floats -- or None for a
+    kind this does not handle."""
+    checks, ints, values = [], [], []
+    for name, value in named:
+        if isinstance(value, torch.Tensor):
+            env[f"_vf_{name}_dtype"] = value.dtype
+            aligned = value.data_ptr() % 16 == 0
+            checks.append(f"{name} is not None and {name}.dtype is _vf_{name}_dtype and "
+                          f"{'not ' if aligned else ''}{name}.data_ptr() & 15")
+        elif value is None:
+            checks.append(f"{name} is None")
+        elif type(value) in (int, bool):
+            ints.append(name)
+            values.append(value)
+        elif type(value) is float:
+            checks.append(f"type({name}) is float")
+        else:
+            return None
+    if ints:
+        env["_vf_INTS"] = tuple(values)
+        checks.append(f"({', '.join(ints)},) == _vf_INTS")
+    return checks
 
 
 def _generate(kernel, args, kwargs, layout, grid, device, compiled, run, get_device, get_stream):
@@ -204,12 +217,10 @@ def _generate(kernel, args, kwargs, layout, grid, device, compiled, run, get_dev
            "_vf_RT": names["RT"], "_vf_KERNEL": names["KERNEL"],
            "_vf_COMPILED": compiled}  # held: Triton unloads a compiled kernel's module when freed
     hooked = hooked.replace("RT.", "_vf_RT.").replace("KERNEL.", "_vf_KERNEL.")
-    checks = ["_vf_device() == _vf_DEVICE"]
-    for name, value in [*zip(positional, args), *kwargs.items()]:
-        check = _check(name, value, env)
-        if check is None:
-            return None
-        checks.append(check)
+    checks = _checks([*zip(positional, args), *kwargs.items()], env)
+    if checks is None:
+        return None
+    checks.insert(0, "_vf_device() == _vf_DEVICE")
     passed = []
     for j, (kind, v) in enumerate(layout):
         if kind == "arg":

@@ -230,7 +230,8 @@ def test_the_launcher_convention_is_read_from_triton(triton_stand_in, monkeypatc
 
 def test_keyword_arguments_and_parameters_launch_directly(triton_stand_in):
     """Per-call keyword arguments (the attention backward's dq target) and nn.Parameters (a
-    Block's weights) are arguments like any other."""
+    Block's weights) are arguments like any other: a tensor's class is not part of Triton's
+    specialization, its dtype is."""
     launched, runs, _ = triton_stand_in
     launch = DirectLaunch(probe_kernel, (2,), CONSTS)
     weight = torch.nn.Parameter(torch.randn(64))
@@ -245,5 +246,7 @@ def test_keyword_arguments_and_parameters_launch_directly(triton_stand_in):
     lead, kernel_args = _triton_call(launched, (*args, 2e-5))
     assert direct[:6] == lead and direct[9:14] == kernel_args[:5] and direct[14] == 2e-5
     runs.clear()
-    launch(torch.randn(64), *args[1:], eps=1e-5)  # a plain tensor where the Parameter was
+    launch(torch.randn(64), *args[1:], eps=1e-5)  # Triton specializes on dtype, not on the type
+    assert not runs
+    launch(torch.randn(64).double(), *args[1:], eps=1e-5)
     assert len(runs) == 1
