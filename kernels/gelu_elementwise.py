@@ -141,9 +141,10 @@ def residual_epilogue_kernel(Y, BIAS, LSCALE, SSCALE, RES, OUT, M, N, rows_per_s
 
 # --- launchers ---------------------------------------------------------------------------------
 
-# The launches of the configurations seen (a few per model: shapes, flags, GPU and device), each
-# made past Triton's per-call launch path once it is compiled (kernels/direct_launch.py). Cleared
-# when it grows past _MAX_LAUNCHES (varying shapes: NaFlex batches), which only costs re-recording.
+# The launches of the configurations seen (a few per model: shapes, dtypes, flags, GPU, device),
+# each made past Triton's per-call launch path once it is compiled (kernels/direct_launch.py).
+# Cleared when it grows past _MAX_LAUNCHES (varying shapes: NaFlex batches), which only costs
+# re-recording.
 _LAUNCHES = {}
 _MAX_LAUNCHES = 256
 
@@ -163,7 +164,7 @@ def gelu_forward(pre, act, approximate):
     n = pre.numel()
     if n:
         target = gpu_target(pre.device)
-        key = ("fwd", n, approximate, target, pre.get_device())
+        key = ("fwd", n, approximate, pre.dtype, act.dtype, target, pre.get_device())
         launch = _LAUNCHES.get(key)
         if launch is None:
             block = elementwise_blocks(target).fwd
@@ -184,8 +185,8 @@ def gelu_backward(d_act, pre, approximate, sample_scale=None, rows_per_sample=1,
     rowdot = torch.zeros(M, device=pre.device, dtype=torch.float32) if row_dot else None
     if M and N:
         target = gpu_target(pre.device)
-        key = ("bwd", M, N, approximate, sample_scale is not None, store_act, row_dot, target,
-               pre.get_device())
+        key = ("bwd", M, N, approximate, d_act.dtype, pre.dtype, sample_scale is not None,
+               store_act, row_dot, target, pre.get_device())
         launch = _LAUNCHES.get(key)
         if launch is None:
             bm, bn = elementwise_blocks(target).bwd
@@ -204,8 +205,8 @@ def residual_epilogue(y, bias, layer_scale, sample_scale, residual, rows_per_sam
     M, N = y.shape
     if M and N:
         target = gpu_target(y.device)
-        key = ("epilogue", M, N, bias is not None, layer_scale is not None,
-               sample_scale is not None, target, y.get_device())
+        key = ("epilogue", M, N, y.dtype, residual.dtype, bias is not None,
+               layer_scale is not None, sample_scale is not None, target, y.get_device())
         launch = _LAUNCHES.get(key)
         if launch is None:
             bm, bn = elementwise_blocks(target).epilogue

@@ -244,15 +244,15 @@ def test_the_plan_takes_the_kernels_attention_only_where_dispatch_would(monkeypa
 
 def test_outside_the_interpreter_the_steps_launches_go_direct():
     """As ``bench host`` runs (Triton compiling, not interpreting; launches counted), a repeat
-    fwd+bwd of the AMP Block makes every Triton launch past Triton's launch path
-    (kernels/direct_launch.py: all of the step's launches are bound), and no more launches than
-    through Triton. In a child process: this one interprets."""
+    fwd+bwd of the Block (AMP, bf16, fp32) makes every Triton launch past Triton's launch path
+    (kernels/direct_launch.py), and no more launches than through Triton. In a child process:
+    this one interprets."""
     import json
     import subprocess
     code = ("import json; from vit_fast.bench import host\n"
-            "rows = host.measure(host.SHAPES['vit_s'], 'amp', 'sm_90', modes=('fwd+bwd',), "
-            "rounds=1, inner=1)\n"
-            "print(json.dumps([rows[0]['triton_launches'], rows[0]['direct_launches']]))\n")
+            "rows = [host.measure(host.SHAPES['vit_s'], p, 'sm_90', modes=('fwd+bwd',), "
+            "rounds=1, inner=1)[0] for p in ('amp', 'bf16', 'fp32')]\n"
+            "print(json.dumps([[r['triton_launches'], r['direct_launches']] for r in rows]))\n")
     counts = {}
     for direct in ("1", "0"):
         env = dict(os.environ, TRITON_INTERPRET="0", VIT_FAST_DIRECT_LAUNCH=direct)
@@ -260,6 +260,8 @@ def test_outside_the_interpreter_the_steps_launches_go_direct():
                              env=env, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
         counts[direct] = json.loads(res.stdout.strip().splitlines()[-1])
-    (launches, direct), (launches_off, direct_off) = counts["1"], counts["0"]
-    assert 10 <= launches == launches_off <= 20
-    assert direct == launches and direct_off == 0
+    # one process, three precisions in turn: a launch kept per configuration (the cuBLAS MLP's
+    # elementwise ones, bf16's and fp32's) is kept per dtype too
+    for (launches, direct), (launches_off, direct_off) in zip(counts["1"], counts["0"]):
+        assert 10 <= launches == launches_off <= 20
+        assert direct == launches and direct_off == 0
