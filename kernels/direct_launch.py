@@ -111,14 +111,22 @@ def _record_and_build(launch, args, kwargs):
     """Launch through Triton while recording what it passes to the compiled kernel's launcher;
     return the direct launch that reproduces it, or None (this call launched either way)."""
     kernel, grid, consts = launch.kernel, launch.grid, launch.consts
-    compiled = kernel.warmup(*args, grid=grid, **kwargs, **consts) \
-        if hasattr(kernel, "warmup") else None
-    needed = ("_run", "function", "packed_metadata")
-    hooked, names = _hook_check(kernel)
-    if compiled is None or not all(hasattr(compiled, n) for n in needed) or eval(hooked, names):
+    needed = ("warmup", "params")
+    compiled = real = None
+    if all(hasattr(kernel, n) for n in needed):
+        try:  # Triton's own lookup of the kernel this call compiles to (nothing launched)
+            compiled = kernel.warmup(*args, grid=grid, **kwargs, **consts)
+            hooked, names = _hook_check(kernel)
+            if not all(hasattr(compiled, n) for n in ("_run", "function", "packed_metadata")) \
+                    or eval(hooked, names):
+                compiled = None
+            else:
+                real = compiled.run  # initializes the launcher (compiled._run)
+        except Exception:  # noqa: BLE001 - a Triton this cannot read: launch through it
+            compiled = None
+    if compiled is None:
         kernel[grid](*args, **kwargs, **consts)
         return None
-    real = compiled.run  # initializes the launcher (compiled._run)
     me = threading.get_ident()
     record = []
 
@@ -126,8 +134,8 @@ def _record_and_build(launch, args, kwargs):
         if threading.get_ident() == me and not record:
             record.append(passed)
         return real(*passed)
-    compiled._run = recording
     try:
+        compiled._run = recording
         kernel[grid](*args, **kwargs, **consts)
     finally:
         compiled._run = real
