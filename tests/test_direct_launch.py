@@ -250,3 +250,18 @@ def test_keyword_arguments_and_parameters_launch_directly(triton_stand_in):
     assert not runs
     launch(torch.randn(64).double(), *args[1:], eps=1e-5)
     assert len(runs) == 1
+
+
+def test_a_triton_it_cannot_read_launches_through_triton(triton_stand_in, monkeypatch):
+    """An exception while reading the compiled kernel (here: from warmup) is not the call's:
+    the call launches through Triton, and so do the ones after it."""
+    launched, runs, _ = triton_stand_in
+
+    def unreadable(*args, **kwargs):
+        raise RuntimeError("an internal this Triton does not have")
+    monkeypatch.setattr(probe_kernel, "warmup", unreadable)
+    launch = DirectLaunch(probe_kernel, (2,), CONSTS)
+    args = _args()
+    for _ in range(3):
+        launch(*args)
+    assert launch.fast is None and len(runs) == 3 and len(launched) == 3
