@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 
 from ._device import cdiv, gpu_target, interpreting, next_power_of_2
-from .direct_launch import DirectLaunch
 from .attention import (_NO_BIAS, _NO_SEGMENTS, LOG2E, _bwd_launch, _dq_partials, _fwd_launch,
                         _REDUCE_BLOCK_M, attention_bwd_delta_kernel, attention_bwd_dkdv_kernel,
                         attention_bwd_dq_kernel, attention_bwd_dq_reduce_kernel,
                         attention_fwd_kernel)
+from .direct_launch import DirectLaunch
 
 _F32 = torch.float32
 

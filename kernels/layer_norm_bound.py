@@ -88,8 +88,9 @@ class LayerNormBwd:
     """residual_layer_norm_bwd for one configuration: (dx, dresidual, dweight, dbias,
     dlayer_scale), None where not bound. dx in s's dtype; the parameter gradients in their
     parameter's dtype (allocated like the parameter: unit-stride [C])."""
-    __slots__ = ("programs", "rows_per_program", "launch", "reduce", "M", "C", "K", "part_shape", "rows_per_sample", "res_dtype", "has_ds", "has_res",
-                 "has_ls", "has_ss", "bias_grad", "bias_dtype")
+    __slots__ = ("programs", "rows_per_program", "launch", "reduce", "M", "C", "K", "part_shape",
+                 "rows_per_sample", "res_dtype", "has_ds", "has_res", "has_ls", "has_ss",
+                 "bias_grad", "bias_dtype")
 
     def __call__(self, dy, ds, s, mean, rstd, weight, x=None, layer_scale=None,
                  sample_scale=None):

@@ -184,7 +184,7 @@ def test_host_benchmark_reports_its_counts(capsys):
     (r,) = out["rows"]
     assert r["mode"] in predict_host.HOST_MODES and r["precision"] in predict_host.PRECISIONS
     assert (r["eager_host_share"], r["vit_fast_host_share"]) == (0.625, 0.8)
-    cost = predict_host.HostCost(**{f: r[f] for f in fields})  # the model reads what the bench writes
+    cost = predict_host.HostCost(**{f: r[f] for f in fields})  # the model reads the bench's rows
     assert cost.eager_host_us == pytest.approx(0.625 * r["eager_us"])
     assert cost.vit_fast_host_us == pytest.approx(0.8 * r["vit_fast_us"])
 
@@ -192,12 +192,12 @@ def test_host_benchmark_reports_its_counts(capsys):
 # callgrind_annotate --inclusive=yes lines: count, share, file:function [object]
 _ANNOTATED = """\
 4,000,000 (100.0%)  PROGRAM TOTALS
-1,000,000 (25.00%)  ???:at::native::addmm_impl_cpu_(at::Tensor&, at::Tensor const&) [libtorch_cpu.so]
-  400,000 (10.00%)  ???:at::native::addmm_impl_cpu_(at::Tensor&, at::Tensor const&)'2 [libtorch_cpu.so]
-  300,000 ( 7.50%)  ???:at::native::_scaled_dot_product_flash_attention_cpu(at::Tensor const&) [libtorch_cpu.so]
-  200,000 ( 5.00%)  ???:at::native::_scaled_dot_product_flash_attention_cpu_backward(at::Tensor const&) [libtorch_cpu.so]
-  900,000 (22.50%)  ???:at::_ops::addmm::call(at::Tensor const&) [libtorch_cpu.so]
-   50,000 ( 1.25%)  ???:at::native::cpublas::gemm(long) [libtorch_cpu.so]
+1,000,000 (25.00%)  ???:at::native::addmm_impl_cpu_(at::Tensor&, at::Tensor const&) [lib.so]
+  400,000 (10.00%)  ???:at::native::addmm_impl_cpu_(at::Tensor&, at::Tensor const&)'2 [lib.so]
+  300,000 ( 7.50%)  ???:at::native::_scaled_dot_product_flash_attention_cpu(at::Tensor) [l]
+  200,000 ( 5.00%)  ???:at::native::_scaled_dot_product_flash_attention_cpu_backward(Tensor) [l]
+  900,000 (22.50%)  ???:at::_ops::addmm::call(at::Tensor const&) [lib.so]
+   50,000 ( 1.25%)  ???:at::native::cpublas::gemm(long) [lib.so]
 """
 
 

@@ -507,7 +507,8 @@ def format_rows(rows, instr=None):
             ("timm eager µs", lambda r: f"{r['timm_us']:.0f} ±{100 * r['timm_spread']:.0f}%"),
             ("vit_fast µs", lambda r: f"{r['vit_fast_us']:.0f} ±{100 * r['vit_fast_spread']:.0f}%"),
             ("vit_fast / eager", lambda r: f"{r['ratio']:.2f}x{noise(r)}"),
-            ("Triton launches", lambda r: f"{r['triton_launches']} ({r['direct_launches']} direct)"),
+            ("Triton launches",
+             lambda r: f"{r['triton_launches']} ({r['direct_launches']} direct)"),
             ("aten ops eager / vit_fast", lambda r: f"{r['aten_ops_timm']} / {r['aten_ops_vit_fast']}")]
     if instr:
         def counted(attr):
