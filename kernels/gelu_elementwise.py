@@ -149,12 +149,11 @@ _LAUNCHES = {}
 _MAX_LAUNCHES = 256
 
 
-def _launch(key, kernel, grid, consts):
-    launch = _LAUNCHES.get(key)
-    if launch is None:
-        if len(_LAUNCHES) >= _MAX_LAUNCHES:
-            _LAUNCHES.clear()
-        launch = _LAUNCHES[key] = DirectLaunch(kernel, grid, consts)
+def _keep(key, kernel, grid, consts):
+    """The launch of a configuration not in _LAUNCHES yet (the callers looked it up), kept."""
+    if len(_LAUNCHES) >= _MAX_LAUNCHES:
+        _LAUNCHES.clear()
+    launch = _LAUNCHES[key] = DirectLaunch(kernel, grid, consts)
     return launch
 
 
@@ -168,7 +167,7 @@ def gelu_forward(pre, act, approximate):
         launch = _LAUNCHES.get(key)
         if launch is None:
             block = elementwise_blocks(target).fwd
-            launch = _launch(key, gelu_fwd_kernel, (cdiv(n, block),),
+            launch = _keep(key, gelu_fwd_kernel, (cdiv(n, block),),
                              dict(APPROX_TANH=approximate == "tanh", BLOCK=block,
                                   num_warps=NUM_WARPS))
         launch(pre, act, n)
@@ -191,7 +190,7 @@ def gelu_backward(d_act, pre, approximate, sample_scale=None, rows_per_sample=1,
         if launch is None:
             bm, bn = elementwise_blocks(target).bwd
             # Absent tensors go in as None: Triton specializes them away (the flags say so too).
-            launch = _launch(key, gelu_bwd_kernel, (cdiv(M, bm),), dict(
+            launch = _keep(key, gelu_bwd_kernel, (cdiv(M, bm),), dict(
                 APPROX_TANH=approximate == "tanh", HAS_SAMPLE_SCALE=sample_scale is not None,
                 STORE_ACT=store_act, ROW_DOT=row_dot, BLOCK_M=bm, BLOCK_N=bn,
                 num_warps=NUM_WARPS))
@@ -210,7 +209,7 @@ def residual_epilogue(y, bias, layer_scale, sample_scale, residual, rows_per_sam
         launch = _LAUNCHES.get(key)
         if launch is None:
             bm, bn = elementwise_blocks(target).epilogue
-            launch = _launch(key, residual_epilogue_kernel, (cdiv(M, bm), cdiv(N, bn)), dict(
+            launch = _keep(key, residual_epilogue_kernel, (cdiv(M, bm), cdiv(N, bn)), dict(
                 HAS_BIAS=bias is not None, HAS_LAYER_SCALE=layer_scale is not None,
                 HAS_SAMPLE_SCALE=sample_scale is not None, BLOCK_M=bm, BLOCK_N=bn,
                 num_warps=NUM_WARPS))
