@@ -292,10 +292,3 @@ TORCH_LIBRARY_IMPL(vit_fast, CPU, m) {
   m.impl("patch_embed_bwd_images", &vit_fast::bwd_images_cpu);
   m.impl("patch_embed_bwd_weight", &vit_fast::bwd_weight_cpu);
 }
-
-// `import vit_fast._C` loads this library, which runs the registrations above; the module itself
-// is empty.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}

@@ -19,6 +19,7 @@ from .attention import (_NO_BIAS, _NO_SEGMENTS, LOG2E, _bwd_launch, _dq_partials
                         attention_bwd_dq_kernel, attention_bwd_dq_reduce_kernel,
                         attention_fwd_kernel)
 from .direct_launch import DirectLaunch
+from .empties import empties
 
 _F32 = torch.float32
 
@@ -26,12 +27,11 @@ _F32 = torch.float32
 class AttentionFwd:
     """attention_fwd(qkv, num_heads, scale, dropout_p=, seed=) for one configuration:
     (out [B, N, H·D], lse [B, H, N] fp32)."""
-    __slots__ = ("launch", "B", "N", "H", "C", "stride_b", "stride_n")
+    __slots__ = ("launch", "N", "H", "C", "stride_b", "stride_n", "outs")
 
     def __call__(self, qkv, scale, dropout_p, seed):
-        B, N, H, C = self.B, self.N, self.H, self.C
-        out = torch.empty(B, N, C, dtype=qkv.dtype, device=qkv.device)
-        lse = torch.empty(B, H, N, dtype=_F32, device=qkv.device)
+        N, H, C = self.N, self.H, self.C
+        out, lse = empties(qkv, self.outs)
         self.launch(qkv, out, lse, seed, N, H, self.stride_b, self.stride_n, N * C, C,
                     scale * LOG2E, dropout_p)
         return out, lse
@@ -45,7 +45,8 @@ def bind_fwd(qkv_shape, num_heads, dtype, dropout, device) -> AttentionFwd:
     bound = AttentionFwd()
     grid, consts = _fwd_launch(B, N, num_heads, head_dim, dtype, dropout, False, False, device)
     bound.launch = DirectLaunch(attention_fwd_kernel, grid, {**_NO_SEGMENTS, **consts, **_NO_BIAS})
-    bound.B, bound.N, bound.H, bound.C = B, N, num_heads, three_c // 3
+    bound.N, bound.H, bound.C = N, num_heads, three_c // 3
+    bound.outs = (((B, N, three_c // 3), dtype), ((B, num_heads, N), _F32))  # out, lse
     bound.stride_b, bound.stride_n = N * three_c, three_c
     return bound
 
@@ -53,12 +54,12 @@ def bind_fwd(qkv_shape, num_heads, dtype, dropout, device) -> AttentionFwd:
 class AttentionBwd:
     """attention_bwd(dout, qkv, out, lse, num_heads, scale, dropout_p=, seed=) for one
     configuration: dqkv [B, N, 3·H·D] (contiguous, qkv's dtype)."""
-    __slots__ = ("plan", "delta", "dkdv", "dq", "reduce", "B", "N", "H", "C3", "partials")
+    __slots__ = ("plan", "delta", "dkdv", "dq", "reduce", "B", "N", "H", "C3", "partials",
+                 "outs")
 
     def __call__(self, dout, qkv, out, lse, scale, dropout_p, seed):
         N, H, C3 = self.N, self.H, self.C3
-        dqkv = torch.empty_like(qkv)
-        delta = torch.empty_like(lse)
+        dqkv, delta = empties(qkv, self.outs)
         so, sd = out.stride(), dout.stride()
         if so[2] != 1:  # rows of any stride; columns unit-stride
             out = out.contiguous()
@@ -102,6 +103,7 @@ def bind_bwd(qkv_shape, num_heads, dtype, dropout, device) -> AttentionBwd:
     bound.plan = plan[0]
     bound.delta = DirectLaunch(attention_bwd_delta_kernel, delta_grid, delta_consts)
     bound.B, bound.N, bound.H, bound.C3 = B, N, num_heads, three_c
+    bound.outs = (((B, N, three_c), dtype), ((B, num_heads, N), _F32))  # dqkv, delta
     block_m, block_n, warps, stages = plan[1]
     bound.dkdv = DirectLaunch(attention_bwd_dkdv_kernel, (cdiv(N, block_n) * B * num_heads,),
                               dict(_NO_SEGMENTS, WRITE_DQ=plan[0] == "fused", BLOCK_M=block_m,

@@ -20,6 +20,7 @@ import torch
 
 from ._device import gpu_target
 from .direct_launch import DirectLaunch
+from .empties import empties
 from .layer_norm import (_bwd_launch, _fwd_launch, layer_norm_param_grad_reduce_kernel,
                          residual_layer_norm_bwd_kernel, residual_layer_norm_fwd_kernel)
 
@@ -30,11 +31,10 @@ class LayerNormFwd:
     """residual_layer_norm_fwd(x, weight, bias, eps, residual, layer_scale, sample_scale,
     out_dtype, stats=False) for one configuration: returns (y, s); s is None without a
     residual. Weight and bias are present (LayerNorm's affine)."""
-    __slots__ = ("launch", "M", "C", "rows_per_sample", "y_dtype", "s_dtype")
+    __slots__ = ("launch", "M", "C", "rows_per_sample", "outs")
 
     def __call__(self, x, weight, bias, eps, residual=None, layer_scale=None, sample_scale=None):
-        y = torch.empty_like(x, dtype=self.y_dtype)
-        s = None if residual is None else torch.empty_like(residual, dtype=self.s_dtype)
+        y, s = empties(x, self.outs)
         C = self.C
         self.launch(x, residual, layer_scale, sample_scale, weight, bias, y, s, None, None,
                     self.M, C, C, C, self.rows_per_sample, eps)
@@ -54,19 +54,18 @@ def bind_fwd(x_shape, device, out_dtype, residual_dtype=None, layer_scale=False,
         True, True, False))
     bound.M, bound.C = M, C
     bound.rows_per_sample = max(M // x_shape[0], 1) if (sample_scale and len(x_shape) > 1) else 1
-    bound.y_dtype, bound.s_dtype = out_dtype, residual_dtype
+    x_shape = tuple(x_shape)
+    bound.outs = ((x_shape, out_dtype), (x_shape, residual_dtype) if has_res else None)  # y, s
     return bound
 
 
 class LayerNormStats:
     """residual_layer_norm_fwd without a residual, with statistics (the backward's recompute):
     returns (y, mean, rstd)."""
-    __slots__ = ("launch", "M", "C", "y_dtype", "stats_shape")
+    __slots__ = ("launch", "M", "C", "outs")
 
     def __call__(self, x, weight, bias, eps):
-        y = torch.empty_like(x, dtype=self.y_dtype)
-        mean = x.new_empty(self.stats_shape, dtype=_F32)
-        rstd = x.new_empty(self.stats_shape, dtype=_F32)
+        y, mean, rstd = empties(x, self.outs)
         C = self.C
         self.launch(x, None, None, None, weight, bias, y, None, mean, rstd, self.M, C, C, 0, 1,
                     eps)
@@ -80,26 +79,23 @@ def bind_stats(x_shape, device, out_dtype) -> LayerNormStats:
     bound = LayerNormStats()
     bound.launch = DirectLaunch(residual_layer_norm_fwd_kernel, *_fwd_launch(
         M, C, gpu_target(device), False, False, False, True, True, True))
-    bound.M, bound.C, bound.y_dtype, bound.stats_shape = M, C, out_dtype, (M,)
+    bound.M, bound.C = M, C
+    bound.outs = ((tuple(x_shape), out_dtype), ((M,), _F32), ((M,), _F32))  # y, mean, rstd
     return bound
 
 
 class LayerNormBwd:
     """residual_layer_norm_bwd for one configuration: (dx, dresidual, dweight, dbias,
     dlayer_scale), None where not bound. dx in s's dtype; the parameter gradients in their
-    parameter's dtype (allocated like the parameter: unit-stride [C])."""
-    __slots__ = ("programs", "rows_per_program", "launch", "reduce", "M", "C", "K", "part_shape",
-                 "rows_per_sample", "res_dtype", "has_ds", "has_res", "has_ls", "has_ss",
-                 "bias_grad", "bias_dtype")
+    parameter's dtype (unit-stride [C])."""
+    __slots__ = ("programs", "rows_per_program", "launch", "reduce", "M", "C", "K", "outs",
+                 "param_outs", "rows_per_sample", "has_ds", "has_res", "has_ls", "has_ss",
+                 "bias_grad")
 
     def __call__(self, dy, ds, s, mean, rstd, weight, x=None, layer_scale=None,
                  sample_scale=None):
-        dx = torch.empty_like(s)
-        dres = torch.empty_like(s, dtype=self.res_dtype) if self.has_res else None
-        part = s.new_empty(self.part_shape, dtype=_F32)
-        dw = torch.empty_like(weight)
-        db = torch.empty_like(weight, dtype=self.bias_dtype) if self.bias_grad else None
-        dls = torch.empty_like(layer_scale) if self.has_ls else None
+        dx, dres, part = empties(s, self.outs)
+        dw, db, dls = empties(s, self.param_outs)
         db_part = part[1] if self.bias_grad else None
         dls_part = part[self.K - 1] if self.has_ls else None
         C = self.C
@@ -112,10 +108,12 @@ class LayerNormBwd:
 
 
 def bind_bwd(s_shape, device, s_dtype, *, has_ds, residual_dtype=None, layer_scale=None,
-             sample_scale=False, bias_grad=True, bias_dtype=None) -> LayerNormBwd:
-    """The backward of LayerNorm (weight present) over [..., C] rows: with residual_dtype the
-    residual form (dresidual in that dtype; has_ds: a gradient of s comes in too), layer_scale
-    (its dtype) / sample_scale as the forward had them; bias_grad: dbias wanted (bias_dtype)."""
+             sample_scale=False, bias_grad=True, bias_dtype=None,
+             weight_dtype=None) -> LayerNormBwd:
+    """The backward of LayerNorm (weight present, in weight_dtype: s_dtype if not given) over
+    [..., C] rows: with residual_dtype the residual form (dresidual in that dtype; has_ds: a
+    gradient of s comes in too), layer_scale (its dtype) / sample_scale as the forward had them;
+    bias_grad: dbias wanted (bias_dtype: s_dtype if not given)."""
     C = s_shape[-1]
     M = math.prod(s_shape[:-1])
     has_res = residual_dtype is not None
@@ -129,10 +127,14 @@ def bind_bwd(s_shape, device, s_dtype, *, has_ds, residual_dtype=None, layer_sca
     bound.launch = DirectLaunch(residual_layer_norm_bwd_kernel, (bound.programs,), consts)
     bound.reduce = DirectLaunch(layer_norm_param_grad_reduce_kernel, reduce_grid, reduce_consts)
     bound.M, bound.C, bound.K = M, C, K
-    bound.part_shape = (K, bound.programs, C)
+    s_shape = tuple(s_shape)
+    bound.outs = ((s_shape, s_dtype), (s_shape, residual_dtype) if has_res else None,
+                  ((K, bound.programs, C), _F32))  # dx, dresidual, the parameters' partials
     bound.rows_per_sample = max(M // s_shape[0], 1) if (has_ss and len(s_shape) > 1) else 1
-    bound.res_dtype = residual_dtype
     bound.has_ds, bound.has_res, bound.has_ls, bound.has_ss = (has_ds and has_res, has_res,
                                                                has_ls, has_ss)
-    bound.bias_grad, bound.bias_dtype = bool(bias_grad), bias_dtype or s_dtype
+    bound.bias_grad = bool(bias_grad)
+    bound.param_outs = (((C,), weight_dtype or s_dtype),  # dweight, dbias, dlayer_scale
+                        ((C,), bias_dtype or s_dtype) if bias_grad else None,
+                        ((C,), layer_scale) if has_ls else None)
     return bound

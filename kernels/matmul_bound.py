@@ -19,6 +19,7 @@ import torch
 
 from ._device import cdiv, gpu_target
 from .direct_launch import DirectLaunch
+from .empties import empties
 from .matmul import (_C_COLUMNS, GemmConfig, _chosen, colsum_kernel, colsum_launch, launch_key,
                      launch_plan, matmul_kernel)
 
@@ -29,14 +30,12 @@ class GemmLaunch:
     """matmul(a, b, out_dtype, ...) for one configuration: returns (C, aux, rowdot) as matmul
     does. ``a_t`` / ``b_t``: the call passes that operand untransposed (a weight [N, K] for
     b = weightᵀ, a [K, M] tensor for a = tᵀ); its strides are read swapped, no view made."""
-    __slots__ = ("launch", "M", "N", "K", "c_shape", "out_dtype", "aux", "store_act",
-                 "pre_from_aux", "rowdot_shape", "rows_per_sample", "a_t", "b_t")
+    __slots__ = ("launch", "M", "N", "K", "outs", "aux", "store_act", "pre_from_aux",
+                 "rows_per_sample", "a_t", "b_t")
 
     def __call__(self, a, b, bias=None, pre=None, residual=None, layer_scale=None,
                  sample_scale=None):
-        c = a.new_empty(self.c_shape, dtype=self.out_dtype)
-        aux = a.new_empty(self.c_shape) if self.aux else None
-        rowdot = a.new_empty(self.rowdot_shape, dtype=_F32) if self.rowdot_shape else None
+        c, aux, rowdot = empties(a, self.outs)
         sa, sb = a.stride(), b.stride()
         if self.a_t:
             sa = (sa[1], sa[0])
@@ -81,10 +80,10 @@ def bind(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", pre
     bound = GemmLaunch()
     bound.launch = DirectLaunch(matmul_kernel, *plan.launch(config))
     bound.M, bound.N, bound.K = M, N, K
-    bound.c_shape, bound.out_dtype = (M, N), out_dtype
     bound.aux, bound.store_act = store_pre or store_act, store_act
     bound.pre_from_aux = store_pre and pre is None
-    bound.rowdot_shape = (cdiv(N, config.block_n), M) if row_dot else None
+    bound.outs = (((M, N), out_dtype), ((M, N), a.dtype) if bound.aux else None,
+                  ((cdiv(N, config.block_n), M), _F32) if row_dot else None)  # C, aux, rowdot
     bound.rows_per_sample = rows_per_sample
     bound.a_t, bound.b_t = a_t, b_t
     return bound
@@ -92,10 +91,10 @@ def bind(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", pre
 
 class ColsumLaunch:
     """colsum(x, sample_scale, rows_per_sample) for one configuration (x [M, N] rows)."""
-    __slots__ = ("launch", "M", "N", "rows_per_chunk", "rows_per_sample", "part_shape")
+    __slots__ = ("launch", "M", "N", "rows_per_chunk", "rows_per_sample", "outs")
 
     def __call__(self, x, sample_scale=None):
-        part = x.new_empty(self.part_shape, dtype=_F32)
+        part, = empties(x, self.outs)
         s = x.stride()
         self.launch(x, sample_scale, part, self.M, self.N, self.rows_per_chunk,
                     self.rows_per_sample, s[0], s[1])
@@ -114,5 +113,5 @@ def bind_colsum(x, sample_scale=None, rows_per_sample=1):
                                                        sample_scale is not None)
     bound.launch = DirectLaunch(colsum_kernel, grid, consts)
     bound.M, bound.N = M, N
-    bound.rows_per_sample, bound.part_shape = rows_per_sample, (grid[1], N)
+    bound.rows_per_sample, bound.outs = rows_per_sample, (((grid[1], N), _F32),)
     return bound

@@ -86,7 +86,20 @@ def test_amp_weight_cast_once_per_version():
         assert torch.equal(b, w.detach().to(torch.bfloat16))
 
 
-def test_amp_weight_casts_are_freed_when_the_autocast_region_exits():
+@pytest.fixture(params=["extension", "python"])
+def amp_cast_path(request, monkeypatch):
+    """AmpWeights' casts through vit_fast._C (csrc/amp_casts.cpp) where it loaded, and the Python
+    path it replaces (the probe matmul, a .to() per weight)."""
+    from vit_fast import amp_weights
+    if request.param == "extension" and amp_weights._CAST_ALL is None:
+        pytest.skip("vit_fast._C not loaded: the Python path only")
+    if request.param == "python":
+        monkeypatch.setattr(amp_weights, "_CACHED_CAST", None)
+        monkeypatch.setattr(amp_weights, "_CAST_ALL", None)
+    return request.param
+
+
+def test_amp_weight_casts_are_freed_when_the_autocast_region_exits(amp_cast_path):
     """Like autocast's weight cache: one cast per parameter for the region, shared by every call
     in it, gone once the region exits and the graph that saved it is freed (no later call or
     clear needed)."""
@@ -211,7 +224,7 @@ def test_amp_block_under_inference_mode():
     assert torch.equal(got, want)
 
 
-def test_amp_cast_group_reuses_like_the_per_weight_cache():
+def test_amp_cast_group_reuses_like_the_per_weight_cache(amp_cast_path):
     """AmpWeights.cast_group (the Block step's eight GEMM parameters as one entry): the casts of
     the region are reused while every parameter is the same at the same version and every cast
     is alive; a new region, an optimizer step, another tensor or a freed cast casts afresh; a

@@ -63,7 +63,7 @@ def test_bound_layer_norm_matches_the_launchers(ls, ss, bias_grad):
     bound = layer_norm_bound.bind_bwd(s.shape, s.device, s.dtype, has_ds=True,
                                       residual_dtype=res.dtype,
                                       layer_scale=lsv.dtype if ls else None, sample_scale=ss,
-                                      bias_grad=bias_grad)
+                                      bias_grad=bias_grad, weight_dtype=w.dtype)
     got = bound(dy, ds, s, got[1], got[2], w, x if ls else None, lsv, ssv)
     for g, t in zip(got, want):
         assert (g is None) == (t is None)

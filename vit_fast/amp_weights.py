@@ -7,6 +7,13 @@ import weakref
 
 import torch
 
+try:  # the extension's casts (csrc/amp_casts.cpp); absent or an older build: Python's
+    from vit_fast import _C as _ext
+    _CACHED_CAST = getattr(_ext, "autocast_cached_cast", None)
+    _CAST_ALL = getattr(_ext, "casts", None)
+except (ImportError, OSError):  # vit_fast.ops.patch_embed says why
+    _CACHED_CAST = _CAST_ALL = None
+
 
 class AmpWeights:
     """GEMM weights cast to the autocast dtype once per autocast region, like autocast's own
@@ -19,7 +26,11 @@ class AmpWeights:
     the outermost region exits (torch.clear_autocast_cache). While that cast is alive the region
     is the same: one probe per region, instead of one per weight per call. Where autocast would
     not cache (its cache off, e.g. checkpoint's recompute, or inference mode, which records no
-    graph to read the probe off) every call is a region of its own: each call casts."""
+    graph to read the probe off) every call is a region of its own: each call casts.
+
+    With the extension (vit_fast._C, csrc/amp_casts.cpp) the probe is a call of autocast's own
+    cached cast of the sentinel, and a group's casts are made in one call: the same casts and
+    regions, without the probe's matmul and graph or a Python call per weight."""
 
     def __init__(self):
         self._sentinels = {}  # (device, dtype) -> (sentinel leaf, weakref to its cast, token)
@@ -33,9 +44,12 @@ class AmpWeights:
             return hit[2]
         sentinel = hit[0] if hit is not None else torch.zeros(1, device=device,
                                                               requires_grad=True)
-        with torch.enable_grad():
-            probe = sentinel.new_empty((0, 1), dtype=dtype, requires_grad=True)
-            cast = torch.matmul(probe, sentinel).grad_fn._saved_vec  # mv(probe, sentinel_cast)
+        if _CACHED_CAST is not None:
+            cast = _CACHED_CAST(sentinel, dtype)
+        else:
+            with torch.enable_grad():
+                probe = sentinel.new_empty((0, 1), dtype=dtype, requires_grad=True)
+                cast = torch.matmul(probe, sentinel).grad_fn._saved_vec  # mv(probe, its cast)
         token = object()
         self._sentinels[(device, dtype)] = (sentinel, weakref.ref(cast), token)
         return token
@@ -73,7 +87,10 @@ class AmpWeights:
                 return casts
         if not all(t is None or (t.is_leaf and t.dtype == torch.float32) for t in tensors):
             return tuple(self.cast(t, dtype, region) for t in tensors)
-        casts = tuple(t.to(dtype) if t is not None else None for t in tensors)
+        if _CAST_ALL is not None:
+            casts = _CAST_ALL(tuple(tensors), dtype)
+        else:
+            casts = tuple(t.to(dtype) if t is not None else None for t in tensors)
         holder.casts = (region, tuple(map(id, tensors)),
                         tuple(t._version if t is not None else 0 for t in tensors),
                         tuple(weakref.ref(c) if c is not None else None for c in casts))

@@ -127,15 +127,15 @@ class BlockStep:
     def ln_backward(self, which, key):
         bound = self.ln_bwd.get((which, key))
         if bound is None:
-            if which == 2:  # the residual LayerNorm: (bias grad, bias dtype, ls1 dtype, ss1)
-                bias_grad, bias_dtype, ls_dtype, has_ss = key
+            if which == 2:  # the residual LayerNorm: (bias grad, bias, weight, ls1 dtypes, ss1)
+                bias_grad, bias_dtype, weight_dtype, ls_dtype, has_ss = key
                 bound = _ln.bind_bwd(self.x_shape, self.device, self.x_dtype, has_ds=True,
                                      residual_dtype=self.x_dtype, layer_scale=ls_dtype,
                                      sample_scale=has_ss, bias_grad=bias_grad,
-                                     bias_dtype=bias_dtype)
-            else:  # LN1: (bias grad, bias dtype)
+                                     bias_dtype=bias_dtype, weight_dtype=weight_dtype)
+            else:  # LN1: (bias grad, bias dtype, weight dtype)
                 bound = _ln.bind_bwd(self.x_shape, self.device, self.x_dtype, has_ds=False,
-                                     bias_grad=key[0], bias_dtype=key[1])
+                                     bias_grad=key[0], bias_dtype=key[1], weight_dtype=key[2])
             self.ln_bwd[(which, key)] = bound
         return bound
 
@@ -374,8 +374,8 @@ class BlockFn(torch.autograd.Function):
         if k is not None and dls2 is not None and dls2.numel():
             dls2 = dls2.float() / k  # exact: k is a power of two
         p32 = _as(p, s.dtype) if p is not None else None
-        ln2_bwd = step.ln_backward(2, (need[_N2B], n2b_dtype, ls1.dtype if ls1 is not None
-                                       else None, ss1 is not None))
+        ln2_bwd = step.ln_backward(2, (need[_N2B], n2b_dtype, n2w.dtype,
+                                       ls1.dtype if ls1 is not None else None, ss1 is not None))
         dp, dres, dn2w, dn2b, dls1 = ln2_bwd(_as(dh, s.dtype), g, s, mean, rstd, n2w, p32, ls1,
                                              ss1)
         dss1 = sample_scale_grad(dres, p32, ls1, ss1) if (need[_SS1] and ss1 is not None) else None
@@ -403,7 +403,7 @@ class BlockFn(torch.autograd.Function):
         dqb = g3.sum(0) if (has_qb and need[_QB]) else None
         dy1 = _as(g3.mm(qw).reshape(x.shape), x.dtype)
         del g3, dqkv
-        dx, _, dn1w, dn1b, _ = step.ln_backward(1, (need[_N1B], n1b_dtype))(
+        dx, _, dn1w, dn1b, _ = step.ln_backward(1, (need[_N1B], n1b_dtype, n1w.dtype))(
             dy1, None, x, mean, rstd, n1w)
         dx.add_(dres)
 
