@@ -108,12 +108,14 @@ class LayerNormBwd:
 
 
 def bind_bwd(s_shape, device, s_dtype, *, has_ds, residual_dtype=None, layer_scale=None,
-             sample_scale=False, bias_grad=True, bias_dtype=None,
-             weight_dtype=None) -> LayerNormBwd:
+             sample_scale=False, bias_grad=True, bias_dtype=None, weight_dtype=None,
+             dx_dtype=None) -> LayerNormBwd:
     """The backward of LayerNorm (weight present, in weight_dtype: s_dtype if not given) over
     [..., C] rows: with residual_dtype the residual form (dresidual in that dtype; has_ds: a
     gradient of s comes in too), layer_scale (its dtype) / sample_scale as the forward had them;
-    bias_grad: dbias wanted (bias_dtype: s_dtype if not given)."""
+    bias_grad: dbias wanted (bias_dtype: s_dtype if not given). dx (the branch's gradient in the
+    residual form) in dx_dtype, s_dtype if not given: the kernel computes in fp32 and rounds once
+    on its store, as a cast of an fp32 dx would."""
     C = s_shape[-1]
     M = math.prod(s_shape[:-1])
     has_res = residual_dtype is not None
@@ -128,7 +130,7 @@ def bind_bwd(s_shape, device, s_dtype, *, has_ds, residual_dtype=None, layer_sca
     bound.reduce = DirectLaunch(layer_norm_param_grad_reduce_kernel, reduce_grid, reduce_consts)
     bound.M, bound.C, bound.K = M, C, K
     s_shape = tuple(s_shape)
-    bound.outs = ((s_shape, s_dtype), (s_shape, residual_dtype) if has_res else None,
+    bound.outs = ((s_shape, dx_dtype or s_dtype), (s_shape, residual_dtype) if has_res else None,
                   ((K, bound.programs, C), _F32))  # dx, dresidual, the parameters' partials
     bound.rows_per_sample = max(M // s_shape[0], 1) if (has_ss and len(s_shape) > 1) else 1
     bound.has_ds, bound.has_res, bound.has_ls, bound.has_ss = (has_ds and has_res, has_res,

@@ -331,7 +331,9 @@ def _traced_elementwise(fn, numels):
 @pytest.mark.parametrize("layer_scale", [False, True])
 def test_amp_model_lists_the_casts_and_adds_a_traced_amp_block_runs(layer_scale):
     """The activation-sized torch ops (dtype casts, the gradient's LayerScale split, the gradient
-    add) of vit_fast's AMP Block, forward and backward as traced at a tiny shape, are the model's."""
+    add) of vit_fast's AMP Block, forward and backward as traced at a tiny shape, are the model's:
+    traced as a training loop runs it, as the one-node step (vit_fast/block_step.py) once the
+    configuration's first forward and backward have run."""
     import vit_fast
     from vit_fast.bench import roofline_amp as ra
     _kernels_or_skip("layer_norm")
@@ -345,7 +347,11 @@ def test_amp_model_lists_the_casts_and_adds_a_traced_amp_block_runs(layer_scale)
             out = blk(x)
         out.backward(gy)
     MC, MH = B * N * C, B * N * 4 * C
+    step()  # the general path, which makes the step
+    x.grad = None  # (no accumulation into it in the traced call)
     got = _traced_elementwise(step, (MC, MH))
+    with vit_fast.use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(blk(x).grad_fn).__name__ == "BlockFnBackward"  # the path traced
     model = sorted((o.read, o.write) for o in ra.block_ops("vit_fast", B, N, C, H, 2,
                                                            backward=True, layer_scale=layer_scale)
                    if o.kind == "elementwise" and o.write in (2 * MC, 4 * MC, 2 * MH, 4 * MH)

@@ -17,6 +17,10 @@ the same roundings and casts, called straight down from one forward and one back
 everything that depends only on the configuration decided when the step is made: the LayerNorm,
 attention and MLP launches bound to it (kernels/layer_norm_bound.py, attention_bound.py,
 matmul_bound.py through kernels/gelu_mlp.Gemms), AMP's weight casts kept per autocast region.
+Under AMP its backward leaves out three of the general path's activation-sized casts -- the
+LayerNorm backwards read their dy (and LN2 its branch) in the GEMMs' dtype, widening on the load
+(exact), and LN2's writes the branch's gradient in it, rounding once on the store as the cast of
+its fp32 value does (round to nearest even) -- so the bits stay the general path's.
 
 Saved for backward, as the three ops save it: x, qkv, o, lse, s, the fc1 pre-activation, the
 attention branch p only when ls1 or ss1 needs it, the GEMM weights (under AMP their casts) and
@@ -132,7 +136,8 @@ class BlockStep:
                 bound = _ln.bind_bwd(self.x_shape, self.device, self.x_dtype, has_ds=True,
                                      residual_dtype=self.x_dtype, layer_scale=ls_dtype,
                                      sample_scale=has_ss, bias_grad=bias_grad,
-                                     bias_dtype=bias_dtype, weight_dtype=weight_dtype)
+                                     bias_dtype=bias_dtype, weight_dtype=weight_dtype,
+                                     dx_dtype=self.lp)  # dp: only the proj GEMMs read it
             else:  # LN1: (bias grad, bias dtype, weight dtype)
                 bound = _ln.bind_bwd(self.x_shape, self.device, self.x_dtype, has_ds=False,
                                      bias_grad=key[0], bias_dtype=key[1], weight_dtype=key[2])
@@ -373,16 +378,17 @@ class BlockFn(torch.autograd.Function):
         del h
         if k is not None and dls2 is not None and dls2.numel():
             dls2 = dls2.float() / k  # exact: k is a power of two
-        p32 = _as(p, s.dtype) if p is not None else None
+        # The LayerNorm backwards read dh (and p) in the GEMMs' dtype, widening on the load
+        # (exact), and LN2's writes dp in it, rounding once as the general path's cast does:
+        # three activation-sized casts fewer under AMP.
         ln2_bwd = step.ln_backward(2, (need[_N2B], n2b_dtype, n2w.dtype,
                                        ls1.dtype if ls1 is not None else None, ss1 is not None))
-        dp, dres, dn2w, dn2b, dls1 = ln2_bwd(_as(dh, s.dtype), g, s, mean, rstd, n2w, p32, ls1,
-                                             ss1)
-        dss1 = sample_scale_grad(dres, p32, ls1, ss1) if (need[_SS1] and ss1 is not None) else None
+        dp, dres, dn2w, dn2b, dls1 = ln2_bwd(dh, g, s, mean, rstd, n2w, p, ls1, ss1)
+        dss1 = sample_scale_grad(dres, p, ls1, ss1) if (need[_SS1] and ss1 is not None) else None
         del dh, g, g_lp
 
         # proj (F.linear's backward, in the GEMMs' dtype)
-        gp = _as(dp, lp).reshape(-1, C)
+        gp = dp.reshape(-1, C)
         dpw = gp.t().mm(o.reshape(-1, C)) if need[_PW] else None
         dpb = gp.sum(0) if (has_pb and need[_PB]) else None
         do = gp.mm(pw).reshape(o.shape)
@@ -401,7 +407,7 @@ class BlockFn(torch.autograd.Function):
         dqw = g3.t().mm(y1.reshape(-1, C)) if need[_QW] else None
         del y1
         dqb = g3.sum(0) if (has_qb and need[_QB]) else None
-        dy1 = _as(g3.mm(qw).reshape(x.shape), x.dtype)
+        dy1 = g3.mm(qw).reshape(x.shape)
         del g3, dqkv
         dx, _, dn1w, dn1b, _ = step.ln_backward(1, (need[_N1B], n1b_dtype, n1w.dtype))(
             dy1, None, x, mean, rstd, n1w)

@@ -14,10 +14,11 @@ Steps (each on top of the previous):
   launch path included), no other change.
 - ``cublas``: every GEMM on cuBLAS (VIT_FAST_BACKEND=cublas: the MLP's GELU and residual
   epilogues as Triton passes); the library backs the GEMMs.
-- ``amp_casts``: the AMP backward's activation-sized casts still in the op list (four: the
-  LayerNorm rebuilds already write the autocast dtype) folded into the kernels around
-  them (LayerNorm backwards read the GEMM's l gradient and write the stream gradient in fp32
-  and its l copy for the next GEMM).
+- ``amp_casts``: the AMP backward's activation-sized cast still in the op list (one, the
+  stream gradient's to l for the MLP backward: the LayerNorm rebuilds already write the
+  autocast dtype, the LayerNorm backwards already read the GEMMs' l gradient and LN2's writes
+  the branch's in l) folded into the kernel before it (each LayerNorm backward writes the stream
+  gradient in fp32 and its l copy for the next GEMM).
 - ``grad_add``: LayerNorm 1's backward adds the stream gradient (no separate add pass).
 - ``bias_grads``: the bias column sums (fc1, fc2, qkv, proj) as per-program partials of the
   kernel that writes each gradient (GELU backward, LayerNorm backwards), not passes of their own.
@@ -49,13 +50,14 @@ BACKING = {
     "gemm_parity": "NOT backed: a GEMM with erf-GELU epilogues at cuBLAS speed (no library has "
                    "one; the Triton/Hopper GEMM is unmeasured): a requirement, not a prediction",
 }
-_CASTS = {"rebuilt_h1_to_lp", "rebuilt_h2_to_lp", "grad_out_to_lp", "grad_h2_to_fp32",
-          "grad_h1_to_fp32", "grad_branch_to_lp"}
+_CASTS = {"rebuilt_h1_to_lp", "rebuilt_h2_to_lp", "grad_out_to_lp"}
 
 
 def _fold_amp_casts(ops, M, C, l):
-    """Drop the casts (those of _CASTS still in the op list); the rebuilds write l; each LayerNorm backward reads its dh in l (not
-    fp32) and writes the stream gradient's l copy beside the fp32 one."""
+    """Drop the casts still in the op list (_CASTS: the step's LayerNorm backwards already read
+    their dh and write the branch's gradient in l, roofline_amp.vit_fast_ops); the rebuilds write
+    l; each LayerNorm backward writes the stream gradient's l copy beside the fp32 one (for the
+    next block's MLP backward, instead of grad_out_to_lp)."""
     MC, out = M * C, []
     for op in ops:
         if op.name in _CASTS:
@@ -63,7 +65,7 @@ def _fold_amp_casts(ops, M, C, l):
         if op.name.endswith("_rebuild_fp32"):
             op = dataclasses.replace(ra.layer_norm_fwd(M, C, l), name=op.name[:-5] + "_lp")
         elif op.name == "layer_norm_bwd":
-            op = dataclasses.replace(op, read=op.read - MC * (F32 - l), write=op.write + MC * l)
+            op = dataclasses.replace(op, write=op.write + MC * l)
         out.append(op)
     return out
 

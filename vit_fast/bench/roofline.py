@@ -99,15 +99,19 @@ def layer_norm_fwd(M, C, e, *, residual=False, layer_scale=False, samples=0, wei
 
 
 def layer_norm_bwd(M, C, e, programs, *, residual=False, has_ds=False, layer_scale=False,
-                   samples=0, weight=True, bias=True) -> list:
+                   samples=0, weight=True, bias=True, dy_e=None, dx_e=None, x_e=None) -> list:
     """residual_layer_norm_bwd_kernel (dx, dresidual, one fp32 partial row of each parameter
-    gradient per program) and layer_norm_param_grad_reduce_kernel over the partials."""
+    gradient per program) and layer_norm_param_grad_reduce_kernel over the partials. dy, dx (the
+    branch's gradient in the residual form) and x (the branch, read with LayerScale) at ``e``
+    bytes unless given their own (AMP's step: in the GEMMs' dtype)."""
     ls = residual and layer_scale
     ds = residual and has_ds
-    read = M * C * e * (2 + int(ds) + int(ls)) + 2 * M * F32 + C * e * (int(weight) + int(ls))
+    dy_e, dx_e, x_e = (e if v is None else v for v in (dy_e, dx_e, x_e))
+    read = (M * C * (dy_e + e * (1 + int(ds)) + x_e * int(ls)) + 2 * M * F32
+            + C * e * (int(weight) + int(ls)))
     if residual:
         read += samples * e
-    write = M * C * e * (2 if residual else 1)
+    write = M * C * (dx_e + (e if residual else 0))
     k = int(weight) + int(bias) + int(ls)
     ops = [Op("layer_norm_bwd", read, write + k * programs * C * F32, 16 * M * C)]
     if k:

@@ -14,7 +14,9 @@ Two implementations of one pre-norm ViT block, forward and backward:
   fp32; fc2's epilogue adds into the fp32 stream; the weights are cast once per step. Its
   backward as the code runs it today: each LayerNorm output is rebuilt from the fp32 stream by
   the same kernel, written in ``l`` directly; the stream's gradient is cast to ``l`` for the MLP
-  backward and its result back to fp32 for the fp32 LayerNorm backward.
+  backward; the LayerNorm backwards read their dy (and LN2 its LayerScale branch) in ``l`` and
+  LN2's writes the branch's gradient in ``l`` for the proj GEMMs (the one-node step,
+  vit_fast/block_step.py: no casts between them).
 tests/test_roofline.py checks the mixed-dtype kernels byte-exactly against the interpreter and
 the activation-sized casts against the ops a traced AMP Block runs. Weight-sized ops of C
 elements (LayerScale's power-of-two split) are left out.
@@ -85,16 +87,13 @@ def vit_fast_ops(B, N, C, H, l, *, backward, layer_scale=False, mlp_ratio=4.0):
     bwd = [dataclasses.replace(layer_norm_fwd(M, C, l), name="layer_norm2_rebuild_amp"),
            *g_lp, to_dtype("grad_out_to_lp", MC, F32, l),
            *rl.gelu_mlp_bwd(M, C, Hd, l, layer_scale=ls),
-           to_dtype("grad_h2_to_fp32", MC, l, F32),
-           *([to_dtype("branch_to_fp32", MC, l, F32)] if ls else []),
-           *rl.layer_norm_bwd(M, C, F32, P, residual=True, has_ds=True, layer_scale=ls),
-           to_dtype("grad_branch_to_lp", MC, F32, l),
+           *rl.layer_norm_bwd(M, C, F32, P, residual=True, has_ds=True, layer_scale=ls,
+                              dy_e=l, dx_e=l, x_e=l),
            *rl.eager_linear_bwd(M, C, C, l, "proj_linear"),
            *rl.attention_bwd(B, N, H, D, l),
            dataclasses.replace(layer_norm_fwd(M, C, l), name="layer_norm1_rebuild_amp"),
            *rl.eager_linear_bwd(M, 3 * C, C, l, "qkv_linear"),
-           to_dtype("grad_h1_to_fp32", MC, l, F32),
-           *rl.layer_norm_bwd(M, C, F32, P),
+           *rl.layer_norm_bwd(M, C, F32, P, dy_e=l),
            rl.elementwise("add_grad_x", MC, F32, 2),
            *weight_casts(C, Hd, l, grads=True)]
     return fwd + bwd
