@@ -6,7 +6,7 @@ from __future__ import annotations
 
 try:
     from vit_fast._C import empties
-except ImportError:  # no extension, or one built before it had empties
+except (ImportError, OSError):  # no extension (vit_fast.ops.patch_embed says why), or an older one
     def empties(like, specs):
         """tuple(None if s is None else like.new_empty(s[0], dtype=s[1]) for s in specs)."""
         return tuple(None if s is None else like.new_empty(s[0], dtype=s[1]) for s in specs)

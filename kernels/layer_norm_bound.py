@@ -86,8 +86,8 @@ def bind_stats(x_shape, device, out_dtype) -> LayerNormStats:
 
 class LayerNormBwd:
     """residual_layer_norm_bwd for one configuration: (dx, dresidual, dweight, dbias,
-    dlayer_scale), None where not bound. dx in s's dtype; the parameter gradients in their
-    parameter's dtype (unit-stride [C])."""
+    dlayer_scale), None where not bound. dx in the bound dx dtype (s's unless given); the
+    parameter gradients in their parameter's dtype (unit-stride [C])."""
     __slots__ = ("programs", "rows_per_program", "launch", "reduce", "M", "C", "K", "outs",
                  "param_outs", "rows_per_sample", "has_ds", "has_res", "has_ls", "has_ss",
                  "bias_grad")
