@@ -12,6 +12,7 @@
 - ``python -m vit_fast.bench host`` runs and reports what it counts.
 """
 import builtins
+import json
 import os
 import sys
 
@@ -166,7 +167,7 @@ def test_eager_twins_and_registered_ops_give_the_same_bits():
         assert torch.equal(g, w)
 
 
-def test_host_benchmark_reports_its_counts(capsys):
+def test_host_benchmark_reports_its_counts(capsys, tmp_path):
     rows = host.measure(SHAPE, "amp", "sm_90", modes=("fwd+bwd",), rounds=1, inner=1)
     (row,) = rows
     assert row["fused"] and row["timm_us"] > 0 and row["vit_fast_us"] > 0
@@ -184,9 +185,14 @@ def test_host_benchmark_reports_its_counts(capsys):
     (r,) = out["rows"]
     assert r["mode"] in predict_host.HOST_MODES and r["precision"] in predict_host.PRECISIONS
     assert (r["eager_host_share"], r["vit_fast_host_share"]) == (0.625, 0.8)
-    cost = predict_host.HostCost(**{f: r[f] for f in fields})  # the model reads the bench's rows
+    cost = predict_host.HostCost(**{f: r[f] for f in fields if f in r})  # a row alone: shares
     assert cost.eager_host_us == pytest.approx(0.625 * r["eager_us"])
     assert cost.vit_fast_host_us == pytest.approx(0.8 * r["vit_fast_us"])
+    saved = tmp_path / "host-cpu.json"  # the saved file: the counted instructions' ratio
+    saved.write_text(json.dumps(out))
+    loaded = predict_host.load(saved)[0][(r["mode"], r["precision"])]
+    assert loaded.host_instruction_ratio == pytest.approx(2.0 / 2.5)
+    assert loaded.vit_fast_host_us == pytest.approx(loaded.eager_host_us * 0.8)
 
 
 # callgrind_annotate --inclusive=yes lines: count, share, file:function [object]

@@ -164,6 +164,25 @@ def test_host_json_replaces_the_defaults(tmp_path):
         predict_host.load(path)
 
 
+def test_a_counted_row_charges_vit_fast_eagers_host_times_the_instruction_ratio(tmp_path):
+    """Where the host benchmark counted both sides, vit_fast's host µs are eager's times the
+    ratio of their host instructions (deterministic), not its own thread µs."""
+    row = {"mode": "fwd+bwd", "precision": "amp", "shape": "vit_b", "eager_us": 1000.0,
+           "vit_fast_us": 900.0, "triton_launches": 19, "aten_ops_eager": 40,
+           "aten_ops_vit_fast": 12, "triton_launch_us": 3.0, "eager_host_share": 0.6,
+           "vit_fast_host_share": 0.9}
+    counted = {"vit_b/amp/fwd+bwd": {"eager": {"total": 4e6, "cpu_compute": 1.5e6},
+                                     "vit_fast": {"total": 2.5e6, "cpu_compute": 0.5e6}}}
+    path = tmp_path / "host-cpu.json"
+    path.write_text(json.dumps({"rows": [row], "instructions": counted}))
+    cost = predict_host.load(path)[0][("fwd+bwd", "amp")]
+    assert cost.host_instruction_ratio == pytest.approx(2.0 / 2.5)
+    assert cost.eager_host_us == pytest.approx(600.0)
+    assert cost.vit_fast_host_us == pytest.approx(600.0 * 0.8)  # not 900 x 0.9
+    path.write_text(json.dumps({"rows": [row]}))  # not counted: its own µs and share
+    assert predict_host.load(path)[0][("fwd+bwd", "amp")].vit_fast_host_us == pytest.approx(810.0)
+
+
 def test_published_rows_name_their_source_and_sets():
     rows = predict_fit.published()
     assert len(rows) == 63

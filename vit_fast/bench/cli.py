@@ -200,9 +200,10 @@ def newcomer_report(args):
         ("vs eager", lambda r: f"{r['ratio']:.2f}x"),
         ("Triton launches", lambda r: f"{r['triton_launches']} ({r['direct_launches']} direct)")],
         title=f"Host CPU per Block (thread CPU time on the machine that measured it, the GPU "
-              f"path with Triton launches as no-ops; 'less CPU compute': times the share of "
-              f"each side's callgrind instructions outside the CPU's GEMM and attention "
-              f"bodies, which a GPU runs as kernels; '+ launch path': Triton's launch path per "
+              f"path with Triton launches as no-ops; 'less CPU compute': eager's µs times the "
+              f"share of its callgrind instructions outside the CPU's GEMM and attention "
+              f"bodies, which a GPU runs as kernels, vit_fast's eager's times the ratio of "
+              f"their instructions outside them (counts do not vary, thread µs do); '+ launch path': Triton's launch path per "
               f"launch through kernel[grid], the launcher's Python (assumed 1 µs) per direct "
               f"launch): {label}"))
     out.append("")

@@ -119,7 +119,7 @@ def step_arrays(impl, s, batch, mode, gpu, host_costs, assume, attention="flash"
             bwd = dataclasses.replace(
                 cost_all, eager_us=cost_all.eager_host_us - cost_fwd.eager_host_us,
                 vit_fast_us=cost_all.vit_fast_host_us - cost_fwd.vit_fast_host_us,
-                eager_host_share=1.0, vit_fast_host_share=1.0,
+                eager_host_share=1.0, vit_fast_host_share=1.0, host_instruction_ratio=None,
                 triton_launches=max(cost_all.triton_launches - cost_fwd.triton_launches, 0),
                 direct_launches=max(cost_all.direct_launches - cost_fwd.direct_launches, 0))
             per = predict_host.block_host_us(impl, bwd, n, assume) / n

@@ -9,8 +9,10 @@ issue 26) when it exists, else from :data:`DEFAULT_HOST` (the lead's quick probe
 On the GPU server, per kernel the model charges (see :func:`block_host_us`):
 - eager: ``host_speed`` x eager_us spread over the Block's kernels, plus the CUDA driver's launch
   cost per kernel (``launch_us``), which the CPU measurement does not contain;
-- vit_fast: ``host_speed`` x (vit_fast_us + triton_launch_us per launch through Triton's
+- vit_fast: ``host_speed`` x (its host µs + triton_launch_us per launch through Triton's
   ``kernel[grid]`` + ``launcher_python_us`` per direct launch) plus ``launch_us`` per kernel;
+  its host µs are eager's times the ratio of their callgrind host instructions where the row was
+  counted (:attr:`HostCost.host_instruction_ratio`), else its own thread µs times its host share;
   vit_fast_cublas is charged the same Python path;
 - compile: Inductor's generated wrapper, ``compile_launch_us`` per kernel, no Python per op;
 - stem, head, loss, optimizer: ``host_speed`` x the eager µs per aten op, per kernel.
@@ -56,6 +58,11 @@ class HostCost:
     # Of triton_launches, those made past Triton's launch path (kernels/direct_launch.py): they
     # pay the compiled launcher's Python wrapper instead of triton_launch_us.
     direct_launches: int = 0
+    # vit_fast's host instructions over eager's (callgrind, less the CPU's compute), where the
+    # row was counted: vit_fast's host µs are then eager's times this ratio. Instruction counts
+    # do not vary; two sides' thread µs on a shared machine do (IQRs up to ±96% in one saved
+    # run), so one noisy figure instead of two, and the ratio between them is the counted one.
+    host_instruction_ratio: float | None = None
 
     @property
     def eager_host_us(self) -> float:
@@ -63,6 +70,8 @@ class HostCost:
 
     @property
     def vit_fast_host_us(self) -> float:
+        if self.host_instruction_ratio is not None:
+            return self.eager_host_us * self.host_instruction_ratio
         return self.vit_fast_us * self.vit_fast_host_share
 
 
@@ -107,7 +116,9 @@ def load(path=None) -> tuple:
 
     The JSON: {"command": str, "rows": [{"mode": one of HOST_MODES, "precision": "fp32"|"amp",
     "eager_us", "vit_fast_us", "triton_launches", "aten_ops_eager", "aten_ops_vit_fast",
-    "triton_launch_us"}, ...]}; missing (mode, precision) pairs keep their defaults."""
+    "triton_launch_us", "shape", ...}, ...], "instructions": {"shape/precision/mode": {"eager":
+    {"total", "cpu_compute"}, "vit_fast": {...}}}}; missing (mode, precision) pairs keep their
+    defaults; a row with both sides' instructions gets their host ratio."""
     path = Path(path) if path is not None else HOST_JSON
     if not path.exists():
         return dict(DEFAULT_HOST), DEFAULT_LABEL
@@ -118,8 +129,19 @@ def load(path=None) -> tuple:
         key = (row["mode"], row["precision"])
         if key not in costs:
             raise ValueError(f"{path}: mode/precision {key} not in {HOST_MODES} x {PRECISIONS}")
-        costs[key] = HostCost(**{f: row[f] for f in fields if f in row})
+        costs[key] = HostCost(**{f: row[f] for f in fields if f in row},
+                              host_instruction_ratio=_instruction_ratio(data, row))
     return costs, f"measured: {path.name} ({data.get('command', 'python -m vit_fast.bench host')})"
+
+
+def _instruction_ratio(data, row):
+    """vit_fast's host instructions over eager's for the row (None where not counted)."""
+    counted = data.get("instructions", {}).get(
+        f"{row.get('shape')}/{row['precision']}/{row['mode']}")
+    if not counted or not {"eager", "vit_fast"} <= counted.keys():
+        return None
+    eager, ours = ((c["total"] - c["cpu_compute"]) for c in (counted["eager"], counted["vit_fast"]))
+    return ours / eager if eager > 0 else None
 
 
 def block_host_us(impl, cost: HostCost, kernels: int, a: HostAssumptions) -> float:

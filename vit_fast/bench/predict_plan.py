@@ -116,7 +116,7 @@ def _host_half(costs):
     """Every (mode, precision): vit_fast's host per Block at half eager's, Triton's launch path
     included (its per-launch cost folded into the half)."""
     return {k: dataclasses.replace(c, vit_fast_us=0.5 * c.eager_host_us, vit_fast_host_share=1.0,
-                                   triton_launch_us=0.0)
+                                   host_instruction_ratio=None, triton_launch_us=0.0)
             for k, c in costs.items()}
 
 

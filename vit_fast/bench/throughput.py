@@ -182,9 +182,10 @@ def counted_saved(model, batch):
 
 def host_rows(host_json=None):
     """Host µs per Block (this CPU, the GPU path): rows per (mode, precision), and the label.
-    The host figures leave out the CPU's own compute (each side's thread µs times its counted
-    host share, where callgrind counted the row); vs eager adds Triton's launch path to
-    vit_fast's."""
+    The host figures leave out the CPU's own compute: eager's thread µs times its counted host
+    share, vit_fast's eager's host µs times the two sides' counted host-instruction ratio (where
+    callgrind counted the row; else its own µs times its share); vs eager adds Triton's launch
+    path to vit_fast's."""
     from . import predict_host
     costs, label = predict_host.load(host_json)
     rows = []
