@@ -116,6 +116,35 @@ def test_an_optimizer_step_keeps_the_step_and_its_math():
         _assert_same(_call(block, x, 0), _call(block, x, 0, general=True))
 
 
+def _stack_call(blocks, x, general=False):
+    """Outputs of each Block of a stack and the gradients of x and every parameter."""
+    params = [p for b in blocks for p in b.parameters()]
+    h = x = x.detach().requires_grad_()
+    outs = []
+    for b in blocks:
+        h = b._forward_general(h, None, False, None) if general else b(h)
+        outs.append(h)
+    return outs, torch.autograd.grad((h * h.detach().sin()).sum(), [x, *params])
+
+
+def test_every_block_of_a_stack_reaches_its_step():
+    """A model is several Blocks: one Block's warm-up hook (on its general path's graph) is not a
+    hook the others' plans must see. Before, each warm-up moved the hook counter in every other
+    Block's plan key, so in a stack every call rebuilt every plan and stayed on the general path."""
+    blocks = [_block() for _ in range(3)]
+    x = torch.randn(2, 5, 16)
+    step_node = BlockFn.__name__ + "Backward"
+    with vit_fast.use_backend("triton"):
+        for _ in range(2):
+            _stack_call(blocks, x)
+        plans = [_plan(b) for b in blocks]
+        outs, grads = _stack_call(blocks, x)
+        assert [_nodes(o) for o in outs] == [step_node] * 3
+        assert all(_plan(b) is p for b, p in zip(blocks, plans))  # no plan rebuilt
+        general = _stack_call(blocks, x, general=True)
+    _assert_same((outs[-1], grads), (general[0][-1], general[1]))
+
+
 def test_a_hook_added_after_the_step_fires():
     block, x = _block(), torch.randn(2, 5, 16)
     with vit_fast.use_backend("triton"):
