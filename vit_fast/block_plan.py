@@ -14,7 +14,7 @@ up by :func:`lookup` with one tuple: x's type, shape, dtype and device, grad mod
 training flag, vit_fast.plans.state (policy, autocast, failures) and two counters that move when
 the modules' structure may have changed (a submodule set or deleted on a fused module, ``.to()`` /
 ``.half()`` through one: vit_fast.fusion.STRUCTURE; a hook registered anywhere: torch's
-RemovableHandle.next_id). A ``forward`` set on a skipped module's instance (accelerate's hooks do
+RemovableHandle.next_id, less the plans' own warm-up hooks). A ``forward`` set on a skipped module's instance (accelerate's hooks do
 that) is checked per call.
 
 What depends on the call's data or on values a training loop changes stays per call: the
@@ -47,7 +47,8 @@ def lookup(block, x):
     if type(x) not in _PLAIN or torch.compiler.is_compiling():
         return None
     key = (x.shape, x.dtype, x.device, torch.is_grad_enabled(), block.training,
-           *plans.state(x.device.type), STRUCTURE.generation, RemovableHandle.next_id)
+           *plans.state(x.device.type), STRUCTURE.generation,
+           RemovableHandle.next_id - _OWN_HOOKS[0])
     cached = block.__dict__.get("_block_plan")
     if cached is not None and cached[0] == key:
         plan = cached[1]
@@ -178,11 +179,9 @@ class BlockPlan:
                     me._make_step(blk, *shape)
             before = RemovableHandle.next_id
             node.register_hook(backward_done)
-            # The hook's handle moved the counter the lookup key holds (hooks registered
-            # anywhere): this one changes nothing the plan depends on.
-            cached = block.__dict__.get("_block_plan")
-            if cached is not None and cached[1] is self and cached[0][-1] == before:
-                block.__dict__["_block_plan"] = (cached[0][:-1] + (RemovableHandle.next_id,), self)
+            # Its handle moved the counter of hooks registered anywhere, which every plan's key
+            # holds: this hook changes nothing a plan depends on.
+            _OWN_HOOKS[0] += RemovableHandle.next_id - before
 
     def _make_step(self, block, x_shape, x_dtype, device):
         from .block_step import BlockStep
@@ -191,6 +190,12 @@ class BlockPlan:
 
 
 _FORWARD = itertools.repeat("forward")
+
+# Hook handles taken by the plans' own warm-up hooks (_warm_up): the lookup key counts hooks
+# registered anywhere less these, so that one Block's warm-up does not read, in every other
+# Block's key, as a hook that might concern it (a model of several Blocks would rebuild every
+# plan on every call and never reach a step).
+_OWN_HOOKS = [0]
 
 
 def _dropout_seed(device):
