@@ -145,6 +145,21 @@ def test_every_block_of_a_stack_reaches_its_step():
     _assert_same((outs[-1], grads), (general[0][-1], general[1]))
 
 
+def test_a_converted_timm_model_keeps_its_blocks_plans_and_steps():
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    model = vit_fast.convert(VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=3,
+                                               num_heads=2, num_classes=5))
+    x = torch.randn(2, 3, 16, 16)
+    with vit_fast.use_backend("triton"):
+        for _ in range(2):
+            model(x).sum().backward()
+        plans = [_plan(b) for b in model.blocks]
+        model(x).sum().backward()
+    assert all(p is not None and p.step is not None for p in plans)
+    assert all(_plan(b) is p for b, p in zip(model.blocks, plans))
+
+
 def test_a_hook_added_after_the_step_fires():
     block, x = _block(), torch.randn(2, 5, 16)
     with vit_fast.use_backend("triton"):
