@@ -195,6 +195,17 @@ def test_host_benchmark_reports_its_counts(capsys, tmp_path):
     assert loaded.vit_fast_host_us == pytest.approx(loaded.eager_host_us * 0.8)
 
 
+def test_a_stack_of_blocks_costs_each_block_what_one_block_costs():
+    """--depth: in a stack (as a model runs them) every Block reaches its one-node step: no more
+    launches and aten ops than one Block alone makes (the general path makes more of both)."""
+    (one,) = host.measure(SHAPE, "amp", "sm_90", modes=("fwd+bwd",), rounds=1, inner=1)
+    (two,) = host.measure(SHAPE, "amp", "sm_90", modes=("fwd+bwd",), rounds=1, inner=1, depth=2)
+    assert two["fused"] and two["depth"] == 2
+    assert two["triton_launches"] == 2 * one["triton_launches"]
+    assert two["aten_ops_vit_fast"] <= 2 * one["aten_ops_vit_fast"]
+    assert "vit_s x2" in host.format_rows([two])
+
+
 # callgrind_annotate --inclusive=yes lines: count, share, file:function [object]
 _ANNOTATED = """\
 4,000,000 (100.0%)  PROGRAM TOTALS

@@ -20,7 +20,10 @@ machine, with or without a GPU:
 - optionally the instructions executed per step under callgrind (deterministic: a change can be
   gated on it where wall time is noisy), and Triton's own Python launch cost per launch
   (``kernel[grid](...)``: the subscript's proxy, ``JITFunction.run`` up to the driver call,
-  which this path skips by replacing the launch).
+  which this path skips by replacing the launch);
+- ``--depth K``: a stack of K Blocks per call, as a model runs them. One Block alone cannot show
+  what the Blocks' per-call state does to each other (a warm-up hook of one Block once moved a
+  counter in every other Block's plan key, and a stack never reached its one-node steps).
 
 All figures are "CPU" figures of this machine's host; the GPU kit (``gpu-check``) measures the
 host time per training step on a GPU.
@@ -157,11 +160,16 @@ def gpu_path(target="sm_90"):
         yield count
 
 
-def build_blocks(shape: Shape, precision: str, seed: int = 0):
-    """(timm's Block, vit_fast.Block) with the same weights, in the precision's parameter dtype."""
+def build_blocks(shape: Shape, precision: str, seed: int = 0, depth: int = 1):
+    """(timm's Block, vit_fast.Block) with the same weights, in the precision's parameter dtype;
+    for ``depth`` > 1, a stack (nn.Sequential) of that many of each, each pair its own weights:
+    what a model runs, where the Blocks' per-call state must not disturb each other's."""
     import timm.models.vision_transformer as tvit
 
     import vit_fast
+    if depth > 1:
+        pairs = [build_blocks(shape, precision, seed + i) for i in range(depth)]
+        return tuple(torch.nn.Sequential(*side) for side in zip(*pairs))
     torch.manual_seed(seed)
     kw = dict(dim=shape.dim, num_heads=shape.heads, qkv_bias=shape.qkv_bias,
               init_values=shape.init_values)
@@ -169,6 +177,11 @@ def build_blocks(shape: Shape, precision: str, seed: int = 0):
     ours.load_state_dict(timm_block.state_dict())
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return timm_block.to(dtype), ours.to(dtype)
+
+
+def _fused(ours) -> bool:
+    blocks = list(ours) if isinstance(ours, torch.nn.Sequential) else [ours]
+    return not any(b.why_not_fused() for b in blocks)
 
 
 def make_step(block, shape: Shape, precision: str, mode: str):
@@ -265,11 +278,12 @@ def time_interleaved(steps: dict, rounds=15, inner=10, warmup=5) -> dict:
 
 
 def measure(shape: Shape, precision: str, target: str = "sm_90", modes=MODES, rounds=15,
-            inner=10) -> list:
-    """Rows of {shape, precision, target, mode, timm_us, vit_fast_us, ratio, spreads, counts}:
-    triton_launches per call, direct_launches of them made past Triton's launch path."""
+            inner=10, depth=1) -> list:
+    """Rows of {shape, precision, target, mode, depth, timm_us, vit_fast_us, ratio, spreads,
+    counts}: triton_launches per call, direct_launches of them made past Triton's launch path;
+    per call of one Block, or of a stack of ``depth`` Blocks."""
     rows = []
-    timm_block, ours = build_blocks(shape, precision)
+    timm_block, ours = build_blocks(shape, precision, depth=depth)
     with one_thread(), gpu_path(target) as launches:
         for mode in modes:
             steps = {"timm": make_step(timm_block, shape, precision, mode),
@@ -280,13 +294,13 @@ def measure(shape: Shape, precision: str, target: str = "sm_90", modes=MODES, ro
             triton, direct = launches
             (t_med, t_spread), (v_med, v_spread) = (_median_spread(times[n]) for n in steps)
             rows.append(dict(
-                shape=shape.name, precision=precision, target=target, mode=mode,
+                shape=shape.name, precision=precision, target=target, mode=mode, depth=depth,
                 timm_us=t_med, vit_fast_us=v_med, ratio=v_med / t_med,
                 timm_spread=t_spread, vit_fast_spread=v_spread, triton_launches=triton,
                 direct_launches=direct,
                 aten_ops_timm=count_aten_ops(steps["timm"]),
                 aten_ops_vit_fast=count_aten_ops(steps["vit_fast"]),
-                fused=not ours.why_not_fused()))
+                fused=_fused(ours)))
     return rows
 
 
@@ -324,11 +338,11 @@ def callgrind_available() -> bool:
             and _callgrind_helper() is not None)
 
 
-def _instructions_child(impl, shape_name, precision, target, mode, steps):  # noqa: PLR0913
+def _instructions_child(impl, shape_name, precision, target, mode, steps, depth=1):  # noqa: PLR0913
     """Run under valgrind: warm up, then collect ``steps`` calls of impl's step."""
     import ctypes
     lib = ctypes.CDLL(_callgrind_helper())
-    timm_block, ours = build_blocks(SHAPES[shape_name], precision)
+    timm_block, ours = build_blocks(SHAPES[shape_name], precision, depth=depth)
     block = ours if impl == "vit_fast" else timm_block
     with one_thread(), gpu_path(target):
         step = make_step(block, SHAPES[shape_name], precision, mode)
@@ -382,10 +396,10 @@ def cpu_compute_instructions(annotated: str) -> int:
 
 
 def instructions(impl, shape: Shape, precision, target="sm_90", mode="fwd+bwd", steps=5,
-                 keep=None):
-    """Instructions per call of impl's step, counted by callgrind (None if unavailable), with
-    those of the CPU's compute (:data:`CPU_COMPUTE`); keep: a path to copy callgrind's output to
-    (for callgrind_annotate)."""
+                 keep=None, depth=1):
+    """Instructions per call of impl's step (of one Block, or a stack of ``depth``), counted by
+    callgrind (None if unavailable), with those of the CPU's compute (:data:`CPU_COMPUTE`);
+    keep: a path to copy callgrind's output to (for callgrind_annotate)."""
     if not callgrind_available():
         return None
     with tempfile.TemporaryDirectory() as tmp:
@@ -393,7 +407,7 @@ def instructions(impl, shape: Shape, precision, target="sm_90", mode="fwd+bwd", 
         cmd = ["valgrind", "--tool=callgrind", "--collect-atstart=no", "--instr-atstart=no",
                f"--callgrind-out-file={out}",
                sys.executable, "-m", "vit_fast.bench.host", "--_child", impl, shape.name, precision,
-               target, mode, str(steps)]
+               target, mode, str(steps), str(depth)]
         env = dict(os.environ, PYTHONHASHSEED="0")
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode != 0 or not os.path.exists(out):
@@ -503,7 +517,8 @@ def format_rows(rows, instr=None):
     def noise(r):
         worst = max(r["timm_spread"], r["vit_fast_spread"])
         return "" if abs(r["ratio"] - 1) > worst else " (within noise)"
-    cols = [("shape", "shape"), ("precision", "precision"), ("mode", "mode"),
+    cols = [("shape", lambda r: r["shape"] + (f" x{r['depth']}" if r.get("depth", 1) > 1 else "")),
+            ("precision", "precision"), ("mode", "mode"),
             ("timm eager µs", lambda r: f"{r['timm_us']:.0f} ±{100 * r['timm_spread']:.0f}%"),
             ("vit_fast µs", lambda r: f"{r['vit_fast_us']:.0f} ±{100 * r['vit_fast_spread']:.0f}%"),
             ("vit_fast / eager", lambda r: f"{r['ratio']:.2f}x{noise(r)}"),
@@ -524,14 +539,14 @@ def format_rows(rows, instr=None):
     return fmt_table(rows, cols)
 
 
-def count_instructions(shapes, precisions, modes, target, workers=2) -> dict:
+def count_instructions(shapes, precisions, modes, target, workers=2, depth=1) -> dict:
     """{(shape, precision, mode): (timm's Instructions, vit_fast's)}, each a callgrind run of
     its own (single-threaded under valgrind: ``workers`` of them at a time)."""
     from concurrent.futures import ThreadPoolExecutor
     keys = [(shape, precision, mode) for shape in shapes for precision in precisions
             for mode in modes]
     with ThreadPoolExecutor(workers) as pool:
-        runs = {(k, impl): pool.submit(instructions, impl, k[0], k[1], target, k[2])
+        runs = {(k, impl): pool.submit(instructions, impl, k[0], k[1], target, k[2], depth=depth)
                 for k in keys for impl in ("timm", "vit_fast")}
         counts = {k: (runs[k, "timm"].result(), runs[k, "vit_fast"].result()) for k in keys}
     return {(s.name, p, m): pair for (s, p, m), pair in counts.items() if None not in pair}
@@ -540,7 +555,8 @@ def count_instructions(shapes, precisions, modes, target, workers=2) -> dict:
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--_child":
-        _instructions_child(argv[1], argv[2], argv[3], argv[4], argv[5], int(argv[6]))
+        _instructions_child(argv[1], argv[2], argv[3], argv[4], argv[5], int(argv[6]),
+                            int(argv[7]))
         return 0
     p = argparse.ArgumentParser(prog="python -m vit_fast.bench host", description=__doc__.split(
         "\n\n")[0])
@@ -551,6 +567,9 @@ def main(argv=None):
     p.add_argument("--mode", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--inner", type=int, default=10)
+    p.add_argument("--depth", type=int, default=1,
+                   help="time a stack of this many Blocks per call, as a model runs them (each "
+                        "its own weights; figures per call of the stack)")
     p.add_argument("--callgrind", action="store_true",
                    help="also count instructions per step under callgrind, every mode (slow: about "
                         "a minute a run, two runs at a time)")
@@ -565,14 +584,21 @@ def main(argv=None):
     for v in precisions:
         if v not in PRECISIONS:
             p.error(f"--precision: {v!r} is not one of {PRECISIONS}")
+    if args.depth < 1:
+        p.error(f"--depth: {args.depth} is not a positive number of Blocks")
+    if args.save and args.depth != 1:
+        p.error("--save: the model's host term is per Block: with --depth 1 only")
     rows = []
     for shape in shapes:
         for precision in precisions:
-            rows += measure(shape, precision, args.target, modes, args.rounds, args.inner)
-    instr = count_instructions(shapes, precisions, modes, args.target) if args.callgrind else {}
+            rows += measure(shape, precision, args.target, modes, args.rounds, args.inner,
+                            args.depth)
+    instr = (count_instructions(shapes, precisions, modes, args.target, depth=args.depth)
+             if args.callgrind else {})
     launch = triton_launch_us()
     print(format_rows(rows, instr))
-    print(f"CPU measured: thread CPU time per Block call on this machine, median over {args.rounds} "
+    per = "Block call" if args.depth == 1 else f"call of a stack of {args.depth} Blocks"
+    print(f"CPU measured: thread CPU time per {per} on this machine, median over {args.rounds} "
           f"interleaved rounds of each round's fastest of {args.inner} calls (± the interquartile "
           f"range); path of {args.target} "
           "(Triton launches counted, not run); widths scaled down (head_dim 1, batch 2, 8 tokens)"
