@@ -145,6 +145,29 @@ def test_every_block_of_a_stack_reaches_its_step():
     _assert_same((outs[-1], grads), (general[0][-1], general[1]))
 
 
+def test_a_tensor_hook_registered_every_call_keeps_the_plans_and_steps():
+    """A training loop may register a hook on a tensor every step (FSDP2 does on each forward's
+    outputs): it moves torch's hook counter, but no hook the Blocks' plans read (module hooks,
+    global module hooks) changed, so the plans and their steps stay; a module hook registered
+    the same way still reaches its module."""
+    blocks = [_block() for _ in range(2)]
+    x = torch.randn(2, 5, 16)
+    seen = []
+    with vit_fast.use_backend("triton"):
+        for _ in range(2):
+            x.detach().requires_grad_().register_hook(lambda g: None)
+            _stack_call(blocks, x)
+        plans = [_plan(b) for b in blocks]
+        x.detach().requires_grad_().register_hook(lambda g: None)
+        outs, _ = _stack_call(blocks, x)
+        assert [_nodes(o) for o in outs] == [BlockFn.__name__ + "Backward"] * 2
+        assert all(_plan(b) is p for b, p in zip(blocks, plans))
+        handle = blocks[1].mlp.fc1.register_forward_hook(lambda m, a, o: seen.append(1))
+        _stack_call(blocks, x)
+        handle.remove()
+    assert seen == [1]
+
+
 def test_a_converted_timm_model_keeps_its_blocks_plans_and_steps():
     from timm.models.vision_transformer import VisionTransformer
     torch.manual_seed(0)
