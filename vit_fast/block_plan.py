@@ -13,8 +13,10 @@ attn.proj_drop are no-ops -- is decided by :func:`build` and kept in a :class:`B
 up by :func:`lookup` with one tuple: x's type, shape, dtype and device, grad mode, the Block's
 training flag, vit_fast.plans.state (policy, autocast, failures) and two counters that move when
 the modules' structure may have changed (a submodule set or deleted on a fused module, ``.to()`` /
-``.half()`` through one: vit_fast.fusion.STRUCTURE; a hook registered anywhere: torch's
-RemovableHandle.next_id, less the plans' own warm-up hooks). A ``forward`` set on a skipped module's instance (accelerate's hooks do
+``.half()`` through one: vit_fast.fusion.STRUCTURE) -- and, when torch's count of hook handles
+(RemovableHandle.next_id, less the plans' own warm-up hooks) has moved since, the hooks the
+plan reads: module hooks on the Block and its submodules, global module hooks
+(fusion.hooks_attached; a tensor's hook, which training loops register per step, changes none). A ``forward`` set on a skipped module's instance (accelerate's hooks do
 that) is checked per call.
 
 What depends on the call's data or on values a training loop changes stays per call: the
@@ -36,7 +38,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import dispatch, functional, plans
 from .fused_block_ops import AMP_WEIGHTS
-from .fusion import STRUCTURE, forward_is
+from .fusion import STRUCTURE, forward_is, hooks_attached
 
 _PLAIN = plans.PLAIN_TENSORS
 
@@ -47,15 +49,23 @@ def lookup(block, x):
     if type(x) not in _PLAIN or torch.compiler.is_compiling():
         return None
     key = (x.shape, x.dtype, x.device, torch.is_grad_enabled(), block.training,
-           *plans.state(x.device.type), STRUCTURE.generation,
-           RemovableHandle.next_id - _OWN_HOOKS[0])
+           *plans.state(x.device.type), STRUCTURE.generation)
+    handles = RemovableHandle.next_id - _OWN_HOOKS[0]
     cached = block.__dict__.get("_block_plan")
     if cached is not None and cached[0] == key:
         plan = cached[1]
+        if cached[2] != handles:  # a hook registered somewhere: is it one the plan reads?
+            if hooks_attached(block) != cached[3]:
+                return _rebuild(block, x, key, handles)
+            block.__dict__["_block_plan"] = (key, plan, handles, cached[3])
         if plan is None or not plan.forward_set():
             return plan
+    return _rebuild(block, x, key, handles)
+
+
+def _rebuild(block, x, key, handles):
     plan = build(block, x)
-    block.__dict__["_block_plan"] = (key, plan)
+    block.__dict__["_block_plan"] = (key, plan, handles, hooks_attached(block))
     return plan
 
 
@@ -191,10 +201,10 @@ class BlockPlan:
 
 _FORWARD = itertools.repeat("forward")
 
-# Hook handles taken by the plans' own warm-up hooks (_warm_up): the lookup key counts hooks
-# registered anywhere less these, so that one Block's warm-up does not read, in every other
-# Block's key, as a hook that might concern it (a model of several Blocks would rebuild every
-# plan on every call and never reach a step).
+# Hook handles taken by the plans' own warm-up hooks (_warm_up): lookup counts hooks registered
+# anywhere less these, so that one Block's warm-up does not read, in every other Block's lookup,
+# as a hook that might concern it (before, a model of several Blocks rebuilt every plan on every
+# call and never reached a step; now that would only cost a hooks_attached per call).
 _OWN_HOOKS = [0]
 
 

@@ -44,6 +44,14 @@ def _attached(m) -> bool:
                 or m._backward_pre_hooks or "forward" in m.__dict__)
 
 
+def hooks_attached(module) -> tuple:
+    """What the fused paths' decisions read of hooks, for ``module`` and every submodule (itself
+    included): whether each has hooks or a forward set on the instance, and whether global module
+    hooks are registered. vit_fast/block_plan.py compares it when a hook was registered anywhere:
+    a tensor's or an autograd node's hook changes none of it."""
+    return tuple(map(_attached, module.modules())), _global_hooks()
+
+
 def notice_reason(name, m):
     """Why skipping the call of submodule ``name`` would be noticed, or None."""
     if m is None:
