@@ -168,6 +168,38 @@ def test_a_tensor_hook_registered_every_call_keeps_the_plans_and_steps():
     assert seen == [1]
 
 
+def test_reentrant_checkpointing_keeps_both_configurations_plans(monkeypatch):
+    """Reentrant checkpointing runs each Block's forward without grad, then again with grad in
+    the backward: two configurations in turn. Each keeps its plan (and the grad one its step);
+    before, every call replaced the other's plan, so each step built two plans per Block and
+    never reached a step."""
+    from vit_fast import block_plan
+    builds, real = [], block_plan.build
+    monkeypatch.setattr(block_plan, "build", lambda *a: builds.append(1) or real(*a))
+    blocks = [_block() for _ in range(2)]
+    x = torch.randn(2, 5, 16)
+    params = [p for b in blocks for p in b.parameters()]
+
+    def step(checkpointed):
+        h = leaf = x.detach().requires_grad_()
+        for b in blocks:
+            h = checkpoint(b, h, use_reentrant=True) if checkpointed else b._forward_general(
+                h, None, False, None)
+        for p in params:
+            p.grad = None
+        (h * h.detach().sin()).sum().backward()  # (reentrant checkpoint: no autograd.grad)
+        return h, [leaf.grad, *(p.grad for p in params)]
+    with vit_fast.use_backend("triton"):
+        for _ in range(2):
+            step(True)
+        builds.clear()
+        got = step(True)
+        assert builds == []
+        assert all(_plan(b).step is not None for b in blocks)
+        want = step(False)
+    _assert_same(got, want)
+
+
 def test_a_converted_timm_model_keeps_its_blocks_plans_and_steps():
     from timm.models.vision_transformer import VisionTransformer
     torch.manual_seed(0)
