@@ -52,7 +52,9 @@ def lookup(block, x):
            *plans.state(x.device.type), STRUCTURE.generation)
     handles = RemovableHandle.next_id - _OWN_HOOKS[0]
     cached = block.__dict__.get("_block_plan")
-    if cached is not None and cached[0] == key:
+    if cached is None or cached[0] != key:
+        cached = _switch(block.__dict__, cached, key)
+    if cached is not None:
         plan = cached[1]
         if cached[2] != handles:  # a hook registered somewhere: is it one the plan reads?
             if hooks_attached(block) != cached[3]:
@@ -63,6 +65,28 @@ def lookup(block, x):
     return _rebuild(block, x, key, handles)
 
 
+# Plans a Block keeps besides its current one: configurations a loop takes in turn -- reentrant
+# checkpointing's no-grad forward and its recompute with grad, training steps and evaluation --
+# each keep their plan (and step) instead of rebuilding it at every switch.
+_KEPT = 4
+
+
+def _switch(d, current, key):
+    """The kept entry of ``key``'s configuration made the current one, or None; the current one
+    is kept in its place (the oldest dropped past _KEPT)."""
+    kept = d.get("_block_plans")
+    entry = kept.pop(key, None) if kept else None
+    if current is not None:
+        if kept is None:
+            kept = d["_block_plans"] = {}
+        kept[current[0]] = current
+        if len(kept) > _KEPT:
+            del kept[next(iter(kept))]
+    if entry is not None:
+        d["_block_plan"] = entry
+    return entry
+
+
 def _rebuild(block, x, key, handles):
     plan = build(block, x)
     block.__dict__["_block_plan"] = (key, plan, handles, hooks_attached(block))
@@ -70,11 +94,12 @@ def _rebuild(block, x, key, handles):
 
 
 def forget(block):
-    """Drop block's plan (the general path found it fusable again: a hook was removed). Not while
-    torch.compile traces: no plan is used there (lookup), and torch 2.11's dynamo cannot trace a
-    pop from a module's __dict__ (a graph break in every compiled Block)."""
+    """Drop block's plans (the general path found it fusable again: a hook was removed). Not
+    while torch.compile traces: no plan is used there (lookup), and torch 2.11's dynamo cannot
+    trace a pop from a module's __dict__ (a graph break in every compiled Block)."""
     if not torch.compiler.is_compiling():
         block.__dict__.pop("_block_plan", None)
+        block.__dict__.pop("_block_plans", None)
 
 
 class BlockPlan:

@@ -156,4 +156,5 @@ class FusedModule(nn.Module):
         state = self.__dict__.copy()
         state.pop("_fusion_cache", None)
         state.pop("_block_plan", None)
+        state.pop("_block_plans", None)
         return state
