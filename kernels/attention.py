@@ -47,6 +47,7 @@ import triton.language as tl
 
 from ._device import cdiv, gpu_target, next_power_of_2, on_tensor_device
 from ._device import interpreting as _interpreting
+from .direct_launch import kept
 from .attention_bwd import (_bias_head, attention_bwd_dbias_kernel, attention_bwd_delta_kernel,
                             attention_bwd_dkdv_kernel, attention_bwd_dq_kernel,
                             attention_bwd_dq_reduce_kernel)
@@ -382,17 +383,19 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, *, dropout_p:
     lse = torch.empty(B, num_heads, N, device=qkv.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    if config is None:
+    if config is None:  # the configuration's kept constexprs: a kept direct launch
         grid, consts = _fwd_launch(B, N, num_heads, head_dim, qkv.dtype, has_dropout,
                                    segment_ids is not None, bias is not None, qkv.device)
-    else:
+        launch = kept(attention_fwd_kernel, grid, consts)
+    else:  # a config under trial (the tuner): through Triton's launch path
         grid, consts = _fwd_consts(B, N, num_heads, head_dim, qkv.dtype, has_dropout, config)
-    attention_fwd_kernel[grid](
+        launch = attention_fwd_kernel[grid]
+    launch(
         qkv, out, lse, seed, N, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0),
         out.stride(1), float(scale) * LOG2E, dropout_p,
         **(_NO_SEGMENTS if segment_ids is None else segment_args(segment_ids, consts["BLOCK_M"],
-                                                                  consts["BLOCK_N"])), **consts,
-        **bias_args)
+                                                                  consts["BLOCK_N"])),
+        **({} if config is None else consts), **bias_args)
     return out, lse
 
 

@@ -107,6 +107,23 @@ class DirectLaunch:
         self.kernel[self.grid](*args, **kwargs, **self.consts)
 
 
+_KEPT = {}  # (kernel, grid, id(constexprs)) -> (DirectLaunch, the constexprs, held)
+
+
+def kept(kernel, grid, consts):
+    """The DirectLaunch of ``kernel[grid](..., **consts)`` for a general launcher, made on first
+    use and kept, so that its calls too skip Triton's launch path once a configuration has
+    launched twice. ``consts`` must be the launcher's own per-configuration constexprs (kept by
+    it, so the same dict each call): keyed by the dict's identity, which the entry holds."""
+    key = (kernel, grid, id(consts))
+    hit = _KEPT.get(key)
+    if hit is None:
+        if len(_KEPT) >= 4096:  # configurations of shapes long gone: drop, remake on use
+            _KEPT.clear()
+        hit = _KEPT[key] = (DirectLaunch(kernel, grid, consts), consts)
+    return hit[0]
+
+
 def _record_and_build(launch, args, kwargs):
     """Launch through Triton while recording what it passes to the compiled kernel's launcher;
     return the direct launch that reproduces it, or None (this call launched either way)."""

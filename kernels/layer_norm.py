@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ._device import cdiv, gpu_target, next_power_of_2, on_tensor_device
+from .direct_launch import kept
 
 MAX_C = 8192
 
@@ -353,9 +354,9 @@ def residual_layer_norm_fwd(x, weight, bias, eps, residual=None, layer_scale=Non
                                    stats)
         rows_per_sample = M // x.shape[0] if (sample_scale is not None and x.dim() > 1) else 1
         # Absent tensors go in as None: Triton specializes them away (the flags say so too).
-        residual_layer_norm_fwd_kernel[grid](
+        kept(residual_layer_norm_fwd_kernel, grid, consts)(
             x2, res2, layer_scale, sample_scale, weight, bias, y, s, mean, rstd,
-            M, C, stride_x, stride_res, max(rows_per_sample, 1), float(eps), **consts)
+            M, C, stride_x, stride_res, max(rows_per_sample, 1), float(eps))
     return y, s, mean, rstd
 
 
@@ -443,18 +444,18 @@ def residual_layer_norm_bwd(dy, ds, s, mean, rstd, weight, *, has_residual, need
         db_part = part[next(k_of)] if need_bias_grad else None
         dls_part = part[next(k_of)] if has_ls else None
         rows_per_sample = M // s.shape[0] if (has_ss and s.dim() > 1) else 1
-        residual_layer_norm_bwd_kernel[(P,)](
+        kept(residual_layer_norm_bwd_kernel, (P,), consts)(
             dy2[0], ds2[0] if ds2 is not None else None, s2[0], x2[0] if has_ls else None, mean,
             rstd, weight, layer_scale if has_ls else None, sample_scale if has_ss else None,
             dx, dres, dw_part, db_part, dls_part,
             M, C, dy2[1], ds2[1] if ds2 is not None else 0, s2[1],
-            x2[1] if has_ls else 0, rows_per_program, max(rows_per_sample, 1), **consts)
+            x2[1] if has_ls else 0, rows_per_program, max(rows_per_sample, 1))
     else:
         part.zero_()
     grads = [torch.empty((C,), device=device, dtype=dt) for dt in wanted]
     if K and C > 0:
-        layer_norm_param_grad_reduce_kernel[reduce_grid](
-            part, *grads, *[None] * (3 - K), P, C, **reduce_consts)
+        kept(layer_norm_param_grad_reduce_kernel, reduce_grid, reduce_consts)(
+            part, *grads, *[None] * (3 - K), P, C)
     it = iter(grads)
     dw = next(it) if weight is not None else None
     db = next(it) if need_bias_grad else None

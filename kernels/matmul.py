@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ._device import cdiv, gpu_target, interpreting, on_tensor_device
+from .direct_launch import kept
 from .gemm_epilogue import _gelu_cdf, epilogue_store, grouped_tile  # noqa: F401  (_gelu_cdf: gelu_elementwise)
 from .tma_rules import gemm_operand_reasons
 
@@ -405,12 +406,12 @@ def matmul(a, b, out_dtype, *, bias=None, epilogue="none", approximate="none", p
     grid, consts = plan.launch(config)
     rs = residual.stride() if residual is not None else (0, 1)
     # Absent tensors go in as None: Triton specializes them away (the flags say so too).
-    matmul_kernel[grid](
+    kept(matmul_kernel, grid, consts)(
         a, b, c, bias, pre_t, aux if store_act else None, residual,
         layer_scale if ep.layer_scale else None, sample_scale, rowdot,
         M, N, K, rows_per_sample,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), 1,
-        stride_pm, rs[0], rs[1], **consts)
+        stride_pm, rs[0], rs[1])
     return c, aux, rowdot
 
 

@@ -43,13 +43,18 @@ def entered(monkeypatch):
 
 
 def _launches(fn: ast.FunctionDef) -> bool:
-    """Whether the function body launches a Triton kernel: ``some_kernel[grid](...)``."""
+    """Whether the function body launches a Triton kernel: ``some_kernel[grid](...)``, or its
+    kept direct launch ``kept(some_kernel, grid, consts)(...)`` (kernels/direct_launch.py)."""
     for node in ast.walk(fn):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
             target = node.func.value
             name = target.id if isinstance(target, ast.Name) else getattr(target, "attr", "")
             if name.endswith("_kernel"):
                 return True
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id == "kept" and node.args \
+                and getattr(node.args[0], "id", "").endswith("_kernel"):
+            return True
     return False
 
 
