@@ -486,9 +486,8 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
                                                       has_dropout, segment_ids is not None,
                                                       bias is not None, gpu_target(qkv.device),
                                                       config)
-    attention_bwd_delta_kernel[delta_grid](
-        out, dout, delta, N, num_heads, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
-        **delta_consts)
+    kept(attention_bwd_delta_kernel, delta_grid, delta_consts)(
+        out, dout, delta, N, num_heads, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1))
     # The segment ids as the kernels read them, once per backward (the spans depend on tiles).
     seg = None if segment_ids is None else _int32_ids(segment_ids)
     args = (qkv, dout, lse, delta, dqkv, seed, N, num_heads, qkv.stride(0), qkv.stride(1),

@@ -531,18 +531,26 @@ def colsum(x, sample_scale=None, rows_per_sample=1):
     grid, rows_per_chunk, consts = colsum_launch(M, N, gpu_target(x.device),
                                                  sample_scale is not None)
     part = torch.empty((grid[1], N), device=x.device, dtype=torch.float32)
-    colsum_kernel[grid](x, sample_scale, part, M, N, rows_per_chunk, rows_per_sample,
-                        x.stride(0), x.stride(1), **consts)
+    kept(colsum_kernel, grid, consts)(x, sample_scale, part, M, N, rows_per_chunk,
+                                      rows_per_sample, x.stride(0), x.stride(1))
     # torch's reduction over a fixed shape is deterministic; the partials are few rows.
     return part.sum(0)
 
 
+_COLSUM_LAUNCHES = {}  # colsum's per-configuration launches (pure, so kept)
+
+
 def colsum_launch(M, N, target, has_sample_scale):
     """colsum's (grid, rows per chunk, constexprs) for x [M, N]: fixed chunks of whole BLOCK_M
-    tiles, at most ~64 of them (their partials are summed in a fixed order)."""
-    BLOCK_M, BLOCK_N = colsum_block(target)
-    rows_per_chunk = BLOCK_M * max(1, cdiv(cdiv(M, BLOCK_M), 64))
-    grid = (cdiv(N, BLOCK_N), cdiv(M, rows_per_chunk))
-    return grid, rows_per_chunk, dict(HAS_SAMPLE_SCALE=has_sample_scale, BLOCK_M=BLOCK_M,
-                                      BLOCK_N=BLOCK_N, num_warps=4)
+    tiles, at most ~64 of them (their partials are summed in a fixed order). Made once per
+    configuration (the constexprs' dict is the same each call: kernels/direct_launch.kept)."""
+    key = (M, N, target, has_sample_scale)
+    hit = _COLSUM_LAUNCHES.get(key)
+    if hit is None:
+        BLOCK_M, BLOCK_N = colsum_block(target)
+        rows_per_chunk = BLOCK_M * max(1, cdiv(cdiv(M, BLOCK_M), 64))
+        grid = (cdiv(N, BLOCK_N), cdiv(M, rows_per_chunk))
+        hit = _COLSUM_LAUNCHES[key] = (grid, rows_per_chunk, dict(
+            HAS_SAMPLE_SCALE=has_sample_scale, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4))
+    return hit
 
