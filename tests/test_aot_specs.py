@@ -5,32 +5,49 @@ import ast
 import inspect
 
 import pytest
+import torch
 
 from aot_builds import ARCHS, archs_of, covering_jobs, family
 from vit_fast.kernels import (attention, attention_aot, gelu_elementwise_aot, gelu_mlp_aot,
                               layer_norm, layer_norm_aot, matmul, qk_norm_aot)
 
 
-def _launch_keywords(fn):
-    """{kernel name: set of keyword names} of every ``kernel[grid](...)`` call in ``fn``'s source."""
+def _launch_keywords(fn, kept_consts=None):
+    """{kernel name: set of keyword names} of every ``kernel[grid](...)`` call in ``fn``'s source;
+    a kept direct launch, ``kept(kernel, grid, consts)(...)``, passes the keys of its launcher's
+    per-configuration constexprs (``kept_consts()``: one configuration's)."""
     tree = ast.parse(inspect.getsource(inspect.unwrap(fn)).lstrip())
     launches = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
             name = getattr(node.func.value, "id", "")
             launches.setdefault(name, set()).update(k.arg for k in node.keywords if k.arg)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "kept" and node.args:
+            name = getattr(node.args[0], "id", "")
+            launches.setdefault(name, set()).update(kept_consts())
     return launches
 
 
-@pytest.mark.parametrize("launcher, kernel, spec_kernels", [
-    (layer_norm.residual_layer_norm_fwd, "residual_layer_norm_fwd_kernel", layer_norm_aot),
-    (layer_norm.residual_layer_norm_bwd, "residual_layer_norm_bwd_kernel", layer_norm_aot),
-    (layer_norm.residual_layer_norm_bwd, "layer_norm_param_grad_reduce_kernel", layer_norm_aot),
-    (matmul.colsum, "colsum_kernel", gelu_mlp_aot),
-    (attention.attention_bwd, "attention_bwd_delta_kernel", attention_aot),
+# One configuration of each launcher's kept constexprs (the keys do not depend on the sizes).
+_LN_BWD = (64, 768, None, 2, False, True, False, False, True, True)
+
+
+@pytest.mark.parametrize("launcher, kernel, spec_kernels, kept_consts", [
+    (layer_norm.residual_layer_norm_fwd, "residual_layer_norm_fwd_kernel", layer_norm_aot,
+     lambda: layer_norm._fwd_launch(64, 768, None, True, False, False, True, True, True)[1]),
+    (layer_norm.residual_layer_norm_bwd, "residual_layer_norm_bwd_kernel", layer_norm_aot,
+     lambda: layer_norm._bwd_launch(*_LN_BWD)[2]),
+    (layer_norm.residual_layer_norm_bwd, "layer_norm_param_grad_reduce_kernel", layer_norm_aot,
+     lambda: layer_norm._bwd_launch(*_LN_BWD)[4]),
+    (matmul.colsum, "colsum_kernel", gelu_mlp_aot, lambda: matmul.colsum_launch(64, 768, None,
+                                                                                False)[2]),
+    (attention.attention_bwd, "attention_bwd_delta_kernel", attention_aot,
+     lambda: attention._bwd_launch(2, 197, 12, 64, torch.bfloat16, False, False, False, None,
+                                   None)[2]),
 ])
-def test_specs_use_the_launchers_num_stages(launcher, kernel, spec_kernels):
-    keywords = _launch_keywords(launcher)[kernel]
+def test_specs_use_the_launchers_num_stages(launcher, kernel, spec_kernels, kept_consts):
+    keywords = _launch_keywords(launcher, kept_consts)[kernel]
+    assert keywords, kernel
     specs = [s for s in spec_kernels.aot_specs() if s.kernel.fn.__name__ == kernel]
     assert specs, kernel
     if "num_stages" not in keywords:  # launched with triton's default: compile with it too
