@@ -314,7 +314,8 @@ def _traced_elementwise(fn, numels):
             if (name.startswith("aten::") and not func.is_view
                     and name.split("::")[1].split(".")[0] not in (
                         "mm", "addmm", "detach", "alias", "empty", "empty_like", "new_empty",
-                        "empty_strided")
+                        "empty_strided", "_unsafe_view")  # (torch 2.15's linear on [B, N, C]
+                    # ends in _unsafe_view, an alias that is_view does not flag)
                     and len(outs) == 1 and outs[0].numel() in numels):
                 read = sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
                 seen.append((read, outs[0].numel() * outs[0].element_size()))
