@@ -124,6 +124,11 @@ def kept(kernel, grid, consts):
     return hit[0]
 
 
+def forget_kept():
+    """Drop every kept launch (bench host: none made on its stand-in launcher may outlive it)."""
+    _KEPT.clear()
+
+
 def _record_and_build(launch, args, kwargs):
     """Launch through Triton while recording what it passes to the compiled kernel's launcher;
     return the direct launch that reproduces it, or None (this call launched either way)."""

@@ -16,8 +16,9 @@ the modules' structure may have changed (a submodule set or deleted on a fused m
 ``.half()`` through one: vit_fast.fusion.STRUCTURE) -- and, when torch's count of hook handles
 (RemovableHandle.next_id, less the plans' own warm-up hooks) has moved since, the hooks the
 plan reads: module hooks on the Block and its submodules, global module hooks
-(fusion.hooks_attached; a tensor's hook, which training loops register per step, changes none). A ``forward`` set on a skipped module's instance (accelerate's hooks do
-that) is checked per call.
+(fusion.hooks_attached; a tensor's hook, which training loops register per step, changes none).
+A ``forward`` set on a skipped module's instance (accelerate's hooks do that) is checked per
+call.
 
 What depends on the call's data or on values a training loop changes stays per call: the
 parameters are read from the modules on every call (a swapped Parameter is used at once), so are
@@ -68,19 +69,19 @@ def lookup(block, x):
 # Plans a Block keeps besides its current one: configurations a loop takes in turn -- reentrant
 # checkpointing's no-grad forward and its recompute with grad, training steps and evaluation --
 # each keep their plan (and step) instead of rebuilding it at every switch.
-_KEPT = 4
+_OTHER_PLANS = 4
 
 
 def _switch(d, current, key):
     """The kept entry of ``key``'s configuration made the current one, or None; the current one
-    is kept in its place (the oldest dropped past _KEPT)."""
+    is kept in its place (the oldest dropped past _OTHER_PLANS)."""
     kept = d.get("_block_plans")
     entry = kept.pop(key, None) if kept else None
     if current is not None:
         if kept is None:
             kept = d["_block_plans"] = {}
         kept[current[0]] = current
-        if len(kept) > _KEPT:
+        if len(kept) > _OTHER_PLANS:
             del kept[next(iter(kept))]
     if entry is not None:
         d["_block_plan"] = entry

@@ -144,14 +144,14 @@ def counting_launches():
     direct_launch._driver = lambda: ((lambda: 0), (lambda device: 0))
     # The general launchers' kept direct launches outlive a call: none made outside may launch
     # in here, and none made in here (on the stand-in launcher) may count into a later counter.
-    direct_launch._KEPT.clear()
+    direct_launch.forget_kept()
     try:
         yield count
     finally:
         for cls, name, fn in saved:
             setattr(cls, name, fn)
         direct_launch._driver = saved_driver
-        direct_launch._KEPT.clear()
+        direct_launch.forget_kept()
 
 
 @contextlib.contextmanager
