@@ -7,6 +7,8 @@ import weakref
 
 import torch
 
+_PARAMETER = torch.nn.Parameter
+
 try:  # the extension's casts (csrc/amp_casts.cpp); absent or an older build: Python's
     from vit_fast import _C as _ext
     _CACHED_CAST = getattr(_ext, "autocast_cached_cast", None)
@@ -58,8 +60,11 @@ class AmpWeights:
         """t in ``dtype`` (None and tensors already in it pass through)."""
         if t is None or t.dtype == dtype:
             return t
-        if not (t.is_leaf and t.dtype == torch.float32):
-            return t.to(dtype)  # autocast caches fp32 leaves only: the rest casts every time
+        if not (type(t) is _PARAMETER and t.dtype == torch.float32):
+            # Parameters only (autocast caches fp32 leaves; a module's weights are Parameters): a
+            # fresh leaf -- a converted transformers layer's q/k/v weights concatenated per call,
+            # an inference tensor, which keeps no version -- casts every time.
+            return t.to(dtype)
         key = id(t)
         entry = self._casts.get(key)
         if entry is not None and entry[0] is region and entry[2] == t._version \
@@ -78,14 +83,16 @@ class AmpWeights:
         ``holder`` keeps in its ``casts`` attribute (the Block step: its eight GEMM parameters),
         reused on the same terms -- the region, each tensor the same object at the same version,
         every cast alive -- at one check per call instead of one look-up per tensor. Where a
-        tensor is not an fp32 leaf (not cached by autocast either) each takes :meth:`cast`."""
+        tensor is not an fp32 Parameter each takes :meth:`cast` (no entry is kept: only
+        Parameters' ids stay theirs while the entry lasts)."""
         entry = holder.casts
         if entry is not None and entry[0] is region and entry[1] == tuple(map(id, tensors)) \
                 and entry[2] == tuple(t._version if t is not None else 0 for t in tensors):
             casts = tuple(r() if r is not None else None for r in entry[3])
             if all(c is not None for c, t in zip(casts, tensors) if t is not None):
                 return casts
-        if not all(t is None or (t.is_leaf and t.dtype == torch.float32) for t in tensors):
+        if not all(t is None or (type(t) is _PARAMETER and t.dtype == torch.float32)
+                   for t in tensors):
             return tuple(self.cast(t, dtype, region) for t in tensors)
         if _CAST_ALL is not None:
             casts = _CAST_ALL(tuple(tensors), dtype)

@@ -44,9 +44,12 @@ from .fusion import STRUCTURE, forward_is, hooks_attached
 _PLAIN = plans.PLAIN_TENSORS
 
 
-def lookup(block, x):
+def lookup(block, x, build_plan=None):
     """The BlockPlan for this call of ``block`` (built on first sight of its configuration), or
-    None where the call takes Block's general path."""
+    None where the call takes Block's general path. ``build_plan(block, x)``: the plan builder of
+    another kind of layer kept by the same rules (default: :func:`build`; a converted
+    transformers layer's is vit_fast/transformers_plan.build); its plans say by ``changed()``
+    that something the key does not hold changed since they were built."""
     if type(x) not in _PLAIN or torch.compiler.is_compiling():
         return None
     key = (x.shape, x.dtype, x.device, torch.is_grad_enabled(), block.training,
@@ -59,11 +62,11 @@ def lookup(block, x):
         plan = cached[1]
         if cached[2] != handles:  # a hook registered somewhere: is it one the plan reads?
             if hooks_attached(block) != cached[3]:
-                return _rebuild(block, x, key, handles)
+                return _rebuild(block, x, key, handles, build_plan)
             block.__dict__["_block_plan"] = (key, plan, handles, cached[3])
-        if plan is None or not plan.forward_set():
+        if plan is None or not plan.changed():
             return plan
-    return _rebuild(block, x, key, handles)
+    return _rebuild(block, x, key, handles, build_plan)
 
 
 # Plans a Block keeps besides its current one: configurations a loop takes in turn -- reentrant
@@ -88,8 +91,8 @@ def _switch(d, current, key):
     return entry
 
 
-def _rebuild(block, x, key, handles):
-    plan = build(block, x)
+def _rebuild(block, x, key, handles, build_plan):
+    plan = (build_plan or build)(block, x)
     block.__dict__["_block_plan"] = (key, plan, handles, hooks_attached(block))
     return plan
 
@@ -113,8 +116,9 @@ class BlockPlan:
                  "attn_kernel",
                  "__weakref__")
 
-    def forward_set(self) -> bool:
-        """Whether a ``forward`` was set on a skipped module's instance since the plan was made."""
+    def changed(self) -> bool:
+        """Whether a ``forward`` was set on a skipped module's instance since the plan was made
+        (what the lookup key does not hold)."""
         return any(map(dict.__contains__, self.leaf_dicts, _FORWARD))
 
     def __call__(self, block, x, segment_ids):
@@ -299,7 +303,7 @@ def build(block, x):
     _ops(plan)
     # Where dispatch sends the attention to the reference (fp32 on CUDA: no build is shipped),
     # the plan calls it through the public op, which draws its own dropout mask.
-    plan.attn_kernel = _attention_kernel(block, x)
+    plan.attn_kernel = attention_kernel(x, a.qkv.weight.dtype, a.head_dim)
     if not plan.attn_kernel:
         plan.attn = _public_attention
     plan.policy = plans.state(x.device.type)[0]
@@ -317,13 +321,13 @@ def _public_attention(qkv, num_heads, scale, dropout_p, seed, segment_ids):
                                           segment_ids=segment_ids), None
 
 
-def _attention_kernel(block, x) -> bool:
-    """Whether dispatch runs this Block's attention as the kernel (the plan calls it directly):
-    qkv comes out in the autocast dtype, else in the qkv weight's."""
-    a = block.attn
-    dtype = functional._autocast_dtype(x.device) or a.qkv.weight.dtype
+def attention_kernel(x, weight_dtype, head_dim) -> bool:
+    """Whether dispatch runs the attention of a layer whose qkv weight is in ``weight_dtype`` as
+    the kernel (the plan calls it directly): qkv comes out in the autocast dtype, else in the
+    weight's."""
+    dtype = functional._autocast_dtype(x.device) or weight_dtype
     qkv = torch.empty(0, device=x.device, dtype=dtype)
-    return dispatch.choose("fused_qkv_attention", [qkv], head_dim=a.head_dim, dropout_p=0.0,
+    return dispatch.choose("fused_qkv_attention", [qkv], head_dim=head_dim, dropout_p=0.0,
                            segmented=False).backend == "triton"
 
 

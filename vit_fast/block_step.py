@@ -76,12 +76,14 @@ class BlockStep:
         self.attn_public = not plan.attn_kernel
 
     @classmethod
-    def make(cls, block, plan, x_shape, x_dtype, device):
+    def make(cls, block, plan, x_shape, x_dtype, device, params=None):
         """The step of ``plan``'s configuration for inputs of ``x_shape`` (the plan's), with
-        ``block``'s parameters as they are now; None where the bound launches do not apply
-        (LayerNorms without weight or bias, a parameter vector that is not unit-stride, no
-        rows)."""
-        params = _block_params(block)
+        ``block``'s parameters as they are now (or ``params``, in :meth:`forward`'s order: a
+        converted transformers layer's, its q/k/v weights concatenated); None where the bound
+        launches do not apply (LayerNorms without weight or bias, a parameter vector that is not
+        unit-stride, no rows)."""
+        if params is None:
+            params = _block_params(block)
         n1w, n1b, qw = params[0], params[1], params[2]
         vectors = (n1w, n1b, params[6], params[7], params[8], params[13])
         if (any(t is None for t in (n1w, n1b, params[7], params[8]))

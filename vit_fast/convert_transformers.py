@@ -36,8 +36,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import dispatch, functional, reference
+from . import dispatch, functional, reference, transformers_plan
+from .block_plan import forget, lookup
 from .transformers_autograd import qkv_linear, quick_gelu_mlp
+from .transformers_plan import drop_path_scale
 
 __all__ = ["is_transformers_model", "convert_transformers", "fallback_reason"]
 
@@ -242,16 +244,6 @@ def _plain_autograd(x, *tensors):
             and all(t is None or t.dtype == x.dtype for t in tensors))
 
 
-def _drop_path_scale(dp, x):
-    """DINOv2's drop-path as sample_scale [B] (keep mask / keep prob), drawn as transformers draws
-    it (torch.rand over B values in x's dtype), or None when it is inactive."""
-    p = getattr(dp, "drop_prob", 0.0)
-    if p == 0.0 or not dp.training:
-        return None
-    keep = 1 - p
-    return torch.floor(torch.rand(x.shape[0], dtype=x.dtype, device=x.device) + keep) / keep
-
-
 def _fused_forward(layer, x):
     layout = layer._vit_fast_layout
     attn = getattr(layer, layout.attn)
@@ -268,8 +260,8 @@ def _fused_forward(layer, x):
                                        dropout_p=float(dropout) if attn.training else 0.0)
     p = nn.functional.linear(o, proj.weight, proj.bias)
     h2, x1 = functional.residual_layer_norm(p, n2.weight, n2.bias, n2.eps, residual=x,
-                                            layer_scale=ls1, sample_scale=_drop_path_scale(dp, x))
-    ss2 = _drop_path_scale(dp, x)  # drawn second, as transformers draws it after the MLP
+                                            layer_scale=ls1, sample_scale=drop_path_scale(dp, x))
+    ss2 = drop_path_scale(dp, x)  # drawn second, as transformers draws it after the MLP
     approximate = layer._vit_fast_mlp_form
     if approximate is None:  # no fc1 -> activation -> fc2 this code knows: the layer's own MLP
         return reference.add_branch(x1, layer.mlp(h2), ls2, ss2)
@@ -283,15 +275,44 @@ def _fused_forward(layer, x):
                                sample_scale=ss2)
 
 
+def _plan(layer, x):
+    """The plan of a configuration whose calls are fusable (vit_fast/transformers_plan.py), or
+    None: such calls decide per call, on the op-level path."""
+    if fallback_reason(layer, x, None, {}):
+        return None
+    attn = getattr(layer, layer._vit_fast_layout.attn)
+    heads, head_dim, _, _ = _attention_shape(attn)
+    return transformers_plan.make(layer, x, layer._vit_fast_layout, attn, heads, head_dim)
+
+
 class _FusedLayerMixin:
-    """forward of a converted layer: the fused path, or the original forward for this call."""
+    """forward of a converted layer: its configuration's plan (the one-node step), the op-level
+    fused path, or the original forward for this call."""
 
     def forward(self, hidden_states, *args, **kwargs):
+        plain = not kwargs and (not args or (len(args) == 1 and args[0] is None))
+        if plain:
+            plan = lookup(self, hidden_states, _plan)
+            if plan is not None:
+                out = plan(self, hidden_states)
+                if out is not None:
+                    return out
         attention_mask = args[0] if args else kwargs.get("attention_mask")
         if len(args) > 1 or fallback_reason(self, hidden_states, attention_mask, kwargs):
             return super().forward(hidden_states, *args, **kwargs)
+        if plain and plan is None:  # fusable again (a hook removed): the next call plans it
+            forget(self)
         # transformers >= 5 layers return the hidden states tensor itself.
         return _fused_forward(self, hidden_states)
+
+    def __getstate__(self):
+        # The plans hold the step (launch decisions, the tuner it looked its choices up in): a
+        # copy re-derives them on its first call.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state.pop("_block_plan", None)
+        state.pop("_block_plans", None)
+        return state
 
 
 _FUSED_CLASSES = {}
