@@ -88,6 +88,19 @@ _CUDA_BIAS_CONFIGS = {
     (("dq", 128, False), True, True): (64, 32, 8, 2),
     (("dq", 128, True), True, True): (64, 32, 8, 2),
     (("dkdv_dq", 64, True), False, True): (64, 64, 8, 2),
+    # The other fused builds with a bias needed 253-255 registers on sm_90 at 4 warps (short
+    # 64 bucket), 64 x 128 (long 64 bucket) and 64 x 64 over 8 warps (128 bucket) on triton 3.8,
+    # and spilled on 3.9 (24 B, at head dims 48-128 with and without dropout or segments).
+    # 64 x 64 over 8 warps (the entry above) takes 218-248 on 3.8 and 3.9 in the 64 bucket, and
+    # 64 x 32 over 8 warps 202-208 in the 128 bucket (one stage of 64 x 64 still spilled with
+    # segments); triton 3.6 takes up to 255 (D=48-64 with dropout, D=80-128 with fp32 partials).
+    # 0 spills on 3.6, 3.8 and 3.9, the same 8 warps per SM (1 CTA). Cost: the 64 bucket's fused
+    # pass covers N <= 256, the 128 bucket's N <= 128 (_MAX_DQ_PARTIALS key tiles; its short
+    # sequences now write 2 partials); longer sequences with a bias take the two passes.
+    **{(("dkdv_dq", 64, short), dropout, False): (64, 64, 8, 2)
+       for short in (False, True) for dropout in (False, True)},
+    **{(("dkdv_dq", 128, short), False, segments): (64, 32, 8, 2)
+       for short in (False, True) for segments in (False, True)},
     # The long 64-bucket dK/dV with dropout spilled at head dim 48 on sm_80 (32 x 128 over 8
     # warps, 2 or 3 stages): the short build's tile, as with segments and dropout.
     (("dkdv", 64, False), True, False): (32, 64, 4, 1),
