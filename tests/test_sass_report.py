@@ -230,6 +230,14 @@ def test_vit_b_attention_backward_tensor_core_work_per_tile_pair(vit_b_rows, mon
 #          TMA, same tile:       190 regs, 48 KB, 2 CTAs/SM, INT 0.78,       FP 3.25.
 #   D=128: pointer 128x64 w8 s3: 48 HGMMA per 128x128 scores, FP 4.25, INT 2.25, 1 CTA/SM;
 #          TMA 128x128 w8 s2:    32 HGMMA,                     FP 3.12, INT 1.30, 1 CTA/SM.
+# Those are triton 3.8's (3.6 also keeps the 0.75 bound below). Triton 3.9 gives the TMA builds
+# INT 1.09 (D=64, pointer 1.16) and 1.73 (D=128, pointer 2.25) from the same TTGIR: its ptxas
+# serializes the key loop's HGMMAs (C7513, "non wgmma instructions defining input registers": a
+# wait after each of the 16 where 3.8 has one) because Q, loaded once by TMA and reshaped, is the
+# Q·Kᵀ product's A operand in registers, and it copies Q's fragment into one register quad before
+# each (IMAD.MOV: 25 per iteration where 4 at D=64, 30 where 3 at D=128). The pointer build
+# reads Q from shared memory.
+# So on 3.9 the bound is only "below the pointer build"; 0.75 of it holds before 3.9.
 
 def _tma_names():
     """{head dim: (pointer build the table launches at N = 197, TMA build offered there)}."""
@@ -254,7 +262,10 @@ def test_tma_forward_figures_against_the_pointer_build(vit_b_rows, head_dim):
     ptr, tma = vit_b_rows[ptr_name], vit_b_rows[tma_name]
     assert tma["spill_bytes"] == 0 and tma["tma"] and not tma["cp_async"], tma
     assert tma["mma_kind"] == "HGMMA" and tma["ctas_per_sm"] >= ptr["ctas_per_sm"], (tma, ptr)
-    assert tma["int_per_score"] <= 0.75 * ptr["int_per_score"], (tma, ptr)  # no address math
+    import triton
+    assert tma["int_per_score"] < ptr["int_per_score"], (tma, ptr)  # no address math
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9):  # 3.9: see above
+        assert tma["int_per_score"] <= 0.75 * ptr["int_per_score"], (tma, ptr)
     assert tma["fp_per_score"] <= ptr["fp_per_score"], (tma, ptr)
     if head_dim == 64:  # the same tile: fewer registers, less shared memory
         assert tma["registers"] < ptr["registers"] and tma["shared_bytes"] < ptr["shared_bytes"]
