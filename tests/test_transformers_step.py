@@ -247,3 +247,30 @@ def test_on_the_gpu_path_a_converted_layer_costs_less_host_work_than_transformer
     assert ours[0] < 0.8 * theirs[0], (ours[0], theirs[0])
     assert ours[1] == 2 * 19 and theirs[1] == 0, (ours[1], theirs[1])  # (both steps counted)
     assert ours[2] == [], ours[2]
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_layers_take_the_step_and_match(reentrant):
+    """Activation checkpointing (transformers' own wraps each layer the same way): the forward
+    and its recompute take the step once warmed, with transformers' results."""
+    from torch.utils.checkpoint import checkpoint
+    model, original = _layers("dinov2", drop_path_rate=0.0)
+    x = torch.randn(2, 5, 16)
+
+    def run(layers, backend):
+        params = list(layers.parameters())
+        h0 = x.detach().requires_grad_()
+        with vit_fast.use_backend(backend):
+            h = h0
+            for layer in layers:
+                h = checkpoint(layer, h, None, use_reentrant=reentrant)
+        for t in (h0, *params):
+            t.grad = None
+        h.sum().backward()  # (reentrant checkpointing refuses autograd.grad)
+        return h.detach(), [t.grad for t in (h0, *params)]
+    want = run(original, "auto")
+    for _ in range(3):
+        got = run(model, "triton")
+    plan = model[0].__dict__["_block_plan"][1]
+    assert plan.step is not None
+    _close(got, want, 1e-4)

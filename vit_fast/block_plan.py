@@ -203,25 +203,7 @@ class BlockPlan:
         return drop_path_scale(mods["drop_path1"], x), drop_path_scale(mods["drop_path2"], x)
 
     def _warm_up(self, block, x, qkv):
-        """After a call on the general path: once its backward has run too (kernels built,
-        tuning choices made), the next calls take the one-node step (vit_fast/block_step.py)."""
-        node = qkv.grad_fn
-        shape = (x.shape, x.dtype, x.device)
-        if node is None:  # nothing to differentiate: the forward was the whole call
-            self._make_step(block, *shape)
-        else:  # a hook per call while warming: a graph may be dropped without a backward
-            plan = weakref.ref(self)
-            block_ref = weakref.ref(block)
-
-            def backward_done(grad_inputs, grad_outputs):
-                me, blk = plan(), block_ref()
-                if me is not None and blk is not None and me.warming:
-                    me._make_step(blk, *shape)
-            before = RemovableHandle.next_id
-            node.register_hook(backward_done)
-            # Its handle moved the counter of hooks registered anywhere, which every plan's key
-            # holds: this hook changes nothing a plan depends on.
-            _OWN_HOOKS[0] += RemovableHandle.next_id - before
+        warm_up(self, block, x, qkv)
 
     def _make_step(self, block, x_shape, x_dtype, device):
         from .block_step import BlockStep
@@ -230,6 +212,31 @@ class BlockPlan:
 
 
 _FORWARD = itertools.repeat("forward")
+
+
+def warm_up(plan, block, x, first):
+    """After a call on the general path: once its backward has run too (kernels built, tuning
+    choices made), ``plan._make_step(block, x's shape, dtype, device)`` makes the one-node step
+    the next calls take. ``first``: an output of the call's first op, whose node's backward runs
+    last -- after an activation checkpoint's recompute of the call too, which must take the path
+    its forward took."""
+    node = first.grad_fn
+    shape = (x.shape, x.dtype, x.device)
+    if node is None:  # nothing to differentiate: the forward was the whole call
+        plan._make_step(block, *shape)
+        return
+    # a hook per call while warming: a graph may be dropped without a backward
+    plan_ref, block_ref = weakref.ref(plan), weakref.ref(block)
+
+    def backward_done(grad_inputs, grad_outputs):
+        me, blk = plan_ref(), block_ref()
+        if me is not None and blk is not None and me.warming:
+            me._make_step(blk, *shape)
+    before = RemovableHandle.next_id
+    node.register_hook(backward_done)
+    # Its handle moved the counter of hooks registered anywhere, which every plan's key holds:
+    # this hook changes nothing a plan depends on.
+    _OWN_HOOKS[0] += RemovableHandle.next_id - before
 
 # Hook handles taken by the plans' own warm-up hooks (_warm_up): lookup counts hooks registered
 # anywhere less these, so that one Block's warm-up does not read, in every other Block's lookup,

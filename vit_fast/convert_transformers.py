@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from . import dispatch, functional, reference, transformers_plan
-from .block_plan import forget, lookup
+from .block_plan import forget, lookup, warm_up
 from .transformers_autograd import qkv_linear, quick_gelu_mlp
 from .transformers_plan import drop_path_scale
 
@@ -244,7 +244,9 @@ def _plain_autograd(x, *tensors):
             and all(t is None or t.dtype == x.dtype for t in tensors))
 
 
-def _fused_forward(layer, x):
+def _fused_forward(layer, x, warming=None):
+    """The op-level fused path; ``warming``: the configuration's plan, warmed up by this call
+    (vit_fast/transformers_plan.py)."""
     layout = layer._vit_fast_layout
     attn = getattr(layer, layout.attn)
     n1, n2 = getattr(layer, layout.norm1), getattr(layer, layout.norm2)
@@ -255,6 +257,8 @@ def _fused_forward(layer, x):
     dp = getattr(layer, layout.drop_path) if layout.drop_path else None
 
     h1 = functional.residual_layer_norm(x, n1.weight, n1.bias, n1.eps)[0]
+    if warming is not None:
+        warm_up(warming, layer, x, h1)
     qkv = _qkv(attn, h1)
     o = functional.fused_qkv_attention(qkv, heads, scale=scale,
                                        dropout_p=float(dropout) if attn.training else 0.0)
@@ -300,10 +304,13 @@ class _FusedLayerMixin:
         attention_mask = args[0] if args else kwargs.get("attention_mask")
         if len(args) > 1 or fallback_reason(self, hidden_states, attention_mask, kwargs):
             return super().forward(hidden_states, *args, **kwargs)
-        if plain and plan is None:  # fusable again (a hook removed): the next call plans it
+        if not plain:
+            return _fused_forward(self, hidden_states)
+        if plan is None:  # fusable again (a hook removed): the next call plans it
             forget(self)
         # transformers >= 5 layers return the hidden states tensor itself.
-        return _fused_forward(self, hidden_states)
+        return _fused_forward(self, hidden_states,
+                              plan if plan is not None and plan.warming else None)
 
     def __getstate__(self):
         # The plans hold the step (launch decisions, the tuner it looked its choices up in): a

@@ -9,8 +9,9 @@ training, policy and autocast; a hook registered on the layer or a submodule reb
 checks per call only what the key cannot hold: a submodule replaced, a ``forward`` set on one,
 the attention implementation switched (:meth:`LayerPlan.changed`).
 
-From a configuration's second call on (the first ran the op-level fused path: kernels built,
-tuning choices made), a plan runs the Block's one-node step (vit_fast/block_step.py) with the
+Once a configuration has run forward and backward on the op-level fused path (kernels built,
+tuning choices made: vit_fast/block_plan.warm_up, as a Block warms up), a plan runs the Block's
+one-node step (vit_fast/block_step.py) with the
 layer's parameters: q, k and v weights (and biases) concatenated by one differentiable ``cat``
 each, whose backward hands the step's qkv gradient to the three Parameters, which stay the only
 ones. LN1, the qkv GEMM, the attention, proj, the residual with LayerScale and drop-path, LN2 and
@@ -40,7 +41,7 @@ class LayerPlan:
     None where this call takes the op-level path."""
     __slots__ = ("slots", "children", "dicts", "config", "impl", "norms", "attn", "linears",
                  "layer_scales", "drop_path", "dropout", "dropout_name", "heads", "approximate",
-                 "amp", "policy", "attn_kernel", "step", "ptrs", "seen", "scale_name", "stepless",
+                 "amp", "policy", "attn_kernel", "step", "ptrs", "warming", "scale_name", "stepless",
                  "__weakref__")
 
     def changed(self) -> bool:
@@ -73,12 +74,13 @@ class LayerPlan:
         attn = self.attn
         if self.dropout is not None and self.dropout.training and self.dropout.p > 0:
             return None  # hidden dropout: the op-level path sends it to transformers' forward
-        p = self.params()
         step = self.step
-        if step is None or _storages(p) != self.ptrs:  # first call, or a parameter replaced
-            step = self._make_step(x, p)
-            if step is None:
-                return None
+        if step is None:
+            return None  # warming up: the op-level path runs (convert_transformers)
+        p = self.params()
+        if _storages(p) != self.ptrs:  # a parameter replaced: warm up again
+            self.step, self.warming = None, True
+            return None
         drop = float(attn.__dict__[self.dropout_name]) if attn.training else 0.0
         if not (step.takes(x) and (drop == 0.0 or self.attn_kernel)):
             return None
@@ -93,21 +95,19 @@ class LayerPlan:
                                 ls2), (float(n1.eps), float(n2.eps), float(attn.__dict__[self.scale_name]), drop),
                             ss1, ss2, seed, None)
 
-    def _make_step(self, x, p):
-        """The step, made on a configuration's second call (the first ran the op-level path:
-        kernels built, tuning choices made) or after a parameter was replaced; None while
-        there is none."""
-        if not self.seen:
-            self.seen = True
-            return None
+    def _make_step(self, layer, x_shape, x_dtype, device):
+        """The step, made once the configuration ran forward and backward on the op-level path
+        (block_plan.warm_up: kernels built, tuning choices made), with the parameters as the
+        modules hold them now."""
+        self.warming = False
+        p = self.params()
         n1w, n1b, qw, kw, vw, qb, kb, vb, pw, pb, ls1, n2w, n2b, w1, b1, w2, b2, ls2 = p
         with torch.no_grad():  # only shapes, dtypes and strides are read
             qkv_b = torch.cat((qb, kb, vb)) if qb is not None else None
             params = (n1w, n1b, torch.cat((qw, kw, vw)), qkv_b, pw, pb, ls1, n2w, n2b, w1, b1,
                       w2, b2, ls2)
-        self.step = BlockStep.make(None, self, tuple(x.shape), x.dtype, x.device, params)
+        self.step = BlockStep.make(None, self, tuple(x_shape), x_dtype, device, params)
         self.ptrs = _storages(p)
-        return self.step
 
 
 def make(layer, x, layout, attn, heads, head_dim):
@@ -117,6 +117,7 @@ def make(layer, x, layout, attn, heads, head_dim):
     plan = LayerPlan()
     plan.stepless = _stepless(layer, x, layout, attn)
     if plan.stepless:
+        plan.warming = False
         return plan
     q, mlp = attn.q_proj, layer.mlp
     n1, n2 = getattr(layer, layout.norm1), getattr(layer, layout.norm2)
@@ -144,7 +145,7 @@ def make(layer, x, layout, attn, heads, head_dim):
     plan.amp = functional._autocast_dtype(x.device)
     plan.policy = plans.state(x.device.type)[0]
     plan.attn_kernel = attention_kernel(x, q.weight.dtype, head_dim)
-    plan.step, plan.ptrs, plan.seen = None, None, False
+    plan.step, plan.ptrs, plan.warming = None, None, True
     return plan
 
 
