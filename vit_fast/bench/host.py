@@ -24,6 +24,8 @@ machine, with or without a GPU:
 - ``--depth K``: a stack of K Blocks per call, as a model runs them. One Block alone cannot show
   what the Blocks' per-call state does to each other (a warm-up hook of one Block once moved a
   counter in every other Block's plan key, and a stack never reached its one-node steps).
+- ``--layers transformers``: the same for Hugging Face transformers' ViTLayer (Dinov2Layer for a
+  LayerScale shape) against its copy converted by ``vit_fast.convert``.
 
 All figures are "CPU" figures of this machine's host; the GPU kit (``gpu-check``) measures the
 host time per training step on a GPU.
@@ -164,13 +166,16 @@ def gpu_path(target="sm_90"):
         yield count
 
 
-def build_blocks(shape: Shape, precision: str, seed: int = 0, depth: int = 1):
+def build_blocks(shape: Shape, precision: str, seed: int = 0, depth: int = 1, layers="timm"):
     """(timm's Block, vit_fast.Block) with the same weights, in the precision's parameter dtype;
     for ``depth`` > 1, a stack (nn.Sequential) of that many of each, each pair its own weights:
-    what a model runs, where the Blocks' per-call state must not disturb each other's."""
+    what a model runs, where the Blocks' per-call state must not disturb each other's. With
+    ``layers="transformers"``: a stack of transformers' layers and its converted copy."""
     import timm.models.vision_transformer as tvit
 
     import vit_fast
+    if layers == "transformers":
+        return _transformers_layers(shape, precision, seed, depth)
     if depth > 1:
         pairs = [build_blocks(shape, precision, seed + i) for i in range(depth)]
         return tuple(torch.nn.Sequential(*side) for side in zip(*pairs))
@@ -183,8 +188,39 @@ def build_blocks(shape: Shape, precision: str, seed: int = 0, depth: int = 1):
     return timm_block.to(dtype), ours.to(dtype)
 
 
+LAYERS = ("timm", "transformers")
+
+
+def _transformers_layers(shape: Shape, precision: str, seed: int, depth: int):
+    """(transformers' layers, vit_fast.convert's copy of them), ``depth`` of each in an
+    nn.Sequential (called as transformers' encoders call them: hidden states only): ViTLayer, or
+    Dinov2Layer where the shape has LayerScale; SDPA attention, dropout 0."""
+    import copy
+
+    import transformers as T
+
+    import vit_fast
+    torch.manual_seed(seed)
+    common = dict(hidden_size=shape.dim, num_attention_heads=shape.heads, qkv_bias=shape.qkv_bias,
+                  num_hidden_layers=depth)
+    if shape.init_values:
+        cfg = T.Dinov2Config(mlp_ratio=4, layerscale_value=shape.init_values, **common)
+        cls = T.models.dinov2.modeling_dinov2.Dinov2Layer
+    else:
+        cfg = T.ViTConfig(intermediate_size=4 * shape.dim, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0, **common)
+        cls = T.models.vit.modeling_vit.ViTLayer
+    cfg._attn_implementation = "sdpa"
+    eager = torch.nn.Sequential(*(cls(cfg) for _ in range(depth)))
+    ours = vit_fast.convert(copy.deepcopy(eager))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return eager.to(dtype), ours.to(dtype)
+
+
 def _fused(ours) -> bool:
     blocks = list(ours) if isinstance(ours, torch.nn.Sequential) else [ours]
+    if not hasattr(blocks[0], "why_not_fused"):  # converted transformers layers
+        return not ours.vit_fast_summary.left
     return not any(b.why_not_fused() for b in blocks)
 
 
@@ -282,12 +318,14 @@ def time_interleaved(steps: dict, rounds=15, inner=10, warmup=5) -> dict:
 
 
 def measure(shape: Shape, precision: str, target: str = "sm_90", modes=MODES, rounds=15,
-            inner=10, depth=1) -> list:
-    """Rows of {shape, precision, target, mode, depth, timm_us, vit_fast_us, ratio, spreads,
-    counts}: triton_launches per call, direct_launches of them made past Triton's launch path;
-    per call of one Block, or of a stack of ``depth`` Blocks."""
+            inner=10, depth=1, layers="timm") -> list:
+    """Rows of {shape, precision, target, mode, depth, layers, timm_us, vit_fast_us, ratio,
+    spreads, counts}: triton_launches per call, direct_launches of them made past Triton's
+    launch path; per call of one Block, or of a stack of ``depth`` Blocks (``layers``: timm's
+    Blocks against vit_fast.Block, or transformers' layers against their converted copy, whose
+    figures then stand in the timm columns)."""
     rows = []
-    timm_block, ours = build_blocks(shape, precision, depth=depth)
+    timm_block, ours = build_blocks(shape, precision, depth=depth, layers=layers)
     with one_thread(), gpu_path(target) as launches:
         for mode in modes:
             steps = {"timm": make_step(timm_block, shape, precision, mode),
@@ -299,7 +337,7 @@ def measure(shape: Shape, precision: str, target: str = "sm_90", modes=MODES, ro
             (t_med, t_spread), (v_med, v_spread) = (_median_spread(times[n]) for n in steps)
             rows.append(dict(
                 shape=shape.name, precision=precision, target=target, mode=mode, depth=depth,
-                timm_us=t_med, vit_fast_us=v_med, ratio=v_med / t_med,
+                layers=layers, timm_us=t_med, vit_fast_us=v_med, ratio=v_med / t_med,
                 timm_spread=t_spread, vit_fast_spread=v_spread, triton_launches=triton,
                 direct_launches=direct,
                 aten_ops_timm=count_aten_ops(steps["timm"]),
@@ -342,11 +380,12 @@ def callgrind_available() -> bool:
             and _callgrind_helper() is not None)
 
 
-def _instructions_child(impl, shape_name, precision, target, mode, steps, depth=1):  # noqa: PLR0913
+def _instructions_child(impl, shape_name, precision, target, mode, steps, depth=1,  # noqa: PLR0913
+                        layers="timm"):
     """Run under valgrind: warm up, then collect ``steps`` calls of impl's step."""
     import ctypes
     lib = ctypes.CDLL(_callgrind_helper())
-    timm_block, ours = build_blocks(SHAPES[shape_name], precision, depth=depth)
+    timm_block, ours = build_blocks(SHAPES[shape_name], precision, depth=depth, layers=layers)
     block = ours if impl == "vit_fast" else timm_block
     with one_thread(), gpu_path(target):
         step = make_step(block, SHAPES[shape_name], precision, mode)
@@ -400,7 +439,7 @@ def cpu_compute_instructions(annotated: str) -> int:
 
 
 def instructions(impl, shape: Shape, precision, target="sm_90", mode="fwd+bwd", steps=5,
-                 keep=None, depth=1):
+                 keep=None, depth=1, layers="timm"):
     """Instructions per call of impl's step (of one Block, or a stack of ``depth``), counted by
     callgrind (None if unavailable), with those of the CPU's compute (:data:`CPU_COMPUTE`);
     keep: a path to copy callgrind's output to (for callgrind_annotate)."""
@@ -411,7 +450,7 @@ def instructions(impl, shape: Shape, precision, target="sm_90", mode="fwd+bwd", 
         cmd = ["valgrind", "--tool=callgrind", "--collect-atstart=no", "--instr-atstart=no",
                f"--callgrind-out-file={out}",
                sys.executable, "-m", "vit_fast.bench.host", "--_child", impl, shape.name, precision,
-               target, mode, str(steps), str(depth)]
+               target, mode, str(steps), str(depth), layers]
         env = dict(os.environ, PYTHONHASHSEED="0")
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode != 0 or not os.path.exists(out):
@@ -543,14 +582,16 @@ def format_rows(rows, instr=None):
     return fmt_table(rows, cols)
 
 
-def count_instructions(shapes, precisions, modes, target, workers=2, depth=1) -> dict:
+def count_instructions(shapes, precisions, modes, target, workers=2, depth=1,
+                       layers="timm") -> dict:
     """{(shape, precision, mode): (timm's Instructions, vit_fast's)}, each a callgrind run of
     its own (single-threaded under valgrind: ``workers`` of them at a time)."""
     from concurrent.futures import ThreadPoolExecutor
     keys = [(shape, precision, mode) for shape in shapes for precision in precisions
             for mode in modes]
     with ThreadPoolExecutor(workers) as pool:
-        runs = {(k, impl): pool.submit(instructions, impl, k[0], k[1], target, k[2], depth=depth)
+        runs = {(k, impl): pool.submit(instructions, impl, k[0], k[1], target, k[2], depth=depth,
+                                       layers=layers)
                 for k in keys for impl in ("timm", "vit_fast")}
         counts = {k: (runs[k, "timm"].result(), runs[k, "vit_fast"].result()) for k in keys}
     return {(s.name, p, m): pair for (s, p, m), pair in counts.items() if None not in pair}
@@ -560,7 +601,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--_child":
         _instructions_child(argv[1], argv[2], argv[3], argv[4], argv[5], int(argv[6]),
-                            int(argv[7]))
+                            int(argv[7]), argv[8])
         return 0
     p = argparse.ArgumentParser(prog="python -m vit_fast.bench host", description=__doc__.split(
         "\n\n")[0])
@@ -574,6 +615,10 @@ def main(argv=None):
     p.add_argument("--depth", type=int, default=1,
                    help="time a stack of this many Blocks per call, as a model runs them (each "
                         "its own weights; figures per call of the stack)")
+    p.add_argument("--layers", default="timm", choices=LAYERS,
+                   help="timm: timm's Block against vit_fast.Block; transformers: transformers' "
+                        "ViTLayer (Dinov2Layer for a LayerScale shape) against vit_fast.convert's "
+                        "copy (the eager columns are then transformers')")
     p.add_argument("--callgrind", action="store_true",
                    help="also count instructions per step under callgrind, every mode (slow: about "
                         "a minute a run, two runs at a time)")
@@ -590,18 +635,23 @@ def main(argv=None):
             p.error(f"--precision: {v!r} is not one of {PRECISIONS}")
     if args.depth < 1:
         p.error(f"--depth: {args.depth} is not a positive number of Blocks")
-    if args.save and args.depth != 1:
-        p.error("--save: the model's host term is per Block: with --depth 1 only")
+    if args.save and (args.depth != 1 or args.layers != "timm"):
+        p.error("--save: the model's host term is per timm Block: with --depth 1 and --layers "
+                "timm only")
     rows = []
     for shape in shapes:
         for precision in precisions:
             rows += measure(shape, precision, args.target, modes, args.rounds, args.inner,
-                            args.depth)
-    instr = (count_instructions(shapes, precisions, modes, args.target, depth=args.depth)
-             if args.callgrind else {})
+                            args.depth, args.layers)
+    instr = (count_instructions(shapes, precisions, modes, args.target, depth=args.depth,
+                                layers=args.layers) if args.callgrind else {})
     launch = triton_launch_us()
     print(format_rows(rows, instr))
-    per = "Block call" if args.depth == 1 else f"call of a stack of {args.depth} Blocks"
+    unit = "Block" if args.layers == "timm" else "transformers layer"
+    per = f"{unit} call" if args.depth == 1 else f"call of a stack of {args.depth} {unit}s"
+    if args.layers == "transformers":
+        print("layers: transformers' own (the 'timm eager' columns) against vit_fast.convert's "
+              "copy of them")
     print(f"CPU measured: thread CPU time per {per} on this machine, median over {args.rounds} "
           f"interleaved rounds of each round's fastest of {args.inner} calls (± the interquartile "
           f"range); path of {args.target} "
