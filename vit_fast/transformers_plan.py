@@ -17,7 +17,8 @@ each, whose backward hands the step's qkv gradient to the three Parameters, whic
 ones. LN1, the qkv GEMM, the attention, proj, the residual with LayerScale and drop-path, LN2 and
 the MLP are then one autograd node forward and backward, as in a vit_fast.Block.
 
-Per call, as the op-level path reads them: the parameters (a replaced one makes the step again),
+Per call, as the op-level path reads them: the parameters (a replaced one plans the
+configuration again),
 LayerNorm eps, the attention's scale and dropout, DINOv2's drop-path masks (drawn as transformers
 draws them, after the attention's dropout seed), and hidden dropout (active in training: the
 op-level path decides, which sends such a call to transformers' forward). What the step does not
@@ -29,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from . import functional, plans
-from .block_plan import attention_kernel
+from .block_plan import attention_kernel, forget
 from .block_step import BlockStep, _storages
 from .fused_block_ops import kernel_reasons
 from .ops.attention import dropout_seed
@@ -78,8 +79,12 @@ class LayerPlan:
         if step is None:
             return None  # warming up: the op-level path runs (convert_transformers)
         p = self.params()
-        if _storages(p) != self.ptrs:  # a parameter replaced: warm up again
-            self.step, self.warming = None, True
+        if _storages(p) != self.ptrs:
+            # A parameter replaced -- or all of them moved or cast (.to(), .half()), which the
+            # key, unlike a Block's, does not see: the plan's dtype decisions may be stale. The
+            # configuration is planned and warmed up again.
+            self.step = None
+            forget(layer)
             return None
         drop = float(attn.__dict__[self.dropout_name]) if attn.training else 0.0
         if not (step.takes(x) and (drop == 0.0 or self.attn_kernel)):
