@@ -282,3 +282,25 @@ def test_checkpointed_layers_take_the_step_and_match(reentrant):
     plan = model[0].__dict__["_block_plan"][1]
     assert plan.step is not None
     _close(got, want, 1e-4)
+
+
+def test_a_whole_model_reaches_the_step():
+    """ViTModel calls its layers as (hidden_states, attention_mask=None, **kwargs): its layers
+    take the step (a hook on the layer itself is not one on a skipped module)."""
+    T = transformers
+    cfg = T.ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, intermediate_size=64, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    original = T.ViTModel(cfg)
+    model = vit_fast.convert(copy.deepcopy(original))
+    nodes = []
+    last = [m for m in model.modules() if isinstance(m, ct._FusedLayerMixin)][-1]
+    last.register_forward_hook(lambda m, i, out: nodes.append(type(out.grad_fn).__name__))
+    x = torch.randn(2, 3, 16, 16)
+    with vit_fast.use_backend("triton"):
+        for _ in range(3):
+            out = model(x).last_hidden_state
+            out.sum().backward()
+    assert nodes[0] != STEP and nodes[1:] == [STEP, STEP], nodes
+    torch.testing.assert_close(out, original(x).last_hidden_state, atol=1e-4, rtol=1e-4)
