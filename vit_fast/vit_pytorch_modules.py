@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import functional
+from . import functional, vit_pytorch_plan
+from .block_plan import forget, lookup, warm_up
 from .fusion import FusedModule, notice_reason
 from .fusion import _global_hooks as global_hooks
 from .reclass import class_from_key, subclass_keeping_name
@@ -194,16 +195,35 @@ class FusedTransformer(nn.Module):
     def forward(self, x, *args, **kwargs):
         if _eager(x) or args or kwargs or global_hooks():
             return super().forward(x, *args, **kwargs)
+        # The configuration's plan: every pair as the Block's one-node step once warmed up
+        # (vit_fast/vit_pytorch_plan.py); else the op-level path below.
+        plan = lookup(self, x, vit_pytorch_plan.make)
+        if plan is not None:
+            out = plan(self, x)
+            if out is not None:
+                return self._final_norm(out)
+        warming = plan if plan is not None and plan.warming else None
+        all_fused = True
         for i, layer in enumerate(self.layers):
             attn, ff = layer
             if self._pair_reason(i, attn, ff, x):
+                all_fused = False
                 x = attn(x) + x
                 x = ff(x) + x
                 continue
-            a = attn.attention_branch(attn.attention_input(x))
+            h = attn.attention_input(x)
+            if warming is not None:  # the first op of the call: its backward runs last
+                warm_up(warming, self, x, h)
+                warming = None
+            a = attn.attention_branch(h)
             # x + attention branch, and the feed-forward's LayerNorm of that sum, in one op.
             h, x = _layer_norm(a, ff.net[ff._vit_fast_form.norm], residual=x)
             x = ff.mlp(h, residual=x)
+        if all_fused and plan is not None and plan.hooked:  # fusable again: plan it anew
+            forget(self)
+        return self._final_norm(x)
+
+    def _final_norm(self, x):
         if not self._vit_fast_final_norm:
             return x
         if self._final_norm_reason():
