@@ -25,7 +25,8 @@ machine, with or without a GPU:
   what the Blocks' per-call state does to each other (a warm-up hook of one Block once moved a
   counter in every other Block's plan key, and a stack never reached its one-node steps).
 - ``--layers transformers``: the same for Hugging Face transformers' ViTLayer (Dinov2Layer for a
-  LayerScale shape) against its copy converted by ``vit_fast.convert``.
+  LayerScale shape) against its copy converted by ``vit_fast.convert``; ``--layers vit-pytorch``
+  for vit-pytorch's Transformer (its final LayerNorm included).
 
 All figures are "CPU" figures of this machine's host; the GPU kit (``gpu-check``) measures the
 host time per training step on a GPU.
@@ -176,6 +177,8 @@ def build_blocks(shape: Shape, precision: str, seed: int = 0, depth: int = 1, la
     import vit_fast
     if layers == "transformers":
         return _transformers_layers(shape, precision, seed, depth)
+    if layers == "vit-pytorch":
+        return _vit_pytorch_layers(shape, precision, seed, depth)
     if depth > 1:
         pairs = [build_blocks(shape, precision, seed + i) for i in range(depth)]
         return tuple(torch.nn.Sequential(*side) for side in zip(*pairs))
@@ -188,7 +191,23 @@ def build_blocks(shape: Shape, precision: str, seed: int = 0, depth: int = 1, la
     return timm_block.to(dtype), ours.to(dtype)
 
 
-LAYERS = ("timm", "transformers")
+LAYERS = ("timm", "transformers", "vit-pytorch")
+
+
+def _vit_pytorch_layers(shape: Shape, precision: str, seed: int, depth: int):
+    """(vit-pytorch's Transformer of ``depth`` layers, vit_fast.convert's copy): its own final
+    LayerNorm included, no qkv bias and no LayerScale (vit-pytorch's ViT has neither)."""
+    import copy
+
+    from vit_pytorch.vit import Transformer
+
+    import vit_fast
+    torch.manual_seed(seed)
+    eager = Transformer(dim=shape.dim, depth=depth, heads=shape.heads, dim_head=shape.head_dim,
+                        mlp_dim=4 * shape.dim)
+    ours = vit_fast.convert(copy.deepcopy(eager))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return eager.to(dtype), ours.to(dtype)
 
 
 def _transformers_layers(shape: Shape, precision: str, seed: int, depth: int):
@@ -618,7 +637,9 @@ def main(argv=None):
     p.add_argument("--layers", default="timm", choices=LAYERS,
                    help="timm: timm's Block against vit_fast.Block; transformers: transformers' "
                         "ViTLayer (Dinov2Layer for a LayerScale shape) against vit_fast.convert's "
-                        "copy (the eager columns are then transformers')")
+                        "copy (the eager columns are then transformers'); vit-pytorch: its "
+                        "Transformer of --depth layers (no qkv bias, its final LayerNorm) against "
+                        "the converted copy")
     p.add_argument("--callgrind", action="store_true",
                    help="also count instructions per step under callgrind, every mode (slow: about "
                         "a minute a run, two runs at a time)")
@@ -647,10 +668,11 @@ def main(argv=None):
                                 layers=args.layers) if args.callgrind else {})
     launch = triton_launch_us()
     print(format_rows(rows, instr))
-    unit = "Block" if args.layers == "timm" else "transformers layer"
+    unit = {"timm": "Block", "transformers": "transformers layer",
+            "vit-pytorch": "vit-pytorch layer"}[args.layers]
     per = f"{unit} call" if args.depth == 1 else f"call of a stack of {args.depth} {unit}s"
-    if args.layers == "transformers":
-        print("layers: transformers' own (the 'timm eager' columns) against vit_fast.convert's "
+    if args.layers != "timm":
+        print(f"layers: {args.layers}'s own (the 'timm eager' columns) against vit_fast.convert's "
               "copy of them")
     print(f"CPU measured: thread CPU time per {per} on this machine, median over {args.rounds} "
           f"interleaved rounds of each round's fastest of {args.inner} calls (± the interquartile "
