@@ -378,3 +378,16 @@ def test_the_public_attention_step_backward_twice_only_with_retain_graph(referen
         assert torch.equal(xs.grad, 2 * once)
         with pytest.raises(RuntimeError, match="second time"):
             out.sum().backward()
+
+
+def test_fused_attn_turned_off_after_the_step_is_obeyed():
+    """``block.attn.fused_attn = False`` (timm's switch: materialize softmax(q kᵀ·scale)) is
+    read at once, also by a configuration that already has its step: the general path."""
+    block, x = _block(), torch.randn(2, 6, 16)
+    with vit_fast.use_backend("triton"):
+        _call(block, x, 1)
+        assert _nodes(_call(block, x, 1)[0]) == BlockFn.__name__ + "Backward"
+        block.attn.fused_attn = False
+        out = _call(block, x, 1)
+    assert _nodes(out[0]) != BlockFn.__name__ + "Backward"
+    assert _plan(block) is None  # the general path: Attention.attend materializes it

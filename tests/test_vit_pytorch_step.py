@@ -162,3 +162,17 @@ def test_on_the_gpu_path_a_converted_transformer_costs_less_host_work():
     assert ours[0] == 2 * 19 + 3 and theirs[0] == 0, (ours[0], theirs[0])
     assert ours[1] == [], ours[1]
     assert ours[2] < 0.8 * theirs[2], (ours[2], theirs[2])
+
+
+def test_fused_attn_turned_off_after_the_step_is_obeyed(steps_run):
+    """``attn.fused_attn = False`` (timm's switch, which vit_fast's attentions keep) is read at
+    once, also by a configuration that already has its step: the original attention runs."""
+    model, original = _transformer(depth=1)
+    x = torch.randn(2, 5, 16)
+    _call(model, x), _call(model, x)
+    assert len(steps_run) == 1
+    model.layers[0][0].fused_attn = False
+    steps_run.clear()
+    _close(_call(model, x), _call(original, x), 1e-4)
+    assert steps_run == []
+
