@@ -23,13 +23,15 @@ __all__ = ["FusedModule", "notice_reason", "forward_is", "STRUCTURE"]
 
 class _Structure:
     """A counter that moves whenever a fused module's structure may have changed: a submodule set,
-    added or deleted on it, a ``forward`` set on its instance, or its parameters moved or cast
+    added or deleted on it, a ``forward`` or ``fused_attn`` set on its instance, or its
+    parameters moved or cast
     (``.to()``, ``.half()``, ... run ``_apply``). Decisions cached per configuration hold it
     (vit_fast/block_plan.py) and are remade when it moves."""
     generation = 0
 
 
 STRUCTURE = _Structure()
+_STRUCTURAL = frozenset(("forward", "fused_attn"))  # attributes a plan's decisions read once
 
 
 def _global_hooks() -> bool:
@@ -132,7 +134,8 @@ class FusedModule(nn.Module):
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
-        if isinstance(value, nn.Module) or name == "forward" or name.startswith("_forward") \
+        # fused_attn: timm's switch to materialized attention, which plans decide on once
+        if isinstance(value, nn.Module) or name in _STRUCTURAL or name.startswith("_forward") \
                 or name.startswith("_backward"):
             STRUCTURE.generation += 1
 
