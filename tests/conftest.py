@@ -35,6 +35,30 @@ def _env_read_afresh():
 
 
 @pytest.fixture
+def vit_fast_imports():
+    """A context manager yielding the list of modules that vit_fast's own code imports while it
+    is open (torch's own imports inside autograd.grad and manual_seed are not counted)."""
+    import builtins
+    import contextlib
+    import sys
+
+    @contextlib.contextmanager
+    def counting():
+        imports, real = [], builtins.__import__
+
+        def counted(*args, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("vit_fast"):
+                imports.append(args[0])
+            return real(*args, **kwargs)
+        builtins.__import__ = counted
+        try:
+            yield imports
+        finally:
+            builtins.__import__ = real
+    return counting
+
+
+@pytest.fixture
 def no_interpreter(monkeypatch):
     """As if TRITON_INTERPRET were unset when triton was imported (it is read once, then)."""
     from vit_fast.kernels import _device

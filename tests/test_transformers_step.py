@@ -5,12 +5,12 @@ only the configuration decides, and whatever could change the fused path (an ada
 hidden dropout, the attention implementation, a replaced parameter) is still seen."""
 import copy
 import pickle
-import sys
 
 import pytest
 import torch
 
 import vit_fast
+from converted_copy import converted_copy
 from vit_fast.block_step import BlockFn
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed "
@@ -40,14 +40,7 @@ def _layers(family, depth=2, **kw):
         base.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         cfg, cls = T.ViTConfig(**{**base, **kw}), T.models.vit.modeling_vit.ViTLayer
     cfg._attn_implementation = "sdpa"
-    original = torch.nn.ModuleList(cls(cfg) for _ in range(depth))
-    with torch.no_grad():
-        for m in original.modules():
-            if isinstance(m, torch.nn.LayerNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    model = copy.deepcopy(original)
-    vit_fast.convert(model)
+    model, original = converted_copy(torch.nn.ModuleList(cls(cfg) for _ in range(depth)))
     assert all(isinstance(m, ct._FusedLayerMixin) for m in model)
     return model, original
 
@@ -220,14 +213,13 @@ def _amp_step(layers, x):
     return step
 
 
-def test_on_the_gpu_path_a_converted_layer_costs_less_host_work_than_transformers():
+def test_on_the_gpu_path_a_converted_layer_costs_less_host_work_than_transformers(
+        vit_fast_imports):
     """On the path an sm_90 GPU takes (CPU tensors, Triton launches counted as no-ops: the host
     benchmark's harness), a repeat AMP forward+backward of converted ViT layers dispatches fewer
     aten ops than transformers' own layers, launches what a vit_fast.Block's step launches per
     layer and imports nothing (torch's autograd.grad does). (Outside the interpreter those launches go past Triton's launch
     path: test_host_path.py's child-process test, for the same step.)"""
-    import builtins
-
     from vit_fast.bench import host
     model, original = _layers("vit", depth=2, hidden_size=12, num_attention_heads=12,
                               intermediate_size=48)
@@ -238,18 +230,8 @@ def test_on_the_gpu_path_a_converted_layer_costs_less_host_work_than_transformer
             step = _amp_step(layers, x)
             step(), step()
             launches[:] = [0, 0]
-            imports = []
-            real = builtins.__import__
-
-            def counting(*args, **kwargs):  # imports made by vit_fast's code
-                if sys._getframe(1).f_globals.get("__name__", "").startswith("vit_fast"):
-                    imports.append(args[0])
-                return real(*args, **kwargs)
-            builtins.__import__ = counting
-            try:
+            with vit_fast_imports() as imports:
                 assert step() == (STEP if name == "vit_fast" else "AddBackward0")
-            finally:
-                builtins.__import__ = real
             counts[name] = (host.count_aten_ops(step), launches[0] // 2, imports)
     ours, theirs = counts["vit_fast"], counts["transformers"]
     assert ours[0] < 0.8 * theirs[0], (ours[0], theirs[0])

@@ -3,12 +3,12 @@
 autograd node (the Block's step) with the op-level path's results, and whatever could change the
 fused path (a hook, an active dropout, a replaced parameter) is still seen."""
 import copy
-import sys
 
 import pytest
 import torch
 
 import vit_fast
+from converted_copy import converted_copy
 from vit_fast import block_step
 
 pytest.importorskip("vit_pytorch", reason="vit-pytorch is not installed (test-only dependency)")
@@ -30,15 +30,8 @@ def steps_run(monkeypatch):
 
 def _transformer(depth=2, dim=16, heads=2, dim_head=8, **kw):
     torch.manual_seed(0)
-    original = Transformer(dim=dim, depth=depth, heads=heads, dim_head=dim_head, mlp_dim=2 * dim,
-                           **kw)
-    with torch.no_grad():
-        for m in original.modules():
-            if isinstance(m, torch.nn.LayerNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    model = copy.deepcopy(original)
-    vit_fast.convert(model)
+    model, original = converted_copy(Transformer(dim=dim, depth=depth, heads=heads,
+                                                 dim_head=dim_head, mlp_dim=2 * dim, **kw))
     assert not model.why_not_fused()
     return model, original
 
@@ -122,12 +115,10 @@ def test_a_whole_vit_reaches_the_steps(steps_run):
     torch.testing.assert_close(out, original(img), atol=1e-4, rtol=1e-4)
 
 
-def test_on_the_gpu_path_a_converted_transformer_costs_less_host_work():
+def test_on_the_gpu_path_a_converted_transformer_costs_less_host_work(vit_fast_imports):
     """The host benchmark's harness (sm_90 path, launches counted as no-ops), AMP fwd+bwd:
     fewer aten ops than vit-pytorch's own transformer, a Block step's 19 launches a pair, no
     import from vit_fast's code per call."""
-    import builtins
-
     from vit_fast.bench import host
     model, original = _transformer(depth=2, dim=12, heads=12, dim_head=1)
     x = torch.randn(2, 8, 12)
@@ -144,18 +135,8 @@ def test_on_the_gpu_path_a_converted_transformer_costs_less_host_work():
                 torch.autograd.grad(y, [xi, *params], torch.ones_like(y))
             step(), step()
             launches[:] = [0, 0]
-            imports = []
-            real = builtins.__import__
-
-            def counting(*args, **kwargs):  # imports made by vit_fast's code
-                if sys._getframe(1).f_globals.get("__name__", "").startswith("vit_fast"):
-                    imports.append(args[0])
-                return real(*args, **kwargs)
-            builtins.__import__ = counting
-            try:
+            with vit_fast_imports() as imports:
                 step()
-            finally:
-                builtins.__import__ = real
             counts[name] = (launches[0], imports, host.count_aten_ops(step))
     ours, theirs = counts["vit_fast"], counts["vit-pytorch"]
     # 19 a pair, and the final LayerNorm's forward and backward (3 launches)
