@@ -48,8 +48,9 @@ def lookup(block, x, build_plan=None):
     """The BlockPlan for this call of ``block`` (built on first sight of its configuration), or
     None where the call takes Block's general path. ``build_plan(block, x)``: the plan builder of
     another kind of layer kept by the same rules (default: :func:`build`; a converted
-    transformers layer's is vit_fast/transformers_plan.build); its plans say by ``changed()``
-    that something the key does not hold changed since they were built."""
+    transformers layer's is convert_transformers._plan, a vit-pytorch transformer's
+    vit_pytorch_plan.make); its plans say by ``changed()`` that something the key does not hold
+    changed since they were built."""
     if type(x) not in _PLAIN or torch.compiler.is_compiling():
         return None
     key = (x.shape, x.dtype, x.device, torch.is_grad_enabled(), block.training,
@@ -237,6 +238,7 @@ def warm_up(plan, block, x, first):
     # Its handle moved the counter of hooks registered anywhere, which every plan's key holds:
     # this hook changes nothing a plan depends on.
     _OWN_HOOKS[0] += RemovableHandle.next_id - before
+
 
 # Hook handles taken by the plans' own warm-up hooks (_warm_up): lookup counts hooks registered
 # anywhere less these, so that one Block's warm-up does not read, in every other Block's lookup,

@@ -79,7 +79,7 @@ class BlockStep:
     def make(cls, block, plan, x_shape, x_dtype, device, params=None):
         """The step of ``plan``'s configuration for inputs of ``x_shape`` (the plan's), with
         ``block``'s parameters as they are now (or ``params``, in :meth:`forward`'s order: a
-        converted transformers layer's, its q/k/v weights concatenated); None where the bound
+        converted transformers or vit-pytorch layer's); None where the bound
         launches do not apply (LayerNorms without weight or bias, a parameter vector that is not
         unit-stride, no rows)."""
         if params is None:

@@ -3,27 +3,26 @@
 A converted ViT/DeiT/DINOv2/CLIP/SigLIP layer (vit_fast/convert_transformers.py) runs vit_fast's
 Block math. Whether a call may take it -- the attention implementation, hooks on the modules the
 fused path skips, an adapter in place of q/k/v/proj, whether the kernels take the call -- depends
-on the configuration, not on the call: :func:`lookup` keeps that decision in a :class:`LayerPlan`
-by vit_fast/block_plan.py's key and hook rules (x's type, shape, dtype and device, grad mode,
-training, policy and autocast; a hook registered on the layer or a submodule rebuilds it), and
-checks per call only what the key cannot hold: a submodule replaced, a ``forward`` set on one,
-the attention implementation switched (:meth:`LayerPlan.changed`).
+on the configuration, not on the call: vit_fast/block_plan.lookup keeps that decision in a
+:class:`LayerPlan` (made by :func:`make`) by its key and hook rules (x's type, shape, dtype and
+device, grad mode, training, policy and autocast; a hook registered on the layer or a submodule
+rebuilds it), and checks per call only what the key cannot hold: a submodule replaced, a
+``forward`` set on one, the attention implementation switched (:meth:`LayerPlan.changed`).
 
-Once a configuration has run forward and backward on the op-level fused path (kernels built,
-tuning choices made: vit_fast/block_plan.warm_up, as a Block warms up), a plan runs the Block's
-one-node step (vit_fast/block_step.py) with the
-layer's parameters: q, k and v weights (and biases) concatenated by one differentiable ``cat``
-each, whose backward hands the step's qkv gradient to the three Parameters, which stay the only
-ones. LN1, the qkv GEMM, the attention, proj, the residual with LayerScale and drop-path, LN2 and
-the MLP are then one autograd node forward and backward, as in a vit_fast.Block.
+Once a configuration has run forward and backward on the op-level fused path (kernels built, tuning
+choices made: vit_fast/block_plan.warm_up, as a Block warms up), a plan runs the Block's one-node
+step (vit_fast/block_step.py) with the layer's parameters: q, k and v weights (and biases)
+concatenated by one differentiable ``cat`` each, whose backward hands the step's qkv gradient to
+the three Parameters, which stay the only ones. LN1, the qkv GEMM, the attention, proj, the
+residual with LayerScale and drop-path, LN2 and the MLP are then one autograd node forward and
+backward, as in a vit_fast.Block.
 
-Per call, as the op-level path reads them: the parameters (a replaced one plans the
-configuration again),
-LayerNorm eps, the attention's scale and dropout, DINOv2's drop-path masks (drawn as transformers
-draws them, after the attention's dropout seed), and hidden dropout (active in training: the
-op-level path decides, which sends such a call to transformers' forward). What the step does not
-take -- CLIP's quick_gelu or an unknown MLP, q/k/v with some biases missing, the reference ops
-(no kernels), fake tensors -- runs the op-level path as before.
+Per call, as the op-level path reads them: the parameters (a replaced one plans the configuration
+again), LayerNorm eps, the attention's scale and dropout, DINOv2's drop-path masks (drawn as
+transformers draws them, after the attention's dropout seed), and hidden dropout (active in
+training: the op-level path decides, which sends such a call to transformers' forward). What the
+step does not take -- CLIP's quick_gelu or an unknown MLP, q/k/v with some biases missing, the
+reference ops (no kernels), fake tensors -- runs the op-level path as before.
 """
 from __future__ import annotations
 
@@ -41,9 +40,9 @@ class LayerPlan:
     the step is made with, and the step once made. ``plan(layer, x)``: the layer's output, or
     None where this call takes the op-level path."""
     __slots__ = ("slots", "children", "dicts", "config", "impl", "norms", "attn", "linears",
-                 "layer_scales", "drop_path", "dropout", "dropout_name", "heads", "approximate",
-                 "amp", "policy", "attn_kernel", "step", "ptrs", "warming", "scale_name", "stepless",
-                 "__weakref__")
+                 "layer_scales", "drop_path", "dropout", "dropout_name", "scale_name", "heads",
+                 "approximate", "amp", "policy", "attn_kernel", "step", "ptrs", "warming",
+                 "stepless", "__weakref__")
 
     def changed(self) -> bool:
         """A submodule replaced (an adapter), a ``forward`` set on one, or the attention
@@ -96,22 +95,20 @@ class LayerPlan:
         ss1 = drop_path_scale(self.drop_path, x)  # in the op-level path's order
         ss2 = drop_path_scale(self.drop_path, x)
         n1, n2 = self.norms
+        scalars = (float(n1.eps), float(n2.eps), float(attn.__dict__[self.scale_name]), drop)
         return step.forward(x, (n1w, n1b, qkv_w, qkv_b, pw, pb, ls1, n2w, n2b, w1, b1, w2, b2,
-                                ls2), (float(n1.eps), float(n2.eps), float(attn.__dict__[self.scale_name]), drop),
-                            ss1, ss2, seed, None)
+                                ls2), scalars, ss1, ss2, seed, None)
 
     def _make_step(self, layer, x_shape, x_dtype, device):
         """The step, made once the configuration ran forward and backward on the op-level path
         (block_plan.warm_up: kernels built, tuning choices made), with the parameters as the
-        modules hold them now."""
+        modules hold them now. (make reads the LayerNorm and LayerScale vectors and the qkv
+        weight's dtype: q's stands for the concatenation; the plan keeps its own storages.)"""
         self.warming = False
         p = self.params()
-        n1w, n1b, qw, kw, vw, qb, kb, vb, pw, pb, ls1, n2w, n2b, w1, b1, w2, b2, ls2 = p
-        with torch.no_grad():  # only shapes, dtypes and strides are read
-            qkv_b = torch.cat((qb, kb, vb)) if qb is not None else None
-            params = (n1w, n1b, torch.cat((qw, kw, vw)), qkv_b, pw, pb, ls1, n2w, n2b, w1, b1,
-                      w2, b2, ls2)
-        self.step = BlockStep.make(None, self, tuple(x_shape), x_dtype, device, params)
+        n1w, n1b, qw, _, _, qb, _, _, pw, pb, ls1, n2w, n2b, w1, b1, w2, b2, ls2 = p
+        self.step = BlockStep.make(None, self, tuple(x_shape), x_dtype, device,
+                                   (n1w, n1b, qw, qb, pw, pb, ls1, n2w, n2b, w1, b1, w2, b2, ls2))
         self.ptrs = _storages(p)
 
 

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from . import functional, plans
 from .block_plan import attention_kernel, forget
-from .block_step import BlockStep, _storages
+from .block_step import BlockStep
 from .fused_block_ops import kernel_reasons
 from .ops.attention import dropout_seed
 
@@ -36,7 +36,7 @@ class TransformerPlan:
     step once made. ``plan(transformer, x)``: the output before the final norm, or None where
     this call takes the op-level path."""
     __slots__ = ("pairs", "dropouts", "attn_drops", "scales", "heads", "approximate", "amp",
-                 "policy", "attn_kernel", "steps", "ptrs", "warming", "stepless", "hooked",
+                 "policy", "attn_kernel", "steps", "warming", "stepless", "hooked",
                  "__weakref__")
 
     def changed(self) -> bool:
@@ -61,7 +61,7 @@ class TransformerPlan:
         if any(m.training and m.p > 0 for m in self.dropouts):
             return None  # to_out's or the feed-forward's dropout: the op-level path's draws
         params = self.params()
-        if [_storages(p) for p in params] != self.ptrs:
+        if not all(map(BlockStep.holds, steps, params)):
             # A parameter replaced or cast (.to(), .half()): the plan's dtype decisions may be
             # stale; the configuration is planned and warmed up again.
             self.steps = None
@@ -88,14 +88,14 @@ class TransformerPlan:
         if any(s is None for s in steps):
             self.stepless = "a pair the bound launches do not take"
             return
-        self.steps, self.ptrs = steps, [_storages(p) for p in params]
+        self.steps = steps
 
 
 def make(transformer, x):
     """The TransformerPlan of this configuration of a converted ``transformer``; where some pair
     is not one the step takes, a plan that sends every call to the op-level path."""
     plan = TransformerPlan()
-    plan.steps, plan.ptrs, plan.warming, plan.hooked = None, None, False, False
+    plan.steps, plan.warming, plan.hooked = None, False, False
     plan.pairs, plan.dropouts, plan.attn_drops, plan.scales = [], [], [], []
     plan.stepless = _build_pairs(plan, transformer, x)
     if not plan.stepless:
@@ -131,7 +131,7 @@ def _build_pairs(plan, transformer, x) -> str:
         heads = getattr(attn, form.heads)
         plan.pairs.append((n1, qkv, proj, n2, fc1, fc2))
         plan.dropouts += out_drops + drops
-        plan.attn_drops.append(_dropout_reader(attn))
+        plan.attn_drops.append(attn._dropout_p)  # read per call, as the op-level path reads it
         plan.scales.append(_scale_reader(attn, form.scale))
         heads_seen.add(heads)
         approximate.add(ff_form.approximate)
@@ -163,11 +163,6 @@ def _out_modules(attn, form):
     if not all(type(m) is nn.Dropout for m in mods[1:]):
         return None
     return mods[0], mods[1:]
-
-
-def _dropout_reader(attn):
-    """The attention's dropout probability for a call (as FusedAttention._dropout_p reads it)."""
-    return attn._dropout_p
 
 
 def _scale_reader(attn, scale):
