@@ -29,7 +29,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_LOG = os.path.join(ROOT, "build", "vit_fast_C.log")
 BUILD_TEMP = os.path.join(ROOT, "build", "vit_fast_C")  # kept between installs: ninja rebuilds only what changed
 BUILD_INFO = "_C_build.json"  # written next to the built library
-CPP_SOURCES = ["csrc/patch_embed.cpp", "csrc/amp_casts.cpp", "csrc/empties.cpp", "csrc/module.cpp"]
+CPP_SOURCES = ["csrc/patch_embed.cpp", "csrc/amp_casts.cpp", "csrc/empties.cpp",
+               "csrc/step_program.cpp", "csrc/module.cpp"]
 CUDA_SOURCES = ["csrc/cuda/patch_embed.cu"]
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 

@@ -1,13 +1,15 @@
 // The module object of vit_fast._C. Importing it loads this library, which runs the op
 // registrations (csrc/patch_embed.cpp, csrc/cuda/patch_embed.cu); its Python functions are the
 // host path's: the AMP weight casts (csrc/amp_casts.cpp) and the bound launches' allocations
-// (csrc/empties.cpp).
+// (csrc/empties.cpp) and the replay of recorded step bodies
+// (csrc/step_program.cpp).
 #include <Python.h>
 
 #include <vector>
 
 #include "amp_casts.h"
 #include "empties.h"
+#include "step_program.h"
 
 namespace {
 
@@ -15,7 +17,8 @@ namespace {
 PyMethodDef* methods() {
   static std::vector<PyMethodDef> all = [] {
     std::vector<PyMethodDef> joined;
-    for (PyMethodDef* table : {vit_fast::amp_cast_methods, vit_fast::empties_methods}) {
+    for (PyMethodDef* table : {vit_fast::amp_cast_methods, vit_fast::empties_methods,
+                               vit_fast::step_program_methods}) {
       for (PyMethodDef* m = table; m->ml_name != nullptr; ++m) {
         joined.push_back(*m);
       }

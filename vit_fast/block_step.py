@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import functional, tuning
+from . import functional, step_program, tuning
 from .amp_weights import AmpWeights
 from .kernels import attention_bound as _attn
 from .kernels import gelu_mlp as _gm
@@ -54,7 +54,8 @@ class BlockStep:
     gradients), AMP's dtype, and the parameters it was made with, by storage (:meth:`holds`)."""
     __slots__ = ("heads", "approximate", "amp", "policy", "mlp_fwd", "mlp_bwd", "attn_public",
                  "ptrs", "tuner", "x_shape", "lp", "ln1", "ln2", "ln_stats",
-                 "ln_bwd", "attn_fwd", "attn_bwd", "mlp_choice", "x_dtype", "device", "casts")
+                 "ln_bwd", "attn_fwd", "attn_bwd", "mlp_choice", "x_dtype", "device", "casts",
+                 "programs", "attn_ref")
 
     def __init__(self, plan, ptrs, x_shape, x_dtype, lp, device):
         self.heads, self.approximate, self.amp, self.policy = (plan.heads, plan.approximate,
@@ -74,6 +75,20 @@ class BlockStep:
         # Where dispatch sends the attention to the reference (fp32 on CUDA), the step runs it
         # as the general path does, through the public op (:meth:`public_attention`).
         self.attn_public = not plan.attn_kernel
+        # There, calls without segments run SDPA's own forward/backward pair where SDPA picks one
+        # for the problem (ops/attention_sdpa.reference_pair): the reference's ops, no graph.
+        self.attn_ref = (_attention.reference_pair((*x_shape[:-1], 3 * x_shape[-1]), lp, device,
+                                                   self.heads) if self.attn_public else None)
+        # The bodies of BlockFn recorded per key and replayed from C++ (vit_fast/step_program.py),
+        # where the attention is not the public op's (which records a graph of its own).
+        self.programs = (step_program.Programs(self._decided) if step_program.ENABLED and (
+            not self.attn_public or self.attn_ref is not None) else None)
+
+    def _decided(self):
+        """What the step and its tuner have chosen so far (a recording must not choose)."""
+        t = self.tuner
+        return (len(self.ln2), len(self.ln_bwd), len(self.attn_fwd), len(self.attn_bwd),
+                len(self.mlp_choice), len(t._fast), len(t._records))
 
     @classmethod
     def make(cls, block, plan, x_shape, x_dtype, device, params=None):
@@ -327,27 +342,21 @@ class BlockFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, step, scalars, ss1, ss2, seed, segment_ids, x, *params):
-        eps1, eps2, scale, drop = scalars
         amp = step.amp
         if amp is not None:
             params = _amp_casts(step, amp, params)
         n1w, n1b, qw, qb, pw, pb, ls1, n2w, n2b, w1, b1, w2, b2, ls2 = params
-        lp = qw.dtype  # the GEMMs' dtype
-        y1 = step.ln1(x, n1w, n1b, eps1)[0]
-        qkv = F.linear(y1, qw, qb)
-        del y1
-        if step.attn_public:
-            o, ctx.attn_graph = step.public_attention(qkv, scale, segment_ids,
-                                                      any(ctx.needs_input_grad))
-            lse = None
+        programs = step.programs
+        if programs is not None and ss1 is None and ss2 is None and seed is None \
+                and segment_ids is None:
+            out, qkv, o, lse, s, pre, p, r1, r2 = programs.run(
+                scalars, (x, *params), _forward_body, ctx, step, scalars, x, params, None, None,
+                None, None)
         else:
-            o, lse = step.attention_fwd(qkv, scale, drop, seed, segment_ids)
-        p = F.linear(o, pw, pb)
-        h, s = step.residual_ln(ls1, ss1)(p, n2w, n2b, eps2, x, ls1, ss1)
-        out, pre = step.mlp_forward(h, w1, b1, w2, b2, s, ls2, ss2)
-        need_p = ls1 is not None or (ss1 is not None and ss1.requires_grad)
-        ctx.save_for_backward(x, qkv, o, lse, s, pre, p if need_p else None, n1w, n1b, qw, pw,
-                              n2w, n2b, w1, w2, b2, ls1, ls2, ss1, ss2, seed, segment_ids)
+            out, qkv, o, lse, s, pre, p, r1, r2 = _forward_body(ctx, step, scalars, x, params,
+                                                                ss1, ss2, seed, segment_ids)
+        ctx.save_for_backward(x, qkv, o, lse, s, pre, p, n1w, n1b, qw, pw,
+                              n2w, n2b, w1, w2, b2, ls1, ls2, ss1, ss2, seed, segment_ids, r1, r2)
         ctx.step, ctx.scalars = step, scalars
         ctx.bias_dtypes = (n1b.dtype if n1b is not None else None,
                            n2b.dtype if n2b is not None else None, b1 is not None,
@@ -359,65 +368,105 @@ class BlockFn(torch.autograd.Function):
     def backward(ctx, dout):
         if dout is None:
             return (None,) * 21
-        (x, qkv, o, lse, s, pre, p, n1w, n1b, qw, pw, n2w, n2b, w1, w2, b2, ls1, ls2, ss1, ss2,
-         seed, segment_ids) = ctx.saved_tensors
-        step = ctx.step
-        eps1, eps2, scale, drop = ctx.scalars
-        n1b_dtype, n2b_dtype, has_b1, has_qb, has_pb = ctx.bias_dtypes
-        need = ctx.needs_input_grad
-        lp = qw.dtype
-        C = x.shape[-1]
+        saved = ctx.saved_tensors
+        programs = ctx.step.programs
+        if (programs is not None and saved[18] is None and saved[19] is None
+                and saved[20] is None and saved[21] is None and not torch.is_grad_enabled()):
+            return programs.run((ctx.scalars, ctx.needs_input_grad, ctx.bias_dtypes),
+                                (dout, *saved[:18], *saved[22:]), _backward_body, ctx, dout,
+                                saved)
+        return _backward_body(ctx, dout, saved)
 
-        # residual -> LN2 -> MLP (vit_fast/ops/residual_layer_norm_mlp.py's backward)
-        g = dout.contiguous()
-        h, mean, rstd = step.ln_stats(s, n2w, n2b, eps2)  # LN2's rows: x's shape and dtype
-        wanted = _mlp.MlpGrads(fc1_bias=need[_B1] and has_b1, fc2_bias=need[_B2] and b2 is not None,
-                               layer_scale=need[_LS2] and ls2 is not None,
-                               sample_scale=need[_SS2] and ss2 is not None)
-        g_lp, ls_lp, k = gemm_grad(g, ls2, lp)
-        dh, dw1, db1, dw2, db2, dls2, dss2 = step.mlp_backward(
-            (g_lp, h, w1, w2, b2, pre, ls_lp, _as(ss2, lp) if ss2 is not None else None), wanted)
-        del h
-        if k is not None and dls2 is not None and dls2.numel():
-            dls2 = dls2.float() / k  # exact: k is a power of two
-        # The LayerNorm backwards read dh (and p) in the GEMMs' dtype, widening on the load
-        # (exact), and LN2's writes dp in it, rounding once as the general path's cast does:
-        # three activation-sized casts fewer under AMP.
-        ln2_bwd = step.ln_backward(2, (need[_N2B], n2b_dtype, n2w.dtype,
-                                       ls1.dtype if ls1 is not None else None, ss1 is not None))
-        dp, dres, dn2w, dn2b, dls1 = ln2_bwd(dh, g, s, mean, rstd, n2w, p, ls1, ss1)
-        dss1 = sample_scale_grad(dres, p, ls1, ss1) if (need[_SS1] and ss1 is not None) else None
-        del dh, g, g_lp
 
-        # proj (F.linear's backward, in the GEMMs' dtype)
-        gp = dp.reshape(-1, C)
-        dpw = gp.t().mm(o.reshape(-1, C)) if need[_PW] else None
-        dpb = gp.sum(0) if (has_pb and need[_PB]) else None
-        do = gp.mm(pw).reshape(o.shape)
-        del gp, dp
+def _forward_body(ctx, step, scalars, x, params, ss1, ss2, seed, segment_ids):
+    """(out, qkv, o, lse, s, pre, p, r1, r2): the forward's math (see the module docstring); p
+    only where the backward needs it (ls1, or a sample scale that requires grad); r1, r2: the
+    Philox seed and offset of SDPA's reference pair where it ran and has them."""
+    eps1, eps2, scale, drop = scalars
+    n1w, n1b, qw, qb, pw, pb, ls1, n2w, n2b, w1, b1, w2, b2, ls2 = params
+    y1 = step.ln1(x, n1w, n1b, eps1)[0]
+    qkv = F.linear(y1, qw, qb)
+    del y1
+    r1 = r2 = None
+    if step.attn_ref is not None and segment_ids is None:
+        o, lse, r1, r2 = _attention.reference_fwd(step.attn_ref, qkv, step.heads, scale)
+    elif step.attn_public:
+        o, ctx.attn_graph = step.public_attention(qkv, scale, segment_ids,
+                                                  any(ctx.needs_input_grad))
+        lse = None
+    else:
+        o, lse = step.attention_fwd(qkv, scale, drop, seed, segment_ids)
+    p = F.linear(o, pw, pb)
+    h, s = step.residual_ln(ls1, ss1)(p, n2w, n2b, eps2, x, ls1, ss1)
+    out, pre = step.mlp_forward(h, w1, b1, w2, b2, s, ls2, ss2)
+    need_p = ls1 is not None or (ss1 is not None and ss1.requires_grad)
+    return out, qkv, o, lse, s, pre, p if need_p else None, r1, r2
 
-        # attention
-        if step.attn_public:
-            dqkv = _public_attention_grad(ctx, do)
-        else:
-            dqkv = step.attention_bwd(do, qkv, o, lse, scale, drop, seed, segment_ids)
-        del do
 
-        # LN1 -> qkv (vit_fast/ops/layer_norm_linear.py's backward)
-        g3 = dqkv.reshape(-1, 3 * C)
-        y1, mean, rstd = step.ln_stats(x, n1w, n1b, eps1)
-        dqw = g3.t().mm(y1.reshape(-1, C)) if need[_QW] else None
-        del y1
-        dqb = g3.sum(0) if (has_qb and need[_QB]) else None
-        dy1 = g3.mm(qw).reshape(x.shape)
-        del g3, dqkv
-        dx, _, dn1w, dn1b, _ = step.ln_backward(1, (need[_N1B], n1b_dtype, n1w.dtype))(
-            dy1, None, x, mean, rstd, n1w)
-        dx.add_(dres)
+def _backward_body(ctx, dout, saved):
+    """The backward's 21 gradients (None where not wanted), from the forward's saved tensors."""
+    (x, qkv, o, lse, s, pre, p, n1w, n1b, qw, pw, n2w, n2b, w1, w2, b2, ls1, ls2, ss1, ss2,
+     seed, segment_ids, r1, r2) = saved
+    step = ctx.step
+    eps1, eps2, scale, drop = ctx.scalars
+    n1b_dtype, n2b_dtype, has_b1, has_qb, has_pb = ctx.bias_dtypes
+    need = ctx.needs_input_grad
+    lp = qw.dtype
+    C = x.shape[-1]
 
-        def kept(grad, i):
-            return grad if (need[i] and grad is not None and grad.numel()) else None
-        return (None, None, dss1, kept(dss2, _SS2), None, None, dx,
-                kept(dn1w, _N1W), kept(dn1b, _N1B), dqw, dqb, dpw, dpb, kept(dls1, _LS1),
-                kept(dn2w, _N2W), kept(dn2b, _N2B), dw1, kept(db1, _B1), dw2, kept(db2, _B2),
-                kept(dls2, _LS2))
+    # residual -> LN2 -> MLP (vit_fast/ops/residual_layer_norm_mlp.py's backward)
+    g = dout.contiguous()
+    h, mean, rstd = step.ln_stats(s, n2w, n2b, eps2)  # LN2's rows: x's shape and dtype
+    wanted = _mlp.MlpGrads(fc1_bias=need[_B1] and has_b1, fc2_bias=need[_B2] and b2 is not None,
+                           layer_scale=need[_LS2] and ls2 is not None,
+                           sample_scale=need[_SS2] and ss2 is not None)
+    g_lp, ls_lp, k = gemm_grad(g, ls2, lp)
+    dh, dw1, db1, dw2, db2, dls2, dss2 = step.mlp_backward(
+        (g_lp, h, w1, w2, b2, pre, ls_lp, _as(ss2, lp) if ss2 is not None else None), wanted)
+    del h
+    if k is not None and dls2 is not None and dls2.numel():
+        dls2 = dls2.float() / k  # exact: k is a power of two
+    # The LayerNorm backwards read dh (and p) in the GEMMs' dtype, widening on the load
+    # (exact), and LN2's writes dp in it, rounding once as the general path's cast does:
+    # three activation-sized casts fewer under AMP.
+    ln2_bwd = step.ln_backward(2, (need[_N2B], n2b_dtype, n2w.dtype,
+                                   ls1.dtype if ls1 is not None else None, ss1 is not None))
+    dp, dres, dn2w, dn2b, dls1 = ln2_bwd(dh, g, s, mean, rstd, n2w, p, ls1, ss1)
+    dss1 = sample_scale_grad(dres, p, ls1, ss1) if (need[_SS1] and ss1 is not None) else None
+    del dh, g, g_lp
+
+    # proj (F.linear's backward, in the GEMMs' dtype)
+    gp = dp.reshape(-1, C)
+    dpw = gp.t().mm(o.reshape(-1, C)) if need[_PW] else None
+    dpb = gp.sum(0) if (has_pb and need[_PB]) else None
+    do = gp.mm(pw).reshape(o.shape)
+    del gp, dp
+
+    # attention
+    if step.attn_ref is not None and segment_ids is None:
+        dqkv = _attention.reference_bwd(step.attn_ref, do, qkv, o, lse, r1, r2, step.heads,
+                                        scale)
+    elif step.attn_public:
+        dqkv = _public_attention_grad(ctx, do)
+    else:
+        dqkv = step.attention_bwd(do, qkv, o, lse, scale, drop, seed, segment_ids)
+    del do
+
+    # LN1 -> qkv (vit_fast/ops/layer_norm_linear.py's backward)
+    g3 = dqkv.reshape(-1, 3 * C)
+    y1, mean, rstd = step.ln_stats(x, n1w, n1b, eps1)
+    dqw = g3.t().mm(y1.reshape(-1, C)) if need[_QW] else None
+    del y1
+    dqb = g3.sum(0) if (has_qb and need[_QB]) else None
+    dy1 = g3.mm(qw).reshape(x.shape)
+    del g3, dqkv
+    dx, _, dn1w, dn1b, _ = step.ln_backward(1, (need[_N1B], n1b_dtype, n1w.dtype))(
+        dy1, None, x, mean, rstd, n1w)
+    dx.add_(dres)
+
+    def kept(grad, i):
+        return grad if (need[i] and grad is not None and grad.numel()) else None
+    return (None, None, dss1, kept(dss2, _SS2), None, None, dx,
+            kept(dn1w, _N1W), kept(dn1b, _N1B), dqw, dqb, dpw, dpb, kept(dls1, _LS1),
+            kept(dn2w, _N2W), kept(dn2b, _N2B), dw1, kept(db1, _B1), dw2, kept(db2, _B2),
+            kept(dls2, _LS2))

@@ -51,6 +51,9 @@ import torch
 
 TARGETS = {"sm_80": (108, 80), "sm_90": (132, 90)}
 MODES = ("forward", "fwd+bwd", "inference")
+# Calls before measuring: the first runs the general path, the step is made after it, and the
+# step's bodies are recorded on its third call (vit_fast/step_program.py): all past.
+WARMUP_CALLS = 6
 PRECISIONS = ("fp32", "bf16", "amp")
 
 
@@ -408,7 +411,7 @@ def _instructions_child(impl, shape_name, precision, target, mode, steps, depth=
     block = ours if impl == "vit_fast" else timm_block
     with one_thread(), gpu_path(target):
         step = make_step(block, SHAPES[shape_name], precision, mode)
-        for _ in range(3):
+        for _ in range(WARMUP_CALLS):
             step()
         gc.collect()
         gc.disable()

@@ -80,6 +80,59 @@ def sdpa_attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_
     return torch.stack([t.transpose(1, 2) for t in (dq, dk, dv)], dim=2).flatten(2)
 
 
+# -- the reference's SDPA as an explicit forward/backward pair ---------------------------------
+#
+# Where dispatch sends the attention to the reference (fp32 on a GPU), the reference runs
+# F.scaled_dot_product_attention on q/k/v views of qkv, and SDPA calls one fused kernel and,
+# through its autograd, that kernel's backward. The Block's step calls that same pair itself
+# (block_step.BlockStep.reference_fwd/_bwd): same ops, same arguments, so the same bits, without
+# recording a graph per call -- which lets its body be replayed (vit_fast/step_program.py).
+# Only where SDPA's own choice for the problem is one of these two kernels.
+
+def reference_pair(qkv_shape, dtype, device, num_heads):
+    """'efficient' (CUDA's memory-efficient kernel) or 'cpu_flash' (the CPU's flash kernel) where
+    F.scaled_dot_product_attention picks it for q/k/v views of a qkv like this one that require
+    grad, without mask or dropout; else None."""
+    from torch.nn.attention import SDPBackend
+    qkv = torch.empty(qkv_shape, dtype=dtype, device=device, requires_grad=True)
+    q, k, v = _heads(qkv, num_heads)
+    with torch.enable_grad():
+        choice = torch._fused_sdp_choice(q, k, v, None, 0.0, False)
+    if device.type == "cuda" and choice == SDPBackend.EFFICIENT_ATTENTION.value:
+        return "efficient"
+    if device.type == "cpu" and choice == SDPBackend.FLASH_ATTENTION.value:
+        return "cpu_flash"
+    return None
+
+
+def reference_fwd(pair, qkv, num_heads, scale):
+    """(out [B, N, H·D], lse, philox seed, philox offset) as SDPA's forward computes them for
+    the reference (seed and offset: None for the CPU kernel)."""
+    q, k, v = _heads(qkv, num_heads)
+    if pair == "efficient":
+        out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, False, scale=scale)
+    else:
+        (out, lse), seed, offset = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, scale=scale), None, None
+    B, N = qkv.shape[:2]
+    return out.transpose(1, 2).reshape(B, N, -1), lse, seed, offset
+
+
+def reference_bwd(pair, dout, qkv, out, lse, seed, offset, num_heads, scale):
+    """dqkv [B, N, 3·H·D] as SDPA's autograd computes it from reference_fwd's outputs."""
+    q, k, v = _heads(qkv, num_heads)
+    g, o = _as_heads(dout, num_heads), _as_heads(out, num_heads)
+    if pair == "efficient":
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            g, q, k, v, None, o, lse, seed, offset, 0.0, [True, True, True, False], False,
+            scale=scale)[:3]
+    else:
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            g, q, k, v, o, lse, 0.0, False, scale=scale)
+    return torch.stack([t.transpose(1, 2) for t in (dq, dk, dv)], dim=2).flatten(2)
+
+
 def sdpa_eligible(qkv, dropout_p, segmented, policy=None) -> bool:
     """Whether PyTorch's flash SDPA may answer this call: under 'auto' only, without dropout
     and without kernel-only arguments (segment ids), in flash's dtypes on CUDA."""
