@@ -247,9 +247,10 @@ def _fused(ours) -> bool:
 
 
 def make_step(block, shape: Shape, precision: str, mode: str):
-    """One call of ``mode`` on ``block`` as a closure: forward (recording a graph), fwd+bwd
-    (forward + backward of x and every parameter, grads returned, not accumulated) or inference
-    (eval, inference_mode)."""
+    """One call of ``mode`` on ``block`` as a closure: forward (recording a graph: a training
+    step's forward, once :func:`warm_up` has run the configuration's backward), fwd+bwd (forward +
+    backward of x and every parameter, grads returned, not accumulated) or inference (eval,
+    inference_mode)."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     x = torch.randn(shape.batch, shape.tokens, shape.dim, dtype=dtype,
                     requires_grad=mode != "inference")
@@ -274,6 +275,16 @@ def make_step(block, shape: Shape, precision: str, mode: str):
             y = forward()
             return torch.autograd.grad(y, [x, *params], grad_out.to(y.dtype))
     return step
+
+
+def warm_up(block, shape: Shape, precision: str, mode: str):
+    """Before measuring ``mode``: the forward mode is a training step's forward, which runs the
+    one-node step once the configuration has run forward and backward (a forward never followed
+    by a backward would take the general path every call): warm it up with forward+backward."""
+    if mode == "forward":
+        step = make_step(block, shape, precision, "fwd+bwd")
+        for _ in range(WARMUP_CALLS):
+            step()
 
 
 @contextlib.contextmanager
@@ -350,6 +361,8 @@ def measure(shape: Shape, precision: str, target: str = "sm_90", modes=MODES, ro
     timm_block, ours = build_blocks(shape, precision, depth=depth, layers=layers)
     with one_thread(), gpu_path(target) as launches:
         for mode in modes:
+            for block in (timm_block, ours):
+                warm_up(block, shape, precision, mode)
             steps = {"timm": make_step(timm_block, shape, precision, mode),
                      "vit_fast": make_step(ours, shape, precision, mode)}
             times = time_interleaved(steps, rounds=rounds, inner=inner)
@@ -410,6 +423,7 @@ def _instructions_child(impl, shape_name, precision, target, mode, steps, depth=
     timm_block, ours = build_blocks(SHAPES[shape_name], precision, depth=depth, layers=layers)
     block = ours if impl == "vit_fast" else timm_block
     with one_thread(), gpu_path(target):
+        warm_up(block, SHAPES[shape_name], precision, mode)
         step = make_step(block, SHAPES[shape_name], precision, mode)
         for _ in range(WARMUP_CALLS):
             step()
