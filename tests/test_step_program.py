@@ -97,6 +97,12 @@ def _call(block, x, amp=False, general=False):
     return out, torch.autograd.grad((out.float() * weight).sum(), [x, *params])
 
 
+def _recorded(block, x, amp=False):
+    """The general path's call, then the step's: its third records (step_program.RECORD_AT)."""
+    for _ in range(4):
+        _call(block, x, amp)
+
+
 def _programs(block):
     return block.__dict__["_block_plan"][1].step.programs
 
@@ -126,8 +132,7 @@ def test_replayed_step_gives_the_general_paths_bits(case, monkeypatch):
     with executing_direct_launches(monkeypatch), vit_fast.use_backend(backend):
         block = _block(**kw)
         runs = _replays(monkeypatch)
-        for _ in range(4):  # the general path, then the step: its third call records
-            _call(block, x, amp)
+        _recorded(block, x, amp)
         programs = _programs(block)
         assert programs is not None
         kinds = {type(p).__name__ for p in programs.by_key.values()}
@@ -143,14 +148,13 @@ def test_replayed_step_gives_the_general_paths_bits(case, monkeypatch):
 
 
 def test_inputs_unlike_the_recorded_take_the_body(monkeypatch):
-    """A misaligned x (a view at an odd offset: Triton specializes on 16-byte alignment), another
-    batch size (another configuration) or a dispatch mode: the Python body, the same bits."""
+    """A misaligned x (a view at an odd offset: Triton specializes on 16-byte alignment) or a
+    dispatch mode: the Python body, the same bits."""
     from torch.utils._python_dispatch import TorchDispatchMode
     x = torch.randn(2, 6, 16)
     with executing_direct_launches(monkeypatch), vit_fast.use_backend("triton"):
         block = _block()
-        for _ in range(4):
-            _call(block, x)
+        _recorded(block, x)
         runs = _replays(monkeypatch)
         flat = torch.randn(2 * 6 * 16 + 1)
         odd = flat[1:].view(2, 6, 16)  # contiguous, 4 bytes past 16-byte alignment
@@ -188,15 +192,13 @@ def test_a_launch_hook_takes_the_body(monkeypatch):
     x = torch.randn(2, 6, 16)
     with executing_direct_launches(monkeypatch), vit_fast.use_backend("triton"):
         block = _block()
-        for _ in range(4):
-            _call(block, x)
+        _recorded(block, x)
         runs = _replays(monkeypatch)
-        seen = []
         hook = knobs.runtime.launch_enter_hook
         if hasattr(hook, "calls"):
-            monkeypatch.setattr(hook, "calls", [lambda *a: seen.append(1)])
+            monkeypatch.setattr(hook, "calls", [lambda *a: None])
         else:
-            monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda *a: seen.append(1))
+            monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda *a: None)
         _call(block, x)
         assert runs == []
 
@@ -278,8 +280,7 @@ def test_step_with_the_reference_attention_gives_the_general_paths_bits(programs
     with ctx, vit_fast.use_backend("triton"):
         block = _block()
         runs = _replays(monkeypatch)
-        for _ in range(4):
-            _call(block, x)
+        _recorded(block, x)
         step = block.__dict__["_block_plan"][1].step
         assert step.attn_public and step.attn_ref == "cpu_flash"
         stepped = _call(block, x)
