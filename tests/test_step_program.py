@@ -334,3 +334,15 @@ def test_converted_transformers_layers_replay_their_steps(amp):
     assert torch.equal(replayed[0], want[0])
     for a, b in zip(replayed[1], want[1]):
         assert torch.equal(a, b)
+
+
+def test_a_program_the_extension_cannot_build_is_refused(monkeypatch):
+    """A recording whose program the extension rejects (a constant it cannot convert) leaves the
+    body in Python instead of failing the call."""
+    def rejecting(*args):
+        raise RuntimeError("cannot convert")
+    monkeypatch.setattr(step_program, "_build", rejecting)
+    x = torch.randn(4)
+    out, prog = step_program.record(lambda a: (a * 2,), (x,), (x,))
+    assert prog is None
+    assert torch.equal(out[0], x * 2)

@@ -312,7 +312,10 @@ class _Recorder(TorchDispatchMode):
             if r not in kept:
                 frees[k].append(r)
         instrs = tuple((*ins[:5], tuple(frees[k])) for k, ins in enumerate(self.instrs))
-        capsule = _build(len(self.alive), tuple(self.specs), instrs, outputs)
+        try:
+            capsule = _build(len(self.alive), tuple(self.specs), instrs, outputs)
+        except (TypeError, ValueError, RuntimeError):  # a constant the extension cannot hold
+            return None
         if not self.kernels:  # no launch: no stream to read
             return Program(capsule, _hooks(()), None, None, ())
         get_device, get_stream = direct_launch._driver()
