@@ -136,7 +136,7 @@ class _Recorder(TorchDispatchMode):
         self.alive = []     # every tensor seen, so that no id is reused while recording
         self.instrs = []    # [kind, ..., registers read, registers written]
         self.kernels = {}   # kernel -> its compiled kernel
-        self.views = {}     # register of a view op's output -> (its base's register, the op)
+        self.views = {}     # a view op's output register -> (base register, op index, view, base)
         self.why = None
         self.specs = []
         for t in inputs:

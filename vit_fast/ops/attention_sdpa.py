@@ -49,6 +49,17 @@ def _as_heads(t, num_heads):
     return t.unflatten(-1, (num_heads, -1)).transpose(1, 2)
 
 
+def _rows(out, qkv):
+    """SDPA's out [B, H, N, D] as [B, N, H·D] (a view where SDPA wrote it as [B, N, H, D])."""
+    B, N = qkv.shape[:2]
+    return out.transpose(1, 2).reshape(B, N, -1)
+
+
+def _packed(dq, dk, dv):
+    """dq, dk, dv [B, H, N, D] as dqkv [B, N, 3·H·D], qkv's packing."""
+    return torch.stack([t.transpose(1, 2) for t in (dq, dk, dv)], dim=2).flatten(2)
+
+
 def sdpa_attention_fwd(qkv: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
     """(out [B, N, H·D], lse [B, H, N] fp32) from flash SDPA, no dropout."""
     q, k, v = _heads(qkv, num_heads)
@@ -58,8 +69,7 @@ def sdpa_attention_fwd(qkv: Tensor, num_heads: int, scale: float) -> tuple[Tenso
     else:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, scale=scale)
-    B, N = qkv.shape[:2]
-    return out.transpose(1, 2).reshape(B, N, -1), lse.float().contiguous()
+    return _rows(out, qkv), lse.float().contiguous()
 
 
 def sdpa_attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int,
@@ -77,7 +87,7 @@ def sdpa_attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_
     else:
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             g, q, k, v, o, lse, 0.0, False, scale=scale)
-    return torch.stack([t.transpose(1, 2) for t in (dq, dk, dv)], dim=2).flatten(2)
+    return _packed(dq, dk, dv)
 
 
 # -- the reference's SDPA as an explicit forward/backward pair ---------------------------------
@@ -85,7 +95,7 @@ def sdpa_attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_
 # Where dispatch sends the attention to the reference (fp32 on a GPU), the reference runs
 # F.scaled_dot_product_attention on q/k/v views of qkv, and SDPA calls one fused kernel and,
 # through its autograd, that kernel's backward. The Block's step calls that same pair itself
-# (block_step.BlockStep.reference_fwd/_bwd): same ops, same arguments, so the same bits, without
+# (block_step's bodies call reference_fwd/_bwd): same ops, same arguments, so the same bits, without
 # recording a graph per call -- which lets its body be replayed (vit_fast/step_program.py).
 # Only where SDPA's own choice for the problem is one of these two kernels.
 
@@ -115,8 +125,7 @@ def reference_fwd(pair, qkv, num_heads, scale):
     else:
         (out, lse), seed, offset = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, scale=scale), None, None
-    B, N = qkv.shape[:2]
-    return out.transpose(1, 2).reshape(B, N, -1), lse, seed, offset
+    return _rows(out, qkv), lse, seed, offset
 
 
 def reference_bwd(pair, dout, qkv, out, lse, seed, offset, num_heads, scale):
@@ -130,7 +139,7 @@ def reference_bwd(pair, dout, qkv, out, lse, seed, offset, num_heads, scale):
     else:
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             g, q, k, v, o, lse, 0.0, False, scale=scale)
-    return torch.stack([t.transpose(1, 2) for t in (dq, dk, dv)], dim=2).flatten(2)
+    return _packed(dq, dk, dv)
 
 
 def sdpa_eligible(qkv, dropout_p, segmented, policy=None) -> bool:
