@@ -13,7 +13,9 @@ Forward, pre = x W1ᵀ + b1 (cuBLAS, bias in its epilogue):
 Backward, g = d_out, w2s = ls·W2 (weight-sized):
   d_act = g w2s (cuBLAS);  gelu_bwd_kernel  d_pre = d_act·ss[b]·gelu'(pre) (in place),
     act_s = gelu(pre)·ss[b] (recomputed for dW2),  rowdot[m] = Σ_h d_act·gelu(pre) (for d ss)
-  E = gᵀ act_s (fp32),  dx = d_pre W1,  dW1 = d_preᵀ x (cuBLAS),  db1/db2 column sums (Triton).
+    and fp32 column partials of d_pre per program (db1 before their sum)
+  E = gᵀ act_s (fp32),  dx = d_pre W1,  dW1 = d_preᵀ x (cuBLAS),  db2 = column sum of g and db1
+  = column sum of the partials (Triton).
 Deterministic: no atomics; rowdot sums a whole row inside one program in a fixed order; cuBLAS
 GEMMs are run-to-run reproducible on one GPU and stream (CUBLAS_WORKSPACE_CONFIG for several).
 """
@@ -70,20 +72,25 @@ def gelu_fwd_kernel(PRE, ACT, numel, APPROX_TANH: tl.constexpr, BLOCK: tl.conste
 
 
 @triton.jit
-def gelu_bwd_kernel(DACT, PRE, DPRE, ACTS, SSCALE, ROWDOT, M, N, rows_per_sample,
+def gelu_bwd_kernel(DACT, PRE, DPRE, ACTS, SSCALE, ROWDOT, DBPART, M, N, rows_per_sample,
                     APPROX_TANH: tl.constexpr, HAS_SAMPLE_SCALE: tl.constexpr,
-                    STORE_ACT: tl.constexpr, ROW_DOT: tl.constexpr,
+                    STORE_ACT: tl.constexpr, ROW_DOT: tl.constexpr, COL_SUM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dGELU for BLOCK_M whole rows per program (walking the N columns in BLOCK_N steps):
 
     d_pre = d_act·ss[m // rows_per_sample]·gelu'(pre)       -> DPRE (may be DACT: read first)
     act_s = gelu(pre)·ss[m // rows_per_sample]               -> ACTS when STORE_ACT
     rowdot[m] = Σ_n d_act·gelu(pre)  (fp32)                  -> ROWDOT when ROW_DOT
+    dbpart[p, n] = Σ_{m of program p} d_pre[m, n] as stored  -> DBPART when COL_SUM
 
     DACT, PRE, DPRE, ACTS: [M, N] contiguous, one dtype; SSCALE [M // rows_per_sample];
-    ROWDOT fp32 [M]. A program owning whole rows makes the row sum complete and ordered.
+    ROWDOT fp32 [M]; DBPART fp32 [cdiv(M, BLOCK_M), N]. A program owning whole rows makes the row
+    sum complete and ordered. The column partials are fc1's bias gradient before a fixed-order sum
+    over programs: taken from the tile in registers, they spare a second read of d_pre ([M, N])
+    by a column-sum pass (deterministic: no atomics).
     """
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = rows < M
     if HAS_SAMPLE_SCALE:
         ss = tl.load(SSCALE + rows // rows_per_sample, mask=mask_m, other=0.0).to(tl.float32)
@@ -103,7 +110,11 @@ def gelu_bwd_kernel(DACT, PRE, DPRE, ACTS, SSCALE, ROWDOT, M, N, rows_per_sample
         if HAS_SAMPLE_SCALE:
             d_pre = d_pre * ss[:, None]
             act = act * ss[:, None]
-        tl.store(DPRE + offs, d_pre.to(DPRE.dtype.element_ty), mask=mask)
+        d_pre = d_pre.to(DPRE.dtype.element_ty)
+        tl.store(DPRE + offs, d_pre, mask=mask)
+        if COL_SUM:  # of the stored values (masked rows hold 0: d_act loads as 0 there)
+            tl.store(DBPART + pid.to(tl.int64) * N + cols, tl.sum(d_pre.to(tl.float32), axis=0),
+                     mask=cols < N)
         if STORE_ACT:
             tl.store(ACTS + offs, act.to(ACTS.dtype.element_ty), mask=mask)
     if ROW_DOT:
@@ -176,26 +187,31 @@ def gelu_forward(pre, act, approximate):
 
 @on_tensor_device
 def gelu_backward(d_act, pre, approximate, sample_scale=None, rows_per_sample=1, *,
-                  store_act=True, row_dot=False):
-    """In place d_act <- d_pre; returns (act_s or None, rowdot fp32 [M] or None).
+                  store_act=True, row_dot=False, col_sum=False):
+    """In place d_act <- d_pre; returns (act_s or None, rowdot fp32 [M] or None, the column
+    partials fp32 [programs, N] or None: their sum over rows is Σ_m d_pre[m]).
     See gelu_bwd_kernel."""
     M, N = pre.shape
     act_s = torch.empty_like(pre) if store_act else None
     rowdot = torch.zeros(M, device=pre.device, dtype=torch.float32) if row_dot else None
-    if M and N:
-        target = gpu_target(pre.device)
-        key = ("bwd", M, N, approximate, d_act.dtype, pre.dtype, sample_scale is not None,
-               store_act, row_dot, target, pre.get_device())
-        launch = _LAUNCHES.get(key)
-        if launch is None:
-            bm, bn = elementwise_blocks(target).bwd
-            # Absent tensors go in as None: Triton specializes them away (the flags say so too).
-            launch = _keep(key, gelu_bwd_kernel, (cdiv(M, bm),), dict(
-                APPROX_TANH=approximate == "tanh", HAS_SAMPLE_SCALE=sample_scale is not None,
-                STORE_ACT=store_act, ROW_DOT=row_dot, BLOCK_M=bm, BLOCK_N=bn,
-                num_warps=NUM_WARPS))
-        launch(d_act, pre, d_act, act_s, sample_scale, rowdot, M, N, rows_per_sample)
-    return act_s, rowdot
+    if not (M and N):
+        parts = torch.zeros(1, N, device=pre.device, dtype=torch.float32) if col_sum else None
+        return act_s, rowdot, parts
+    target = gpu_target(pre.device)
+    key = ("bwd", M, N, approximate, d_act.dtype, pre.dtype, sample_scale is not None,
+           store_act, row_dot, col_sum, target, pre.get_device())
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        bm, bn = elementwise_blocks(target).bwd
+        # Absent tensors go in as None: Triton specializes them away (the flags say so too).
+        launch = _keep(key, gelu_bwd_kernel, (cdiv(M, bm),), dict(
+            APPROX_TANH=approximate == "tanh", HAS_SAMPLE_SCALE=sample_scale is not None,
+            STORE_ACT=store_act, ROW_DOT=row_dot, COL_SUM=col_sum, BLOCK_M=bm, BLOCK_N=bn,
+            num_warps=NUM_WARPS))
+    parts = (torch.empty(launch.grid[0], N, device=pre.device, dtype=torch.float32)
+             if col_sum else None)
+    launch(d_act, pre, d_act, act_s, sample_scale, rowdot, parts, M, N, rows_per_sample)
+    return act_s, rowdot, parts
 
 
 @on_tensor_device
@@ -269,7 +285,8 @@ def gelu_mlp_cublas_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_sc
                                              wanted.sample_scale and ss is not None)
     w2s = fc2_weight if ls is None else (fc2_weight.float() * ls.float()[:, None]).to(dtype)
     d_pre = torch.mm(g, w2s)
-    act_s, rowdot = gelu_backward(d_pre, pre, approximate, ss, rps, row_dot=needs_sample_scale)
+    act_s, rowdot, b1_parts = gelu_backward(d_pre, pre, approximate, ss, rps,
+                                            row_dot=needs_sample_scale, col_sum=needs_fc1_bias)
     # E = gᵀ·act_s stays fp32: dW2 = ls·E and d ls = Σ_h W2∘E both come from it.
     e = _mm_fp32(g.t(), act_s)
     del act_s
@@ -288,7 +305,7 @@ def gelu_mlp_cublas_bwd(grad, x, fc1_weight, fc2_weight, fc2_bias, pre, layer_sc
         d_ss = rowdot.reshape(-1, rps).sum(1).to(ss.dtype)
     d_x = torch.mm(d_pre, fc1_weight)
     d_w1 = torch.mm(d_pre.t(), x2)
-    d_b1 = colsum_of("d_b1", d_pre).to(dtype) if needs_fc1_bias else None
+    d_b1 = colsum_of("d_b1", b1_parts).to(dtype) if needs_fc1_bias else None
     return d_x.reshape(x.shape), d_w1, d_b1, d_w2, d_b2, d_ls, d_ss
 
 

@@ -26,13 +26,14 @@ def aot_specs():
                 specs.append(AotSpec(
                     f"gelu_bwd_kernel[{tag}]", gelu_bwd_kernel,
                     {"DACT": p, "PRE": p, "DPRE": p, "ACTS": p, "SSCALE": p, "ROWDOT": "*fp32",
-                     "M": "i32", "N": "i32", "rows_per_sample": "i32",
+                     "DBPART": "*fp32", "M": "i32", "N": "i32", "rows_per_sample": "i32",
                      "APPROX_TANH": "constexpr", "HAS_SAMPLE_SCALE": "constexpr",
-                     "STORE_ACT": "constexpr", "ROW_DOT": "constexpr", "BLOCK_M": "constexpr",
-                     "BLOCK_N": "constexpr"},
+                     "STORE_ACT": "constexpr", "ROW_DOT": "constexpr", "COL_SUM": "constexpr",
+                     "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
                     {"APPROX_TANH": tanh, "HAS_SAMPLE_SCALE": True, "STORE_ACT": True,
-                     "ROW_DOT": True, "BLOCK_M": blocks.bwd[0], "BLOCK_N": blocks.bwd[1]},
-                    ("DACT", "PRE", "DPRE", "ACTS", "SSCALE", "ROWDOT", "N"),
+                     "ROW_DOT": True, "COL_SUM": True, "BLOCK_M": blocks.bwd[0],
+                     "BLOCK_N": blocks.bwd[1]},
+                    ("DACT", "PRE", "DPRE", "ACTS", "SSCALE", "ROWDOT", "DBPART", "N"),
                     num_warps=NUM_WARPS))
             specs.append(AotSpec(
                 f"residual_epilogue_kernel[{dtype}]", residual_epilogue_kernel,

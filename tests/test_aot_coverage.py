@@ -214,7 +214,8 @@ def test_cublas_elementwise_launches_are_compiled(monkeypatch):
     ss = torch.tensor([1.0, 0.0], dtype=torch.bfloat16)
     with launches_on(monkeypatch, Target(132, 90)) as seen:
         gelu_elementwise.gelu_forward(pre, torch.empty_like(pre), "tanh")
-        gelu_elementwise.gelu_backward(torch.randn_like(pre), pre, "none", ss, 5, row_dot=True)
+        gelu_elementwise.gelu_backward(torch.randn_like(pre), pre, "none", ss, 5, row_dot=True,
+                                       col_sum=True)
         gelu_elementwise.residual_epilogue(y, y[0], None, ss, res, 5)
     assert_covered(seen)
 

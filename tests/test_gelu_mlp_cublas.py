@@ -172,3 +172,28 @@ def test_block_memory_ratio_holds_with_cublas_policy(monkeypatch):
     assert rows["cublas"]["vit_fast"]["bytes"] == rows["triton"]["vit_fast"]["bytes"]
     assert rows["cublas"]["vit_fast"]["ratio"] <= 0.65
 
+
+
+def test_fc1_bias_grad_comes_from_the_dgelu_pass_not_a_second_read(monkeypatch):
+    """db1 is summed from per-program partial rows the dGELU pass writes beside d_pre (the values
+    it stores), not by a column sum that reads the [M, H] gradient back from memory; the sum is
+    that of the stored d_pre and the same bits on every run."""
+    from vit_fast.kernels import gelu_elementwise as ge
+    t = make_inputs((3, 11), 64, 256, torch.bfloat16, residual=True, layer_scale=True,
+                    sample_scale=True)
+    args = [t[n].detach() for n in NAMES]
+    out, pre = ge.gelu_mlp_cublas_fwd(*args[:5], "none", *args[5:], True)
+    g = _grad_for(t).reshape(out.shape).to(out.dtype)
+    read = []
+    real_colsum = ge.colsum
+    monkeypatch.setattr(ge, "colsum", lambda x, *a: read.append(tuple(x.shape)) or
+                        real_colsum(x, *a))
+    grads = [ge.gelu_mlp_cublas_bwd(g, args[0], args[1], args[3], args[4], pre, args[6],
+                                    args[7], approximate="none", has_residual=True)
+             for _ in range(2)]
+    assert pre.shape not in read, read
+    assert torch.equal(grads[0][2], grads[1][2])
+    d_act = torch.mm(g.reshape(-1, 64), (args[3].float() * args[6].float()[:, None])
+                     .to(g.dtype))
+    ge.gelu_backward(d_act, pre, "none", args[7], 11, store_act=False)
+    torch.testing.assert_close(grads[0][2].float(), d_act.float().sum(0), rtol=1e-2, atol=1e-2)

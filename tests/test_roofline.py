@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import math
 
 import numpy as np
@@ -202,8 +203,12 @@ def test_gelu_mlp_cublas_elementwise_traffic_matches_model(layer_scale, sample_s
                                 approximate="none", has_residual=True,
                                 wanted=cub.MlpGrads(True, True, layer_scale, sample_scale))
     _check(launches, triton_only(roofline.gelu_mlp_cublas_bwd(
-        M, C, Hd, e, layer_scale=layer_scale, samples=samples, colsum_chunks=_interp_chunks)),
+        M, C, Hd, e, layer_scale=layer_scale, samples=samples, colsum_chunks=_interp_chunks,
+        gelu_rows=cub.elementwise_blocks(None).bwd[0])),
         ["gelu_bwd_kernel", "colsum_kernel", "colsum_kernel"])
+    # the model's default is the rows a CUDA program of the dGELU pass sums
+    default = inspect.signature(roofline.gelu_mlp_cublas_bwd).parameters["gelu_rows"].default
+    assert default == cub.CUDA_BLOCKS.bwd[0]
 
 
 def test_every_op_has_a_kernel_class_with_an_efficiency():

@@ -20,8 +20,9 @@ Steps (each on top of the previous):
   the branch's in l) folded into the kernel before it (each LayerNorm backward writes the stream
   gradient in fp32 and its l copy for the next GEMM).
 - ``grad_add``: LayerNorm 1's backward adds the stream gradient (no separate add pass).
-- ``bias_grads``: the bias column sums (fc1, fc2, qkv, proj) as per-program partials of the
-  kernel that writes each gradient (GELU backward, LayerNorm backwards), not passes of their own.
+- ``bias_grads``: the bias column sums (fc2, qkv, proj) as per-program partials of the kernel
+  that writes each gradient (LayerNorm backwards), not passes of their own; fc1's already is
+  (the dGELU pass writes its partials: the sum left reads those, not d_pre).
 - ``graphs``: the forward and backward replayed as CUDA graphs (issue 26, point 3): no host
   work per kernel (the graph launch and the optimizer's few kernels remain).
 - ``gemm_parity``: (requirement) the MLP's GELU / dGELU / residual epilogues fused into the GEMMs

@@ -195,25 +195,28 @@ def gelu_mlp_cublas_fwd(M, C, Hd, e, *, train, residual=True, layer_scale=False,
 
 
 def gelu_mlp_cublas_bwd(M, C, Hd, e, *, layer_scale=False, samples=0, colsum_chunks=None,
-                        fc2_bias=True) -> list:
+                        fc2_bias=True, gelu_rows=16) -> list:
     """kernels/gelu_elementwise.gelu_mlp_cublas_bwd: d_act GEMM, dGELU pass (d_pre in place,
-    act·ss stored, fp32 row dots for d sample_scale), E = gᵀ·act_s in fp32, column sums, dx and
-    dW1 GEMMs; plus the weight-sized torch ops (LayerScale fold)."""
-    chunks_g = colsum_chunks(M) if colsum_chunks else _colsum_chunks(M)
+    act·ss stored, fp32 row dots for d sample_scale, fp32 column partials of d_pre per program of
+    ``gelu_rows`` rows), E = gᵀ·act_s in fp32, column sums (db2 over g, db1 over the partials),
+    dx and dW1 GEMMs; plus the weight-sized torch ops (LayerScale fold)."""
+    chunks = colsum_chunks or _colsum_chunks
+    parts = math.ceil(M / gelu_rows)
     ops = []
     if layer_scale:
         ops.append(Op("torch_fold_layer_scale", C * Hd * e + C * e, C * Hd * e, C * Hd))
     ops += [
         eager_linear(M, Hd, C, e, "mlp_dact_mm", bias=False),
         Op("gelu_bwd_kernel", 2 * M * Hd * e + samples * e,
-           2 * M * Hd * e + (M * F32 if samples else 0), 25 * M * Hd),
+           2 * M * Hd * e + (M * F32 if samples else 0) + parts * Hd * F32,
+           25 * M * Hd + (M - parts) * Hd),  # a program's column sums: rows - 1 adds each
         matmul(C, Hd, M, e, out_e=F32, name="mlp_dW2_mm", kind="cublas_gemm"),
     ]
     if fc2_bias or layer_scale:
-        ops.append(colsum(M, C, e, chunks_g, samples=samples, name="mlp_db2_colsum"))
+        ops.append(colsum(M, C, e, chunks(M), samples=samples, name="mlp_db2_colsum"))
     return ops + [eager_linear(M, C, Hd, e, "mlp_dx_mm", bias=False),
                   eager_linear(Hd, C, M, e, "mlp_dW1_mm", bias=False),
-                  colsum(M, Hd, e, chunks_g, name="mlp_db1_colsum")]
+                  colsum(parts, Hd, F32, chunks(parts), name="mlp_db1_colsum")]
 
 
 def _ln_programs(M, C, sms=132):
