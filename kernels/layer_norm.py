@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import cdiv, gpu_target, next_power_of_2, on_tensor_device
+from ._device import cdiv, gpu_target, interpreting, next_power_of_2, on_tensor_device
 from .direct_launch import kept
 
 MAX_C = 8192
@@ -92,6 +92,22 @@ def residual_layer_norm_fwd_kernel(
 # (16 warps, the 128-register cap) the late order spilled 8 bytes on sm_90 with triton 3.6 and
 # 3.9; below it the early order made ptxas spill 4 bytes at 1024/2048 columns on sm_80 (3.8).
 _PARAM_GRADS_EARLY_FROM = tl.constexpr(8192)
+# Compiled builds add ds with PTX's add.rn: the compiler may not contract it with the multiply
+# before it into one FMA (Triton's default fp fusion would), so dx = round(round(dsum) + ds), the
+# bits of a dx stored and added afterwards (the Block's step adds the residual's gradient here,
+# where the general path's autograd adds it: the same bits). The interpreter has no inline PTX
+# and never contracts.
+_PTX_ADD = tl.constexpr(not interpreting())
+
+
+@triton.jit
+def _add_rounded(a, b):
+    """a + b (fp32), rounded on its own: never fused with the operation that produced a."""
+    if _PTX_ADD:
+        return tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=f,f,f", [a, b],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return a + b
 
 
 @triton.jit
@@ -148,7 +164,8 @@ def residual_layer_norm_bwd_kernel(
             dw_acc, db_acc = _param_grad_partials(dw_acc, db_acc, dy, xhat, HAS_WEIGHT, HAS_BIAS)
         dsum = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DS:
-            dsum += tl.load(DS + r64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dsum = _add_rounded(dsum, tl.load(DS + r64 * stride_ds + cols[None, :], mask=mask,
+                                              other=0.0).to(tl.float32))
         if HAS_RESIDUAL:
             tl.store(DRES + r64 * C + cols[None, :], dsum.to(DRES.dtype.element_ty), mask=mask)
             dbranch = dsum

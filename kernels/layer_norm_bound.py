@@ -111,8 +111,9 @@ def bind_bwd(s_shape, device, s_dtype, *, has_ds, residual_dtype=None, layer_sca
              sample_scale=False, bias_grad=True, bias_dtype=None, weight_dtype=None,
              dx_dtype=None) -> LayerNormBwd:
     """The backward of LayerNorm (weight present, in weight_dtype: s_dtype if not given) over
-    [..., C] rows: with residual_dtype the residual form (dresidual in that dtype; has_ds: a
-    gradient of s comes in too), layer_scale (its dtype) / sample_scale as the forward had them;
+    [..., C] rows: has_ds: a gradient of s comes in too, added to dx (ds: contiguous, s's shape);
+    with residual_dtype the residual form (dresidual in that dtype), layer_scale (its dtype) /
+    sample_scale as the forward had them;
     bias_grad: dbias wanted (bias_dtype: s_dtype if not given). dx (the branch's gradient in the
     residual form) in dx_dtype, s_dtype if not given: the kernel computes in fp32 and rounds once
     on its store, as a cast of an fp32 dx would."""
@@ -124,7 +125,7 @@ def bind_bwd(s_shape, device, s_dtype, *, has_ds, residual_dtype=None, layer_sca
     K = 1 + bool(bias_grad) + has_ls
     bound = LayerNormBwd()
     bound.programs, bound.rows_per_program, consts, reduce_grid, reduce_consts = _bwd_launch(
-        M, C, gpu_target(device), K, has_ds and has_res, has_res, has_ls, has_ss, True,
+        M, C, gpu_target(device), K, has_ds, has_res, has_ls, has_ss, True,
         bool(bias_grad))
     bound.launch = DirectLaunch(residual_layer_norm_bwd_kernel, (bound.programs,), consts)
     bound.reduce = DirectLaunch(layer_norm_param_grad_reduce_kernel, reduce_grid, reduce_consts)
@@ -133,8 +134,7 @@ def bind_bwd(s_shape, device, s_dtype, *, has_ds, residual_dtype=None, layer_sca
     bound.outs = ((s_shape, dx_dtype or s_dtype), (s_shape, residual_dtype) if has_res else None,
                   ((K, bound.programs, C), _F32))  # dx, dresidual, the parameters' partials
     bound.rows_per_sample = max(M // s_shape[0], 1) if (has_ss and len(s_shape) > 1) else 1
-    bound.has_ds, bound.has_res, bound.has_ls, bound.has_ss = (has_ds and has_res, has_res,
-                                                               has_ls, has_ss)
+    bound.has_ds, bound.has_res, bound.has_ls, bound.has_ss = has_ds, has_res, has_ls, has_ss
     bound.bias_grad = bool(bias_grad)
     bound.param_outs = (((C,), weight_dtype or s_dtype),  # dweight, dbias, dlayer_scale
                         ((C,), bias_dtype or s_dtype) if bias_grad else None,

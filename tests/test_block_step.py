@@ -391,3 +391,32 @@ def test_fused_attn_turned_off_after_the_step_is_obeyed():
         out = _call(block, x, 1)
     assert _nodes(out[0]) != BlockFn.__name__ + "Backward"
     assert _plan(block) is None  # the general path: Attention.attend materializes it
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
+def test_the_step_adds_the_stream_gradient_inside_layer_norm_1s_backward(amp):
+    """x's gradient is LayerNorm 1's plus the residual's: with an fp32 stream LN1's backward
+    kernel adds the residual's as it writes (no pass of its own over [B, N, C] in fp32); the bits
+    stay the general path's (test_the_step_gives_the_general_paths_bits)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Adds(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.add_.Tensor, torch.ops.aten.add.Tensor):
+                self.shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    block, x = _block(), torch.randn(2, 6, 16)
+    with vit_fast.use_backend("triton"):
+        _call(block, x, 1, amp)  # the general path makes the step
+        x = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = block(x)
+        assert _nodes(out) == BlockFn.__name__ + "Backward"
+        with Adds() as adds:
+            out.float().sum().backward()
+    assert (2, 6, 16) not in adds.shapes, adds.shapes

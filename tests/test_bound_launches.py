@@ -122,3 +122,21 @@ def test_bind_refuses_what_matmul_does_otherwise():
     bound = matmul_bound.bind(a, b, a.dtype)
     bt = torch.randn(12, 16).t()  # another layout than the one bound: read as it is
     assert torch.equal(bound(a, bt)[0], matmul.matmul(a, bt, a.dtype)[0])
+
+
+def test_bound_layer_norm_backward_adds_a_gradient_without_a_residual():
+    """has_ds without the residual form (the step's LayerNorm 1 in an fp32 stream): dx is the
+    launcher's dx plus ds, with the bits of that add done afterwards."""
+    torch.manual_seed(0)
+    B, N, C = 3, 7, 24
+    x, w, b = torch.randn(B, N, C), torch.randn(C), torch.randn(C)
+    _, mean, rstd = layer_norm_bound.bind_stats(x.shape, x.device, x.dtype)(x, w, b, 1e-5)
+    dy, ds = torch.randn(B, N, C), torch.randn(B, N, C)
+    want = layer_norm.residual_layer_norm_bwd(dy, None, x, mean, rstd, w, has_residual=False,
+                                              need_bias_grad=True)
+    got = layer_norm_bound.bind_bwd(x.shape, x.device, x.dtype, has_ds=True)(
+        dy, ds, x, mean, rstd, w)
+    assert torch.equal(got[0], want[0] + ds)
+    assert got[1] is None
+    for g, t in zip(got[2:4], want[2:4]):
+        assert torch.equal(g, t)

@@ -223,7 +223,7 @@ def test_plan_steps_are_cumulative_and_say_what_backs_them():
     assert "NOT backed" in steps["gemm_parity"]["backing"]
     assert "NOT backed" in steps["today"]["backing"]
     mem = [steps[k]["breakdown_ms"]["memory-bound"] for k in
-           ("cublas", "amp_casts", "grad_add", "bias_grads")]
+           ("cublas", "amp_casts", "bias_grads")]
     assert mem == sorted(mem, reverse=True)  # each fold removes traffic
     need = predict_plan.parity_needed("h100", "vit_base_patch16_224", 256)
     assert need is None or 0.3 < need <= 1.0

@@ -53,7 +53,7 @@ class BlockStep:
     the tuner chose for it (looked up once per variant: dropout, segments, drop-path, which
     gradients), AMP's dtype, and the parameters it was made with, by storage (:meth:`holds`)."""
     __slots__ = ("heads", "approximate", "amp", "policy", "mlp_fwd", "mlp_bwd", "attn_public",
-                 "ptrs", "tuner", "x_shape", "lp", "ln1", "ln2", "ln_stats",
+                 "ptrs", "tuner", "x_shape", "lp", "ln1", "ln2", "ln_stats", "ln1_adds",
                  "ln_bwd", "attn_fwd", "attn_bwd", "mlp_choice", "x_dtype", "device", "casts",
                  "programs", "attn_ref")
 
@@ -71,6 +71,11 @@ class BlockStep:
         self.ln_bwd = {}  # (which LayerNorm, its options) -> the bound backward
         self.attn_fwd, self.attn_bwd, self.mlp_choice = {}, {}, {}
         self.x_dtype, self.device = x_dtype, device
+        # x's gradient is LN1's plus the residual's. In an fp32 stream LN1's backward adds the
+        # residual's as it writes (one fp32 pass over [B, N, C] fewer), rounding as autograd's
+        # add after it does (kernels/layer_norm._add_rounded); in a 16-bit one a single rounding
+        # of the sum would not be the general path's bits, so the step adds afterwards.
+        self.ln1_adds = x_dtype == torch.float32
         self.casts = None  # AMP: the GEMM parameters' casts of the last region (AmpWeights)
         # Where dispatch sends the attention to the reference (fp32 on CUDA), the step runs it
         # as the general path does, through the public op (:meth:`public_attention`).
@@ -155,9 +160,10 @@ class BlockStep:
                                      sample_scale=has_ss, bias_grad=bias_grad,
                                      bias_dtype=bias_dtype, weight_dtype=weight_dtype,
                                      dx_dtype=self.lp)  # dp: only the proj GEMMs read it
-            else:  # LN1: (bias grad, bias dtype, weight dtype)
-                bound = _ln.bind_bwd(self.x_shape, self.device, self.x_dtype, has_ds=False,
-                                     bias_grad=key[0], bias_dtype=key[1], weight_dtype=key[2])
+            else:  # LN1: (bias grad, bias dtype, weight dtype); adds the residual's dx
+                bound = _ln.bind_bwd(self.x_shape, self.device, self.x_dtype,
+                                     has_ds=self.ln1_adds, bias_grad=key[0], bias_dtype=key[1],
+                                     weight_dtype=key[2])
             self.ln_bwd[(which, key)] = bound
         return bound
 
@@ -460,9 +466,11 @@ def _backward_body(ctx, dout, saved):
     dqb = g3.sum(0) if (has_qb and need[_QB]) else None
     dy1 = g3.mm(qw).reshape(x.shape)
     del g3, dqkv
+    adds = step.ln1_adds
     dx, _, dn1w, dn1b, _ = step.ln_backward(1, (need[_N1B], n1b_dtype, n1w.dtype))(
-        dy1, None, x, mean, rstd, n1w)
-    dx.add_(dres)
+        dy1, dres if adds else None, x, mean, rstd, n1w)
+    if not adds:
+        dx.add_(dres)
 
     def kept(grad, i):
         return grad if (need[i] and grad is not None and grad.numel()) else None

@@ -9,7 +9,7 @@ fraction of cuBLAS it would need), not as a prediction.
 
 Steps (each on top of the previous):
 - ``today``: vit_fast as it is (Triton GEMMs at the unbacked 0.7 of cuBLAS; host per Block from
-  the host benchmark).
+  the host benchmark; LayerNorm 1's backward already adds the fp32 stream's gradient).
 - ``host_half``: issue 26's goal, the host path per Block at 0.5x timm eager's (Triton's Python
   launch path included), no other change.
 - ``cublas``: every GEMM on cuBLAS (VIT_FAST_BACKEND=cublas: the MLP's GELU and residual
@@ -19,7 +19,6 @@ Steps (each on top of the previous):
   autocast dtype, the LayerNorm backwards already read the GEMMs' l gradient and LN2's writes
   the branch's in l) folded into the kernel before it (each LayerNorm backward writes the stream
   gradient in fp32 and its l copy for the next GEMM).
-- ``grad_add``: LayerNorm 1's backward adds the stream gradient (no separate add pass).
 - ``bias_grads``: the bias column sums (fc2, qkv, proj) as per-program partials of the kernel
   that writes each gradient (LayerNorm backwards), not passes of their own; fc1's already is
   (the dGELU pass writes its partials: the sum left reads those, not d_pre).
@@ -37,15 +36,13 @@ from . import gpu_peaks, predict, predict_host, predict_ops
 from . import roofline_amp as ra
 from .roofline import F32
 
-STEPS = ("today", "host_half", "cublas", "amp_casts", "grad_add", "bias_grads", "graphs",
-         "gemm_parity")
+STEPS = ("today", "host_half", "cublas", "amp_casts", "bias_grads", "graphs", "gemm_parity")
 BACKING = {
     "today": "Triton GEMMs at 0.7 of cuBLAS: NOT backed (issue 17's estimate)",
     "host_half": "host work (issue 26), no kernel efficiency involved",
     "cublas": "cuBLAS GEMMs (library); epilogue passes at the fitted DRAM fraction",
     "amp_casts": "memory-bound Triton kernels at the fitted DRAM fraction (LayerNorm builds: "
                  "<= 128 registers, 0 spills, compile-check)",
-    "grad_add": "as amp_casts",
     "bias_grads": "as amp_casts (per-program partials, reduced in a fixed order: deterministic)",
     "graphs": "host work (issue 26 point 3: the step replayed as a CUDA graph), no kernel change",
     "gemm_parity": "NOT backed: a GEMM with erf-GELU epilogues at cuBLAS speed (no library has "
@@ -71,26 +68,17 @@ def _fold_amp_casts(ops, M, C, l):
     return out
 
 
-def _fuse_grad_add(ops, M, C):
-    out = [op for op in ops if op.name != "add_grad_x"]
-    if len(out) == len(ops):
-        return ops
-    last = max(i for i, op in enumerate(out) if op.name == "layer_norm_bwd")
-    out[last] = dataclasses.replace(out[last], read=out[last].read + M * C * F32)
-    return out
-
-
 def _fold_bias_grads(ops):
     return [op for op in ops if op.name not in
             ("mlp_db1_colsum", "mlp_db2_colsum", "qkv_linear_db", "proj_linear_db")]
 
 
 def _gemm_parity(B, N, C, H, l, ls):
-    """vit_fast's fused (Triton-GEMM) MLP in place of the cuBLAS one, with amp_casts, grad_add
-    and bias_grads applied to it too (its GEMMs are costed at cuBLAS's fraction by the caller)."""
+    """vit_fast's fused (Triton-GEMM) MLP in place of the cuBLAS one, with amp_casts and
+    bias_grads applied to it too (its GEMMs are costed at cuBLAS's fraction by the caller)."""
     M = B * N
     fused = ra.vit_fast_ops(B, N, C, H, l, backward=True, layer_scale=ls)
-    fused = _fold_bias_grads(_fuse_grad_add(_fold_amp_casts(fused, M, C, l), M, C))
+    fused = _fold_bias_grads(_fold_amp_casts(fused, M, C, l))
     return [dataclasses.replace(op, kind="cublas_gemm") if op.kind == "triton_gemm" else op
             for op in fused]
 
@@ -106,8 +94,6 @@ def block_ops(step, B, N, C, H, l, ls):
     ops = predict_ops.vit_fast_cublas_ops(B, N, C, H, l, backward=True, layer_scale=ls)
     if i >= STEPS.index("amp_casts"):
         ops = _fold_amp_casts(ops, M, C, l)
-    if i >= STEPS.index("grad_add"):
-        ops = _fuse_grad_add(ops, M, C)
     if i >= STEPS.index("bias_grads"):
         ops = _fold_bias_grads(ops)
     return ops, "vit_fast_cublas"

@@ -103,9 +103,11 @@ def layer_norm_bwd(M, C, e, programs, *, residual=False, has_ds=False, layer_sca
     """residual_layer_norm_bwd_kernel (dx, dresidual, one fp32 partial row of each parameter
     gradient per program) and layer_norm_param_grad_reduce_kernel over the partials. dy, dx (the
     branch's gradient in the residual form) and x (the branch, read with LayerScale) at ``e``
-    bytes unless given their own (AMP's step: in the GEMMs' dtype)."""
+    bytes unless given their own (AMP's step: in the GEMMs' dtype). has_ds: a gradient of the
+    input read and added to dx (the residual form's s; without it, the Block step's LayerNorm 1 in
+    an fp32 stream adding the residual's)."""
     ls = residual and layer_scale
-    ds = residual and has_ds
+    ds = has_ds
     dy_e, dx_e, x_e = (e if v is None else v for v in (dy_e, dx_e, x_e))
     read = (M * C * (dy_e + e * (1 + int(ds)) + x_e * int(ls)) + 2 * M * F32
             + C * e * (int(weight) + int(ls)))
@@ -307,9 +309,13 @@ def block_ops(impl, B, N, C, H, e, *, backward, layer_scale=False, mlp_ratio=4.0
                *eager_linear_bwd(M, C, C, e, "proj_linear"),
                *attention_bwd(B, N, H, D, e),
                dataclasses.replace(layer_norm_fwd(M, C, e), name="layer_norm1_rebuild"),
-               *eager_linear_bwd(M, 3 * C, C, e, "qkv_linear"),
-               *layer_norm_bwd(M, C, e, P),
-               elementwise("add_grad_x", MC, e, 2)]
+               *eager_linear_bwd(M, 3 * C, C, e, "qkv_linear")]
+        # x's gradient: LN1's backward adds the residual's in an fp32 stream (block_step.py's
+        # ln1_adds), a pass of its own in a 16-bit one
+        if e == F32:
+            bwd += layer_norm_bwd(M, C, e, P, has_ds=True)
+        else:
+            bwd += [*layer_norm_bwd(M, C, e, P), elementwise("add_grad_x", MC, e, 2)]
         return fwd + bwd
     if impl != "eager":
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
