@@ -92,18 +92,25 @@ def residual_layer_norm_fwd_kernel(
 # (16 warps, the 128-register cap) the late order spilled 8 bytes on sm_90 with triton 3.6 and
 # 3.9; below it the early order made ptxas spill 4 bytes at 1024/2048 columns on sm_80 (3.8).
 _PARAM_GRADS_EARLY_FROM = tl.constexpr(8192)
-# Compiled builds add ds with PTX's add.rn: the compiler may not contract it with the multiply
-# before it into one FMA (Triton's default fp fusion would), so dx = round(round(dsum) + ds), the
-# bits of a dx stored and added afterwards (the Block's step adds the residual's gradient here,
-# where the general path's autograd adds it: the same bits). The interpreter has no inline PTX
-# and never contracts.
-_PTX_ADD = tl.constexpr(not interpreting())
+# Without a residual, compiled builds add ds with PTX's add.rn.f32, which the compiler may not
+# contract with the multiply before it into one FMA (Triton's default fp fusion would), so dx =
+# round(round(dsum) + ds), the bits of a dx stored and added afterwards (the Block's step adds
+# the residual's gradient to LayerNorm 1's here, where the general path's autograd adds it to a
+# stored dx: the same bits). Inline PTX rather than libdevice's add_rn, which Triton builds with
+# flush-to-zero (add.rn.ftz: subnormals would differ). The residual form's ds is added in this
+# kernel on both paths, so it stays an ordinary add. The interpreter runs no PTX and never
+# contracts: a plain add there.
+_ADD_RN = tl.constexpr(not interpreting())
+# The widest rows whose backward takes a ds without the residual form: at 8192 columns (16 warps,
+# 128 registers a thread) holding ds spills on triton 3.6 (sm_80 and sm_90); callers add it
+# afterwards there.
+DS_MAX_C = 4096
 
 
 @triton.jit
 def _add_rounded(a, b):
     """a + b (fp32), rounded on its own: never fused with the operation that produced a."""
-    if _PTX_ADD:
+    if _ADD_RN:
         return tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=f,f,f", [a, b],
                                          dtype=tl.float32, is_pure=True, pack=1)
     else:
@@ -150,6 +157,10 @@ def residual_layer_norm_bwd_kernel(
         r64 = rows.to(tl.int64)[:, None]
         dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         s = tl.load(S + r64 * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        # Without a residual ds is [M, C] contiguous, as dx; loaded with dy and s (loaded where
+        # it is added, ptxas spilled the 128-column fp16 build on sm_90). C <= DS_MAX_C there.
+        if HAS_DS and not HAS_RESIDUAL:
+            ds = tl.load(DS + r64 * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
@@ -163,10 +174,9 @@ def residual_layer_norm_bwd_kernel(
         if BLOCK_C >= _PARAM_GRADS_EARLY_FROM:
             dw_acc, db_acc = _param_grad_partials(dw_acc, db_acc, dy, xhat, HAS_WEIGHT, HAS_BIAS)
         dsum = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-        if HAS_DS:
-            dsum = _add_rounded(dsum, tl.load(DS + r64 * stride_ds + cols[None, :], mask=mask,
-                                              other=0.0).to(tl.float32))
         if HAS_RESIDUAL:
+            if HAS_DS:
+                dsum += tl.load(DS + r64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(DRES + r64 * C + cols[None, :], dsum.to(DRES.dtype.element_ty), mask=mask)
             dbranch = dsum
             if HAS_SAMPLE_SCALE:
@@ -179,6 +189,8 @@ def residual_layer_norm_bwd_kernel(
                 dbranch = dbranch * ls[None, :]
             tl.store(DX + r64 * C + cols[None, :], dbranch.to(DX.dtype.element_ty), mask=mask)
         else:
+            if HAS_DS:
+                dsum = _add_rounded(dsum, ds)
             tl.store(DX + r64 * C + cols[None, :], dsum.to(DX.dtype.element_ty), mask=mask)
         if BLOCK_C < _PARAM_GRADS_EARLY_FROM:
             dw_acc, db_acc = _param_grad_partials(dw_acc, db_acc, dy, xhat, HAS_WEIGHT, HAS_BIAS)

@@ -7,7 +7,7 @@ Each kernel is compiled with every optional input present (the most registers): 
 passed as None, only removes code. tests/test_aot_specs.py checks real launches against this list.
 """
 from .gelu_mlp_aot import TARGETS
-from .layer_norm import (MAX_C, _MIN_BLOCK_C, bwd_config, fwd_config,
+from .layer_norm import (DS_MAX_C, MAX_C, _MIN_BLOCK_C, bwd_config, fwd_config,
                          layer_norm_param_grad_reduce_kernel, reduce_config,
                          residual_layer_norm_bwd_kernel, residual_layer_norm_fwd_kernel)
 
@@ -28,7 +28,9 @@ def _spec(kernel, name, sig, const, divisible, num_warps):
                       ("MEAN", "STORE_STATS"), ("RSTD", "STORE_STATS"),
                       ("LS", "HAS_LAYER_SCALE"), ("X", "HAS_LAYER_SCALE"),
                       ("SS", "HAS_SAMPLE_SCALE"), ("W", "HAS_WEIGHT"), ("B", "HAS_BIAS")):
-        if ptr in sig and not const.get(flag, True) and not (ptr == "X" and "Y" in sig):
+        # X is the forward's input and S the backward's whatever the flags
+        keep = (ptr == "X" and "Y" in sig) or (ptr == "S" and "DY" in sig)
+        if ptr in sig and not const.get(flag, True) and not keep:
             sig[ptr], const[ptr] = "constexpr", None
     sig.update({k: "constexpr" for k in const})
     sig = {n: sig[n] for n in kernel.arg_names}  # argument order, for the divisibility attrs
@@ -49,15 +51,17 @@ def fwd_spec(cfg, x, y, stream, tag, **flags):
                               "stride_x", "stride_res"), cfg.num_warps)
 
 
-def bwd_spec(cfg, dt):
-    sig = {"DY": f"*{dt}", "DS": f"*{dt}", "S": f"*{dt}", "X": f"*{dt}", "MEAN": "*fp32",
+def bwd_spec(cfg, dt, dy=None, tag=None, **flags):
+    """dt: every tensor's dtype but dy's (dt unless given); flags over the superset's."""
+    dy, tag = dy or dt, tag or dt
+    sig = {"DY": f"*{dy}", "DS": f"*{dt}", "S": f"*{dt}", "X": f"*{dt}", "MEAN": "*fp32",
            "RSTD": "*fp32", "W": f"*{dt}", "LS": f"*{dt}", "SS": f"*{dt}", "DX": f"*{dt}",
            "DRES": f"*{dt}", "DW_PART": "*fp32", "DB_PART": "*fp32", "DLS_PART": "*fp32",
            "M": "i32", "C": "i32", "stride_dy": "i32", "stride_ds": "i32", "stride_s": "i32",
            "stride_x": "i32", "rows_per_program": "i32", "rows_per_sample": "i32"}
-    const = dict(_FLAGS, HAS_DS=True, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c)
+    const = dict(_FLAGS, HAS_DS=True, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, **flags)
     return _spec(residual_layer_norm_bwd_kernel,
-                 f"residual_layer_norm_bwd_{dt}_C{cfg.block_c}_M{cfg.block_m}_w{cfg.num_warps}",
+                 f"residual_layer_norm_bwd_{tag}_C{cfg.block_c}_M{cfg.block_m}_w{cfg.num_warps}",
                  sig, const, ("DY", "DS", "S", "X", "MEAN", "RSTD", "W", "LS", "SS", "DX", "DRES",
                               "DW_PART", "DB_PART", "DLS_PART", "C", "stride_dy", "stride_ds",
                               "stride_s", "stride_x"), cfg.num_warps)
@@ -89,5 +93,9 @@ def aot_specs():
                 specs.append(fwd_spec(cfg, "fp32", dt, "fp32", f"amp_ln1_{dt}", **no_residual))
                 specs.append(fwd_spec(cfg, dt, dt, "fp32", f"amp_ln2_{dt}"))
         specs += [bwd_spec(cfg, dt) for cfg in bwd]
+        # The Block step's LayerNorm 1 in an fp32 stream: adds the residual's gradient (its own
+        # add, kernels/layer_norm._add_rounded); dy in dt (AMP: the qkv GEMM's), the rest fp32.
+        specs += [bwd_spec(cfg, "fp32", dt, f"ln1_ds_{dt}", **no_residual) for cfg in bwd
+                  if cfg.block_c <= DS_MAX_C]
         specs += [reduce_spec(block_p, block_n, dt) for block_p, block_n in reduce]
     return specs

@@ -21,7 +21,7 @@ import torch
 from ._device import gpu_target
 from .direct_launch import DirectLaunch
 from .empties import empties
-from .layer_norm import (_bwd_launch, _fwd_launch, layer_norm_param_grad_reduce_kernel,
+from .layer_norm import (DS_MAX_C, _bwd_launch, _fwd_launch, layer_norm_param_grad_reduce_kernel,
                          residual_layer_norm_bwd_kernel, residual_layer_norm_fwd_kernel)
 
 _F32 = torch.float32

@@ -442,3 +442,16 @@ def test_eager_amp_model_lists_the_ops_a_traced_timm_block_runs(layer_scale):
                    if o.kind == "elementwise" and o.write in sizes
                    and not o.name.startswith(("layer_norm", "sdpa_flash")))
     assert got == model, (got, model)
+
+
+def test_the_model_adds_x_gradient_in_layer_norm_1_where_the_step_does():
+    """LayerNorm 1's backward adds the residual's gradient in fp32 streams up to the kernel's
+    DS_MAX_C columns (vit_fast/block_step.py); the model drops the separate add there only."""
+    layer_norm = _kernels_or_skip("layer_norm")
+    assert roofline.LN1_ADDS_MAX_C == layer_norm.DS_MAX_C
+    for C, fused in ((768, True), (2 * layer_norm.DS_MAX_C, False)):
+        H = C // 64
+        names = [o.name for o in roofline.block_ops("vit_fast", 2, 8, C, H, 4, backward=True)]
+        assert ("add_grad_x" not in names) == fused, C
+        assert "add_grad_x" in [o.name for o in roofline.block_ops("vit_fast", 2, 8, C, H, 2,
+                                                                   backward=True)]

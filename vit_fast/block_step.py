@@ -75,7 +75,7 @@ class BlockStep:
         # residual's as it writes (one fp32 pass over [B, N, C] fewer), rounding as autograd's
         # add after it does (kernels/layer_norm._add_rounded); in a 16-bit one a single rounding
         # of the sum would not be the general path's bits, so the step adds afterwards.
-        self.ln1_adds = x_dtype == torch.float32
+        self.ln1_adds = x_dtype == torch.float32 and x_shape[-1] <= _ln.DS_MAX_C
         self.casts = None  # AMP: the GEMM parameters' casts of the last region (AmpWeights)
         # Where dispatch sends the attention to the reference (fp32 on CUDA), the step runs it
         # as the general path does, through the public op (:meth:`public_attention`).

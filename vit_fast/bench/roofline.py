@@ -28,6 +28,7 @@ from .roofline_time import (EFFICIENCY, HARDWARE, KINDS, Op, efficiency_note, ti
                             total)
 
 F32 = 4  # bytes of the fp32 statistics (mean, rstd, lse, delta) and partial sums
+LN1_ADDS_MAX_C = 4096  # kernels/layer_norm.DS_MAX_C: wider fp32 streams add x's gradient apart
 IMPLS = ("eager", "torch.compile", "vit_fast", "vit_fast cublas")
 
 VIT_CONFIGS = {  # name -> (embed dim C, heads H, depth, patch)
@@ -312,7 +313,7 @@ def block_ops(impl, B, N, C, H, e, *, backward, layer_scale=False, mlp_ratio=4.0
                *eager_linear_bwd(M, 3 * C, C, e, "qkv_linear")]
         # x's gradient: LN1's backward adds the residual's in an fp32 stream (block_step.py's
         # ln1_adds), a pass of its own in a 16-bit one
-        if e == F32:
+        if e == F32 and C <= LN1_ADDS_MAX_C:
             bwd += layer_norm_bwd(M, C, e, P, has_ds=True)
         else:
             bwd += [*layer_norm_bwd(M, C, e, P), elementwise("add_grad_x", MC, e, 2)]

@@ -93,8 +93,10 @@ def vit_fast_ops(B, N, C, H, l, *, backward, layer_scale=False, mlp_ratio=4.0):
            *rl.attention_bwd(B, N, H, D, l),
            dataclasses.replace(layer_norm_fwd(M, C, l), name="layer_norm1_rebuild_amp"),
            *rl.eager_linear_bwd(M, 3 * C, C, l, "qkv_linear"),
-           *rl.layer_norm_bwd(M, C, F32, P, has_ds=True, dy_e=l),  # adds the residual's dx
-           *weight_casts(C, Hd, l, grads=True)]
+           *rl.layer_norm_bwd(M, C, F32, P, has_ds=C <= rl.LN1_ADDS_MAX_C, dy_e=l)]
+    if C > rl.LN1_ADDS_MAX_C:  # else LN1's backward adds the residual's gradient
+        bwd.append(rl.elementwise("add_grad_x", MC, F32, 2))
+    bwd += weight_casts(C, Hd, l, grads=True)
     return fwd + bwd
 
 
