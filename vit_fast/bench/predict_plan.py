@@ -18,10 +18,14 @@ Steps (each on top of the previous):
   stream gradient's to l for the MLP backward: the LayerNorm rebuilds already write the
   autocast dtype, the LayerNorm backwards already read the GEMMs' l gradient and LN2's writes
   the branch's in l) folded into the kernel before it (each LayerNorm backward writes the stream
-  gradient in fp32 and its l copy for the next GEMM).
+  gradient in fp32 and its l copy for the next GEMM). Not built: that kernel is the next
+  Block's LayerNorm 1 backward, another autograd node, which hands on one gradient tensor.
 - ``bias_grads``: the bias column sums (fc2, qkv, proj) as per-program partials of the kernel
   that writes each gradient (LayerNorm backwards), not passes of their own; fc1's already is
-  (the dGELU pass writes its partials: the sum left reads those, not d_pre).
+  (the dGELU pass writes its partials: the sum left reads those, not d_pre). Not built: the
+  step gives the general path's bits, where qkv's and proj's bias gradients are aten sums in
+  other autograd nodes (the linear layers') and fc2's reads the incoming gradient, which no
+  kernel of the MLP writes.
 - ``graphs``: the forward and backward replayed as CUDA graphs (issue 26, point 3): no host
   work per kernel (the graph launch and the optimizer's few kernels remain).
 - ``gemm_parity``: (requirement) the MLP's GELU / dGELU / residual epilogues fused into the GEMMs
