@@ -157,10 +157,10 @@ def residual_layer_norm_bwd_kernel(
         r64 = rows.to(tl.int64)[:, None]
         dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         s = tl.load(S + r64 * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        # Without a residual ds is [M, C] contiguous, as dx; loaded with dy and s (loaded where
-        # it is added, ptxas spilled the 128-column fp16 build on sm_90). C <= DS_MAX_C there.
+        # Without a residual ds is loaded with dy and s (loaded where it is added, ptxas spilled
+        # the 128-column fp16 build on sm_90). C <= DS_MAX_C there.
         if HAS_DS and not HAS_RESIDUAL:
-            ds = tl.load(DS + r64 * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            ds = tl.load(DS + r64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)

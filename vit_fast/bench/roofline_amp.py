@@ -83,6 +83,7 @@ def vit_fast_ops(B, N, C, H, l, *, backward, layer_scale=False, mlp_ratio=4.0):
     if not backward:
         return fwd
     P = rl._ln_programs(M, C)
+    ln1_adds = C <= rl.LN1_ADDS_MAX_C  # LN1's backward adds the residual's gradient (fp32 stream)
     g_lp = ([Op("mul_grad_ls2_pow2", MC * F32 + C * F32, MC * F32, MC)] if ls else [])
     bwd = [dataclasses.replace(layer_norm_fwd(M, C, l), name="layer_norm2_rebuild_amp"),
            *g_lp, to_dtype("grad_out_to_lp", MC, F32, l),
@@ -93,8 +94,8 @@ def vit_fast_ops(B, N, C, H, l, *, backward, layer_scale=False, mlp_ratio=4.0):
            *rl.attention_bwd(B, N, H, D, l),
            dataclasses.replace(layer_norm_fwd(M, C, l), name="layer_norm1_rebuild_amp"),
            *rl.eager_linear_bwd(M, 3 * C, C, l, "qkv_linear"),
-           *rl.layer_norm_bwd(M, C, F32, P, has_ds=C <= rl.LN1_ADDS_MAX_C, dy_e=l)]
-    if C > rl.LN1_ADDS_MAX_C:  # else LN1's backward adds the residual's gradient
+           *rl.layer_norm_bwd(M, C, F32, P, has_ds=ln1_adds, dy_e=l)]
+    if not ln1_adds:
         bwd.append(rl.elementwise("add_grad_x", MC, F32, 2))
     bwd += weight_casts(C, Hd, l, grads=True)
     return fwd + bwd
